@@ -1,0 +1,5 @@
+"""Entry point of `python -m bus_core`."""
+
+from bus_core.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""Grad-CAM and Grad-CAM++ heat maps (pytorch-grad-cam) and their overlays.
+
+The target layer of every architecture is one whose output is never modified in place after
+the hook sees it (see `models.gradcam_layer`), so the map is the same on CPU and GPU. Maps are
+computed in fp32 on the model's device.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+CAM_METHODS: dict[str, type] = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
+
+
+def compute_cam(model: nn.Module, layer: nn.Module, input_tensor: torch.Tensor,
+                target_class: int, method: str = "gradcam") -> np.ndarray:
+    """The class-activation map (HxW float32 in [0, 1]) of one CHW or 1xCxHxW input."""
+    if method not in CAM_METHODS:
+        raise ValueError(f"Unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}.")
+    batch = input_tensor if input_tensor.dim() == 4 else input_tensor.unsqueeze(0)
+    device = next(model.parameters()).device
+    with CAM_METHODS[method](model=model, target_layers=[layer]) as cam:
+        maps = cam(input_tensor=batch.to(device),
+                   targets=[ClassifierOutputTarget(target_class)] * len(batch))
+    return np.nan_to_num(maps[0].astype(np.float32))
+
+
+def colorize(cam: np.ndarray) -> np.ndarray:
+    """A heat map (HxW in [0, 1]) as an RGB uint8 image with the 'jet' colours."""
+    heat = cv2.applyColorMap(np.uint8(np.clip(cam, 0, 1) * 255), cv2.COLORMAP_JET)
+    return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, opacity: float = 0.5) -> np.ndarray:
+    """`image` (HxWx3 uint8) blended with the coloured map; `opacity` 0 shows the image only."""
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError("opacity must be between 0 and 1")
+    if cam.shape != image.shape[:2]:
+        cam = cv2.resize(cam, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+    blend = (1 - opacity) * image.astype(np.float32) + opacity * colorize(cam).astype(np.float32)
+    return np.clip(blend.round(), 0, 255).astype(np.uint8)

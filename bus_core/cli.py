@@ -1,0 +1,232 @@
+"""`python -m bus_core ...`: one function per subcommand, each a thin call into the library.
+
+User errors (bad files, bad data, missing model) print one sentence and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from bus_core.errors import BusError
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", action="append", required=required,
+                   help="BUSI-layout folder or CSV manifest (repeat to combine)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a model (see bus_core.train)."""
+    from bus_core import train
+
+    result = train.main(args)
+    if result.status != "done":
+        print(f"Training {result.status}; resume with --resume --out {result.out}")
+        return 1
+    from bus_core.metrics import format_metrics
+
+    print(f"Model saved to {result.out}")
+    if result.card and "test" in result.card.metrics:
+        print("Test subset:\n" + format_metrics(result.card.metrics["test"]))
+    return 0
+
+
+def _records_for(args: argparse.Namespace):
+    from bus_core.dataset import load_many
+    from bus_core.splits import load_split, split_records
+
+    records = load_many(args.data)
+    if args.split:
+        split = load_split(args.split)
+        return split_records(records, split, args.subset), {
+            "sources": args.data, "split_file": args.split, "subset": args.subset,
+            "data_hash": split.data_hash}
+    return records, {"sources": args.data, "subset": "all"}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a model on data (optionally one subset of a split file)."""
+    from bus_core.evaluate import evaluate
+    from bus_core.metrics import format_metrics
+    from bus_core.models import load_model
+    from bus_core.registry import active_model_path, no_model_message
+
+    path = args.model or active_model_path()
+    if path is None:
+        raise BusError(no_model_message())
+    records, data = _records_for(args)
+    result = evaluate(load_model(path), records, device=args.device, batch_size=args.batch_size,
+                      progress=sys.stderr.isatty(), data={**data, "n": len(records)})
+    print(f"Model {result.metrics['model']} on {len(records)} images ({data['subset']}):")
+    print(format_metrics(result.metrics))
+    if args.json:
+        out = {**result.metrics, "misclassified": [
+            {"id": i, "true": t, "predicted": p, "probability": q}
+            for i, t, p, q in result.misclassified()]}
+        Path(args.json).write_text(json.dumps(out, indent=2, allow_nan=False))
+        print(f"Metrics written to {args.json}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict one image (with optional masks) and optionally save a Grad-CAM overlay."""
+    from bus_core.cam import overlay
+    from bus_core.io import image_to_png_bytes
+    from bus_core.predict import Predictor, predict_file
+
+    predictor = Predictor.from_path(args.model, device=args.device)
+    prediction = predict_file(args.image, args.mask, predictor)
+    out = prediction.to_dict()
+    if args.cam:
+        heat = predictor.explain(prediction, target=args.target, method=args.cam_method)
+        Path(args.cam).write_bytes(image_to_png_bytes(overlay(prediction.model_view, heat)))
+        out["cam"] = args.cam
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    flag = "  (uncertain)" if prediction.uncertain else ""
+    print(f"{prediction.label}{flag}  [{prediction.model}]")
+    for name, p in prediction.probabilities.items():
+        print(f"  {name:<10} {p:6.1%}")
+    for warning in prediction.warnings:
+        print(f"Warning: {warning}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    """Group near-duplicates / patients and save a stratified group split (or k folds)."""
+    from bus_core.dataset import load_many
+    from bus_core.splits import describe_groups, find_groups, make_kfold, make_split, save_split
+
+    records = load_many(args.data)
+    groups = find_groups(records, progress=sys.stderr.isatty())
+    print(describe_groups(groups, records))
+    if args.kfold:
+        out = Path(args.out)
+        for k, fold in enumerate(make_kfold(records, args.kfold, seed=args.seed, groups=groups)):
+            path = out.with_name(f"{out.stem}_fold{k}{out.suffix or '.json'}")
+            save_split(fold, path)
+            print(f"Fold {k}: {path}")
+        return 0
+    split = make_split(records, ratios=tuple(args.ratios), seed=args.seed, groups=groups)
+    save_split(split, args.out)
+    print(f"Split saved to {args.out}: " + ", ".join(
+        f"{name} {len(split.subset(name))}" for name in ("train", "val", "test")))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Grid search over training settings; prints the results table."""
+    from bus_core.train import config_from_args
+    from bus_core.tune import DEFAULT_GRID, parse_grid, tune
+
+    grid = parse_grid(args.grid) if args.grid else DEFAULT_GRID
+    base = config_from_args(args)
+
+    def show(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+
+    rows = tune(base, grid, on_result=show)
+    print(f"\nResults (best validation {base.monitor} first), saved in {args.out}/results.csv:")
+    keys = list(rows[0]) if rows else []
+    print("  ".join(keys))
+    for row in rows:
+        print("  ".join(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k])
+                        for k in keys))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the installed models; --activate PATH makes one the default."""
+    from bus_core.registry import active_model_path, list_models, set_active_model
+
+    if args.activate:
+        set_active_model(args.activate)
+        print(f"Active model: {args.activate}")
+        return 0
+    active = active_model_path()
+    for entry in list_models():
+        test = entry.card.metrics.get("test", {})
+        mark = "*" if active and entry.path.resolve() == Path(active).resolve() else " "
+        acc = test.get("accuracy")
+        print(f"{mark} {entry.card.name:<28} {entry.card.arch:<13} "
+              f"{'bundled' if entry.bundled else 'user':<8} "
+              f"test acc {acc if acc is None else f'{acc:.3f}'}  {entry.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand."""
+    from bus_core.device import DEVICE_CHOICES
+    from bus_core.train import get_args_parser
+
+    parser = argparse.ArgumentParser(prog="python -m bus_core",
+                                     description="Breast-ultrasound classifier tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("train", parents=[get_args_parser(add_help=False)],
+                   help="train a model").set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a model on data")
+    p.add_argument("--model", help="model folder (default: the active model)")
+    _add_data(p)
+    p.add_argument("--split", help="split JSON; evaluate only --subset of it")
+    p.add_argument("--subset", default="test", choices=("train", "val", "test"))
+    p.add_argument("--json", help="write the metrics as JSON to this file")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify one image")
+    p.add_argument("image")
+    p.add_argument("--mask", action="append", default=[], help="lesion mask file (repeatable)")
+    p.add_argument("--model", help="model folder (default: the active model)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--cam", help="save a Grad-CAM overlay PNG here")
+    p.add_argument("--target", help="class to explain (default: the predicted one)")
+    p.add_argument("--cam-method", default="gradcam", choices=("gradcam", "gradcam++"))
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("split", help="make a leakage-safe split file")
+    _add_data(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ratios", type=float, nargs=3, default=[0.7, 0.15, 0.15],
+                   metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--kfold", type=int, help="write K fold files instead of one split")
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("tune", parents=[get_args_parser(add_help=False)],
+                       help="hyper-parameter grid search", conflict_handler="resolve")
+    p.add_argument("--grid", action="append",
+                   help="NAME=V1,V2 (repeatable); default: lr x batch_size x optimizer of the "
+                        "first seed document")
+    p.add_argument("--epochs", type=int, default=5)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("models", help="list models / choose the active one")
+    p.add_argument("--activate", help="model folder to make the default")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BusError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Where a model runs: CUDA (with AMP), then Apple MPS, then CPU with bf16 autocast and
+channels_last where the CPU has native bf16, else plain fp32."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import torch
+
+DeviceChoice = Literal["auto", "cuda", "mps", "cpu", "cpu-fp32"]
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu", "cpu-fp32")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """A device with its autocast dtype (None = fp32) and memory format."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    @property
+    def description(self) -> str:
+        """A short human description, e.g. 'CPU, bf16' or 'NVIDIA H100 (79 GiB), fp16'."""
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), {precision}"
+        if self.device.type == "mps":
+            return f"Apple GPU (MPS), {precision}"
+        return f"CPU, {precision}"
+
+    def to_dict(self) -> dict[str, str | bool]:
+        """JSON-friendly summary for progress files and benchmarks."""
+        return {"device": str(self.device), "precision": self.description.rsplit(", ", 1)[-1],
+                "channels_last": self.channels_last, "description": self.description}
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX), so autocast is faster."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def choose_device(choice: str = "auto") -> DeviceConfig:
+    """The device for `choice` ('auto', 'cuda', 'mps', 'cpu' = bf16 when supported, 'cpu-fp32')."""
+    if choice not in DEVICE_CHOICES:
+        raise ValueError(f"Unknown device {choice!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
+    if choice in ("auto", "cuda") and torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return DeviceConfig(torch.device("cuda"), dtype, channels_last=True)
+    if choice == "cuda":
+        raise ValueError("No CUDA GPU is available on this machine; use --device auto or cpu.")
+    if choice in ("auto", "mps") and _mps_available():
+        return DeviceConfig(torch.device("mps"), torch.float16, channels_last=False)
+    if choice == "mps":
+        raise ValueError("Apple MPS is not available on this machine; use --device auto or cpu.")
+    if choice != "cpu-fp32" and cpu_supports_bf16():
+        return DeviceConfig(torch.device("cpu"), torch.bfloat16, channels_last=True)
+    return DeviceConfig(torch.device("cpu"), None, channels_last=False)
+
+
+def fp32_cpu() -> DeviceConfig:
+    """The naive reference path: CPU, fp32, NCHW."""
+    return DeviceConfig(torch.device("cpu"), None, channels_last=False)
+
+
+@contextlib.contextmanager
+def autocast(config: DeviceConfig) -> Iterator[None]:
+    """Mixed precision for the forward pass on `config`, or nothing in fp32."""
+    if config.amp_dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=config.device.type, dtype=config.amp_dtype):
+        yield
+
+
+def prepare_model(model: torch.nn.Module, config: DeviceConfig) -> torch.nn.Module:
+    """Move `model` to the device and memory format of `config` (in place; returns it)."""
+    model.to(config.device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_device(batch: torch.Tensor, config: DeviceConfig) -> torch.Tensor:
+    """Move an NCHW batch to the device and memory format of `config`."""
+    batch = batch.to(config.device, non_blocking=True)
+    if config.channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def needs_grad_scaler(config: DeviceConfig) -> bool:
+    """fp16 on CUDA needs loss scaling; bf16 and fp32 do not."""
+    return config.device.type == "cuda" and config.amp_dtype == torch.float16

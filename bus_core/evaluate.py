@@ -1,0 +1,75 @@
+"""Run a model over records and score it: logits -> calibrated probabilities -> metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bus_core.dataset import Record
+from bus_core.device import DeviceConfig, autocast, choose_device, prepare_model, to_device
+from bus_core.inputs import InputSpec
+from bus_core.loader import RecordDataset, eval_batches
+from bus_core.metrics import compute_metrics, softmax
+from bus_core.models import LoadedModel
+
+
+@dataclass
+class Evaluation:
+    """Metrics plus the per-image results they came from (for galleries and ROC curves)."""
+
+    metrics: dict[str, Any]
+    ids: list[str]
+    y_true: np.ndarray
+    probs: np.ndarray
+    logits: np.ndarray
+    classes: list[str] = field(default_factory=list)
+
+    def misclassified(self) -> list[tuple[str, str, str, float]]:
+        """(id, true class, predicted class, its probability) of every wrong prediction."""
+        pred = self.probs.argmax(1)
+        return [(self.ids[i], self.classes[self.y_true[i]], self.classes[pred[i]],
+                 float(self.probs[i, pred[i]])) for i in np.flatnonzero(pred != self.y_true)]
+
+
+@torch.inference_mode()
+def collect_logits(model: nn.Module, dataset: RecordDataset, config: DeviceConfig,
+                   batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    """Logits (float32, N x classes) of `model` on every item of `dataset`, in order."""
+    model.eval()
+    out = []
+    batches = eval_batches(dataset, batch_size)
+    total = -(-len(dataset) // batch_size)
+    for images, _, _ in tqdm(batches, total=total, disable=not progress, desc="evaluate",
+                             unit="batch"):
+        with autocast(config):
+            logits = model(to_device(images, config))
+        out.append(logits.float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | DeviceConfig = "auto",
+             batch_size: int = 32, temperature: float | None = None, progress: bool = False,
+             data: dict[str, Any] | None = None) -> Evaluation:
+    """Evaluate `loaded` on `records` with its card's input spec and temperature.
+
+    `data` describes what was evaluated (split file, subset, sources) and is stored in the
+    metrics so every figure says which images it came from.
+    """
+    config = device if isinstance(device, DeviceConfig) else choose_device(device)
+    card = loaded.card
+    dataset = RecordDataset(records, InputSpec.from_card(card), classes=card.classes)
+    model = prepare_model(loaded.model, config)
+    logits = collect_logits(model, dataset, config, batch_size, progress)
+    t = card.temperature if temperature is None else temperature
+    y = np.asarray(dataset.labels)
+    probs = softmax(logits, t) if len(logits) else np.zeros((0, len(card.classes)))
+    metrics = compute_metrics(y, probs, card.classes)
+    metrics["temperature"] = t
+    metrics["model"] = card.name
+    metrics["data"] = data or {}
+    return Evaluation(metrics, [r.id for r in records], y, probs, logits, list(card.classes))

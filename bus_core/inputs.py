@@ -1,0 +1,92 @@
+"""What the model sees: the full image, or the image multiplied by its combined lesion mask and
+cropped ("intersection masking").
+
+Input modes:
+- `full`: the whole image; masks are ignored.
+- `mask`: the first seed document's method. Where the chosen combination is empty but some mask
+  is not (two separate lesions have no intersection), the union is used. An image with no
+  lesion (every BUSI "normal" image) becomes a black image. This LEAKS the label: a model learns "black = normal"
+  and its normal-class figures say nothing about ultrasound. Kept only to measure that leak.
+- `mask-leakfree`: as `mask`, but an image without a lesion mask becomes a random masked crop of
+  its tissue (`masks.leak_free_crop`), so normal inputs look like lesion crops.
+
+At prediction time a mask-mode model needs a non-empty mask from the user (`MaskError` otherwise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from bus_core.dataset import Record
+from bus_core.errors import MaskError
+from bus_core.io import load_image, load_mask
+from bus_core.masks import combine_masks, leak_free_crop, masked_input
+from bus_core.transforms import InputSize
+
+INPUT_MODES: tuple[str, ...] = ("full", "mask", "mask-leakfree")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a model's input is made from an image and its masks."""
+
+    mode: str = "full"
+    combine: str = "weighted"
+    threshold: float = 0.3
+    margin: float = 0.1
+    size: InputSize = InputSize()
+
+    def __post_init__(self) -> None:
+        if self.mode not in INPUT_MODES:
+            raise ValueError(f"Unknown input mode {self.mode!r}; choose one of "
+                             f"{', '.join(INPUT_MODES)}.")
+
+    @property
+    def uses_masks(self) -> bool:
+        """True for the mask modes."""
+        return self.mode != "full"
+
+    @classmethod
+    def from_card(cls, card: Any) -> InputSpec:
+        """The spec a model card describes."""
+        return cls(mode=card.input_mode, combine=card.combine_mode,
+                   threshold=card.combine_threshold, margin=card.crop_margin, size=card.size)
+
+
+def model_input(image: np.ndarray, masks: Sequence[np.ndarray], spec: InputSpec) -> np.ndarray:
+    """The image a model gets at prediction time; mask modes need a non-empty mask."""
+    if not spec.uses_masks:
+        return image
+    if not masks:
+        raise MaskError("This model was trained on masked lesion crops: paint or upload a lesion "
+                        "mask, or choose a model that uses the full image.")
+    return masked_input(image, masks, mode=spec.combine, threshold=spec.threshold,
+                        margin=spec.margin)
+
+
+def record_rng(record_id: str, epoch: int = 0) -> np.random.Generator:
+    """A generator seeded by a record id (and epoch): the same crop on every machine."""
+    seed = int.from_bytes(hashlib.sha256(f"{record_id}|{epoch}".encode()).digest()[:8], "little")
+    return np.random.default_rng(seed)
+
+
+def record_input(record: Record, spec: InputSpec, rng: np.random.Generator | None = None,
+                 image: np.ndarray | None = None) -> np.ndarray:
+    """The training/evaluation input of a dataset record under `spec` (see module docstring)."""
+    if image is None:
+        image = load_image(record.path)
+    if not spec.uses_masks:
+        return image
+    masks = [load_mask(p, shape=image.shape[:2]) for p in record.masks]
+    if masks and combine_masks(masks, mode=spec.combine, threshold=spec.threshold).any():
+        return masked_input(image, masks, mode=spec.combine, threshold=spec.threshold,
+                            margin=spec.margin)
+    if any(m.any() for m in masks):  # e.g. the intersection of two separate lesions is empty
+        return masked_input(image, masks, mode="union", margin=spec.margin)
+    if spec.mode == "mask":
+        return np.zeros_like(image)
+    return leak_free_crop(image, rng if rng is not None else record_rng(record.id))

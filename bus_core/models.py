@@ -1,0 +1,294 @@
+"""Backbones, their initialisation, and checkpoints (safetensors weights + a JSON model card).
+
+Loading a checkpoint never executes code: weights are safetensors and the card is JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision import models as tvm
+
+from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
+from bus_core.errors import ModelError
+from bus_core.transforms import InputSize, input_size_for
+
+ARCHS: tuple[str, ...] = ("densenet121", "vgg16", "resnet50", "inception_v3")
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+CARD_VERSION = 1
+
+
+class DenseNetClassifier(nn.Module):
+    """torchvision's DenseNet121 with a non-in-place final ReLU.
+
+    torchvision applies `F.relu(..., inplace=True)` to the output of `features.norm5`, so hooks
+    there see different tensors on CPU and GPU. Here the ReLU is a module of its own
+    (`final_relu`), the Grad-CAM target, and the state dict keys stay torchvision's.
+    """
+
+    def __init__(self, base: tvm.DenseNet) -> None:
+        super().__init__()
+        self.features = base.features
+        self.final_relu = nn.ReLU(inplace=False)
+        self.classifier = base.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.final_relu(self.features(x))
+        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.classifier(out)
+
+
+def _imagenet_weights(arch: str) -> Any:
+    return tvm.get_model_weights(arch).DEFAULT
+
+
+def _torchvision_model(arch: str, pretrained: bool) -> nn.Module:
+    weights = _imagenet_weights(arch) if pretrained else None
+    try:
+        if arch == "inception_v3":
+            model = tvm.inception_v3(weights=weights, aux_logits=pretrained, transform_input=True,
+                                     init_weights=not pretrained)
+            model.aux_logits, model.AuxLogits = False, None
+            return model
+        return tvm.get_model(arch, weights=weights)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise ModelError(
+            f"ImageNet weights for {arch} could not be loaded ({exc.__class__.__name__}: {exc}). "
+            f"They are downloaded by torchvision on first use, which needs internet access or a "
+            f"copy in the torch hub cache ({cache}). Use init 'random' or a local checkpoint."
+        ) from exc
+
+
+def _replace_head(model: nn.Module, arch: str, num_classes: int) -> nn.Module:
+    if arch == "densenet121":
+        model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+        return DenseNetClassifier(model)
+    if arch == "vgg16":
+        model.classifier[6] = nn.Linear(model.classifier[6].in_features, num_classes)
+    else:  # resnet50, inception_v3
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def build_model(arch: str = "densenet121", num_classes: int = len(CLASSES),
+                init: str | Path = "random") -> nn.Module:
+    """A classifier of `arch` with `num_classes` outputs.
+
+    `init` is 'random', 'imagenet' (torchvision's weights API; needs internet or a hub cache),
+    or the path of a checkpoint of the same architecture (its head is kept when shapes match).
+    """
+    if arch not in ARCHS:
+        raise ModelError(f"Unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}.")
+    init_str = str(init)
+    model = _replace_head(_torchvision_model(arch, pretrained=init_str == "imagenet"), arch,
+                          num_classes)
+    if init_str not in ("random", "imagenet"):
+        source = load_model(init_str)
+        if source.card.arch != arch:
+            raise ModelError(f"The checkpoint {init_str} is a {source.card.arch}, not a {arch}.")
+        own = model.state_dict()
+        compatible = {k: v for k, v in source.model.state_dict().items()
+                      if k in own and own[k].shape == v.shape}
+        model.load_state_dict(compatible, strict=False)
+    return model
+
+
+def gradcam_layer(model: nn.Module, arch: str) -> nn.Module:
+    """The layer whose activations Grad-CAM explains (never modified in place afterwards)."""
+    if arch == "densenet121":
+        return model.final_relu
+    if arch == "vgg16":
+        return model.features[29]
+    if arch == "resnet50":
+        return model.layer4[-1]
+    if arch == "inception_v3":
+        return model.Mixed_7c
+    raise ModelError(f"No Grad-CAM layer known for {arch!r}.")
+
+
+def _code_version() -> str:
+    from bus_core import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to use, judge and reproduce a model; saved as card.json."""
+
+    name: str
+    arch: str = "densenet121"
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))
+    input_size: dict[str, int] = field(default_factory=lambda: dataclasses.asdict(InputSize()))
+    normalisation: dict[str, list[float]] = field(
+        default_factory=lambda: {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
+    input_mode: str = "full"
+    combine_mode: str = "weighted"
+    combine_threshold: float = 0.3
+    crop_margin: float = 0.1
+    temperature: float = 1.0
+    uncertain_below: float = 0.6
+    init: str = "random"
+    training_data: dict[str, Any] = field(default_factory=dict)
+    split: dict[str, Any] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training_time_s: float | None = None
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc)
+                         .isoformat(timespec="seconds"))
+    code_version: str = field(default_factory=_code_version)
+    weights_sha256: str = ""
+    weights_dtype: str = "float32"
+    notes: str = ""
+    card_version: int = CARD_VERSION
+
+    @property
+    def size(self) -> InputSize:
+        """The preprocessing sizes as an InputSize."""
+        return InputSize(**self.input_size)
+
+    def to_json(self) -> str:
+        """The card as pretty JSON."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        """A card from parsed JSON; unknown keys are kept out, missing ones take defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if "name" not in data or "arch" not in data:
+            raise ModelError("The model card has no 'name' or 'arch'; it is not a bus_core card.")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its card and the folder it came from."""
+
+    model: nn.Module
+    card: ModelCard
+    path: Path
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: nn.Module, card: ModelCard, out_dir: str | Path,
+               dtype: torch.dtype = torch.float32) -> Path:
+    """Write `out_dir/model.safetensors` (in `dtype`) and `out_dir/card.json`; returns out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
+             .contiguous() for k, v in model.state_dict().items()}
+    weights = out / WEIGHTS_FILE
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"arch": card.arch, "classes": ",".join(card.classes)})
+        os.replace(tmp, weights)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    card.weights_sha256 = file_sha256(weights)
+    card.weights_dtype = str(dtype).removeprefix("torch.")
+    _atomic_write_bytes(out / CARD_FILE, card.to_json().encode())
+    return out
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The folder holding card.json and model.safetensors for a folder or either file's path."""
+    p = Path(path).expanduser()
+    folder = p.parent if p.is_file() or p.suffix in (".json", ".safetensors") else p
+    if not folder.is_dir():
+        raise ModelError(f"No model found at {p}: the folder does not exist.")
+    missing = [n for n in (CARD_FILE, WEIGHTS_FILE) if not (folder / n).is_file()]
+    if missing:
+        raise ModelError(f"The model folder {folder} is missing {' and '.join(missing)}. A model "
+                         f"is a folder with {WEIGHTS_FILE} (weights) and {CARD_FILE} (model card).")
+    return folder
+
+
+def read_card(path: str | Path) -> ModelCard:
+    """The model card of a model folder, without loading the weights."""
+    card_path = resolve_model_dir(path) / CARD_FILE
+    try:
+        return ModelCard.from_dict(json.loads(card_path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+        raise ModelError(f"The model card {card_path} is not valid JSON: {exc}") from exc
+
+
+def load_model(path: str | Path, *, verify_hash: bool = True) -> LoadedModel:
+    """Load a model folder (weights + card) in eval mode on the CPU, in fp32.
+
+    Refuses a card whose architecture, classes or weights hash do not match the weights.
+    """
+    folder = resolve_model_dir(path)
+    card = read_card(folder)
+    weights = folder / WEIGHTS_FILE
+    if verify_hash and card.weights_sha256 and file_sha256(weights) != card.weights_sha256:
+        raise ModelError(f"The weights in {folder} do not match its model card (sha256 differs): "
+                         "the files were changed or mixed up. Re-export the model.")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"The weights file {weights} cannot be read as safetensors: {exc}") from exc
+    if card.arch not in ARCHS:
+        raise ModelError(f"The model card names an unknown architecture {card.arch!r}.")
+    model = _replace_head(_torchvision_model(card.arch, pretrained=False), card.arch,
+                          len(card.classes))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = (missing or unexpected or wrong)[:3]
+        raise ModelError(f"The weights in {folder} do not fit a {card.arch} with "
+                         f"{len(card.classes)} classes as its card says ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(wrong)} wrong-shaped tensors, "
+                         f"e.g. {detail}).")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    model.eval()
+    return LoadedModel(model, card, folder)
+
+
+def new_card(name: str, arch: str, **fields: Any) -> ModelCard:
+    """A card for a new model of `arch` with its standard input size."""
+    fields.setdefault("input_size", dataclasses.asdict(input_size_for(arch)))
+    return ModelCard(name=name, arch=arch, **fields)

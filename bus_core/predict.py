@@ -1,0 +1,132 @@
+"""The single path from a file (+ masks) to calibrated probabilities and a Grad-CAM map, used by
+the CLI, the app and the benchmark alike:
+
+    file --io.load_image--> image --inputs.model_input--> (masked crop) --eval transform--> tensor
+         --model (autocast, channels_last)--> logits --/ temperature, softmax--> probabilities
+         --cam.compute_cam--> map --cam.overlay--> overlay on what the model saw
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Sequence
+
+import numpy as np
+import torch
+
+from bus_core import cam as cam_lib
+from bus_core.device import DeviceConfig, autocast, choose_device, prepare_model, to_device
+from bus_core.errors import ModelError
+from bus_core.inputs import InputSpec, model_input
+from bus_core.io import load_image, load_mask
+from bus_core.metrics import softmax
+from bus_core.models import LoadedModel, gradcam_layer, load_model
+from bus_core.registry import active_model_path, no_model_message
+from bus_core.transforms import denormalise, eval_transform
+
+MIN_SIDE, MAX_SIDE = 128, 5000
+
+
+@dataclass
+class Prediction:
+    """A calibrated prediction for one image, with what the model saw."""
+
+    label: str
+    probabilities: dict[str, float]
+    uncertain: bool
+    model: str
+    model_view: np.ndarray
+    tensor: torch.Tensor
+    warnings: list[str] = field(default_factory=list)
+    elapsed_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary (no arrays)."""
+        return {"label": self.label, "probabilities": self.probabilities,
+                "uncertain": self.uncertain, "model": self.model, "warnings": self.warnings,
+                "elapsed_ms": round(self.elapsed_ms, 1)}
+
+
+def scope_warnings(image: np.ndarray) -> list[str]:
+    """Reasons an image may be outside what the model was trained on (empty when none)."""
+    warnings = []
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE or max(h, w) / min(h, w) > 4:
+        warnings.append(f"Unusual image size ({w}x{h} px): the model was trained on breast "
+                        "ultrasound images of about 200-1000 px per side.")
+    rgb = image.astype(np.int16)
+    chroma = rgb.max(axis=2) - rgb.min(axis=2)
+    coloured = float((chroma > 60).mean())
+    if coloured > 0.25:
+        warnings.append("Most of the image is coloured: this does not look like a B-mode "
+                        "breast ultrasound image, so the prediction is not meaningful.")
+    elif coloured > 0.005:
+        warnings.append("Colour overlay detected (colour Doppler, elastography or annotations): "
+                        "the model was trained mostly on grayscale B-mode images.")
+    return warnings
+
+
+class Predictor:
+    """A loaded model ready to predict and explain; safe to share between threads."""
+
+    def __init__(self, loaded: LoadedModel, device: str | DeviceConfig = "auto") -> None:
+        self.loaded = loaded
+        self.card = loaded.card
+        self.device = device if isinstance(device, DeviceConfig) else choose_device(device)
+        self.model = prepare_model(loaded.model, self.device)
+        self.spec = InputSpec.from_card(self.card)
+        self._transform = eval_transform(self.spec.size)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_path(cls, path: str | Path | None = None, device: str = "auto") -> Predictor:
+        """A predictor for the model folder `path` (default: the active model)."""
+        folder = path or active_model_path()
+        if folder is None:
+            raise ModelError(no_model_message())
+        return cls(load_model(folder), device)
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in output order."""
+        return list(self.card.classes)
+
+    def prepare(self, image: np.ndarray, masks: Sequence[np.ndarray] = ()) -> torch.Tensor:
+        """The normalised CHW tensor the model sees for `image` (+ masks)."""
+        return self._transform(model_input(image, masks, self.spec))
+
+    def predict(self, image: np.ndarray, masks: Sequence[np.ndarray] = ()) -> Prediction:
+        """Calibrated probabilities for one RGB uint8 image (and its lesion masks)."""
+        start = time.perf_counter()
+        tensor = self.prepare(image, masks)
+        with self._lock, torch.inference_mode(), autocast(self.device):
+            logits = self.model(to_device(tensor.unsqueeze(0), self.device))
+        probs = softmax(logits.float().cpu().numpy(), self.card.temperature)[0]
+        top = int(probs.argmax())
+        return Prediction(
+            label=self.classes[top],
+            probabilities={c: float(p) for c, p in zip(self.classes, probs)},
+            uncertain=bool(probs[top] < self.card.uncertain_below),
+            model=self.card.name, model_view=denormalise(tensor), tensor=tensor,
+            warnings=scope_warnings(image), elapsed_ms=(time.perf_counter() - start) * 1000)
+
+    def explain(self, prediction: Prediction, target: str | None = None,
+                method: str = "gradcam") -> np.ndarray:
+        """The CAM (HxW in [0, 1], over `prediction.model_view`) for class `target`
+        (default: the predicted class)."""
+        target_class = self.classes.index(target or prediction.label)
+        layer = gradcam_layer(self.model, self.card.arch)
+        with self._lock:
+            return cam_lib.compute_cam(self.model, layer, prediction.tensor, target_class, method)
+
+
+def predict_file(image: str | Path | bytes | BinaryIO, masks: Sequence[str | Path] = (),
+                 predictor: Predictor | None = None) -> Prediction:
+    """Load an image file (+ mask files) and predict with `predictor` (default: active model)."""
+    predictor = predictor or Predictor.from_path()
+    array = load_image(image)
+    mask_arrays = [load_mask(m, shape=array.shape[:2]) for m in masks]
+    return predictor.predict(array, mask_arrays)

@@ -1,0 +1,28 @@
+"""Where the product keeps its files: the bundled weights and the user's data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_WEIGHTS_DIR = PROJECT_ROOT / "weights"
+DEFAULT_DATA_DIR = Path("~/.bus_classifier")
+
+
+def data_dir() -> Path:
+    """The user's data folder (cases, trained models, settings): $BUS_DATA_DIR or
+    ~/.bus_classifier. Not created here."""
+    return Path(os.environ.get("BUS_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
+
+
+def user_models_dir() -> Path:
+    """Where models trained or uploaded by the user live."""
+    return data_dir() / "models"
+
+
+def default_dataset_dir() -> Path | None:
+    """BUSI beside the project ($BUS_DATASET or ../shared/data/BUSI) when it exists."""
+    env = os.environ.get("BUS_DATASET")
+    candidate = Path(env).expanduser() if env else PROJECT_ROOT.parent / "shared" / "data" / "BUSI"
+    return candidate if candidate.is_dir() else None

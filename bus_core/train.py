@@ -1,0 +1,505 @@
+"""Training: one readable script, `get_args_parser()` + `main(args)`, usable as a library.
+
+A run writes into its output folder:
+
+    <out>/model.safetensors, <out>/card.json   the best model (by the monitored val metric),
+                                               temperature-calibrated, with val and test metrics
+    <out>/train/progress.jsonl                 one JSON event per step and epoch (the app tails it)
+    <out>/train/config.json                    the run's settings
+    <out>/train/split.json                     the split it used (a copy, or the one it made)
+    <out>/train/checkpoint.pt                  everything needed to resume (weights_only-safe)
+    <out>/train/best.safetensors               the best weights so far
+
+A run killed at any point resumes with `--resume` from its last checkpoint (written at every
+epoch end and every `--checkpoint-every` seconds, atomically). Creating `<out>/train/CANCEL`
+stops a run cleanly after the current step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from bus_core.constants import CLASSES
+from bus_core.dataset import Record, load_many
+from bus_core.device import (DEVICE_CHOICES, DeviceConfig, autocast, choose_device,
+                             needs_grad_scaler, prepare_model, to_device)
+from bus_core.errors import DataError
+from bus_core.evaluate import collect_logits
+from bus_core.inputs import INPUT_MODES, InputSpec
+from bus_core.loader import BALANCE_MODES, RecordDataset, class_weights, collate, epoch_plan
+from bus_core.masks import COMBINE_MODES
+from bus_core.metrics import compute_metrics, fit_temperature, nll, softmax
+from bus_core.models import ARCHS, ModelCard, build_model, new_card, save_model
+from bus_core.progress import ProgressLog
+from bus_core.splits import Split, find_groups, load_split, make_split, save_split, split_records
+from bus_core.transforms import InputSize, input_size_for
+
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULERS: tuple[str, ...] = ("none", "cosine", "step", "plateau")
+LOWER_IS_BETTER = {"loss"}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (saved as train/config.json)."""
+
+    data: list[str]
+    out: str
+    arch: str = "densenet121"
+    split: str | None = None
+    extra_train: list[str] = field(default_factory=list)
+    max_per_class: int | None = None
+    input_mode: str = "full"
+    combine_mode: str = "weighted"
+    combine_threshold: float = 0.3
+    init: str = "random"
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    batch_size: int = 16
+    epochs: int = 10
+    scheduler: str = "cosine"
+    label_smoothing: float = 0.0
+    balance: str = "augment"
+    monitor: str = "macro_f1"
+    patience: int = 0
+    seed: int = 0
+    device: str = "auto"
+    resize: int | None = None
+    crop: int | None = None
+    checkpoint_every: float = 120.0
+    save_dtype: str = "float16"
+    name: str | None = None
+
+    @property
+    def size(self) -> InputSize:
+        """Preprocessing sizes: the architecture's standard, or the overrides."""
+        std = input_size_for(self.arch)
+        return InputSize(self.resize or std.resize, self.crop or std.crop)
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder of the run's progress, checkpoint and split."""
+        return Path(self.out) / "train"
+
+
+@dataclass
+class TrainResult:
+    """Where the model went and how it did."""
+
+    out: Path
+    card: ModelCard | None
+    status: str  # "done" | "cancelled"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The command-line options of `python -m bus_core train`."""
+    p = argparse.ArgumentParser(description="Train a breast-ultrasound classifier.",
+                                add_help=add_help)
+    p.add_argument("--data", action="append", required=True,
+                   help="BUSI-layout folder or CSV manifest (repeat to combine)")
+    p.add_argument("--out", required=True, help="model folder to write, e.g. weights/my-model")
+    p.add_argument("--arch", default="densenet121", choices=ARCHS)
+    p.add_argument("--split", help="split JSON to use (default: make a group-disjoint 70/15/15)")
+    p.add_argument("--extra-train", action="append", default=[],
+                   help="data added to the training subset only (repeatable)")
+    p.add_argument("--max-per-class", type=int, help="use at most N images per class (quick runs)")
+    p.add_argument("--input-mode", default="full", choices=INPUT_MODES)
+    p.add_argument("--combine-mode", default="weighted", choices=COMBINE_MODES)
+    p.add_argument("--combine-threshold", type=float, default=0.3)
+    p.add_argument("--init", default="random",
+                   help="'random', 'imagenet' or the path of a checkpoint folder")
+    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD / RMSprop momentum")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--scheduler", default="cosine", choices=SCHEDULERS)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--balance", default="augment", choices=BALANCE_MODES,
+                   help="augment: extra augmented copies of minority classes; weights: class-"
+                        "weighted loss; sampler: weighted sampling; none")
+    p.add_argument("--monitor", default="macro_f1",
+                   help="validation metric for best-checkpoint keeping and early stopping "
+                        "(loss, accuracy, macro_f1, balanced_accuracy, malignant_sensitivity, "
+                        "auc_malignant, auc_macro_ovr)")
+    p.add_argument("--patience", type=int, default=0,
+                   help="stop after N epochs without improvement (0: never)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.add_argument("--resize", type=int, help="shorter side before cropping (default 256)")
+    p.add_argument("--crop", type=int, help="input size (default 224; 299 for inception_v3)")
+    p.add_argument("--checkpoint-every", type=float, default=120.0,
+                   help="seconds between mid-epoch checkpoints")
+    p.add_argument("--save-dtype", default="float16", choices=("float16", "float32"))
+    p.add_argument("--name", help="model name in its card (default: the folder name)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A TrainConfig from parsed command-line arguments."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(args: argparse.Namespace) -> TrainResult:
+    """Run (or resume) the training described by command-line arguments."""
+    config = config_from_args(args)
+    if getattr(args, "resume", False):
+        config = load_config(config.out, overrides={"epochs": args.epochs})
+    return train(config, resume=getattr(args, "resume", False), progress_bar=True)
+
+
+def load_config(out: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The saved config of the run in `out` (for resuming)."""
+    path = Path(out) / "train" / "config.json"
+    if not path.is_file():
+        raise DataError(f"There is no run to resume in {out} (no train/config.json).")
+    data = json.loads(path.read_text())
+    data.update(overrides or {})
+    return TrainConfig(**data)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _limit_per_class(records: list[Record], n: int | None, seed: int) -> list[Record]:
+    if not n:
+        return records
+    rng = np.random.default_rng(seed)
+    kept: list[Record] = []
+    for label in CLASSES:
+        same = [r for r in records if r.label == label]
+        kept += [same[i] for i in sorted(rng.permutation(len(same))[:n])]
+    return sorted(kept, key=lambda r: r.id)
+
+
+def prepare_split(config: TrainConfig) -> tuple[Split, list[Record]]:
+    """The split of the run (loaded or made and saved) and the records it covers."""
+    records = _limit_per_class(load_many(config.data), config.max_per_class, config.seed)
+    split_path = config.run_dir / "split.json"
+    if config.split:
+        split = load_split(config.split)
+    elif split_path.is_file():
+        split = load_split(split_path)
+    else:
+        split = make_split(records, seed=config.seed, groups=find_groups(records))
+    save_split(split, split_path)
+    return split, records
+
+
+def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    """The optimiser named in `config`."""
+    kind, lr, wd = config.optimizer, config.lr, config.weight_decay
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=wd,
+                               nesterov=config.momentum > 0)
+    if kind == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=config.momentum, weight_decay=wd)
+    raise ValueError(f"Unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}.")
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
+    """The per-epoch learning-rate scheduler named in `config` (None for 'none')."""
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, config.epochs // 3),
+                                               gamma=0.1)
+    if config.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min" if config.monitor in LOWER_IS_BETTER else "max", patience=2)
+    return None
+
+
+def score(metrics: dict[str, Any], monitor: str) -> float | None:
+    """The monitored value oriented so that higher is better (None when it does not exist)."""
+    value = metrics.get(monitor)
+    if value is None:
+        return None
+    return -float(value) if monitor in LOWER_IS_BETTER else float(value)
+
+
+def validate(model: nn.Module, dataset: RecordDataset, device: DeviceConfig,
+             batch_size: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Val metrics (with 'loss') and logits of `model` on `dataset`."""
+    logits = collect_logits(model, dataset, device, batch_size)
+    y = np.asarray(dataset.labels)
+    metrics = compute_metrics(y, softmax(logits))
+    metrics["loss"] = nll(logits, y)
+    return metrics, logits
+
+
+class _Checkpoint:
+    """The resumable state of a run, saved atomically as train/checkpoint.pt."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+        _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict() if scheduler else None,
+                            "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                            "state": state}, self.path)
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=True)
+
+
+def _sync_memory_format(model: nn.Module, device: DeviceConfig) -> None:
+    if device.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = False,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train, validate every epoch, keep the best model, calibrate it and test it once.
+
+    Returns when done or cancelled (CANCEL file or `should_stop()`); a cancelled or killed run
+    can be resumed with `resume=True`.
+    """
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "CANCEL").unlink(missing_ok=True)
+    log = ProgressLog(run_dir / "progress.jsonl")
+    if not resume:
+        (run_dir / "progress.jsonl").unlink(missing_ok=True)
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+        (run_dir / "best.safetensors").unlink(missing_ok=True)
+        if not config.split:
+            (run_dir / "split.json").unlink(missing_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    try:
+        return _train(config, resume, log, progress_bar, should_stop)
+    except Exception as exc:
+        log.write("error", message=str(exc), kind=exc.__class__.__name__)
+        raise
+
+
+def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bool,
+           should_stop: Callable[[], bool] | None) -> TrainResult:
+    run_dir = config.run_dir
+    torch.manual_seed(config.seed)
+    device = choose_device(config.device)
+    split, records = prepare_split(config)
+    spec = InputSpec(mode=config.input_mode, combine=config.combine_mode,
+                     threshold=config.combine_threshold, size=config.size)
+    train_records = split_records(records, split, "train") + load_many(config.extra_train)
+    train_ds = RecordDataset(train_records, spec, train=True)
+    val_ds = RecordDataset(split_records(records, split, "val"), spec)
+    test_ds = RecordDataset(split_records(records, split, "test"), spec)
+    if len(train_ds) < 2 or len(val_ds) == 0:
+        raise DataError(f"Too few images to train: {len(train_ds)} for training and "
+                        f"{len(val_ds)} for validation. Add data or use a larger split.")
+
+    model = prepare_model(build_model(config.arch, len(CLASSES), config.init), device)
+    optimizer = make_optimizer(config, model.parameters())
+    scheduler = make_scheduler(config, optimizer)
+    scaler = torch.amp.GradScaler(device.device.type, enabled=needs_grad_scaler(device))
+    weights = class_weights(train_ds.labels) if config.balance == "weights" else None
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device.device) if weights is not None
+                                    else None, label_smoothing=config.label_smoothing)
+    checkpoint = _Checkpoint(run_dir / "checkpoint.pt")
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None,
+                             "bad_epochs": 0, "train_time_s": 0.0, "history": []}
+    state["n_train"] = len(train_ds)
+    saved = checkpoint.load() if resume else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        _sync_memory_format(model, device)
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler and saved["scheduler"]:
+            scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = saved["state"] | {"n_train": len(train_ds)}
+    log.write("start", resumed=saved is not None, epoch=state["epoch"], step=state["step"],
+              device=device.to_dict(), n_train=len(train_ds), n_val=len(val_ds),
+              n_test=len(test_ds), config=dataclasses.asdict(config),
+              split_data_hash=split.data_hash)
+
+    last_save = time.monotonic()
+    while state["epoch"] < config.epochs:
+        epoch = state["epoch"]
+        plan = epoch_plan(train_ds.labels, config.balance, epoch, config.seed)
+        steps = math.ceil(len(plan) / config.batch_size)
+        model.train()
+        epoch_start = time_mark = time.monotonic()
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = tqdm(total=steps, initial=state["step"], desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not progress_bar, unit="step")
+        for step in range(state["step"], steps):
+            items = plan[step * config.batch_size:(step + 1) * config.batch_size]
+            if len(items) < 2:  # BatchNorm cannot train on a batch of one
+                continue
+            images, labels = collate([train_ds[i] for i in items])
+            images, labels = to_device(images, device), labels.to(device.device)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device):
+                logits = model(images)
+                loss = criterion(logits.float(), labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            seen += len(items)
+            correct += int((logits.argmax(1) == labels).sum())
+            loss_sum += float(loss) * len(items)
+            elapsed = time.monotonic() - epoch_start
+            rate = seen / max(elapsed, 1e-9)
+            remaining = (steps - step - 1) * config.batch_size + \
+                (config.epochs - epoch - 1) * len(plan)
+            state["step"] = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            log.write("step", epoch=epoch + 1, epochs=config.epochs, step=step + 1, steps=steps,
+                      loss=float(loss), mean_loss=loss_sum / seen, accuracy=correct / seen,
+                      lr=optimizer.param_groups[0]["lr"], images_per_s=rate,
+                      eta_s=remaining / max(rate, 1e-9))
+            stop = (should_stop and should_stop()) or (run_dir / "CANCEL").exists()
+            if stop or time.monotonic() - last_save > config.checkpoint_every:
+                state["train_time_s"] += time.monotonic() - time_mark
+                checkpoint.save(model, optimizer, scheduler, scaler, state)
+                time_mark = last_save = time.monotonic()
+            if stop:
+                bar.close()
+                log.write("cancelled", epoch=epoch + 1, step=step + 1)
+                return TrainResult(Path(config.out), None, "cancelled")
+        bar.close()
+        val_metrics, _ = validate(model, val_ds, device, config.batch_size)
+        value = score(val_metrics, config.monitor)
+        improved = value is not None and (state["best"] is None or value > state["best"])
+        if improved:
+            state.update(best=value, best_epoch=epoch + 1, bad_epochs=0)
+            _save_weights(model, run_dir / "best.safetensors")
+        else:
+            state["bad_epochs"] += 1
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val_metrics["loss"] if config.monitor in LOWER_IS_BETTER
+                           else (val_metrics.get(config.monitor) or 0.0))
+        elif scheduler:
+            scheduler.step()
+        summary = {k: val_metrics.get(k) for k in ("loss", "accuracy", "macro_f1",
+                                                    "malignant_sensitivity", "auc_malignant",
+                                                    "auc_macro_ovr", "balanced_accuracy")}
+        state["train_time_s"] += time.monotonic() - time_mark
+        state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                                 "train_accuracy": correct / max(seen, 1), "val": summary})
+        state.update(epoch=epoch + 1, step=0)
+        checkpoint.save(model, optimizer, scheduler, scaler, state)
+        last_save = time.monotonic()
+        log.write("epoch", epoch=epoch + 1, epochs=config.epochs,
+                  train_loss=loss_sum / max(seen, 1), train_accuracy=correct / max(seen, 1),
+                  val=summary, monitor=config.monitor, improved=improved,
+                  best_epoch=state["best_epoch"], train_time_s=state["train_time_s"])
+        if config.patience and state["bad_epochs"] >= config.patience:
+            log.write("early_stop", epoch=epoch + 1, best_epoch=state["best_epoch"])
+            break
+
+    card = _finish(config, model, device, val_ds, test_ds, split, state)
+    log.write("done", out=str(config.out), best_epoch=state["best_epoch"],
+              test=card.metrics.get("test"), val=card.metrics.get("val"),
+              train_time_s=state["train_time_s"])
+    return TrainResult(Path(config.out), card, "done")
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    save_file(state, tmp)
+    os.replace(tmp, path)
+
+
+def _subset_metrics(model: nn.Module, dataset: RecordDataset, device: DeviceConfig,
+                    batch_size: int, temperature: float, description: dict[str, Any]
+                    ) -> dict[str, Any]:
+    logits = collect_logits(model, dataset, device, batch_size)
+    metrics = compute_metrics(np.asarray(dataset.labels), softmax(logits, temperature))
+    metrics["temperature"] = temperature
+    metrics["data"] = description
+    return metrics
+
+
+def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
+            val_ds: RecordDataset, test_ds: RecordDataset, split: Split,
+            state: dict[str, Any]) -> ModelCard:
+    """Reload the best weights, fit the temperature on val, test once, save model + card."""
+    best = config.run_dir / "best.safetensors"
+    if best.is_file():
+        model.load_state_dict(load_file(best))
+        _sync_memory_format(model, device)
+    val_logits = collect_logits(model, val_ds, device, config.batch_size)
+    temperature = fit_temperature(val_logits, np.asarray(val_ds.labels))
+    split_file = config.split or str(config.run_dir / "split.json")
+    metrics = {}
+    for subset, dataset in (("val", val_ds), ("test", test_ds)):
+        if len(dataset):
+            metrics[subset] = _subset_metrics(
+                model, dataset, device, config.batch_size, temperature,
+                {"subset": subset, "split_file": split_file, "data_hash": split.data_hash,
+                 "sources": config.data, "n": len(dataset)})
+    hyper = {k: getattr(config, k) for k in ("optimizer", "lr", "weight_decay", "batch_size",
+                                             "epochs", "scheduler", "balance", "monitor",
+                                             "patience", "seed", "label_smoothing")}
+    hyper["best_epoch"] = state["best_epoch"]
+    metrics["history"] = state["history"]
+    card = new_card(
+        config.name or Path(config.out).name, config.arch,
+        input_size=dataclasses.asdict(config.size), input_mode=config.input_mode,
+        combine_mode=config.combine_mode, combine_threshold=config.combine_threshold,
+        temperature=temperature, init=config.init,
+        training_data={"sources": config.data, "extra_train": config.extra_train,
+                       "n_train": state.get("n_train"), "max_per_class": config.max_per_class},
+        split={"file": split_file, "data_hash": split.data_hash, "seed": split.seed,
+               "ratios": list(split.ratios)},
+        hyperparameters=hyper, metrics=metrics, training_time_s=round(state["train_time_s"], 1),
+        notes=f"Trained on {device.description}.")
+    dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
+    model_cpu = build_model(config.arch, len(CLASSES))
+    model_cpu.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    save_model(model_cpu, card, config.out, dtype=dtype)
+    return card
+
+
+def run(argv: Sequence[str] | None = None) -> TrainResult:
+    """Parse `argv` and train (the `python -m bus_core.train` entry point)."""
+    return main(get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny synthetic BUSI-layout data and tiny model folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("BUS_DATA_DIR", str(Path("/tmp") / f"bus-tests-{os.getpid()}"))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+BUSI = SHARED_DATA / "BUSI"
+
+
+def synthetic_image(label: str, rng: np.random.Generator, size: tuple[int, int] = (72, 88)
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A speckled grayscale 'ultrasound' (RGB uint8) and its lesion mask (bool).
+
+    Benign lesions are dark round blobs, malignant ones dark irregular blobs, normal images have
+    none (and an empty mask), so a tiny model can learn something in a few steps.
+    """
+    h, w = size
+    image = rng.normal(120, 25, size=(h, w)).clip(0, 255)
+    yy, xx = np.mgrid[:h, :w]
+    mask = np.zeros((h, w), bool)
+    if label != "normal":
+        cy, cx = rng.integers(h // 3, 2 * h // 3), rng.integers(w // 3, 2 * w // 3)
+        r = rng.integers(8, 14)
+        if label == "benign":
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+        else:
+            angle = np.arctan2(yy - cy, xx - cx)
+            radius = r * (1 + 0.4 * np.sin(5 * angle))
+            mask = np.hypot(yy - cy, xx - cx) < radius
+        image[mask] = rng.normal(40, 10, size=int(mask.sum())).clip(0, 255)
+    gray = image.astype(np.uint8)
+    return np.stack([gray] * 3, axis=-1), mask
+
+
+def write_busi(root: Path, per_class: int = 6, seed: int = 0) -> Path:
+    """A BUSI-layout folder under root/BUSI with `per_class` images per class."""
+    rng = np.random.default_rng(seed)
+    base = root / "BUSI"
+    for label in ("normal", "benign", "malignant"):
+        folder = base / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(1, per_class + 1):
+            image, mask = synthetic_image(label, rng)
+            Image.fromarray(image[..., 0]).save(folder / f"{label} ({i}).png")
+            Image.fromarray((mask * 255).astype(np.uint8)).save(folder / f"{label} ({i})_mask.png")
+    return base
+
+
+@pytest.fixture(scope="session")
+def busi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic BUSI-layout dataset (6 images per class, with masks)."""
+    return write_busi(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained DenseNet121 model folder with a 32-px input size (fast on CPU)."""
+    import torch
+
+    from bus_core.models import build_model, new_card, save_model
+
+    torch.manual_seed(0)
+    card = new_card("tiny-test", "densenet121", input_size={"resize": 40, "crop": 32})
+    return save_model(build_model("densenet121"), card, tmp_path_factory.mktemp("m") / "tiny")
+
+
+@pytest.fixture
+def busi_or_skip() -> Path:
+    """The real BUSI folder beside the project, or skip."""
+    if not BUSI.is_dir():
+        pytest.skip("../shared/data/BUSI is not available")
+    return BUSI

@@ -1,0 +1,58 @@
+import json
+
+import numpy as np
+from PIL import Image
+
+from bus_core.cli import main
+
+
+def test_predict_json(tiny_model_dir, busi_dir, capsys, tmp_path):
+    image = busi_dir / "malignant" / "malignant (1).png"
+    cam = tmp_path / "cam.png"
+    assert main(["predict", str(image), "--model", str(tiny_model_dir), "--json",
+                 "--cam", str(cam), "--device", "cpu-fp32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"label", "probabilities", "model"} <= set(out)
+    assert out["model"] == "tiny-test"
+    assert Image.open(cam).size == (32, 32)
+
+
+def test_predict_bad_file_is_one_line_error(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert main(["predict", str(bad), "--model", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and "Traceback" not in err
+
+
+def test_evaluate_json_keys(tiny_model_dir, busi_dir, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(busi_dir),
+                 "--json", str(out), "--device", "cpu-fp32"]) == 0
+    metrics = json.loads(out.read_text())
+    assert {"n", "labels", "accuracy", "macro_f1", "malignant_sensitivity",
+            "malignant_specificity", "auc_macro_ovr", "auc_malignant", "ece", "per_class",
+            "confusion_matrix"} <= set(metrics)
+    assert metrics["n"] == 18
+    assert np.array(metrics["confusion_matrix"]).sum() == 18
+
+
+def test_split_then_evaluate_subset(tiny_model_dir, busi_dir, tmp_path):
+    split = tmp_path / "split.json"
+    assert main(["split", "--data", str(busi_dir), "--out", str(split)]) == 0
+    data = json.loads(split.read_text())
+    assert {"train", "val", "test", "seed", "data_hash"} <= set(data)
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(busi_dir),
+                 "--split", str(split), "--subset", "test", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == len(data["test"])
+
+
+def test_tune_small_grid(busi_dir, tmp_path, capsys):
+    out = tmp_path / "tune"
+    assert main(["tune", "--data", str(busi_dir), "--out", str(out), "--epochs", "1",
+                 "--resize", "40", "--crop", "32", "--batch-size", "4", "--device", "cpu-fp32",
+                 "--grid", "lr=0.001,0.0001", "--grid", "optimizer=adam"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 2 and {r["lr"] for r in rows} == {0.001, 0.0001}
+    assert (out / "results.csv").is_file()

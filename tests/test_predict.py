@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from bus_core.errors import MaskError, ModelError
+from bus_core.models import load_model
+from bus_core.predict import Predictor, predict_file, scope_warnings
+from tests.conftest import synthetic_image
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model_dir):
+    return Predictor(load_model(tiny_model_dir), device="cpu-fp32")
+
+
+def test_prediction_is_a_calibrated_distribution(predictor):
+    image, _ = synthetic_image("benign", np.random.default_rng(1), size=(200, 240))
+    p = predictor.predict(image)
+    assert set(p.probabilities) == {"normal", "benign", "malignant"}
+    assert abs(sum(p.probabilities.values()) - 1) < 1e-5
+    assert p.label == max(p.probabilities, key=p.probabilities.get)
+    assert p.model_view.shape == (32, 32, 3)
+    assert p.to_dict()["label"] == p.label
+
+
+def test_temperature_flattens_probabilities(tiny_model_dir):
+    image, _ = synthetic_image("malignant", np.random.default_rng(2), size=(200, 240))
+    sharp = Predictor(load_model(tiny_model_dir), device="cpu-fp32")
+    flat = Predictor(load_model(tiny_model_dir), device="cpu-fp32")
+    flat.card.temperature = 100.0
+    assert max(flat.predict(image).probabilities.values()) < \
+        max(sharp.predict(image).probabilities.values()) or \
+        max(sharp.predict(image).probabilities.values()) < 0.34
+    assert max(flat.predict(image).probabilities.values()) < 0.34
+    assert flat.predict(image).uncertain
+
+
+def test_mask_model_needs_a_mask(tiny_model_dir):
+    predictor = Predictor(load_model(tiny_model_dir), device="cpu-fp32")
+    predictor.spec = predictor.spec.__class__(mode="mask", size=predictor.spec.size)
+    image, mask = synthetic_image("benign", np.random.default_rng(3), size=(200, 240))
+    with pytest.raises(MaskError, match="lesion mask"):
+        predictor.predict(image)
+    with pytest.raises(MaskError):
+        predictor.predict(image, [np.zeros_like(mask)])
+    assert predictor.predict(image, [mask]).label
+
+
+def test_predict_file_with_mask_files(tiny_model_dir, busi_dir):
+    predictor = Predictor(load_model(tiny_model_dir), device="cpu-fp32")
+    image = busi_dir / "benign" / "benign (1).png"
+    p = predict_file(image, [busi_dir / "benign" / "benign (1)_mask.png"], predictor)
+    assert p.label in predictor.classes
+
+
+def test_no_model_installed_message(monkeypatch, tmp_path):
+    monkeypatch.setattr("bus_core.predict.active_model_path", lambda: None)
+    with pytest.raises(ModelError, match="No model is installed"):
+        Predictor.from_path()
+
+
+def test_scope_warnings():
+    gray = np.full((400, 500, 3), 90, np.uint8)
+    assert scope_warnings(gray) == []
+    doppler = gray.copy()
+    doppler[100:140, 100:140] = (220, 30, 30)
+    assert any("Colour overlay" in w for w in scope_warnings(doppler))
+    photo = np.random.default_rng(0).integers(0, 255, (400, 500, 3), dtype=np.uint8)
+    assert any("does not look like" in w for w in scope_warnings(photo))
+    assert any("Unusual image size" in w for w in scope_warnings(gray[:50]))

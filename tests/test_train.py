@@ -1,0 +1,106 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bus_core.models import load_model
+from bus_core.progress import read_progress, run_state
+from bus_core.train import TrainConfig, config_from_args, get_args_parser, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(busi_dir, out, **kw) -> TrainConfig:
+    return TrainConfig(data=[str(busi_dir)], out=str(out), resize=40, crop=32, batch_size=4,
+                       epochs=kw.pop("epochs", 1), device="cpu-fp32", save_dtype="float32", **kw)
+
+
+def test_parser_maps_to_config():
+    args = get_args_parser().parse_args(["--data", "d", "--out", "o", "--lr", "0.001",
+                                         "--optimizer", "sgd", "--balance", "weights"])
+    config = config_from_args(args)
+    assert config.lr == 0.001 and config.optimizer == "sgd" and config.data == ["d"]
+
+
+def test_one_epoch_writes_model_card_progress_and_split(busi_dir, tmp_path):
+    result = train(tiny_config(busi_dir, tmp_path / "m"))
+    assert result.status == "done"
+    loaded = load_model(tmp_path / "m")
+    card = loaded.card
+    assert card.input_size == {"resize": 40, "crop": 32}
+    assert set(card.metrics) >= {"val", "test", "history"}
+    assert card.metrics["test"]["data"]["subset"] == "test"
+    assert card.metrics["test"]["n"] == card.metrics["test"]["data"]["n"] > 0
+    assert card.split["data_hash"] and card.training_time_s > 0
+    events = read_progress(tmp_path / "m" / "train" / "progress.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and "epoch" in kinds
+    step = next(e for e in events if e["event"] == "step")
+    assert {"epoch", "step", "loss", "accuracy", "lr", "images_per_s", "eta_s"} <= set(step)
+    assert run_state(events) == "done"
+
+
+@pytest.mark.parametrize("optimizer,balance,mode", [("sgd", "weights", "mask-leakfree"),
+                                                     ("rmsprop", "sampler", "mask"),
+                                                     ("adamw", "none", "full")])
+def test_options_run(busi_dir, tmp_path, optimizer, balance, mode):
+    config = tiny_config(busi_dir, tmp_path / "m", optimizer=optimizer, balance=balance,
+                         input_mode=mode, scheduler="plateau", monitor="loss")
+    assert train(config).card.input_mode == mode
+
+
+def test_cancel_then_resume(busi_dir, tmp_path):
+    out = tmp_path / "m"
+    calls = {"n": 0}
+
+    def stop_after_two_steps() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    result = train(tiny_config(busi_dir, out, epochs=2), should_stop=stop_after_two_steps)
+    assert result.status == "cancelled"
+    assert run_state(read_progress(out / "train" / "progress.jsonl")) == "cancelled"
+    result = train(tiny_config(busi_dir, out, epochs=2), resume=True)
+    assert result.status == "done"
+    events = read_progress(out / "train" / "progress.jsonl")
+    resumed = [e for e in events if e["event"] == "start" and e["resumed"]]
+    assert resumed and resumed[0]["step"] == 2
+    epochs = [e["epoch"] for e in events if e["event"] == "epoch"]
+    assert epochs == [1, 2]
+
+
+def test_resume_after_kill_9(busi_dir, tmp_path):
+    """A run killed with SIGKILL mid-epoch resumes from its last checkpoint and finishes."""
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-m", "bus_core", "train", "--data", str(busi_dir), "--out", str(out),
+           "--resize", "40", "--crop", "32", "--batch-size", "2", "--epochs", "3",
+           "--device", "cpu-fp32", "--checkpoint-every", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "train" / "progress.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        steps = [e for e in read_progress(progress) if e["event"] == "step"]
+        if len(steps) >= 3 and (out / "train" / "checkpoint.pt").is_file():
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "card.json").exists()
+    done = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    card = load_model(out).card
+    assert card.metrics["history"][-1]["epoch"] == 3
+    events = read_progress(progress)
+    assert any(e["event"] == "start" and e["resumed"] for e in events)
+
+
+def test_resume_without_run_is_clear(tmp_path):
+    from bus_core.cli import main
+
+    assert main(["train", "--data", "x", "--out", str(tmp_path / "none"), "--resume"]) == 2
