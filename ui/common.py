@@ -1,0 +1,76 @@
+"""What every page shares: the cached active model, the sidebar, and error display."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from bus_core.device import choose_device
+from bus_core.errors import BusError
+from bus_core.models import ModelCard, read_card
+from bus_core.predict import Predictor
+from bus_core.registry import active_model_path, no_model_message
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=3)
+def load_predictor(path: str, weights_sha256: str) -> Predictor:
+    """One shared, never-mutated predictor per model folder and weights version."""
+    return Predictor.from_path(path)
+
+
+def active_predictor() -> Predictor | None:
+    """The active model's predictor, or None after showing why there is none."""
+    path = active_model_path()
+    if path is None:
+        st.warning(no_model_message(), icon=":material/warning:")
+        return None
+    try:
+        card = read_card(path)
+        return load_predictor(str(Path(path).resolve()), card.weights_sha256)
+    except BusError as exc:
+        st.error(f"The active model cannot be used: {exc}", icon=":material/error:")
+        return None
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def model_summary(card: ModelCard) -> str:
+    """A few markdown lines: name, date, and test metrics with their data."""
+    test = card.metrics.get("test") or {}
+    data = test.get("data") or {}
+    lines = [f"**{card.name}** · {card.arch} · input `{card.input_mode}`",
+             f"Created {card.created[:10]}"]
+    if test:
+        lines.append(
+            f"Test ({data.get('subset', 'test')}, n={test.get('n')}): accuracy "
+            f"{_fmt(test.get('accuracy'))}, malignant sensitivity "
+            f"{_fmt(test.get('malignant_sensitivity'))}, malignant AUC "
+            f"{_fmt(test.get('auc_malignant'))}")
+    else:
+        lines.append("No test metrics in its card.")
+    return "  \n".join(lines)
+
+
+def render_sidebar() -> None:
+    """Active model (name, date, test metrics from its card) and the compute device."""
+    with st.sidebar:
+        st.caption("ACTIVE MODEL")
+        path = active_model_path()
+        if path is None:
+            st.info("No model installed.", icon=":material/info:")
+        else:
+            try:
+                st.markdown(model_summary(read_card(path)))
+            except BusError as exc:
+                st.error(str(exc))
+        st.caption(f"Device: {choose_device().description}")
+        st.caption("Research software: not a medical device. Predictions support, never "
+                   "replace, a radiologist's reading.")
+
+
+def show_error(exc: BusError, what: str = "") -> None:
+    """A user-fixable problem as a red box with its message (never a traceback)."""
+    st.error(f"{what}{': ' if what else ''}{exc}", icon=":material/error:")
