@@ -1,0 +1,290 @@
+"""Classification metrics, calibration and temperature scaling on numpy arrays.
+
+Conventions shared by every function here:
+
+- `y_true` holds class indices (0..K-1) into `classes`; `probs` / `logits` are (N, K) arrays.
+- Predictions are the argmax over all K classes, so a model can predict a class that is absent
+  from `y_true` (e.g. "normal" on a benign/malignant-only set); that counts as an error.
+- A metric that does not exist for the data (a sensitivity without positives, an AUC without
+  positives or negatives, anything on an empty set) is None, never NaN, so every result
+  serialises with `json.dumps(..., allow_nan=False)`. All numbers are Python floats / ints.
+- Macro-F1 and balanced accuracy average over the classes present in `y_true` only: a class with
+  no true samples has no recall, and counting its F1 as 0 would punish a subset evaluation (e.g.
+  benign/malignant only) for a class it never contained. Wrong predictions *into* such a class
+  still lower the recall of the true classes, so they are not ignored.
+- The macro one-vs-rest AUC averages the per-class AUCs that exist.
+
+ROC / AUC are computed here with numpy (ties count one half, as in scikit-learn) rather than
+scikit-learn, which would add about two seconds to importing `bus_core.predict`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from bus_core.constants import CLASSES, MALIGNANT
+
+MIN_CALIBRATION_SAMPLES = 5
+"""Below this many validation samples `fit_temperature` keeps T = 1."""
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities over the last axis of `logits / temperature` (float64, rows sum to 1)."""
+    if not temperature > 0:
+        raise ValueError(f"The temperature must be positive, got {temperature}.")
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def nll(logits: np.ndarray, y_true: Sequence[int] | np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of `y_true` under `softmax(logits / temperature)`."""
+    z, y = _check_scores(logits, y_true, name="logits")
+    if not len(y):
+        raise ValueError("The negative log-likelihood needs at least one sample.")
+    if not temperature > 0:
+        raise ValueError(f"The temperature must be positive, got {temperature}.")
+    return _nll(z, y, temperature)
+
+
+def fit_temperature(logits: np.ndarray, y_true: Sequence[int] | np.ndarray, *,
+                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T in `bounds` minimising the NLL of `softmax(logits / T)` on `y_true`.
+
+    Returns 1.0 (no scaling) when there are fewer than `MIN_CALIBRATION_SAMPLES` samples or
+    fewer than two classes in `y_true`: such a fit would only chase noise. Deterministic: a
+    log-spaced grid search followed by a bounded Brent refinement around the best grid point.
+    """
+    lo, hi = bounds
+    if not 0 < lo < hi:
+        raise ValueError(f"Temperature bounds must satisfy 0 < low < high, got {bounds}.")
+    z, y = _check_scores(logits, y_true, name="logits")
+    if len(y) < MIN_CALIBRATION_SAMPLES or np.unique(y).size < 2:
+        return 1.0
+    # Imported here so that importing this module (done by predict.py) stays light.
+    from scipy.optimize import minimize_scalar
+
+    def loss(log_t: float) -> float:
+        return _nll(z, y, math.exp(log_t))
+
+    grid = np.linspace(math.log(lo), math.log(hi), 41)
+    losses = [loss(g) for g in grid]
+    i = int(np.argmin(losses))
+    window = (grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)])
+    refined = minimize_scalar(loss, bounds=window, method="bounded", options={"xatol": 1e-5})
+    best = float(refined.x) if refined.fun <= losses[i] else float(grid[i])
+    return math.exp(best)
+
+
+def expected_calibration_error(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
+                               n_bins: int = 15) -> float:
+    """Top-label ECE: the count-weighted mean |accuracy - confidence| over equal-width bins.
+
+    Confidence is the largest probability of a row; bins are [i/n, (i+1)/n), the last one
+    closed at 1. An empty input has ECE 0.
+    """
+    p, y = _check_scores(probs, y_true, name="probabilities")
+    counts, accuracy, confidence = _bin_top_label(p, y, n_bins)
+    if not len(y):
+        return 0.0
+    filled = counts > 0
+    gaps = np.abs(accuracy[filled] - confidence[filled])
+    return float(np.sum(counts[filled] * gaps) / len(y))
+
+
+def reliability_curve(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
+                      n_bins: int = 10) -> dict[str, list]:
+    """Per-bin data for a reliability diagram: `bin_centers`, `accuracy`, `confidence`, `counts`.
+
+    Bins are as in `expected_calibration_error`; `accuracy` and `confidence` are None for an
+    empty bin.
+    """
+    p, y = _check_scores(probs, y_true, name="probabilities")
+    counts, accuracy, confidence = _bin_top_label(p, y, n_bins)
+    filled = counts > 0
+    return {
+        "bin_centers": [(i + 0.5) / n_bins for i in range(n_bins)],
+        "accuracy": [float(a) if f else None for a, f in zip(accuracy, filled)],
+        "confidence": [float(c) if f else None for c, f in zip(confidence, filled)],
+        "counts": [int(c) for c in counts],
+    }
+
+
+def roc_curves(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
+               classes: Sequence[str] = CLASSES) -> dict[str, dict[str, Any]]:
+    """One-vs-rest ROC per class: {class: {"fpr": [...], "tpr": [...], "auc": float}}.
+
+    Classes without positives or without negatives in `y_true` are left out.
+    """
+    p, y = _check_scores(probs, y_true, name="probabilities", n_classes=len(classes))
+    curves = {}
+    for c, name in enumerate(classes):
+        positive = y == c
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr = _roc(positive, p[:, c])
+        curves[name] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(),
+                        "auc": float(np.trapezoid(tpr, fpr))}
+    return curves
+
+
+def compute_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
+                    classes: Sequence[str] = CLASSES, *,
+                    malignant: str = MALIGNANT) -> dict[str, Any]:
+    """Accuracy, macro-F1, balanced accuracy, malignant sensitivity/specificity, AUCs, ECE,
+    per-class figures and the confusion matrix, as a JSON-ready dict (None where undefined).
+
+    Keys: n, labels, n_per_class, accuracy, macro_f1, balanced_accuracy,
+    malignant_sensitivity, malignant_specificity, auc_macro_ovr, auc_malignant, ece,
+    per_class ({class: {sensitivity, specificity, precision, f1, auc, support}}) and
+    confusion_matrix (rows = true class, columns = predicted class, in `labels` order).
+    """
+    labels = list(classes)
+    p, y = _check_scores(probs, y_true, name="probabilities", n_classes=len(labels))
+    n = len(y)
+    cm = _confusion_matrix(y, p.argmax(axis=1), len(labels))
+    per_class = {name: _class_figures(cm, c, y, p[:, c]) for c, name in enumerate(labels)}
+    present = [per_class[name] for name in labels if per_class[name]["support"]]
+    aucs = [f["auc"] for f in per_class.values() if f["auc"] is not None]
+    target = per_class.get(malignant, {})
+    return {
+        "n": n,
+        "labels": labels,
+        "n_per_class": {name: per_class[name]["support"] for name in labels},
+        "accuracy": _ratio(np.trace(cm), n),
+        "macro_f1": _mean([f["f1"] for f in present]),
+        "balanced_accuracy": _mean([f["sensitivity"] for f in present]),
+        "malignant_sensitivity": target.get("sensitivity"),
+        "malignant_specificity": target.get("specificity"),
+        "auc_macro_ovr": _mean(aucs),
+        "auc_malignant": target.get("auc"),
+        "ece": expected_calibration_error(y, p) if n else None,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    """A short plain-text summary of a `compute_metrics` dict for the terminal."""
+    labels = list(m.get("labels") or CLASSES)
+    counts = m.get("n_per_class") or {}
+    lines = [
+        f"n = {m.get('n', 'n/a')}  (" + ", ".join(f"{c} {counts.get(c, 0)}" for c in labels) + ")",
+        f"  accuracy            {_fmt(m.get('accuracy'))}",
+        f"  balanced accuracy   {_fmt(m.get('balanced_accuracy'))}",
+        f"  macro-F1            {_fmt(m.get('macro_f1'))}",
+        f"  malignant           sensitivity {_fmt(m.get('malignant_sensitivity'))}"
+        f"   specificity {_fmt(m.get('malignant_specificity'))}",
+        f"  AUC                 malignant {_fmt(m.get('auc_malignant'))}"
+        f"   macro one-vs-rest {_fmt(m.get('auc_macro_ovr'))}",
+        f"  ECE                 {_fmt(m.get('ece'))}",
+    ]
+    cm = m.get("confusion_matrix")
+    if cm:
+        width = max(9, *(len(c) for c in labels)) + 2
+        lines.append("  confusion matrix (rows = true, columns = predicted):")
+        lines.append("  " + " " * width + "".join(c.rjust(width) for c in labels))
+        for name, row in zip(labels, cm):
+            lines.append("  " + name.ljust(width) + "".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
+def _check_scores(scores: np.ndarray, y_true: Sequence[int] | np.ndarray, *, name: str,
+                  n_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`scores` as a finite float64 (N, K) array and `y_true` as int labels in 0..K-1."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(y_true)
+    if s.ndim != 2:
+        raise ValueError(f"The {name} must be a 2-D array (samples x classes), "
+                         f"got shape {s.shape}.")
+    if n_classes is not None and s.shape[1] != n_classes:
+        raise ValueError(f"The {name} have {s.shape[1]} columns but there are {n_classes} classes.")
+    if y.ndim != 1 or len(y) != len(s):
+        raise ValueError(f"Expected {len(s)} labels in a 1-D array, got shape {y.shape}.")
+    if len(y) and not (np.issubdtype(y.dtype, np.number) and np.all(y == np.round(y))):
+        raise ValueError("Labels must be whole class indices.")
+    y = y.astype(np.int64)
+    if len(y) and (y.min() < 0 or y.max() >= s.shape[1]):
+        raise ValueError(f"Labels must lie between 0 and {s.shape[1] - 1}.")
+    if not np.isfinite(s).all():
+        raise ValueError(f"The {name} contain NaN or infinite values.")
+    return s, y
+
+
+def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    """Mean NLL for validated inputs (log-sum-exp, stable for large logits)."""
+    z = logits / temperature
+    top = z.max(axis=1)
+    log_norm = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+    return float(np.mean(log_norm - z[np.arange(len(y)), y]))
+
+
+def _bin_top_label(probs: np.ndarray, y: np.ndarray, n_bins: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin: sample count, accuracy and mean confidence (0 if empty)."""
+    if n_bins < 1:
+        raise ValueError(f"The number of bins must be at least 1, got {n_bins}.")
+    confidence = probs.max(axis=1, initial=0.0)
+    correct = probs.argmax(axis=1) == y
+    index = np.clip(np.floor(confidence * n_bins).astype(np.int64), 0, n_bins - 1)
+    counts = np.bincount(index, minlength=n_bins)
+    safe = np.maximum(counts, 1)
+    accuracy = np.bincount(index, weights=correct, minlength=n_bins) / safe
+    mean_conf = np.bincount(index, weights=confidence, minlength=n_bins) / safe
+    return counts, accuracy, mean_conf
+
+
+def _roc(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
+    order = np.argsort(-score, kind="mergesort")
+    ranked, hits = score[order], positive[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    tps = np.cumsum(hits)[last_of_tie]
+    fps = last_of_tie + 1 - tps
+    return np.r_[0, fps] / fps[-1], np.r_[0, tps] / tps[-1]
+
+
+def _confusion_matrix(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """K x K counts, rows = true class, columns = predicted class."""
+    return np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+
+
+def _class_figures(cm: np.ndarray, c: int, y: np.ndarray, score: np.ndarray) -> dict[str, Any]:
+    """Sensitivity, specificity, precision, F1, one-vs-rest AUC and support of class `c`."""
+    tp = int(cm[c, c])
+    fn = int(cm[c].sum()) - tp
+    fp = int(cm[:, c].sum()) - tp
+    tn = int(cm.sum()) - tp - fn - fp
+    positive = y == c
+    auc = None
+    if positive.any() and not positive.all():
+        fpr, tpr = _roc(positive, score)
+        auc = float(np.trapezoid(tpr, fpr))
+    return {
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "precision": _ratio(tp, tp + fp),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "auc": auc,
+        "support": tp + fn,
+    }
+
+
+def _ratio(num: float, den: float) -> float | None:
+    """num / den as a float, or None when den is 0."""
+    return float(num) / float(den) if den else None
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the values, or None for an empty list."""
+    return float(np.mean(values)) if values else None
+
+
+def _fmt(value: Any) -> str:
+    """A metric for display: three decimals, or 'n/a' when it does not exist."""
+    return "n/a" if value is None else f"{float(value):.3f}"
