@@ -1,0 +1,683 @@
+"""The case store: every saved prediction ("case"), its review, and an append-only audit log.
+
+A case is one image with its masks, the model's probabilities and, once a radiologist has
+reviewed it, the confirmed label and notes. Confirmed cases become new training data and can be
+exported as a BUSI-layout folder.
+
+Storage:
+- The database is SQLite by default (`<data dir>/cases.sqlite`, the data dir being $BUS_DATA_DIR
+  or ~/.bus_classifier); any SQLAlchemy URL can be given instead.
+- Images and masks are PNG files stored once per content, under
+  `<images dir>/<hash[:2]>/<hash>.png`, where the hash is the sha256 of the pixel array (dtype,
+  shape and bytes). Files are written atomically and before the database row that names them,
+  so a crash can leave an unused file but never a case without its image.
+- Every change (a case and its audit entries) is one transaction. With SQLite the database runs
+  in WAL mode with a 30 s busy timeout and foreign keys on; writers take the write lock at the
+  start of their transaction, so several threads and processes can save cases at once.
+- The audit log has no update or delete API; on SQLite, triggers also refuse UPDATE and DELETE.
+- The schema is versioned (`schema_version` table) and upgraded on opening by the steps in
+  `MIGRATIONS`, each in its own transaction.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import (Column, Connection, Engine, ForeignKey, Index, Integer, MetaData,
+                        String, Table, Text, create_engine, event, insert, inspect, select, text,
+                        update)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from bus_core.constants import CLASSES
+from bus_core.errors import BusError, InvalidImageError, MaskError
+from bus_core.io import image_to_png_bytes
+from bus_core.settings import data_dir
+
+DB_FILE = "cases.sqlite"
+IMAGES_DIR = "images"
+BUSY_TIMEOUT_MS = 30_000
+
+STATUSES: tuple[str, ...] = ("unreviewed", "confirmed", "corrected")
+ORDERABLE: tuple[str, ...] = ("created_at", "updated_at", "id", "status", "predicted_label",
+                              "confirmed_label", "reviewer", "model_name")
+"""Columns `list_cases` can sort by."""
+
+_EXPORTED_FILE = re.compile(r"^case-\d+(?:_mask(?:_\d+)?)?\.png$")
+_CSV_COLUMNS = ("id", "path", "label", "mask", "predicted", "status", "probabilities", "model",
+                "model_hash", "reviewer", "notes", "image_name", "created_at", "updated_at")
+
+
+class StoreError(BusError):
+    """The case store cannot be used: folder not writable, database damaged, busy or too new,
+    or an image file missing."""
+
+
+class CaseNotFoundError(StoreError, LookupError):
+    """No case has the given id."""
+
+
+class InvalidCaseError(StoreError, ValueError):
+    """A case or review with a value that cannot be stored (unknown label, no reviewer...)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One saved prediction and its review, as stored (times are UTC ISO-8601 strings)."""
+
+    id: int
+    created_at: str
+    updated_at: str
+    image_hash: str
+    image_name: str
+    mask_hashes: tuple[str, ...]
+    combine_mode: str | None
+    model_name: str
+    model_hash: str
+    probabilities: dict[str, float]
+    predicted_label: str
+    cam_settings: dict[str, Any] | None
+    reviewer: str
+    confirmed_label: str | None
+    notes: str
+    status: str
+
+    @property
+    def label(self) -> str:
+        """The confirmed label once reviewed, else the model's prediction."""
+        return self.confirmed_label or self.predicted_label
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One line of a case's history: who did what ('created', 'confirmed', 'corrected' or
+    'note') to which field, and the value before and after."""
+
+    id: int
+    at: str
+    case_id: int
+    who: str
+    action: str
+    field: str | None
+    old_value: str | None
+    new_value: str | None
+
+
+# --- schema ----------------------------------------------------------------------------------
+
+_metadata = MetaData()
+
+schema_version = Table("schema_version", _metadata, Column("version", Integer, nullable=False))
+
+cases = Table(
+    "cases", _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", String(40), nullable=False),
+    Column("image_hash", String(64), nullable=False),
+    Column("image_name", Text, nullable=False),
+    Column("mask_hashes", Text, nullable=False),
+    Column("combine_mode", String(32)),
+    Column("model_name", Text, nullable=False),
+    Column("model_hash", String(64), nullable=False),
+    Column("probabilities", Text, nullable=False),
+    Column("predicted_label", String(32), nullable=False),
+    Column("confirmed_label", String(32)),
+    Column("cam_settings", Text),
+    Column("reviewer", Text, nullable=False),
+    Column("notes", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("updated_at", String(40), nullable=False),
+)
+"""The cases table of the current schema (created by the migrations, never by create_all)."""
+
+audit_log = Table(
+    "audit_log", _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", String(40), nullable=False),
+    Column("case_id", Integer, ForeignKey("cases.id"), nullable=False, index=True),
+    Column("who", Text, nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("field", String(32)),
+    Column("old_value", Text),
+    Column("new_value", Text),
+)
+
+_V2_CASE_INDEXES = (Index("ix_cases_created_at", cases.c.created_at),
+                    Index("ix_cases_status", cases.c.status))
+
+
+def _create_v1(conn: Connection) -> None:
+    """Schema 1: the cases table without review notes, reviewer, status, CAM settings."""
+    v1 = MetaData()
+    Table("cases", v1,
+          Column("id", Integer, primary_key=True, autoincrement=True),
+          Column("created_at", String(40), nullable=False),
+          Column("image_hash", String(64), nullable=False),
+          Column("image_name", Text, nullable=False),
+          Column("mask_hashes", Text, nullable=False),
+          Column("combine_mode", String(32)),
+          Column("model_name", Text, nullable=False),
+          Column("model_hash", String(64), nullable=False),
+          Column("probabilities", Text, nullable=False),
+          Column("predicted_label", String(32), nullable=False),
+          Column("confirmed_label", String(32)))
+    v1.create_all(conn)
+
+
+def _upgrade_v1_to_v2(conn: Connection) -> None:
+    """Schema 2: review columns on cases, the audit log (append-only), indexes; existing cases
+    get their status and a 'created' entry (plus their review, when they have one)."""
+    for column in ("cam_settings TEXT", "reviewer TEXT NOT NULL DEFAULT ''",
+                   "notes TEXT NOT NULL DEFAULT ''",
+                   "status VARCHAR(16) NOT NULL DEFAULT 'unreviewed'",
+                   "updated_at VARCHAR(40) NOT NULL DEFAULT ''"):
+        conn.execute(text(f"ALTER TABLE cases ADD COLUMN {column}"))
+    conn.execute(text(
+        "UPDATE cases SET updated_at = created_at, status = CASE "
+        "WHEN confirmed_label IS NULL THEN 'unreviewed' "
+        "WHEN confirmed_label = predicted_label THEN 'confirmed' ELSE 'corrected' END"))
+    audit_log.create(conn)
+    for index in _V2_CASE_INDEXES:
+        index.create(conn)
+    if conn.dialect.name == "sqlite":
+        for verb in ("UPDATE", "DELETE"):
+            conn.execute(text(
+                f"CREATE TRIGGER audit_log_no_{verb.lower()} BEFORE {verb} ON audit_log "
+                "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"))
+    _backfill_audit(conn)
+
+
+def _backfill_audit(conn: Connection) -> None:
+    rows = conn.execute(select(cases.c.id, cases.c.created_at, cases.c.predicted_label,
+                               cases.c.confirmed_label, cases.c.status)).all()
+    entries = [dict(at=r.created_at, case_id=r.id, who="", action="created",
+                    field="predicted_label", old_value=None, new_value=r.predicted_label)
+               for r in rows]
+    entries += [dict(at=_now(), case_id=r.id, who="", action=r.status, field="confirmed_label",
+                     old_value=None, new_value=r.confirmed_label)
+                for r in rows if r.confirmed_label is not None]
+    if entries:
+        conn.execute(insert(audit_log), entries)
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_create_v1, _upgrade_v1_to_v2)
+"""Step i upgrades a database from schema version i to i + 1."""
+
+CURRENT_SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# --- opening ---------------------------------------------------------------------------------
+
+def default_db_path() -> Path:
+    """Where the case database lives by default: `<data dir>/cases.sqlite`."""
+    return data_dir() / DB_FILE
+
+
+def open_store(url_or_path: str | Path | None = None, *,
+               images_dir: str | Path | None = None) -> CaseStore:
+    """Open (creating and upgrading as needed) the case store.
+
+    `url_or_path` is a SQLite file path, a SQLAlchemy URL ("sqlite:///cases.db",
+    "postgresql://..."), or None for `default_db_path()`. Images go to `images_dir`, by default
+    an `images` folder beside a SQLite file, else `<data dir>/images`. Raises `StoreError`.
+    """
+    url = _resolve_url(url_or_path)
+    database = url.database if url.get_backend_name() == "sqlite" else None
+    on_disk = bool(database) and database != ":memory:" and not database.startswith("file:")
+    if on_disk:
+        _ensure_writable(Path(database).parent)
+    images = Path(images_dir).expanduser() if images_dir is not None else (
+        Path(database).parent / IMAGES_DIR if on_disk else data_dir() / IMAGES_DIR)
+    _ensure_writable(images)
+    try:
+        engine = create_engine(url)
+    except (SQLAlchemyError, ImportError) as exc:
+        raise StoreError(f"Cannot open the case database "
+                         f"{url.render_as_string(hide_password=True)}: {exc}.") from exc
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine)
+    store = CaseStore(engine, images)
+    try:
+        store.migrate()
+    except BaseException:
+        engine.dispose()
+        raise
+    return store
+
+
+def _resolve_url(url_or_path: str | Path | None) -> URL:
+    if url_or_path is None:
+        path = default_db_path()
+    elif isinstance(url_or_path, str) and "://" in url_or_path:
+        try:
+            return make_url(url_or_path)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{url_or_path!r} is not a database address: {exc}.") from exc
+    else:
+        path = Path(url_or_path).expanduser()
+        if path.is_dir():
+            path = path / DB_FILE
+    return URL.create("sqlite", database=str(path.resolve()))
+
+
+def _ensure_writable(folder: Path, advice: str = "Set BUS_DATA_DIR to a writable folder.") -> None:
+    """Create `folder` if needed and check a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise StoreError(f"Cannot write to {folder}: {exc.strerror or exc}. {advice}") from exc
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """WAL, busy timeout and foreign keys on every connection; BEGIN IMMEDIATE for writers."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get("bus_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+# --- the store -------------------------------------------------------------------------------
+
+class CaseStore:
+    """Cases, their image files and their audit log. Safe to share between threads."""
+
+    def __init__(self, engine: Engine, images_dir: Path) -> None:
+        """Use `open_store`; this wraps an engine already set up and migrated."""
+        self.engine = engine
+        self.images_dir = Path(images_dir)
+        self._writer = engine.execution_options(bus_write=True)
+
+    def __enter__(self) -> CaseStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the database connections."""
+        self.engine.dispose()
+
+    # -- schema --
+
+    def schema_version(self) -> int:
+        """The database's schema version (0 for an empty database)."""
+        with self._begin() as conn:
+            return _read_version(conn)
+
+    def migrate(self) -> int:
+        """Bring the schema up to CURRENT_SCHEMA_VERSION, one step per transaction; returns
+        the version reached."""
+        while True:
+            with self._begin(write=True) as conn:
+                version = _read_version(conn, create=True)
+                if version > CURRENT_SCHEMA_VERSION:
+                    raise StoreError(
+                        f"The case database {self._where()} was made by a newer version of this "
+                        f"app (schema {version}, this app knows up to {CURRENT_SCHEMA_VERSION}): "
+                        "update the app.")
+                if version == CURRENT_SCHEMA_VERSION:
+                    return version
+                MIGRATIONS[version](conn)
+                conn.execute(update(schema_version).values(version=version + 1))
+
+    # -- writing --
+
+    def save_case(self, image: np.ndarray, *, image_name: str, masks: Sequence[np.ndarray] = (),
+                  combine_mode: str | None = None, model_name: str, model_hash: str,
+                  probabilities: Mapping[str, float], predicted_label: str,
+                  cam_settings: Mapping[str, Any] | None = None, reviewer: str = "") -> Case:
+        """Store a prediction as a new unreviewed case (image and masks first, then the case
+        and its 'created' audit entry in one transaction)."""
+        predicted_label = _check_label(predicted_label)
+        probabilities = _check_probabilities(probabilities)
+        pixels = _check_image(image)
+        lesions = [_check_mask(m, pixels.shape[:2], i) for i, m in enumerate(masks, start=1)]
+        image_hash = self._put_array(pixels)
+        mask_hashes = [self._put_array(m) for m in lesions]
+        now = _now()
+        row = dict(created_at=now, updated_at=now, image_hash=image_hash,
+                   image_name=image_name, mask_hashes=json.dumps(mask_hashes),
+                   combine_mode=combine_mode, model_name=model_name, model_hash=model_hash,
+                   probabilities=json.dumps(probabilities), predicted_label=predicted_label,
+                   confirmed_label=None,
+                   cam_settings=None if cam_settings is None else json.dumps(dict(cam_settings)),
+                   reviewer=reviewer.strip(), notes="", status="unreviewed")
+        with self._begin(write=True) as conn:
+            case_id = conn.execute(insert(cases).values(row)).inserted_primary_key[0]
+            _audit(conn, case_id, reviewer.strip(), "created", "predicted_label", None,
+                   predicted_label, at=now)
+            return _fetch(conn, case_id)
+
+    def review_case(self, case_id: int, *, label: str, reviewer: str,
+                    notes: str | None = None) -> Case:
+        """Record a radiologist's label: status becomes 'confirmed' when it equals the
+        prediction, else 'corrected'. `notes`, when given, replaces the case's notes. Every
+        changed field gets an audit entry with its old and new value."""
+        label = _check_label(label)
+        reviewer = _check_reviewer(reviewer)
+        with self._begin(write=True) as conn:
+            case = _fetch(conn, case_id)
+            status = "confirmed" if label == case.predicted_label else "corrected"
+            changes = {"confirmed_label": label, "status": status, "reviewer": reviewer}
+            if notes is not None:
+                changes["notes"] = notes.strip()
+            self._apply(conn, case, reviewer, status, changes, always=("confirmed_label",))
+            return _fetch(conn, case_id)
+
+    def add_note(self, case_id: int, *, note: str, reviewer: str) -> Case:
+        """Append a line to a case's notes (audited as 'note')."""
+        reviewer = _check_reviewer(reviewer)
+        note = note.strip()
+        if not note:
+            raise InvalidCaseError("The note is empty: write something before saving it.")
+        with self._begin(write=True) as conn:
+            case = _fetch(conn, case_id)
+            notes = f"{case.notes}\n{note}" if case.notes else note
+            self._apply(conn, case, reviewer, "note", {"notes": notes})
+            return _fetch(conn, case_id)
+
+    @staticmethod
+    def _apply(conn: Connection, case: Case, who: str, action: str, changes: dict[str, str],
+               always: Sequence[str] = ()) -> None:
+        """Update `case` with `changes` and audit each changed field (and those in `always`)."""
+        now = _now()
+        conn.execute(update(cases).where(cases.c.id == case.id).values(**changes, updated_at=now))
+        for field, new in changes.items():
+            old = getattr(case, field)
+            if old != new or field in always:
+                _audit(conn, case.id, who, "note" if field == "notes" else action, field, old,
+                       new, at=now)
+
+    # -- reading --
+
+    def get_case(self, case_id: int) -> Case:
+        """The case with this id; raises `CaseNotFoundError`."""
+        with self._begin() as conn:
+            return _fetch(conn, case_id)
+
+    def list_cases(self, *, status: str | None = None, predicted: str | None = None,
+                   confirmed: str | None = None, reviewer: str | None = None,
+                   since: datetime | str | None = None, until: datetime | str | None = None,
+                   order_by: str = "created_at", descending: bool = True,
+                   limit: int | None = None) -> list[Case]:
+        """Cases matching every given filter. `since` (inclusive) and `until` (exclusive)
+        bound the creation time; naive datetimes are taken as UTC."""
+        if order_by not in ORDERABLE:
+            raise ValueError(f"order_by must be one of {', '.join(ORDERABLE)}, not {order_by!r}.")
+        if status is not None and status not in STATUSES:
+            raise InvalidCaseError(f"Unknown status {status!r}: use one of {', '.join(STATUSES)}.")
+        query = select(cases)
+        for column, value in ((cases.c.status, status), (cases.c.predicted_label, predicted),
+                              (cases.c.confirmed_label, confirmed),
+                              (cases.c.reviewer, reviewer)):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(cases.c.created_at >= _iso(since))
+        if until is not None:
+            query = query.where(cases.c.created_at < _iso(until))
+        keys = (cases.c[order_by], cases.c.id)
+        query = query.order_by(*(k.desc() if descending else k.asc() for k in keys)).limit(limit)
+        with self._begin() as conn:
+            return [_case(row) for row in conn.execute(query).mappings()]
+
+    def confirmed_cases(self) -> list[Case]:
+        """Reviewed cases (confirmed or corrected), oldest first: the new training data."""
+        query = select(cases).where(cases.c.confirmed_label.is_not(None)).order_by(cases.c.id)
+        with self._begin() as conn:
+            return [_case(row) for row in conn.execute(query).mappings()]
+
+    def history(self, case_id: int) -> list[AuditEntry]:
+        """The audit entries of a case, oldest first; raises `CaseNotFoundError`."""
+        query = select(audit_log).where(audit_log.c.case_id == case_id).order_by(audit_log.c.id)
+        with self._begin() as conn:
+            _fetch(conn, case_id)
+            return [AuditEntry(**row) for row in conn.execute(query).mappings()]
+
+    def image_path(self, content_hash: str) -> Path:
+        """The PNG file of an image or mask hash."""
+        return self.images_dir / content_hash[:2] / f"{content_hash}.png"
+
+    def load_image(self, case: Case) -> np.ndarray:
+        """The case's image exactly as saved (uint8, HxW or HxWxC)."""
+        return np.asarray(self._open(case.image_hash, case))
+
+    def load_masks(self, case: Case) -> list[np.ndarray]:
+        """The case's masks as HxW bool arrays, in the order they were saved."""
+        return [np.asarray(self._open(h, case)) > 0 for h in case.mask_hashes]
+
+    # -- export --
+
+    def export_busi(self, out_dir: str | Path, *, only_confirmed: bool = True) -> Path:
+        """Write cases as a BUSI-layout folder: `<out>/<label>/case-<id>.png` with its masks
+        `case-<id>_mask.png`, `case-<id>_mask_1.png`, ... and `<out>/cases.csv` (one row per
+        case; its path, label and mask columns make it a manifest too). The label is the
+        confirmed one; with only_confirmed=False unreviewed cases go under their prediction.
+        Files of an earlier export into the same folder are replaced. Returns the folder."""
+        selected = self.confirmed_cases() if only_confirmed else self.list_cases(
+            order_by="id", descending=False)
+        out = Path(out_dir).expanduser()
+        _ensure_writable(out, "Choose a folder you can write to.")
+        try:
+            _remove_previous_export(out)
+            rows = [self._export_case(case, out) for case in selected]
+            _write_csv(out / "cases.csv", rows)
+        except OSError as exc:
+            raise StoreError(f"Cannot export the cases to {out}: {exc.strerror or exc}.") from exc
+        return out
+
+    def _export_case(self, case: Case, out: Path) -> dict[str, Any]:
+        folder = out / case.label
+        folder.mkdir(exist_ok=True)
+        stem = f"case-{case.id}"
+        names = [f"{stem}.png"] + [f"{stem}_mask.png" if i == 0 else f"{stem}_mask_{i}.png"
+                                   for i in range(len(case.mask_hashes))]
+        for name, content_hash in zip(names, (case.image_hash, *case.mask_hashes)):
+            shutil.copyfile(self._existing(content_hash, case), folder / name)
+        paths = [f"{case.label}/{name}" for name in names]
+        return {"id": case.id, "path": paths[0], "label": case.label, "mask": ";".join(paths[1:]),
+                "predicted": case.predicted_label, "status": case.status,
+                "probabilities": json.dumps(case.probabilities), "model": case.model_name,
+                "model_hash": case.model_hash, "reviewer": case.reviewer, "notes": case.notes,
+                "image_name": case.image_name, "created_at": case.created_at,
+                "updated_at": case.updated_at}
+
+    # -- internals --
+
+    @contextmanager
+    def _begin(self, write: bool = False) -> Iterator[Connection]:
+        """A transaction (holding the write lock from its start when `write`); database
+        failures become `StoreError`."""
+        try:
+            with (self._writer if write else self.engine).begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            cause = getattr(exc, "orig", None) or exc
+            raise StoreError(f"The case database {self._where()} cannot be used: {cause}.") from exc
+
+    def _where(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def _put_array(self, array: np.ndarray) -> str:
+        """Store an array as PNG under its content hash (once); returns the hash."""
+        content_hash = _array_hash(array)
+        target = self.image_path(content_hash)
+        if not target.exists():
+            try:
+                _atomic_write(target, image_to_png_bytes(array))
+            except OSError as exc:
+                raise StoreError(f"Cannot write to {target.parent}: {exc.strerror or exc}. "
+                                 "Set BUS_DATA_DIR to a writable folder.") from exc
+        return content_hash
+
+    def _existing(self, content_hash: str, case: Case) -> Path:
+        path = self.image_path(content_hash)
+        if not path.is_file():
+            raise StoreError(f"An image of case {case.id} ({case.image_name}) is missing: "
+                             f"{path} does not exist.")
+        return path
+
+    def _open(self, content_hash: str, case: Case) -> Image.Image:
+        with Image.open(self._existing(content_hash, case)) as image:
+            image.load()
+            return image
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _read_version(conn: Connection, create: bool = False) -> int:
+    """The schema version; with `create`, make the version table of an empty database."""
+    if create:
+        schema_version.create(conn, checkfirst=True)
+    elif not inspect(conn).has_table("schema_version"):
+        return 0
+    version = conn.execute(select(schema_version.c.version)).scalar()
+    if version is None:
+        version = 0
+        if create:
+            conn.execute(insert(schema_version).values(version=0))
+    return int(version)
+
+
+def _fetch(conn: Connection, case_id: int) -> Case:
+    row = conn.execute(select(cases).where(cases.c.id == case_id)).mappings().first()
+    if row is None:
+        raise CaseNotFoundError(f"There is no case number {case_id} in the case database.")
+    return _case(row)
+
+
+def _case(row: Mapping[str, Any]) -> Case:
+    values = dict(row)
+    values["mask_hashes"] = tuple(json.loads(values["mask_hashes"]))
+    values["probabilities"] = json.loads(values["probabilities"])
+    values["cam_settings"] = (json.loads(values["cam_settings"])
+                              if values["cam_settings"] is not None else None)
+    return Case(**values)
+
+
+def _audit(conn: Connection, case_id: int, who: str, action: str, field: str | None,
+           old: str | None, new: str | None, *, at: str) -> None:
+    conn.execute(insert(audit_log).values(at=at, case_id=case_id, who=who, action=action,
+                                          field=field, old_value=old, new_value=new))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _iso(moment: datetime | str) -> str:
+    """A time bound as stored: UTC ISO-8601 (naive datetimes are UTC; strings as given)."""
+    if isinstance(moment, str):
+        return moment
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _check_label(label: str) -> str:
+    clean = str(label).strip().lower()
+    if clean not in CLASSES:
+        raise InvalidCaseError(f"Unknown label {label!r}: use one of {', '.join(CLASSES)}.")
+    return clean
+
+
+def _check_reviewer(reviewer: str) -> str:
+    clean = reviewer.strip()
+    if not clean:
+        raise InvalidCaseError("Enter the reviewer's name: every review is signed.")
+    return clean
+
+
+def _check_probabilities(probabilities: Mapping[str, float]) -> dict[str, float]:
+    clean = {}
+    for name, p in probabilities.items():
+        label = _check_label(name)
+        if not (math.isfinite(float(p)) and 0.0 <= float(p) <= 1.0):
+            raise InvalidCaseError(f"The probability of {label} must lie between 0 and 1, "
+                                   f"not {p}.")
+        clean[label] = float(p)
+    return clean
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or not (
+            array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or array.size == 0:
+        raise InvalidImageError("The image to save must be a non-empty 8-bit greyscale or colour "
+                                f"picture (got an array of {array.dtype} with shape "
+                                f"{array.shape}).")
+    return np.ascontiguousarray(array)
+
+
+def _check_mask(mask: np.ndarray, shape: tuple[int, ...], number: int) -> np.ndarray:
+    array = np.asarray(mask)
+    if array.shape != tuple(shape):
+        raise MaskError(f"Mask {number} is {array.shape[:2]} pixels but the image is "
+                        f"{tuple(shape)}: a mask must be the size of its image.")
+    return np.ascontiguousarray(array != 0)
+
+
+def _array_hash(array: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes (the same pixels give the same hash)."""
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write a file so that it appears whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _remove_previous_export(out: Path) -> None:
+    for label in CLASSES:
+        folder = out / label
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if _EXPORTED_FILE.match(path.name):
+                    path.unlink()
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(path, buffer.getvalue().encode("utf-8"))

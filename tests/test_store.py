@@ -1,0 +1,477 @@
+"""Tests for bus_core.store: cases, reviews, audit log, files, export, concurrency, migrations."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy.exc import DatabaseError
+
+from bus_core.dataset import load_records
+from bus_core.errors import BusError, InvalidImageError, MaskError
+from bus_core.store import (CURRENT_SCHEMA_VERSION, Case, CaseNotFoundError, CaseStore,
+                            InvalidCaseError, StoreError, open_store)
+
+REPO = Path(__file__).resolve().parents[1]
+PROBS = {"normal": 0.1, "benign": 0.7, "malignant": 0.2}
+
+WORKER = """
+import sys
+import numpy as np
+from bus_core.store import open_store
+
+db, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+store = open_store(db)
+rng = np.random.default_rng(seed)
+i = 0
+while count < 0 or i < count:
+    image = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    store.save_case(image, image_name=f"w{seed}-{i}.png", masks=[image[..., 0] > 128],
+                    model_name="m", model_hash="h", probabilities={"benign": 1.0},
+                    predicted_label="benign", reviewer=f"worker {seed}")
+    i += 1
+    print(i, flush=True)
+"""
+
+
+def make_image(seed: int, size: tuple[int, int] = (16, 20)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+def save(store: CaseStore, seed: int = 0, predicted: str = "benign", **kwargs) -> Case:
+    kwargs.setdefault("model_name", "densenet-test")
+    kwargs.setdefault("model_hash", "ab" * 32)
+    return store.save_case(make_image(seed), image_name=f"img{seed}.png", probabilities=PROBS,
+                           predicted_label=predicted, **kwargs)
+
+
+def png_files(store: CaseStore) -> list[Path]:
+    return sorted(store.images_dir.rglob("*.png"))
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with open_store(tmp_path / "cases.sqlite") as s:
+        yield s
+
+
+def run_workers(db: Path, seeds: list[int], count: int) -> list[subprocess.Popen]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return [subprocess.Popen([sys.executable, "-c", WORKER, str(db), str(seed), str(count)],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for seed in seeds]
+
+
+def assert_consistent(db: Path) -> int:
+    """Integrity ok, every case has its files and exactly one 'created' entry; returns the
+    number of cases."""
+    with open_store(db) as s:
+        with s.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+            assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+            created = dict(conn.exec_driver_sql(
+                "SELECT case_id, COUNT(*) FROM audit_log WHERE action = 'created' "
+                "GROUP BY case_id").all())
+        all_cases = s.list_cases()
+        for case in all_cases:
+            assert created.get(case.id) == 1
+            assert s.load_image(case).shape == (24, 24, 3)
+            assert len(s.load_masks(case)) == 1
+        assert set(created) == {c.id for c in all_cases}
+        return len(all_cases)
+
+
+# --- saving and reading ----------------------------------------------------------------------
+
+def test_save_and_get_round_trip(store: CaseStore) -> None:
+    image = make_image(1)
+    mask = np.zeros(image.shape[:2], bool)
+    mask[3:9, 4:12] = True
+    case = store.save_case(image, image_name="scan.dcm", masks=[mask, ~mask],
+                           combine_mode="union", model_name="m1", model_hash="f" * 64,
+                           probabilities=PROBS, predicted_label="Benign",
+                           cam_settings={"alpha": 0.4, "layer": "features"}, reviewer="Dr A")
+    got = store.get_case(case.id)
+    assert got == case
+    assert (got.status, got.predicted_label, got.confirmed_label) == ("unreviewed", "benign", None)
+    assert got.probabilities == PROBS and got.cam_settings == {"alpha": 0.4, "layer": "features"}
+    assert got.combine_mode == "union" and got.reviewer == "Dr A" and got.label == "benign"
+    np.testing.assert_array_equal(store.load_image(got), image)
+    loaded = store.load_masks(got)
+    assert [m.dtype for m in loaded] == [bool, bool]
+    np.testing.assert_array_equal(loaded[0], mask)
+    np.testing.assert_array_equal(loaded[1], ~mask)
+    assert [(e.action, e.who, e.new_value) for e in store.history(case.id)] == [
+        ("created", "Dr A", "benign")]
+
+
+def test_same_image_is_stored_once(store: CaseStore) -> None:
+    first, second = save(store, seed=3), save(store, seed=3)
+    assert first.id != second.id and first.image_hash == second.image_hash
+    assert png_files(store) == [store.image_path(first.image_hash)]
+    save(store, seed=4)
+    assert len(png_files(store)) == 2
+    assert not [p for p in store.images_dir.rglob("*") if p.name.startswith(".tmp")]
+
+
+def test_list_filters_and_ordering(store: CaseStore) -> None:
+    a = save(store, 1, "benign", reviewer="ann")
+    b = save(store, 2, "malignant", reviewer="bob")
+    c = save(store, 3, "benign", reviewer="ann")
+    store.review_case(a.id, label="benign", reviewer="ann")
+    store.review_case(b.id, label="benign", reviewer="cid")
+
+    def ids(**filters) -> list[int]:
+        return [case.id for case in store.list_cases(**filters)]
+
+    assert ids() == [c.id, b.id, a.id]
+    assert ids(descending=False) == [a.id, b.id, c.id]
+    assert ids(status="confirmed") == [a.id]
+    assert ids(status="corrected") == [b.id]
+    assert ids(status="unreviewed") == [c.id]
+    assert ids(predicted="benign") == [c.id, a.id]
+    assert ids(confirmed="benign") == [b.id, a.id]
+    assert ids(reviewer="ann") == [c.id, a.id]
+    assert ids(since=b.created_at) == [c.id, b.id]
+    assert ids(until=b.created_at) == [a.id]
+    assert ids(since=a.created_at, until=c.created_at, descending=False) == [a.id, b.id]
+    assert ids(order_by="updated_at") == [b.id, a.id, c.id]
+    assert ids(limit=1) == [c.id]
+    assert [x.id for x in store.confirmed_cases()] == [a.id, b.id]
+    with pytest.raises(ValueError):
+        store.list_cases(order_by="image_hash; DROP TABLE cases")
+    with pytest.raises(InvalidCaseError):
+        store.list_cases(status="done")
+
+
+def test_since_accepts_datetimes(store: CaseStore) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    case = save(store)
+    created = datetime.fromisoformat(case.created_at)
+    assert [c.id for c in store.list_cases(since=created - timedelta(seconds=1))] == [case.id]
+    assert store.list_cases(since=created.replace(tzinfo=None) + timedelta(hours=1)) == []
+    local = created.astimezone(timezone(timedelta(hours=5)))
+    assert [c.id for c in store.list_cases(since=local, until=local + timedelta(seconds=1))
+            ] == [case.id]
+
+
+# --- reviews and audit -----------------------------------------------------------------------
+
+def test_review_writes_audit_with_old_and_new_values(store: CaseStore) -> None:
+    case = save(store, predicted="benign", reviewer="saver")
+    corrected = store.review_case(case.id, label="malignant", reviewer="Dr B", notes="spiculated")
+    assert (corrected.status, corrected.confirmed_label, corrected.reviewer, corrected.notes) == (
+        "corrected", "malignant", "Dr B", "spiculated")
+    assert corrected.updated_at > case.updated_at and corrected.label == "malignant"
+    confirmed = store.review_case(case.id, label="benign", reviewer="Dr C")
+    assert (confirmed.status, confirmed.notes) == ("confirmed", "spiculated")
+    noted = store.add_note(case.id, note="biopsy planned", reviewer="Dr C")
+    assert noted.notes == "spiculated\nbiopsy planned"
+
+    rows = [(e.action, e.who, e.field, e.old_value, e.new_value) for e in store.history(case.id)]
+    assert rows == [
+        ("created", "saver", "predicted_label", None, "benign"),
+        ("corrected", "Dr B", "confirmed_label", None, "malignant"),
+        ("corrected", "Dr B", "status", "unreviewed", "corrected"),
+        ("corrected", "Dr B", "reviewer", "saver", "Dr B"),
+        ("note", "Dr B", "notes", "", "spiculated"),
+        ("confirmed", "Dr C", "confirmed_label", "malignant", "benign"),
+        ("confirmed", "Dr C", "status", "corrected", "confirmed"),
+        ("confirmed", "Dr C", "reviewer", "Dr B", "Dr C"),
+        ("note", "Dr C", "notes", "spiculated", "spiculated\nbiopsy planned"),
+    ]
+
+
+def test_re_review_with_same_label_is_still_audited(store: CaseStore) -> None:
+    case = save(store, predicted="normal")
+    store.review_case(case.id, label="normal", reviewer="Dr A")
+    store.review_case(case.id, label="normal", reviewer="Dr A")
+    actions = [(e.action, e.field) for e in store.history(case.id)]
+    assert actions.count(("confirmed", "confirmed_label")) == 2
+    assert actions.count(("confirmed", "status")) == 1
+
+
+def test_invalid_input_is_refused_with_a_message(store: CaseStore) -> None:
+    case = save(store)
+    with pytest.raises(InvalidCaseError, match="Unknown label 'cyst'") as info:
+        store.review_case(case.id, label="cyst", reviewer="Dr A")
+    assert isinstance(info.value, BusError) and isinstance(info.value, ValueError)
+    with pytest.raises(InvalidCaseError, match="reviewer"):
+        store.review_case(case.id, label="benign", reviewer="  ")
+    with pytest.raises(InvalidCaseError):
+        store.add_note(case.id, note=" ", reviewer="Dr A")
+    with pytest.raises(CaseNotFoundError, match="no case number 999"):
+        store.review_case(999, label="benign", reviewer="Dr A")
+    with pytest.raises(CaseNotFoundError):
+        store.history(999)
+    with pytest.raises(InvalidCaseError):
+        save(store, predicted="unknown")
+    with pytest.raises(InvalidCaseError):
+        store.save_case(make_image(0), image_name="x", model_name="m", model_hash="",
+                        probabilities={"benign": 1.5}, predicted_label="benign")
+    with pytest.raises(MaskError, match="size of its image"):
+        save(store, masks=[np.ones((3, 3), bool)])
+    with pytest.raises(InvalidImageError):
+        store.save_case(np.zeros((4, 4), np.float32), image_name="x", model_name="m",
+                        model_hash="", probabilities=PROBS, predicted_label="benign")
+    assert store.get_case(case.id).status == "unreviewed"
+    assert len(store.list_cases()) == 1 and len(store.history(case.id)) == 1
+
+
+def test_audit_log_cannot_be_changed(store: CaseStore) -> None:
+    case = save(store)
+    store.review_case(case.id, label="normal", reviewer="Dr A")
+    for statement in ("UPDATE audit_log SET who = 'someone else'", "DELETE FROM audit_log"):
+        with pytest.raises(DatabaseError, match="append-only"):
+            with store.engine.begin() as conn:
+                conn.exec_driver_sql(statement)
+    assert [e.who for e in store.history(case.id)][1:] == ["Dr A"] * 3
+
+
+def test_sqlite_connections_use_wal_timeout_and_foreign_keys(store: CaseStore) -> None:
+    with store.engine.connect() as conn:
+        pragmas = {name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                   for name in ("journal_mode", "busy_timeout", "foreign_keys")}
+        assert pragmas == {"journal_mode": "wal", "busy_timeout": 30000, "foreign_keys": 1}
+    with pytest.raises(DatabaseError, match="FOREIGN KEY"):
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO audit_log (at, case_id, who, action) "
+                                 "VALUES ('now', 12345, 'x', 'note')")
+
+
+def test_failed_write_leaves_no_partial_case(store: CaseStore,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import bus_core.store as store_module
+
+    def broken_audit(*args, **kwargs) -> None:
+        raise RuntimeError("crash after the case row was inserted")
+
+    monkeypatch.setattr(store_module, "_audit", broken_audit)
+    with pytest.raises(RuntimeError):
+        save(store)
+    monkeypatch.undo()
+    assert store.list_cases() == []
+    assert save(store).id >= 1
+
+
+# --- export ----------------------------------------------------------------------------------
+
+def test_export_busi_layout_is_readable(store: CaseStore, tmp_path: Path) -> None:
+    mask = np.zeros((16, 20), bool)
+    mask[2:6, 2:6] = True
+    a = save(store, 1, "benign", masks=[mask, ~mask])
+    b = save(store, 2, "malignant")
+    c = save(store, 3, "normal")
+    store.review_case(a.id, label="benign", reviewer="Dr A", notes="oval, circumscribed")
+    store.review_case(b.id, label="normal", reviewer="Dr B")
+
+    out = store.export_busi(tmp_path / "export")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "benign/case-1.png", "benign/case-1_mask.png", "benign/case-1_mask_1.png",
+        "cases.csv", "normal/case-2.png"]
+    with open(out / "cases.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["id"], r["label"], r["predicted"], r["reviewer"]) for r in rows] == [
+        ("1", "benign", "benign", "Dr A"), ("2", "normal", "malignant", "Dr B")]
+    assert rows[0]["notes"] == "oval, circumscribed" and rows[0]["model"] == "densenet-test"
+
+    records = load_records(out)
+    assert [(r.path.name, r.label, len(r.masks)) for r in records] == [
+        ("case-1.png", "benign", 2), ("case-2.png", "normal", 0)]
+    assert [(r.path.name, r.label) for r in load_records(out / "cases.csv")] == [
+        ("case-1.png", "benign"), ("case-2.png", "normal")]
+
+    store.review_case(b.id, label="malignant", reviewer="Dr C")
+    store.export_busi(out, only_confirmed=False)
+    assert [(r.path.name, r.label) for r in load_records(out)] == [
+        ("case-1.png", "benign"), ("case-2.png", "malignant"), (f"case-{c.id}.png", "normal")]
+
+
+# --- concurrency and crashes -----------------------------------------------------------------
+
+def test_two_threads_save_at_once(store: CaseStore) -> None:
+    errors: list[BaseException] = []
+
+    def work(offset: int) -> None:
+        try:
+            for i in range(20):
+                save(store, seed=offset + i, reviewer=f"thread {offset}")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k * 100,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(store.list_cases(reviewer="thread 0")) == 20
+    assert len(store.list_cases(reviewer="thread 100")) == 20
+    assert len({c.id for c in store.list_cases()}) == 40
+
+
+def test_two_processes_save_at_once(tmp_path: Path) -> None:
+    db = tmp_path / "shared.sqlite"
+    workers = run_workers(db, [1, 2], 20)
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=60)
+        assert worker.returncode == 0, stderr
+    assert assert_consistent(db) == 40
+    with open_store(db) as s:
+        assert len(s.list_cases(reviewer="worker 1")) == 20
+
+
+def test_killed_writer_leaves_database_consistent(tmp_path: Path) -> None:
+    """Writers killed at different moments of a save; each next one carries on."""
+    db = tmp_path / "killed.sqlite"
+    total = 0
+    for seed, delay in enumerate((0.0, 0.003, 0.011)):
+        (worker,) = run_workers(db, [seed], -1)
+        try:
+            saved = 0
+            while saved < 5:
+                line = worker.stdout.readline()
+                assert line, worker.stderr.read()
+                saved = int(line)
+            time.sleep(delay)
+        finally:
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=10)
+        assert worker.returncode == -signal.SIGKILL
+        total += saved
+        assert assert_consistent(db) >= total
+
+
+# --- locations and errors --------------------------------------------------------------------
+
+def test_default_location_follows_bus_data_dir(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    with open_store() as s:
+        save(s)
+        assert s.images_dir == tmp_path / "userdata" / "images"
+    assert (tmp_path / "userdata" / "cases.sqlite").is_file()
+    with open_store(tmp_path / "userdata") as s:
+        assert len(s.list_cases()) == 1
+
+
+def test_sqlalchemy_url_with_images_dir(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'url.db'}"
+    with open_store(url, images_dir=tmp_path / "blobs") as s:
+        case = save(s)
+        assert s.image_path(case.image_hash).parent.parent == tmp_path / "blobs"
+    with open_store(url, images_dir=tmp_path / "blobs") as s:
+        np.testing.assert_array_equal(s.load_image(s.get_case(case.id)), make_image(0))
+
+
+def test_unwritable_folder_gives_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StoreError, match=r"Cannot write to .*a-file.*Set BUS_DATA_DIR"):
+        open_store(blocker / "data" / "cases.sqlite")
+    with pytest.raises(StoreError, match="Cannot write to"):
+        open_store(tmp_path / "ok.sqlite", images_dir=blocker / "images")
+
+
+def test_unknown_database_address_gives_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="Cannot open the case database nosuchdb"):
+        open_store("nosuchdb://host/cases", images_dir=tmp_path / "images")
+
+
+def test_read_only_folder_gives_store_error(tmp_path: Path) -> None:
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root: folder permissions do not block writes")
+        with pytest.raises(StoreError, match="Set BUS_DATA_DIR"):
+            open_store(folder / "cases.sqlite")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_missing_image_file_is_reported(store: CaseStore) -> None:
+    case = save(store)
+    store.image_path(case.image_hash).unlink()
+    with pytest.raises(StoreError, match=f"case {case.id}.*missing"):
+        store.load_image(case)
+
+
+# --- migrations ------------------------------------------------------------------------------
+
+V1_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version VALUES (1);
+CREATE TABLE cases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created_at VARCHAR(40) NOT NULL,
+    image_hash VARCHAR(64) NOT NULL, image_name TEXT NOT NULL, mask_hashes TEXT NOT NULL,
+    combine_mode VARCHAR(32), model_name TEXT NOT NULL, model_hash VARCHAR(64) NOT NULL,
+    probabilities TEXT NOT NULL, predicted_label VARCHAR(32) NOT NULL,
+    confirmed_label VARCHAR(32));
+INSERT INTO cases VALUES (1, '2024-01-02T10:00:00.000000+00:00', 'aa', 'one.png', '[]', NULL,
+    'old-model', 'h1', '{"benign": 0.9, "normal": 0.1}', 'benign', NULL);
+INSERT INTO cases VALUES (2, '2024-01-03T10:00:00.000000+00:00', 'bb', 'two.png', '["cc"]',
+    'union', 'old-model', 'h1', '{"malignant": 0.6, "benign": 0.4}', 'malignant', 'benign');
+"""
+
+
+def table_names(db: Path) -> set[str]:
+    with sqlite3.connect(db) as conn:
+        return {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'trigger')")}
+
+
+def test_empty_database_is_migrated_to_current(tmp_path: Path) -> None:
+    db = tmp_path / "empty.sqlite"
+    sqlite3.connect(db).close()
+    with open_store(db) as s:
+        assert s.schema_version() == CURRENT_SCHEMA_VERSION == 2
+        assert s.migrate() == 2
+    assert {"schema_version", "cases", "audit_log", "audit_log_no_update",
+            "audit_log_no_delete"} <= table_names(db)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone() == (1,)
+
+
+def test_version_1_database_is_upgraded_keeping_rows(tmp_path: Path) -> None:
+    db = tmp_path / "v1.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(V1_SCHEMA)
+    assert "audit_log" not in table_names(db)
+
+    with open_store(db) as s:
+        assert s.schema_version() == 2
+        one, two = s.get_case(1), s.get_case(2)
+        assert (one.status, one.reviewer, one.notes, one.cam_settings) == (
+            "unreviewed", "", "", None)
+        assert one.updated_at == one.created_at == "2024-01-02T10:00:00.000000+00:00"
+        assert (two.status, two.confirmed_label, two.mask_hashes, two.combine_mode) == (
+            "corrected", "benign", ("cc",), "union")
+        assert [(e.action, e.new_value) for e in s.history(2)] == [
+            ("created", "malignant"), ("corrected", "benign")]
+        reviewed = s.review_case(1, label="normal", reviewer="Dr A", notes="migrated")
+        assert reviewed.status == "corrected" and reviewed.notes == "migrated"
+        assert save(s).id == 3
+    with open_store(db) as s:
+        assert len(s.history(1)) == 5 and len(s.list_cases()) == 3
+
+
+def test_newer_database_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "future.sqlite"
+    with open_store(db):
+        pass
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(StoreError, match="newer version"):
+        open_store(db)
