@@ -202,12 +202,18 @@ def _limit_per_class(records: list[Record], n: int | None, seed: int) -> list[Re
 
 
 def prepare_split(config: TrainConfig) -> tuple[Split, list[Record]]:
-    """The split of the run (loaded or made and saved) and the records it covers."""
-    records = _limit_per_class(load_many(config.data), config.max_per_class, config.seed)
+    """The split of the run (given, resumed, or made and saved) and the records it covers."""
+    records = load_many(config.data)
     split_path = config.run_dir / "split.json"
     if config.split:
         split = load_split(config.split)
-    elif split_path.is_file():
+        if config.max_per_class:
+            raise DataError("--max-per-class makes a new split from fewer images; it cannot be "
+                            "combined with --split.")
+        save_split(split, split_path)
+        return split, records
+    records = _limit_per_class(records, config.max_per_class, config.seed)
+    if split_path.is_file():
         split = load_split(split_path)
     else:
         split = make_split(records, seed=config.seed, groups=find_groups(records))
