@@ -89,4 +89,5 @@ def record_input(record: Record, spec: InputSpec, rng: np.random.Generator | Non
         return masked_input(image, masks, mode="union", margin=spec.margin)
     if spec.mode == "mask":
         return np.zeros_like(image)
-    return leak_free_crop(image, rng if rng is not None else record_rng(record.id))
+    return leak_free_crop(image, rng if rng is not None else record_rng(record.id),
+                          margin=spec.margin)

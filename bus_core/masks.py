@@ -1,0 +1,472 @@
+"""Lesion masks: combining the masks of one image, the masked bounding-box crop a model sees
+("intersection masking"), a leak-free stand-in crop for images without a lesion, browser canvas
+drawings -> masks, and outlines / overlays for display.
+
+A mask is an HxW array at the image's resolution; non-zero (True) marks the lesion.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence, get_args
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from bus_core.errors import MaskError
+
+CombineMode = Literal["intersection", "weighted", "union"]
+COMBINE_MODES: tuple[str, ...] = get_args(CombineMode)
+"""How several masks of one image become one: all agree / enough agree / any marks."""
+
+EMPTY_MASK_MESSAGE = ("The lesion mask is empty: paint or upload a mask that covers the lesion, "
+                      "or predict without a mask.")
+
+TISSUE_LEVEL = 10
+"""Grey level (0..255) above which a pixel counts as imaged tissue rather than black border."""
+
+TISSUE_FRACTION = 0.25
+"""A row / column belongs to the tissue area when at least this fraction of it is tissue."""
+
+
+# --- combining and cropping ----------------------------------------------------------------
+
+def _size(shape: tuple[int, ...]) -> str:
+    return f"{shape[1]} x {shape[0]} pixels"
+
+
+def _as_mask(mask: np.ndarray, label: str = "The lesion mask") -> np.ndarray:
+    """`mask` as an HxW bool array (non-zero = lesion)."""
+    array = np.asarray(mask)
+    if array.ndim != 2 or 0 in array.shape:
+        raise MaskError(f"{label} is not a 2-D image (its array shape is {array.shape}).")
+    return array != 0
+
+
+def _check_same_size(image: np.ndarray, mask: np.ndarray) -> None:
+    if image.shape[:2] != mask.shape:
+        raise MaskError(f"The lesion mask is {_size(mask.shape)} but the image is "
+                        f"{_size(image.shape)} (width x height): a mask must be the size of "
+                        "its image.")
+
+
+def _stack_masks(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """The masks as one NxHxW bool array, checked to share one size."""
+    if len(masks) == 0:
+        raise MaskError("No lesion mask was given: paint or upload at least one mask.")
+    arrays = [_as_mask(m, f"Lesion mask {i + 1}") for i, m in enumerate(masks)]
+    shapes = sorted({a.shape for a in arrays})
+    if len(shapes) > 1:
+        sizes = ", ".join(_size(s) for s in shapes)
+        raise MaskError(f"The lesion masks have different sizes ({sizes}, width x height): "
+                        "every mask of an image must be the size of that image.")
+    return np.stack(arrays)
+
+
+def combine_masks(masks: Sequence[np.ndarray], mode: CombineMode = "weighted",
+                  threshold: float = 0.3) -> np.ndarray:
+    """One HxW bool mask from the masks of one image.
+
+    `intersection`: pixels every mask marks; `union`: pixels any mask marks; `weighted`: pixels
+    that more than `threshold` (a fraction, 0 <= threshold < 1) of the masks mark, or the union
+    when no pixel passes. The result may be empty (the intersection of separate lesions): the
+    caller decides. No masks, or masks of different sizes, raise `MaskError`.
+    """
+    if mode not in COMBINE_MODES:
+        raise ValueError(f"Unknown combine mode {mode!r}; choose one of "
+                         f"{', '.join(COMBINE_MODES)}.")
+    if not 0 <= threshold < 1:
+        raise ValueError(f"The weighted threshold must be at least 0 and below 1 (got "
+                         f"{threshold}).")
+    stack = _stack_masks(masks)
+    if mode == "intersection":
+        return stack.all(axis=0)
+    union = stack.any(axis=0)
+    if mode == "union":
+        return union
+    weighted = stack.mean(axis=0) > threshold
+    return weighted if weighted.any() else union
+
+
+def _axis_span(start: int, stop: int, length: int, margin: float, min_size: int
+               ) -> tuple[int, int]:
+    """[start, stop) grown by `margin` of its size on each side and clipped to [0, length),
+    then grown (and shifted inside) to at least min(min_size, length)."""
+    pad = int(round(margin * (stop - start)))
+    start, stop = max(start - pad, 0), min(stop + pad, length)
+    size = min(min_size, length)
+    if stop - start < size:
+        start = min(max((start + stop - size) // 2, 0), length - size)
+        stop = start + size
+    return int(start), int(stop)
+
+
+def mask_bbox(mask: np.ndarray, margin: float = 0.1, min_size: int = 16
+              ) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1), end-exclusive: the box around the mask's pixels, grown on each side by
+    `margin` times the box size, clipped to the image, and at least `min_size` pixels a side
+    where the image is that large. An empty mask raises `MaskError`."""
+    if margin < 0 or min_size < 1:
+        raise ValueError(f"The crop margin must be >= 0 and the minimum size >= 1 (got "
+                         f"{margin} and {min_size}).")
+    array = _as_mask(mask)
+    rows, cols = np.flatnonzero(array.any(axis=1)), np.flatnonzero(array.any(axis=0))
+    if rows.size == 0:
+        raise MaskError(EMPTY_MASK_MESSAGE)
+    y0, y1 = _axis_span(rows[0], rows[-1] + 1, array.shape[0], margin, min_size)
+    x0, x1 = _axis_span(cols[0], cols[-1] + 1, array.shape[1], margin, min_size)
+    return y0, y1, x0, x1
+
+
+def apply_mask_crop(image: np.ndarray, mask: np.ndarray, margin: float = 0.1, *,
+                    fill: int = 0) -> np.ndarray:
+    """The image with every pixel outside the mask set to `fill`, cropped to `mask_bbox`.
+
+    A mask of another size than the image, or an empty mask, raises `MaskError`.
+    """
+    image = np.asarray(image)
+    array = _as_mask(mask)
+    _check_same_size(image, array)
+    y0, y1, x0, x1 = mask_bbox(array, margin)
+    keep = array[y0:y1, x0:x1]
+    if image.ndim == 3:
+        keep = keep[..., None]
+    return np.where(keep, image[y0:y1, x0:x1], np.asarray(fill, dtype=image.dtype))
+
+
+def masked_input(image: np.ndarray, masks: Sequence[np.ndarray],
+                 mode: CombineMode = "weighted", threshold: float = 0.3,
+                 margin: float = 0.1) -> np.ndarray:
+    """`combine_masks` then `apply_mask_crop`; an empty combination raises `MaskError`."""
+    combined = combine_masks(masks, mode=mode, threshold=threshold)
+    if not combined.any():
+        if not any(np.any(m) for m in masks):
+            raise MaskError(EMPTY_MASK_MESSAGE)
+        raise MaskError(f"The lesion masks do not overlap, so their {mode} is empty: combine "
+                        "them with 'union' instead, or check that every mask outlines the "
+                        "same lesion.")
+    return apply_mask_crop(image, combined, margin)
+
+
+# --- images without a lesion ---------------------------------------------------------------
+
+def _tissue_box(image: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of the imaged area: the rows and columns that are mostly not black
+    border (the whole image when none are)."""
+    grey = image.max(axis=-1) if image.ndim == 3 else image
+    tissue = grey > TISSUE_LEVEL
+    rows = np.flatnonzero(tissue.mean(axis=1) >= TISSUE_FRACTION)
+    cols = np.flatnonzero(tissue.mean(axis=0) >= TISSUE_FRACTION)
+    if rows.size == 0 or cols.size == 0:
+        return 0, image.shape[0], 0, image.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def pseudo_lesion_mask(shape: tuple[int, int], rng: np.random.Generator, *,
+                       min_frac: float = 0.3, max_frac: float = 0.7,
+                       within: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """A random lesion-like HxW bool mask: an ellipse with a gently irregular border, inscribed
+    in a box placed at random inside `within` (y0, y1, x0, x1; the whole image by default)
+    whose height and width are each a random fraction in [min_frac, max_frac] of that area's.
+    Never empty."""
+    if not 0 < min_frac <= max_frac <= 1:
+        raise ValueError(f"Need 0 < min_frac <= max_frac <= 1 (got {min_frac}, {max_frac}).")
+    y0, y1, x0, x1 = within if within is not None else (0, shape[0], 0, shape[1])
+    area_h, area_w = y1 - y0, x1 - x0
+    box_h = int(np.clip(round(rng.uniform(min_frac, max_frac) * area_h), 1, area_h))
+    box_w = int(np.clip(round(rng.uniform(min_frac, max_frac) * area_w), 1, area_w))
+    top = y0 + int(rng.integers(0, area_h - box_h + 1))
+    left = x0 + int(rng.integers(0, area_w - box_w + 1))
+    dy, dx = np.mgrid[:box_h, :box_w] + 0.5
+    dy, dx = dy / (box_h / 2) - 1, dx / (box_w / 2) - 1
+    lobes, depth, phase = rng.integers(2, 6), rng.uniform(0, 0.2), rng.uniform(0, 2 * np.pi)
+    radius = 1 - depth * (1 + np.sin(lobes * np.arctan2(dy, dx) + phase)) / 2
+    mask = np.zeros(shape, bool)
+    mask[top:top + box_h, left:left + box_w] = np.hypot(dy, dx) <= radius
+    return mask
+
+
+def leak_free_crop(image: np.ndarray, rng: np.random.Generator, *, min_frac: float = 0.3,
+                   max_frac: float = 0.7, margin: float = 0.1) -> np.ndarray:
+    """A masked crop of an image without a lesion that looks like a masked lesion crop.
+
+    The mask leak: BUSI "normal" images have empty masks, so masking them gives a black image,
+    and a model trained on masked inputs learns "black image = normal" instead of anything
+    about tissue; its normal-class figures then say nothing about ultrasound. Instead, this
+    masks the image with a random lesion-shaped blob (`pseudo_lesion_mask`) of random size and
+    aspect placed inside the imaged tissue (black borders excluded) and crops it exactly as a
+    lesion would be (`apply_mask_crop` with `margin`), so the input has the same form: a blob
+    of tissue on black. What remains different is the content (lesions are mostly darker than
+    the tissue around them), which is what the model should learn from.
+    """
+    image = np.asarray(image)
+    mask = pseudo_lesion_mask(image.shape[:2], rng, min_frac=min_frac, max_frac=max_frac,
+                              within=_tissue_box(image))
+    return apply_mask_crop(image, mask, margin)
+
+
+# --- canvas drawings -> masks --------------------------------------------------------------
+#
+# streamlit-drawable-canvas 0.13 returns Fabric.js 7 canvas JSON. Every object stores `left`,
+# `top` (the position of its origin point `originX` / `originY`), `width`, `height`, `scaleX`,
+# `scaleY`, `angle` (degrees, about the origin point), `skewX`, `skewY`, `flipX`, `flipY`,
+# `strokeWidth` and `strokeUniform`. Its centre is the origin point moved by the origin's
+# offset times the object's size including its stroke, rotated by `angle`; a local point p is
+# drawn at centre + R(angle) S(scale, flip) K(skew) p. Polygons, polylines and paths keep
+# their points in canvas coordinates of when they were drawn: local p = point - pathOffset,
+# pathOffset being the centre of the points' bounding box. Line x1..y2 are already local.
+# Missing fields take Fabric 7's defaults (origin "center", strokeWidth 1, scale 1).
+
+_ORIGINS = {"left": -0.5, "top": -0.5, "center": 0.0, "right": 0.5, "bottom": 0.5}
+_CURVE_STEPS = 8
+_CLOSED_TYPES = frozenset({"rect", "labeledrect", "circle", "ellipse", "polygon"})
+_POINT_TYPES = frozenset({"polygon", "polyline", "path", "line"})
+
+
+def _origin(value: Any) -> float:
+    return _ORIGINS[value] if isinstance(value, str) else float(value) - 0.5
+
+
+def _linear(obj: dict) -> np.ndarray:
+    """The 2x2 scale (with flips) times skew-x times skew-y matrix of a Fabric object."""
+    sx = -obj.get("scaleX", 1) if obj.get("flipX") else obj.get("scaleX", 1)
+    sy = -obj.get("scaleY", 1) if obj.get("flipY") else obj.get("scaleY", 1)
+    skew_x = np.array([[1, np.tan(np.radians(obj.get("skewX", 0)))], [0, 1]])
+    skew_y = np.array([[1, 0], [np.tan(np.radians(obj.get("skewY", 0))), 1]])
+    return np.diag([sx, sy]) @ skew_x @ skew_y
+
+
+def _rotation(obj: dict) -> np.ndarray:
+    angle = np.radians(obj.get("angle", 0))
+    return np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+
+
+def _object_matrix(obj: dict, width: float, height: float) -> np.ndarray:
+    """3x3 affine from an object's local coordinates to canvas coordinates."""
+    stroke, uniform = obj.get("strokeWidth", 1), obj.get("strokeUniform", False)
+    half = np.array([width, height]) / 2 + (0 if uniform else stroke / 2)
+    corners = _linear(obj) @ (np.array([[-1, -1, 1, 1], [-1, 1, -1, 1]]) * half[:, None])
+    size = np.ptp(corners, axis=1) + (stroke if uniform else 0)
+    offset = -np.array([_origin(obj.get("originX", "center")),
+                        _origin(obj.get("originY", "center"))]) * size
+    matrix = np.eye(3)
+    matrix[:2, :2] = _rotation(obj) @ _linear(obj)
+    matrix[:2, 2] = np.array([obj.get("left", 0), obj.get("top", 0)]) + _rotation(obj) @ offset
+    return matrix
+
+
+def _flatten_path(commands: Sequence[Sequence[Any]]) -> list[np.ndarray]:
+    """The sub-paths of absolute SVG commands (M, L, Q, C, Z, as Fabric stores them) as
+    polylines; curves become short line segments and other commands are skipped."""
+    subpaths: list[list[np.ndarray]] = []
+    pen = np.zeros(2)
+    steps = np.linspace(0, 1, _CURVE_STEPS + 1)[1:, None]
+    for op, *args in commands:
+        points = np.asarray(args, float).reshape(-1, 2) if args else np.zeros((0, 2))
+        if op != "M" and not subpaths:
+            subpaths.append([pen])
+        if op == "M":
+            subpaths.append([points[0]])
+        elif op == "L":
+            subpaths[-1].append(points[0])
+        elif op == "Q":
+            (c, end), t = points, steps
+            subpaths[-1].extend((1 - t) ** 2 * pen + 2 * (1 - t) * t * c + t ** 2 * end)
+        elif op == "C":
+            (c1, c2, end), t = points, steps
+            subpaths[-1].extend((1 - t) ** 3 * pen + 3 * (1 - t) ** 2 * t * c1
+                                + 3 * (1 - t) * t ** 2 * c2 + t ** 3 * end)
+        elif op in ("Z", "z"):
+            subpaths[-1].append(subpaths[-1][0])
+        else:
+            continue
+        pen = subpaths[-1][-1]
+    return [np.array(s) for s in subpaths if len(s) > 1]
+
+
+def _local_polylines(obj: dict, kind: str) -> tuple[list[np.ndarray], float, float]:
+    """A point-based object's polylines in local coordinates, and its width and height."""
+    if kind == "line":
+        ends = [[obj.get("x1", 0), obj.get("y1", 0)], [obj.get("x2", 0), obj.get("y2", 0)]]
+        line = np.array(ends, float)
+        size = np.abs(line[1] - line[0])
+        return [line], size[0], size[1]
+    if kind == "path":
+        lines = _flatten_path(obj.get("path") or [])
+    else:
+        points = [(p["x"], p["y"]) for p in obj.get("points") or []]
+        lines = [np.array(points, float)] if points else []
+    if not lines:
+        return [], 0.0, 0.0
+    every = np.concatenate(lines)
+    low, high = every.min(axis=0), every.max(axis=0)
+    centre = (low + high) / 2
+    return ([line - centre for line in lines], obj.get("width", high[0] - low[0]),
+            obj.get("height", high[1] - low[1]))
+
+
+def _stroke_width(obj: dict) -> float:
+    """Width of the object's stroke in canvas pixels (0 when it has none)."""
+    if not obj.get("stroke") or obj.get("strokeWidth", 1) <= 0:
+        return 0.0
+    scale = 1.0 if obj.get("strokeUniform") else np.sqrt(
+        abs(obj.get("scaleX", 1) * obj.get("scaleY", 1)))
+    return float(obj.get("strokeWidth", 1) * scale)
+
+
+_Window = tuple[int, int, int, int]
+"""(y0, y1, x0, x1), end-exclusive: the part of the image an object's region is computed in."""
+
+
+def _window(points: np.ndarray, pad: float, shape: tuple[int, int]) -> _Window | None:
+    """The pixels within `pad` of the box around image-space points, clipped to the image;
+    None when that misses the image."""
+    x0, y0 = np.maximum(np.floor(points.min(axis=0) - pad).astype(int), 0)
+    x1, y1 = np.minimum(np.ceil(points.max(axis=0) + pad).astype(int) + 1, shape[::-1])
+    return (int(y0), int(y1), int(x0), int(x1)) if x0 < x1 and y0 < y1 else None
+
+
+def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+def _points_region(obj: dict, kind: str, to_image: np.ndarray, shape: tuple[int, int],
+                   filled: bool) -> tuple[_Window, np.ndarray] | None:
+    """A polygon / polyline / path / line: its stroke, and its interior when `filled`."""
+    lines, width, height = _local_polylines(obj, kind)
+    if not lines:
+        return None
+    matrix = to_image @ _object_matrix(obj, width, height)
+    image_lines = [_apply(matrix, line) for line in lines]
+    stroke = _stroke_width(obj) * np.sqrt(abs(np.linalg.det(to_image[:2, :2])))
+    window = _window(np.concatenate(image_lines), stroke / 2 + 1, shape)
+    if window is None:
+        return None
+    y0, y1, x0, x1 = window
+    canvas = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    # OpenCV puts pixel centres at integers; 4 fractional bits keep sub-pixel positions
+    polylines = [np.round((line - (x0 + 0.5, y0 + 0.5)) * 16).astype(np.int32)
+                 for line in image_lines]
+    if filled:
+        cv2.fillPoly(canvas, [p for p in polylines if len(p) > 2], 1, cv2.LINE_8, 4)
+    if stroke > 0:
+        cv2.polylines(canvas, polylines, kind == "polygon", 1, max(1, round(stroke)),
+                      cv2.LINE_8, 4)
+    region = canvas.astype(bool)
+    return window, ndimage.binary_fill_holes(region) if filled and kind != "polygon" else region
+
+
+def _shape_region(obj: dict, kind: str, to_image: np.ndarray, shape: tuple[int, int]
+                  ) -> tuple[_Window, np.ndarray] | None:
+    """A rect / circle / ellipse with its stroke, tested at every pixel centre."""
+    if kind == "circle":
+        half = np.array([obj.get("radius", 0), obj.get("radius", 0)], float)
+    elif kind == "ellipse":
+        half = np.array([obj.get("rx", 0), obj.get("ry", 0)], float)
+    else:
+        half = np.array([obj.get("width", 0), obj.get("height", 0)], float) / 2
+    matrix = to_image @ _object_matrix(obj, *(2 * half))
+    if obj.get("stroke"):
+        scale = np.abs([obj.get("scaleX", 1), obj.get("scaleY", 1)])
+        stroke = obj.get("strokeWidth", 1) / 2
+        half = half + (stroke / np.maximum(scale, 1e-9) if obj.get("strokeUniform") else stroke)
+    if np.any(half <= 0):
+        return None
+    corners = _apply(matrix, np.array([[-1, -1], [-1, 1], [1, -1], [1, 1]]) * half)
+    window = _window(corners, 1, shape)
+    if window is None:
+        return None
+    y0, y1, x0, x1 = window
+    yy, xx = np.mgrid[y0:y1, x0:x1] + 0.5
+    inverse = np.linalg.inv(matrix)
+    x = (inverse[0, 0] * xx + inverse[0, 1] * yy + inverse[0, 2]) / half[0]
+    y = (inverse[1, 0] * xx + inverse[1, 1] * yy + inverse[1, 2]) / half[1]
+    if kind in ("rect", "labeledrect"):
+        return window, (np.abs(x) <= 1) & (np.abs(y) <= 1)
+    return window, x ** 2 + y ** 2 <= 1
+
+
+def _same_colour(a: Any, b: str) -> bool:
+    return isinstance(a, str) and "".join(a.split()).lower() == "".join(b.split()).lower()
+
+
+def _is_eraser(obj: dict, erase_color: str | None) -> bool:
+    return obj.get("globalCompositeOperation") == "destination-out" or (
+        erase_color is not None and _same_colour(obj.get("stroke"), erase_color))
+
+
+def strokes_to_mask(canvas_json: dict | None, canvas_size: tuple[int, int],
+                    image_shape: tuple[int, int], *, erase_color: str | None = None
+                    ) -> np.ndarray:
+    """The HxW bool mask (at image resolution) of a streamlit-drawable-canvas drawing.
+
+    `canvas_json` is `st_canvas(...).json_data` (Fabric.js canvas JSON, {"objects": [...]});
+    `canvas_size` is the canvas (width, height) in browser pixels, stretched over the whole
+    image of `image_shape` (H, W). Objects are applied in drawing order. Painted regions:
+    rects, circles, ellipses and polygons with their interior and stroke; freehand paths and
+    polylines with their stroke and what they enclose (the path closed from its end back to
+    its start: a lesion outline counts as the lesion); lines with their stroke. Eraser objects
+    (`globalCompositeOperation` "destination-out", or a stroke colour equal to `erase_color`)
+    remove what they cover: shapes their area, paths and lines only their stroke. Text and
+    other objects are ignored. No drawing gives an all-False mask.
+    """
+    mask = np.zeros(tuple(image_shape[:2]), bool)
+    if not canvas_json:
+        return mask
+    (canvas_w, canvas_h), (height, width) = canvas_size, mask.shape
+    if canvas_w <= 0 or canvas_h <= 0:
+        raise ValueError(f"The canvas size must be positive (got {canvas_size}).")
+    to_image = np.diag([width / canvas_w, height / canvas_h, 1.0])
+    for obj in canvas_json.get("objects") or []:
+        kind = str(obj.get("type", "")).lower()
+        if not obj.get("visible", True) or kind not in _CLOSED_TYPES | _POINT_TYPES:
+            continue
+        erase = _is_eraser(obj, erase_color)
+        if kind in _POINT_TYPES:
+            filled = kind == "polygon" or (kind != "line" and not erase)
+            found = _points_region(obj, kind, to_image, mask.shape, filled)
+        else:
+            found = _shape_region(obj, kind, to_image, mask.shape)
+        if found is not None:
+            (y0, y1, x0, x1), region = found
+            part = mask[y0:y1, x0:x1]
+            mask[y0:y1, x0:x1] = part & ~region if erase else part | region
+    return mask
+
+
+# --- display -------------------------------------------------------------------------------
+
+def mask_outline(mask: np.ndarray, thickness: int = 2) -> np.ndarray:
+    """The HxW bool band of the mask's pixels within `thickness` pixels of its border (the
+    image edge counts as border)."""
+    if thickness < 1:
+        raise ValueError(f"The outline thickness must be at least 1 pixel (got {thickness}).")
+    array = _as_mask(mask)
+    inner = ndimage.binary_erosion(array, np.ones((3, 3), bool), iterations=thickness,
+                                   border_value=0)
+    return array & ~inner
+
+
+def draw_outline(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 0),
+                 thickness: int = 2) -> np.ndarray:
+    """A copy of the RGB image with the mask's outline drawn in `color`."""
+    array = _as_mask(mask)
+    _check_same_size(image, array)
+    out = np.array(image, copy=True)
+    out[mask_outline(array, thickness)] = color
+    return out
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 0, 0),
+                 alpha: float = 0.35) -> np.ndarray:
+    """A copy of the RGB uint8 image with the mask's pixels tinted: (1 - alpha) of the image
+    plus alpha of `color`."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"The overlay opacity must lie between 0 and 1 (got {alpha}).")
+    array = _as_mask(mask)
+    _check_same_size(image, array)
+    out = np.array(image, copy=True)
+    tinted = out[array].astype(np.float32) * (1 - alpha) + np.float32(alpha) * np.asarray(
+        color, np.float32)
+    out[array] = np.rint(tinted).astype(out.dtype)
+    return out
