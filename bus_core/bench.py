@@ -1,0 +1,183 @@
+"""Speed benchmark: `python -m bus_core.bench [--quick]` prints one JSON line per figure, every
+figure measured in the same run on this machine (machines are noisy: compare ratios, not
+absolute numbers across runs).
+
+Paths compared:
+- naive: CPU fp32, NCHW, eager model; the image is decoded and resized with plain PIL at full
+  resolution on every call;
+- optimised: `predict.Predictor` on the automatically chosen device (bf16 autocast and
+  channels_last on CPUs with native bf16), the same code the app and CLI run.
+Both keep the model loaded between calls: model loading is measured separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io as _io
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
+from bus_core.device import DeviceConfig, autocast, choose_device, fp32_cpu, prepare_model, to_device
+from bus_core.io import load_image
+from bus_core.loader import collate
+from bus_core.metrics import softmax
+from bus_core.models import build_model, load_model
+from bus_core.predict import Predictor
+from bus_core.registry import active_model_path
+from bus_core.settings import PROJECT_ROOT, default_dataset_dir
+
+
+def emit(figure: str, **values: Any) -> dict[str, Any]:
+    """Print one figure as a JSON line and return it."""
+    line = {"figure": figure, **values}
+    print(json.dumps(line), flush=True)
+    return line
+
+
+def percentiles(samples: Sequence[float]) -> dict[str, float]:
+    """p50 and p95 of samples in milliseconds."""
+    ms = sorted(s * 1000 for s in samples)
+    return {"p50_ms": round(statistics.median(ms), 2),
+            "p95_ms": round(ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))], 2)}
+
+
+def timed(fn: Callable[[], Any], n: int, warmup: int = 2) -> list[float]:
+    """Wall times of n calls of fn after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def naive_predict(model: torch.nn.Module, data: bytes, resize: int, crop: int) -> np.ndarray:
+    """Logits after decode + preprocess + forward the plain way: PIL at full size, fp32, NCHW."""
+    image = Image.open(_io.BytesIO(data)).convert("RGB")
+    w, h = image.size
+    scale = resize / min(w, h)
+    image = image.resize((round(w * scale), round(h * scale)), Image.Resampling.BILINEAR)
+    left, top = (image.width - crop) // 2, (image.height - crop) // 2
+    image = image.crop((left, top, left + crop, top + crop))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with torch.inference_mode():
+        return model(x.unsqueeze(0)).numpy()
+
+
+def train_throughput(arch: str, config: DeviceConfig, batch: int, steps: int, crop: int) -> float:
+    """Training images/s of a fresh model on random batches (forward, backward, Adam step)."""
+    torch.manual_seed(0)
+    model = prepare_model(build_model(arch), config).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, crop, crop)
+    y = torch.randint(0, len(CLASSES), (batch,))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(config):
+            loss = torch.nn.functional.cross_entropy(model(to_device(x, config)).float(), y)
+        loss.backward()
+        optimizer.step()
+
+    times = timed(step, steps, warmup=1)
+    return batch * len(times) / sum(times)
+
+
+def _test_images(args: argparse.Namespace) -> list[Path]:
+    data = Path(args.data) if args.data else default_dataset_dir()
+    split = Path(args.split)
+    if data is None or not split.is_file():
+        return []
+    from bus_core.dataset import load_records
+    from bus_core.splits import load_split, split_records
+
+    records = split_records(load_records(data), load_split(split), "test")
+    return [r.path for r in records]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print its figures."""
+    parser = argparse.ArgumentParser(prog="python -m bus_core.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder (default: the active model)")
+    parser.add_argument("--data", help="BUSI folder (default: ../shared/data/BUSI)")
+    parser.add_argument("--split", default=str(PROJECT_ROOT / "splits" / "busi.json"))
+    parser.add_argument("--quick", action="store_true", help="small counts, under a minute")
+    args = parser.parse_args(argv)
+
+    n_latency, train_steps, n_agree = (10, 2, 16) if args.quick else (50, 6, None)
+    fast = choose_device()
+    emit("machine", cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+         torch=torch.__version__, optimised_device=fast.to_dict(), quick=args.quick,
+         cpu_count=os.cpu_count())
+    path = args.model or active_model_path()
+    if path is None:
+        emit("error", message="no model installed; pass --model")
+        return 2
+    start = time.perf_counter()
+    loaded = load_model(path)
+    emit("model_load", ms=round((time.perf_counter() - start) * 1000, 1), model=loaded.card.name)
+
+    images = _test_images(args)
+    sample = images[0] if images else None
+    if sample is None:
+        rng = np.random.default_rng(0)
+        buf = _io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (500, 600), dtype=np.uint8)).save(buf, "PNG")
+        data = buf.getvalue()
+    else:
+        data = sample.read_bytes()
+    size = loaded.card.size
+
+    naive_model = copy.deepcopy(loaded.model).eval()
+    naive = percentiles(timed(lambda: naive_predict(naive_model, data, size.resize, size.crop),
+                              n_latency))
+    predictor = Predictor(loaded, fast)
+    optimised = percentiles(timed(lambda: predictor.predict(load_image(data)), n_latency))
+    emit("latency_single_image", naive=naive, optimised=optimised,
+         ratio_p50=round(naive["p50_ms"] / optimised["p50_ms"], 2),
+         image=str(sample.name) if sample else "synthetic 600x500")
+
+    prediction = predictor.predict(load_image(data))
+    cam_times = timed(lambda: predictor.explain(prediction), max(3, n_latency // 5), warmup=1)
+    emit("gradcam_latency", **percentiles(cam_times))
+
+    crop = size.crop
+    naive_rate = train_throughput(loaded.card.arch, fp32_cpu(), 16, train_steps, crop)
+    fast_rate = train_throughput(loaded.card.arch, fast, 16, train_steps, crop)
+    emit("training_throughput", batch=16, naive_images_per_s=round(naive_rate, 2),
+         optimised_images_per_s=round(fast_rate, 2), ratio=round(fast_rate / naive_rate, 2))
+
+    if images:
+        chosen = images[:n_agree] if n_agree else images
+        same, max_diff = 0, 0.0
+        for image_path in chosen:
+            image = load_image(image_path)
+            p_fast = predictor.predict(image).probabilities
+            logits = naive_predict(naive_model, image_path.read_bytes(), size.resize, size.crop)
+            ref = dict(zip(loaded.card.classes, softmax(logits, loaded.card.temperature)[0]))
+            same += max(p_fast, key=p_fast.get) == max(ref, key=ref.get)
+            max_diff = max(max_diff, max(abs(p_fast[c] - ref[c]) for c in ref))
+        emit("agreement_with_fp32", n=len(chosen), subset="BUSI test split",
+             label_agreement=round(same / len(chosen), 4), max_probability_diff=round(max_diff, 4))
+    else:
+        emit("agreement_with_fp32", skipped="no BUSI test split available")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
