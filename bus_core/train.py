@@ -384,7 +384,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
             scaler.update()
             seen += len(items)
             correct += int((logits.argmax(1) == labels).sum())
-            loss_sum += float(loss) * len(items)
+            loss_sum += loss.item() * len(items)
             elapsed = time.monotonic() - epoch_start
             rate = seen / max(elapsed, 1e-9)
             remaining = (steps - step - 1) * config.batch_size + \

@@ -1,0 +1,303 @@
+"""The safety gate between a retrained model and the clinic: a candidate replaces the active
+model only if it is not worse, and every decision is written down.
+
+A candidate passes when, for each gated metric (malignant sensitivity and accuracy by default),
+it is not worse than the active model by more than `tolerance`, both on the fixed test split
+(the same images every time) and on the held-out share of the radiologists' new cases. A metric
+that does not exist for either model on a subset (e.g. no malignant case among the new ones) is
+skipped; one that exists for the active model but not for the candidate fails.
+
+Decisions (activation, override, refusal, rejection, roll back) are appended as JSON lines to
+`<data dir>/model_decisions.jsonl`, which is never rewritten. Models are never deleted here: a roll
+back makes an earlier model active again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from bus_core.dataset import Record
+from bus_core.errors import BusError
+from bus_core.evaluate import evaluate
+from bus_core.models import CARD_FILE, load_model
+from bus_core.registry import active_model_path, set_active_model
+from bus_core.settings import data_dir
+
+DECISIONS_FILE = "model_decisions.jsonl"
+GATE_FILE = "gate.json"
+"""Where the app keeps a candidate's gate result: in the candidate's model folder."""
+DEFAULT_TOLERANCE = 0.02
+DEFAULT_KEYS: tuple[str, ...] = ("malignant_sensitivity", "accuracy")
+FIXED_TEST, NEW_CASES = "fixed_test", "new_cases"
+SUBSETS: dict[str, str] = {FIXED_TEST: "the fixed test split",
+                           NEW_CASES: "the held-out new cases"}
+"""The subsets a candidate is judged on, with how they are named in sentences."""
+SUMMARY_KEYS: tuple[str, ...] = ("n", "accuracy", "balanced_accuracy", "macro_f1",
+                                 "malignant_sensitivity", "malignant_specificity",
+                                 "auc_malignant")
+"""The metrics kept in a gate result and the decision log (besides the gated ones)."""
+LOWER_IS_BETTER: frozenset[str] = frozenset({"ece", "loss"})
+MADE_ACTIVE: frozenset[str] = frozenset({"activated", "overridden", "rolled back"})
+"""The actions after which the decision's candidate is the active model."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class GateError(BusError):
+    """A decision that cannot be recorded (no name to sign it with)."""
+
+
+@dataclass
+class GateResult:
+    """The gate's verdict: `candidate` and `active` map each subset (FIXED_TEST, NEW_CASES) to
+    the models' metrics there; `reasons` are sentences, one per failed or skipped check."""
+
+    passed: bool
+    reasons: list[str]
+    candidate: dict[str, dict[str, Any]]
+    active: dict[str, dict[str, Any]]
+    tolerance: float
+    keys: tuple[str, ...] = DEFAULT_KEYS
+    candidate_path: str | None = None
+    active_path: str | None = None
+    created: str = field(default_factory=_now)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The comparison table: one row per subset and gated metric (candidate, active,
+        difference, and whether it is within the tolerance; None where skipped)."""
+        rows = []
+        for subset in SUBSETS:
+            for key in self.keys:
+                new = self.candidate.get(subset, {}).get(key)
+                old = self.active.get(subset, {}).get(key)
+                rows.append({"subset": subset, "metric": key, "candidate": new, "active": old,
+                             "difference": None if new is None or old is None else new - old,
+                             "ok": _check(key, new, old, self.tolerance)})
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GateResult:
+        """The result `to_dict` gave."""
+        values = dict(data)
+        values["keys"] = tuple(values.get("keys") or DEFAULT_KEYS)
+        return cls(**values)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result as JSON (atomically)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.tmp")
+        temp.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False))
+        os.replace(temp, target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> GateResult | None:
+        """The result saved at `path`, or None when there is none (or it is unreadable)."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError):
+            return None
+
+
+def _check(key: str, candidate: float | None, active: float | None,
+           tolerance: float) -> bool | None:
+    """True if `candidate` is within the tolerance of `active`, False if worse or missing,
+    None when neither model has the metric (skipped)."""
+    if candidate is None:
+        return None if active is None else False
+    if active is None:
+        return True
+    worse_by = candidate - active if key in LOWER_IS_BETTER else active - candidate
+    return worse_by <= tolerance + 1e-12
+
+
+def _summary(metrics: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    return {k: metrics.get(k) for k in dict.fromkeys((*SUMMARY_KEYS, *keys))}
+
+
+def _reason(subset: str, key: str, candidate: float | None, active: float | None,
+            tolerance: float, ok: bool | None) -> str | None:
+    where, name = SUBSETS[subset], key.replace("_", " ")
+    if ok is None:
+        return f"{name.capitalize()} is not defined on {where} for either model: not compared."
+    if ok:
+        return None
+    if candidate is None:
+        return (f"The new model has no {name} on {where}, while the active model has "
+                f"{active:.3f}.")
+    return (f"{name.capitalize()} on {where} is {candidate:.3f} for the new model against "
+            f"{active:.3f} for the active one: worse by more than the allowed {tolerance:.3f}.")
+
+
+def compare(candidate_metrics: Mapping[str, Mapping[str, Any]],
+            active_metrics: Mapping[str, Mapping[str, Any]], *,
+            tolerance: float = DEFAULT_TOLERANCE,
+            keys: Sequence[str] = DEFAULT_KEYS) -> GateResult:
+    """Judge a candidate against the active model. Both arguments map a subset name
+    (FIXED_TEST, NEW_CASES) to a metrics dict (as `evaluate` gives); a subset missing on both
+    sides is skipped. The candidate passes when no gated metric fails on any subset and at least
+    one was compared."""
+    if tolerance < 0:
+        raise ValueError("The tolerance cannot be negative.")
+    candidate = {s: _summary(candidate_metrics.get(s) or {}, keys) for s in SUBSETS}
+    active = {s: _summary(active_metrics.get(s) or {}, keys) for s in SUBSETS}
+    reasons, checks = [], []
+    for subset in SUBSETS:
+        for key in keys:
+            new, old = candidate[subset][key], active[subset][key]
+            checks.append(ok := _check(key, new, old, tolerance))
+            reason = _reason(subset, key, new, old, tolerance, ok)
+            if reason:
+                reasons.append(reason)
+    compared = [ok for ok in checks if ok is not None]
+    if not compared:
+        reasons.append("No metric could be compared: the new model is not accepted blindly.")
+    return GateResult(bool(compared) and all(compared), reasons, candidate, active, tolerance,
+                      tuple(keys))
+
+
+def evaluate_candidate(candidate_path: str | Path, active_path: str | Path | None,
+                       fixed_records: Sequence[Record], new_heldout_records: Sequence[Record],
+                       *, tolerance: float = DEFAULT_TOLERANCE,
+                       keys: Sequence[str] = DEFAULT_KEYS, device: str = "auto",
+                       batch_size: int = 32) -> GateResult:
+    """Evaluate the candidate and the active model (default: the current one) on the fixed test
+    records and the held-out new cases, and `compare` them. With no active model at all the
+    candidate passes (there is nothing to be worse than)."""
+    active_path = active_path or active_model_path()
+    subsets = {FIXED_TEST: list(fixed_records), NEW_CASES: list(new_heldout_records)}
+    candidate = _metrics(candidate_path, subsets, device, batch_size)
+    active = _metrics(active_path, subsets, device, batch_size) if active_path else {}
+    result = compare(candidate, active, tolerance=tolerance, keys=keys)
+    result.candidate_path = str(Path(candidate_path).resolve())
+    result.active_path = str(Path(active_path).resolve()) if active_path else None
+    if not active_path:
+        result.reasons.insert(0, "There is no active model: nothing to compare with.")
+    if not subsets[NEW_CASES]:
+        result.reasons.append("There are no held-out new cases yet: only the fixed test split "
+                              "was compared.")
+    return result
+
+
+def _metrics(path: str | Path, subsets: Mapping[str, list[Record]], device: str,
+             batch_size: int) -> dict[str, dict[str, Any]]:
+    loaded = load_model(path)
+    return {name: evaluate(loaded, records, device=device, batch_size=batch_size,
+                           data={"subset": name, "n": len(records)}).metrics
+            for name, records in subsets.items() if records}
+
+
+# --- decisions -------------------------------------------------------------------------------
+
+def decisions_path() -> Path:
+    """The decision log: `<data dir>/model_decisions.jsonl`."""
+    return data_dir() / DECISIONS_FILE
+
+
+def _signed(who: str) -> str:
+    name = (who or "").strip()
+    if not name:
+        raise GateError("Enter your name: every model decision is signed.")
+    return name
+
+
+def _append(entry: dict[str, Any]) -> dict[str, Any]:
+    """Append one decision as a JSON line (one write, so concurrent writers do not interleave)."""
+    path = decisions_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(entry, allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return entry
+
+
+def _entry(action: str, who: str, candidate: str | Path | None, previous: Path | None,
+           result: GateResult | None, reason: str | None) -> dict[str, Any]:
+    return {"time": _now(), "action": action, "who": who,
+            "candidate": str(Path(candidate).resolve()) if candidate else None,
+            "active": str(previous.resolve()) if previous else None,
+            "passed": None if result is None else result.passed,
+            "override_reason": reason,
+            "tolerance": None if result is None else result.tolerance,
+            "reasons": [] if result is None else result.reasons,
+            "metrics": None if result is None else {"candidate": result.candidate,
+                                                    "active": result.active}}
+
+
+def activate_if_passed(result: GateResult, candidate_path: str | Path, *,
+                       override_reason: str | None = None, who: str) -> bool:
+    """Make the candidate the active model if it passed the gate, or if `override_reason` is
+    given; otherwise leave the active model as it is. The decision is logged either way.
+    Returns True when the candidate became active."""
+    who = _signed(who)
+    if result.candidate_path and Path(result.candidate_path) != Path(candidate_path).resolve():
+        raise GateError(f"This comparison was made for {Path(result.candidate_path).name}, not "
+                        f"for {Path(candidate_path).name}: compare that model first.")
+    reason = (override_reason or "").strip() or None
+    previous = active_model_path()
+    if result.passed or reason:
+        set_active_model(candidate_path)
+        action = "activated" if result.passed else "overridden"
+    else:
+        action = "blocked"
+    _append(_entry(action, who, candidate_path, previous, result, reason))
+    return action != "blocked"
+
+
+def reject(result: GateResult | None, candidate_path: str | Path, *, who: str,
+           reason: str | None = None) -> None:
+    """Record that a candidate was turned down (it stays on disk; the active model stays)."""
+    _append(_entry("rejected", _signed(who), candidate_path, active_model_path(), result,
+                   (reason or "").strip() or None))
+
+
+def rollback(to_path: str | Path, who: str, *, reason: str | None = None) -> None:
+    """Make an earlier model active again (logged as 'rolled back')."""
+    who = _signed(who)
+    previous = active_model_path()
+    set_active_model(to_path)
+    _append(_entry("rolled back", who, to_path, previous, None, (reason or "").strip() or None))
+
+
+def decision_log() -> list[dict[str, Any]]:
+    """Every logged decision, oldest first (a half-written last line is ignored)."""
+    path = decisions_path()
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def earlier_models() -> list[Path]:
+    """Models that were active at some point, most recent first, that still exist, without
+    the current active model: the roll-back targets the log knows of."""
+    current = active_model_path()
+    seen: dict[Path, None] = {}
+    for entry in reversed(decision_log()):
+        if entry.get("action") in MADE_ACTIVE and entry.get("candidate"):
+            seen.setdefault(Path(entry["candidate"]), None)
+        if entry.get("active"):
+            seen.setdefault(Path(entry["active"]), None)
+    return [p for p in seen
+            if (current is None or p != current.resolve()) and (p / CARD_FILE).is_file()]

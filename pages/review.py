@@ -1,0 +1,529 @@
+"""Review cases: the saved predictions with filters, each case's image, Grad-CAM and history, the
+radiologist's confirmation or correction; export of the cases; and retraining on the reviewed
+cases behind a safety gate, with the decision log and roll back."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from bus_core.cam import CAM_METHODS as CAM_FUNCTIONS
+from bus_core.cam import overlay
+from bus_core.constants import CLASSES
+from bus_core.dataset import class_counts
+from bus_core.errors import BusError
+from bus_core.gate import (GATE_FILE, SUBSETS, GateResult, activate_if_passed, decision_log,
+                           earlier_models, evaluate_candidate, reject, rollback)
+from bus_core.jobs import JobBusyError, current_job, last_job, start_training
+from bus_core.models import CARD_FILE
+from bus_core.predict import Predictor
+from bus_core.progress import read_progress
+from bus_core.registry import active_model_path
+from bus_core.retrain import RetrainPlan, find_plans, prepare_retraining
+from bus_core.settings import PROJECT_ROOT, default_dataset_dir
+from bus_core.store import ORDERABLE, STATUSES, Case, CaseStore
+from ui.cases import as_rgb, case_store, export_zip, reviewer_name
+from ui.charts import probability_chart
+from ui.common import optional_predictor, show_error
+from ui.evaluation import fmt3
+from ui.masking import outlined
+from ui.results import CAM_METHODS, cam_cached, predict_cached
+from ui.training import last_event, progress_fraction, progress_text
+
+ALL = "All"
+POLL_S = 3
+AGREEMENT = {"unreviewed": "⏳ to review", "confirmed": "✅ agrees",
+             "corrected": "⚠️ disagrees"}
+DISAGREE_STYLE = "background-color: #fdecea"
+SORT_LABELS = {"created_at": "Date saved", "updated_at": "Last change", "id": "Case number",
+               "status": "Status", "predicted_label": "Model's reading",
+               "confirmed_label": "Confirmed label", "reviewer": "Reviewer",
+               "model_name": "Model"}
+ACTION_LABELS = {"activated": "✅ activated", "overridden": "⚠️ activated by override",
+                 "blocked": "⛔ blocked by the gate", "rejected": "✖️ rejected",
+                 "rolled back": "↩️ rolled back"}
+DEFAULT_SPLIT = PROJECT_ROOT / "splits" / "busi.json"
+
+
+# --- the reviewer ------------------------------------------------------------------------------
+
+def reviewer_field() -> str:
+    """The reviewer's name, kept in st.session_state['reviewer'] across pages."""
+    if "review_reviewer" not in st.session_state:
+        st.session_state["review_reviewer"] = reviewer_name()
+    name = st.text_input("Your name (signs every review and model decision)",
+                         key="review_reviewer", placeholder="e.g. Dr Jane Smith")
+    st.session_state["reviewer"] = name.strip()
+    return name.strip()
+
+
+# --- the case table ----------------------------------------------------------------------------
+
+def local_time(stamp: str) -> str:
+    """A stored UTC time as local 'YYYY-MM-DD HH:MM'."""
+    return dt.datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def choice(value: str) -> str | None:
+    """A filter's value, None for 'All'."""
+    return None if value == ALL else value
+
+
+def date_bounds(dates: tuple[dt.date, ...]) -> dict[str, dt.datetime]:
+    """`since` / `until` of `list_cases` for local calendar days (the end day included)."""
+    bounds = {}
+    if len(dates) >= 1:
+        bounds["since"] = dt.datetime.combine(dates[0], dt.time.min).astimezone()
+    if len(dates) == 2:
+        bounds["until"] = dt.datetime.combine(dates[1] + dt.timedelta(days=1),
+                                              dt.time.min).astimezone()
+    return bounds
+
+
+def filters(everyone: list[Case]) -> dict[str, Any]:
+    """Filter and sort widgets; returns the keyword arguments of `CaseStore.list_cases`."""
+    c1, c2, c3, c4 = st.columns(4)
+    status = c1.selectbox("Status", [ALL, *STATUSES], key="review_f_status")
+    predicted = c2.selectbox("Model's reading", [ALL, *CLASSES], key="review_f_predicted")
+    confirmed = c3.selectbox("Confirmed label", [ALL, *CLASSES], key="review_f_confirmed")
+    reviewers = sorted({c.reviewer for c in everyone if c.reviewer})
+    reviewer = c4.selectbox("Reviewer", [ALL, *reviewers], key="review_f_reviewer")
+    c5, c6, c7 = st.columns([2, 1, 1], vertical_alignment="bottom")
+    today = dt.date.today()
+    first = min(dt.datetime.fromisoformat(c.created_at).astimezone().date() for c in everyone)
+    dates = c5.date_input("Saved between", value=(min(first, today), today),
+                       key="review_f_dates")
+    order_by = c6.selectbox("Sort by", ORDERABLE, format_func=SORT_LABELS.get,
+                            key="review_f_order")
+    descending = c7.toggle("Descending", value=True, key="review_f_desc")
+    return dict(status=choice(status), predicted=choice(predicted),
+                confirmed=choice(confirmed), reviewer=choice(reviewer),
+                order_by=order_by, descending=descending, **date_bounds(tuple(dates)))
+
+
+def case_table(cases: list[Case]) -> pd.DataFrame:
+    """One row per case, newest or as sorted."""
+    return pd.DataFrame([{
+        "Case": c.id, "Saved": local_time(c.created_at), "Image": c.image_name,
+        "Model's reading": c.predicted_label,
+        "Probability": c.probabilities.get(c.predicted_label),
+        "Confirmed": c.confirmed_label or "", "Agreement": AGREEMENT[c.status],
+        "Reviewer": c.reviewer, "Model": c.model_name, "Notes": c.notes} for c in cases])
+
+
+def highlight_disagreements(row: pd.Series) -> list[str]:
+    """Row style: cases where the radiologist corrected the model stand out."""
+    return [DISAGREE_STYLE if row["Agreement"] == AGREEMENT["corrected"] else ""] * len(row)
+
+
+def show_table(cases: list[Case]) -> None:
+    """The cases as a table; clicking a row selects that case below."""
+    table = case_table(cases)
+    event = st.dataframe(
+        table.style.apply(highlight_disagreements, axis=1), hide_index=True, width="stretch",
+        on_select="rerun", selection_mode="single-row", key="review_table",
+        column_config={"Probability": st.column_config.ProgressColumn(
+            format="percent", min_value=0.0, max_value=1.0)})
+    rows = event.selection.rows if event else []
+    picked = int(table["Case"].iloc[rows[0]]) if rows else None
+    if picked is not None and st.session_state.get("_review_last_pick") != picked:
+        st.session_state["_review_last_pick"] = picked
+        st.session_state["review_case"] = picked
+
+
+# --- one case ----------------------------------------------------------------------------------
+
+def cam_view(predictor: Predictor | None, why_not: str, case: Case, image: np.ndarray,
+             masks: list[np.ndarray]) -> None:
+    """The Grad-CAM overlay, recomputed when the case's model is the active one."""
+    if predictor is None or predictor.card.weights_sha256 != case.model_hash:
+        active = f"the active model is {predictor.card.name}" if predictor else why_not
+        st.info(f"This prediction was made by model **{case.model_name}** (weights "
+                f"{case.model_hash[:8] or 'unknown'}), and {active}: its Grad-CAM is not "
+                "redrawn here.", icon=":material/info:")
+        return
+    settings = case.cam_settings or {}
+    target = settings.get("target")
+    target = target if target in predictor.classes else case.predicted_label
+    method = CAM_METHODS.get(settings.get("method"), settings.get("method"))
+    method = method if method in CAM_FUNCTIONS else "gradcam"
+    key = ("case", case.id, case.image_hash)
+    used = masks if predictor.spec.uses_masks else []
+    try:
+        prediction = predict_cached(predictor, key, image, used)
+        cam = cam_cached(predictor, key, prediction, target, method)
+    except BusError as exc:
+        show_error(exc, "The explanation cannot be redrawn")
+        return
+    st.image(overlay(prediction.model_view, cam, float(settings.get("opacity", 0.45))),
+             caption=f"Grad-CAM for '{target}' (recomputed with the active model)",
+             width="stretch")
+
+
+def history_table(store: CaseStore, case: Case) -> None:
+    """The audit entries of a case, oldest first."""
+    entries = store.history(case.id)
+    st.dataframe(pd.DataFrame([{"When": local_time(e.at), "Who": e.who or "–",
+                                "Action": e.action, "Field": e.field or "",
+                                "Before": e.old_value or "", "After": e.new_value or ""}
+                               for e in entries]), hide_index=True, width="stretch",
+                 key=f"review_history_{case.id}")
+
+
+def review_form(store: CaseStore, case: Case, reviewer: str) -> None:
+    """Confirm or correct the label, with notes; signed by the reviewer."""
+    with st.form(f"review_form_{case.id}"):
+        label = st.radio("Label", CLASSES, index=CLASSES.index(case.label), horizontal=True,
+                         format_func=str.capitalize, key=f"review_label_{case.id}",
+                         help="Choose the model's reading to confirm it, another class to "
+                              "correct it.")
+        notes = st.text_area("Notes", value=case.notes, key=f"review_notes_{case.id}")
+        submitted = st.form_submit_button("Save review", type="primary",
+                                          icon=":material/fact_check:")
+    if not submitted:
+        return
+    if not reviewer:
+        st.error("Enter your name at the top of the page: every review is signed.",
+                 icon=":material/error:")
+        return
+    try:
+        saved = store.review_case(case.id, label=label, reviewer=reviewer, notes=notes)
+    except BusError as exc:
+        show_error(exc, "The review was not saved")
+        return
+    st.session_state["review_flash"] = f"Case {saved.id} {saved.status} as {saved.label}."
+    st.rerun()
+
+
+def case_detail(store: CaseStore, case: Case, reviewer: str) -> None:
+    """Image with its lesion outline, the model's reading and Grad-CAM, history, review."""
+    try:
+        image = as_rgb(store.load_image(case))
+        masks = store.load_masks(case)
+    except BusError as exc:
+        show_error(exc)
+        return
+    predictor, why_not = optional_predictor()
+    left, middle, right = st.columns(3, gap="medium")
+    union = np.logical_or.reduce(masks) if masks else None
+    left.image(image if union is None or not union.any() else outlined(image, union),
+               caption=f"{case.image_name} · {len(masks)} mask(s)", width="stretch")
+    with middle:
+        cam_view(predictor, why_not, case, image, masks)
+    with right:
+        st.markdown(f"**Model's reading:** {case.predicted_label} · model `{case.model_name}`  \n"
+                    f"**Status:** {AGREEMENT[case.status]}"
+                    + (f" · confirmed **{case.confirmed_label}** by {case.reviewer}"
+                       if case.confirmed_label else ""))
+        st.plotly_chart(probability_chart(case.probabilities, case.predicted_label),
+                        config={"displayModeBar": False, "staticPlot": True},
+                        key=f"review_chart_{case.id}")
+    review_form(store, case, reviewer)
+    st.markdown("##### History")
+    history_table(store, case)
+
+
+def cases_tab(store: CaseStore, reviewer: str) -> None:
+    """Filters, the table, and the selected case."""
+    everyone = store.list_cases()
+    if not everyone:
+        st.info("No cases saved yet: save a prediction as a case on the Diagnose page.",
+                icon=":material/info:")
+        return
+    cases = store.list_cases(**filters(everyone))
+    st.caption(f"{len(cases)} of {len(everyone)} cases · "
+               f"{sum(c.status == 'corrected' for c in cases)} where the reviewer disagreed "
+               "with the model (highlighted)")
+    if not cases:
+        st.info("No case matches these filters.", icon=":material/filter_alt_off:")
+        return
+    show_table(cases)
+    ids = [c.id for c in cases]
+    if st.session_state.get("review_case") not in ids:
+        st.session_state["review_case"] = ids[0]
+    by_id = {c.id: c for c in cases}
+    picked = st.selectbox("Case", ids, key="review_case",
+                          format_func=lambda i: f"Case {i} · {by_id[i].image_name} · "
+                                                f"{AGREEMENT[by_id[i].status]}")
+    case_detail(store, by_id[picked], reviewer)
+
+
+# --- export ------------------------------------------------------------------------------------
+
+def export_tab(store: CaseStore) -> None:
+    """A zip of the cases in the BUSI folder layout with a CSV of labels."""
+    st.caption("One folder per class with the images (`case-<n>.png`) and their masks "
+               "(`case-<n>_mask.png`), and `cases.csv` with the labels, predictions, reviewers "
+               "and notes: readable as a training data folder.")
+    only = st.toggle("Reviewed cases only", value=True, key="review_export_only",
+                     help="Off: unreviewed cases are included, under the model's reading.")
+    if st.button("Prepare the export", icon=":material/folder_zip:", key="review_export_build"):
+        try:
+            with st.spinner("Collecting the cases…"):
+                st.session_state["review_export"] = export_zip(store, only_confirmed=only)
+        except BusError as exc:
+            show_error(exc, "The export failed")
+    data = st.session_state.get("review_export")
+    if data:
+        st.download_button("Download the cases (zip)", data=data, mime="application/zip",
+                           file_name=f"bus-cases-{dt.date.today():%Y%m%d}.zip",
+                           icon=":material/download:", key="review_export_download",
+                           on_click="ignore")
+
+
+# --- retraining --------------------------------------------------------------------------------
+
+def plan_status(plan: RetrainPlan) -> str:
+    """'running', 'done', 'cancelled', 'failed', 'killed' or 'not started'."""
+    job = last_job()
+    if job is not None and Path(job.out).resolve() == plan.model_dir.resolve():
+        return job.status()
+    if (plan.model_dir / CARD_FILE).is_file():
+        return "done"
+    return "killed" if (plan.model_dir / "train" / "config.json").is_file() else "not started"
+
+
+def start(plan: RetrainPlan, resume: bool = False) -> None:
+    """Start (or resume) the plan's training in the background."""
+    try:
+        start_training(plan.config, resume=resume)
+    except JobBusyError as exc:
+        st.warning(str(exc), icon=":material/hourglass_top:")
+        return
+    except BusError as exc:
+        show_error(exc, "The training could not start")
+        return
+    st.rerun()
+
+
+def running_view(plan: RetrainPlan) -> None:
+    """Progress of the fine-tuning, refreshed every few seconds."""
+    @st.fragment(run_every=POLL_S)
+    def refresh() -> None:
+        if plan_status(plan) != "running":
+            st.rerun()
+        events = read_progress(plan.model_dir / "train" / "progress.jsonl")
+        st.progress(progress_fraction(events), text=progress_text(events))
+
+    refresh()
+
+
+def gate_rows(result: GateResult) -> pd.DataFrame:
+    """The comparison table of a gate result."""
+    verdict = {True: "✅ ok", False: "❌ worse", None: "– not compared"}
+    return pd.DataFrame([{"Data": SUBSETS[r["subset"]].removeprefix("the "),
+                          "n": (result.candidate[r["subset"]].get("n") or 0),
+                          "Metric": r["metric"].replace("_", " "),
+                          "New model": fmt3(r["candidate"]), "Active model": fmt3(r["active"]),
+                          "Difference": fmt3(r["difference"]), "Verdict": verdict[r["ok"]]}
+                         for r in result.rows()])
+
+
+def current_gate(plan: RetrainPlan) -> GateResult | None:
+    """The saved gate result of the plan's model, if it was made against the active model."""
+    result = GateResult.load(plan.model_dir / GATE_FILE)
+    active = active_model_path()
+    if result is None or result.active_path != (str(active.resolve()) if active else None):
+        return None
+    return result
+
+
+def run_gate(plan: RetrainPlan) -> None:
+    """Evaluate the new and the active model on the fixed test split and held-out cases."""
+    try:
+        with st.spinner("Evaluating both models on the fixed test split and the held-out "
+                        "cases…"):
+            result = evaluate_candidate(plan.model_dir, active_model_path(),
+                                        plan.fixed_test_records(), plan.heldout_records())
+        result.save(plan.model_dir / GATE_FILE)
+    except BusError as exc:
+        show_error(exc, "The comparison failed")
+        return
+    st.rerun()
+
+
+def decided(plan: RetrainPlan) -> dict[str, Any] | None:
+    """The last activation, override or rejection of the plan's model, if any."""
+    target = str(plan.model_dir.resolve())
+    return next((e for e in reversed(decision_log()) if e.get("candidate") == target
+                 and e.get("action") in ("activated", "overridden", "rejected")), None)
+
+
+def decide(action: Any, **kwargs: Any) -> None:
+    """Run a gate decision; a missing name or a refused model is shown."""
+    try:
+        action(**kwargs)
+    except BusError as exc:
+        show_error(exc)
+        return
+    st.rerun()
+
+
+def decision_buttons(plan: RetrainPlan, result: GateResult, reviewer: str) -> None:
+    """Activate (passed), or override with a reason (failed); or keep the current model."""
+    left, right = st.columns(2)
+    if result.passed:
+        if left.button("Activate the new model", type="primary", icon=":material/star:",
+                       key="review_gate_activate"):
+            decide(activate_if_passed, result=result, candidate_path=plan.model_dir,
+                   who=reviewer)
+    else:
+        reason = left.text_input("Reason for overriding the gate (required)",
+                                 key="review_gate_reason")
+        if left.button("Override and activate", icon=":material/gpp_maybe:",
+                       disabled=not reason.strip(), key="review_gate_override"):
+            decide(activate_if_passed, result=result, candidate_path=plan.model_dir,
+                   override_reason=reason, who=reviewer)
+    if right.button("Keep the current model", icon=":material/block:", key="review_gate_reject"):
+        decide(reject, result=result, candidate_path=plan.model_dir, who=reviewer)
+
+
+def gate_view(plan: RetrainPlan, reviewer: str) -> None:
+    """The comparison of a finished model with the active one, and the decision."""
+    done = decided(plan)
+    result = GateResult.load(plan.model_dir / GATE_FILE) if done else current_gate(plan)
+    if result is None:
+        st.info("Fine-tuning finished. Compare the new model with the active one before it "
+                "can be used.", icon=":material/check_circle:")
+        if st.button("Compare with the active model", type="primary",
+                     icon=":material/balance:", key="review_gate_run"):
+            run_gate(plan)
+        return
+    st.dataframe(gate_rows(result), hide_index=True, width="stretch", key="review_gate_table")
+    for reason in result.reasons:
+        st.caption(f"• {reason}")
+    if done is not None:
+        st.success(f"Decision: {ACTION_LABELS[done['action']]} by {done['who']} on "
+                   f"{local_time(done['time'])}.", icon=":material/gavel:")
+    elif result.passed:
+        st.success(f"The new model is not worse than the active one (tolerance "
+                   f"{result.tolerance:.2f}).", icon=":material/verified:")
+        decision_buttons(plan, result, reviewer)
+    else:
+        st.error("The new model is worse than the active one: it is not activated unless you "
+                 "override the gate with a reason.", icon=":material/gpp_bad:")
+        decision_buttons(plan, result, reviewer)
+
+
+def plan_view(plan: RetrainPlan, reviewer: str) -> None:
+    """The latest retraining: its data, its progress, then the gate."""
+    status = plan_status(plan)
+    st.markdown(f"**{plan.model_dir.name}**: fine-tunes `{Path(plan.active_model).name}` with "
+                f"{len(plan.train_cases)} reviewed cases added to training; "
+                f"{len(plan.heldout_cases)} held out for the comparison"
+                + (f", {len(plan.excluded_cases)} left out (repeat evaluation images)"
+                   if plan.excluded_cases else "") + ".")
+    if status == "running":
+        running_view(plan)
+    elif status == "done":
+        gate_view(plan, reviewer)
+    elif status == "failed":
+        error = last_event(read_progress(plan.model_dir / "train" / "progress.jsonl"), "error")
+        st.error("The fine-tuning failed: " + (error["message"] if error else "see the Train "
+                                                "page's log."), icon=":material/error:")
+    elif st.button("Resume the fine-tuning" if status != "not started" else "Start it",
+                   icon=":material/play_arrow:", key="review_retrain_resume"):
+        start(plan, resume=status != "not started")
+
+
+def retrain_settings(store: CaseStore) -> None:
+    """Base data, split and a few settings; Start."""
+    dataset = default_dataset_dir()
+    c1, c2 = st.columns(2)
+    base_data = c1.text_input("Original training data", str(dataset or ""),
+                              key="review_rt_data", help="The folder or CSV manifest the active "
+                                                         "model was trained on.")
+    base_split = c2.text_input("Its split file (the fixed test subset is taken from it)",
+                               str(DEFAULT_SPLIT), key="review_rt_split")
+    c3, c4, c5 = st.columns(3)
+    epochs = c3.number_input("Epochs", 1, 100, 5, key="review_rt_epochs")
+    share = c4.slider("Held-out share of new cases", 0.1, 0.5, 0.2, 0.05, key="review_rt_share")
+    name = c5.text_input("New model name", dt.datetime.now().strftime("retrain-%Y%m%d-%H%M"),
+                         key="review_rt_name")
+    ready = bool(base_data.strip() and base_split.strip() and active_model_path())
+    if st.button("Start fine-tuning on the reviewed cases", type="primary",
+                 icon=":material/model_training:", disabled=not ready, key="review_rt_start"):
+        try:
+            with st.spinner("Exporting and splitting the reviewed cases…"):
+                plan = prepare_retraining(store, base_data=[base_data.strip()],
+                                          base_split=base_split.strip(), heldout_share=share,
+                                          name=name, settings={"epochs": int(epochs)})
+        except BusError as exc:
+            show_error(exc, "The retraining could not be prepared")
+            return
+        start(plan)
+
+
+def decision_history(reviewer: str) -> None:
+    """Every model decision, newest first, and roll back to an earlier model."""
+    st.markdown("##### Model decisions")
+    log = decision_log()
+    if log:
+        st.dataframe(pd.DataFrame([{
+            "When": local_time(e["time"]), "Decision": ACTION_LABELS.get(e["action"], e["action"]),
+            "Who": e["who"], "Model": Path(e["candidate"] or "").name,
+            "Previously active": Path(e["active"] or "").name or "–",
+            "Gate": {True: "passed", False: "failed"}.get(e.get("passed"), "–"),
+            "Reason": e.get("override_reason") or ""} for e in reversed(log)]),
+            hide_index=True, width="stretch", key="review_decisions")
+    else:
+        st.caption("No model decision recorded yet.")
+    targets = earlier_models()
+    if not targets:
+        return
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    target = left.selectbox("Roll back to an earlier model", targets, format_func=lambda p: p.name,
+                            key="review_rollback_target")
+    if right.button("Roll back", icon=":material/undo:", key="review_rollback"):
+        decide(rollback, to_path=target, who=reviewer)
+
+
+def retrain_tab(store: CaseStore, reviewer: str) -> None:
+    """Fine-tune the active model on the reviewed cases, gate it, decide; decision log."""
+    confirmed = store.confirmed_cases()
+    counts = class_counts(confirmed)
+    st.markdown(f"**{len(confirmed)} reviewed cases** can be used: "
+                + ", ".join(f"{n} {label}" for label, n in counts.items()) + ".")
+    st.caption("The active model is fine-tuned on its original training data plus the reviewed "
+               "cases (a share of them is held out). The new model is then compared with the "
+               "active one on the fixed test split and on the held-out cases; it is activated "
+               "only if it is not worse.")
+    plans = find_plans()
+    if plans:
+        with st.container(border=True):
+            plan_view(plans[0], reviewer)
+    running = current_job()
+    if running is not None:
+        st.info("A training job is running; a new fine-tuning can start when it ends.",
+                icon=":material/hourglass_top:")
+    elif confirmed:
+        with st.expander("New fine-tuning", expanded=not plans):
+            retrain_settings(store)
+    decision_history(reviewer)
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+st.title("Review cases")
+st.caption("Confirm or correct the model's readings. Reviewed cases become training data; a "
+           "retrained model replaces the active one only after a safety check.")
+
+store = case_store()
+if store is None:
+    st.stop()
+flash = st.session_state.pop("review_flash", None)
+if flash:
+    st.success(flash, icon=":material/check_circle:")
+reviewer = reviewer_field()
+cases, export, retrain = st.tabs(["Cases", "Export", "Retrain"])
+with cases:
+    cases_tab(store, reviewer)
+with export:
+    export_tab(store)
+with retrain:
+    retrain_tab(store, reviewer)

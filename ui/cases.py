@@ -1,0 +1,107 @@
+"""The case store in the app: one store per process, saving a prediction as a case, and the
+export of cases as a zip. The store itself is bus_core.store."""
+
+from __future__ import annotations
+
+import tempfile
+import zipfile
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import streamlit as st
+
+from bus_core.errors import BusError
+from bus_core.predict import Prediction, Predictor
+from bus_core.store import Case, CaseStore, StoreError, default_db_path, open_store
+from ui.common import show_error
+
+EXPORT_FOLDER = "bus-cases"
+"""The top folder inside an export zip (BUSI layout below it, with cases.csv)."""
+
+
+@st.cache_resource(show_spinner=False)
+def _open_store(path: str) -> CaseStore:
+    return open_store(path)
+
+
+def case_store() -> CaseStore | None:
+    """The case store at its default location, opened once per process; None after showing
+    why it cannot be used (e.g. the data folder is not writable)."""
+    try:
+        return _open_store(str(default_db_path()))
+    except StoreError as exc:
+        show_error(exc, "The case database cannot be used")
+        return None
+
+
+def reviewer_name() -> str:
+    """The reviewer's name as typed on any page of this session ('' when none)."""
+    return str(st.session_state.get("reviewer", "")).strip()
+
+
+def save_prediction_as_case(store: CaseStore, image: np.ndarray, image_name: str,
+                            masks: Sequence[np.ndarray], combine_mode: str | None,
+                            predictor: Predictor, prediction: Prediction,
+                            cam_settings: Mapping[str, Any] | None,
+                            reviewer: str = "") -> Case:
+    """Store a prediction as a new unreviewed case with the model that made it.
+
+    `cam_settings` describes the explanation shown, e.g. {"target": "benign", "method":
+    "gradcam", "opacity": 0.45}; the Review page uses it to redraw the same overlay.
+    Raises StoreError, InvalidImageError or MaskError (all BusError)."""
+    return store.save_case(image, image_name=image_name, masks=list(masks),
+                           combine_mode=combine_mode, model_name=predictor.card.name,
+                           model_hash=predictor.card.weights_sha256,
+                           probabilities=prediction.probabilities,
+                           predicted_label=prediction.label, cam_settings=cam_settings,
+                           reviewer=reviewer)
+
+
+def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndarray],
+                     combine_mode: str | None, predictor: Predictor, prediction: Prediction,
+                     cam_settings: Mapping[str, Any] | None, *, key: str) -> Case | None:
+    """A 'Save as case' button for one prediction (`key` identifies it, e.g. image + mask +
+    model); after saving, the case number is shown instead, so a case is saved once. Returns
+    the case on the run that saved it."""
+    saved: dict[str, int] = st.session_state.setdefault("_saved_cases", {})
+    if key in saved:
+        st.success(f"Saved as case {saved[key]}: review it on the Review cases page.",
+                   icon=":material/check_circle:")
+        return None
+    if not st.button("Save as case", key=f"save_case_{key}", icon=":material/save:"):
+        return None
+    store = case_store()
+    if store is None:
+        return None
+    try:
+        case = save_prediction_as_case(store, image, image_name, masks, combine_mode, predictor,
+                                       prediction, cam_settings, reviewer=reviewer_name())
+    except BusError as exc:
+        show_error(exc, "The case could not be saved")
+        return None
+    saved[key] = case.id
+    st.success(f"Saved as case {case.id}: review it on the Review cases page.",
+               icon=":material/check_circle:")
+    return case
+
+
+def export_zip(store: CaseStore, *, only_confirmed: bool = True) -> bytes:
+    """The cases as a zip: `bus-cases/<label>/case-<id>.png` (+ masks) and
+    `bus-cases/cases.csv`, as `CaseStore.export_busi` writes them."""
+    buffer = BytesIO()
+    with tempfile.TemporaryDirectory() as temp:
+        folder = store.export_busi(Path(temp) / EXPORT_FOLDER, only_confirmed=only_confirmed)
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    archive.write(path, arcname=path.relative_to(temp).as_posix())
+    return buffer.getvalue()
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """A stored image (greyscale, RGB or RGBA uint8) as HxWx3 RGB."""
+    if image.ndim == 2:
+        return np.stack([image] * 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3])
