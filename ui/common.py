@@ -74,3 +74,16 @@ def render_sidebar() -> None:
 def show_error(exc: BusError, what: str = "") -> None:
     """A user-fixable problem as a red box with its message (never a traceback)."""
     st.error(f"{what}{': ' if what else ''}{exc}", icon=":material/error:")
+
+
+def optional_predictor() -> tuple[Predictor | None, str]:
+    """The active model's predictor and '', or None and why there is none; shows nothing
+    (for pages where the model is optional)."""
+    path = active_model_path()
+    if path is None:
+        return None, no_model_message()
+    try:
+        card = read_card(path)
+        return load_predictor(str(Path(path).resolve()), card.weights_sha256), ""
+    except BusError as exc:
+        return None, f"The active model cannot be used: {exc}"

@@ -1,0 +1,128 @@
+"""Diagnose: upload breast-ultrasound images, optionally mark the lesion, and read the model's
+calibrated prediction with its Grad-CAM explanation; download a PNG report."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from bus_core.errors import BusError
+from bus_core.predict import Prediction, Predictor
+from bus_core.report import ReportContent, render_report, report_filename
+from ui.common import active_predictor, show_error
+from ui.masking import MaskChoice, mask_panel, outlined, show_crop_preview
+from ui.results import Explanation, explanation_section, predict_cached, show_prediction
+from ui.state import digest, memo
+from ui.uploads import IMAGE_TYPES, Upload, read_uploads, unique
+
+
+def prediction_key(predictor: Predictor, upload: Upload, choice: MaskChoice) -> tuple[str, str]:
+    """Identifies a prediction: the image, and the mask when the model uses it."""
+    return upload.key, choice.key if predictor.spec.uses_masks else ""
+
+
+def predict(predictor: Predictor, upload: Upload, choice: MaskChoice) -> Prediction | None:
+    """The prediction for an upload (masks only for mask-mode models), or None after showing
+    why there is none."""
+    masks = [choice.mask] if predictor.spec.uses_masks and choice.mask is not None else []
+    try:
+        return predict_cached(predictor, prediction_key(predictor, upload, choice),
+                              upload.image, masks)
+    except BusError as exc:
+        show_error(exc)
+        return None
+
+
+def input_note(predictor: Predictor, choice: MaskChoice) -> str:
+    """What the model looks at, in one line."""
+    if predictor.spec.uses_masks:
+        return "This model looks only at the masked lesion crop."
+    if choice.mask is not None:
+        return "This model looks at the whole image; the mask is for reference only."
+    return "This model looks at the whole image; a lesion mask is optional."
+
+
+def report(upload: Upload, choice: MaskChoice, prediction: Prediction,
+           shown: Explanation) -> tuple[str, bytes]:
+    """(file name, PNG bytes) of the downloadable report."""
+    image = upload.image if choice.mask is None else outlined(upload.image, choice.mask)
+    content = ReportContent(image=image, overlay=shown.overlay,
+                            probabilities=prediction.probabilities, label=prediction.label,
+                            model=prediction.model, explained=shown.target, method=shown.method,
+                            filename=upload.name, uncertain=prediction.uncertain,
+                            warnings=prediction.warnings)
+    return report_filename(upload.name, content.created), render_report(content)
+
+
+def case(predictor: Predictor, upload: Upload) -> Prediction | None:
+    """One image: mask panel and image on the left, the result on the right, then the CAM."""
+    left, right = st.columns([5, 4], gap="large")
+    with left:
+        choice = mask_panel(upload.image, predictor.spec, upload.key)
+        h, w = upload.image.shape[:2]
+        st.caption(f"{upload.name} · {w} x {h} px")
+        show_crop_preview(upload.image, choice, predictor.spec)
+    with right:
+        prediction = predict(predictor, upload, choice)
+        if prediction is not None:
+            show_prediction(prediction, predictor.card.uncertain_below, upload.key)
+        st.caption(input_note(predictor, choice))
+    if prediction is None:
+        return None
+    key = prediction_key(predictor, upload, choice)
+    shown, column = explanation_section(predictor, prediction, upload.key, key)
+    name, data = memo("report", (key, choice.key, shown.target, digest(shown.overlay)),
+                      lambda: report(upload, choice, prediction, shown), max_entries=8)
+    column.download_button("Download report (PNG)", data=data, file_name=name,
+                           mime="image/png", icon=":material/download:",
+                           key=f"report_{upload.key}", on_click="ignore")
+    return prediction
+
+
+def summary(uploads: list[Upload], predictions: list[Prediction | None]) -> None:
+    """A table of the batch: one row per image."""
+    rows = []
+    for upload, prediction in zip(uploads, predictions):
+        row = {"Image": upload.name, "Reading": "–"}
+        if prediction is not None:
+            row["Reading"] = "uncertain" if prediction.uncertain else prediction.label
+            row.update(prediction.probabilities)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    config = {name: st.column_config.ProgressColumn(name.capitalize(), format="percent",
+                                                    min_value=0.0, max_value=1.0)
+              for name in table.columns if name not in ("Image", "Reading")}
+    st.dataframe(table, hide_index=True, column_config=config, width="stretch")
+
+
+st.title("Diagnose")
+st.caption("Upload a breast-ultrasound image to see the model's reading and where it looked. "
+           "Research software: the result supports, never replaces, your own reading.")
+
+predictor = active_predictor()
+if predictor is None:
+    st.stop()
+
+files = st.file_uploader("Ultrasound images", type=IMAGE_TYPES, accept_multiple_files=True,
+                         key="diagnose_files",
+                         help="PNG, JPEG, BMP, TIFF or DICOM; several files at once are fine.")
+uploads, copies = unique(read_uploads(files or []))
+for upload in uploads:
+    if upload.error is not None:
+        show_error(upload.error)
+for copy in copies:
+    st.info(f"'{copy.name}' is the same image as another upload; it is shown once.",
+            icon=":material/content_copy:")
+readable = [u for u in uploads if u.image is not None]
+
+if len(readable) == 1:
+    case(predictor, readable[0])
+elif readable:
+    batch = st.container()
+    tabs = st.tabs([u.name for u in readable])
+    results = []
+    for upload, tab in zip(readable, tabs):
+        with tab:
+            results.append(case(predictor, upload))
+    with batch:
+        summary(readable, results)

@@ -1,0 +1,176 @@
+"""Teaching: read a random labelled case, commit to a class, then see the truth, the lesion
+outline, the model's reading and its Grad-CAM; the learner's and the model's scores are kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from bus_core.constants import CLASSES
+from bus_core.dataset import Record, load_records
+from bus_core.errors import BusError, DataError
+from bus_core.io import load_image, load_mask
+from bus_core.masks import combine_masks, draw_outline
+from bus_core.predict import Prediction, Predictor
+from bus_core.settings import default_dataset_dir
+from ui.common import optional_predictor, show_error
+from ui.results import explanation_section, predict_cached, show_prediction
+from ui.state import memo
+from ui.teaching import TeachingSession
+
+OUTLINE = (0, 200, 83)
+
+
+@st.cache_data(show_spinner="Reading the dataset…", ttl=600, max_entries=4)
+def dataset(folder: str) -> list[Record]:
+    """The labelled records of a folder or manifest (only the three known classes)."""
+    return [r for r in load_records(folder) if r.label in CLASSES]
+
+
+def choose_folder() -> str:
+    """The dataset folder: the default one, or what the user types."""
+    default = default_dataset_dir()
+    with st.expander("Dataset", expanded=default is None, icon=":material/folder_open:"):
+        folder = st.text_input("Dataset folder or CSV manifest", value=str(default or ""),
+                               key="teach_folder", placeholder="/path/to/BUSI",
+                               help="A BUSI-layout folder (normal/, benign/, malignant/ with "
+                                    "_mask files) or a CSV manifest path,label[,mask].")
+    return folder.strip()
+
+
+def session_for(folder: str, n_cases: int) -> TeachingSession:
+    """This browser session's teaching state, restarted when the dataset changes."""
+    session = st.session_state.get("teach")
+    if session is None or session.source != folder or len(session.order) != n_cases:
+        session = st.session_state["teach"] = TeachingSession.new(folder, n_cases)
+    return session
+
+
+def lesion(record: Record, shape: tuple[int, int]) -> np.ndarray | None:
+    """The union of a record's lesion masks, or None for a case without a lesion."""
+    masks = [load_mask(p, shape=shape) for p in record.masks]
+    masks = [m for m in masks if m.any()]
+    return combine_masks(masks, mode="union") if masks else None
+
+
+def model_reading(predictor: Predictor, record: Record, image: np.ndarray) -> Prediction:
+    """The model's prediction for a case (mask models get the case's lesion masks)."""
+    masks = []
+    if predictor.spec.uses_masks:
+        mask = lesion(record, image.shape[:2])
+        masks = [] if mask is None else [mask]
+    return predict_cached(predictor, ("teach", record.id), image, masks)
+
+
+def check(session: TeachingSession, record: Record, image: np.ndarray,
+          predictor: Predictor | None) -> None:
+    """Button callback: score the learner's answer and the model's reading."""
+    answer = st.session_state.get(f"teach_answer_{session.position}")
+    if answer is None:
+        return
+    label = None
+    if predictor is not None:
+        try:
+            label = model_reading(predictor, record, image).label
+        except BusError:
+            label = None
+    session.check(answer, record.label, label)
+
+
+def scoreboard(session: TeachingSession, has_model: bool) -> None:
+    """The learner's and the model's running scores on the same cases."""
+    you, model, case_no = st.columns(3)
+    you.metric("Your score", str(session.learner))
+    model.metric("Model's score", str(session.model) if has_model else "–",
+                 help="The active model on the cases you answered.")
+    case_no.metric("Case", f"{session.position + 1} of {len(session.order)}")
+
+
+def verdict(session: TeachingSession, record: Record) -> None:
+    """The truth and whether the learner found it."""
+    if session.answer == record.label:
+        st.success(f"Correct: this case is **{record.label}**.", icon=":material/check_circle:")
+    else:
+        st.error(f"You said {session.answer}; this case is **{record.label}**.",
+                 icon=":material/cancel:")
+    st.caption(f"Case {record.id}")
+
+
+def reveal_model(predictor: Predictor, record: Record, image: np.ndarray,
+                 key: str) -> Prediction | None:
+    """The model's reading of the case, or None after saying why there is none."""
+    try:
+        prediction = model_reading(predictor, record, image)
+    except BusError as exc:
+        show_error(exc, "The model cannot read this case")
+        return None
+    show_prediction(prediction, predictor.card.uncertain_below, key)
+    right = prediction.label == record.label
+    st.caption(f"The model's top class, {prediction.label}, is "
+               f"{'right' if right else 'wrong'} for this case.")
+    return prediction
+
+
+def show_case(session: TeachingSession, record: Record, predictor: Predictor | None,
+              model_note: str) -> None:
+    """The case, the answer controls, and after checking the truth and the model."""
+    try:
+        image = memo("teach_image", record.id, lambda: load_image(record.path), max_entries=8)
+        mask = memo("teach_lesion", record.id, lambda: lesion(record, image.shape[:2]),
+                    max_entries=8) if session.revealed else None
+    except BusError as exc:
+        show_error(exc, "This case cannot be shown")
+        st.button("Next case", on_click=session.next_case, key="teach_skip")
+        return
+    key = f"teach_{session.position}"
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        shown = image if mask is None else memo(
+            "teach_outline", record.id, lambda: draw_outline(image, mask, color=OUTLINE,
+                                                             thickness=3), max_entries=8)
+        st.image(shown, width="stretch")
+        if session.revealed:
+            st.caption("Green: the lesion outline of the dataset." if mask is not None
+                       else "No lesion is marked in this case.")
+    prediction = None
+    with right:
+        if not session.revealed:
+            st.radio("Your reading", CLASSES, index=None, format_func=str.capitalize,
+                     key=f"teach_answer_{session.position}")
+            st.button("Check", type="primary", on_click=check, key=f"teach_check_{key}",
+                      args=(session, record, image, predictor),
+                      disabled=st.session_state.get(f"teach_answer_{session.position}") is None)
+        else:
+            verdict(session, record)
+            if predictor is not None:
+                prediction = reveal_model(predictor, record, image, key)
+            else:
+                st.caption(model_note)
+            st.button("Next case", type="primary", on_click=session.next_case,
+                      key=f"teach_next_{key}", icon=":material/arrow_forward:")
+    if prediction is not None:
+        explanation_section(predictor, prediction, key, ("teach", record.id))
+
+
+st.title("Teaching")
+st.caption("Read each case as you would in clinic and commit to an answer; then compare it with "
+           "the dataset's label, the lesion outline and the model's reading.")
+
+folder = choose_folder()
+if not folder:
+    st.info("Enter the folder of a labelled dataset (for example BUSI) to start.",
+            icon=":material/info:")
+    st.stop()
+try:
+    records = dataset(folder)
+except DataError as exc:
+    show_error(exc)
+    st.stop()
+if not records:
+    st.warning("This dataset has no images labelled normal, benign or malignant.")
+    st.stop()
+
+teach_predictor, no_model_note = optional_predictor()
+teaching = session_for(folder, len(records))
+scoreboard(teaching, teach_predictor is not None)
+show_case(teaching, records[teaching.current], teach_predictor, no_model_note)

@@ -1,0 +1,222 @@
+"""The app in a real browser: `streamlit run app.py` driven by Playwright and Debian's Chromium.
+
+Screenshots go to test-artifacts/ (git-ignored). With SAVE_README_SCREENSHOT=1 the Diagnose
+screenshot is also saved as docs/diagnose.png, using a real BUSI image when ../shared/data/BUSI
+exists and the model in $BUS_MODEL (else the active model, else the tiny test model).
+Skipped when Chromium or Playwright is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import BUSI, synthetic_image
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+README_RUN = os.environ.get("SAVE_README_SCREENSHOT") == "1"
+README_IMAGE = BUSI / "malignant" / "malignant (10).png"
+
+if not CHROMIUM.exists():
+    pytest.skip("Chromium is not installed at /usr/bin/chromium", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"streamlit exited with code {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.read().strip() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"streamlit did not answer at {url} within {timeout} s")
+
+
+def screenshot_model(tiny_model_dir: Path) -> Path:
+    if README_RUN:
+        from bus_core.registry import active_model_path
+
+        chosen = os.environ.get("BUS_MODEL") or active_model_path()
+        if chosen:
+            return Path(chosen)
+    return tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, busi_dir, tmp_path_factory) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "BUS_MODEL": str(screenshot_model(tiny_model_dir)),
+           "BUS_DATA_DIR": str(tmp_path_factory.mktemp("userdata")),
+           "BUS_DATASET": str(busi_dir)}
+    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1",
+         "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.seek(0)
+        print(log.read()[-4000:])
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(server) -> Iterator:
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1440, "height": 1000},
+                                  device_scale_factor=1)
+    tab = context.new_page()
+    tab.set_default_timeout(60_000)
+    yield tab
+    context.close()
+
+
+def upload_image(tmp_path: Path) -> Path:
+    if README_RUN and README_IMAGE.is_file():
+        return README_IMAGE
+    image, _ = synthetic_image("malignant", np.random.default_rng(3), size=(360, 480))
+    path = tmp_path / "ultrasound.png"
+    Image.fromarray(image).save(path)
+    return path
+
+
+def wait_for_images(page, at_least: int) -> None:
+    page.wait_for_function(
+        "n => { const imgs = [...document.querySelectorAll('[data-testid=stMain] img')];"
+        " return imgs.length >= n && imgs.every(i => i.complete && i.naturalWidth > 0); }",
+        arg=at_least)
+
+
+def settle(page) -> None:
+    """Wait until the app has finished its script run (no stale or running elements)."""
+    page.wait_for_function(
+        "() => !document.querySelector('[data-stale=true], [data-testid=stMain] "
+        "[data-testid=stSpinner]') && !/Running/i.test("
+        "document.querySelector('[data-testid=stStatusWidget]')?.innerText || '')")
+    page.wait_for_timeout(1000)
+
+
+def full_screenshot(page, path: Path) -> None:
+    """The whole page: Streamlit scrolls inside its main block, so the viewport is grown to fit
+    it first."""
+    height = page.evaluate(
+        "() => Math.max(...[...document.querySelectorAll('[data-testid=stMain], "
+        "[data-testid=stMainBlockContainer]')].map(e => e.scrollHeight))")
+    page.set_viewport_size({"width": page.viewport_size["width"], "height": max(height, 800)})
+    settle(page)
+    page.screenshot(path=str(path), full_page=True)
+
+
+def test_diagnose_in_a_browser(page, server, tmp_path):
+    page.goto(server)
+    page.get_by_text("Ultrasound images").first.wait_for()
+    page.locator("input[type=file]").first.set_input_files(str(upload_image(tmp_path)))
+    page.get_by_text("Model's reading").wait_for()
+    page.get_by_text("Grad-CAM for", exact=False).first.wait_for()
+    wait_for_images(page, 3)
+    page.get_by_text("Download report (PNG)").wait_for()
+    settle(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    full_screenshot(page, ARTIFACTS / "diagnose.png")
+    if README_RUN:
+        (REPO / "docs").mkdir(exist_ok=True)
+        full_screenshot(page, REPO / "docs" / "diagnose.png")
+
+
+def test_corrupt_file_gets_a_message_in_a_browser(page, server, tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    page.goto(server)
+    page.locator("input[type=file]").first.set_input_files(str(bad))
+    page.get_by_text("'x.png' is not an image file we can read").wait_for()
+    settle(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert page.locator("[data-testid=stException]").count() == 0
+    full_screenshot(page, ARTIFACTS / "diagnose-error.png")
+
+
+def test_teaching_in_a_browser(page, server):
+    page.goto(f"{server}/teach")
+    page.get_by_text("Your reading").wait_for()
+    wait_for_images(page, 1)
+    page.get_by_text("Benign", exact=True).first.click()
+    page.get_by_role("button", name="Check").click()
+    page.get_by_text("Next case").wait_for()
+    page.get_by_text("Grad-CAM for", exact=False).first.wait_for()
+    wait_for_images(page, 3)
+    settle(page)
+    full_screenshot(page, ARTIFACTS / "teach.png")
+    assert page.get_by_text("1 / 1").count() + page.get_by_text("0 / 1").count() >= 1
+
+
+def draw(page, canvas, points: list[tuple[float, float]]) -> None:
+    """Drag the mouse through `points` (fractions of the canvas size)."""
+    box = canvas.bounding_box()
+    xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*xy[0])
+    page.mouse.down()
+    for x, y in xy[1:]:
+        page.mouse.move(x, y, steps=4)
+    page.mouse.up()
+
+
+def test_paint_a_mask_in_a_browser(page, server, tmp_path):
+    page.goto(server)
+    page.locator("input[type=file]").first.set_input_files(str(upload_image(tmp_path)))
+    page.get_by_text("Model's reading").wait_for()
+    page.get_by_text("Paint a mask", exact=True).click()
+    page.get_by_text("Brush size").wait_for()
+    canvas = page.locator("canvas").last
+    canvas.wait_for()
+    page.wait_for_timeout(1000)
+    ring = [(0.5 + 0.12 * np.cos(a), 0.55 + 0.15 * np.sin(a)) for a in np.linspace(0, 6.3, 24)]
+    draw(page, canvas, ring)
+    page.get_by_text("Masked crop").wait_for()
+    page.get_by_text("Download report (PNG)").wait_for()
+    settle(page)
+    full_screenshot(page, ARTIFACTS / "diagnose-paint.png")
+    page.get_by_role("button", name="Clear").click()
+    page.get_by_text("Masked crop").wait_for(state="detached")

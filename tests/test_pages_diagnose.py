@@ -1,0 +1,185 @@
+"""The Diagnose page, run through the whole app with Streamlit's AppTest and a tiny model."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from tests.conftest import synthetic_image
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def ultrasound_png(seed: int = 0, size: tuple[int, int] = (200, 240)) -> tuple[bytes, np.ndarray]:
+    image, mask = synthetic_image("benign", np.random.default_rng(seed), size=size)
+    return png_bytes(image), mask
+
+
+def start(monkeypatch, tmp_path, model_dir: Path | None) -> AppTest:
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    if model_dir is None:
+        monkeypatch.delenv("BUS_MODEL", raising=False)
+    else:
+        monkeypatch.setenv("BUS_MODEL", str(model_dir))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception
+    return at
+
+
+def upload(at: AppTest, *files: tuple[str, bytes, str]) -> AppTest:
+    at.file_uploader(key="diagnose_files").set_value(list(files))
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def segmented(at: AppTest, label: str):
+    return next(w for w in at.segmented_control if w.label == label)
+
+
+def messages(elements) -> str:
+    return " ".join(e.value for e in elements)
+
+
+@pytest.fixture
+def app(monkeypatch, tmp_path, tiny_model_dir) -> AppTest:
+    return start(monkeypatch, tmp_path, tiny_model_dir)
+
+
+@pytest.fixture
+def count_cams(monkeypatch) -> list[tuple[str, str]]:
+    from bus_core.predict import Predictor
+
+    calls: list[tuple[str, str]] = []
+    original = Predictor.explain
+
+    def counting(self, prediction, target=None, method="gradcam"):
+        calls.append((target, method))
+        return original(self, prediction, target, method)
+
+    monkeypatch.setattr(Predictor, "explain", counting)
+    return calls
+
+
+def test_upload_gives_a_prediction_chart_overlay_and_report(app, count_cams):
+    data, _ = ultrasound_png()
+    upload(app, ("scan.png", data, "image/png"))
+    reading = app.metric[0]
+    assert reading.label == "Model's reading"
+    assert reading.value in {"Normal", "Benign", "Malignant", "Uncertain"}
+    assert len(app.get("plotly_chart")) == 1
+    images = app.get("image")
+    assert len(images) >= 3  # the input, what the model saw, the overlay
+    assert any("Grad-CAM" in c for img in images for c in img.captions)
+    assert len(app.get("download_button")) == 1
+    assert not app.error
+    assert count_cams == [(app.selectbox[0].value, "gradcam")]  # the predicted class
+    if reading.value != "Uncertain":
+        assert app.selectbox[0].value == reading.value.lower()
+
+
+def test_opacity_reuses_the_cam_and_a_new_class_computes_one(app, count_cams):
+    upload(app, ("scan.png", ultrasound_png()[0], "image/png"))
+    assert len(count_cams) == 1
+    app.slider[0].set_value(0.8).run()
+    assert len(count_cams) == 1
+    target = app.selectbox[0]
+    other = next(c for c in ("normal", "benign", "malignant") if c != target.value)
+    target.set_value(other).run()
+    segmented(app, "Method").set_value("Grad-CAM++").run()
+    assert not app.exception
+    assert count_cams[1:] == [(other, "gradcam"), (other, "gradcam++")]
+
+
+def test_bad_files_get_messages_and_good_ones_still_work(app):
+    rng = np.random.default_rng(7)
+    upload(app,
+           ("x.png", rng.integers(0, 256, 3000, dtype=np.uint8).tobytes(), "image/png"),
+           ("good.png", ultrasound_png(1)[0], "image/png"),
+           ("notes.dcm", b"Patient notes, not an image.\n" * 20, "application/dicom"),
+           ("second.png", ultrasound_png(2)[0], "image/png"))
+    errors = messages(app.error)
+    assert "'x.png'" in errors and "'notes.dcm'" in errors
+    assert "text file" in errors
+    assert len(app.tabs) == 2
+    assert len(app.metric) == 2
+    table = app.dataframe[0].value
+    assert list(table["Image"]) == ["good.png", "second.png"]
+    assert table["Reading"].notna().all()
+
+
+def test_wrong_aspect_mask_file_gives_the_mask_message(app):
+    data, mask = ultrasound_png(size=(200, 240))
+    upload(app, ("scan.png", data, "image/png"))
+    segmented(app, "Lesion mask").set_value("Upload mask files").run()
+    masks = app.file_uploader[1]
+    square = np.zeros((100, 100), np.uint8)
+    masks.set_value(("mask.png", png_bytes(square), "image/png")).run()
+    assert not app.exception
+    assert "'mask.png' is 100 x 100 pixels but the image is 240 x 200" in messages(app.error)
+    assert len(app.metric) == 1  # a whole-image model still predicts
+
+
+def test_good_mask_file_shows_the_crop_preview(app):
+    data, mask = ultrasound_png(size=(200, 240))
+    upload(app, ("scan.png", data, "image/png"))
+    segmented(app, "Lesion mask").set_value("Upload mask files").run()
+    small = np.asarray(Image.fromarray(mask).resize((120, 100), Image.NEAREST))
+    app.file_uploader[1].set_value(("mask.png", png_bytes(small), "image/png")).run()
+    assert not app.exception and not app.error
+    notes = messages(app.caption)
+    assert "preview only" in notes and "mask is for reference only" in notes
+
+
+@pytest.fixture
+def mask_model_dir(tiny_model_dir, tmp_path) -> Path:
+    folder = tmp_path / "mask-model"
+    shutil.copytree(tiny_model_dir, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card.update(name="tiny-mask", input_mode="mask")
+    (folder / "card.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_mask_model_needs_a_mask(monkeypatch, tmp_path, mask_model_dir):
+    at = start(monkeypatch, tmp_path, mask_model_dir)
+    data, mask = ultrasound_png(size=(200, 240))
+    upload(at, ("scan.png", data, "image/png"))
+    assert "lesion mask" in messages(at.error)
+    assert not at.metric
+    segmented(at, "Lesion mask").set_value("Upload mask files").run()
+    at.file_uploader[1].set_value(("mask.png", png_bytes(mask.astype(np.uint8) * 255),
+                                   "image/png")).run()
+    assert not at.exception and not at.error
+    assert at.metric[0].label == "Model's reading"
+    assert "what the model looks at" in messages(at.caption)
+
+
+def test_no_model_installed_shows_how_to_get_one(monkeypatch, tmp_path):
+    monkeypatch.setattr("bus_core.registry.bundled_default", lambda *args, **kwargs: None)
+    at = start(monkeypatch, tmp_path, None)
+    assert "No model is installed" in messages(at.warning)
+    assert not at.get("file_uploader")
+
+
+def test_model_folder_without_a_model_is_explained(monkeypatch, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    at = start(monkeypatch, tmp_path, empty)
+    assert "The active model cannot be used" in messages(at.error)
+    assert "card.json" in messages(at.error)
+    assert not at.get("file_uploader")

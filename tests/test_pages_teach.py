@@ -1,0 +1,81 @@
+"""The Teaching page, run through the whole app with Streamlit's AppTest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from bus_core.dataset import load_records
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+def open_teaching(monkeypatch, tmp_path, dataset: Path | None, model: Path | None) -> AppTest:
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.setenv("BUS_DATASET", str(dataset or tmp_path / "no-such-folder"))
+    if model is None:
+        monkeypatch.setattr("bus_core.registry.bundled_default", lambda *args, **kwargs: None)
+        monkeypatch.delenv("BUS_MODEL", raising=False)
+    else:
+        monkeypatch.setenv("BUS_MODEL", str(model))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.switch_page("pages/teach.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def truth(at: AppTest, busi_dir: Path) -> str:
+    records = load_records(busi_dir)
+    return records[at.session_state["teach"].current].label
+
+
+def answer(at: AppTest, label: str) -> None:
+    position = at.session_state["teach"].position
+    at.radio(key=f"teach_answer_{position}").set_value(label).run()
+    at.button(key=f"teach_check_teach_{position}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def test_answers_update_both_scores(monkeypatch, tmp_path, busi_dir, tiny_model_dir):
+    at = open_teaching(monkeypatch, tmp_path, busi_dir, tiny_model_dir)
+    assert metric(at, "Your score") == "0 / 0"
+    assert metric(at, "Case") == "1 of 18"
+    assert not at.success and not at.get("plotly_chart")  # nothing is revealed yet
+
+    right = truth(at, busi_dir)
+    answer(at, right)
+    assert metric(at, "Your score") == "1 / 1"
+    assert metric(at, "Model's score") in {"0 / 1", "1 / 1"}
+    assert right in at.success[0].value
+    assert len(at.get("plotly_chart")) == 1  # the model's reading
+    assert any("Grad-CAM" in c for img in at.get("image") for c in img.captions)
+
+    at.button(key="teach_next_teach_0").click().run()
+    assert metric(at, "Case") == "2 of 18"
+    wrong = next(c for c in ("normal", "benign", "malignant") if c != truth(at, busi_dir))
+    answer(at, wrong)
+    assert metric(at, "Your score") == "1 / 2"
+    assert metric(at, "Model's score").endswith("/ 2")
+    assert "you said" in at.error[0].value.lower()
+
+
+def test_without_a_model_only_the_learner_is_scored(monkeypatch, tmp_path, busi_dir):
+    at = open_teaching(monkeypatch, tmp_path, busi_dir, None)
+    answer(at, truth(at, busi_dir))
+    assert metric(at, "Your score") == "1 / 1"
+    assert metric(at, "Model's score") == "–"
+    assert any("No model is installed" in c.value for c in at.caption)
+
+
+def test_bad_folder_gives_a_clear_message(monkeypatch, tmp_path):
+    at = open_teaching(monkeypatch, tmp_path, None, None)
+    assert "Enter the folder" in at.info[0].value
+    at.text_input(key="teach_folder").set_value(str(tmp_path / "missing")).run()
+    assert not at.exception
+    assert "does not exist" in at.error[0].value

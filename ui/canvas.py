@@ -1,0 +1,71 @@
+"""Painting a lesion mask on the image in the browser (streamlit-drawable-canvas).
+
+Compatibility with Streamlit 1.67: streamlit-drawable-canvas 0.13 is a Components-v2 component
+that sends its background image as a data URL it encodes itself, so it no longer calls
+`streamlit.elements.image.image_to_url` (removed from newer Streamlit); no shim is needed.
+Its assets are registered when the Streamlit runtime (or AppTest) starts, so the package is
+imported here, inside the functions, and never at import time of a page.
+The 0.13 drawing modes are freedraw, polygon, rect, circle, line, point, text and
+labeled_rect; moving / resizing / deleting shapes (the old "transform" mode) is the edit toggle
+of the canvas toolbar, which also has undo, redo and reset.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+
+from bus_core.io import image_to_png_bytes
+from bus_core.masks import strokes_to_mask
+from ui.state import memo
+
+CANVAS_WIDTH, MAX_CANVAS_HEIGHT = 480, 640
+TOOLS: dict[str, str] = {"Brush": "freedraw", "Polygon": "polygon", "Rectangle": "rect",
+                         "Circle": "circle", "Eraser": "freedraw"}
+PAINT, ERASE = "rgba(255, 196, 0, 0.55)", "rgba(235, 240, 245, 0.9)"
+"""Stroke colours: lesion paint, and the eraser (strokes of this colour remove paint)."""
+
+
+def canvas_size(image_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(width, height) of a canvas about CANVAS_WIDTH px wide with the image's aspect ratio."""
+    h, w = image_shape[:2]
+    scale = min(CANVAS_WIDTH / w, MAX_CANVAS_HEIGHT / h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _background(image: np.ndarray, size: tuple[int, int]) -> bytes:
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    return image_to_png_bytes(resized)
+
+
+def _clear(version_key: str) -> None:
+    """Button callback: a new canvas key, so the next run shows an empty canvas."""
+    st.session_state[version_key] = st.session_state.get(version_key, 0) + 1
+
+
+def paint_mask(image: np.ndarray, key: str) -> np.ndarray | None:
+    """A canvas over `image` with its tools; the painted lesion mask at the image's size, or
+    None while nothing is painted."""
+    from streamlit_drawable_canvas import st_canvas
+
+    tool = st.segmented_control("Tool", list(TOOLS), default="Brush", required=True,
+                                key=f"tool_{key}") or "Brush"
+    stroke = st.columns([3, 2])[0].slider("Brush size", 2, 60, 16, key=f"stroke_{key}")
+    version_key = f"canvas_version_{key}"
+    size = canvas_size(image.shape)
+    background = memo("canvas_bg", (key, size), lambda: _background(image, size), 8)
+    colour = ERASE if tool == "Eraser" else PAINT
+    result = st_canvas(fill_color=colour, stroke_width=stroke, stroke_color=colour,
+                       background_image=background, width=size[0], height=size[1],
+                       drawing_mode=TOOLS[tool],
+                       key=f"canvas_{key}_{st.session_state.get(version_key, 0)}")
+    note_col, clear_col = st.columns([5, 1], vertical_alignment="center")
+    note_col.caption("Paint over the lesion; eraser strokes (light grey) remove paint. "
+                     "Polygon: click the corners, then the first one again to close it. The "
+                     "toolbar above the canvas undoes, redoes and edits shapes.")
+    clear_col.button("Clear", key=f"clear_{key}", help="Remove everything painted.",
+                     on_click=_clear, args=(version_key,))
+    mask = strokes_to_mask(result.json_data, canvas_size=size, image_shape=image.shape[:2],
+                           erase_color=ERASE)
+    return mask if mask.any() else None

@@ -1,0 +1,113 @@
+"""The lesion-mask panel of a case: no mask, a mask painted in the browser, or mask files;
+their combination; and a preview of the masked crop. The mask logic is bus_core.masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import streamlit as st
+
+from bus_core.errors import BusError
+from bus_core.inputs import InputSpec
+from bus_core.masks import COMBINE_MODES, combine_masks, draw_outline, mask_overlay, masked_input
+from ui.common import show_error
+from ui.state import digest, memo
+from ui.uploads import MASK_TYPES, read_masks
+
+NO_MASK, PAINT, UPLOAD = "No mask", "Paint a mask", "Upload mask files"
+MASK_SOURCES: tuple[str, ...] = (NO_MASK, PAINT, UPLOAD)
+LESION_COLOUR = (255, 196, 0)
+
+
+@dataclass(frozen=True)
+class MaskChoice:
+    """The user's lesion mask for one image (None when there is none) and how it was made."""
+
+    mask: np.ndarray | None
+    source: str
+    key: str = ""
+
+
+def _combine(image: np.ndarray, masks: list[np.ndarray], spec: InputSpec,
+             key: str) -> np.ndarray | None:
+    """One mask from several (the combine mode is asked for when there are several), or None
+    after showing why the combination cannot be used."""
+    mode = spec.combine
+    if len(masks) > 1:
+        mode = st.radio("Combine masks", COMBINE_MODES, index=list(COMBINE_MODES).index(mode)
+                        if mode in COMBINE_MODES else 0, horizontal=True,
+                        key=f"combine_{key}",
+                        help="Intersection keeps what every mask marks; weighted keeps what "
+                             "enough masks mark (the union when that is empty); union keeps "
+                             "what any mask marks.")
+    try:
+        combined = combine_masks(masks, mode=mode, threshold=spec.threshold)
+        if not combined.any():  # masked_input says why: nothing marked, or no overlap
+            masked_input(image, masks, mode=mode, threshold=spec.threshold)
+        return combined
+    except BusError as exc:
+        show_error(exc)
+        return None
+
+
+def _uploaded_masks(image: np.ndarray, key: str) -> list[np.ndarray]:
+    files = st.file_uploader("Mask files", type=MASK_TYPES, accept_multiple_files=True,
+                             key=f"mask_files_{key}",
+                             help="White (non-zero) pixels mark the lesion. A mask must have "
+                                  "the size or the shape of its image.")
+    masks, errors = read_masks(files or [], image.shape[:2])
+    for error in errors:
+        show_error(error)
+    return masks
+
+
+def _painted_masks(image: np.ndarray, key: str) -> list[np.ndarray]:
+    from ui.canvas import paint_mask  # the canvas component loads only when it is used
+
+    painted = paint_mask(image, key)
+    return [] if painted is None else [painted]
+
+
+def mask_panel(image: np.ndarray, spec: InputSpec, key: str) -> MaskChoice:
+    """The mask controls for one image; shows the image (painted on, or outlined) and
+    returns the combined mask."""
+    source = st.segmented_control("Lesion mask", MASK_SOURCES, default=NO_MASK, required=True,
+                                  key=f"mask_source_{key}") or NO_MASK
+    masks: list[np.ndarray] = []
+    if source == PAINT:
+        masks = _painted_masks(image, key)
+    elif source == UPLOAD:
+        masks = _uploaded_masks(image, key)
+    mask = _combine(image, masks, spec, key) if masks else None
+    if source != PAINT:
+        shown = image if mask is None else memo(
+            "outlined", (key, digest(mask)), lambda: outlined(image, mask), max_entries=16)
+        st.image(shown, width="stretch")
+    return MaskChoice(mask, source, digest(mask) if mask is not None else "")
+
+
+def outlined(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`image` with the lesion tinted and outlined."""
+    tinted = mask_overlay(image, mask, color=LESION_COLOUR, alpha=0.25)
+    return draw_outline(tinted, mask, color=LESION_COLOUR,
+                        thickness=max(2, round(max(image.shape[:2]) / 250)))
+
+
+def show_crop_preview(image: np.ndarray, choice: MaskChoice, spec: InputSpec) -> None:
+    """The masked crop of the combined mask, said to be what the model sees only when it is."""
+    if choice.mask is None:
+        return
+    try:
+        crop = masked_input(image, [choice.mask], mode="union", margin=spec.margin)
+    except BusError as exc:
+        show_error(exc)
+        return
+    preview_col, note_col = st.columns([1, 2], vertical_alignment="center")
+    preview_col.image(crop, width="stretch")
+    if spec.uses_masks:
+        note_col.caption("**Masked crop**: this is what the model looks at.")
+    else:
+        note_col.caption("**Masked crop** (preview only): this model looks at the whole "
+                         "image; the mask is drawn for reference and does not change the "
+                         "prediction.")

@@ -1,0 +1,64 @@
+"""Uploaded files -> decoded images and masks, read once per upload and kept in the session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from streamlit.runtime.uploaded_file_manager import UploadedFile
+
+from bus_core.errors import BusError
+from bus_core.io import load_image, load_mask
+from ui.state import digest, memo
+
+IMAGE_TYPES: list[str] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "dcm", "dicom"]
+MASK_TYPES: list[str] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"]
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded image: decoded (`image`) or refused (`error`); `key` is a content hash."""
+
+    name: str
+    key: str
+    image: np.ndarray | None = None
+    error: BusError | None = None
+
+
+def _decode(file: UploadedFile) -> Upload:
+    data = file.getvalue()
+    try:
+        return Upload(file.name, digest(data), image=load_image(data, name=file.name))
+    except BusError as exc:
+        return Upload(file.name, digest(data), error=exc)
+
+
+def read_uploads(files: Sequence[UploadedFile]) -> list[Upload]:
+    """The uploaded images, decoded once per upload (by file id) in this session."""
+    return [memo("upload", (f.file_id, f.name), lambda f=f: _decode(f), max_entries=64)
+            for f in files]
+
+
+def unique(uploads: Sequence[Upload]) -> tuple[list[Upload], list[Upload]]:
+    """(first upload of each content, later copies of the same content)."""
+    seen: set[str] = set()
+    first, copies = [], []
+    for upload in uploads:
+        (copies if upload.key in seen else first).append(upload)
+        seen.add(upload.key)
+    return first, copies
+
+
+def read_masks(files: Sequence[UploadedFile], shape: tuple[int, int]
+               ) -> tuple[list[np.ndarray], list[BusError]]:
+    """The uploaded mask files fitted to an image of `shape` (H, W), and the errors of those
+    that cannot be used."""
+    masks, errors = [], []
+    for f in files:
+        try:
+            masks.append(memo("mask", (f.file_id, f.name, shape),
+                              lambda f=f: load_mask(f.getvalue(), shape=shape, name=f.name)))
+        except BusError as exc:
+            errors.append(exc)
+    return masks, errors
