@@ -4,20 +4,34 @@ Models live in two places: the bundled `weights/` folder of the project (read-on
 and the user's model folder (`<data dir>/models`, trained or uploaded). The active model is
 $BUS_MODEL, else the one chosen in `<data dir>/active_model.json`, else the bundled default
 named in `weights/DEFAULT` (or the only bundled model).
+
+User models can be renamed, deleted, exported as a zip and imported from uploaded files; bundled
+ones are read-only. Imports accept only safetensors weights with a JSON card (never pickles) and
+keep a model only once it loads.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import shutil
+import tempfile
+import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Mapping
 
 from bus_core.errors import ModelError
-from bus_core.models import CARD_FILE, WEIGHTS_FILE, ModelCard, read_card
+from bus_core.models import CARD_FILE, WEIGHTS_FILE, ModelCard, load_model, read_card
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, data_dir, user_models_dir
 
 ACTIVE_FILE = "active_model.json"
+PICKLE_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar",
+                                    ".joblib")
+MAX_IMPORT_BYTES = 2 << 30  # a zip that unpacks to more than this is refused
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -95,3 +109,164 @@ def no_model_message() -> str:
     return ("No model is installed. The project ships its released model in weights/; train one "
             "with `python -m bus_core train --data DIR --out weights/NAME`, or point BUS_MODEL "
             "at a model folder (model.safetensors + card.json).")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def _user_model(path: str | Path, user_dir: Path | None) -> Path:
+    """`path` as a model folder of the user's, or ModelError (bundled or foreign folders)."""
+    folder = Path(path)
+    root = user_dir or user_models_dir()
+    if not _inside(folder, root) or folder.resolve() == root.resolve():
+        raise ModelError(f"{folder.name} is not one of your models (it is not in {root}): "
+                         "bundled models cannot be renamed or deleted.")
+    read_card(folder)
+    return folder
+
+
+def check_model_name(name: str) -> str:
+    """`name` stripped, if it can name a model folder; ModelError with the rule otherwise."""
+    name = name.strip()
+    if not _NAME.match(name):
+        raise ModelError(f"{name!r} cannot be a model name: use 1 to 64 letters, digits, dots, "
+                         "dashes or underscores, starting with a letter or digit.")
+    return name
+
+
+def _is_active(folder: Path) -> bool:
+    chosen = data_dir() / ACTIVE_FILE
+    try:
+        return Path(json.loads(chosen.read_text())["path"]).resolve() == folder.resolve()
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return False
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def rename_model(path: str | Path, new_name: str, *, user_dir: Path | None = None) -> Path:
+    """Rename one of the user's models: its folder and the name in its card. The active model
+    stays active under its new name. Returns the new folder."""
+    folder = _user_model(path, user_dir)
+    name = check_model_name(new_name)
+    target = folder.parent / name
+    if target.exists() and target.resolve() != folder.resolve():
+        raise ModelError(f"A model named {name} already exists: choose another name.")
+    was_active = _is_active(folder)
+    card = json.loads((folder / CARD_FILE).read_text())
+    card["name"] = name
+    _write_text_atomic(folder / CARD_FILE, json.dumps(card, indent=2))
+    folder.rename(target)
+    if was_active:
+        set_active_model(target)
+    return target
+
+
+def delete_model(path: str | Path, *, user_dir: Path | None = None) -> None:
+    """Delete one of the user's models (never a bundled one). If it was the active model, the
+    app goes back to the default one."""
+    folder = _user_model(path, user_dir)
+    if _is_active(folder):
+        (data_dir() / ACTIVE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(folder)
+
+
+def export_zip(path: str | Path) -> bytes:
+    """A zip of a model's weights and card (model.safetensors + card.json at its root)."""
+    folder = Path(path)
+    read_card(folder)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name in (WEIGHTS_FILE, CARD_FILE):
+            archive.write(folder / name, arcname=name)
+    return buffer.getvalue()
+
+
+def _refuse_unsafe(name: str) -> None:
+    suffix = PurePosixPath(name).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ModelError(f"{PurePosixPath(name).name} is a pickle-based checkpoint ({suffix}), "
+                         "which can run arbitrary code when opened, so it is refused. Export the "
+                         f"model as {WEIGHTS_FILE} (safetensors) plus its {CARD_FILE}.")
+
+
+def _unzip(name: str, data: bytes) -> dict[str, bytes]:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise ModelError(f"{name} is not a readable zip file.") from exc
+    with archive:
+        members = [m for m in archive.infolist() if not m.is_dir()
+                   and not m.filename.startswith("__MACOSX/")]
+        for member in members:
+            _refuse_unsafe(member.filename)
+        if sum(m.file_size for m in members) > MAX_IMPORT_BYTES:
+            raise ModelError(f"{name} unpacks to more than {MAX_IMPORT_BYTES >> 30} GiB: this "
+                             "is not a model of this app.")
+        return {PurePosixPath(m.filename).name: archive.read(m) for m in members}
+
+
+def _model_files(files: Mapping[str, bytes]) -> tuple[bytes, bytes]:
+    """The (weights, card) bytes of an upload: a .safetensors and a .json, or a zip of both."""
+    for name in files:
+        _refuse_unsafe(name)
+    if len(files) == 1 and next(iter(files)).lower().endswith(".zip"):
+        name, data = next(iter(files.items()))
+        files = _unzip(name, data)
+    weights = [n for n in files if n.lower().endswith(".safetensors")]
+    cards = [n for n in files if n.lower().endswith(".json")]
+    others = sorted(set(files) - set(weights) - set(cards))
+    if len(weights) != 1 or len(cards) != 1 or others:
+        found = ", ".join(sorted(files)) or "nothing"
+        raise ModelError(f"A model upload is exactly two files, {WEIGHTS_FILE} (weights, "
+                         f"safetensors) and {CARD_FILE} (its model card), or a zip holding only "
+                         f"those two; got {found}.")
+    return files[weights[0]], files[cards[0]]
+
+
+def _free_folder(root: Path, name: str) -> Path:
+    candidate, n = root / name, 2
+    while candidate.exists():
+        candidate, n = root / f"{name}-{n}", n + 1
+    return candidate
+
+
+def import_model(files: Mapping[str, bytes], *, user_dir: Path | None = None) -> Path:
+    """Keep an uploaded model in the user's model folder and return its folder.
+
+    `files` maps file names to contents: a `.safetensors` and a `.json` card, or one `.zip` of
+    both. Pickle checkpoints (.pt, .pth, .pkl, .ckpt, ...) and zips with other files are refused;
+    the model must load (card and weights must match) before it is kept.
+    """
+    weights, card_bytes = _model_files(files)
+    try:
+        card = ModelCard.from_dict(json.loads(card_bytes))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as exc:
+        raise ModelError(f"The uploaded {CARD_FILE} is not a bus_core model card.") from exc
+    root = user_dir or user_models_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".upload-"))
+    try:
+        (staging / WEIGHTS_FILE).write_bytes(weights)
+        (staging / CARD_FILE).write_bytes(card_bytes)
+        load_model(staging)
+        try:
+            name = check_model_name(card.name)
+        except ModelError:
+            name = "uploaded-model"
+        target = _free_folder(root, name)
+        if card.name != target.name:  # the card names its folder, as for trained models
+            raw = json.loads(card_bytes)
+            raw["name"] = target.name
+            _write_text_atomic(staging / CARD_FILE, json.dumps(raw, indent=2))
+        staging.rename(target)
+        return target
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

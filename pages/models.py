@@ -1,0 +1,166 @@
+"""Model registry: every bundled and user model with its card; choose the app's active model,
+rename, delete, download, and add a model from its files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from bus_core.errors import BusError
+from bus_core.models import CARD_FILE, WEIGHTS_FILE
+from bus_core.registry import (ModelEntry, active_model_path, delete_model, export_zip,
+                               import_model, list_models, rename_model, set_active_model)
+from bus_core.settings import BUNDLED_WEIGHTS_DIR, user_models_dir
+from ui.common import show_error
+from ui.evaluation import fmt3
+
+CONFIRM_KEY = "models_confirm_delete"
+
+
+def widget_key(action: str, entry: ModelEntry) -> str:
+    """A stable widget key per model and action, e.g. 'models_activate_user_my-model'."""
+    return f"models_{action}_{'bundled' if entry.bundled else 'user'}_{entry.path.name}"
+
+
+def is_active(entry: ModelEntry, active: Path | None) -> bool:
+    """True for the app's active model."""
+    return active is not None and entry.path.resolve() == active.resolve()
+
+
+def data_line(entry: ModelEntry) -> str:
+    """Training data sources and size."""
+    data = entry.card.training_data or {}
+    sources = ", ".join(Path(s).name for s in data.get("sources") or []) or "–"
+    n = data.get("n_train")
+    return sources + (f" (n={n} for training)" if n else "")
+
+
+def split_line(entry: ModelEntry) -> str:
+    """Split file and data hash."""
+    split = entry.card.split or {}
+    if not split:
+        return "–"
+    return f"{Path(str(split.get('file', '–'))).name} · hash {str(split.get('data_hash', ''))[:8]}"
+
+
+def test_line(entry: ModelEntry) -> str:
+    """Test-subset figures of the card."""
+    test = entry.card.metrics.get("test") or {}
+    if not test:
+        return "No test metrics"
+    return (f"accuracy {fmt3(test.get('accuracy'))} · malignant sensitivity "
+            f"{fmt3(test.get('malignant_sensitivity'))} · malignant AUC "
+            f"{fmt3(test.get('auc_malignant'))} (n={test.get('n')})")
+
+
+def actions(entry: ModelEntry, active: bool) -> None:
+    """Activate, download, and for user models rename / delete."""
+    row = st.container(horizontal=True, vertical_alignment="center")
+    if row.button("Active" if active else "Make active", key=widget_key("activate", entry),
+                  icon=":material/star:", disabled=active,
+                  type="secondary" if active else "primary"):
+        try:
+            set_active_model(entry.path)
+            st.rerun()
+        except BusError as exc:
+            show_error(exc)
+    row.download_button("Download", data=lambda: export_zip(entry.path),
+                        file_name=f"{entry.path.name}.zip", mime="application/zip",
+                        icon=":material/download:", on_click="ignore",
+                        key=widget_key("download", entry))
+    if entry.bundled:
+        row.caption("Bundled with the app: read-only.")
+        return
+    with row.popover("Rename", icon=":material/edit:"):
+        name = st.text_input("New name", value=entry.path.name, key=widget_key("name", entry))
+        if st.button("Save", key=widget_key("rename", entry)):
+            try:
+                rename_model(entry.path, name)
+                st.rerun()
+            except BusError as exc:
+                show_error(exc)
+    if row.button("Delete", icon=":material/delete:", key=widget_key("delete", entry)):
+        st.session_state[CONFIRM_KEY] = str(entry.path)
+        st.rerun()
+
+
+def confirm_delete(entry: ModelEntry) -> None:
+    """The second step of a delete."""
+    st.warning(f"Delete **{entry.card.name}** and its files ({entry.path})? This cannot be "
+               "undone.", icon=":material/delete_forever:")
+    row = st.container(horizontal=True)
+    if row.button("Delete for good", type="primary", key=widget_key("confirm", entry)):
+        try:
+            delete_model(entry.path)
+        except BusError as exc:
+            show_error(exc)
+            return
+        st.session_state.pop(CONFIRM_KEY, None)
+        st.toast(f"Deleted {entry.card.name}.", icon=":material/delete:")
+        st.rerun()
+    if row.button("Keep it", key=widget_key("keep", entry)):
+        st.session_state.pop(CONFIRM_KEY, None)
+        st.rerun()
+
+
+def model_card(entry: ModelEntry, active: bool) -> None:
+    """One model: name, badges, card summary, actions."""
+    card = entry.card
+    with st.container(border=True):
+        title, badges = st.columns([3, 2], vertical_alignment="center")
+        title.markdown(f"#### {card.name}")
+        with badges:
+            row = st.container(horizontal=True, horizontal_alignment="right")
+            if active:
+                row.badge("Active", icon=":material/star:", color="green")
+            row.badge("Bundled" if entry.bundled else "Yours",
+                      color="gray" if entry.bundled else "blue")
+        left, right = st.columns(2)
+        left.markdown(f"**Architecture** {card.arch} · input `{card.input_mode}` · "
+                      f"{card.size.crop} px  \n**Data** {data_line(entry)}  \n"
+                      f"**Split** {split_line(entry)}")
+        right.markdown(f"**Test** {test_line(entry)}  \n**Created** {card.created[:10]} · "
+                       f"**Size** {entry.size_bytes / 1e6:.1f} MB · init `{card.init}`")
+        st.caption(f"{entry.path}")
+        if st.session_state.get(CONFIRM_KEY) == str(entry.path):
+            confirm_delete(entry)
+        else:
+            actions(entry, active)
+
+
+def upload_section() -> None:
+    """Add a model from model.safetensors + card.json (or a zip of both)."""
+    st.subheader("Add a model")
+    st.caption(f"Upload {WEIGHTS_FILE} and {CARD_FILE} together, or one zip holding both. "
+               "Pickle checkpoints (.pt, .pth, .pkl, .ckpt) are refused: opening them can run "
+               "code. The model is loaded once to check it before it is kept.")
+    files = st.file_uploader("Model files", accept_multiple_files=True, key="models_upload")
+    if st.button("Add to the registry", icon=":material/upload:", disabled=not files,
+                 key="models_import"):
+        try:
+            with st.spinner("Checking the model…"):
+                path = import_model({f.name: f.getvalue() for f in files})
+        except BusError as exc:
+            show_error(exc, "The model was not added")
+            return
+        st.success(f"Added {path.name}.", icon=":material/check_circle:")
+
+
+st.title("Model registry")
+st.caption(f"Bundled models ship with the app ({BUNDLED_WEIGHTS_DIR.name}/, read-only); yours are "
+           f"the ones you trained or added, in {user_models_dir()}. The active model is the one "
+           "every page uses.")
+if os.environ.get("BUS_MODEL"):
+    st.info(f"BUS_MODEL is set ({os.environ['BUS_MODEL']}): it overrides the choice made here.",
+            icon=":material/info:")
+
+entries = list_models()
+active_path = active_model_path()
+if not entries:
+    st.info("No model yet: train one on the Train page, or add one below.",
+            icon=":material/info:")
+for model in entries:
+    model_card(model, is_active(model, active_path))
+upload_section()

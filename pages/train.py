@@ -1,0 +1,469 @@
+"""Train: set up a training run or a grid search, run it in the background, follow its progress,
+cancel or resume it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from bus_core.device import DEVICE_CHOICES, choose_device
+from bus_core.errors import BusError, ModelError
+from bus_core.inputs import INPUT_MODES
+from bus_core.jobs import (Job, JobBusyError, current_job, last_job, resume_job, start_training,
+                           start_tuning)
+from bus_core.loader import BALANCE_MODES
+from bus_core.models import ARCHS, CARD_FILE, WEIGHTS_FILE
+from bus_core.registry import check_model_name, import_model, list_models, set_active_model
+from bus_core.settings import data_dir, default_dataset_dir, user_models_dir
+from bus_core.train import OPTIMIZERS, SCHEDULERS, TrainConfig
+from bus_core.transforms import input_size_for
+from bus_core.tune import DEFAULT_GRID, combinations
+from ui.common import show_error
+from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
+from ui.evaluation import fmt3
+from ui.training import (epoch_figure, fmt_duration, last_event, progress_fraction,
+                         progress_text, step_figure)
+
+POLL_S = 2
+MODE_LABELS = {"full": "Full image", "mask": "Lesion mask crop (leaks the label: comparison only)",
+               "mask-leakfree": "Lesion mask crop, leak-free"}
+BALANCE_LABELS = {"augment": "Augmented copies of minority classes",
+                  "weights": "Class-weighted loss", "sampler": "Weighted sampling",
+                  "none": "None"}
+INIT_LABELS = {"imagenet": "ImageNet (pretrained)", "checkpoint": "A model from the registry",
+               "random": "Random"}
+STATE_ICONS = {"done": ":material/check_circle:", "cancelled": ":material/cancel:",
+               "killed": ":material/warning:", "failed": ":material/error:"}
+TEST_KEYS = (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"),
+             ("malignant_sensitivity", "Malignant sensitivity"),
+             ("malignant_specificity", "Malignant specificity"),
+             ("auc_malignant", "AUC malignant"), ("ece", "ECE"))
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+def imagenet_cached(arch: str) -> bool:
+    """True when torchvision's ImageNet weights for `arch` are in the torch hub cache."""
+    import torch
+    from torchvision import models as tvm
+
+    url = tvm.get_model_weights(arch).DEFAULT.url
+    return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()
+
+
+def data_settings() -> list[str]:
+    """Data folders / manifests, with their class counts (or why they cannot be read)."""
+    default = default_dataset_dir()
+    text = st.text_area("Data: folders or CSV manifests, one per line",
+                        value=str(default) if default else "", key="train_data", height=80,
+                        help="A BUSI-layout folder (normal/, benign/, malignant/ with *_mask "
+                             "files) or a CSV manifest path,label[,mask][,patient].")
+    sources = sources_from_text(text)
+    if sources:
+        try:
+            st.caption(data_summary(tuple(sources)))
+        except BusError as exc:
+            show_error(exc)
+    return sources
+
+
+def model_settings() -> dict[str, Any]:
+    """Architecture, input mode and initialisation."""
+    arch_col, mode_col, init_col = st.columns(3)
+    arch = arch_col.selectbox("Architecture", ARCHS, key="train_arch")
+    mode = mode_col.selectbox("Input", INPUT_MODES, format_func=MODE_LABELS.get,
+                              key="train_mode")
+    init_kind = init_col.selectbox("Initialisation", list(INIT_LABELS),
+                                   format_func=INIT_LABELS.get, key="train_init")
+    if mode == "mask":
+        st.warning("**Label leak.** BUSI normal images have empty masks, so this mode turns "
+                   "every normal image black and the model learns 'black = normal': its normal-"
+                   "class figures say nothing about ultrasound. Use the leak-free mode.",
+                   icon=":material/warning:")
+    elif mode == "mask-leakfree":
+        st.caption("The model sees the masked lesion crop; images without a lesion get a random "
+                   "crop of their tissue, so the class is not given away. At diagnosis a lesion "
+                   "mask is required.")
+    init = init_kind
+    if init_kind == "imagenet":
+        cached = imagenet_cached(arch)
+        st.caption("ImageNet weights are " + (
+            "in the torch hub cache." if cached else
+            "downloaded by torchvision when the run starts: this needs internet access or a "
+            "copy in the torch hub cache (~/.cache/torch/hub)."))
+    elif init_kind == "checkpoint":
+        same = [e for e in list_models() if e.card.arch == arch]
+        if not same:
+            st.error(f"No {arch} model in the registry to start from.", icon=":material/error:")
+            init = ""
+        else:
+            entry = st.selectbox("Start from", same, key="train_init_model",
+                                 format_func=lambda e: f"{e.card.name} ({e.card.created[:10]})")
+            init = str(entry.path)
+    return {"arch": arch, "input_mode": mode, "init": init}
+
+
+def split_setting(sources: list[str]) -> str | None | bool:
+    """The split file to use, None for a new split, or False when the chosen file is missing."""
+    default = matching_split(sources)
+    kind = st.radio("Split", ["New group-disjoint split", "Saved split file"],
+                    index=1 if default else 0, horizontal=True, key="train_split_kind",
+                    help="A new split is 70/15/15, stratified by class, with near-duplicate "
+                         "images and patients kept on one side.")
+    if kind.startswith("New"):
+        st.caption("A new 70/15/15 split is made and saved with the model (train/split.json).")
+        return None
+    path = resolve_path(st.text_input("Split file", value=default or "splits/busi.json",
+                                      key="train_split_file"))
+    if not Path(path).is_file():
+        st.error(f"The split file {path} does not exist: make one with `python -m bus_core "
+                 "split`, or choose a new split.", icon=":material/error:")
+        return False
+    return path
+
+
+def advanced_settings(arch: str) -> dict[str, Any]:
+    """Input size, device, scheduler, regularisation, early stopping, seed."""
+    std = input_size_for(arch)
+    with st.expander("Advanced"):
+        c1, c2, c3, c4 = st.columns(4)
+        resize = c1.number_input("Resize (shorter side, px)", 16, 1024, std.resize,
+                                 key=f"train_resize_{arch}")
+        crop = c2.number_input("Input size (crop, px)", 16, 1024, std.crop,
+                               key=f"train_crop_{arch}")
+        device = c3.selectbox("Device", DEVICE_CHOICES, key="train_device")
+        seed = c4.number_input("Seed", 0, 2**31 - 1, 0, key="train_seed")
+        c1, c2, c3, c4 = st.columns(4)
+        scheduler = c1.selectbox("LR schedule", SCHEDULERS, index=SCHEDULERS.index("cosine"),
+                                 key="train_scheduler")
+        weight_decay = c2.number_input("Weight decay", 0.0, 1.0, 0.0, format="%g",
+                                       key="train_wd")
+        monitor = c3.selectbox("Best model by (validation)", ["macro_f1", "accuracy", "loss",
+                                                               "balanced_accuracy",
+                                                               "malignant_sensitivity",
+                                                               "auc_malignant"],
+                               key="train_monitor")
+        patience = c4.number_input("Early stop after (epochs, 0 = never)", 0, 1000, 0,
+                                   key="train_patience")
+        per_class = st.columns(2)[0].number_input(
+            "Use at most N images per class (0 = all; quick trials)", 0, 100000, 0,
+            key="train_max_per_class")
+    if resize < crop:
+        st.warning("The resize is smaller than the input size: images are upscaled.")
+    return {"resize": int(resize), "crop": int(crop), "device": device, "seed": int(seed),
+            "scheduler": scheduler, "weight_decay": float(weight_decay), "monitor": monitor,
+            "patience": int(patience), "max_per_class": int(per_class) or None}
+
+
+def show_device(choice: str) -> bool:
+    """Which device will run the job; False when the choice is not available here."""
+    try:
+        st.info(f"Runs on **{choose_device(choice).description}**.", icon=":material/memory:")
+        return True
+    except ValueError as exc:
+        st.error(str(exc), icon=":material/error:")
+        return False
+
+
+# --- starting ---------------------------------------------------------------------------------
+
+def output_folder(label: str, root: Path, default: str, key: str) -> Path | None:
+    """The folder a run writes, from a name; None (after saying why) when it cannot be used."""
+    name = st.text_input(label, value=default, key=key)
+    try:
+        folder = root / check_model_name(name)
+    except ModelError as exc:
+        show_error(exc)
+        return None
+    if folder.exists():
+        if not st.checkbox(f"'{folder.name}' exists: replace it", key=f"{key}_replace"):
+            st.caption("Choose another name, or tick to replace it.")
+            return None
+    return folder
+
+
+def launch(start: Any, force: bool) -> None:
+    """Start a job (`start(force)`), then show it; a busy machine or bad settings are shown."""
+    try:
+        start(force)
+    except JobBusyError as exc:
+        st.warning(str(exc), icon=":material/hourglass_top:")
+        return
+    except BusError as exc:
+        show_error(exc, "The job could not start")
+        return
+    st.session_state.pop("train_dismissed", None)
+    st.rerun()
+
+
+def single_run_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
+    """Optimiser, learning rate, batch size, epochs, balancing and the model name; Start."""
+    c1, c2, c3, c4 = st.columns(4)
+    optimizer = c1.selectbox("Optimiser", OPTIMIZERS, key="train_optimizer")
+    lr = c2.number_input("Learning rate", 1e-7, 1.0, 1e-4, step=1e-5, format="%g",
+                         key="train_lr")
+    batch = c3.number_input("Batch size", 2, 512, 16, key="train_batch")
+    epochs = c4.number_input("Epochs", 1, 1000, 10, key="train_epochs")
+    balance_col, name_col = st.columns(2)
+    balance = balance_col.selectbox("Class balancing", BALANCE_MODES,
+                                    format_func=BALANCE_LABELS.get, key="train_balance")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
+    with name_col:
+        folder = output_folder("Model name", user_models_dir(), f"{base['arch']}-{stamp}",
+                               "train_name")
+    if folder is not None:
+        st.caption(f"Saved to {folder}")
+    config = TrainConfig(**base, out=str(folder), name=folder.name if folder else None,
+                         optimizer=optimizer, lr=float(lr), batch_size=int(batch),
+                         epochs=int(epochs), balance=balance)
+    if st.button("Start training", type="primary", icon=":material/play_arrow:",
+                 disabled=not ready or folder is None, key="train_start"):
+        launch(lambda f: start_training(config, force=f), force)
+
+
+def parse_values(text: str, kind: type) -> list[Any]:
+    """Comma-separated numbers; ValueError with the bad entry."""
+    return [kind(v) for v in text.replace(";", ",").split(",") if v.strip()]
+
+
+def grid_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
+    """The grid (default: the first seed document's) and its results once run."""
+    st.caption("One training run per combination, ranked on the validation subset only; test "
+               "figures are recorded but never used to choose.")
+    c1, c2, c3 = st.columns(3)
+    lrs = c1.text_input("Learning rates", ", ".join(f"{v:g}" for v in DEFAULT_GRID["lr"]),
+                        key="grid_lrs")
+    batches = c2.text_input("Batch sizes", ", ".join(map(str, DEFAULT_GRID["batch_size"])),
+                            key="grid_batches")
+    optimizers = c3.multiselect("Optimisers", OPTIMIZERS, default=DEFAULT_GRID["optimizer"],
+                                key="grid_optimizers")
+    c1, c2 = st.columns(2)
+    epochs = c1.number_input("Epochs per run", 1, 1000, 5, key="grid_epochs")
+    balance = c2.selectbox("Class balancing", BALANCE_MODES, format_func=BALANCE_LABELS.get,
+                           key="grid_balance")
+    try:
+        grid = {"lr": parse_values(lrs, float), "batch_size": parse_values(batches, int),
+                "optimizer": list(optimizers)}
+    except ValueError:
+        st.error("Learning rates and batch sizes are comma-separated numbers.",
+                 icon=":material/error:")
+        return
+    n_runs = len(combinations(grid))
+    st.caption(f"{n_runs} runs × {int(epochs)} epochs.")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
+    folder = output_folder("Search name", data_dir() / "grid-search", f"grid-{stamp}",
+                           "grid_name")
+    if folder is not None:
+        st.caption(f"Each run is saved under {folder}; the best can then be added to the "
+                   "registry.")
+    config = TrainConfig(**base, out=str(folder), epochs=int(epochs), balance=balance)
+    if st.button("Start grid search", type="primary", icon=":material/grid_view:",
+                 disabled=not ready or folder is None or n_runs == 0, key="grid_start"):
+        launch(lambda f: start_tuning(config, grid, force=f), force)
+
+
+def settings_and_start(force: bool) -> None:
+    """The shared settings, then the single-run and grid-search tabs."""
+    sources = data_settings()
+    model = model_settings()
+    split = split_setting(sources)
+    advanced = advanced_settings(model["arch"])
+    device_ok = show_device(advanced["device"])
+    ready = bool(sources) and split is not False and bool(model["init"]) and device_ok
+    base = {"data": sources, "split": split or None, **model, **advanced}
+    single, grid = st.tabs(["Single run", "Grid search"])
+    with single:
+        single_run_tab(base, ready, force)
+    with grid:
+        grid_tab(base, ready, force)
+
+
+# --- following a job --------------------------------------------------------------------------
+
+def run_label(job: Job) -> str:
+    """'Training <name>' or 'Grid search <name>, run i of n: <run>'."""
+    name = Path(job.out).name
+    if job.kind == "train":
+        return f"Training **{name}**"
+    runs = combinations(job.grid or DEFAULT_GRID)
+    current = job.progress_path().parent.parent.name
+    names = ["_".join(f"{k}={v}" for k, v in c.items()) for c in runs]
+    index = names.index(current) + 1 if current in names else 1
+    return f"Grid search **{name}**, run {index} of {len(runs)}: `{current}`"
+
+
+def progress_view(job: Job, events: list[dict[str, Any]]) -> None:
+    """Progress bar with ETA, the latest figures, and the live curves."""
+    st.progress(progress_fraction(events), text=progress_text(events))
+    step, epoch = last_event(events, "step"), last_event(events, "epoch")
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Epoch", f"{step['epoch']}/{step['epochs']}" if step else "–")
+    c2.metric("Training loss", fmt3(step["mean_loss"]) if step else "–")
+    c3.metric("Training accuracy", fmt3(step["accuracy"]) if step else "–")
+    c4.metric("Validation macro-F1", fmt3((epoch.get("val") or {}).get("macro_f1"))
+              if epoch else "–")
+    left, right = st.columns(2)
+    for column, figure in ((left, step_figure(events)), (right, epoch_figure(events))):
+        if figure is not None:
+            column.plotly_chart(figure, config={"displayModeBar": False})
+
+
+def results_view(job: Job) -> None:
+    """The grid-search table so far (sortable), best validation score first once done."""
+    rows = job.results()
+    if not rows:
+        return
+    st.markdown("##### Results")
+    table = pd.DataFrame(rows)
+    table["model"] = table["model"].map(lambda p: Path(p).name)
+    numbers = {c: st.column_config.NumberColumn(format="%.3f") for c in table.columns
+               if c.startswith(("val_", "test_"))}
+    numbers["lr"] = st.column_config.NumberColumn(format="%g")
+    numbers["training_time_s"] = st.column_config.NumberColumn("time (s)", format="%.0f")
+    st.dataframe(table, hide_index=True, column_config=numbers, key="grid_results")
+
+
+def log_view(job: Job) -> None:
+    """The end of the job's output."""
+    with st.expander("Output log"):
+        st.code(job.log_tail() or "(empty)", language=None)
+
+
+def live_view(job: Job) -> None:
+    """A running job, refreshed every few seconds; Cancel."""
+    @st.fragment(run_every=POLL_S)
+    def refresh() -> None:
+        if not job.is_alive():
+            st.rerun()  # the whole page then shows how it ended
+        st.markdown(run_label(job))
+        progress_view(job, job.events())
+        if job.kind == "tune":
+            results_view(job)
+        if not job.cancel_requested() and st.button("Cancel", icon=":material/stop:",
+                                                    key="job_cancel"):
+            job.cancel()
+        if job.cancel_requested():
+            job.cancel()  # reaches a run that started meanwhile; harmless otherwise
+            st.info("Stopping after the current step…", icon=":material/hourglass_top:")
+        log_view(job)
+
+    refresh()
+
+
+def outcome(job: Job, status: str, events: list[dict[str, Any]]) -> None:
+    """How a finished job ended and what can be done next."""
+    icon = STATE_ICONS[status]
+    where = last_event(events, "step")
+    at = f" at epoch {where['epoch']}, step {where['step']}" if where else ""
+    if status == "done":
+        st.success(f"Finished. The model is saved in {job.out}.", icon=icon)
+    elif status == "cancelled":
+        st.info(f"Cancelled{at}. Its checkpoint is kept: Resume continues from there.",
+                icon=icon)
+    elif status == "killed":
+        st.warning(f"The process stopped without finishing{at} (killed, out of memory or the "
+                   "machine restarted). Its last checkpoint is kept: Resume continues from there.",
+                   icon=icon)
+    else:
+        error = last_event(events, "error")
+        st.error("The job failed: " + (error["message"] if error else
+                                       "it stopped before training began (see the log)."),
+                 icon=icon)
+
+
+def test_figures(events: list[dict[str, Any]]) -> None:
+    """The finished model's test metrics (from its last progress event)."""
+    done = last_event(events, "done") or {}
+    test = done.get("test") or {}
+    if not test:
+        return
+    st.markdown(f"##### Test subset (n={test.get('n')})")
+    columns = st.columns(len(TEST_KEYS))
+    for column, (key, label) in zip(columns, TEST_KEYS):
+        column.metric(label, fmt3(test.get(key)))
+    st.caption(f"Trained for {fmt_duration(done.get('train_time_s'))}; best epoch "
+               f"{done.get('best_epoch')}.")
+
+
+def keep_best(job: Job) -> None:
+    """Copy the best grid-search model into the registry."""
+    rows = job.results()
+    best = Path(rows[0]["model"]) if rows else None
+    if best is None or not (best / CARD_FILE).is_file():
+        return
+    if st.button(f"Add the best run ({best.name}) to the registry", key="grid_keep",
+                 icon=":material/inventory_2:"):
+        try:
+            path = import_model({name: (best / name).read_bytes()
+                                 for name in (WEIGHTS_FILE, CARD_FILE)})
+            st.success(f"Added as {path.name}.", icon=":material/check_circle:")
+        except BusError as exc:
+            show_error(exc)
+
+
+def finished_view(job: Job, status: str) -> None:
+    """A job that no longer runs: outcome, figures, Resume / activate / dismiss."""
+    events = job.events()
+    st.markdown(run_label(job))
+    outcome(job, status, events)
+    if job.kind == "train":
+        progress_view(job, events)
+        if status == "done":
+            test_figures(events)
+    else:
+        results_view(job)
+    c1, c2, c3 = st.columns([1, 1, 2])
+    if status in ("cancelled", "killed") and c1.button(
+            "Resume", type="primary", icon=":material/play_arrow:", key="job_resume"):
+        launch(lambda f: resume_job(job, force=f), False)
+    if status == "done" and job.kind == "train" and c1.button(
+            "Make it the active model", icon=":material/star:", key="job_activate"):
+        try:
+            set_active_model(job.out)
+            st.rerun()
+        except BusError as exc:
+            show_error(exc)
+    if status == "done" and job.kind == "tune":
+        with c3:
+            keep_best(job)
+    if c2.button("Dismiss", icon=":material/close:", key="job_dismiss"):
+        st.session_state["train_dismissed"] = job.started
+        st.rerun()
+    log_view(job)
+
+
+def job_panel(job: Job) -> None:
+    """The latest job, live while it runs."""
+    with st.container(border=True):
+        status = job.status()
+        if status == "running":
+            live_view(job)
+        else:
+            finished_view(job, status)
+
+
+st.title("Train")
+st.caption("Training runs in the background on this machine: you can leave this page or reload "
+           "it and come back. One job runs at a time.")
+
+running = current_job()
+latest = running or last_job()
+if latest is not None and st.session_state.get("train_dismissed") != latest.started:
+    job_panel(latest)
+
+force = False
+if running is not None:
+    force = st.checkbox("Start another job anyway (experts: both jobs share this machine)",
+                        key="train_force")
+    if not force:
+        st.caption(f"Started {time.strftime('%H:%M', time.localtime(running.started))} · "
+                   f"process {running.pid}")
+        st.stop()
+
+st.subheader("New run")
+settings_and_start(force)

@@ -1,0 +1,79 @@
+"""The Model registry page through the whole app (AppTest)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from bus_core.registry import active_model_path, export_zip
+from bus_core.settings import user_models_dir
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture
+def app(monkeypatch, tmp_path, tiny_model_dir):
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.delenv("BUS_MODEL", raising=False)
+    for name in ("alpha", "beta"):
+        shutil.copytree(tiny_model_dir, user_models_dir() / name)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.switch_page("pages/models.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def page_text(at: AppTest) -> str:
+    return " ".join(e.value for kind in ("markdown", "caption", "error", "success", "warning")
+                    for e in at.get(kind))
+
+
+def test_lists_models_with_their_cards(app):
+    text = page_text(app)
+    assert str(user_models_dir() / "alpha") in text and str(user_models_dir() / "beta") in text
+    assert "densenet121" in text and "MB" in text
+    assert app.button(key="models_activate_user_alpha") is not None
+    assert app.get("download_button")
+
+
+def test_activate_a_model(app):
+    app.button(key="models_activate_user_beta").click().run()
+    assert not app.exception
+    assert active_model_path() == (user_models_dir() / "beta").resolve()
+    activate = app.button(key="models_activate_user_beta")
+    assert activate.disabled and activate.label == "Active"
+    assert not app.button(key="models_activate_user_alpha").disabled
+
+
+def test_rename_then_delete_after_confirmation(app):
+    app.text_input(key="models_name_user_alpha").set_value("gamma")
+    app.button(key="models_rename_user_alpha").click().run()
+    assert not app.exception
+    assert (user_models_dir() / "gamma").is_dir() and not (user_models_dir() / "alpha").exists()
+    app.button(key="models_delete_user_gamma").click().run()
+    assert (user_models_dir() / "gamma").is_dir()  # not before the confirmation
+    app.button(key="models_keep_user_gamma").click().run()
+    app.button(key="models_delete_user_gamma").click().run()
+    app.button(key="models_confirm_user_gamma").click().run()
+    assert not app.exception
+    assert not (user_models_dir() / "gamma").exists()
+    assert (user_models_dir() / "beta").is_dir()
+
+
+def test_upload_refuses_pickles_and_keeps_a_valid_zip(app, tiny_model_dir):
+    app.file_uploader(key="models_upload").set_value(
+        [("model.pth", b"\x80\x04pickle", "application/octet-stream")]).run()
+    app.button(key="models_import").click().run()
+    assert not app.exception
+    assert "can run arbitrary code" in " ".join(e.value for e in app.error)
+    app.file_uploader(key="models_upload").set_value(
+        [("export.zip", export_zip(tiny_model_dir), "application/zip")]).run()
+    app.button(key="models_import").click().run()
+    assert not app.error, [e.value for e in app.error]
+    assert (user_models_dir() / "tiny-test").is_dir()
+    app.run()
+    assert app.button(key="models_activate_user_tiny-test") is not None

@@ -1,0 +1,136 @@
+"""The Train page through the whole app (AppTest): a tiny run to the end, cancel and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from bus_core.jobs import Job, jobs_dir, last_job
+from bus_core.models import load_model
+from bus_core.registry import active_model_path
+from bus_core.settings import user_models_dir
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture
+def app(monkeypatch, tmp_path):
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.delenv("BUS_MODEL", raising=False)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.switch_page("pages/train.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    yield at
+    job = last_job()
+    if job is not None and job.is_alive():  # never leave a training process behind
+        os.kill(job.pid, signal.SIGKILL)
+
+
+def texts(at: AppTest) -> str:
+    parts = [e.value for kind in ("markdown", "success", "info", "warning", "error", "caption")
+             for e in at.get(kind)]
+    parts += [p.proto.text for p in at.get("progress")]
+    return "\n".join(str(p) for p in parts)
+
+
+def configure(at: AppTest, busi_dir: Path, name: str, epochs: int = 1, batch: int = 4) -> None:
+    at.text_area(key="train_data").set_value(str(busi_dir))
+    at.selectbox(key="train_init").set_value("random")
+    at.radio(key="train_split_kind").set_value("New group-disjoint split")
+    at.number_input(key="train_resize_densenet121").set_value(40)
+    at.number_input(key="train_crop_densenet121").set_value(32)
+    at.selectbox(key="train_device").set_value("cpu-fp32")
+    at.number_input(key="train_batch").set_value(batch)
+    at.number_input(key="train_epochs").set_value(epochs)
+    at.text_input(key="train_name").set_value(name)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def poll(at: AppTest, text: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        if text in texts(at):
+            return
+        time.sleep(0.5)
+    job = last_job()
+    pytest.fail(f"{text!r} never appeared; page:\n{texts(at)}\n"
+                f"log:\n{job.log_tail() if job else ''}")
+
+
+def test_settings_show_device_counts_and_the_mask_leak_note(app, busi_dir):
+    app.text_area(key="train_data").set_value(str(busi_dir)).run()
+    page = texts(app)
+    assert "18 images: normal 6, benign 6, malignant 6" in page
+    assert "Runs on **CPU" in page
+    app.selectbox(key="train_mode").set_value("mask").run()
+    assert "Label leak" in " ".join(w.value for w in app.warning)
+    app.radio(key="train_split_kind").set_value("Saved split file").run()
+    app.text_input(key="train_split_file").set_value("no/such/split.json").run()
+    assert "does not exist" in " ".join(e.value for e in app.error)
+    assert app.button(key="train_start").disabled
+    assert "18 runs × 5 epochs" in texts(app)  # the default grid of the seed document
+
+
+def test_a_tiny_run_reaches_the_end_and_becomes_the_active_model(app, busi_dir):
+    configure(app, busi_dir, "tiny-run")
+    app.button(key="train_start").click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    poll(app, "Finished. The model is saved")
+    assert app.get("progress")[0].value == 100
+    assert any(m.label == "Accuracy" for m in app.metric)  # test-subset figures
+    folder = user_models_dir() / "tiny-run"
+    assert load_model(folder).card.input_size == {"resize": 40, "crop": 32}
+    app.button(key="job_activate").click().run()
+    assert active_model_path() == folder.resolve()
+    app.button(key="job_dismiss").click().run()
+    assert app.button(key="train_start") is not None
+
+
+def test_cancel_a_run_then_resume_it(app, busi_dir):
+    configure(app, busi_dir, "long-run", epochs=30, batch=2)
+    app.button(key="train_start").click().run()
+    poll(app, "Epoch 1/30 · step")
+    with pytest.raises(KeyError):  # another run cannot start while this one runs...
+        app.button(key="train_start")
+    assert app.checkbox(key="train_force").value is False  # ...except for experts
+    app.button(key="job_cancel").click().run()
+    poll(app, "Cancelled at epoch")
+    assert last_job().status() == "cancelled"
+    app.button(key="job_resume").click().run()
+    assert not app.exception
+    assert last_job().is_alive()
+    poll(app, "Epoch 1/30 · step")
+    app.button(key="job_cancel").click().run()
+    poll(app, "Cancelled at epoch")
+    events = last_job().events()
+    assert any(e["event"] == "start" and e["resumed"] for e in events)
+
+
+def test_a_killed_grid_search_shows_its_results_and_offers_resume(app, tmp_path):
+    out = tmp_path / "grid"
+    (out / "train").mkdir(parents=True)
+    rows = [{"lr": 0.001, "batch_size": 16, "optimizer": "adam", "val_macro_f1": 0.61,
+             "val_accuracy": 0.7, "test_accuracy": 0.66, "training_time_s": 12.0,
+             "model": str(out / "lr=0.001_batch_size=16_optimizer=adam")}]
+    (out / "train" / "stdout.log").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (out / rows[0]["model"]).mkdir()
+    job = Job(pid=2 ** 22 + 4321, out=str(out), kind="tune", started=time.time(),
+              command=["python"], config={"data": ["x"], "out": str(out)},
+              grid={"lr": [0.001, 0.0001], "batch_size": [16], "optimizer": ["adam"]})
+    jobs_dir().mkdir(parents=True)
+    (jobs_dir() / "last.json").write_text(json.dumps(job.to_dict()))
+    app.run()
+    assert "process stopped without finishing" in texts(app)
+    table = app.dataframe[0].value
+    assert list(table["val_macro_f1"]) == [0.61]
+    assert app.button(key="job_resume") is not None

@@ -1,0 +1,138 @@
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from bus_core.errors import ModelError
+from bus_core.models import CARD_FILE, WEIGHTS_FILE, load_model, read_card
+from bus_core.registry import (active_model_path, delete_model, export_zip, import_model,
+                               list_models, rename_model, set_active_model)
+from bus_core.settings import user_models_dir
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("BUS_MODEL", raising=False)
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def user_model(data_dir, tiny_model_dir) -> Path:
+    """A copy of the tiny model among the user's models."""
+    return Path(shutil.copytree(tiny_model_dir, user_models_dir() / "tiny"))
+
+
+@pytest.fixture
+def bundled(tmp_path, tiny_model_dir) -> Path:
+    """A bundled-weights folder holding one model."""
+    root = tmp_path / "weights"
+    shutil.copytree(tiny_model_dir, root / "release")
+    return root
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in (WEIGHTS_FILE, CARD_FILE)}
+
+
+def zip_of(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_rename_moves_folder_renames_card_and_keeps_it_active(user_model):
+    set_active_model(user_model)
+    new = rename_model(user_model, "my-model_v2")
+    assert new == user_model.parent / "my-model_v2" and not user_model.exists()
+    assert read_card(new).name == "my-model_v2"
+    assert load_model(new).card.name == "my-model_v2"  # weights hash still matches
+    assert active_model_path() == new.resolve()
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a/b", "-starts-with-dash", "x" * 65])
+def test_rename_refuses_bad_names(user_model, name):
+    with pytest.raises(ModelError, match="cannot be a model name"):
+        rename_model(user_model, name)
+    assert user_model.is_dir()
+
+
+def test_rename_refuses_an_existing_name(user_model):
+    shutil.copytree(user_model, user_model.parent / "other")
+    with pytest.raises(ModelError, match="already exists"):
+        rename_model(user_model, "other")
+
+
+def test_bundled_models_cannot_be_renamed_or_deleted(data_dir, bundled):
+    release = bundled / "release"
+    with pytest.raises(ModelError, match="bundled models cannot"):
+        rename_model(release, "new")
+    with pytest.raises(ModelError, match="bundled models cannot"):
+        delete_model(release)
+    assert (release / WEIGHTS_FILE).is_file()
+
+
+def test_delete_removes_the_model_and_resets_the_active_one(user_model, bundled):
+    set_active_model(user_model)
+    delete_model(user_model)
+    assert not user_model.exists()
+    assert active_model_path(bundled) == bundled / "release"
+    assert [e.path.name for e in list_models(bundled)] == ["release"]
+
+
+def test_export_then_import_round_trip(user_model):
+    data = export_zip(user_model)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert sorted(archive.namelist()) == [CARD_FILE, WEIGHTS_FILE]
+    first = import_model({"tiny.zip": data})
+    second = import_model({"tiny.zip": data})
+    assert first.name == "tiny-test" and second.name == "tiny-test-2"  # named by the card
+    assert load_model(second).card.name == "tiny-test-2"
+    assert {e.path.name for e in list_models(Path("/nonexistent"))} == {"tiny", "tiny-test",
+                                                                         "tiny-test-2"}
+
+
+def test_import_two_files_and_a_zip_in_a_folder(data_dir, tiny_model_dir):
+    files = files_of(tiny_model_dir)
+    path = import_model({"weights.safetensors": files[WEIGHTS_FILE],
+                         "card.json": files[CARD_FILE]})
+    assert path.parent == user_models_dir() and load_model(path).card.arch == "densenet121"
+    nested = zip_of({f"export/{name}": data for name, data in files.items()})
+    assert import_model({"export.zip": nested}).is_dir()
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.pth", "model.pkl", "model.ckpt"])
+def test_pickle_checkpoints_are_refused(data_dir, name):
+    with pytest.raises(ModelError, match="can run arbitrary code"):
+        import_model({name: b"\x80\x04not really a pickle"})
+
+
+def test_zips_with_pickles_or_extra_files_are_refused(data_dir, tiny_model_dir):
+    files = files_of(tiny_model_dir)
+    with pytest.raises(ModelError, match="can run arbitrary code"):
+        import_model({"m.zip": zip_of({**files, "extra/model.pth": b"x"})})
+    with pytest.raises(ModelError, match="exactly two files"):
+        import_model({"m.zip": zip_of({**files, "run.py": b"import os"})})
+    with pytest.raises(ModelError, match="exactly two files"):
+        import_model({CARD_FILE: files[CARD_FILE]})
+    with pytest.raises(ModelError, match="not a readable zip"):
+        import_model({"m.zip": b"garbage"})
+
+
+def test_mismatched_card_and_weights_are_refused_and_nothing_is_kept(data_dir, tiny_model_dir):
+    files = files_of(tiny_model_dir)
+    card = json.loads(files[CARD_FILE])
+    with pytest.raises(ModelError, match="do not match its model card"):
+        import_model({WEIGHTS_FILE: files[WEIGHTS_FILE],
+                      CARD_FILE: json.dumps({**card, "weights_sha256": "0" * 64}).encode()})
+    with pytest.raises(ModelError, match="do not fit a resnet50"):
+        import_model({WEIGHTS_FILE: files[WEIGHTS_FILE],
+                      CARD_FILE: json.dumps({**card, "arch": "resnet50"}).encode()})
+    with pytest.raises(ModelError, match="not a bus_core model card"):
+        import_model({WEIGHTS_FILE: files[WEIGHTS_FILE], CARD_FILE: b"{not json"})
+    assert list(user_models_dir().iterdir()) == []

@@ -1,0 +1,53 @@
+"""Choosing data on the Train and Evaluate pages: typed paths, dataset summaries, split files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import streamlit as st
+
+from bus_core.dataset import class_counts, load_many
+from bus_core.settings import PROJECT_ROOT, data_dir
+
+
+def resolve_path(text: str) -> str:
+    """A typed path; a relative one that does not exist here is taken from the project folder
+    (so 'splits/busi.json' works wherever the app was started)."""
+    path = Path(text.strip()).expanduser()
+    return str(path if path.is_absolute() or path.exists() else PROJECT_ROOT / path)
+
+
+def sources_from_text(text: str) -> list[str]:
+    """Data folders / manifests, one per non-empty line."""
+    return [resolve_path(line) for line in text.splitlines() if line.strip()]
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def data_summary(sources: tuple[str, ...]) -> str:
+    """'N images: normal a, benign b, malignant c' (raises DataError for unusable data)."""
+    records = load_many(sources)
+    counts = class_counts(records)
+    return f"{len(records)} images: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def split_files() -> list[Path]:
+    """Split files in the project's splits/ and in the user's data folder."""
+    found: list[Path] = []
+    for root in (PROJECT_ROOT / "splits", data_dir() / "splits"):
+        if root.is_dir():
+            found += sorted(root.glob("*.json"))
+    return found
+
+
+def matching_split(sources: Sequence[str]) -> str:
+    """The split file named after the single data folder (e.g. splits/busi.json for .../BUSI),
+    shown relative to the project when it lies there; '' when there is none."""
+    if len(sources) != 1:
+        return ""
+    stem = Path(sources[0]).stem.lower()
+    for path in split_files():
+        if path.stem.lower() == stem:
+            return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) \
+                else str(path)
+    return ""

@@ -1,0 +1,148 @@
+"""Tables and plotly figures of an evaluation: metrics, confusion matrix, ROC, reliability."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from bus_core.evaluate import Evaluation
+from bus_core.report import BAR_COLOURS, DEFAULT_BAR
+
+HEADLINE: tuple[tuple[str, str], ...] = (
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("macro_f1", "Macro-F1"),
+    ("malignant_sensitivity", "Malignant sensitivity"),
+    ("malignant_specificity", "Malignant specificity"),
+    ("auc_malignant", "AUC, malignant vs rest"),
+    ("auc_macro_ovr", "AUC, macro one-vs-rest"),
+    ("ece", "ECE (calibration error, lower is better)"),
+)
+PER_CLASS: tuple[str, ...] = ("sensitivity", "specificity", "precision", "f1", "auc", "support")
+
+
+def fmt3(value: Any) -> str:
+    """Three decimals, '–' for a metric that does not exist."""
+    return "–" if value is None else f"{float(value):.3f}"
+
+
+def metric_rows(metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(label, raw value) of the headline metrics, then n and n per class."""
+    rows: list[tuple[str, Any]] = [(label, metrics.get(key)) for key, label in HEADLINE]
+    rows.append(("Images (n)", metrics.get("n")))
+    rows += [(f"Images: {name}", count)
+             for name, count in (metrics.get("n_per_class") or {}).items()]
+    return rows
+
+
+def _display(value: Any) -> str:
+    return str(value) if isinstance(value, int) else fmt3(value)
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """The headline metrics as a two-column display table (values as text, 3 decimals)."""
+    return pd.DataFrame([{"Metric": label, "Value": _display(value)}
+                         for label, value in metric_rows(metrics)])
+
+
+def per_class_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per class: sensitivity, specificity, precision, F1, AUC (3 decimals), support."""
+    rows = []
+    for name, figures in (metrics.get("per_class") or {}).items():
+        row = {"Class": name}
+        row.update({k.upper() if k == "auc" else k.capitalize(): _display(figures.get(k))
+                    for k in PER_CLASS})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Headline metrics of several models side by side: one column per model."""
+    columns = {name: [_display(v) for _, v in metric_rows(m)] for name, m in results.items()}
+    labels = [label for label, _ in metric_rows(next(iter(results.values())))] if results else []
+    return pd.DataFrame(columns, index=labels)
+
+
+def metrics_csv(metrics: Mapping[str, Any]) -> str:
+    """The scalar metrics and per-class figures as CSV (metric,value; full precision)."""
+    rows = [(key, metrics.get(key)) for key, _ in HEADLINE]
+    rows.append(("n", metrics.get("n")))
+    rows += [(f"n_{name}", n) for name, n in (metrics.get("n_per_class") or {}).items()]
+    for name, figures in (metrics.get("per_class") or {}).items():
+        rows += [(f"{name}_{k}", figures.get(k)) for k in PER_CLASS]
+    rows += [(key, metrics.get(key)) for key in ("temperature", "model")]
+    frame = pd.DataFrame(rows, columns=["metric", "value"])
+    return frame.to_csv(index=False)
+
+
+def evaluation_json(evaluation: Evaluation) -> str:
+    """Metrics and misclassified cases as pretty JSON."""
+    content = {**evaluation.metrics, "misclassified": [
+        {"id": i, "true": t, "predicted": p, "probability": q}
+        for i, t, p, q in evaluation.misclassified()]}
+    return json.dumps(content, indent=2, allow_nan=False, default=str)
+
+
+def _rgb(name: str) -> str:
+    r, g, b = BAR_COLOURS.get(name, DEFAULT_BAR)
+    return f"rgb({r}, {g}, {b})"
+
+
+def _layout(figure: go.Figure, height: int = 380) -> go.Figure:
+    figure.update_layout(height=height, margin=dict(l=0, r=0, t=30, b=0),
+                         plot_bgcolor="rgba(0,0,0,0)", legend=dict(orientation="h", y=-0.2))
+    return figure
+
+
+def confusion_figure(metrics: Mapping[str, Any], normalise: bool = False) -> go.Figure:
+    """The confusion matrix as a heat map (rows: true class; columns: predicted class);
+    `normalise` shows each row as fractions of its true class."""
+    labels = list(metrics.get("labels") or [])
+    cm = np.asarray(metrics.get("confusion_matrix") or np.zeros((len(labels),) * 2), float)
+    totals = cm.sum(axis=1, keepdims=True)
+    shown = np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0) if normalise else cm
+    text = [[f"{shown[i, j]:.0%}" if normalise else str(int(cm[i, j]))
+             for j in range(len(labels))] for i in range(len(labels))]
+    figure = go.Figure(go.Heatmap(
+        z=shown, x=labels, y=labels, text=text, texttemplate="%{text}",
+        colorscale="Blues", showscale=False,
+        hovertemplate="true %{y}, predicted %{x}: %{text}<extra></extra>"))
+    figure.update_xaxes(title_text="Predicted class", side="bottom")
+    figure.update_yaxes(title_text="True class", autorange="reversed")
+    return _layout(figure, height=340)
+
+
+def roc_figure(curves: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """One-vs-rest ROC curves per class, with their AUC in the legend."""
+    figure = go.Figure()
+    figure.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
+                       line=dict(color="#b0b8c0", dash="dot"), hoverinfo="skip")
+    for name, curve in curves.items():
+        figure.add_scatter(x=curve["fpr"], y=curve["tpr"], mode="lines", line_shape="hv",
+                           name=f"{name} (AUC {fmt3(curve.get('auc'))})",
+                           line=dict(color=_rgb(name), width=2))
+    figure.update_xaxes(title_text="False-positive rate (1 − specificity)", range=[0, 1])
+    figure.update_yaxes(title_text="True-positive rate (sensitivity)", range=[0, 1.02])
+    return _layout(figure)
+
+
+def reliability_figure(curve: Mapping[str, Sequence[Any]], ece: float | None) -> go.Figure:
+    """Reliability diagram: accuracy against confidence per bin, the diagonal being perfect
+    calibration; bar widths follow the bins and hover shows their counts."""
+    centres, accuracy = list(curve["bin_centers"]), list(curve["accuracy"])
+    width = 1.0 / max(1, len(centres))
+    figure = go.Figure()
+    figure.add_bar(x=centres, y=[a if a is not None else 0 for a in accuracy], width=width * 0.9,
+                   name="accuracy", marker_color="#0f6e8c", customdata=list(curve["counts"]),
+                   hovertemplate="confidence %{x:.2f}: accuracy %{y:.3f} "
+                                 "(%{customdata} images)<extra></extra>")
+    figure.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
+                       line=dict(color="#c0392b", dash="dot"))
+    figure.update_xaxes(title_text="Confidence (top probability)", range=[0, 1])
+    figure.update_yaxes(title_text="Accuracy", range=[0, 1.02])
+    figure.update_layout(title=dict(text=f"ECE {fmt3(ece)}", font=dict(size=13)))
+    return _layout(figure)
