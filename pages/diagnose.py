@@ -9,11 +9,12 @@ import streamlit as st
 from bus_core.errors import BusError
 from bus_core.predict import Prediction, Predictor
 from bus_core.report import ReportContent, render_report, report_filename
+from ui.cases import save_case_button
 from ui.common import active_predictor, show_error
 from ui.masking import MaskChoice, mask_panel, outlined, show_crop_preview
 from ui.results import Explanation, explanation_section, predict_cached, show_prediction
 from ui.state import digest, memo
-from ui.uploads import IMAGE_TYPES, Upload, read_uploads, unique
+from ui.uploads import IMAGE_TYPES, Upload, read_case_files, read_uploads, unique
 
 
 def prediction_key(predictor: Predictor, upload: Upload, choice: MaskChoice) -> tuple[str, str]:
@@ -54,11 +55,12 @@ def report(upload: Upload, choice: MaskChoice, prediction: Prediction,
     return report_filename(upload.name, content.created), render_report(content)
 
 
-def case(predictor: Predictor, upload: Upload) -> Prediction | None:
+def case(predictor: Predictor, upload: Upload,
+         dataset_masks: list | None = None) -> Prediction | None:
     """One image: mask panel and image on the left, the result on the right, then the CAM."""
     left, right = st.columns([5, 4], gap="large")
     with left:
-        choice = mask_panel(upload.image, predictor.spec, upload.key)
+        choice = mask_panel(upload.image, predictor.spec, upload.key, dataset_masks)
         h, w = upload.image.shape[:2]
         st.caption(f"{upload.name} · {w} x {h} px")
         show_crop_preview(upload.image, choice, predictor.spec)
@@ -76,6 +78,13 @@ def case(predictor: Predictor, upload: Upload) -> Prediction | None:
     column.download_button("Download report (PNG)", data=data, file_name=name,
                            mime="image/png", icon=":material/download:",
                            key=f"report_{upload.key}", on_click="ignore")
+    with column:
+        masks = [] if choice.mask is None else [choice.mask]
+        save_case_button(upload.image, upload.name, masks,
+                         predictor.spec.combine if masks else None, predictor, prediction,
+                         {"target": shown.target, "method": shown.method,
+                          "opacity": shown.opacity},
+                         key=f"{upload.key}_{choice.key}_{predictor.card.weights_sha256[:8]}")
     return prediction
 
 
@@ -102,6 +111,23 @@ st.caption("Upload a breast-ultrasound image to see the model's reading and wher
 predictor = active_predictor()
 if predictor is None:
     st.stop()
+
+if "diagnose_path" in st.session_state:  # a case opened from the Evaluate page
+    st.session_state["diagnose_opened"] = (st.session_state.pop("diagnose_path"),
+                                           st.session_state.pop("diagnose_masks", []))
+opened = st.session_state.get("diagnose_opened")
+if opened:
+    opened_upload, opened_masks = read_case_files(opened[0], opened[1])
+    head, close = st.columns([6, 1], vertical_alignment="center")
+    head.subheader(f"Case from the dataset: {opened_upload.name}")
+    if close.button("Close case", icon=":material/close:"):
+        del st.session_state["diagnose_opened"]
+        st.rerun()
+    if opened_upload.error is not None:
+        show_error(opened_upload.error)
+    else:
+        case(predictor, opened_upload, opened_masks)
+    st.divider()
 
 files = st.file_uploader("Ultrasound images", type=IMAGE_TYPES, accept_multiple_files=True,
                          key="diagnose_files",

@@ -183,3 +183,38 @@ def test_model_folder_without_a_model_is_explained(monkeypatch, tmp_path):
     assert "The active model cannot be used" in messages(at.error)
     assert "card.json" in messages(at.error)
     assert not at.get("file_uploader")
+
+
+def test_save_as_case_stores_the_prediction_once(app, tmp_path):
+    from bus_core.store import open_store
+
+    data, _ = ultrasound_png(seed=5)
+    upload(app, ("case.png", data, "image/png"))
+    save = next(b for b in app.button if b.label == "Save as case")
+    save.click()
+    app.run()
+    assert not app.exception
+    assert "Saved as case" in messages(app.success)
+    app.run()
+    assert not [b for b in app.button if b.label == "Save as case"]
+    with open_store(tmp_path / "userdata") as store:
+        cases = store.list_cases()
+    assert len(cases) == 1 and cases[0].image_name == "case.png"
+    assert cases[0].predicted_label in ("normal", "benign", "malignant")
+
+
+def test_case_opened_from_evaluate_page_uses_its_dataset_masks(monkeypatch, tmp_path,
+                                                              tiny_model_dir, busi_dir):
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.setenv("BUS_MODEL", str(tiny_model_dir))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["diagnose_path"] = str(busi_dir / "benign" / "benign (2).png")
+    at.session_state["diagnose_masks"] = [str(busi_dir / "benign" / "benign (2)_mask.png")]
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("benign (2).png" in h.value for h in at.subheader)
+    assert segmented(at, "Lesion mask").value == "Dataset masks"
+    assert at.get("plotly_chart")
+    next(b for b in at.button if b.label == "Close case").click()
+    at.run()
+    assert not any("benign (2).png" in h.value for h in at.subheader)

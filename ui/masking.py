@@ -15,7 +15,7 @@ from ui.common import show_error
 from ui.state import digest, memo
 from ui.uploads import MASK_TYPES, read_masks
 
-NO_MASK, PAINT, UPLOAD = "No mask", "Paint a mask", "Upload mask files"
+NO_MASK, PAINT, UPLOAD, DATASET = "No mask", "Paint a mask", "Upload mask files", "Dataset masks"
 MASK_SOURCES: tuple[str, ...] = (NO_MASK, PAINT, UPLOAD)
 LESION_COLOUR = (255, 196, 0)
 
@@ -69,13 +69,19 @@ def _painted_masks(image: np.ndarray, key: str) -> list[np.ndarray]:
     return [] if painted is None else [painted]
 
 
-def mask_panel(image: np.ndarray, spec: InputSpec, key: str) -> MaskChoice:
+def mask_panel(image: np.ndarray, spec: InputSpec, key: str,
+               dataset_masks: list[np.ndarray] | None = None) -> MaskChoice:
     """The mask controls for one image; shows the image (painted on, or outlined) and
-    returns the combined mask."""
-    source = st.segmented_control("Lesion mask", MASK_SOURCES, default=NO_MASK, required=True,
+    returns the combined mask. `dataset_masks` (a case opened from a dataset) are offered as
+    a source of their own and chosen by default."""
+    sources = MASK_SOURCES + ((DATASET,) if dataset_masks else ())
+    source = st.segmented_control("Lesion mask", sources,
+                                  default=DATASET if dataset_masks else NO_MASK, required=True,
                                   key=f"mask_source_{key}") or NO_MASK
     masks: list[np.ndarray] = []
-    if source == PAINT:
+    if source == DATASET and dataset_masks:
+        masks = [m for m in dataset_masks if m.any()]
+    elif source == PAINT:
         masks = _painted_masks(image, key)
     elif source == UPLOAD:
         masks = _uploaded_masks(image, key)

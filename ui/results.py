@@ -62,11 +62,13 @@ def show_prediction(prediction: Prediction, threshold: float, key: str) -> None:
 
 @dataclass(frozen=True)
 class Explanation:
-    """A CAM overlay as shown: the blended image, the class it explains and the method name."""
+    """A CAM overlay as shown: the blended image, the class it explains, the method name and
+    the opacity."""
 
     overlay: np.ndarray
     target: str
     method: str
+    opacity: float
 
 
 def _controls(prediction: Prediction, classes: Sequence[str], key: str) -> tuple[str, str, float]:
@@ -91,7 +93,7 @@ def explanation_section(predictor: Predictor, prediction: Prediction, key: str,
         st.caption("Warm colours mark the regions that raised the score of the chosen class: "
                    "where the model looked, not why. Maps can highlight artefacts.")
     cam = cam_cached(predictor, cache_key, prediction, target, CAM_METHODS[method])
-    shown = Explanation(overlay(prediction.model_view, cam, opacity), target, method)
+    shown = Explanation(overlay(prediction.model_view, cam, opacity), target, method, opacity)
     seen_col.image(prediction.model_view, caption="What the model saw", width="stretch")
     cam_col.image(shown.overlay, caption=f"{method} for '{target}'", width="stretch")
     return shown, controls_col

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -26,12 +27,15 @@ class Upload:
     error: BusError | None = None
 
 
-def _decode(file: UploadedFile) -> Upload:
-    data = file.getvalue()
+def _decode_bytes(name: str, data: bytes) -> Upload:
     try:
-        return Upload(file.name, digest(data), image=load_image(data, name=file.name))
+        return Upload(name, digest(data), image=load_image(data, name=name))
     except BusError as exc:
-        return Upload(file.name, digest(data), error=exc)
+        return Upload(name, digest(data), error=exc)
+
+
+def _decode(file: UploadedFile) -> Upload:
+    return _decode_bytes(file.name, file.getvalue())
 
 
 def read_uploads(files: Sequence[UploadedFile]) -> list[Upload]:
@@ -48,6 +52,24 @@ def unique(uploads: Sequence[Upload]) -> tuple[list[Upload], list[Upload]]:
         (copies if upload.key in seen else first).append(upload)
         seen.add(upload.key)
     return first, copies
+
+
+def read_case_files(path: str, mask_paths: Sequence[str]) -> tuple[Upload, list[np.ndarray]]:
+    """An image opened from a dataset (e.g. from the Evaluate page) and its mask files."""
+    name = Path(path).name
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return Upload(name, digest(path.encode()), error=BusError(f"Cannot open {path}: {exc}")), []
+    upload = memo("case_file", path, lambda: _decode_bytes(name, data), max_entries=8)
+    masks: list[np.ndarray] = []
+    if upload.image is not None:
+        for mask_path in mask_paths:
+            try:
+                masks.append(load_mask(mask_path, shape=upload.image.shape[:2]))
+            except BusError:
+                continue  # the image is still worth showing without that mask
+    return upload, masks
 
 
 def read_masks(files: Sequence[UploadedFile], shape: tuple[int, int]
