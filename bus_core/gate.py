@@ -25,6 +25,7 @@ from bus_core.dataset import Record
 from bus_core.errors import BusError
 from bus_core.evaluate import evaluate
 from bus_core.models import CARD_FILE, load_model
+from bus_core.progress import read_json_lines
 from bus_core.registry import active_model_path, set_active_model
 from bus_core.settings import data_dir
 
@@ -277,16 +278,7 @@ def rollback(to_path: str | Path, who: str, *, reason: str | None = None) -> Non
 
 def decision_log() -> list[dict[str, Any]]:
     """Every logged decision, oldest first (a half-written last line is ignored)."""
-    path = decisions_path()
-    if not path.is_file():
-        return []
-    entries = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return entries
+    return read_json_lines(decisions_path())
 
 
 def earlier_models() -> list[Path]:

@@ -38,8 +38,9 @@ class ProgressLog:
         return record
 
 
-def read_progress(path: str | Path) -> list[dict[str, Any]]:
-    """All complete events of a progress file ([] if it does not exist yet)."""
+def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete JSON line of an append-only log ([] if it does not exist yet); a line
+    being written right now, or cut off by a crash, is skipped."""
     p = Path(path)
     if not p.is_file():
         return []
@@ -48,8 +49,13 @@ def read_progress(path: str | Path) -> list[dict[str, Any]]:
         try:
             events.append(json.loads(line))
         except json.JSONDecodeError:
-            continue  # a line being written right now
+            continue
     return events
+
+
+def read_progress(path: str | Path) -> list[dict[str, Any]]:
+    """All complete events of a progress file ([] if it does not exist yet)."""
+    return read_json_lines(path)
 
 
 def run_state(events: list[dict[str, Any]]) -> str:

@@ -393,7 +393,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             log.write("step", epoch=epoch + 1, epochs=config.epochs, step=step + 1, steps=steps,
-                      loss=float(loss), mean_loss=loss_sum / seen, accuracy=correct / seen,
+                      loss=loss.item(), mean_loss=loss_sum / seen, accuracy=correct / seen,
                       lr=optimizer.param_groups[0]["lr"], images_per_s=rate,
                       eta_s=remaining / max(rate, 1e-9))
             stop = (should_stop and should_stop()) or (run_dir / "CANCEL").exists()

@@ -41,11 +41,14 @@ def model_summary(card: ModelCard) -> str:
     """A few markdown lines: name, date, and test metrics with their data."""
     test = card.metrics.get("test") or {}
     data = test.get("data") or {}
-    lines = [f"**{card.name}** · {card.arch} · input `{card.input_mode}`",
-             f"Created {card.created[:10]}"]
+    lines = [f"**{card.name}**",
+             f"{card.arch}, {card.input_mode} input, created {card.created[:10]}"]
     if test:
+        sources = ", ".join(Path(str(x)).stem for x in data.get("sources", [])) or "?"
+        split = Path(str(data.get("split_file", ""))).name or "?"
         lines.append(
-            f"Test ({data.get('subset', 'test')}, n={test.get('n')}): accuracy "
+            f"{sources} {data.get('subset', 'test')} subset of {split}, n={test.get('n')}: "
+            f"accuracy "
             f"{_fmt(test.get('accuracy'))}, malignant sensitivity "
             f"{_fmt(test.get('malignant_sensitivity'))}, malignant AUC "
             f"{_fmt(test.get('auc_malignant'))}")
