@@ -384,7 +384,8 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
             scaler.update()
             seen += len(items)
             correct += int((logits.argmax(1) == labels).sum())
-            loss_sum += loss.item() * len(items)
+            loss_value = loss.item()
+            loss_sum += loss_value * len(items)
             elapsed = time.monotonic() - epoch_start
             rate = seen / max(elapsed, 1e-9)
             remaining = (steps - step - 1) * config.batch_size + \
@@ -393,7 +394,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             log.write("step", epoch=epoch + 1, epochs=config.epochs, step=step + 1, steps=steps,
-                      loss=loss.item(), mean_loss=loss_sum / seen, accuracy=correct / seen,
+                      loss=loss_value, mean_loss=loss_sum / seen, accuracy=correct / seen,
                       lr=optimizer.param_groups[0]["lr"], images_per_s=rate,
                       eta_s=remaining / max(rate, 1e-9))
             stop = (should_stop and should_stop()) or (run_dir / "CANCEL").exists()
