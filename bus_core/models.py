@@ -57,6 +57,13 @@ def _imagenet_weights(arch: str) -> Any:
     return tvm.get_model_weights(arch).DEFAULT
 
 
+def imagenet_cached(arch: str) -> bool:
+    """True when torchvision's ImageNet weights for `arch` are in the torch hub cache (so
+    'imagenet' initialisation works offline)."""
+    url = _imagenet_weights(arch).url
+    return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()
+
+
 def _torchvision_model(arch: str, pretrained: bool) -> nn.Module:
     weights = _imagenet_weights(arch) if pretrained else None
     try:

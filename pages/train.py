@@ -17,7 +17,7 @@ from bus_core.inputs import INPUT_MODES
 from bus_core.jobs import (Job, JobBusyError, current_job, last_job, resume_job, start_training,
                            start_tuning)
 from bus_core.loader import BALANCE_MODES
-from bus_core.models import ARCHS, CARD_FILE, WEIGHTS_FILE
+from bus_core.models import ARCHS, CARD_FILE, WEIGHTS_FILE, imagenet_cached
 from bus_core.registry import check_model_name, import_model, list_models, set_active_model
 from bus_core.settings import data_dir, default_dataset_dir, user_models_dir
 from bus_core.train import OPTIMIZERS, SCHEDULERS, TrainConfig
@@ -46,15 +46,6 @@ TEST_KEYS = (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"),
 
 
 # --- settings ---------------------------------------------------------------------------------
-
-def imagenet_cached(arch: str) -> bool:
-    """True when torchvision's ImageNet weights for `arch` are in the torch hub cache."""
-    import torch
-    from torchvision import models as tvm
-
-    url = tvm.get_model_weights(arch).DEFAULT.url
-    return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()
-
 
 def data_settings() -> list[str]:
     """Data folders / manifests, with their class counts (or why they cannot be read)."""

@@ -96,3 +96,16 @@ def test_missing_and_unsafe_files_are_clear_errors(tmp_path, tiny_model_dir):
 def test_read_card_without_weights_loading(tiny_model_dir):
     card = read_card(tiny_model_dir / "card.json")
     assert card.name == "tiny-test" and card.size.crop == 32
+
+
+def test_imagenet_cache_detection(tmp_path, monkeypatch):
+    from torchvision import models as tvm
+
+    from bus_core.models import imagenet_cached
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert not imagenet_cached("densenet121")
+    url = tvm.get_model_weights("densenet121").DEFAULT.url
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / url.rsplit("/", 1)[-1]).write_bytes(b"")
+    assert imagenet_cached("densenet121")
