@@ -140,6 +140,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leak(args: argparse.Namespace) -> int:
+    """Share of black model inputs per class under each input mode (the mask leak)."""
+    from bus_core.inputs import INPUT_MODES, InputSpec, blank_input_share
+
+    records, data = _records_for(args)
+    result = {mode: blank_input_share(records, InputSpec(mode=mode)) for mode in INPUT_MODES}
+    print(f"Share of all-black model inputs on {len(records)} images ({data['subset']}):")
+    for mode, per_class in result.items():
+        print(f"  {mode:<14} " + "  ".join(
+            f"{label} {v['black_share']:.2f} (n={v['n']})" for label, v in per_class.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"data": data, "n": len(records),
+                                               "black_share": result}, indent=2))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """List the installed models; --activate PATH makes one the default."""
     from bus_core.registry import active_model_path, list_models, set_active_model
@@ -208,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "first seed document")
     p.add_argument("--epochs", type=int, default=5)
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("leak", help="measure the mask leak: black inputs per class and mode")
+    _add_data(p)
+    p.add_argument("--split", help="split JSON; measure only --subset of it")
+    p.add_argument("--subset", default="test", choices=("train", "val", "test"))
+    p.add_argument("--json", help="write the shares as JSON to this file")
+    p.set_defaults(func=cmd_leak)
 
     p = sub.add_parser("models", help="list models / choose the active one")
     p.add_argument("--activate", help="model folder to make the default")

@@ -91,3 +91,18 @@ def record_input(record: Record, spec: InputSpec, rng: np.random.Generator | Non
         return np.zeros_like(image)
     return leak_free_crop(image, rng if rng is not None else record_rng(record.id),
                           margin=spec.margin)
+
+
+def blank_input_share(records: Sequence[Record], spec: InputSpec) -> dict[str, dict[str, float]]:
+    """Per class: how many records there are and the share whose model input is all black.
+
+    Measures the mask leak without training anything: in `mask` mode every image without a
+    lesion mask becomes black, so "black input => normal" is a perfect rule on BUSI.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for record in records:
+        entry = out.setdefault(record.label, {"n": 0, "black_share": 0.0})
+        black = not record_input(record, spec).any()
+        entry["black_share"] = (entry["black_share"] * entry["n"] + black) / (entry["n"] + 1)
+        entry["n"] += 1
+    return out

@@ -44,7 +44,7 @@ from bus_core.inputs import INPUT_MODES, InputSpec
 from bus_core.loader import BALANCE_MODES, RecordDataset, class_weights, collate, epoch_plan
 from bus_core.masks import COMBINE_MODES
 from bus_core.metrics import compute_metrics, fit_temperature, nll, softmax
-from bus_core.models import ARCHS, ModelCard, build_model, new_card, save_model
+from bus_core.models import ARCHS, ModelCard, build_model, file_sha256, new_card, save_model
 from bus_core.progress import ProgressLog
 from bus_core.splits import Split, find_groups, load_split, make_split, save_split, split_records
 from bus_core.transforms import InputSize, input_size_for
@@ -492,8 +492,8 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
         temperature=temperature, init=config.init,
         training_data={"sources": config.data, "extra_train": config.extra_train,
                        "n_train": state.get("n_train"), "max_per_class": config.max_per_class},
-        split={"file": split_file, "data_hash": split.data_hash, "seed": split.seed,
-               "ratios": list(split.ratios)},
+        split={"file": split_file, "file_sha256": file_sha256(Path(split_file)),
+               "data_hash": split.data_hash, "seed": split.seed, "ratios": list(split.ratios)},
         hyperparameters=hyper, metrics=metrics, training_time_s=round(state["train_time_s"], 1),
         notes=f"Trained on {device.description}.")
     dtype = torch.float16 if config.save_dtype == "float16" else torch.float32

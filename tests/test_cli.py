@@ -56,3 +56,14 @@ def test_tune_small_grid(busi_dir, tmp_path, capsys):
     rows = json.loads((out / "results.json").read_text())
     assert len(rows) == 2 and {r["lr"] for r in rows} == {0.001, 0.0001}
     assert (out / "results.csv").is_file()
+
+
+def test_leak_command_shows_black_normals_in_mask_mode_only(busi_dir, tmp_path, capsys):
+    out = tmp_path / "leak.json"
+    assert main(["leak", "--data", str(busi_dir), "--json", str(out)]) == 0
+    shares = json.loads(out.read_text())["black_share"]
+    assert shares["mask"]["normal"]["black_share"] == 1.0
+    assert shares["mask"]["benign"]["black_share"] == 0.0
+    assert shares["mask-leakfree"]["normal"]["black_share"] == 0.0
+    assert shares["full"]["normal"]["black_share"] == 0.0
+    assert "mask-leakfree" in capsys.readouterr().out
