@@ -60,7 +60,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise BusError(no_model_message())
     records, data = _records_for(args)
     result = evaluate(load_model(path), records, device=args.device, batch_size=args.batch_size,
-                      progress=sys.stderr.isatty(), data={**data, "n": len(records)})
+                      progress=sys.stderr.isatty(), data={**data, "n": len(records)},
+                      tta=args.tta)
     print(f"Model {result.metrics['model']} on {len(records)} images ({data['subset']}):")
     print(format_metrics(result.metrics))
     if args.json:
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics as JSON to this file")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average each image with its mirror")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify one image")

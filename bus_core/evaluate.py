@@ -38,38 +38,46 @@ class Evaluation:
 
 @torch.inference_mode()
 def collect_logits(model: nn.Module, dataset: RecordDataset, config: DeviceConfig,
-                   batch_size: int = 32, progress: bool = False) -> np.ndarray:
-    """Logits (float32, N x classes) of `model` on every item of `dataset`, in order."""
+                   batch_size: int = 32, progress: bool = False, tta: bool = False) -> np.ndarray:
+    """Logits (float32, N x classes) of `model` on every item of `dataset`, in order.
+
+    With `tta`, each logit is the mean over the image and its horizontal mirror.
+    """
     model.eval()
     out = []
     batches = eval_batches(dataset, batch_size)
     total = -(-len(dataset) // batch_size)
     for images, _, _ in tqdm(batches, total=total, disable=not progress, desc="evaluate",
                              unit="batch"):
+        images = to_device(images, config)
         with autocast(config):
-            logits = model(to_device(images, config))
+            logits = model(images)
+            if tta:
+                logits = (logits.float() + model(images.flip(-1)).float()) / 2
         out.append(logits.float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
 def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | DeviceConfig = "auto",
              batch_size: int = 32, temperature: float | None = None, progress: bool = False,
-             data: dict[str, Any] | None = None) -> Evaluation:
+             data: dict[str, Any] | None = None, tta: bool = False) -> Evaluation:
     """Evaluate `loaded` on `records` with its card's input spec and temperature.
 
     `data` describes what was evaluated (split file, subset, sources) and is stored in the
-    metrics so every figure says which images it came from.
+    metrics so every figure says which images it came from. `tta` averages each image with its
+    mirror (the card's temperature is kept as fitted without it).
     """
     config = device if isinstance(device, DeviceConfig) else choose_device(device)
     card = loaded.card
     dataset = RecordDataset(records, InputSpec.from_card(card), classes=card.classes)
     model = prepare_model(loaded.model, config)
-    logits = collect_logits(model, dataset, config, batch_size, progress)
+    logits = collect_logits(model, dataset, config, batch_size, progress, tta)
     t = card.temperature if temperature is None else temperature
     y = np.asarray(dataset.labels)
     probs = softmax(logits, t) if len(logits) else np.zeros((0, len(card.classes)))
     metrics = compute_metrics(y, probs, card.classes)
     metrics["temperature"] = t
     metrics["model"] = card.name
+    metrics["tta"] = tta
     metrics["data"] = data or {}
     return Evaluation(metrics, [r.id for r in records], y, probs, logits, list(card.classes))
