@@ -61,7 +61,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     records, data = _records_for(args)
     result = evaluate(load_model(path), records, device=args.device, batch_size=args.batch_size,
                       progress=sys.stderr.isatty(), data={**data, "n": len(records)},
-                      tta=args.tta)
+                      tta=args.tta, input_mode=args.input_mode)
     print(f"Model {result.metrics['model']} on {len(records)} images ({data['subset']}):")
     print(format_metrics(result.metrics))
     if args.json:
@@ -179,6 +179,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
     from bus_core.device import DEVICE_CHOICES
+    from bus_core.inputs import INPUT_MODES
     from bus_core.train import get_args_parser
 
     parser = argparse.ArgumentParser(prog="python -m bus_core",
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average each image with its mirror")
+    p.add_argument("--input-mode", choices=INPUT_MODES,
+                   help="replace the card's input mode (e.g. show a mask-mode model leak-free "
+                        "inputs to measure the mask leak)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify one image")

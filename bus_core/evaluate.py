@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -60,16 +60,21 @@ def collect_logits(model: nn.Module, dataset: RecordDataset, config: DeviceConfi
 
 def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | DeviceConfig = "auto",
              batch_size: int = 32, temperature: float | None = None, progress: bool = False,
-             data: dict[str, Any] | None = None, tta: bool = False) -> Evaluation:
+             data: dict[str, Any] | None = None, tta: bool = False,
+             input_mode: str | None = None) -> Evaluation:
     """Evaluate `loaded` on `records` with its card's input spec and temperature.
 
     `data` describes what was evaluated (split file, subset, sources) and is stored in the
     metrics so every figure says which images it came from. `tta` averages each image with its
-    mirror (the card's temperature is kept as fitted without it).
+    mirror (the card's temperature is kept as fitted without it). `input_mode` replaces the
+    card's, e.g. to show a `mask` model the leak-free inputs and so measure the mask leak.
     """
     config = device if isinstance(device, DeviceConfig) else choose_device(device)
     card = loaded.card
-    dataset = RecordDataset(records, InputSpec.from_card(card), classes=card.classes)
+    spec = InputSpec.from_card(card)
+    if input_mode is not None:
+        spec = replace(spec, mode=input_mode)
+    dataset = RecordDataset(records, spec, classes=card.classes)
     model = prepare_model(loaded.model, config)
     logits = collect_logits(model, dataset, config, batch_size, progress, tta)
     t = card.temperature if temperature is None else temperature
@@ -79,5 +84,6 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
     metrics["temperature"] = t
     metrics["model"] = card.name
     metrics["tta"] = tta
+    metrics["input_mode"] = spec.mode
     metrics["data"] = data or {}
     return Evaluation(metrics, [r.id for r in records], y, probs, logits, list(card.classes))

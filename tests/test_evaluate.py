@@ -29,3 +29,19 @@ def test_evaluate_records_whether_tta_was_used(tiny_model_dir, busi_dir):
     records = load_records(busi_dir)[:6]
     assert evaluate(loaded, records, device="cpu-fp32", tta=True).metrics["tta"] is True
     assert evaluate(loaded, records, device="cpu-fp32").metrics["tta"] is False
+
+
+def test_input_mode_override_shows_a_mask_model_leak_free_normals(tiny_model_dir, busi_dir,
+                                                                  tmp_path):
+    from bus_core.models import new_card, save_model
+
+    loaded = load_model(tiny_model_dir)
+    card = new_card("tiny-mask", "densenet121", input_size={"resize": 40, "crop": 32},
+                    input_mode="mask")
+    mask_model = load_model(save_model(loaded.model, card, tmp_path / "mask"))
+    normals = [r for r in load_records(busi_dir) if r.label == "normal"]
+    leaky = evaluate(mask_model, normals, device="cpu-fp32")
+    fair = evaluate(mask_model, normals, device="cpu-fp32", input_mode="mask-leakfree")
+    assert leaky.metrics["input_mode"] == "mask" and fair.metrics["input_mode"] == "mask-leakfree"
+    assert np.ptp(leaky.logits, axis=0).max() < 1e-4  # every normal is the same black image
+    assert np.ptp(fair.logits, axis=0).max() > 1e-4
