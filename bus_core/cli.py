@@ -157,6 +157,17 @@ def cmd_leak(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_manifest(args: argparse.Namespace) -> int:
+    """Write the records of data (optionally one split subset) as a CSV manifest."""
+    from bus_core.dataset import class_counts, write_manifest
+
+    records, data = _records_for(args)
+    write_manifest(records, args.out)
+    counts = ", ".join(f"{k} {v}" for k, v in class_counts(records).items())
+    print(f"{len(records)} images ({data['subset']}: {counts}) written to {args.out}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """List the installed models; --activate PATH makes one the default."""
     from bus_core.registry import active_model_path, list_models, set_active_model
@@ -238,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", default="test", choices=("train", "val", "test"))
     p.add_argument("--json", help="write the shares as JSON to this file")
     p.set_defaults(func=cmd_leak)
+
+    p = sub.add_parser("manifest", help="write data (or one split subset) as a CSV manifest, "
+                                        "e.g. to add only the training patients with --extra-train")
+    _add_data(p)
+    p.add_argument("--split", help="split JSON; write only --subset of it")
+    p.add_argument("--subset", default="train", choices=("train", "val", "test"))
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser("models", help="list models / choose the active one")
     p.add_argument("--activate", help="model folder to make the default")

@@ -67,6 +67,27 @@ def class_counts(records: Iterable[Record]) -> dict[str, int]:
     return {label: counts.get(label, 0) for label in CLASSES}
 
 
+def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
+    """Write `records` as a CSV manifest (paths relative to its folder) that `load_records`
+    reads back to the same images, labels, masks and patients."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.parent.resolve()
+
+    def relative(p: Path) -> str:
+        return PurePosixPath(Path(os.path.relpath(p.resolve(), folder)).as_posix()).as_posix()
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "mask", "patient"])
+        for r in records:
+            writer.writerow([relative(r.path), r.label, ";".join(relative(m) for m in r.masks),
+                             r.patient or ""])
+    os.replace(tmp, path)
+    return path
+
+
 def _check_unique(records: list[Record]) -> None:
     repeated = [i for i, n in Counter(r.id for r in records).items() if n > 1]
     if repeated:

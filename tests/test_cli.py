@@ -4,6 +4,7 @@ import numpy as np
 from PIL import Image
 
 from bus_core.cli import main
+from bus_core.dataset import load_records
 
 
 def test_predict_json(tiny_model_dir, busi_dir, capsys, tmp_path):
@@ -67,3 +68,14 @@ def test_leak_command_shows_black_normals_in_mask_mode_only(busi_dir, tmp_path, 
     assert shares["mask-leakfree"]["normal"]["black_share"] == 0.0
     assert shares["full"]["normal"]["black_share"] == 0.0
     assert "mask-leakfree" in capsys.readouterr().out
+
+
+def test_manifest_of_a_split_subset(busi_dir, tmp_path, capsys):
+    split = tmp_path / "split.json"
+    assert main(["split", "--data", str(busi_dir), "--out", str(split)]) == 0
+    out = tmp_path / "train.csv"
+    assert main(["manifest", "--data", str(busi_dir), "--split", str(split), "--subset", "train",
+                 "--out", str(out)]) == 0
+    train = json.loads(split.read_text())["train"]
+    assert len(load_records(out)) == len(train)
+    assert f"{len(train)} images (train:" in capsys.readouterr().out

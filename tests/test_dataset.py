@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bus_core.dataset import Record, class_counts, load_many, load_records
+from bus_core.dataset import Record, class_counts, load_many, load_records, write_manifest
 from bus_core.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -132,6 +132,20 @@ def test_load_many_concatenates_and_rejects_duplicates(tmp_path):
     assert {r.source for r in records} == {"BUSI", "BUSBRA"}
     with pytest.raises(DataError, match="more than once"):
         load_many([busi, busi])
+
+
+def test_manifest_round_trip_keeps_masks_and_patients(tmp_path):
+    records = [r if r.label != "normal" else Record(r.id, r.path, r.label, r.masks, "p7", r.source)
+               for r in load_records(_busi(tmp_path))]
+    manifest = write_manifest(records[1:], tmp_path / "elsewhere" / "subset.csv")
+    again = load_records(manifest)
+
+    def key(rs):
+        return sorted((r.path.resolve(), r.label, tuple(m.resolve() for m in r.masks), r.patient)
+                      for r in rs)
+
+    assert key(again) == key(records[1:])
+    assert len(next(r for r in again if r.path.name == "benign (2).png").masks) == 3
 
 
 def test_record_is_frozen():
