@@ -10,6 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from bus_core.dataset import load_records
+from bus_core.registry import set_active_model
 from bus_core.settings import user_models_dir
 from bus_core.splits import make_split, save_split
 
@@ -22,6 +23,7 @@ def app(monkeypatch, tmp_path, tiny_model_dir, busi_dir):
     monkeypatch.delenv("BUS_MODEL", raising=False)
     for name in ("tiny-a", "tiny-b"):
         shutil.copytree(tiny_model_dir, user_models_dir() / name)
+    set_active_model(user_models_dir() / "tiny-a")  # not the bundled model, whatever weights/ holds
     at = AppTest.from_file(APP, default_timeout=90)
     at.run()
     at.switch_page("pages/evaluate.py").run()
@@ -88,8 +90,10 @@ def test_misclassified_gallery_with_grad_cam_and_open_in_diagnose(app, busi_dir,
     app.run()
     assert len(explained) == len(opens)  # computed once per case
     app.button(key="eval_open_0").click().run()
-    path = Path(app.session_state["diagnose_path"])
-    assert path.is_file() and path.is_relative_to(busi_dir)
+    assert not app.exception, [e.value for e in app.exception]
+    path, _ = app.session_state["diagnose_opened"]
+    assert Path(path).is_file() and Path(path).is_relative_to(busi_dir)
+    assert any(Path(path).name in h.value for h in app.subheader)
 
 
 def test_grad_cam_of_a_mask_model_uses_its_evaluation_input(app):

@@ -29,7 +29,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 README_RUN = os.environ.get("SAVE_README_SCREENSHOT") == "1"
-README_IMAGE = BUSI / "malignant" / "malignant (10).png"
+README_IMAGE = BUSI / "malignant" / "malignant (107).png"  # a held-out test-split image
 
 if not CHROMIUM.exists():
     pytest.skip("Chromium is not installed at /usr/bin/chromium", allow_module_level=True)
