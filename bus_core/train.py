@@ -452,6 +452,14 @@ def _save_weights(model: nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@torch.no_grad()
+def _round_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every floating-point parameter and buffer to `dtype` (kept in its own dtype)."""
+    for tensor in model.state_dict().values():
+        if tensor.is_floating_point():
+            tensor.copy_(tensor.to(dtype))
+
+
 def _subset_metrics(model: nn.Module, dataset: RecordDataset, device: DeviceConfig,
                     batch_size: int, temperature: float, description: dict[str, Any]
                     ) -> dict[str, Any]:
@@ -465,11 +473,17 @@ def _subset_metrics(model: nn.Module, dataset: RecordDataset, device: DeviceConf
 def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
             val_ds: RecordDataset, test_ds: RecordDataset, split: Split,
             state: dict[str, Any]) -> ModelCard:
-    """Reload the best weights, fit the temperature on val, test once, save model + card."""
+    """Reload the best weights, fit the temperature on val, test once, save model + card.
+
+    The weights are first rounded to the saved dtype, so the card's figures describe the very
+    weights that are saved.
+    """
     best = config.run_dir / "best.safetensors"
     if best.is_file():
         model.load_state_dict(load_file(best))
         _sync_memory_format(model, device)
+    dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
+    _round_weights(model, dtype)
     val_logits = collect_logits(model, val_ds, device, config.batch_size)
     temperature = fit_temperature(val_logits, np.asarray(val_ds.labels))
     split_file = config.split or str(config.run_dir / "split.json")
@@ -496,7 +510,6 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
                "data_hash": split.data_hash, "seed": split.seed, "ratios": list(split.ratios)},
         hyperparameters=hyper, metrics=metrics, training_time_s=round(state["train_time_s"], 1),
         notes=f"Trained on {device.description}.")
-    dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
     model_cpu = build_model(config.arch, len(CLASSES))
     model_cpu.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
     save_model(model_cpu, card, config.out, dtype=dtype)

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_config(busi_dir, out, **kw) -> TrainConfig:
     return TrainConfig(data=[str(busi_dir)], out=str(out), resize=40, crop=32, batch_size=4,
-                       epochs=kw.pop("epochs", 1), device="cpu-fp32", save_dtype="float32", **kw)
+                       epochs=kw.pop("epochs", 1), device="cpu-fp32",
+                       save_dtype=kw.pop("save_dtype", "float32"), **kw)
 
 
 def test_parser_maps_to_config():
@@ -43,6 +44,20 @@ def test_one_epoch_writes_model_card_progress_and_split(busi_dir, tmp_path):
     step = next(e for e in events if e["event"] == "step")
     assert {"epoch", "step", "loss", "accuracy", "lr", "images_per_s", "eta_s"} <= set(step)
     assert run_state(events) == "done"
+
+
+def test_card_figures_describe_the_saved_float16_weights(busi_dir, tmp_path):
+    from bus_core.dataset import load_records
+    from bus_core.evaluate import evaluate
+    from bus_core.splits import load_split, split_records
+
+    result = train(tiny_config(busi_dir, tmp_path / "m", save_dtype="float16", seed=3))
+    saved = result.card.metrics["test"]
+    test = split_records(load_records(busi_dir), load_split(tmp_path / "m" / "train" / "split.json"),
+                         "test")
+    again = evaluate(load_model(tmp_path / "m"), test, device="cpu-fp32").metrics
+    assert again["n"] == saved["n"] and again["accuracy"] == saved["accuracy"]
+    assert again["ece"] == pytest.approx(saved["ece"], abs=1e-6)
 
 
 @pytest.mark.parametrize("optimizer,balance,mode", [("sgd", "weights", "mask-leakfree"),
