@@ -19,7 +19,7 @@ from bus_core.dataset import class_counts
 from bus_core.errors import BusError
 from bus_core.gate import (GATE_FILE, SUBSETS, GateResult, activate_if_passed, decision_log,
                            earlier_models, evaluate_candidate, reject, rollback)
-from bus_core.jobs import JobBusyError, current_job, last_job, start_training
+from bus_core.jobs import current_job, last_job, start_training
 from bus_core.models import CARD_FILE
 from bus_core.predict import Predictor
 from bus_core.progress import read_progress
@@ -29,7 +29,7 @@ from bus_core.settings import PROJECT_ROOT, default_dataset_dir
 from bus_core.store import ORDERABLE, STATUSES, Case, CaseStore
 from ui.cases import as_rgb, case_store, export_zip, reviewer_name
 from ui.charts import probability_chart
-from ui.common import optional_predictor, show_error
+from ui.common import optional_predictor, show_error, start_job
 from ui.evaluation import fmt3
 from ui.masking import outlined
 from ui.results import CAM_METHODS, cam_cached, predict_cached
@@ -290,15 +290,9 @@ def plan_status(plan: RetrainPlan) -> str:
 
 def start(plan: RetrainPlan, resume: bool = False) -> None:
     """Start (or resume) the plan's training in the background."""
-    try:
-        start_training(plan.config, resume=resume)
-    except JobBusyError as exc:
-        st.warning(str(exc), icon=":material/hourglass_top:")
-        return
-    except BusError as exc:
-        show_error(exc, "The training could not start")
-        return
-    st.rerun()
+    if start_job(lambda: start_training(plan.config, resume=resume),
+                 "The training could not start"):
+        st.rerun()
 
 
 def running_view(plan: RetrainPlan) -> None:

@@ -14,7 +14,7 @@ import streamlit as st
 from bus_core.device import DEVICE_CHOICES, choose_device
 from bus_core.errors import BusError, ModelError
 from bus_core.inputs import INPUT_MODES
-from bus_core.jobs import (Job, JobBusyError, current_job, last_job, resume_job, start_training,
+from bus_core.jobs import (Job, current_job, last_job, resume_job, start_training,
                            start_tuning)
 from bus_core.loader import BALANCE_MODES
 from bus_core.models import ARCHS, CARD_FILE, WEIGHTS_FILE, imagenet_cached
@@ -23,7 +23,7 @@ from bus_core.settings import data_dir, default_dataset_dir, user_models_dir
 from bus_core.train import OPTIMIZERS, SCHEDULERS, TrainConfig
 from bus_core.transforms import input_size_for
 from bus_core.tune import DEFAULT_GRID, combinations
-from ui.common import show_error
+from ui.common import show_error, start_job
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
 from ui.evaluation import fmt3
 from ui.training import (epoch_figure, fmt_duration, last_event, progress_fraction,
@@ -180,16 +180,9 @@ def output_folder(label: str, root: Path, default: str, key: str) -> Path | None
 
 def launch(start: Any, force: bool) -> None:
     """Start a job (`start(force)`), then show it; a busy machine or bad settings are shown."""
-    try:
-        start(force)
-    except JobBusyError as exc:
-        st.warning(str(exc), icon=":material/hourglass_top:")
-        return
-    except BusError as exc:
-        show_error(exc, "The job could not start")
-        return
-    st.session_state.pop("train_dismissed", None)
-    st.rerun()
+    if start_job(lambda: start(force), "The job could not start"):
+        st.session_state.pop("train_dismissed", None)
+        st.rerun()
 
 
 def single_run_tab(base: dict[str, Any], ready: bool, force: bool) -> None:

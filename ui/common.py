@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import streamlit as st
 
 from bus_core.device import choose_device
 from bus_core.errors import BusError
+from bus_core.jobs import JobBusyError
 from bus_core.models import ModelCard, read_card
 from bus_core.predict import Predictor
 from bus_core.registry import active_model_path, no_model_message
@@ -77,6 +79,20 @@ def render_sidebar() -> None:
 def show_error(exc: BusError, what: str = "") -> None:
     """A user-fixable problem as a red box with its message (never a traceback)."""
     st.error(f"{what}{': ' if what else ''}{exc}", icon=":material/error:")
+
+
+def start_job(start: Callable[[], Any], what: str) -> bool:
+    """Run `start` (which launches a background job); True if it started, else False after
+    showing why (another job running, or settings it refused)."""
+    try:
+        start()
+    except JobBusyError as exc:
+        st.warning(str(exc), icon=":material/hourglass_top:")
+        return False
+    except BusError as exc:
+        show_error(exc, what)
+        return False
+    return True
 
 
 def optional_predictor() -> tuple[Predictor | None, str]:
