@@ -20,17 +20,24 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
-from bus_core.device import DeviceConfig, autocast, choose_device, fp32_cpu, prepare_model, to_device
+from bus_core.device import (
+    DeviceConfig,
+    autocast,
+    choose_device,
+    fp32_cpu,
+    prepare_model,
+    to_device,
+)
 from bus_core.io import load_image
-from bus_core.loader import collate
 from bus_core.metrics import softmax
 from bus_core.models import build_model, load_model
 from bus_core.predict import Predictor

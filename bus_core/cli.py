@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from bus_core.errors import BusError
 
@@ -48,6 +48,34 @@ def _records_for(args: argparse.Namespace):
     return records, {"sources": args.data, "subset": "all"}
 
 
+def cmd_train_seg(args: argparse.Namespace) -> int:
+    """Train the lesion segmenter, optionally multi-task (see bus_core.seg_train)."""
+    from bus_core import seg_train
+
+    out = seg_train.main(args)
+    print(f"Segmentation model saved to {out / 'segmenter'}")
+    if (out / "classifier").is_dir():
+        print(f"Classifier sharing its encoder saved to {out / 'classifier'}")
+    return 0
+
+
+def _evaluate_segmenter(args: argparse.Namespace, loaded) -> int:
+    from bus_core.evaluate import evaluate_segmentation
+    from bus_core.metrics import format_segmentation
+    from bus_core.segment import Segmenter
+
+    records, data = _records_for(args)
+    result = evaluate_segmentation(Segmenter(loaded, args.device if args.device != "auto"
+                                             else "cpu-fp32"), records,
+                                   progress=sys.stderr.isatty(), data={**data, "n": len(records)})
+    print(f"Segmentation model {result['model']} on {len(records)} images ({data['subset']}):")
+    print(format_segmentation(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False))
+        print(f"Metrics written to {args.json}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a model on data (optionally one subset of a split file)."""
     from bus_core.evaluate import evaluate
@@ -58,11 +86,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     path = args.model or active_model_path()
     if path is None:
         raise BusError(no_model_message())
+    loaded = load_model(path)
+    if loaded.card.task == "segmentation":
+        return _evaluate_segmenter(args, loaded)
     records, data = _records_for(args)
-    result = evaluate(load_model(path), records, device=args.device, batch_size=args.batch_size,
+    if args.masks == "auto":
+        from bus_core.segment import Segmenter, with_automatic_masks
+
+        if not loaded.card.input_mode.startswith("mask"):
+            raise BusError("--masks auto is for models that read a lesion mask; this model "
+                           "uses the whole image.")
+        records = with_automatic_masks(records, Segmenter.from_path(args.segmenter),
+                                       Path(args.mask_dir) if args.mask_dir else None,
+                                       progress=sys.stderr.isatty())
+        data = {**data, "masks": "automatic"}
+    result = evaluate(loaded, records, device=args.device, batch_size=args.batch_size,
                       progress=sys.stderr.isatty(), data={**data, "n": len(records)},
                       tta=args.tta, input_mode=args.input_mode)
-    print(f"Model {result.metrics['model']} on {len(records)} images ({data['subset']}):")
+    masks = " with automatic masks" if args.masks == "auto" else ""
+    print(f"Model {result.metrics['model']} on {len(records)} images ({data['subset']}){masks}:")
     print(format_metrics(result.metrics))
     if args.json:
         out = {**result.metrics, "misclassified": [
@@ -80,8 +122,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from bus_core.predict import Predictor, predict_file
 
     predictor = Predictor.from_path(args.model, device=args.device)
-    prediction = predict_file(args.image, args.mask, predictor)
+    mask_note = ""
+    if predictor.spec.uses_masks and not args.mask:
+        from bus_core.io import load_image
+        from bus_core.segment import Segmenter
+
+        segmenter = Segmenter.from_path(args.segmenter)
+        image = load_image(args.image)
+        mask = segmenter.segment(image)
+        if not mask.any():
+            raise BusError(f"The outline model ({segmenter.card.name}) finds no lesion in this "
+                           "image, and this model reads only the lesion: give a lesion mask "
+                           "with --mask, or use a model that reads the whole image.")
+        prediction = predictor.predict(image, [mask])
+        mask_note = f"automatic outline by {segmenter.card.name}"
+    else:
+        prediction = predict_file(args.image, args.mask, predictor)
     out = prediction.to_dict()
+    if mask_note:
+        out["mask"] = mask_note
     if args.cam:
         heat = predictor.explain(prediction, target=args.target, method=args.cam_method)
         Path(args.cam).write_bytes(image_to_png_bytes(overlay(prediction.model_view, heat)))
@@ -91,11 +150,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 0
     flag = "  (uncertain)" if prediction.uncertain else ""
     print(f"{prediction.label}{flag}  [{prediction.model}]")
+    if mask_note:
+        print(f"  mask: {mask_note}")
     for name, p in prediction.probabilities.items():
         print(f"  {name:<10} {p:6.1%}")
     for warning in prediction.warnings:
         print(f"Warning: {warning}")
     return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Write a suggested lesion mask (<stem>_mask.png, 0/255, the image's size) per image."""
+    from bus_core.segment import Segmenter, segment_inputs
+
+    segmenter = Segmenter.from_path(args.model, device=args.device)
+    report = segment_inputs(args.inputs, Path(args.out), segmenter,
+                            progress=sys.stderr.isatty(), batch_size=args.batch_size)
+    for name, problem in report.skipped:
+        print(f"Skipped {name}: {problem}", file=sys.stderr)
+    print(f"{report.written} masks written to {args.out} ({report.empty} with no lesion found); "
+          f"{len(report.skipped)} files skipped.")
+    return 0 if report.written or not report.skipped else 2
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -191,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
     from bus_core.device import DEVICE_CHOICES
     from bus_core.inputs import INPUT_MODES
+    from bus_core.seg_train import get_args_parser as seg_args_parser
     from bus_core.train import get_args_parser
 
     parser = argparse.ArgumentParser(prog="python -m bus_core",
@@ -199,6 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("train", parents=[get_args_parser(add_help=False)],
                    help="train a model").set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-seg", parents=[seg_args_parser(add_help=False)],
+                       help="train the lesion segmenter (optionally with a classifier head)")
+    p.set_defaults(func=cmd_train_seg)
+
+    p = sub.add_parser("segment", help="write a suggested lesion mask for each image")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image file, BUSI-layout (or flat) image folder, or CSV manifest")
+    p.add_argument("--out", required=True, help="folder for the <image stem>_mask.png files")
+    p.add_argument("--model", help="segmentation model folder (default: the bundled one)")
+    p.add_argument("--device", default="cpu-fp32", choices=DEVICE_CHOICES)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("evaluate", help="evaluate a model on data")
     p.add_argument("--model", help="model folder (default: the active model)")
@@ -213,11 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-mode", choices=INPUT_MODES,
                    help="replace the card's input mode (e.g. show a mask-mode model leak-free "
                         "inputs to measure the mask leak)")
+    p.add_argument("--masks", default="expert", choices=("expert", "auto"),
+                   help="for a lesion (mask) model: the data's expert masks, or the outlines "
+                        "the segmentation model suggests")
+    p.add_argument("--segmenter", help="segmentation model for --masks auto (default: bundled)")
+    p.add_argument("--mask-dir", help="keep the automatic masks in this folder")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify one image")
     p.add_argument("image")
-    p.add_argument("--mask", action="append", default=[], help="lesion mask file (repeatable)")
+    p.add_argument("--mask", action="append", default=[],
+                   help="lesion mask file (repeatable); a lesion model without one uses the "
+                        "automatic outline")
+    p.add_argument("--segmenter", help="segmentation model for the automatic outline "
+                                       "(default: the bundled one)")
     p.add_argument("--model", help="model folder (default: the active model)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--cam", help="save a Grad-CAM overlay PNG here")

@@ -17,9 +17,9 @@ import csv
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable
 
 from bus_core.constants import CLASSES, IMAGE_SUFFIXES
 from bus_core.errors import DataError
@@ -124,6 +124,12 @@ def _no_class_folders_message(root: Path) -> str:
     if nested:
         message += f" Did you mean {root / nested[0]}?"
     return message
+
+
+def mask_owner(stem: str) -> str | None:
+    """The image stem a mask file stem belongs to ('x_mask', 'x_mask_1' -> 'x'), else None."""
+    match = _MASK_STEM.match(stem)
+    return match["image"] if match else None
 
 
 def _folder_records(root: Path, folder: Path, label: str) -> list[Record]:

@@ -4,8 +4,9 @@ channels_last where the CPU has native bf16, else plain fp32."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from bus_core.dataset import Record
 from bus_core.device import DeviceConfig, autocast, choose_device, prepare_model, to_device
 from bus_core.inputs import InputSpec
 from bus_core.loader import RecordDataset, eval_batches
-from bus_core.metrics import compute_metrics, softmax
+from bus_core.metrics import compute_metrics, softmax, threshold_metrics
 from bus_core.models import LoadedModel
 
 
@@ -81,9 +82,52 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
     y = np.asarray(dataset.labels)
     probs = softmax(logits, t) if len(logits) else np.zeros((0, len(card.classes)))
     metrics = compute_metrics(y, probs, card.classes)
+    if card.malignant_threshold is not None and len(y):
+        metrics["at_threshold"] = threshold_metrics(y, probs, card.malignant_threshold,
+                                                    card.classes)
     metrics["temperature"] = t
     metrics["model"] = card.name
     metrics["tta"] = tta
     metrics["input_mode"] = spec.mode
     metrics["data"] = data or {}
     return Evaluation(metrics, [r.id for r in records], y, probs, logits, list(card.classes))
+
+
+def segmentation_summary(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean Dice / IoU over lesion images, the share of lesion images predicted empty and the
+    share of lesion-free images predicted empty, from `evaluate_segmentation`'s per-image rows."""
+    lesion = [r for r in per_image if r["lesion"]]
+    normal = [r for r in per_image if not r["lesion"]]
+    return {
+        "n": len(per_image), "n_lesion": len(lesion), "n_normal": len(normal),
+        "dice": float(np.mean([r["dice"] for r in lesion])) if lesion else None,
+        "iou": float(np.mean([r["iou"] for r in lesion])) if lesion else None,
+        "lesion_empty_share": (sum(r["empty"] for r in lesion) / len(lesion)) if lesion else None,
+        "normal_empty_share": (sum(r["empty"] for r in normal) / len(normal)) if normal else None,
+    }
+
+
+def evaluate_segmentation(segmenter: Any, records: Sequence[Record], *, batch_size: int = 8,
+                          progress: bool = False, data: dict[str, Any] | None = None
+                          ) -> dict[str, Any]:
+    """Score a `segment.Segmenter` against the records' expert masks (union of each record's
+    masks, at the image's own pixels): `segmentation_summary` plus `per_image` rows
+    {id, lesion, dice, iou, empty} and `data` (what was evaluated)."""
+    from bus_core.inputs import record_lesion_mask
+    from bus_core.io import load_image
+    from bus_core.segmentation import dice_iou
+
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(records), disable=not progress, desc="segment", unit="img")
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        images = [load_image(r.path) for r in chunk]
+        for record, image, pred in zip(chunk, images, segmenter.segment_many(images)):
+            truth = record_lesion_mask(record, image.shape[:2])
+            dice, iou = dice_iou(pred, truth)
+            rows.append({"id": record.id, "lesion": bool(truth.any()), "dice": dice, "iou": iou,
+                         "empty": not pred.any()})
+        bar.update(len(chunk))
+    bar.close()
+    return {**segmentation_summary(rows), "model": segmenter.card.name, "data": data or {},
+            "per_image": rows}

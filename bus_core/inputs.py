@@ -5,7 +5,8 @@ Input modes:
 - `full`: the whole image; masks are ignored.
 - `mask`: the first seed document's method. Where the chosen combination is empty but some mask
   is not (two separate lesions have no intersection), the union is used. An image with no
-  lesion (every BUSI "normal" image) becomes a black image. This LEAKS the label: a model learns "black = normal"
+  lesion (every BUSI "normal" image) becomes a black image. This LEAKS the label: a model
+  learns "black = normal"
   and its normal-class figures say nothing about ultrasound. Kept only to measure that leak.
 - `mask-leakfree`: as `mask`, but an image without a lesion mask becomes a random masked crop of
   its tissue (`masks.leak_free_crop`), so normal inputs look like lesion crops.
@@ -16,8 +17,9 @@ At prediction time a mask-mode model needs a non-empty mask from the user (`Mask
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +68,14 @@ def model_input(image: np.ndarray, masks: Sequence[np.ndarray], spec: InputSpec)
                         "mask, or choose a model that uses the full image.")
     return masked_input(image, masks, mode=spec.combine, threshold=spec.threshold,
                         margin=spec.margin)
+
+
+def record_lesion_mask(record: Record, shape: tuple[int, int]) -> np.ndarray:
+    """The union of a record's lesion masks at `shape` (all False when it has none)."""
+    out = np.zeros(shape, dtype=bool)
+    for path in record.masks:
+        out |= load_mask(path, shape=shape)
+    return out
 
 
 def record_rng(record_id: str, epoch: int = 0) -> np.random.Generator:

@@ -20,9 +20,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 try:
     import fcntl
@@ -32,13 +33,12 @@ except ImportError:  # Windows: starts are not serialised between processes
 from bus_core.errors import BusError
 from bus_core.progress import read_progress, run_state
 from bus_core.settings import PROJECT_ROOT, data_dir
-from bus_core.train import TrainConfig
+from bus_core.train import BACKGROUND_ENV, CANCEL_FILE, TrainConfig
 from bus_core.tune import DEFAULT_GRID, combinations, run_name
 
 CURRENT_FILE = "current.json"
 LAST_FILE = "last.json"
 LOG_FILE = "stdout.log"
-CANCEL_FILE = "CANCEL"
 CANCEL_MARKER = ".cancel-requested"
 
 # Processes started by this Python process, kept so they are reaped (no zombies) and polled.
@@ -171,12 +171,13 @@ class Job:
 
     def status(self) -> str:
         """'running', 'done', 'cancelled', 'failed', or 'killed' (the process died without
-        finishing: resume it)."""
+        finishing: resume it). Only events written since this job started count, so a resumed
+        run killed while loading is 'killed', not the state of the run it resumed."""
         if self.is_alive():
             return "running"
         if self.kind == "tune":
             return self._tune_status()
-        state = run_state(self.events())
+        state = run_state([e for e in self.events() if e.get("time", 0) >= self.started])
         if state in ("done", "cancelled", "failed"):
             return state
         if state == "not started" and not (self.run_dir / "config.json").is_file():
@@ -283,7 +284,7 @@ def _spawn(kind: str, config: TrainConfig, argv: list[str],
     run_dir = Path(config.out) / "train"
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "bus_core", kind, *argv]
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{BACKGROUND_ENV: "1"},
                PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                         os.environ.get("PYTHONPATH")])))
     with open(run_dir / LOG_FILE, "ab") as log:

@@ -3,8 +3,8 @@ that balance classes (extra augmented copies, a weighted sampler, or loss weight
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from bus_core.constants import CLASSES
 from bus_core.dataset import Record
 from bus_core.inputs import InputSpec, record_input
 from bus_core.io import load_image, load_mask
-from bus_core.transforms import eval_transform, resize_shorter, train_transform
+from bus_core.transforms import base_image, eval_transform, resize_shorter, train_transform
 
 BALANCE_MODES: tuple[str, ...] = ("augment", "weights", "sampler", "none")
 
@@ -60,7 +60,7 @@ class RecordDataset(Dataset):
                 self._cache[index] = (resize_shorter(image, 2 * self.spec.size.resize), True)
             else:
                 prepared = record_input(record, self.spec, image=image)
-                self._cache[index] = (resize_shorter(prepared, self.spec.size.resize), False)
+                self._cache[index] = (base_image(prepared, self.spec.size), False)
         return self._cache[index]
 
     def input_image(self, item: Item | int) -> np.ndarray:

@@ -7,7 +7,8 @@ A mask is an HxW array at the image's resolution; non-zero (True) marks the lesi
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence, get_args
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
 
 import cv2
 import numpy as np
@@ -396,8 +397,8 @@ def _is_eraser(obj: dict, erase_color: str | None) -> bool:
 
 
 def strokes_to_mask(canvas_json: dict | None, canvas_size: tuple[int, int],
-                    image_shape: tuple[int, int], *, erase_color: str | None = None
-                    ) -> np.ndarray:
+                    image_shape: tuple[int, int], *, erase_color: str | None = None,
+                    base: np.ndarray | None = None) -> np.ndarray:
     """The HxW bool mask (at image resolution) of a streamlit-drawable-canvas drawing.
 
     `canvas_json` is `st_canvas(...).json_data` (Fabric.js canvas JSON, {"objects": [...]});
@@ -408,9 +409,14 @@ def strokes_to_mask(canvas_json: dict | None, canvas_size: tuple[int, int],
     its start: a lesion outline counts as the lesion); lines with their stroke. Eraser objects
     (`globalCompositeOperation` "destination-out", or a stroke colour equal to `erase_color`)
     remove what they cover: shapes their area, paths and lines only their stroke. Text and
-    other objects are ignored. No drawing gives an all-False mask.
+    other objects are ignored. No drawing gives an all-False mask, or `base` (an HxW mask the
+    drawing edits: paint adds to it, erasers remove from it) when one is given.
     """
     mask = np.zeros(tuple(image_shape[:2]), bool)
+    if base is not None:
+        if base.shape[:2] != mask.shape:
+            raise ValueError(f"The mask to edit is {base.shape[:2]}, the image {mask.shape}.")
+        mask |= base.astype(bool)
     if not canvas_json:
         return mask
     (canvas_w, canvas_h), (height, width) = canvas_size, mask.shape

@@ -169,6 +169,33 @@ def compute_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
     }
 
 
+def fit_malignant_threshold(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
+                            classes: Sequence[str] = CLASSES, *,
+                            target_sensitivity: float = 0.90) -> float | None:
+    """The highest threshold t such that "P(malignant) >= t" finds at least
+    `target_sensitivity` of the malignant samples; None without malignant samples."""
+    p, y = _check_scores(probs, y_true, name="probabilities", n_classes=len(classes))
+    scores = np.sort(p[y == list(classes).index(MALIGNANT), list(classes).index(MALIGNANT)])[::-1]
+    if not len(scores):
+        return None
+    k = max(1, math.ceil(target_sensitivity * len(scores) - 1e-9))
+    return float(scores[k - 1])
+
+
+def threshold_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, threshold: float,
+                      classes: Sequence[str] = CLASSES) -> dict[str, Any]:
+    """Malignant-vs-rest figures of the rule "P(malignant) >= threshold": sensitivity,
+    specificity, and how many images it flags."""
+    p, y = _check_scores(probs, y_true, name="probabilities", n_classes=len(classes))
+    mal = list(classes).index(MALIGNANT)
+    flagged = p[:, mal] >= threshold
+    positive = y == mal
+    return {"threshold": float(threshold),
+            "sensitivity": _ratio(float((flagged & positive).sum()), float(positive.sum())),
+            "specificity": _ratio(float((~flagged & ~positive).sum()), float((~positive).sum())),
+            "flagged": int(flagged.sum()), "n": int(len(y))}
+
+
 def format_metrics(m: dict[str, Any]) -> str:
     """A short plain-text summary of a `compute_metrics` dict for the terminal."""
     labels = list(m.get("labels") or CLASSES)
@@ -184,6 +211,10 @@ def format_metrics(m: dict[str, Any]) -> str:
         f"   macro one-vs-rest {_fmt(m.get('auc_macro_ovr'))}",
         f"  ECE                 {_fmt(m.get('ece'))}",
     ]
+    at = m.get("at_threshold")
+    if at:
+        lines.append(f"  at the malignant threshold {at['threshold']:.3f}: sensitivity "
+                     f"{_fmt(at.get('sensitivity'))}   specificity {_fmt(at.get('specificity'))}")
     cm = m.get("confusion_matrix")
     if cm:
         width = max(9, *(len(c) for c in labels)) + 2
@@ -192,6 +223,18 @@ def format_metrics(m: dict[str, Any]) -> str:
         for name, row in zip(labels, cm):
             lines.append("  " + name.ljust(width) + "".join(str(v).rjust(width) for v in row))
     return "\n".join(lines)
+
+
+def format_segmentation(m: dict[str, Any]) -> str:
+    """A short plain-text summary of an `evaluate.evaluate_segmentation` result."""
+    return "\n".join([
+        f"n = {m.get('n')}  (lesion images {m.get('n_lesion')}, "
+        f"without lesion {m.get('n_normal')})",
+        f"  Dice (lesion images, mean)         {_fmt(m.get('dice'))}",
+        f"  IoU (lesion images, mean)          {_fmt(m.get('iou'))}",
+        f"  lesion images predicted empty      {_fmt(m.get('lesion_empty_share'))}",
+        f"  lesion-free images predicted empty {_fmt(m.get('normal_empty_share'))}",
+    ])
 
 
 def _check_scores(scores: np.ndarray, y_true: Sequence[int] | np.ndarray, *, name: str,

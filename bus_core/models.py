@@ -146,6 +146,7 @@ class ModelCard:
 
     name: str
     arch: str = "densenet121"
+    task: str = "classification"
     classes: list[str] = field(default_factory=lambda: list(CLASSES))
     input_size: dict[str, int] = field(default_factory=lambda: dataclasses.asdict(InputSize()))
     normalisation: dict[str, list[float]] = field(
@@ -156,6 +157,8 @@ class ModelCard:
     crop_margin: float = 0.1
     temperature: float = 1.0
     uncertain_below: float = 0.6
+    malignant_threshold: float | None = None
+    postprocess: dict[str, Any] = field(default_factory=dict)
     init: str = "random"
     training_data: dict[str, Any] = field(default_factory=dict)
     split: dict[str, Any] = field(default_factory=dict)
@@ -261,6 +264,22 @@ def read_card(path: str | Path) -> ModelCard:
         raise ModelError(f"The model card {card_path} is not valid JSON: {exc}") from exc
 
 
+def _network_for(card: ModelCard) -> nn.Module:
+    """An untrained network of the card's task and architecture."""
+    if card.task == "segmentation":
+        from bus_core.segmentation import SEG_ARCH, DenseNetUNet
+
+        if card.arch != SEG_ARCH:
+            raise ModelError(f"A segmentation model must be a {SEG_ARCH}, not {card.arch!r}.")
+        return DenseNetUNet(num_classes=0)
+    if card.task != "classification":
+        raise ModelError(f"The model card names an unknown task {card.task!r}.")
+    if card.arch not in ARCHS:
+        raise ModelError(f"The model card names an unknown architecture {card.arch!r}.")
+    return _replace_head(_torchvision_model(card.arch, pretrained=False), card.arch,
+                         len(card.classes))
+
+
 def load_model(path: str | Path, *, verify_hash: bool = True) -> LoadedModel:
     """Load a model folder (weights + card) in eval mode on the CPU, in fp32.
 
@@ -275,11 +294,9 @@ def load_model(path: str | Path, *, verify_hash: bool = True) -> LoadedModel:
     try:
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"The weights file {weights} cannot be read as safetensors: {exc}") from exc
-    if card.arch not in ARCHS:
-        raise ModelError(f"The model card names an unknown architecture {card.arch!r}.")
-    model = _replace_head(_torchvision_model(card.arch, pretrained=False), card.arch,
-                          len(card.classes))
+        raise ModelError(f"The weights file {weights} cannot be read as safetensors: "
+                         f"{exc}") from exc
+    model = _network_for(card)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -287,7 +304,7 @@ def load_model(path: str | Path, *, verify_hash: bool = True) -> LoadedModel:
     if missing or unexpected or wrong:
         detail = (missing or unexpected or wrong)[:3]
         raise ModelError(f"The weights in {folder} do not fit a {card.arch} with "
-                         f"{len(card.classes)} classes as its card says ({len(missing)} missing, "
+                         f"{len(card.classes)} outputs as its card says ({len(missing)} missing, "
                          f"{len(unexpected)} unexpected, {len(wrong)} wrong-shaped tensors, "
                          f"e.g. {detail}).")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

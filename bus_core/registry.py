@@ -19,9 +19,9 @@ import re
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Mapping
 
 from bus_core.errors import ModelError
 from bus_core.models import CARD_FILE, WEIGHTS_FILE, ModelCard, load_model, read_card
@@ -95,10 +95,26 @@ def active_model_path(bundled_dir: Path = BUNDLED_WEIGHTS_DIR) -> Path | None:
     return bundled_default(bundled_dir)
 
 
+def active_segmenter_path(bundled_dir: Path = BUNDLED_WEIGHTS_DIR) -> Path | None:
+    """The segmentation model that suggests outlines: $BUS_SEGMENTER, else the bundled one
+    named in `weights/SEGMENTER`; None when none is installed."""
+    env = os.environ.get("BUS_SEGMENTER")
+    if env:
+        return Path(env).expanduser()
+    named = bundled_dir / "SEGMENTER"
+    if named.is_file():
+        folder = bundled_dir / named.read_text().strip()
+        if (folder / CARD_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+            return folder
+    return None
+
+
 def set_active_model(path: str | Path) -> None:
     """Persist `path` as the active model for every session of this user."""
     folder = Path(path).resolve()
-    read_card(folder)  # refuse folders that are not models
+    if read_card(folder).task != "classification":  # also refuses folders that are not models
+        raise ModelError("Only a classification model can be the active model; a segmentation "
+                         "model suggests outlines and is chosen with BUS_SEGMENTER.")
     target = data_dir()
     target.mkdir(parents=True, exist_ok=True)
     (target / ACTIVE_FILE).write_text(json.dumps({"path": str(folder)}))

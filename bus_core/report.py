@@ -6,8 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont

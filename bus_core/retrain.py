@@ -19,10 +19,11 @@ import csv
 import dataclasses
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from bus_core.dataset import Record, load_many, load_records
 from bus_core.errors import DataError, ModelError

@@ -30,17 +30,34 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import (Column, Connection, Engine, ForeignKey, Index, Integer, MetaData,
-                        String, Table, Text, create_engine, event, insert, inspect, select, text,
-                        update)
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -59,8 +76,9 @@ ORDERABLE: tuple[str, ...] = ("created_at", "updated_at", "id", "status", "predi
 """Columns `list_cases` can sort by."""
 
 _EXPORTED_FILE = re.compile(r"^case-\d+(?:_mask(?:_\d+)?)?\.png$")
-_CSV_COLUMNS = ("id", "path", "label", "mask", "predicted", "status", "probabilities", "model",
-                "model_hash", "reviewer", "notes", "image_name", "created_at", "updated_at")
+_CSV_COLUMNS = ("id", "path", "label", "mask", "mask_source", "predicted", "status",
+                "probabilities", "model", "model_hash", "reviewer", "notes", "image_name",
+                "created_at", "updated_at")
 
 
 class StoreError(BusError):
@@ -96,6 +114,7 @@ class Case:
     confirmed_label: str | None
     notes: str
     status: str
+    mask_source: str | None = None
 
     @property
     def label(self) -> str:
@@ -120,6 +139,11 @@ class AuditEntry:
 
 # --- schema ----------------------------------------------------------------------------------
 
+MASK_SOURCES: tuple[str, ...] = ("painted", "uploaded", "dataset", "suggested",
+                                 "suggested, edited")
+"""Who made a case's masks: painted by the user, uploaded files, a dataset's expert masks, the
+segmentation model's outline accepted as is, or that outline edited by the user."""
+
 _metadata = MetaData()
 
 schema_version = Table("schema_version", _metadata, Column("version", Integer, nullable=False))
@@ -142,6 +166,7 @@ cases = Table(
     Column("notes", Text, nullable=False),
     Column("status", String(16), nullable=False),
     Column("updated_at", String(40), nullable=False),
+    Column("mask_source", String(32)),
 )
 """The cases table of the current schema (created by the migrations, never by create_all)."""
 
@@ -215,7 +240,13 @@ def _backfill_audit(conn: Connection) -> None:
         conn.execute(insert(audit_log), entries)
 
 
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_create_v1, _upgrade_v1_to_v2)
+def _upgrade_v2_to_v3(conn: Connection) -> None:
+    """Schema 3: where a case's mask came from (`MASK_SOURCES`; NULL for older cases)."""
+    conn.execute(text("ALTER TABLE cases ADD COLUMN mask_source VARCHAR(32)"))
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_create_v1, _upgrade_v1_to_v2,
+                                                        _upgrade_v2_to_v3)
 """Step i upgrades a database from schema version i to i + 1."""
 
 CURRENT_SCHEMA_VERSION = len(MIGRATIONS)
@@ -352,9 +383,14 @@ class CaseStore:
     def save_case(self, image: np.ndarray, *, image_name: str, masks: Sequence[np.ndarray] = (),
                   combine_mode: str | None = None, model_name: str, model_hash: str,
                   probabilities: Mapping[str, float], predicted_label: str,
-                  cam_settings: Mapping[str, Any] | None = None, reviewer: str = "") -> Case:
+                  cam_settings: Mapping[str, Any] | None = None, reviewer: str = "",
+                  mask_source: str | None = None) -> Case:
         """Store a prediction as a new unreviewed case (image and masks first, then the case
-        and its 'created' audit entry in one transaction)."""
+        and its 'created' audit entry in one transaction). `mask_source` says who made the
+        masks (one of `MASK_SOURCES`; None without masks)."""
+        if mask_source is not None and mask_source not in MASK_SOURCES:
+            raise InvalidCaseError(f"Unknown mask source {mask_source!r}; choose one of "
+                                   f"{', '.join(MASK_SOURCES)}.")
         predicted_label = _check_label(predicted_label)
         probabilities = _check_probabilities(probabilities)
         pixels = _check_image(image)
@@ -368,7 +404,8 @@ class CaseStore:
                    probabilities=json.dumps(probabilities), predicted_label=predicted_label,
                    confirmed_label=None,
                    cam_settings=None if cam_settings is None else json.dumps(dict(cam_settings)),
-                   reviewer=reviewer.strip(), notes="", status="unreviewed")
+                   reviewer=reviewer.strip(), notes="", status="unreviewed",
+                   mask_source=mask_source if masks else None)
         with self._begin(write=True) as conn:
             case_id = conn.execute(insert(cases).values(row)).inserted_primary_key[0]
             _audit(conn, case_id, reviewer.strip(), "created", "predicted_label", None,
@@ -503,7 +540,8 @@ class CaseStore:
             shutil.copyfile(self._existing(content_hash, case), folder / name)
         paths = [f"{case.label}/{name}" for name in names]
         return {"id": case.id, "path": paths[0], "label": case.label, "mask": ";".join(paths[1:]),
-                "predicted": case.predicted_label, "status": case.status,
+                "mask_source": case.mask_source or "", "predicted": case.predicted_label,
+                "status": case.status,
                 "probabilities": json.dumps(case.probabilities), "model": case.model_name,
                 "model_hash": case.model_hash, "reviewer": case.reviewer, "notes": case.notes,
                 "image_name": case.image_name, "created_at": case.created_at,

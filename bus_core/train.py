@@ -24,9 +24,10 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,8 +37,15 @@ from tqdm.auto import tqdm
 
 from bus_core.constants import CLASSES
 from bus_core.dataset import Record, load_many
-from bus_core.device import (DEVICE_CHOICES, DeviceConfig, autocast, choose_device,
-                             needs_grad_scaler, prepare_model, to_device)
+from bus_core.device import (
+    DEVICE_CHOICES,
+    DeviceConfig,
+    autocast,
+    choose_device,
+    needs_grad_scaler,
+    prepare_model,
+    to_device,
+)
 from bus_core.errors import DataError
 from bus_core.evaluate import collect_logits
 from bus_core.inputs import INPUT_MODES, InputSpec
@@ -48,6 +56,11 @@ from bus_core.models import ARCHS, ModelCard, build_model, file_sha256, new_card
 from bus_core.progress import ProgressLog
 from bus_core.splits import Split, find_groups, load_split, make_split, save_split, split_records
 from bus_core.transforms import InputSize, input_size_for
+
+BACKGROUND_ENV = "BUS_BACKGROUND_JOB"
+"""Set (to "1") in the environment of a run that `jobs` starts in the background."""
+CANCEL_FILE = "CANCEL"
+"""Created in `<out>/train/` to stop a run cleanly after its current step."""
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULERS: tuple[str, ...] = ("none", "cosine", "step", "plateau")
@@ -166,7 +179,16 @@ def main(args: argparse.Namespace) -> TrainResult:
     config = config_from_args(args)
     if getattr(args, "resume", False):
         config = load_config(config.out, overrides={"epochs": args.epochs})
+    if not os.environ.get(BACKGROUND_ENV):
+        # A run started by hand drops a stale cancel request; a background job's was dropped
+        # before it was launched, and one made while it loads must stop it.
+        clear_cancel(config.run_dir)
     return train(config, resume=getattr(args, "resume", False), progress_bar=True)
+
+
+def clear_cancel(run_dir: Path) -> None:
+    """Remove a request to cancel the run in `run_dir`."""
+    (run_dir / CANCEL_FILE).unlink(missing_ok=True)
 
 
 def load_config(out: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -295,12 +317,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
           should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train, validate every epoch, keep the best model, calibrate it and test it once.
 
-    Returns when done or cancelled (CANCEL file or `should_stop()`); a cancelled or killed run
-    can be resumed with `resume=True`.
+    Returns when done or cancelled (CANCEL file, even one made before the run started, or
+    `should_stop()`); a cancelled or killed run can be resumed with `resume=True`.
     """
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "CANCEL").unlink(missing_ok=True)
     log = ProgressLog(run_dir / "progress.jsonl")
     if not resume:
         (run_dir / "progress.jsonl").unlink(missing_ok=True)
@@ -397,7 +418,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
                       loss=loss_value, mean_loss=loss_sum / seen, accuracy=correct / seen,
                       lr=optimizer.param_groups[0]["lr"], images_per_s=rate,
                       eta_s=remaining / max(rate, 1e-9))
-            stop = (should_stop and should_stop()) or (run_dir / "CANCEL").exists()
+            stop = (should_stop and should_stop()) or (run_dir / CANCEL_FILE).exists()
             if stop or time.monotonic() - last_save > config.checkpoint_every:
                 state["train_time_s"] += time.monotonic() - time_mark
                 checkpoint.save(model, optimizer, scheduler, scaler, state)

@@ -1,15 +1,20 @@
 """Preprocessing presets: an RGB uint8 array in, a normalised CHW float tensor out.
 
-Eval: resize the shorter side to `resize` (256) keeping the aspect ratio, centre-crop `size`
-(224; 299 for InceptionV3). Train: the same with rotation +-5 degrees and a horizontal flip
+Two fits (`InputSize.fit`):
+- `crop` (the seed preset): resize the shorter side to `resize` (256) keeping the aspect ratio,
+  centre-crop `crop` (224; 299 for InceptionV3). The sides of wide images are cut off.
+- `pad`: the whole image, padded to a square and resized to `crop` (`fit_square`); nothing is
+  cut off. `resize` is the size of the square that the strong training preset crops from.
+
+Eval: the fit alone. Train: the same with rotation +-5 degrees and a horizontal flip
 (p=0.5). The "balancing" preset (rotation +-70 degrees, flip, random crop) is applied on the fly
 to the extra copies that oversample the minority classes of the training split.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -20,13 +25,21 @@ from bus_core.constants import IMAGENET_MEAN, IMAGENET_STD
 
 Transform = Callable[[np.ndarray], torch.Tensor]
 
+FITS: tuple[str, ...] = ("crop", "pad")
+
 
 @dataclass(frozen=True)
 class InputSize:
-    """Resize (shorter side) and crop sizes of one architecture."""
+    """Preprocessing sizes: `resize` (shorter side, or the padded square for `pad`), the model's
+    input size `crop`, and the fit ('crop' or 'pad', see the module docstring)."""
 
     resize: int = 256
     crop: int = 224
+    fit: str = "crop"
+
+    def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise ValueError(f"Unknown fit {self.fit!r}; choose one of {', '.join(FITS)}.")
 
 
 def input_size_for(arch: str) -> InputSize:
@@ -45,6 +58,42 @@ def resize_shorter(image: np.ndarray, shorter: int) -> np.ndarray:
                                                     reducing_gap=3.0))
 
 
+@dataclass(frozen=True)
+class SquareFit:
+    """Where an image went inside the square of `fit_square`: scale and top-left offset."""
+
+    scale: float
+    pad_x: int
+    pad_y: int
+    size: int
+
+
+def fit_square(image: np.ndarray, size: int, *, nearest: bool = False
+               ) -> tuple[np.ndarray, SquareFit]:
+    """The whole image resized to fit a `size` x `size` square (aspect kept), centred and
+    padded with zeros; and where it went. Works for HxW and HxWxC arrays."""
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    if (new_h, new_w) != (h, w):
+        resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample,
+                                                         reducing_gap=None if nearest else 3.0))
+    pad_y, pad_x = (size - new_h) // 2, (size - new_w) // 2
+    out = np.zeros((size, size) + image.shape[2:], dtype=image.dtype)
+    out[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = image
+    return out, SquareFit(scale, pad_x, pad_y, size)
+
+
+def unfit_square(square: np.ndarray, fit: SquareFit, shape: tuple[int, int]) -> np.ndarray:
+    """Undo `fit_square` on a float map (size x size): the map over the original HxW pixels."""
+    h, w = shape
+    new_h, new_w = max(1, round(h * fit.scale)), max(1, round(w * fit.scale))
+    inner = np.ascontiguousarray(square[fit.pad_y:fit.pad_y + new_h, fit.pad_x:fit.pad_x + new_w],
+                                 dtype=np.float32)
+    return np.asarray(Image.fromarray(inner, mode="F").resize((w, h), Image.Resampling.BILINEAR))
+
+
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
     if not image.flags.writeable or not image.flags.c_contiguous:
         image = np.array(image, order="C")
@@ -55,8 +104,19 @@ _NORMALISE = v2.Compose([v2.ToDtype(torch.float32, scale=True),
                          v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def base_image(image: np.ndarray, size: InputSize) -> np.ndarray:
+    """The deterministic first resize of `size`'s fit (what training caches): the shorter side
+    at `resize` ('crop'), or the whole image padded to a `resize` square ('pad')."""
+    if size.fit == "pad":
+        return fit_square(image, size.resize)[0]
+    return resize_shorter(image, size.resize)
+
+
 def eval_transform(size: InputSize = InputSize()) -> Transform:
-    """Deterministic preset: resize shorter side, centre crop, normalise."""
+    """Deterministic preset: resize shorter side and centre crop ('crop'), or pad to a square
+    of `crop` ('pad'); normalise."""
+    if size.fit == "pad":
+        return lambda image: _NORMALISE(_to_tensor(fit_square(image, size.crop)[0]))
     crop = v2.CenterCrop(size.crop)
 
     def apply(image: np.ndarray) -> torch.Tensor:
@@ -76,12 +136,12 @@ def train_transform(size: InputSize = InputSize(), *, strong: bool = False) -> T
     else:
         geometry = v2.Compose([
             v2.RandomRotation(5),
-            v2.CenterCrop(size.crop),
+            v2.Resize(size.crop, antialias=True) if size.fit == "pad" else v2.CenterCrop(size.crop),
             v2.RandomHorizontalFlip(),
         ])
 
     def apply(image: np.ndarray) -> torch.Tensor:
-        return _NORMALISE(geometry(_to_tensor(resize_shorter(image, size.resize))))
+        return _NORMALISE(geometry(_to_tensor(base_image(image, size))))
 
     return apply
 

@@ -11,10 +11,11 @@ import csv
 import dataclasses
 import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from bus_core.train import TrainConfig, score, train
+from bus_core.train import TrainConfig, clear_cancel, score, train
 
 DEFAULT_GRID: dict[str, list[Any]] = {"lr": [1e-3, 5e-4, 1e-4], "batch_size": [16, 32, 64],
                                       "optimizer": ["adam", "sgd"]}
@@ -61,6 +62,7 @@ def tune(base: TrainConfig, grid: dict[str, list[Any]] | None = None, *,
             card = json.loads(card_path.read_text())
             metrics, time_s = card.get("metrics", {}), card.get("training_time_s")
         else:
+            clear_cancel(config.run_dir)  # a stale request from an earlier search
             result = train(config, resume=(out / "train" / "checkpoint.pt").is_file(),
                            should_stop=should_stop)
             if result.status != "done":

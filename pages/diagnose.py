@@ -9,8 +9,9 @@ import streamlit as st
 from bus_core.errors import BusError
 from bus_core.predict import Prediction, Predictor
 from bus_core.report import ReportContent, render_report, report_filename
+from bus_core.segment import Segmenter
 from ui.cases import save_case_button
-from ui.common import active_predictor, show_error
+from ui.common import active_predictor, active_segmenter, show_error
 from ui.masking import MaskChoice, mask_panel, outlined, show_crop_preview
 from ui.results import Explanation, explanation_section, predict_cached, show_prediction
 from ui.state import digest, memo
@@ -37,7 +38,8 @@ def predict(predictor: Predictor, upload: Upload, choice: MaskChoice) -> Predict
 def input_note(predictor: Predictor, choice: MaskChoice) -> str:
     """What the model looks at, in one line."""
     if predictor.spec.uses_masks:
-        return "This model looks only at the masked lesion crop."
+        automatic = " (outlined automatically)" if choice.origin == "suggested" else ""
+        return f"This model looks only at the masked lesion crop{automatic}."
     if choice.mask is not None:
         return "This model looks at the whole image; the mask is for reference only."
     return "This model looks at the whole image; a lesion mask is optional."
@@ -55,12 +57,12 @@ def report(upload: Upload, choice: MaskChoice, prediction: Prediction,
     return report_filename(upload.name, content.created), render_report(content)
 
 
-def case(predictor: Predictor, upload: Upload,
-         dataset_masks: list | None = None) -> Prediction | None:
+def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None,
+         segmenter: Segmenter | None = None) -> Prediction | None:
     """One image: mask panel and image on the left, the result on the right, then the CAM."""
     left, right = st.columns([5, 4], gap="large")
     with left:
-        choice = mask_panel(upload.image, predictor.spec, upload.key, dataset_masks)
+        choice = mask_panel(upload.image, predictor.spec, upload.key, dataset_masks, segmenter)
         h, w = upload.image.shape[:2]
         st.caption(f"{upload.name} · {w} x {h} px")
         show_crop_preview(upload.image, choice, predictor.spec)
@@ -83,7 +85,7 @@ def case(predictor: Predictor, upload: Upload,
         save_case_button(upload.image, upload.name, masks,
                          predictor.spec.combine if masks else None, predictor, prediction,
                          {"target": shown.target, "method": shown.method,
-                          "opacity": shown.opacity},
+                          "opacity": shown.opacity}, mask_source=choice.origin,
                          key=f"{upload.key}_{choice.key}_{predictor.card.weights_sha256[:8]}")
     return prediction
 
@@ -111,6 +113,7 @@ st.caption("Upload a breast-ultrasound image to see the model's reading and wher
 predictor = active_predictor()
 if predictor is None:
     st.stop()
+segmenter, _ = active_segmenter()
 
 if "diagnose_path" in st.session_state:  # a case opened from the Evaluate page
     st.session_state["diagnose_opened"] = (st.session_state.pop("diagnose_path"),
@@ -126,7 +129,7 @@ if opened:
     if opened_upload.error is not None:
         show_error(opened_upload.error)
     else:
-        case(predictor, opened_upload, opened_masks)
+        case(predictor, opened_upload, opened_masks, segmenter)
     st.divider()
 
 files = st.file_uploader("Ultrasound images", type=IMAGE_TYPES, accept_multiple_files=True,
@@ -142,13 +145,13 @@ for copy in copies:
 readable = [u for u in uploads if u.image is not None]
 
 if len(readable) == 1:
-    case(predictor, readable[0])
+    case(predictor, readable[0], segmenter=segmenter)
 elif readable:
     batch = st.container()
     tabs = st.tabs([u.name for u in readable])
     results = []
     for upload, tab in zip(readable, tabs):
         with tab:
-            results.append(case(predictor, upload))
+            results.append(case(predictor, upload, segmenter=segmenter))
     with batch:
         summary(readable, results)

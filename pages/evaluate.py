@@ -26,8 +26,16 @@ from bus_core.splits import SUBSETS, load_split, split_records
 from bus_core.transforms import denormalise
 from ui.common import load_predictor, show_error
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
-from ui.evaluation import (comparison_table, confusion_figure, evaluation_json, metrics_csv,
-                           metrics_table, per_class_table, reliability_figure, roc_figure)
+from ui.evaluation import (
+    comparison_table,
+    confusion_figure,
+    evaluation_json,
+    metrics_csv,
+    metrics_table,
+    per_class_table,
+    reliability_figure,
+    roc_figure,
+)
 from ui.state import memo
 
 THUMB_PX = 256

@@ -10,8 +10,16 @@ import streamlit as st
 
 from bus_core.errors import BusError
 from bus_core.models import CARD_FILE, WEIGHTS_FILE
-from bus_core.registry import (ModelEntry, active_model_path, delete_model, export_zip,
-                               import_model, list_models, rename_model, set_active_model)
+from bus_core.registry import (
+    ModelEntry,
+    active_model_path,
+    delete_model,
+    export_zip,
+    import_model,
+    list_models,
+    rename_model,
+    set_active_model,
+)
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, user_models_dir
 from ui.common import show_error
 from ui.evaluation import fmt3

@@ -17,8 +17,17 @@ from bus_core.cam import overlay
 from bus_core.constants import CLASSES
 from bus_core.dataset import class_counts
 from bus_core.errors import BusError
-from bus_core.gate import (GATE_FILE, SUBSETS, GateResult, activate_if_passed, decision_log,
-                           earlier_models, evaluate_candidate, reject, rollback)
+from bus_core.gate import (
+    GATE_FILE,
+    SUBSETS,
+    GateResult,
+    activate_if_passed,
+    decision_log,
+    earlier_models,
+    evaluate_candidate,
+    reject,
+    rollback,
+)
 from bus_core.jobs import current_job, last_job, start_training
 from bus_core.models import CARD_FILE
 from bus_core.predict import Predictor
@@ -212,7 +221,8 @@ def case_detail(store: CaseStore, case: Case, reviewer: str) -> None:
     left, middle, right = st.columns(3, gap="medium")
     union = np.logical_or.reduce(masks) if masks else None
     left.image(image if union is None or not union.any() else outlined(image, union),
-               caption=f"{case.image_name} · {len(masks)} mask(s)", width="stretch")
+               caption=f"{case.image_name} · {len(masks)} mask(s)"
+               + (f" ({case.mask_source})" if masks and case.mask_source else ""), width="stretch")
     with middle:
         cam_view(predictor, why_not, case, image, masks)
     with right:

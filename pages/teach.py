@@ -12,8 +12,11 @@ from bus_core.errors import BusError, DataError
 from bus_core.io import load_image, load_mask
 from bus_core.masks import combine_masks, draw_outline
 from bus_core.predict import Prediction, Predictor
+from bus_core.segment import Segmenter
+from bus_core.segmentation import dice_iou
 from bus_core.settings import default_dataset_dir
-from ui.common import optional_predictor, show_error
+from ui.common import active_segmenter, optional_predictor, show_error
+from ui.masking import SUGGESTED_COLOUR, outlined, suggested_mask
 from ui.results import explanation_section, predict_cached, show_prediction
 from ui.state import memo
 from ui.teaching import TeachingSession
@@ -111,6 +114,26 @@ def reveal_model(predictor: Predictor, record: Record, image: np.ndarray,
     return prediction
 
 
+def compare_outlines(image: np.ndarray, expert_view: np.ndarray, expert: np.ndarray | None,
+                     segmenter: Segmenter, record: Record) -> None:
+    """The dataset's outline beside the one the segmentation model suggests, with their Dice."""
+    try:
+        suggested = suggested_mask(segmenter, image, f"teach_{record.id}")
+    except BusError as exc:
+        show_error(exc, "No outline can be suggested")
+        st.image(expert_view, width="stretch")
+        return
+    own, auto = st.columns(2)
+    own.image(expert_view, width="stretch",
+              caption="Dataset outline (green)" if expert is not None
+              else "Dataset: no lesion marked")
+    auto.image(outlined(image, suggested, SUGGESTED_COLOUR) if suggested.any() else image,
+               width="stretch", caption=f"Suggested outline (automatic, {segmenter.card.name})"
+               if suggested.any() else "Suggested outline: no lesion found")
+    if expert is not None and suggested.any():
+        st.caption(f"Overlap of the two outlines (Dice): {dice_iou(suggested, expert)[0]:.2f}")
+
+
 def show_case(session: TeachingSession, record: Record, predictor: Predictor | None,
               model_note: str) -> None:
     """The case, the answer controls, and after checking the truth and the model."""
@@ -128,10 +151,14 @@ def show_case(session: TeachingSession, record: Record, predictor: Predictor | N
         shown = image if mask is None else memo(
             "teach_outline", record.id, lambda: draw_outline(image, mask, color=OUTLINE,
                                                              thickness=3), max_entries=8)
-        st.image(shown, width="stretch")
-        if session.revealed:
-            st.caption("Green: the lesion outline of the dataset." if mask is not None
-                       else "No lesion is marked in this case.")
+        segmenter, _ = active_segmenter() if session.revealed else (None, "")
+        if segmenter is None:
+            st.image(shown, width="stretch")
+            if session.revealed:
+                st.caption("Green: the lesion outline of the dataset." if mask is not None
+                           else "No lesion is marked in this case.")
+        else:
+            compare_outlines(image, shown, mask, segmenter, record)
     prediction = None
     with right:
         if not session.revealed:

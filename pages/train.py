@@ -14,8 +14,7 @@ import streamlit as st
 from bus_core.device import DEVICE_CHOICES, choose_device
 from bus_core.errors import BusError, ModelError
 from bus_core.inputs import INPUT_MODES
-from bus_core.jobs import (Job, current_job, last_job, resume_job, start_training,
-                           start_tuning)
+from bus_core.jobs import Job, current_job, last_job, resume_job, start_training, start_tuning
 from bus_core.loader import BALANCE_MODES
 from bus_core.models import ARCHS, CARD_FILE, WEIGHTS_FILE, imagenet_cached
 from bus_core.registry import check_model_name, import_model, list_models, set_active_model
@@ -26,8 +25,14 @@ from bus_core.tune import DEFAULT_GRID, combinations
 from ui.common import show_error, start_job
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
 from ui.evaluation import fmt3
-from ui.training import (epoch_figure, fmt_duration, last_event, progress_fraction,
-                         progress_text, step_figure)
+from ui.training import (
+    epoch_figure,
+    fmt_duration,
+    last_event,
+    progress_fraction,
+    progress_text,
+    step_figure,
+)
 
 POLL_S = 2
 MODE_LABELS = {"full": "Full image", "mask": "Lesion mask crop (leaks the label: comparison only)",

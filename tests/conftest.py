@@ -73,6 +73,33 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model(build_model("densenet121"), card, tmp_path_factory.mktemp("m") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_segmenter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained segmentation model folder (DenseNet121 U-Net) with a 64-px input."""
+    import torch
+
+    from bus_core.models import ModelCard, save_model
+    from bus_core.segmentation import SEG_ARCH, DenseNetUNet
+
+    torch.manual_seed(0)
+    card = ModelCard(name="tiny-seg", arch=SEG_ARCH, task="segmentation", classes=["lesion"],
+                     input_size={"resize": 64, "crop": 64, "fit": "pad"},
+                     postprocess={"threshold": 0.5, "min_area": 0.0, "fill_holes": True})
+    return save_model(DenseNetUNet(), card, tmp_path_factory.mktemp("s") / "tiny-seg")
+
+
+def blob_probabilities(self, images):
+    """Stand-in for `Segmenter.probabilities`: a disc in the middle of each image (p = 0.9),
+    or nothing at all for images whose top-left pixel is pure white."""
+    out = []
+    for image in images:
+        h, w = image.shape[:2]
+        yy, xx = np.mgrid[:h, :w]
+        disc = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 5) ** 2) * 0.9
+        out.append(np.zeros((h, w)) if image[0, 0].min() == 255 else disc)
+    return out
+
+
 @pytest.fixture
 def busi_or_skip() -> Path:
     """The real BUSI folder beside the project, or skip."""

@@ -1,8 +1,16 @@
 import pytest
 import torch
 
-from bus_core.device import (DeviceConfig, autocast, choose_device, cpu_supports_bf16, fp32_cpu,
-                             needs_grad_scaler, prepare_model, to_device)
+from bus_core.device import (
+    DeviceConfig,
+    autocast,
+    choose_device,
+    cpu_supports_bf16,
+    fp32_cpu,
+    needs_grad_scaler,
+    prepare_model,
+    to_device,
+)
 
 
 def test_cpu_fp32_is_plain():

@@ -11,9 +11,20 @@ import torch
 
 from bus_core.constants import CLASSES
 from bus_core.dataset import load_records
-from bus_core.gate import (FIXED_TEST, NEW_CASES, GateError, GateResult, activate_if_passed,
-                           compare, decision_log, decisions_path, earlier_models,
-                           evaluate_candidate, reject, rollback)
+from bus_core.gate import (
+    FIXED_TEST,
+    NEW_CASES,
+    GateError,
+    GateResult,
+    activate_if_passed,
+    compare,
+    decision_log,
+    decisions_path,
+    earlier_models,
+    evaluate_candidate,
+    reject,
+    rollback,
+)
 from bus_core.models import load_model, save_model
 from bus_core.registry import active_model_path, set_active_model
 

@@ -3,13 +3,22 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from bus_core.jobs import (Job, JobBusyError, config_to_argv, current_job, jobs_dir, last_job,
-                           resume_job, start_training, start_tuning)
+from bus_core.jobs import (
+    Job,
+    JobBusyError,
+    config_to_argv,
+    current_job,
+    jobs_dir,
+    last_job,
+    resume_job,
+    start_training,
+    start_tuning,
+)
 from bus_core.models import load_model
 from bus_core.train import TrainConfig, config_from_args, get_args_parser
 
@@ -80,21 +89,27 @@ def test_run_to_the_end_with_one_job_at_a_time(busi_dir, tmp_path, data_dir):
 
 
 def test_kill_then_resume_then_cancel_then_resume(busi_dir, tmp_path):
+    """Each request is made while the job loads (or is held still), so none can come too late:
+    a cancel made before the first step stops the run after that step."""
     config = tiny_config(busi_dir, tmp_path / "m", epochs=2, batch_size=2, checkpoint_every=0.0)
     job = start_training(config)
+    job.cancel()  # lands before the first step: the run stops after one step, checkpointed
+    assert finished(job) == "cancelled", job.log_tail()
+    assert steps(job) == 1
     checkpoint = tmp_path / "m" / "train" / "checkpoint.pt"
-    wait_for(job, lambda: steps(job) >= 2 and checkpoint.is_file())
+    assert checkpoint.is_file()
+
+    job = resume_job(job)
     os.kill(job.pid, signal.SIGKILL)
     assert finished(job) == "killed"
 
     job = resume_job(job)
-    wait_for(job, lambda: any(e["event"] == "start" and e["resumed"] for e in job.events()))
-    done_before = steps(job)
-    wait_for(job, lambda: steps(job) > done_before)
     job.cancel()
     assert job.cancel_requested()
     assert finished(job) == "cancelled", job.log_tail()
     assert job.events()[-1]["event"] == "cancelled"
+    assert any(e["event"] == "start" and e["resumed"] for e in job.events())
+    assert steps(job) == 2
 
     job = resume_job(job)
     assert finished(job) == "done", job.log_tail()

@@ -7,9 +7,19 @@ import numpy as np
 import pytest
 
 from bus_core.errors import MaskError
-from bus_core.masks import (COMBINE_MODES, apply_mask_crop, combine_masks, draw_outline,
-                            leak_free_crop, mask_bbox, mask_outline, mask_overlay, masked_input,
-                            pseudo_lesion_mask, strokes_to_mask)
+from bus_core.masks import (
+    COMBINE_MODES,
+    apply_mask_crop,
+    combine_masks,
+    draw_outline,
+    leak_free_crop,
+    mask_bbox,
+    mask_outline,
+    mask_overlay,
+    masked_input,
+    pseudo_lesion_mask,
+    strokes_to_mask,
+)
 
 
 def box(shape: tuple[int, int], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:

@@ -251,3 +251,17 @@ def test_format_metrics_lists_figures_and_matrix() -> None:
 def test_bad_input_raises(y: list[int], probs: np.ndarray) -> None:
     with pytest.raises(ValueError):
         compute_metrics(y, probs)
+
+
+def test_malignant_threshold_reaches_the_target_sensitivity():
+    from bus_core.metrics import fit_malignant_threshold, threshold_metrics
+
+    y = np.array([2] * 10 + [1] * 10)
+    p_mal = np.concatenate([np.linspace(0.95, 0.05, 10), np.linspace(0.5, 0.0, 10)])
+    probs = np.stack([np.zeros(20), 1 - p_mal, p_mal], axis=1)
+    t = fit_malignant_threshold(y, probs, target_sensitivity=0.9)
+    assert t == pytest.approx(p_mal[8])  # the 9th highest malignant score: 9 / 10 found
+    at = threshold_metrics(y, probs, t)
+    assert at["sensitivity"] == pytest.approx(0.9) and at["flagged"] == 9 + 7
+    assert at["specificity"] == pytest.approx(0.3)
+    assert fit_malignant_threshold(np.array([0, 1]), probs[:2]) is None

@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from bus_core.errors import ModelError
-from bus_core.models import (ARCHS, build_model, file_sha256, gradcam_layer, load_model,
-                             new_card, read_card, save_model)
+from bus_core.models import (
+    ARCHS,
+    build_model,
+    file_sha256,
+    gradcam_layer,
+    load_model,
+    new_card,
+    read_card,
+    save_model,
+)
 
 
 def test_densenet_state_dict_keys_are_torchvision_ones():
@@ -75,7 +83,7 @@ def test_card_weights_mismatch_is_refused(tmp_path, tiny_model_dir):
     card = json.loads((tiny_model_dir / "card.json").read_text())
     card["classes"] = ["benign", "malignant"]
     (folder / "card.json").write_text(json.dumps(card))
-    with pytest.raises(ModelError, match="do not fit a densenet121 with 2 classes"):
+    with pytest.raises(ModelError, match="do not fit a densenet121 with 2 outputs"):
         load_model(folder)
 
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import synthetic_image
+from tests.conftest import blob_probabilities, synthetic_image
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -28,8 +28,10 @@ def ultrasound_png(seed: int = 0, size: tuple[int, int] = (200, 240)) -> tuple[b
     return png_bytes(image), mask
 
 
-def start(monkeypatch, tmp_path, model_dir: Path | None) -> AppTest:
+def start(monkeypatch, tmp_path, model_dir: Path | None,
+          segmenter_dir: Path | None = None) -> AppTest:
     monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.setenv("BUS_SEGMENTER", str(segmenter_dir or tmp_path / "no-segmenter"))
     if model_dir is None:
         monkeypatch.delenv("BUS_MODEL", raising=False)
     else:
@@ -218,3 +220,66 @@ def test_case_opened_from_evaluate_page_uses_its_dataset_masks(monkeypatch, tmp_
     next(b for b in at.button if b.label == "Close case").click()
     at.run()
     assert not any("benign (2).png" in h.value for h in at.subheader)
+
+
+@pytest.fixture
+def blob_segmenter(monkeypatch, tiny_segmenter_dir) -> Path:
+    from bus_core.segment import Segmenter
+
+    monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)
+    return tiny_segmenter_dir
+
+
+def test_suggested_outline_is_accepted_and_saved_as_suggested(monkeypatch, tmp_path,
+                                                              tiny_model_dir, blob_segmenter):
+    from bus_core.store import open_store
+
+    at = start(monkeypatch, tmp_path, tiny_model_dir, blob_segmenter)
+    upload(at, ("scan.png", ultrasound_png(size=(200, 240))[0], "image/png"))
+    assert segmented(at, "Lesion mask").value == "No mask"  # a whole-image model: optional
+    segmented(at, "Lesion mask").set_value("Suggest outline").run()
+    assert not at.exception and not at.error
+    assert segmented(at, "Suggested outline (automatic)").value == "Accept"
+    assert any("Suggested outline (automatic)" in c for img in at.get("image")
+               for c in img.captions)
+    assert "Automatic outline by tiny-seg" in messages(at.caption)
+    assert "preview only" in messages(at.caption)  # the crop of the suggested outline
+    next(b for b in at.button if b.label == "Save as case").click()
+    at.run()
+    with open_store(tmp_path / "userdata") as store:
+        (case,) = store.list_cases()
+        assert case.mask_source == "suggested" and len(store.load_masks(case)) == 1
+
+
+def test_suggested_outline_can_be_discarded_or_edited(monkeypatch, tmp_path, tiny_model_dir,
+                                                      blob_segmenter):
+    at = start(monkeypatch, tmp_path, tiny_model_dir, blob_segmenter)
+    upload(at, ("scan.png", ultrasound_png(size=(200, 240))[0], "image/png"))
+    segmented(at, "Lesion mask").set_value("Suggest outline").run()
+    segmented(at, "Suggested outline (automatic)").set_value("Discard").run()
+    assert not at.exception
+    assert "preview only" not in messages(at.caption)
+    segmented(at, "Suggested outline (automatic)").set_value("Edit").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert segmented(at, "Tool").value == "Brush"  # the canvas tools, over the outline
+    assert "preview only" in messages(at.caption)  # unedited: the suggestion itself is used
+
+
+def test_no_lesion_found_is_said_plainly(monkeypatch, tmp_path, tiny_model_dir, blob_segmenter):
+    at = start(monkeypatch, tmp_path, tiny_model_dir, blob_segmenter)
+    image, _ = synthetic_image("normal", np.random.default_rng(3), size=(200, 240))
+    image[0, 0] = 255  # blob_probabilities finds nothing in such an image
+    upload(at, ("normal.png", png_bytes(image), "image/png"))
+    segmented(at, "Lesion mask").set_value("Suggest outline").run()
+    assert not at.exception
+    assert "No lesion found" in messages(at.info)
+    assert at.metric  # the whole-image model still reads it
+
+
+def test_lesion_model_uses_the_suggested_outline_by_default(monkeypatch, tmp_path,
+                                                            mask_model_dir, blob_segmenter):
+    at = start(monkeypatch, tmp_path, mask_model_dir, blob_segmenter)
+    upload(at, ("scan.png", ultrasound_png(size=(200, 240))[0], "image/png"))
+    assert segmented(at, "Lesion mask").value == "Suggest outline"
+    assert not at.error and at.metric[0].label == "Model's reading"
+    assert "masked lesion crop (outlined automatically)" in messages(at.caption)

@@ -8,8 +8,15 @@ import pytest
 
 from bus_core.errors import ModelError
 from bus_core.models import CARD_FILE, WEIGHTS_FILE, load_model, read_card
-from bus_core.registry import (active_model_path, delete_model, export_zip, import_model,
-                               list_models, rename_model, set_active_model)
+from bus_core.registry import (
+    active_model_path,
+    delete_model,
+    export_zip,
+    import_model,
+    list_models,
+    rename_model,
+    set_active_model,
+)
 from bus_core.settings import user_models_dir
 
 

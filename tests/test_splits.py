@@ -10,8 +10,17 @@ from PIL import Image, ImageDraw
 from bus_core.constants import CLASSES
 from bus_core.dataset import Record, load_many, load_records
 from bus_core.errors import DataError
-from bus_core.splits import (Split, data_hash, describe_groups, find_groups, load_split,
-                             make_kfold, make_split, save_split, split_records)
+from bus_core.splits import (
+    Split,
+    data_hash,
+    describe_groups,
+    find_groups,
+    load_split,
+    make_kfold,
+    make_split,
+    save_split,
+    split_records,
+)
 
 
 def _texture(seed: int) -> np.ndarray:

@@ -18,8 +18,15 @@ from sqlalchemy.exc import DatabaseError
 
 from bus_core.dataset import load_records
 from bus_core.errors import BusError, InvalidImageError, MaskError
-from bus_core.store import (CURRENT_SCHEMA_VERSION, Case, CaseNotFoundError, CaseStore,
-                            InvalidCaseError, StoreError, open_store)
+from bus_core.store import (
+    CURRENT_SCHEMA_VERSION,
+    Case,
+    CaseNotFoundError,
+    CaseStore,
+    InvalidCaseError,
+    StoreError,
+    open_store,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PROBS = {"normal": 0.1, "benign": 0.7, "malignant": 0.2}
@@ -436,8 +443,8 @@ def test_empty_database_is_migrated_to_current(tmp_path: Path) -> None:
     db = tmp_path / "empty.sqlite"
     sqlite3.connect(db).close()
     with open_store(db) as s:
-        assert s.schema_version() == CURRENT_SCHEMA_VERSION == 2
-        assert s.migrate() == 2
+        assert s.schema_version() == CURRENT_SCHEMA_VERSION == 3
+        assert s.migrate() == 3
     assert {"schema_version", "cases", "audit_log", "audit_log_no_update",
             "audit_log_no_delete"} <= table_names(db)
     with sqlite3.connect(db) as conn:
@@ -451,8 +458,9 @@ def test_version_1_database_is_upgraded_keeping_rows(tmp_path: Path) -> None:
     assert "audit_log" not in table_names(db)
 
     with open_store(db) as s:
-        assert s.schema_version() == 2
+        assert s.schema_version() == 3
         one, two = s.get_case(1), s.get_case(2)
+        assert one.mask_source is None
         assert (one.status, one.reviewer, one.notes, one.cam_settings) == (
             "unreviewed", "", "", None)
         assert one.updated_at == one.created_at == "2024-01-02T10:00:00.000000+00:00"
@@ -465,6 +473,23 @@ def test_version_1_database_is_upgraded_keeping_rows(tmp_path: Path) -> None:
         assert save(s).id == 3
     with open_store(db) as s:
         assert len(s.history(1)) == 5 and len(s.list_cases()) == 3
+
+
+def test_mask_source_is_stored_and_checked(store: CaseStore, tmp_path: Path) -> None:
+    image = make_image(2)
+    mask = np.zeros(image.shape[:2], bool)
+    mask[2:6, 2:6] = True
+    kwargs = dict(image_name="a.png", model_name="m", model_hash="f" * 64, probabilities=PROBS,
+                  predicted_label="benign")
+    case = store.save_case(image, masks=[mask], mask_source="suggested, edited", **kwargs)
+    assert store.get_case(case.id).mask_source == "suggested, edited"
+    assert store.save_case(image, mask_source="painted", **kwargs).mask_source is None  # no mask
+    with pytest.raises(InvalidCaseError, match="Unknown mask source"):
+        store.save_case(image, masks=[mask], mask_source="guessed", **kwargs)
+    store.review_case(case.id, label="benign", reviewer="Dr A")
+    folder = store.export_busi(tmp_path / "out")
+    rows = list(csv.DictReader(open(folder / "cases.csv")))
+    assert rows[0]["mask_source"] == "suggested, edited"
 
 
 def test_newer_database_is_refused(tmp_path: Path) -> None:

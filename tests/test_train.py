@@ -1,4 +1,3 @@
-import json
 import os
 import signal
 import subprocess
@@ -33,7 +32,7 @@ def test_one_epoch_writes_model_card_progress_and_split(busi_dir, tmp_path):
     assert result.status == "done"
     loaded = load_model(tmp_path / "m")
     card = loaded.card
-    assert card.input_size == {"resize": 40, "crop": 32}
+    assert card.input_size == {"resize": 40, "crop": 32, "fit": "crop"}
     assert set(card.metrics) >= {"val", "test", "history"}
     assert card.metrics["test"]["data"]["subset"] == "test"
     assert card.metrics["test"]["n"] == card.metrics["test"]["data"]["n"] > 0
@@ -53,8 +52,8 @@ def test_card_figures_describe_the_saved_float16_weights(busi_dir, tmp_path):
 
     result = train(tiny_config(busi_dir, tmp_path / "m", save_dtype="float16", seed=3))
     saved = result.card.metrics["test"]
-    test = split_records(load_records(busi_dir), load_split(tmp_path / "m" / "train" / "split.json"),
-                         "test")
+    split = load_split(tmp_path / "m" / "train" / "split.json")
+    test = split_records(load_records(busi_dir), split, "test")
     again = evaluate(load_model(tmp_path / "m"), test, device="cpu-fp32").metrics
     assert again["n"] == saved["n"] and again["accuracy"] == saved["accuracy"]
     assert again["ece"] == pytest.approx(saved["ece"], abs=1e-6)
@@ -98,14 +97,16 @@ def test_resume_after_kill_9(busi_dir, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = out / "train" / "progress.jsonl"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         steps = [e for e in read_progress(progress) if e["event"] == "step"]
         if len(steps) >= 3 and (out / "train" / "checkpoint.pt").is_file():
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "card.json").exists()
+    events = read_progress(progress)
+    assert not (out / "card.json").exists(), "the run ended before it could be killed"
+    assert sum(e["event"] == "step" for e in events) >= 3
     done = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr

@@ -1,8 +1,14 @@
 import numpy as np
 import torch
 
-from bus_core.transforms import (InputSize, denormalise, eval_transform, input_size_for,
-                                 resize_shorter, train_transform)
+from bus_core.transforms import (
+    InputSize,
+    denormalise,
+    eval_transform,
+    input_size_for,
+    resize_shorter,
+    train_transform,
+)
 
 
 def test_resize_shorter_keeps_aspect():

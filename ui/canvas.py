@@ -44,9 +44,11 @@ def _clear(version_key: str) -> None:
     st.session_state[version_key] = st.session_state.get(version_key, 0) + 1
 
 
-def paint_mask(image: np.ndarray, key: str) -> np.ndarray | None:
+def paint_mask(image: np.ndarray, key: str, base: np.ndarray | None = None,
+               background_image: np.ndarray | None = None) -> np.ndarray | None:
     """A canvas over `image` with its tools; the painted lesion mask at the image's size, or
-    None while nothing is painted."""
+    None while nothing is painted. With `base`, the canvas edits that mask (shown on
+    `background_image`): paint adds to it, the eraser removes from it."""
     from streamlit_drawable_canvas import st_canvas
 
     tool = st.segmented_control("Tool", list(TOOLS), default="Brush", required=True,
@@ -54,7 +56,9 @@ def paint_mask(image: np.ndarray, key: str) -> np.ndarray | None:
     stroke = st.columns([3, 2])[0].slider("Brush size", 2, 60, 16, key=f"stroke_{key}")
     version_key = f"canvas_version_{key}"
     size = canvas_size(image.shape)
-    background = memo("canvas_bg", (key, size), lambda: _background(image, size), 8)
+    shown = image if background_image is None else background_image
+    background = memo("canvas_bg", (key, size, base is not None),
+                      lambda: _background(shown, size), 8)
     colour = ERASE if tool == "Eraser" else PAINT
     result = st_canvas(fill_color=colour, stroke_width=stroke, stroke_color=colour,
                        background_image=background, width=size[0], height=size[1],
@@ -67,5 +71,5 @@ def paint_mask(image: np.ndarray, key: str) -> np.ndarray | None:
     clear_col.button("Clear", key=f"clear_{key}", help="Remove everything painted.",
                      on_click=_clear, args=(version_key,))
     mask = strokes_to_mask(result.json_data, canvas_size=size, image_shape=image.shape[:2],
-                           erase_color=ERASE)
+                           erase_color=ERASE, base=base)
     return mask if mask.any() else None

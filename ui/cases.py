@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import tempfile
 import zipfile
+from collections.abc import Mapping, Sequence
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import streamlit as st
@@ -45,23 +46,25 @@ def save_prediction_as_case(store: CaseStore, image: np.ndarray, image_name: str
                             masks: Sequence[np.ndarray], combine_mode: str | None,
                             predictor: Predictor, prediction: Prediction,
                             cam_settings: Mapping[str, Any] | None,
-                            reviewer: str = "") -> Case:
+                            reviewer: str = "", mask_source: str | None = None) -> Case:
     """Store a prediction as a new unreviewed case with the model that made it.
 
     `cam_settings` describes the explanation shown, e.g. {"target": "benign", "method":
     "gradcam", "opacity": 0.45}; the Review page uses it to redraw the same overlay.
+    `mask_source` says who made the masks (`bus_core.store.MASK_SOURCES`).
     Raises StoreError, InvalidImageError or MaskError (all BusError)."""
     return store.save_case(image, image_name=image_name, masks=list(masks),
                            combine_mode=combine_mode, model_name=predictor.card.name,
                            model_hash=predictor.card.weights_sha256,
                            probabilities=prediction.probabilities,
                            predicted_label=prediction.label, cam_settings=cam_settings,
-                           reviewer=reviewer)
+                           reviewer=reviewer, mask_source=mask_source)
 
 
 def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndarray],
                      combine_mode: str | None, predictor: Predictor, prediction: Prediction,
-                     cam_settings: Mapping[str, Any] | None, *, key: str) -> Case | None:
+                     cam_settings: Mapping[str, Any] | None, *, key: str,
+                     mask_source: str | None = None) -> Case | None:
     """A 'Save as case' button for one prediction (`key` identifies it, e.g. image + mask +
     model); after saving, the case number is shown instead, so a case is saved once. Returns
     the case on the run that saved it."""
@@ -77,7 +80,8 @@ def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndar
         return None
     try:
         case = save_prediction_as_case(store, image, image_name, masks, combine_mode, predictor,
-                                       prediction, cam_settings, reviewer=reviewer_name())
+                                       prediction, cam_settings, reviewer=reviewer_name(),
+                                       mask_source=mask_source)
     except BusError as exc:
         show_error(exc, "The case could not be saved")
         return None

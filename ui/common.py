@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import streamlit as st
 
@@ -12,7 +13,8 @@ from bus_core.errors import BusError
 from bus_core.jobs import JobBusyError
 from bus_core.models import ModelCard, read_card
 from bus_core.predict import Predictor
-from bus_core.registry import active_model_path, no_model_message
+from bus_core.registry import active_model_path, active_segmenter_path, no_model_message
+from bus_core.segment import Segmenter
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=3)
@@ -33,6 +35,25 @@ def active_predictor() -> Predictor | None:
     except BusError as exc:
         st.error(f"The active model cannot be used: {exc}", icon=":material/error:")
         return None
+
+
+@st.cache_resource(show_spinner="Loading the outline model…", max_entries=2)
+def load_segmenter(path: str, weights_sha256: str) -> Segmenter:
+    """One shared segmenter per model folder and weights version."""
+    return Segmenter.from_path(path)
+
+
+def active_segmenter() -> tuple[Segmenter | None, str]:
+    """The segmentation model that suggests outlines and '', or None and why there is none;
+    shows nothing."""
+    path = active_segmenter_path()
+    if path is None:
+        return None, "No segmentation model is installed, so no outline can be suggested."
+    try:
+        card = read_card(path)
+        return load_segmenter(str(Path(path).resolve()), card.weights_sha256), ""
+    except BusError as exc:
+        return None, f"The segmentation model cannot be used: {exc}"
 
 
 def _fmt(value: float | None) -> str:

@@ -1,4 +1,5 @@
-"""The lesion-mask panel of a case: no mask, a mask painted in the browser, or mask files;
+"""The lesion-mask panel of a case: no mask, the outline the segmentation model suggests
+(accepted, edited on the canvas, or discarded), a mask painted in the browser, or mask files;
 their combination; and a preview of the masked crop. The mask logic is bus_core.masks."""
 
 from __future__ import annotations
@@ -11,22 +12,30 @@ import streamlit as st
 from bus_core.errors import BusError
 from bus_core.inputs import InputSpec
 from bus_core.masks import COMBINE_MODES, combine_masks, draw_outline, mask_overlay, masked_input
+from bus_core.segment import Segmenter
 from ui.common import show_error
 from ui.state import digest, memo
 from ui.uploads import MASK_TYPES, read_masks
 
-NO_MASK, PAINT, UPLOAD, DATASET = "No mask", "Paint a mask", "Upload mask files", "Dataset masks"
+NO_MASK, SUGGEST, PAINT, UPLOAD, DATASET = ("No mask", "Suggest outline", "Paint a mask",
+                                            "Upload mask files", "Dataset masks")
 MASK_SOURCES: tuple[str, ...] = (NO_MASK, PAINT, UPLOAD)
+ORIGINS = {PAINT: "painted", UPLOAD: "uploaded", DATASET: "dataset"}
+"""The case store's mask source (`bus_core.store.MASK_SOURCES`) of each panel choice."""
+ACCEPT, EDIT, DISCARD = "Accept", "Edit", "Discard"
 LESION_COLOUR = (255, 196, 0)
+SUGGESTED_COLOUR = (0, 200, 255)
 
 
 @dataclass(frozen=True)
 class MaskChoice:
-    """The user's lesion mask for one image (None when there is none) and how it was made."""
+    """The user's lesion mask for one image (None when there is none), the panel choice that
+    made it, and its origin for the case store ('painted', 'suggested, edited', ...)."""
 
     mask: np.ndarray | None
     source: str
     key: str = ""
+    origin: str | None = None
 
 
 def _combine(image: np.ndarray, masks: list[np.ndarray], spec: InputSpec,
@@ -69,34 +78,85 @@ def _painted_masks(image: np.ndarray, key: str) -> list[np.ndarray]:
     return [] if painted is None else [painted]
 
 
+def suggested_mask(segmenter: Segmenter, image: np.ndarray, key: str) -> np.ndarray:
+    """The segmenter's outline of an image (HxW bool, all False when it finds no lesion),
+    computed once per image and segmentation model in this session."""
+    return memo("suggested", (key, segmenter.card.weights_sha256),
+                lambda: segmenter.segment(image), max_entries=16)
+
+
+def _suggestion(image: np.ndarray, key: str, segmenter: Segmenter
+                ) -> tuple[list[np.ndarray], str | None, bool]:
+    """The suggested outline as accepted, edited or discarded: (masks, origin, whether the
+    canvas already shows the image)."""
+    suggested = suggested_mask(segmenter, image, key)
+    if not suggested.any():
+        st.info(f"No lesion found: the outline model ({segmenter.card.name}) marks nothing on "
+                "this image. If you see a lesion, paint it yourself.", icon=":material/search_off:")
+        return [], None, False
+    action = st.segmented_control(
+        "Suggested outline (automatic)", (ACCEPT, EDIT, DISCARD), default=ACCEPT, required=True,
+        key=f"suggest_action_{key}",
+        help="Accept uses the outline as drawn by the model; Edit lets you add to it (brush, "
+             "shapes) or remove from it (eraser); Discard drops it.") or ACCEPT
+    if action == DISCARD:
+        return [], None, False
+    if action == EDIT:
+        from ui.canvas import paint_mask
+
+        background = memo("suggest_bg", (key, digest(suggested)),
+                          lambda: outlined(image, suggested, SUGGESTED_COLOUR), max_entries=8)
+        edited = paint_mask(image, f"{key}_edit", base=suggested, background_image=background)
+        if edited is None:
+            return [], None, True
+        same = bool(np.array_equal(edited, suggested))
+        return [edited], "suggested" if same else "suggested, edited", True
+    st.caption(f"Automatic outline by {segmenter.card.name}: check that it covers the lesion "
+               "before you rely on it.")
+    return [suggested], "suggested", False
+
+
 def mask_panel(image: np.ndarray, spec: InputSpec, key: str,
-               dataset_masks: list[np.ndarray] | None = None) -> MaskChoice:
+               dataset_masks: list[np.ndarray] | None = None,
+               segmenter: Segmenter | None = None) -> MaskChoice:
     """The mask controls for one image; shows the image (painted on, or outlined) and
     returns the combined mask. `dataset_masks` (a case opened from a dataset) are offered as
-    a source of their own and chosen by default."""
-    sources = MASK_SOURCES + ((DATASET,) if dataset_masks else ())
-    source = st.segmented_control("Lesion mask", sources,
-                                  default=DATASET if dataset_masks else NO_MASK, required=True,
+    a source of their own and chosen by default; with a `segmenter`, its suggested outline is
+    offered too, and chosen by default for models that read a lesion mask."""
+    sources = ((NO_MASK,) + ((SUGGEST,) if segmenter else ()) + MASK_SOURCES[1:]
+               + ((DATASET,) if dataset_masks else ()))
+    default = DATASET if dataset_masks else SUGGEST if segmenter and spec.uses_masks else NO_MASK
+    source = st.segmented_control("Lesion mask", sources, default=default, required=True,
                                   key=f"mask_source_{key}") or NO_MASK
     masks: list[np.ndarray] = []
+    origin = ORIGINS.get(source)
+    on_canvas = source == PAINT
     if source == DATASET and dataset_masks:
         masks = [m for m in dataset_masks if m.any()]
+    elif source == SUGGEST and segmenter is not None:
+        masks, origin, on_canvas = _suggestion(image, key, segmenter)
     elif source == PAINT:
         masks = _painted_masks(image, key)
     elif source == UPLOAD:
         masks = _uploaded_masks(image, key)
     mask = _combine(image, masks, spec, key) if masks else None
-    if source != PAINT:
+    if not on_canvas:
+        colour = SUGGESTED_COLOUR if source == SUGGEST else LESION_COLOUR
         shown = image if mask is None else memo(
-            "outlined", (key, digest(mask)), lambda: outlined(image, mask), max_entries=16)
-        st.image(shown, width="stretch")
-    return MaskChoice(mask, source, digest(mask) if mask is not None else "")
+            "outlined", (key, digest(mask), colour), lambda: outlined(image, mask, colour),
+            max_entries=16)
+        st.image(shown, width="stretch",
+                 caption="Suggested outline (automatic)" if source == SUGGEST and mask is not None
+                 else None)
+    return MaskChoice(mask, source, digest(mask) if mask is not None else "",
+                      origin if mask is not None else None)
 
 
-def outlined(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """`image` with the lesion tinted and outlined."""
-    tinted = mask_overlay(image, mask, color=LESION_COLOUR, alpha=0.25)
-    return draw_outline(tinted, mask, color=LESION_COLOUR,
+def outlined(image: np.ndarray, mask: np.ndarray,
+             colour: tuple[int, int, int] = LESION_COLOUR) -> np.ndarray:
+    """`image` with the lesion tinted and outlined in `colour`."""
+    tinted = mask_overlay(image, mask, color=colour, alpha=0.25)
+    return draw_outline(tinted, mask, color=colour,
                         thickness=max(2, round(max(image.shape[:2]) / 250)))
 
 

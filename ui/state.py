@@ -4,7 +4,8 @@ widget touched) reuses decoded images, predictions and CAM maps instead of recom
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Hashable, TypeVar
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import numpy as np
 import streamlit as st

@@ -1,0 +1,133 @@
+"""Lesion segmentation: a U-Net decoder on a DenseNet121 encoder, and the post-processing that
+turns its probability map into a lesion mask the size of the input image.
+
+Network (`DenseNetUNet`): torchvision's DenseNet121 `features` (state-dict keys unchanged, so
+an encoder trained here and a classifier share weights), skip connections after
+`denseblock1` (1/4), `denseblock2` (1/8), `denseblock3` (1/16) and the final ReLU (1/32), a
+decoder of upsample + two conv-BN-ReLU blocks per level down to 1/4 scale, one output channel
+of lesion logits, upsampled bilinearly to the input resolution. With `num_classes > 0` it also
+has the classifier head of `models.DenseNetClassifier` (`classifier`, on the pooled final
+ReLU): one encoder, two tasks.
+
+Geometry: the model sees the whole image, padded to a square and resized (`transforms.fit_square`);
+`Segmenter.segment` maps the probability map back to the input image's pixels.
+
+Post-processing (`postprocess`): threshold, drop components smaller than `min_area` (a share of
+the image area), fill holes; an empty result means "no lesion found".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import nn
+from torchvision import models as tvm
+
+SEG_ARCH = "densenet121-unet"
+"""The `arch` of a segmentation model's card."""
+
+_SKIPS = ("denseblock1", "denseblock2", "denseblock3")
+_SKIP_CHANNELS = (256, 512, 1024)
+_BOTTOM_CHANNELS = 1024
+BOTTLENECK = 256
+DECODER_CHANNELS: tuple[int, ...] = (128, 64, 32)
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class UNetDecoder(nn.Module):
+    """From the 1/32 bottom (reduced to BOTTLENECK channels by a 1x1 convolution) and three
+    skips (coarse to fine) to one logit map at 1/4 scale."""
+
+    def __init__(self, channels: Sequence[int] = DECODER_CHANNELS) -> None:
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(_BOTTOM_CHANNELS, BOTTLENECK, 1, bias=False),
+                                    nn.BatchNorm2d(BOTTLENECK), nn.ReLU())
+        skips = tuple(reversed(_SKIP_CHANNELS))  # 1024 (1/16), 512 (1/8), 256 (1/4)
+        ins = (BOTTLENECK,) + tuple(channels[:-1])
+        self.blocks = nn.ModuleList(_conv_block(c_in + c_skip, c_out)
+                                    for c_in, c_skip, c_out in zip(ins, skips, channels))
+        self.head = nn.Conv2d(channels[-1], 1, 1)
+
+    def forward(self, bottom: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = self.reduce(bottom)
+        for block, skip in zip(self.blocks, reversed(skips)):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], 1))
+        return self.head(x)
+
+
+class DenseNetUNet(nn.Module):
+    """DenseNet121 encoder + U-Net decoder (+ optional class head). `forward` returns the lesion
+    logits (N x 1 x H x W); `forward_both` returns (lesion logits, class logits)."""
+
+    def __init__(self, num_classes: int = 0) -> None:
+        super().__init__()
+        self.features = tvm.densenet121(weights=None).features
+        self.final_relu = nn.ReLU(inplace=False)
+        self.decoder = UNetDecoder()
+        self.classifier = nn.Linear(_BOTTOM_CHANNELS, num_classes) if num_classes else None
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for name, layer in self.features.named_children():
+            x = layer(x)
+            if name in _SKIPS:
+                skips.append(x)
+        return self.final_relu(x), skips
+
+    def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Lesion logits at the input size, and class logits (None without a class head)."""
+        bottom, skips = self._encode(x)
+        seg = F.interpolate(self.decoder(bottom, skips), size=x.shape[-2:], mode="bilinear",
+                            align_corners=False)
+        if self.classifier is None:
+            return seg, None
+        pooled = torch.flatten(F.adaptive_avg_pool2d(bottom, 1), 1)
+        return seg, self.classifier(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_both(x)[0]
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """How a probability map becomes a mask: threshold, smallest kept component (share of the
+    image area), hole filling."""
+
+    threshold: float = 0.5
+    min_area: float = 0.002
+    fill_holes: bool = True
+
+
+def postprocess(prob: np.ndarray, params: PostProcess = PostProcess()) -> np.ndarray:
+    """HxW probabilities in [0, 1] -> HxW bool lesion mask (all False: no lesion found)."""
+    mask = prob >= params.threshold
+    if params.fill_holes and mask.any():
+        mask = ndimage.binary_fill_holes(mask)
+    if params.min_area > 0 and mask.any():
+        labels, n = ndimage.label(mask)
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+        keep = np.flatnonzero(sizes >= params.min_area * mask.size) + 1
+        mask = np.isin(labels, keep)
+    return mask
+
+
+def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(Dice, IoU) of two bool masks; both empty counts as 1.0."""
+    p, t = pred.astype(bool), truth.astype(bool)
+    inter = float(np.logical_and(p, t).sum())
+    total = float(p.sum() + t.sum())
+    union = total - inter
+    if total == 0:
+        return 1.0, 1.0
+    return 2 * inter / total, inter / union
