@@ -106,3 +106,13 @@ def busi_or_skip() -> Path:
     if not BUSI.is_dir():
         pytest.skip("../shared/data/BUSI is not available")
     return BUSI
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests on the real data sets ('realdata') and in Chromium ('browser'), so a quick
+    loop can leave them out: `pytest -m 'not realdata and not browser'`."""
+    for item in items:
+        if "busi_or_skip" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.realdata)
+        if Path(str(item.fspath)).parent.name == "e2e":
+            item.add_marker(pytest.mark.browser)

@@ -154,6 +154,7 @@ def test_record_is_frozen():
         record.label = "malignant"  # type: ignore[misc]
 
 
+@pytest.mark.realdata
 def test_real_busi_counts():
     if not (SHARED_DATA / "BUSI").is_dir():
         pytest.skip("../shared/data/BUSI is not available")
@@ -164,6 +165,7 @@ def test_real_busi_counts():
     assert records[0].id.startswith("BUSI/") and all(r.masks for r in records)
 
 
+@pytest.mark.realdata
 def test_real_busbra_manifest():
     if not (SHARED_DATA / "BUSBRA" / "labels.csv").is_file():
         pytest.skip("../shared/data/BUSBRA is not available")

@@ -67,12 +67,36 @@ def screenshot_model(tiny_model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, busi_dir, tmp_path_factory) -> Iterator[str]:
+def userdata(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("userdata")
+
+
+@pytest.fixture(scope="module")
+def everywhere_segmenter(tmp_path_factory) -> Path:
+    """A segmentation model that outlines the whole image (its output layer says 'lesion'
+    everywhere), so the page always has a suggestion to edit."""
+    import torch
+
+    from bus_core.models import ModelCard, save_model
+    from bus_core.segmentation import SEG_ARCH, DenseNetUNet
+
+    net = DenseNetUNet()
+    with torch.no_grad():
+        net.decoder.head.weight.zero_()
+        net.decoder.head.bias.fill_(6.0)
+    card = ModelCard(name="everywhere-seg", arch=SEG_ARCH, task="segmentation",
+                     classes=["lesion"], input_size={"resize": 64, "crop": 64, "fit": "pad"},
+                     postprocess={"threshold": 0.5, "min_area": 0.0, "fill_holes": True})
+    return save_model(net, card, tmp_path_factory.mktemp("seg") / "everywhere")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, busi_dir, userdata, everywhere_segmenter) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "BUS_MODEL": str(screenshot_model(tiny_model_dir)),
-           "BUS_DATA_DIR": str(tmp_path_factory.mktemp("userdata")),
-           "BUS_DATASET": str(busi_dir)}
-    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w+")
+           "BUS_DATA_DIR": str(userdata), "BUS_DATASET": str(busi_dir),
+           "BUS_SEGMENTER": str(everywhere_segmenter)}
+    log = open(userdata / "streamlit.log", "w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1",
@@ -220,3 +244,29 @@ def test_paint_a_mask_in_a_browser(page, server, tmp_path):
     full_screenshot(page, ARTIFACTS / "diagnose-paint.png")
     page.get_by_role("button", name="Clear").click()
     page.get_by_text("Masked crop").wait_for(state="detached")
+
+
+def test_suggest_edit_and_predict_in_a_browser(page, server, tmp_path, userdata):
+    from bus_core.store import open_store
+
+    page.goto(server)
+    page.locator("input[type=file]").first.set_input_files(str(upload_image(tmp_path)))
+    page.get_by_text("Model's reading").wait_for()
+    page.get_by_text("Suggest outline", exact=True).click()
+    page.get_by_text("Automatic outline by everywhere-seg", exact=False).wait_for()
+    page.get_by_text("Edit", exact=True).click()
+    page.get_by_text("Brush size").wait_for()
+    page.get_by_text("Eraser", exact=True).click()
+    canvas = page.locator("canvas").last
+    canvas.wait_for()
+    page.wait_for_timeout(1000)
+    draw(page, canvas, [(0.05, 0.1 + 0.04 * i) for i in range(3)] + [(0.95, 0.2), (0.95, 0.3)])
+    page.get_by_text("Masked crop").wait_for()
+    page.get_by_text("Model's reading").first.wait_for()
+    settle(page)
+    full_screenshot(page, ARTIFACTS / "diagnose-suggest-edit.png")
+    page.get_by_role("button", name="Save as case").click()
+    page.get_by_text("Saved as case", exact=False).wait_for()
+    with open_store(userdata) as store:
+        (case,) = [c for c in store.list_cases() if c.mask_source]
+    assert case.mask_source == "suggested, edited"
