@@ -11,8 +11,10 @@ from bus_core.dataset import load_records
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
-def open_teaching(monkeypatch, tmp_path, dataset: Path | None, model: Path | None) -> AppTest:
+def open_teaching(monkeypatch, tmp_path, dataset: Path | None, model: Path | None,
+                  segmenter: Path | None = None) -> AppTest:
     monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.setenv("BUS_SEGMENTER", str(segmenter or tmp_path / "no-segmenter"))
     monkeypatch.setenv("BUS_DATASET", str(dataset or tmp_path / "no-such-folder"))
     if model is None:
         monkeypatch.setattr("bus_core.registry.bundled_default", lambda *args, **kwargs: None)
@@ -79,3 +81,20 @@ def test_bad_folder_gives_a_clear_message(monkeypatch, tmp_path):
     at.text_input(key="teach_folder").set_value(str(tmp_path / "missing")).run()
     assert not at.exception
     assert "does not exist" in at.error[0].value
+
+
+def test_after_the_reveal_the_suggested_outline_is_beside_the_dataset_one(
+        monkeypatch, tmp_path, busi_dir, tiny_model_dir, tiny_segmenter_dir):
+    from bus_core.segment import Segmenter
+    from tests.conftest import blob_probabilities
+
+    monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)
+    at = open_teaching(monkeypatch, tmp_path, busi_dir, tiny_model_dir, tiny_segmenter_dir)
+    captions = [c for img in at.get("image") for c in img.captions]
+    assert not any("Suggested outline" in c for c in captions)  # nothing before the answer
+    answer(at, truth(at, busi_dir))
+    captions = [c for img in at.get("image") for c in img.captions]
+    assert any(c.startswith("Suggested outline (automatic, tiny-seg)") for c in captions)
+    assert any(c.startswith("Dataset") for c in captions)
+    if truth(at, busi_dir) != "normal":
+        assert any("Dice" in c.value for c in at.caption)

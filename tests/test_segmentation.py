@@ -164,3 +164,51 @@ def test_evaluate_cli_on_a_segmentation_model(tiny_segmenter_dir, busi_dir, tmp_
     assert result["n"] == 18 and result["n_lesion"] == 12 and result["n_normal"] == 6
     assert result["lesion_empty_share"] == 0.0 and result["normal_empty_share"] == 0.0
     assert 0 < result["dice"] < 1 and len(result["per_image"]) == 18
+
+
+@pytest.fixture
+def mask_model_dir(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "mask-model"
+    shutil.copytree(tiny_model_dir, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card.update(name="tiny-lesion", input_mode="mask-leakfree")
+    (folder / "card.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_lesion_model_reads_the_automatic_outline(mask_model_dir, tiny_segmenter_dir, busi_dir,
+                                                  tmp_path, capsys, monkeypatch):
+    import json
+
+    from bus_core.cli import main
+
+    monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)
+    image = busi_dir / "malignant" / "malignant (1).png"
+    assert main(["predict", str(image), "--model", str(mask_model_dir), "--segmenter",
+                 str(tiny_segmenter_dir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mask"] == "automatic outline by tiny-seg"
+    metrics = tmp_path / "auto.json"
+    assert main(["evaluate", "--model", str(mask_model_dir), "--data", str(busi_dir),
+                 "--masks", "auto", "--segmenter", str(tiny_segmenter_dir),
+                 "--mask-dir", str(tmp_path / "auto-masks"), "--json", str(metrics)]) == 0
+    assert "with automatic masks" in capsys.readouterr().out
+    assert json.loads(metrics.read_text())["data"]["masks"] == "automatic"
+    assert len(list((tmp_path / "auto-masks").iterdir())) == 18
+
+
+def test_no_automatic_outline_is_a_clear_error(mask_model_dir, tiny_segmenter_dir, tmp_path,
+                                               capsys, monkeypatch):
+    from bus_core.cli import main
+
+    monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)
+    white_corner, _ = synthetic_image("normal", np.random.default_rng(0), size=(80, 90))
+    white_corner[0, 0] = 255
+    path = tmp_path / "n.png"
+    Image.fromarray(white_corner).save(path)
+    assert main(["predict", str(path), "--model", str(mask_model_dir), "--segmenter",
+                 str(tiny_segmenter_dir)]) == 2
+    assert "finds no lesion" in capsys.readouterr().err
