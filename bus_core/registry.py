@@ -55,9 +55,10 @@ def _model_dirs(root: Path) -> list[Path]:
                   if (p / CARD_FILE).is_file() and (p / WEIGHTS_FILE).is_file())
 
 
-def list_models(bundled_dir: Path = BUNDLED_WEIGHTS_DIR,
-                user_dir: Path | None = None) -> list[ModelEntry]:
-    """Every readable model: bundled first, then the user's (unreadable cards are skipped)."""
+def list_models(bundled_dir: Path = BUNDLED_WEIGHTS_DIR, user_dir: Path | None = None, *,
+                task: str | None = None) -> list[ModelEntry]:
+    """Every readable model (of `task`, when given): bundled first, then the user's
+    (unreadable cards are skipped)."""
     entries = []
     for root, bundled in ((bundled_dir, True), (user_dir or user_models_dir(), False)):
         for folder in _model_dirs(root):
@@ -65,7 +66,7 @@ def list_models(bundled_dir: Path = BUNDLED_WEIGHTS_DIR,
                 entries.append(ModelEntry(folder, read_card(folder), bundled))
             except ModelError:
                 continue
-    return entries
+    return [e for e in entries if task is None or e.card.task == task]
 
 
 def bundled_default(bundled_dir: Path = BUNDLED_WEIGHTS_DIR) -> Path | None:

@@ -281,7 +281,9 @@ st.title("Evaluate")
 st.caption("Score models on labelled images, ideally the test subset of the split they were "
            "trained with. Evaluation runs here; about 100 images take 10–30 s on a CPU.")
 
-entries = list_models()
+entries = list_models(task="classification")
+st.caption("Segmentation models are scored on the command line: `python -m bus_core evaluate "
+           "--model weights/<segmentation model> --data ... --split ... --subset test`.")
 if not entries:
     st.warning(no_model_message(), icon=":material/warning:")
     st.stop()

@@ -13,6 +13,7 @@ from bus_core.models import CARD_FILE, WEIGHTS_FILE
 from bus_core.registry import (
     ModelEntry,
     active_model_path,
+    active_segmenter_path,
     delete_model,
     export_zip,
     import_model,
@@ -33,7 +34,9 @@ def widget_key(action: str, entry: ModelEntry) -> str:
 
 
 def is_active(entry: ModelEntry, active: Path | None) -> bool:
-    """True for the app's active model."""
+    """True for the app's active model (for a segmentation model: the outline model in use)."""
+    if entry.card.task == "segmentation":
+        active = active_segmenter_path()
     return active is not None and entry.path.resolve() == active.resolve()
 
 
@@ -54,10 +57,13 @@ def split_line(entry: ModelEntry) -> str:
 
 
 def test_line(entry: ModelEntry) -> str:
-    """Test-subset figures of the card."""
+    """Test-subset figures of the card (per data set for a segmentation model)."""
     test = entry.card.metrics.get("test") or {}
     if not test:
         return "No test metrics"
+    if entry.card.task == "segmentation":
+        return " · ".join(f"{name}: Dice {fmt3(v.get('dice'))} (n={v.get('n_lesion')} lesion "
+                          "images)" for name, v in test.items() if isinstance(v, dict))
     return (f"accuracy {fmt3(test.get('accuracy'))} · malignant sensitivity "
             f"{fmt3(test.get('malignant_sensitivity'))} · malignant AUC "
             f"{fmt3(test.get('auc_malignant'))} (n={test.get('n')})")
@@ -66,7 +72,10 @@ def test_line(entry: ModelEntry) -> str:
 def actions(entry: ModelEntry, active: bool) -> None:
     """Activate, download, and for user models rename / delete."""
     row = st.container(horizontal=True, vertical_alignment="center")
-    if row.button("Active" if active else "Make active", key=widget_key("activate", entry),
+    if entry.card.task == "segmentation":
+        row.caption("Suggests lesion outlines" + (" on the Diagnose and Teaching pages."
+                                                  if active else " (set BUS_SEGMENTER to use it)."))
+    elif row.button("Active" if active else "Make active", key=widget_key("activate", entry),
                   icon=":material/star:", disabled=active,
                   type="secondary" if active else "primary"):
         try:
@@ -126,8 +135,10 @@ def model_card(entry: ModelEntry, active: bool) -> None:
             row.badge("Bundled" if entry.bundled else "Yours",
                       color="gray" if entry.bundled else "blue")
         left, right = st.columns(2)
-        left.markdown(f"**Architecture** {card.arch} · input `{card.input_mode}` · "
-                      f"{card.size.crop} px  \n**Data** {data_line(entry)}  \n"
+        task = "lesion outline" if card.task == "segmentation" else f"input `{card.input_mode}`"
+        left.markdown(f"**Architecture** {card.arch} · {task} · {card.size.crop} px "
+                      f"({'whole image' if card.size.fit == 'pad' else 'centre crop'})  \n"
+                      f"**Data** {data_line(entry)}  \n"
                       f"**Split** {split_line(entry)}")
         right.markdown(f"**Test** {test_line(entry)}  \n**Created** {card.created[:10]} · "
                        f"**Size** {entry.size_bytes / 1e6:.1f} MB · init `{card.init}`")

@@ -77,3 +77,22 @@ def test_upload_refuses_pickles_and_keeps_a_valid_zip(app, tiny_model_dir):
     assert (user_models_dir() / "tiny-test").is_dir()
     app.run()
     assert app.button(key="models_activate_user_tiny-test") is not None
+
+
+def test_a_segmentation_model_is_listed_but_not_offered_as_the_classifier(
+        monkeypatch, tmp_path, tiny_model_dir, tiny_segmenter_dir):
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.delenv("BUS_MODEL", raising=False)
+    shutil.copytree(tiny_segmenter_dir, user_models_dir() / "outline")
+    monkeypatch.setenv("BUS_SEGMENTER", str(user_models_dir() / "outline"))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.switch_page("pages/models.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    text = page_text(at)
+    assert "lesion outline" in text and "Suggests lesion outlines on the Diagnose" in text
+    with pytest.raises(KeyError):
+        at.button(key="models_activate_user_outline")
+    at.switch_page("pages/evaluate.py").run()
+    assert not at.exception
+    assert "outline" not in " ".join(str(o) for o in at.multiselect[0].options)
