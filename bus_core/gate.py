@@ -25,6 +25,7 @@ from typing import Any
 from bus_core.dataset import Record
 from bus_core.errors import BusError
 from bus_core.evaluate import evaluate
+from bus_core.metrics import HEADLINE_KEYS, LOWER_IS_BETTER
 from bus_core.models import CARD_FILE, load_model
 from bus_core.progress import read_json_lines
 from bus_core.registry import active_model_path, set_active_model
@@ -39,11 +40,8 @@ FIXED_TEST, NEW_CASES = "fixed_test", "new_cases"
 SUBSETS: dict[str, str] = {FIXED_TEST: "the fixed test split",
                            NEW_CASES: "the held-out new cases"}
 """The subsets a candidate is judged on, with how they are named in sentences."""
-SUMMARY_KEYS: tuple[str, ...] = ("n", "accuracy", "balanced_accuracy", "macro_f1",
-                                 "malignant_sensitivity", "malignant_specificity",
-                                 "auc_malignant")
+SUMMARY_KEYS: tuple[str, ...] = ("n", *HEADLINE_KEYS)
 """The metrics kept in a gate result and the decision log (besides the gated ones)."""
-LOWER_IS_BETTER: frozenset[str] = frozenset({"ece", "loss"})
 MADE_ACTIVE: frozenset[str] = frozenset({"activated", "overridden", "rolled back"})
 """The actions after which the decision's candidate is the active model."""
 

@@ -28,6 +28,21 @@ import numpy as np
 
 from bus_core.constants import CLASSES, MALIGNANT
 
+METRIC_LABELS: dict[str, str] = {
+    "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy",
+    "macro_f1": "Macro-F1",
+    "malignant_sensitivity": "Malignant sensitivity",
+    "malignant_specificity": "Malignant specificity",
+    "auc_malignant": "AUC, malignant vs rest",
+    "auc_macro_ovr": "AUC, macro one-vs-rest",
+    "ece": "ECE (calibration error, lower is better)",
+}
+"""The headline figures of `compute_metrics`, in display order, with their display names."""
+HEADLINE_KEYS: tuple[str, ...] = tuple(METRIC_LABELS)
+LOWER_IS_BETTER: frozenset[str] = frozenset({"ece", "loss"})
+"""Metrics (and the validation 'loss') where a smaller value is the better one."""
+
 MIN_CALIBRATION_SAMPLES = 5
 """Below this many validation samples `fit_temperature` keeps T = 1."""
 
@@ -202,19 +217,20 @@ def format_metrics(m: dict[str, Any]) -> str:
     counts = m.get("n_per_class") or {}
     lines = [
         f"n = {m.get('n', 'n/a')}  (" + ", ".join(f"{c} {counts.get(c, 0)}" for c in labels) + ")",
-        f"  accuracy            {_fmt(m.get('accuracy'))}",
-        f"  balanced accuracy   {_fmt(m.get('balanced_accuracy'))}",
-        f"  macro-F1            {_fmt(m.get('macro_f1'))}",
-        f"  malignant           sensitivity {_fmt(m.get('malignant_sensitivity'))}"
-        f"   specificity {_fmt(m.get('malignant_specificity'))}",
-        f"  AUC                 malignant {_fmt(m.get('auc_malignant'))}"
-        f"   macro one-vs-rest {_fmt(m.get('auc_macro_ovr'))}",
-        f"  ECE                 {_fmt(m.get('ece'))}",
+        f"  accuracy            {_terminal(m.get('accuracy'))}",
+        f"  balanced accuracy   {_terminal(m.get('balanced_accuracy'))}",
+        f"  macro-F1            {_terminal(m.get('macro_f1'))}",
+        f"  malignant           sensitivity {_terminal(m.get('malignant_sensitivity'))}"
+        f"   specificity {_terminal(m.get('malignant_specificity'))}",
+        f"  AUC                 malignant {_terminal(m.get('auc_malignant'))}"
+        f"   macro one-vs-rest {_terminal(m.get('auc_macro_ovr'))}",
+        f"  ECE                 {_terminal(m.get('ece'))}",
     ]
     at = m.get("at_threshold")
     if at:
         lines.append(f"  at the malignant threshold {at['threshold']:.3f}: sensitivity "
-                     f"{_fmt(at.get('sensitivity'))}   specificity {_fmt(at.get('specificity'))}")
+                     f"{_terminal(at.get('sensitivity'))}   "
+                     f"specificity {_terminal(at.get('specificity'))}")
     cm = m.get("confusion_matrix")
     if cm:
         width = max(9, *(len(c) for c in labels)) + 2
@@ -230,10 +246,10 @@ def format_segmentation(m: dict[str, Any]) -> str:
     return "\n".join([
         f"n = {m.get('n')}  (lesion images {m.get('n_lesion')}, "
         f"without lesion {m.get('n_normal')})",
-        f"  Dice (lesion images, mean)         {_fmt(m.get('dice'))}",
-        f"  IoU (lesion images, mean)          {_fmt(m.get('iou'))}",
-        f"  lesion images predicted empty      {_fmt(m.get('lesion_empty_share'))}",
-        f"  lesion-free images predicted empty {_fmt(m.get('normal_empty_share'))}",
+        f"  Dice (lesion images, mean)         {_terminal(m.get('dice'))}",
+        f"  IoU (lesion images, mean)          {_terminal(m.get('iou'))}",
+        f"  lesion images predicted empty      {_terminal(m.get('lesion_empty_share'))}",
+        f"  lesion-free images predicted empty {_terminal(m.get('normal_empty_share'))}",
     ])
 
 
@@ -328,6 +344,10 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _fmt(value: Any) -> str:
-    """A metric for display: three decimals, or 'n/a' when it does not exist."""
-    return "n/a" if value is None else f"{float(value):.3f}"
+def _terminal(value: Any) -> str:
+    return fmt3(value, "n/a")
+
+
+def fmt3(value: Any, missing: str = "–") -> str:
+    """A metric for display: three decimals, or `missing` when it does not exist."""
+    return missing if value is None else f"{float(value):.3f}"

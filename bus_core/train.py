@@ -51,7 +51,14 @@ from bus_core.evaluate import collect_logits
 from bus_core.inputs import INPUT_MODES, InputSpec
 from bus_core.loader import BALANCE_MODES, RecordDataset, class_weights, collate, epoch_plan
 from bus_core.masks import COMBINE_MODES
-from bus_core.metrics import compute_metrics, fit_temperature, nll, softmax
+from bus_core.metrics import (
+    HEADLINE_KEYS,
+    LOWER_IS_BETTER,
+    compute_metrics,
+    fit_temperature,
+    nll,
+    softmax,
+)
 from bus_core.models import ARCHS, ModelCard, build_model, file_sha256, new_card, save_model
 from bus_core.progress import ProgressLog
 from bus_core.splits import Split, find_groups, load_split, make_split, save_split, split_records
@@ -64,7 +71,6 @@ CANCEL_FILE = "CANCEL"
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULERS: tuple[str, ...] = ("none", "cosine", "step", "plateau")
-LOWER_IS_BETTER = {"loss"}
 
 
 @dataclass
@@ -441,9 +447,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
                            else (val_metrics.get(config.monitor) or 0.0))
         elif scheduler:
             scheduler.step()
-        summary = {k: val_metrics.get(k) for k in ("loss", "accuracy", "macro_f1",
-                                                    "malignant_sensitivity", "auc_malignant",
-                                                    "auc_macro_ovr", "balanced_accuracy")}
+        summary = {k: val_metrics.get(k) for k in ("loss", *HEADLINE_KEYS)}
         state["train_time_s"] += time.monotonic() - time_mark
         state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                                  "train_accuracy": correct / max(seen, 1), "val": summary})

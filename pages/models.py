@@ -9,6 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from bus_core.errors import BusError
+from bus_core.metrics import fmt3
 from bus_core.models import CARD_FILE, WEIGHTS_FILE
 from bus_core.registry import (
     ModelEntry,
@@ -23,7 +24,6 @@ from bus_core.registry import (
 )
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, user_models_dir
 from ui.common import show_error
-from ui.evaluation import fmt3
 
 CONFIRM_KEY = "models_confirm_delete"
 

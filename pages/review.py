@@ -29,6 +29,7 @@ from bus_core.gate import (
     rollback,
 )
 from bus_core.jobs import current_job, last_job, start_training
+from bus_core.metrics import fmt3
 from bus_core.models import CARD_FILE
 from bus_core.predict import Predictor
 from bus_core.progress import read_progress
@@ -39,7 +40,6 @@ from bus_core.store import ORDERABLE, STATUSES, Case, CaseStore
 from ui.cases import as_rgb, case_store, export_zip, reviewer_name
 from ui.charts import probability_chart
 from ui.common import optional_predictor, show_error, start_job
-from ui.evaluation import fmt3
 from ui.masking import outlined
 from ui.results import CAM_METHODS, cam_cached, predict_cached
 from ui.training import last_event, progress_fraction, progress_text

@@ -16,6 +16,7 @@ from bus_core.errors import BusError, ModelError
 from bus_core.inputs import INPUT_MODES
 from bus_core.jobs import Job, current_job, last_job, resume_job, start_training, start_tuning
 from bus_core.loader import BALANCE_MODES
+from bus_core.metrics import METRIC_LABELS, fmt3
 from bus_core.models import ARCHS, CARD_FILE, WEIGHTS_FILE, imagenet_cached
 from bus_core.registry import check_model_name, import_model, list_models, set_active_model
 from bus_core.settings import data_dir, default_dataset_dir, user_models_dir
@@ -24,7 +25,6 @@ from bus_core.transforms import input_size_for
 from bus_core.tune import DEFAULT_GRID, combinations
 from ui.common import show_error, start_job
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
-from ui.evaluation import fmt3
 from ui.training import (
     epoch_figure,
     fmt_duration,
@@ -44,10 +44,9 @@ INIT_LABELS = {"imagenet": "ImageNet (pretrained)", "checkpoint": "A model from 
                "random": "Random"}
 STATE_ICONS = {"done": ":material/check_circle:", "cancelled": ":material/cancel:",
                "killed": ":material/warning:", "failed": ":material/error:"}
-TEST_KEYS = (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"),
-             ("malignant_sensitivity", "Malignant sensitivity"),
-             ("malignant_specificity", "Malignant specificity"),
-             ("auc_malignant", "AUC malignant"), ("ece", "ECE"))
+TEST_KEYS = ("accuracy", "macro_f1", "malignant_sensitivity", "malignant_specificity",
+             "auc_malignant", "ece")
+"""The test figures shown when a run ends (labels: `metrics.METRIC_LABELS`)."""
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -373,8 +372,8 @@ def test_figures(events: list[dict[str, Any]]) -> None:
         return
     st.markdown(f"##### Test subset (n={test.get('n')})")
     columns = st.columns(len(TEST_KEYS))
-    for column, (key, label) in zip(columns, TEST_KEYS):
-        column.metric(label, fmt3(test.get(key)))
+    for column, key in zip(columns, TEST_KEYS):
+        column.metric(METRIC_LABELS[key], fmt3(test.get(key)))
     st.caption(f"Trained for {fmt_duration(done.get('train_time_s'))}; best epoch "
                f"{done.get('best_epoch')}.")
 

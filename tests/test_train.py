@@ -120,3 +120,11 @@ def test_resume_without_run_is_clear(tmp_path):
     from bus_core.cli import main
 
     assert main(["train", "--data", "x", "--out", str(tmp_path / "none"), "--resume"]) == 2
+
+
+def test_lower_ece_and_loss_score_higher():
+    from bus_core.train import score
+
+    assert score({"ece": 0.05}, "ece") > score({"ece": 0.2}, "ece")
+    assert score({"loss": 0.3}, "loss") > score({"loss": 0.9}, "loss")
+    assert score({"macro_f1": 0.8}, "macro_f1") > score({"macro_f1": 0.7}, "macro_f1")

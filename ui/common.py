@@ -11,6 +11,7 @@ import streamlit as st
 from bus_core.device import choose_device
 from bus_core.errors import BusError
 from bus_core.jobs import JobBusyError
+from bus_core.metrics import fmt3
 from bus_core.models import ModelCard, read_card
 from bus_core.predict import Predictor
 from bus_core.registry import active_model_path, active_segmenter_path, no_model_message
@@ -56,10 +57,6 @@ def active_segmenter() -> tuple[Segmenter | None, str]:
         return None, f"The segmentation model cannot be used: {exc}"
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
 def model_summary(card: ModelCard) -> str:
     """A few markdown lines: name, date, and test metrics with their data."""
     test = card.metrics.get("test") or {}
@@ -72,9 +69,9 @@ def model_summary(card: ModelCard) -> str:
         lines.append(
             f"{sources} {data.get('subset', 'test')} subset of {split}, n={test.get('n')}: "
             f"accuracy "
-            f"{_fmt(test.get('accuracy'))}, malignant sensitivity "
-            f"{_fmt(test.get('malignant_sensitivity'))}, malignant AUC "
-            f"{_fmt(test.get('auc_malignant'))}")
+            f"{fmt3(test.get('accuracy'))}, malignant sensitivity "
+            f"{fmt3(test.get('malignant_sensitivity'))}, malignant AUC "
+            f"{fmt3(test.get('auc_malignant'))}")
     else:
         lines.append("No test metrics in its card.")
     return "  \n".join(lines)

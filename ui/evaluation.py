@@ -11,29 +11,16 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from bus_core.evaluate import Evaluation
+from bus_core.metrics import HEADLINE_KEYS, METRIC_LABELS, fmt3
 from bus_core.report import BAR_COLOURS, DEFAULT_BAR
 
-HEADLINE: tuple[tuple[str, str], ...] = (
-    ("accuracy", "Accuracy"),
-    ("balanced_accuracy", "Balanced accuracy"),
-    ("macro_f1", "Macro-F1"),
-    ("malignant_sensitivity", "Malignant sensitivity"),
-    ("malignant_specificity", "Malignant specificity"),
-    ("auc_malignant", "AUC, malignant vs rest"),
-    ("auc_macro_ovr", "AUC, macro one-vs-rest"),
-    ("ece", "ECE (calibration error, lower is better)"),
-)
 PER_CLASS: tuple[str, ...] = ("sensitivity", "specificity", "precision", "f1", "auc", "support")
-
-
-def fmt3(value: Any) -> str:
-    """Three decimals, '–' for a metric that does not exist."""
-    return "–" if value is None else f"{float(value):.3f}"
 
 
 def metric_rows(metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """(label, raw value) of the headline metrics, then n and n per class."""
-    rows: list[tuple[str, Any]] = [(label, metrics.get(key)) for key, label in HEADLINE]
+    rows: list[tuple[str, Any]] = [(label, metrics.get(key))
+                                   for key, label in METRIC_LABELS.items()]
     rows.append(("Images (n)", metrics.get("n")))
     rows += [(f"Images: {name}", count)
              for name, count in (metrics.get("n_per_class") or {}).items()]
@@ -70,7 +57,7 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
 
 def metrics_csv(metrics: Mapping[str, Any]) -> str:
     """The scalar metrics and per-class figures as CSV (metric,value; full precision)."""
-    rows = [(key, metrics.get(key)) for key, _ in HEADLINE]
+    rows = [(key, metrics.get(key)) for key in HEADLINE_KEYS]
     rows.append(("n", metrics.get("n")))
     rows += [(f"n_{name}", n) for name, n in (metrics.get("n_per_class") or {}).items()]
     for name, figures in (metrics.get("per_class") or {}).items():
