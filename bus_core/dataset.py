@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from bus_core import atomic
 from bus_core.constants import CLASSES, IMAGE_SUFFIXES
 from bus_core.errors import DataError
 
@@ -77,14 +78,12 @@ def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
     def relative(p: Path) -> str:
         return PurePosixPath(Path(os.path.relpath(p.resolve(), folder)).as_posix()).as_posix()
 
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "mask", "patient"])
         for r in records:
             writer.writerow([relative(r.path), r.label, ";".join(relative(m) for m in r.masks),
                              r.patient or ""])
-    os.replace(tmp, path)
     return path
 
 

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bus_core import atomic
 from bus_core.dataset import Record
 from bus_core.errors import BusError
 from bus_core.evaluate import evaluate
@@ -97,10 +98,7 @@ class GateResult:
         """Write the result as JSON (atomically)."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.tmp")
-        temp.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False))
-        os.replace(temp, target)
-        return target
+        return atomic.write_text(target, json.dumps(self.to_dict(), indent=2, allow_nan=False))
 
     @classmethod
     def load(cls, path: str | Path) -> GateResult | None:

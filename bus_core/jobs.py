@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ try:
 except ImportError:  # Windows: starts are not serialised between processes
     fcntl = None  # type: ignore[assignment]
 
+from bus_core import atomic
 from bus_core.errors import BusError
 from bus_core.progress import read_progress, run_state
 from bus_core.settings import PROJECT_ROOT, data_dir
@@ -230,10 +230,7 @@ class Job:
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(content, fh, indent=2)
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(content, indent=2))
 
 
 def _read_job(path: Path) -> Job | None:

@@ -9,9 +9,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import os
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision import models as tvm
 
+from bus_core import atomic
 from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from bus_core.errors import ModelError
 from bus_core.transforms import InputSize, input_size_for
@@ -209,17 +208,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model(model: nn.Module, card: ModelCard, out_dir: str | Path,
                dtype: torch.dtype = torch.float32) -> Path:
     """Write `out_dir/model.safetensors` (in `dtype`) and `out_dir/card.json`; returns out_dir."""
@@ -228,17 +216,11 @@ def save_model(model: nn.Module, card: ModelCard, out_dir: str | Path,
     state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
              .contiguous() for k, v in model.state_dict().items()}
     weights = out / WEIGHTS_FILE
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"arch": card.arch, "classes": ",".join(card.classes)})
-        os.replace(tmp, weights)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"arch": card.arch, "classes": ",".join(card.classes)})
     card.weights_sha256 = file_sha256(weights)
     card.weights_dtype = str(dtype).removeprefix("torch.")
-    _atomic_write_bytes(out / CARD_FILE, card.to_json().encode())
+    atomic.write_text(out / CARD_FILE, card.to_json())
     return out
 
 

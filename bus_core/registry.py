@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from bus_core import atomic
 from bus_core.errors import ModelError
 from bus_core.models import CARD_FILE, WEIGHTS_FILE, ModelCard, load_model, read_card
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, data_dir, user_models_dir
@@ -160,13 +161,6 @@ def _is_active(folder: Path) -> bool:
         return False
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def rename_model(path: str | Path, new_name: str, *, user_dir: Path | None = None) -> Path:
     """Rename one of the user's models: its folder and the name in its card. The active model
     stays active under its new name. Returns the new folder."""
@@ -178,7 +172,7 @@ def rename_model(path: str | Path, new_name: str, *, user_dir: Path | None = Non
     was_active = _is_active(folder)
     card = json.loads((folder / CARD_FILE).read_text())
     card["name"] = name
-    _write_text_atomic(folder / CARD_FILE, json.dumps(card, indent=2))
+    atomic.write_text(folder / CARD_FILE, json.dumps(card, indent=2))
     folder.rename(target)
     if was_active:
         set_active_model(target)
@@ -281,7 +275,7 @@ def import_model(files: Mapping[str, bytes], *, user_dir: Path | None = None) ->
         if card.name != target.name:  # the card names its folder, as for trained models
             raw = json.loads(card_bytes)
             raw["name"] = target.name
-            _write_text_atomic(staging / CARD_FILE, json.dumps(raw, indent=2))
+            atomic.write_text(staging / CARD_FILE, json.dumps(raw, indent=2))
         staging.rename(target)
         return target
     except BaseException:

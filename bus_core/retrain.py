@@ -18,13 +18,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bus_core import atomic
 from bus_core.dataset import Record, load_many, load_records
 from bus_core.errors import DataError, ModelError
 from bus_core.models import read_card
@@ -117,9 +117,7 @@ def find_plans(user_dir: str | Path | None = None) -> list[RetrainPlan]:
 
 
 def _write_json(path: Path, content: Mapping[str, Any]) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(content, indent=2))
-    os.replace(temp, path)
+    atomic.write_text(path, json.dumps(content, indent=2))
 
 
 def prepare_retraining(store: CaseStore, *, base_data: Sequence[str | Path],

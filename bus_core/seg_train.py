@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from bus_core import atomic
 from bus_core.augment import FULL, Window, augment_batch, eval_batch
 from bus_core.constants import CLASSES
 from bus_core.dataset import Record, load_records
@@ -53,7 +54,7 @@ from bus_core.models import load_model
 from bus_core.progress import ProgressLog
 from bus_core.segmentation import DenseNetUNet, dice_iou
 from bus_core.splits import load_split, split_records
-from bus_core.train import _atomic_torch_save, _save_weights
+from bus_core.train import atomic_torch_save, save_weights
 from bus_core.transforms import fit_square
 
 MIN_WINDOW = 0.35
@@ -167,11 +168,10 @@ def pack(records: Sequence[Record], size: int, cache: Path | None = None,
                     np.array([names.index(r.source) for r in records], np.int64), content, names)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez(tmp, key=key, ids=np.array(packed.ids), images=images, masks=masks,
-                 labels=packed.labels, sources=packed.sources, content=content,
-                 source_names=np.array(names))
-        tmp.replace(cache)
+        with atomic.atomic_path(cache) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, key=key, ids=np.array(packed.ids), images=images, masks=masks,
+                     labels=packed.labels, sources=packed.sources, content=content,
+                     source_names=np.array(names))
     return packed
 
 
@@ -392,6 +392,7 @@ def main(args: argparse.Namespace) -> Path:
     config = config_from_args(args)
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.remove_partial_writes(run_dir)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     log = ProgressLog(run_dir / "progress.jsonl")
     device = choose_device(config.device)
@@ -432,7 +433,7 @@ def main(args: argparse.Namespace) -> Path:
               config=dataclasses.asdict(config))
 
     def save_checkpoint() -> None:
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "state": state}, ckpt_path)
 
     last_save = time.monotonic()
@@ -499,7 +500,7 @@ def main(args: argparse.Namespace) -> Path:
             if value is not None and (state[f"best_{kind}"] is None
                                       or value > state[f"best_{kind}"]["score"]):
                 state[f"best_{kind}"] = {"score": value, "epoch": epoch + 1}
-                _save_weights(model, run_dir / f"best-{kind}.safetensors")
+                save_weights(model, run_dir / f"best-{kind}.safetensors")
         state["history"].append(record)
         state.update(epoch=epoch + 1, step=0)
         save_checkpoint()

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from bus_core import atomic
 from bus_core.augment import eval_batch
 from bus_core.constants import IMAGE_SUFFIXES
 from bus_core.dataset import Record, load_records, mask_owner
@@ -112,12 +113,10 @@ def list_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 
 def write_mask_png(mask: np.ndarray, path: Path) -> None:
     """Save a bool mask as an 8-bit PNG of 0 / 255 (written whole or not at all)."""
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
-        tmp.replace(path)
+        with atomic.atomic_path(path) as tmp:
+            Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise BusError(f"Cannot write {path.name} in {path.parent}: {exc.strerror or exc}.") \
             from exc
 

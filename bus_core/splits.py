@@ -32,8 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +44,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from bus_core import atomic
 from bus_core.constants import CLASSES
 from bus_core.dataset import Record
 from bus_core.errors import DataError
@@ -333,16 +332,7 @@ def save_split(split: Split, path: str | Path) -> Path:
     content = {"format": _FORMAT, "seed": split.seed, "ratios": list(split.ratios),
                "data_hash": split.data_hash, "stats": split.stats, "train": split.train,
                "val": split.val, "test": split.test, "groups": split.groups}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(content, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_text(path, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_split(path: str | Path) -> Split:

@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -61,6 +60,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from bus_core import atomic
 from bus_core.constants import CLASSES
 from bus_core.errors import BusError, InvalidImageError, MaskError
 from bus_core.io import image_to_png_bytes
@@ -692,16 +692,7 @@ def _array_hash(array: np.ndarray) -> str:
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write a file so that it appears whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic.write_bytes(path, data)
 
 
 def _remove_previous_export(out: Path) -> None:

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from bus_core import atomic
 from bus_core.constants import CLASSES
 from bus_core.dataset import Record, load_many
 from bus_core.device import (
@@ -207,15 +207,10 @@ def load_config(out: str | Path, overrides: dict[str, Any] | None = None) -> Tra
     return TrainConfig(**data)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` that leaves the old file in place until the new one is whole."""
+    with atomic.atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _limit_per_class(records: list[Record], n: int | None, seed: int) -> list[Record]:
@@ -303,7 +298,7 @@ class _Checkpoint:
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
              scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict() if scheduler else None,
                             "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
                             "state": state}, self.path)
@@ -328,6 +323,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
     """
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.remove_partial_writes(run_dir)  # what a killed checkpoint write left behind
     log = ProgressLog(run_dir / "progress.jsonl")
     if not resume:
         (run_dir / "progress.jsonl").unlink(missing_ok=True)
@@ -439,7 +435,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
         improved = value is not None and (state["best"] is None or value > state["best"])
         if improved:
             state.update(best=value, best_epoch=epoch + 1, bad_epochs=0)
-            _save_weights(model, run_dir / "best.safetensors")
+            save_weights(model, run_dir / "best.safetensors")
         else:
             state["bad_epochs"] += 1
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -469,12 +465,11 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
     return TrainResult(Path(config.out), card, "done")
 
 
-def _save_weights(model: nn.Module, path: Path) -> None:
+def save_weights(model: nn.Module, path: Path) -> None:
+    """A model's state dict as a safetensors file, written atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    save_file(state, tmp)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        save_file(state, str(tmp))
 
 
 @torch.no_grad()

@@ -1,0 +1,61 @@
+"""Files that appear whole or not at all: every write of a file that someone may read while it
+is written (or that a killed process may leave half-written) goes through here.
+
+A write goes to a temporary file `.<name>.<random>.tmp` beside the target, is flushed to disk
+(fsync) and then renamed over the target, which is atomic on POSIX and Windows file systems.
+If the write fails the temporary file is removed; if the process is killed, it stays behind
+and `remove_partial_writes` (called when a run starts again) removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+TEMP_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write `path` through: on leaving the block without an error the
+    file is synced and renamed to `path`; on an error it is removed. The folder must exist."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX)
+    os.close(fd)
+    temp = Path(tmp)
+    try:
+        yield temp
+        with open(temp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically; returns the path."""
+    with atomic_path(path) as temp:
+        temp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 `text` to `path` atomically; returns the path."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def remove_partial_writes(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that killed writes left in `folder`; returns them. Call it
+    only where no other process is writing (e.g. when a run in that folder starts)."""
+    removed = []
+    root = Path(folder)
+    if root.is_dir():
+        for path in root.glob(f".*{TEMP_SUFFIX}"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
