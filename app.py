@@ -6,7 +6,10 @@ pages/ and calls the library.
 
 import streamlit as st
 
+from bus_core.settings import configure_logging
 from ui.common import render_sidebar
+
+configure_logging()
 
 st.set_page_config(page_title="Breast ultrasound classifier", page_icon=":material/radiology:",
                    layout="wide")

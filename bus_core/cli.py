@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    from bus_core.settings import configure_logging
+
+    configure_logging()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -34,7 +35,9 @@ from bus_core.errors import BusError
 from bus_core.progress import read_progress, run_state
 from bus_core.settings import PROJECT_ROOT, data_dir
 from bus_core.train import BACKGROUND_ENV, CANCEL_FILE, TrainConfig
-from bus_core.tune import DEFAULT_GRID, combinations, run_name
+from bus_core.tune import DEFAULT_GRID, RESULTS_FILE, combinations, run_name
+
+log = logging.getLogger(__name__)
 
 CURRENT_FILE = "current.json"
 LAST_FILE = "last.json"
@@ -196,23 +199,16 @@ class Job:
         return "killed"
 
     def results(self) -> list[dict[str, Any]]:
-        """Grid-search result rows: the final table (best first) once written, else the rows
-        of the runs finished so far."""
-        table = Path(self.out) / "results.json"
-        if table.is_file():
-            try:
-                return json.loads(table.read_text())
-            except json.JSONDecodeError:
-                pass
-        rows: dict[str, dict[str, Any]] = {}  # by model folder: a resumed search repeats rows
-        for line in self.log_tail(1 << 20).splitlines():
-            if line.startswith("{"):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                rows[str(row.get("model"))] = row
-        return list(rows.values())
+        """Grid-search result rows, best first: the runs finished so far (`tune` rewrites its
+        results file after every run)."""
+        table = Path(self.out) / RESULTS_FILE
+        if not table.is_file():
+            return []
+        try:
+            return list(json.loads(table.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            log.warning("Cannot read the grid results %s: %s", table, exc)
+            return []
 
     def log_tail(self, max_chars: int = 4000) -> str:
         """The end of the job's output (progress bars collapsed to their last state)."""
@@ -236,7 +232,8 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
 def _read_job(path: Path) -> Job | None:
     try:
         return Job(**json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, TypeError):
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        log.warning("Ignoring the unreadable job file %s: %s", path, exc)
         return None
 
 
@@ -335,7 +332,7 @@ def start_tuning(config: TrainConfig, grid: dict[str, list[Any]] | None = None, 
     if not combinations(grid):
         raise BusError("The grid is empty: give at least one value for every setting.")
     out = Path(config.out)
-    (out / "results.json").unlink(missing_ok=True)
+    (out / RESULTS_FILE).unlink(missing_ok=True)
     (out / "results.csv").unlink(missing_ok=True)
     (out / "train" / CANCEL_MARKER).unlink(missing_ok=True)
     return _launch("tune", config, config_to_argv(config) + grid_to_argv(grid), force, grid)

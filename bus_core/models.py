@@ -139,6 +139,12 @@ def _code_version() -> str:
     return f"{__version__}+{commit}" if commit else __version__
 
 
+def _software() -> dict[str, str]:
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__}
+
+
 @dataclass
 class ModelCard:
     """Everything needed to use, judge and reproduce a model; saved as card.json."""
@@ -167,6 +173,7 @@ class ModelCard:
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc)
                          .isoformat(timespec="seconds"))
     code_version: str = field(default_factory=_code_version)
+    software: dict[str, str] = field(default_factory=_software)
     weights_sha256: str = ""
     weights_dtype: str = "float32"
     notes: str = ""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -26,3 +28,18 @@ def default_dataset_dir() -> Path | None:
     env = os.environ.get("BUS_DATASET")
     candidate = Path(env).expanduser() if env else PROJECT_ROOT.parent / "shared" / "data" / "BUSI"
     return candidate if candidate.is_dir() else None
+
+
+LOG_LEVEL_ENV = "BUS_LOG_LEVEL"
+
+
+def configure_logging() -> None:
+    """Send bus_core's log records to stderr at $BUS_LOG_LEVEL (default WARNING); a problem
+    that is worked around (a skipped mask, an unreadable job file) is logged, not hidden."""
+    level = os.environ.get(LOG_LEVEL_ENV, "WARNING").upper()
+    logger = logging.getLogger("bus_core")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level if level in logging.getLevelNamesMapping() else "WARNING")

@@ -15,7 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bus_core import atomic
 from bus_core.train import TrainConfig, clear_cancel, score, train
+
+RESULTS_FILE = "results.json"
+"""The grid's results table (best first), rewritten after every finished run."""
 
 DEFAULT_GRID: dict[str, list[Any]] = {"lr": [1e-3, 5e-4, 1e-4], "batch_size": [16, 32, 64],
                                       "optimizer": ["adam", "sgd"]}
@@ -75,20 +79,21 @@ def tune(base: TrainConfig, grid: dict[str, list[Any]] | None = None, *,
                "test_malignant_sensitivity": test.get("malignant_sensitivity"),
                "training_time_s": time_s, "model": str(out)}
         scored.append((score(val, base.monitor), row))
+        scored.sort(key=lambda pair: (pair[0] is None, -(pair[0] or 0.0)))
+        write_table([r for _, r in scored], Path(base.out))  # the app reads it while we run
         if on_result:
             on_result(row)
-    scored.sort(key=lambda pair: (pair[0] is None, -(pair[0] or 0.0)))
     rows = [row for _, row in scored]
     write_table(rows, Path(base.out))
     return rows
 
 
 def write_table(rows: list[dict[str, Any]], out: Path) -> None:
-    """Save the results as results.csv and results.json in `out`."""
+    """Save the results as results.csv and results.json (RESULTS_FILE) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    atomic.write_text(out / RESULTS_FILE, json.dumps(rows, indent=2))
     if rows:
-        with open(out / "results.csv", "w", newline="") as fh:
+        with atomic.atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)

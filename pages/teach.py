@@ -3,6 +3,8 @@ outline, the model's reading and its Grad-CAM; the learner's and the model's sco
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import streamlit as st
 
@@ -75,7 +77,9 @@ def check(session: TeachingSession, record: Record, image: np.ndarray,
     if predictor is not None:
         try:
             label = model_reading(predictor, record, image).label
-        except BusError:
+        except BusError as exc:  # the learner is scored; the model has no answer for this case
+            logging.getLogger("bus_core.ui.teach").warning("No model reading of %s: %s",
+                                                           record.id, exc)
             label = None
     session.check(answer, record.label, label)
 

@@ -22,7 +22,7 @@ from bus_core.registry import check_model_name, import_model, list_models, set_a
 from bus_core.settings import data_dir, default_dataset_dir, user_models_dir
 from bus_core.train import OPTIMIZERS, SCHEDULERS, TrainConfig
 from bus_core.transforms import input_size_for
-from bus_core.tune import DEFAULT_GRID, combinations
+from bus_core.tune import DEFAULT_GRID, combinations, run_name
 from ui.common import show_error, start_job
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
 from ui.training import (
@@ -280,7 +280,7 @@ def run_label(job: Job) -> str:
         return f"Training **{name}**"
     runs = combinations(job.grid or DEFAULT_GRID)
     current = job.progress_path().parent.parent.name
-    names = ["_".join(f"{k}={v}" for k, v in c.items()) for c in runs]
+    names = [run_name(c) for c in runs]
     index = names.index(current) + 1 if current in names else 1
     return f"Grid search **{name}**, run {index} of {len(runs)}: `{current}`"
 

@@ -79,3 +79,16 @@ def test_manifest_of_a_split_subset(busi_dir, tmp_path, capsys):
     train = json.loads(split.read_text())["train"]
     assert len(load_records(out)) == len(train)
     assert f"{len(train)} images (train:" in capsys.readouterr().out
+
+
+def test_log_level_comes_from_the_environment(monkeypatch):
+    import logging
+
+    from bus_core.settings import configure_logging
+
+    monkeypatch.setenv("BUS_LOG_LEVEL", "debug")
+    configure_logging()
+    assert logging.getLogger("bus_core").level == logging.DEBUG
+    monkeypatch.setenv("BUS_LOG_LEVEL", "nonsense")
+    configure_logging()
+    assert logging.getLogger("bus_core").level == logging.WARNING

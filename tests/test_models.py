@@ -117,3 +117,12 @@ def test_imagenet_cache_detection(tmp_path, monkeypatch):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / url.rsplit("/", 1)[-1]).write_bytes(b"")
     assert imagenet_cached("densenet121")
+
+
+def test_card_records_the_software_versions(tmp_path):
+    import torchvision
+
+    card = new_card("m", "densenet121")
+    assert card.software == {"torch": torch.__version__, "torchvision": torchvision.__version__}
+    folder = save_model(build_model("densenet121"), card, tmp_path / "m")
+    assert read_card(folder).software["torch"] == torch.__version__

@@ -150,7 +150,7 @@ def test_a_killed_grid_search_shows_its_results_and_offers_resume(app, tmp_path)
     rows = [{"lr": 0.001, "batch_size": 16, "optimizer": "adam", "val_macro_f1": 0.61,
              "val_accuracy": 0.7, "test_accuracy": 0.66, "training_time_s": 12.0,
              "model": str(out / "lr=0.001_batch_size=16_optimizer=adam")}]
-    (out / "train" / "stdout.log").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (out / "results.json").write_text(json.dumps(rows))  # what tune wrote before it died
     (out / rows[0]["model"]).mkdir()
     job = Job(pid=2 ** 22 + 4321, out=str(out), kind="tune", started=time.time(),
               command=["python"], config={"data": ["x"], "out": str(out)},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from streamlit.runtime.uploaded_file_manager import UploadedFile
 from bus_core.errors import BusError
 from bus_core.io import load_image, load_mask
 from ui.state import digest, memo
+
+log = logging.getLogger("bus_core.ui.uploads")
 
 IMAGE_TYPES: list[str] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "dcm", "dicom"]
 MASK_TYPES: list[str] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"]
@@ -67,8 +70,8 @@ def read_case_files(path: str, mask_paths: Sequence[str]) -> tuple[Upload, list[
         for mask_path in mask_paths:
             try:
                 masks.append(load_mask(mask_path, shape=upload.image.shape[:2]))
-            except BusError:
-                continue  # the image is still worth showing without that mask
+            except BusError as exc:  # the image is still worth showing without that mask
+                log.warning("Skipping the mask %s of %s: %s", mask_path, name, exc)
     return upload, masks
 
 
