@@ -14,17 +14,28 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-CAM_METHODS: dict[str, type] = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
+CAM_LABELS: dict[str, str] = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
+"""CAM method ids (what cases and the CLI use) and their display names."""
+_CAM_CLASSES: dict[str, type] = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
+
+
+def method_id(name: str | None, default: str = "gradcam") -> str:
+    """The method id of an id or a display name ('Grad-CAM++' -> 'gradcam++'; cases saved by
+    older versions hold the display name); `default` for anything else."""
+    by_label = {label: method for method, label in CAM_LABELS.items()}
+    if name in CAM_LABELS:
+        return str(name)
+    return by_label.get(str(name), default)
 
 
 def compute_cam(model: nn.Module, layer: nn.Module, input_tensor: torch.Tensor,
                 target_class: int, method: str = "gradcam") -> np.ndarray:
     """The class-activation map (HxW float32 in [0, 1]) of one CHW or 1xCxHxW input."""
-    if method not in CAM_METHODS:
-        raise ValueError(f"Unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}.")
+    if method not in _CAM_CLASSES:
+        raise ValueError(f"Unknown CAM method {method!r}; choose one of {', '.join(CAM_LABELS)}.")
     batch = input_tensor if input_tensor.dim() == 4 else input_tensor.unsqueeze(0)
     device = next(model.parameters()).device
-    with CAM_METHODS[method](model=model, target_layers=[layer]) as cam:
+    with _CAM_CLASSES[method](model=model, target_layers=[layer]) as cam:
         maps = cam(input_tensor=batch.to(device),
                    targets=[ClassifierOutputTarget(target_class)] * len(batch))
     return np.nan_to_num(maps[0].astype(np.float32))

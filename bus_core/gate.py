@@ -38,7 +38,7 @@ GATE_FILE = "gate.json"
 DEFAULT_TOLERANCE = 0.02
 DEFAULT_KEYS: tuple[str, ...] = ("malignant_sensitivity", "accuracy")
 FIXED_TEST, NEW_CASES = "fixed_test", "new_cases"
-SUBSETS: dict[str, str] = {FIXED_TEST: "the fixed test split",
+GATE_SUBSETS: dict[str, str] = {FIXED_TEST: "the fixed test split",
                            NEW_CASES: "the held-out new cases"}
 """The subsets a candidate is judged on, with how they are named in sentences."""
 SUMMARY_KEYS: tuple[str, ...] = ("n", *HEADLINE_KEYS)
@@ -74,7 +74,7 @@ class GateResult:
         """The comparison table: one row per subset and gated metric (candidate, active,
         difference, and whether it is within the tolerance; None where skipped)."""
         rows = []
-        for subset in SUBSETS:
+        for subset in GATE_SUBSETS:
             for key in self.keys:
                 new = self.candidate.get(subset, {}).get(key)
                 old = self.active.get(subset, {}).get(key)
@@ -127,7 +127,7 @@ def _summary(metrics: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
 
 def _reason(subset: str, key: str, candidate: float | None, active: float | None,
             tolerance: float, ok: bool | None) -> str | None:
-    where, name = SUBSETS[subset], key.replace("_", " ")
+    where, name = GATE_SUBSETS[subset], key.replace("_", " ")
     if ok is None:
         return f"{name.capitalize()} is not defined on {where} for either model: not compared."
     if ok:
@@ -149,10 +149,10 @@ def compare(candidate_metrics: Mapping[str, Mapping[str, Any]],
     one was compared."""
     if tolerance < 0:
         raise ValueError("The tolerance cannot be negative.")
-    candidate = {s: _summary(candidate_metrics.get(s) or {}, keys) for s in SUBSETS}
-    active = {s: _summary(active_metrics.get(s) or {}, keys) for s in SUBSETS}
+    candidate = {s: _summary(candidate_metrics.get(s) or {}, keys) for s in GATE_SUBSETS}
+    active = {s: _summary(active_metrics.get(s) or {}, keys) for s in GATE_SUBSETS}
     reasons, checks = [], []
-    for subset in SUBSETS:
+    for subset in GATE_SUBSETS:
         for key in keys:
             new, old = candidate[subset][key], active[subset][key]
             checks.append(ok := _check(key, new, old, tolerance))

@@ -245,12 +245,22 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def read_card(path: str | Path) -> ModelCard:
-    """The model card of a model folder, without loading the weights."""
+    """The model card of a model folder, without loading the weights. Refuses a card from a
+    newer version of the app, or one asking for a normalisation the app does not apply."""
     card_path = resolve_model_dir(path) / CARD_FILE
     try:
-        return ModelCard.from_dict(json.loads(card_path.read_text()))
+        card = ModelCard.from_dict(json.loads(card_path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
         raise ModelError(f"The model card {card_path} is not valid JSON: {exc}") from exc
+    if not isinstance(card.card_version, int) or card.card_version > CARD_VERSION:
+        raise ModelError(f"The model card {card_path} is of version {card.card_version!r}; this "
+                         f"app reads versions up to {CARD_VERSION}. Update the app.")
+    expected = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    if card.normalisation != expected:
+        raise ModelError(f"The model card {card_path} asks for the normalisation "
+                         f"{card.normalisation}; this app normalises inputs with ImageNet's "
+                         f"mean and standard deviation {expected}.")
+    return card
 
 
 def _network_for(card: ModelCard) -> nn.Module:

@@ -188,7 +188,7 @@ def delete_model(path: str | Path, *, user_dir: Path | None = None) -> None:
     shutil.rmtree(folder)
 
 
-def export_zip(path: str | Path) -> bytes:
+def export_model_zip(path: str | Path) -> bytes:
     """A zip of a model's weights and card (model.safetensors + card.json at its root)."""
     folder = Path(path)
     read_card(folder)

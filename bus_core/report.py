@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from bus_core.cam import CAM_LABELS
 from bus_core.constants import MALIGNANT
 
 WIDTH, MARGIN, PANEL = 1000, 40, 440
@@ -32,7 +33,7 @@ class ReportContent:
     label: str
     model: str
     explained: str = ""
-    method: str = "Grad-CAM"
+    method: str = "gradcam"
     filename: str = ""
     uncertain: bool = False
     warnings: Sequence[str] = ()
@@ -132,7 +133,8 @@ def render_report(content: ReportContent) -> bytes:
     page.rule()
     explained = content.explained or content.label
     page.panels([(content.image, "Input image"),
-                 (content.overlay, f"{content.method} for '{explained}'")])
+                 (content.overlay,
+                  f"{CAM_LABELS.get(content.method, content.method)} for '{explained}'")])
     page.text(f"Prediction: {headline(content.label, content.probabilities, content.uncertain)}",
               24, gap=10)
     page.bars(content.probabilities)

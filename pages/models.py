@@ -16,7 +16,7 @@ from bus_core.registry import (
     active_model_path,
     active_segmenter_path,
     delete_model,
-    export_zip,
+    export_model_zip,
     import_model,
     list_models,
     rename_model,
@@ -83,7 +83,7 @@ def actions(entry: ModelEntry, active: bool) -> None:
             st.rerun()
         except BusError as exc:
             show_error(exc)
-    row.download_button("Download", data=lambda: export_zip(entry.path),
+    row.download_button("Download", data=lambda: export_model_zip(entry.path),
                         file_name=f"{entry.path.name}.zip", mime="application/zip",
                         icon=":material/download:", on_click="ignore",
                         key=widget_key("download", entry))

@@ -12,14 +12,13 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from bus_core.cam import CAM_METHODS as CAM_FUNCTIONS
-from bus_core.cam import overlay
+from bus_core.cam import method_id, overlay
 from bus_core.constants import CLASSES
 from bus_core.dataset import class_counts
 from bus_core.errors import BusError
 from bus_core.gate import (
     GATE_FILE,
-    SUBSETS,
+    GATE_SUBSETS,
     GateResult,
     activate_if_passed,
     decision_log,
@@ -37,11 +36,11 @@ from bus_core.registry import active_model_path
 from bus_core.retrain import RetrainPlan, find_plans, prepare_retraining
 from bus_core.settings import PROJECT_ROOT, default_dataset_dir
 from bus_core.store import ORDERABLE, STATUSES, Case, CaseStore
-from ui.cases import as_rgb, case_store, export_zip, reviewer_name
+from ui.cases import as_rgb, case_store, export_cases_zip, reviewer_name
 from ui.charts import probability_chart
 from ui.common import optional_predictor, show_error, start_job
 from ui.masking import outlined
-from ui.results import CAM_METHODS, cam_cached, predict_cached
+from ui.results import cam_cached, predict_cached
 from ui.training import last_event, progress_fraction, progress_text
 
 ALL = "All"
@@ -159,8 +158,7 @@ def cam_view(predictor: Predictor | None, why_not: str, case: Case, image: np.nd
     settings = case.cam_settings or {}
     target = settings.get("target")
     target = target if target in predictor.classes else case.predicted_label
-    method = CAM_METHODS.get(settings.get("method"), settings.get("method"))
-    method = method if method in CAM_FUNCTIONS else "gradcam"
+    method = method_id(settings.get("method"))
     key = ("case", case.id, case.image_hash)
     used = masks if predictor.spec.uses_masks else []
     try:
@@ -275,7 +273,7 @@ def export_tab(store: CaseStore) -> None:
     if st.button("Prepare the export", icon=":material/folder_zip:", key="review_export_build"):
         try:
             with st.spinner("Collecting the cases…"):
-                st.session_state["review_export"] = export_zip(store, only_confirmed=only)
+                st.session_state["review_export"] = export_cases_zip(store, only_confirmed=only)
         except BusError as exc:
             show_error(exc, "The export failed")
     data = st.session_state.get("review_export")
@@ -320,7 +318,7 @@ def running_view(plan: RetrainPlan) -> None:
 def gate_rows(result: GateResult) -> pd.DataFrame:
     """The comparison table of a gate result."""
     verdict = {True: "✅ ok", False: "❌ worse", None: "– not compared"}
-    return pd.DataFrame([{"Data": SUBSETS[r["subset"]].removeprefix("the "),
+    return pd.DataFrame([{"Data": GATE_SUBSETS[r["subset"]].removeprefix("the "),
                           "n": (result.candidate[r["subset"]].get("n") or 0),
                           "Metric": r["metric"].replace("_", " "),
                           "New model": fmt3(r["candidate"]), "Active model": fmt3(r["active"]),

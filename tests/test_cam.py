@@ -71,3 +71,11 @@ def test_overlay_blends():
     assert full.shape == image.shape and full.max() > 0
     with pytest.raises(ValueError):
         overlay(image, heat, 1.5)
+
+
+def test_method_ids_and_display_names():
+    from bus_core.cam import CAM_LABELS, method_id
+
+    assert method_id("Grad-CAM++") == "gradcam++" and method_id("gradcam") == "gradcam"
+    assert method_id(None) == "gradcam" and method_id("nonsense") == "gradcam"
+    assert set(CAM_LABELS) == {"gradcam", "gradcam++"}

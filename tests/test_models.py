@@ -126,3 +126,19 @@ def test_card_records_the_software_versions(tmp_path):
     assert card.software == {"torch": torch.__version__, "torchvision": torchvision.__version__}
     folder = save_model(build_model("densenet121"), card, tmp_path / "m")
     assert read_card(folder).software["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"card_version": 99}, "reads versions up to"),
+    ({"normalisation": {"mean": [0.5] * 3, "std": [0.5] * 3}}, "normalises inputs with ImageNet"),
+])
+def test_cards_the_app_cannot_honour_are_refused(tiny_model_dir, tmp_path, change, message):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card.update(change)
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match=message):
+        read_card(folder)

@@ -102,7 +102,7 @@ def test_opacity_reuses_the_cam_and_a_new_class_computes_one(app, count_cams):
     target = app.selectbox[0]
     other = next(c for c in ("normal", "benign", "malignant") if c != target.value)
     target.set_value(other).run()
-    segmented(app, "Method").set_value("Grad-CAM++").run()
+    segmented(app, "Method").set_value("gradcam++").run()
     assert not app.exception
     assert count_cams[1:] == [(other, "gradcam"), (other, "gradcam++")]
 

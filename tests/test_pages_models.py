@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from bus_core.registry import active_model_path, export_zip
+from bus_core.registry import active_model_path, export_model_zip
 from bus_core.settings import user_models_dir
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -71,7 +71,7 @@ def test_upload_refuses_pickles_and_keeps_a_valid_zip(app, tiny_model_dir):
     assert not app.exception
     assert "can run arbitrary code" in " ".join(e.value for e in app.error)
     app.file_uploader(key="models_upload").set_value(
-        [("export.zip", export_zip(tiny_model_dir), "application/zip")]).run()
+        [("export.zip", export_model_zip(tiny_model_dir), "application/zip")]).run()
     app.button(key="models_import").click().run()
     assert not app.error, [e.value for e in app.error]
     assert (user_models_dir() / "tiny-test").is_dir()

@@ -11,7 +11,7 @@ from bus_core.models import CARD_FILE, WEIGHTS_FILE, load_model, read_card
 from bus_core.registry import (
     active_model_path,
     delete_model,
-    export_zip,
+    export_model_zip,
     import_model,
     list_models,
     rename_model,
@@ -93,7 +93,7 @@ def test_delete_removes_the_model_and_resets_the_active_one(user_model, bundled)
 
 
 def test_export_then_import_round_trip(user_model):
-    data = export_zip(user_model)
+    data = export_model_zip(user_model)
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert sorted(archive.namelist()) == [CARD_FILE, WEIGHTS_FILE]
     first = import_model({"tiny.zip": data})

@@ -91,7 +91,7 @@ def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndar
     return case
 
 
-def export_zip(store: CaseStore, *, only_confirmed: bool = True) -> bytes:
+def export_cases_zip(store: CaseStore, *, only_confirmed: bool = True) -> bytes:
     """The cases as a zip: `bus-cases/<label>/case-<id>.png` (+ masks) and
     `bus-cases/cases.csv`, as `CaseStore.export_busi` writes them."""
     buffer = BytesIO()

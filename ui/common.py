@@ -25,17 +25,15 @@ def load_predictor(path: str, weights_sha256: str) -> Predictor:
 
 
 def active_predictor() -> Predictor | None:
-    """The active model's predictor, or None after showing why there is none."""
-    path = active_model_path()
-    if path is None:
-        st.warning(no_model_message(), icon=":material/warning:")
-        return None
-    try:
-        card = read_card(path)
-        return load_predictor(str(Path(path).resolve()), card.weights_sha256)
-    except BusError as exc:
-        st.error(f"The active model cannot be used: {exc}", icon=":material/error:")
-        return None
+    """The active model's predictor, or None after showing why there is none (a warning when
+    no model is installed, an error when it cannot be used)."""
+    predictor, why_not = optional_predictor()
+    if predictor is None:
+        if active_model_path() is None:
+            st.warning(why_not, icon=":material/warning:")
+        else:
+            st.error(why_not, icon=":material/error:")
+    return predictor
 
 
 @st.cache_resource(show_spinner="Loading the outline model…", max_entries=2)

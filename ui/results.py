@@ -9,12 +9,10 @@ import numpy as np
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
-from bus_core.cam import overlay
+from bus_core.cam import CAM_LABELS, overlay
 from bus_core.predict import Prediction, Predictor
 from ui.charts import probability_chart
 from ui.state import memo
-
-CAM_METHODS: dict[str, str] = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcam++"}
 
 
 def model_key(predictor: Predictor) -> tuple[str, str]:
@@ -62,8 +60,8 @@ def show_prediction(prediction: Prediction, threshold: float, key: str) -> None:
 
 @dataclass(frozen=True)
 class Explanation:
-    """A CAM overlay as shown: the blended image, the class it explains, the method name and
-    the opacity."""
+    """A CAM overlay as shown: the blended image, the class it explains, the method id
+    (`cam.CAM_LABELS`) and the opacity."""
 
     overlay: np.ndarray
     target: str
@@ -76,8 +74,9 @@ def _controls(prediction: Prediction, classes: Sequence[str], key: str) -> tuple
     target = st.selectbox("Explain class", list(classes),
                           index=list(classes).index(prediction.label),
                           format_func=str.capitalize, key=f"target_{key}")
-    method = st.segmented_control("Method", list(CAM_METHODS), default="Grad-CAM",
-                                  required=True, key=f"method_{key}") or "Grad-CAM"
+    method = st.segmented_control("Method", list(CAM_LABELS), format_func=CAM_LABELS.__getitem__,
+                                  default="gradcam", required=True,
+                                  key=f"method_{key}") or "gradcam"
     opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key=f"opacity_{key}")
     return target, method, opacity
 
@@ -92,8 +91,8 @@ def explanation_section(predictor: Predictor, prediction: Prediction, key: str,
         target, method, opacity = _controls(prediction, predictor.classes, key)
         st.caption("Warm colours mark the regions that raised the score of the chosen class: "
                    "where the model looked, not why. Maps can highlight artefacts.")
-    cam = cam_cached(predictor, cache_key, prediction, target, CAM_METHODS[method])
+    cam = cam_cached(predictor, cache_key, prediction, target, method)
     shown = Explanation(overlay(prediction.model_view, cam, opacity), target, method, opacity)
     seen_col.image(prediction.model_view, caption="What the model saw", width="stretch")
-    cam_col.image(shown.overlay, caption=f"{method} for '{target}'", width="stretch")
+    cam_col.image(shown.overlay, caption=f"{CAM_LABELS[method]} for '{target}'", width="stretch")
     return shown, controls_col
