@@ -43,7 +43,7 @@ def compute_cam(model: nn.Module, layer: nn.Module, input_tensor: torch.Tensor,
 
 def colorize(cam: np.ndarray) -> np.ndarray:
     """A heat map (HxW in [0, 1]) as an RGB uint8 image with the 'jet' colours."""
-    heat = cv2.applyColorMap(np.uint8(np.clip(cam, 0, 1) * 255), cv2.COLORMAP_JET)
+    heat = cv2.applyColorMap((np.clip(cam, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
     return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
 
 

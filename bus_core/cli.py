@@ -221,7 +221,7 @@ def cmd_leak(args: argparse.Namespace) -> int:
     from bus_core.inputs import INPUT_MODES, InputSpec, blank_input_share
 
     records, data = _records_for(args)
-    result = {mode: blank_input_share(records, InputSpec(mode=mode)) for mode in INPUT_MODES}
+    result = {mode: blank_input_share(records, InputSpec.of(mode)) for mode in INPUT_MODES}
     print(f"Share of all-black model inputs on {len(records)} images ({data['subset']}):")
     for mode, per_class in result.items():
         print(f"  {mode:<14} " + "  ".join(

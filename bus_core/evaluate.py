@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -74,7 +74,7 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
     card = loaded.card
     spec = InputSpec.from_card(card)
     if input_mode is not None:
-        spec = replace(spec, mode=input_mode)
+        spec = InputSpec.of(input_mode, spec.combine, spec.threshold, spec.margin, spec.size)
     dataset = RecordDataset(records, spec, classes=card.classes)
     model = prepare_model(loaded.model, config)
     logits = collect_logits(model, dataset, config, batch_size, progress, tta)

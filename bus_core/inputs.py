@@ -19,25 +19,26 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 
 from bus_core.dataset import Record
 from bus_core.errors import MaskError
 from bus_core.io import load_image, load_mask
-from bus_core.masks import combine_masks, leak_free_crop, masked_input
+from bus_core.masks import COMBINE_MODES, CombineMode, combine_masks, leak_free_crop, masked_input
 from bus_core.transforms import InputSize
 
-INPUT_MODES: tuple[str, ...] = ("full", "mask", "mask-leakfree")
+InputMode = Literal["full", "mask", "mask-leakfree"]
+INPUT_MODES: tuple[str, ...] = get_args(InputMode)
 
 
 @dataclass(frozen=True)
 class InputSpec:
     """How a model's input is made from an image and its masks."""
 
-    mode: str = "full"
-    combine: str = "weighted"
+    mode: InputMode = "full"
+    combine: CombineMode = "weighted"
     threshold: float = 0.3
     margin: float = 0.1
     size: InputSize = InputSize()
@@ -46,6 +47,9 @@ class InputSpec:
         if self.mode not in INPUT_MODES:
             raise ValueError(f"Unknown input mode {self.mode!r}; choose one of "
                              f"{', '.join(INPUT_MODES)}.")
+        if self.combine not in COMBINE_MODES:
+            raise ValueError(f"Unknown mask combination {self.combine!r}; choose one of "
+                             f"{', '.join(COMBINE_MODES)}.")
 
     @property
     def uses_masks(self) -> bool:
@@ -53,10 +57,18 @@ class InputSpec:
         return self.mode != "full"
 
     @classmethod
+    def of(cls, mode: str, combine: str = "weighted", threshold: float = 0.3,
+           margin: float = 0.1, size: InputSize | None = None) -> InputSpec:
+        """A spec from plain strings (a card, a config, the command line); ValueError for an
+        unknown mode or combination (checked by __post_init__)."""
+        return cls(mode=cast(InputMode, mode), combine=cast(CombineMode, combine),
+                   threshold=threshold, margin=margin, size=size or InputSize())
+
+    @classmethod
     def from_card(cls, card: Any) -> InputSpec:
         """The spec a model card describes."""
-        return cls(mode=card.input_mode, combine=card.combine_mode,
-                   threshold=card.combine_threshold, margin=card.crop_margin, size=card.size)
+        return cls.of(card.input_mode, card.combine_mode, card.combine_threshold,
+                      card.crop_margin, card.size)
 
 
 def model_input(image: np.ndarray, masks: Sequence[np.ndarray], spec: InputSpec) -> np.ndarray:

@@ -149,7 +149,7 @@ def _label(name: str | None) -> str:
 
 def _is_dicom(data: bytes, name: str | None) -> bool:
     """DICOM preamble, or a .dcm name on bytes that are no other known format."""
-    named_dicom = bool(name) and name.lower().endswith(_DICOM_SUFFIXES)
+    named_dicom = name is not None and name.lower().endswith(_DICOM_SUFFIXES)
     return sniff_kind(data) == "dicom" or named_dicom and sniff_kind(data) == "unknown"
 
 

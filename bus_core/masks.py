@@ -81,11 +81,11 @@ def combine_masks(masks: Sequence[np.ndarray], mode: CombineMode = "weighted",
                          f"{threshold}).")
     stack = _stack_masks(masks)
     if mode == "intersection":
-        return stack.all(axis=0)
-    union = stack.any(axis=0)
+        return np.asarray(stack.all(axis=0))
+    union = np.asarray(stack.any(axis=0))
     if mode == "union":
         return union
-    weighted = stack.mean(axis=0) > threshold
+    weighted = np.asarray(stack.mean(axis=0) > threshold)
     return weighted if weighted.any() else union
 
 
@@ -430,9 +430,9 @@ def strokes_to_mask(canvas_json: dict | None, canvas_size: tuple[int, int],
         erase = _is_eraser(obj, erase_color)
         if kind in _POINT_TYPES:
             filled = kind == "polygon" or (kind != "line" and not erase)
-            found = _points_region(obj, kind, to_image, mask.shape, filled)
+            found = _points_region(obj, kind, to_image, (height, width), filled)
         else:
-            found = _shape_region(obj, kind, to_image, mask.shape)
+            found = _shape_region(obj, kind, to_image, (height, width))
         if found is not None:
             (y0, y1, x0, x1), region = found
             part = mask[y0:y1, x0:x1]

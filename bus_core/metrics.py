@@ -340,8 +340,9 @@ def _ratio(num: float, den: float) -> float | None:
 
 
 def _mean(values: list[float | None]) -> float | None:
-    """Mean of the values, or None for an empty list."""
-    return float(np.mean(values)) if values else None
+    """Mean of the values that exist, or None when none does."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
 
 
 def _terminal(value: Any) -> str:

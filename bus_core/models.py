@@ -81,15 +81,18 @@ def _torchvision_model(arch: str, pretrained: bool) -> nn.Module:
         ) from exc
 
 
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    layer = model.get_submodule(name)
+    assert isinstance(layer, nn.Linear), f"{name} of this network is not a linear layer"
+    return layer
+
+
 def _replace_head(model: nn.Module, arch: str, num_classes: int) -> nn.Module:
-    if arch == "densenet121":
-        model.classifier = nn.Linear(model.classifier.in_features, num_classes)
-        return DenseNetClassifier(model)
-    if arch == "vgg16":
-        model.classifier[6] = nn.Linear(model.classifier[6].in_features, num_classes)
-    else:  # resnet50, inception_v3
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-    return model
+    name = {"densenet121": "classifier", "vgg16": "classifier.6"}.get(arch, "fc")
+    parent, _, attribute = name.rpartition(".")
+    head = nn.Linear(_linear(model, name).in_features, num_classes)
+    setattr(model.get_submodule(parent) if parent else model, attribute, head)
+    return DenseNetClassifier(model) if arch == "densenet121" else model
 
 
 def build_model(arch: str = "densenet121", num_classes: int = len(CLASSES),
@@ -117,15 +120,11 @@ def build_model(arch: str = "densenet121", num_classes: int = len(CLASSES),
 
 def gradcam_layer(model: nn.Module, arch: str) -> nn.Module:
     """The layer whose activations Grad-CAM explains (never modified in place afterwards)."""
-    if arch == "densenet121":
-        return model.final_relu
-    if arch == "vgg16":
-        return model.features[29]
-    if arch == "resnet50":
-        return model.layer4[-1]
-    if arch == "inception_v3":
-        return model.Mixed_7c
-    raise ModelError(f"No Grad-CAM layer known for {arch!r}.")
+    layers = {"densenet121": "final_relu", "vgg16": "features.29", "resnet50": "layer4.2",
+              "inception_v3": "Mixed_7c"}
+    if arch not in layers:
+        raise ModelError(f"No Grad-CAM layer known for {arch!r}.")
+    return model.get_submodule(layers[arch])
 
 
 def _code_version() -> str:
@@ -153,7 +152,7 @@ class ModelCard:
     arch: str = "densenet121"
     task: str = "classification"
     classes: list[str] = field(default_factory=lambda: list(CLASSES))
-    input_size: dict[str, int] = field(default_factory=lambda: dataclasses.asdict(InputSize()))
+    input_size: dict[str, Any] = field(default_factory=lambda: dataclasses.asdict(InputSize()))
     normalisation: dict[str, list[float]] = field(
         default_factory=lambda: {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
     input_mode: str = "full"

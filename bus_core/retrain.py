@@ -140,9 +140,9 @@ def prepare_retraining(store: CaseStore, *, base_data: Sequence[str | Path],
     if source is None:
         raise ModelError(no_model_message())
     card = read_card(source)
-    base_data = [str(Path(p).expanduser().resolve()) for p in base_data]
-    base_split = str(Path(base_split).expanduser().resolve())
-    records, split = load_many(base_data), load_split(base_split)
+    data_paths = [str(Path(p).expanduser().resolve()) for p in base_data]
+    split_path = str(Path(base_split).expanduser().resolve())
+    records, split = load_many(data_paths), load_split(split_path)
     evaluation = [*split_records(records, split, "val"), *split_records(records, split, "test")]
 
     name = check_model_name(name or datetime.now().strftime("retrain-%Y%m%d-%H%M%S"))
@@ -166,12 +166,12 @@ def prepare_retraining(store: CaseStore, *, base_data: Sequence[str | Path],
     train_csv = _write_manifest(cases_dir / TRAIN_MANIFEST, cases, chosen["train"])
     heldout_csv = _write_manifest(cases_dir / HELDOUT_MANIFEST, cases, chosen["heldout"])
 
-    config = _fine_tune_config(card, source, base_data, base_split, train_csv, model_dir,
+    config = _fine_tune_config(card, source, data_paths, split_path, train_csv, model_dir,
                                settings)
     plan = RetrainPlan(config=config, active_model=str(Path(source).resolve()),
                        cases_dir=str(cases_dir), train_manifest=str(train_csv),
                        heldout_manifest=str(heldout_csv), heldout_file=str(heldout_file),
-                       base_data=base_data, base_split=base_split, train_cases=chosen["train"],
+                       base_data=data_paths, base_split=split_path, train_cases=chosen["train"],
                        heldout_cases=chosen["heldout"], excluded_cases=chosen["excluded"])
     plan.save()
     return plan

@@ -103,8 +103,10 @@ def export_segmenter(config: SegTrainConfig, device: DeviceConfig, state: dict[s
                      val_packed: Packed, log: ProgressLog) -> ModelCard:
     """Write `<out>/segmenter` (see module docstring)."""
     dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
-    net = _load_part(DenseNetUNet(num_classes=0), config.run_dir / "best-seg.safetensors", dtype)
-    probs, _ = forward_packed(prepare_model(net, device), val_packed, device)
+    net = DenseNetUNet(num_classes=0)
+    _load_part(net, config.run_dir / "best-seg.safetensors", dtype)
+    prepare_model(net, device)
+    probs, _ = forward_packed(net, val_packed, device)
     params, val_figures = choose_postprocess(probs, val_packed)
     card = ModelCard(
         name=config.name, arch=SEG_ARCH, task="segmentation", classes=["lesion"],

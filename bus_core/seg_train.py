@@ -403,7 +403,8 @@ def main(args: argparse.Namespace) -> Path:
                       progress=True)
     windows = {i: w for i in range(len(train_packed))
                if (w := lesion_free_window(train_packed.masks[i], train_packed.content[i]))}
-    model = prepare_model(init_network(config), device)
+    model = init_network(config)
+    prepare_model(model, device)
     if config.freeze_stem:
         freeze_stem(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -108,7 +108,7 @@ def find_groups(records: Sequence[Record], *, hash_size: int = 8,
         if record.patient is not None:
             _union(parent, i, by_patient.setdefault((record.source, record.patient), i))
     roots = [_find(parent, i) for i in range(len(records))]
-    name = {}
+    name: dict[int, str] = {}
     for i, root in enumerate(roots):  # records are sorted: the first member is the smallest id
         name.setdefault(root, records[i].id)
     params = {"method": HASH_METHOD, "hash_size": hash_size, "max_distance": max_distance,

@@ -269,11 +269,13 @@ def open_store(url_or_path: str | Path | None = None, *,
     """
     url = _resolve_url(url_or_path)
     database = url.database if url.get_backend_name() == "sqlite" else None
-    on_disk = bool(database) and database != ":memory:" and not database.startswith("file:")
-    if on_disk:
-        _ensure_writable(Path(database).parent)
+    on_disk = database is not None and database not in ("", ":memory:") and \
+        not database.startswith("file:")
+    folder = Path(database).parent if on_disk and database else None
+    if folder is not None:
+        _ensure_writable(folder)
     images = Path(images_dir).expanduser() if images_dir is not None else (
-        Path(database).parent / IMAGES_DIR if on_disk else data_dir() / IMAGES_DIR)
+        folder / IMAGES_DIR if folder is not None else data_dir() / IMAGES_DIR)
     _ensure_writable(images)
     try:
         engine = create_engine(url)
@@ -407,7 +409,9 @@ class CaseStore:
                    reviewer=reviewer.strip(), notes="", status="unreviewed",
                    mask_source=mask_source if masks else None)
         with self._begin(write=True) as conn:
-            case_id = conn.execute(insert(cases).values(row)).inserted_primary_key[0]
+            key = conn.execute(insert(cases).values(row)).inserted_primary_key
+            assert key is not None
+            case_id = key[0]
             _audit(conn, case_id, reviewer.strip(), "created", "predicted_label", None,
                    predicted_label, at=now)
             return _fetch(conn, case_id)
@@ -611,7 +615,7 @@ def _fetch(conn: Connection, case_id: int) -> Case:
     return _case(row)
 
 
-def _case(row: Mapping[str, Any]) -> Case:
+def _case(row: Any) -> Case:
     values = dict(row)
     values["mask_hashes"] = tuple(json.loads(values["mask_hashes"]))
     values["probabilities"] = json.loads(values["probabilities"])

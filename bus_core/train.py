@@ -345,8 +345,8 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
     torch.manual_seed(config.seed)
     device = choose_device(config.device)
     split, records = prepare_split(config)
-    spec = InputSpec(mode=config.input_mode, combine=config.combine_mode,
-                     threshold=config.combine_threshold, size=config.size)
+    spec = InputSpec.of(config.input_mode, config.combine_mode, config.combine_threshold,
+                        size=config.size)
     train_records = split_records(records, split, "train") + load_many(config.extra_train)
     train_ds = RecordDataset(train_records, spec, train=True)
     val_ds = RecordDataset(split_records(records, split, "val"), spec)

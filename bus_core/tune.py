@@ -69,7 +69,7 @@ def tune(base: TrainConfig, grid: dict[str, list[Any]] | None = None, *,
             clear_cancel(config.run_dir)  # a stale request from an earlier search
             result = train(config, resume=(out / "train" / "checkpoint.pt").is_file(),
                            should_stop=should_stop)
-            if result.status != "done":
+            if result.status != "done" or result.card is None:
                 break
             metrics, time_s = result.card.metrics, result.card.training_time_s
         val, test = metrics.get("val", {}), metrics.get("test", {})
