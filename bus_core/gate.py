@@ -290,3 +290,24 @@ def earlier_models() -> list[Path]:
             seen.setdefault(Path(entry["active"]), None)
     return [p for p in seen
             if (current is None or p != current.resolve()) and (p / CARD_FILE).is_file()]
+
+
+DECIDED: frozenset[str] = frozenset({"activated", "overridden", "rejected"})
+"""The actions that settle a candidate's fate."""
+
+
+def decision_for(candidate: str | Path) -> dict[str, Any] | None:
+    """The last activation, override or rejection of the candidate model folder, if any."""
+    target = str(Path(candidate).resolve())
+    return next((e for e in reversed(decision_log()) if e.get("candidate") == target
+                 and e.get("action") in DECIDED), None)
+
+
+def current_result(candidate: str | Path) -> GateResult | None:
+    """The gate result saved beside the candidate, if it was made against today's active
+    model (a comparison with an earlier active model no longer counts)."""
+    result = GateResult.load(Path(candidate) / GATE_FILE)
+    active = active_model_path()
+    if result is None or result.active_path != (str(active.resolve()) if active else None):
+        return None
+    return result

@@ -32,16 +32,15 @@ except ImportError:  # Windows: starts are not serialised between processes
 
 from bus_core import atomic
 from bus_core.errors import BusError
-from bus_core.progress import read_progress, run_state
+from bus_core.progress import RunFiles, read_progress, run_state
 from bus_core.settings import PROJECT_ROOT, data_dir
-from bus_core.train import BACKGROUND_ENV, CANCEL_FILE, TrainConfig
+from bus_core.train import BACKGROUND_ENV, TrainConfig
 from bus_core.tune import DEFAULT_GRID, RESULTS_FILE, combinations, run_name
 
 log = logging.getLogger(__name__)
 
 CURRENT_FILE = "current.json"
 LAST_FILE = "last.json"
-LOG_FILE = "stdout.log"
 CANCEL_MARKER = ".cancel-requested"
 
 # Processes started by this Python process, kept so they are reaped (no zombies) and polled.
@@ -121,14 +120,19 @@ class Job:
     grid: dict[str, list[Any]] | None = None
 
     @property
+    def files(self) -> RunFiles:
+        """The job's run files (a grid search: those of the search itself, not of a run)."""
+        return RunFiles(Path(self.out))
+
+    @property
     def run_dir(self) -> Path:
         """<out>/train: progress (training) or job files (grid search), and the log."""
-        return Path(self.out) / "train"
+        return self.files.dir
 
     @property
     def log_path(self) -> Path:
         """The process's stdout and stderr."""
-        return self.run_dir / LOG_FILE
+        return self.files.log
 
     def train_config(self) -> TrainConfig:
         """The job's training settings (for a grid search: the base settings)."""
@@ -141,8 +145,8 @@ class Job:
     def progress_path(self) -> Path:
         """The progress file of the training run in progress (a grid search: its latest run)."""
         if self.kind == "train":
-            return self.run_dir / "progress.jsonl"
-        runs = [Path(self.out) / run_name(c) / "train" / "progress.jsonl"
+            return self.files.progress
+        runs = [RunFiles(Path(self.out) / run_name(c)).progress
                 for c in combinations(self.grid or DEFAULT_GRID)]
         started = [p for p in runs if p.is_file()]
         return max(started, key=lambda p: p.stat().st_mtime) if started else runs[0]
@@ -164,11 +168,11 @@ class Job:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CANCEL_MARKER).touch()
         if self.kind == "train":
-            (self.run_dir / CANCEL_FILE).touch()
+            self.files.cancel.touch()
             return
         progress = self.progress_path()
         if progress.is_file() and run_state(read_progress(progress)) == "running":
-            (progress.parent / CANCEL_FILE).touch()
+            RunFiles(progress.parent.parent).cancel.touch()
         elif self.is_alive():  # between two runs: nothing to checkpoint, interrupt the search
             os.kill(self.pid, signal.SIGINT)
 
@@ -183,7 +187,7 @@ class Job:
         state = run_state([e for e in self.events() if e.get("time", 0) >= self.started])
         if state in ("done", "cancelled", "failed"):
             return state
-        if state == "not started" and not (self.run_dir / "config.json").is_file():
+        if state == "not started" and not self.files.config.is_file():
             return "failed"  # stopped before the run began (bad options): nothing to resume
         return "cancelled" if self.cancel_requested() else "killed"
 
@@ -275,13 +279,13 @@ def _launch(kind: str, config: TrainConfig, argv: list[str], force: bool,
 
 def _spawn(kind: str, config: TrainConfig, argv: list[str],
            grid: dict[str, list[Any]] | None) -> Job:
-    run_dir = Path(config.out) / "train"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    files = RunFiles(Path(config.out))
+    files.dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "bus_core", kind, *argv]
     env = dict(os.environ, PYTHONUNBUFFERED="1", **{BACKGROUND_ENV: "1"},
                PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                         os.environ.get("PYTHONPATH")])))
-    with open(run_dir / LOG_FILE, "ab") as log:
+    with open(files.log, "ab") as log:
         log.write(f"\n$ {' '.join(command)}\n".encode())
         log.flush()
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
@@ -313,9 +317,9 @@ def start_training(config: TrainConfig, *, resume: bool = False, force: bool = F
     Raises `JobBusyError` while another job runs, unless `force`.
     """
     config = _absolute(config)
-    run_dir = Path(config.out) / "train"
-    for name in (CANCEL_FILE, CANCEL_MARKER):
-        (run_dir / name).unlink(missing_ok=True)
+    files = RunFiles(Path(config.out))
+    for stale in (files.cancel, files.dir / CANCEL_MARKER):
+        stale.unlink(missing_ok=True)
     argv = config_to_argv(config) + (["--resume"] if resume else [])
     return _launch("train", config, argv, force)
 
@@ -334,7 +338,7 @@ def start_tuning(config: TrainConfig, grid: dict[str, list[Any]] | None = None, 
     out = Path(config.out)
     (out / RESULTS_FILE).unlink(missing_ok=True)
     (out / "results.csv").unlink(missing_ok=True)
-    (out / "train" / CANCEL_MARKER).unlink(missing_ok=True)
+    (RunFiles(out).dir / CANCEL_MARKER).unlink(missing_ok=True)
     return _launch("tune", config, config_to_argv(config) + grid_to_argv(grid), force, grid)
 
 

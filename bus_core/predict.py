@@ -19,10 +19,12 @@ import numpy as np
 import torch
 
 from bus_core import cam as cam_lib
+from bus_core.dataset import Record
 from bus_core.device import DeviceConfig, autocast, choose_device, prepare_model, to_device
 from bus_core.errors import ModelError
 from bus_core.inputs import InputSpec, model_input
 from bus_core.io import load_image, load_mask
+from bus_core.loader import RecordDataset
 from bus_core.metrics import softmax
 from bus_core.models import LoadedModel, gradcam_layer, load_model
 from bus_core.registry import active_model_path, no_model_message
@@ -123,6 +125,19 @@ class Predictor:
         layer = gradcam_layer(self.model, self.card.arch)
         with self._lock:
             return cam_lib.compute_cam(self.model, layer, prediction.tensor, target_class, method)
+
+
+def explain_record(predictor: Predictor, record: Record, probabilities: Sequence[float],
+                   target: str) -> tuple[np.ndarray, np.ndarray]:
+    """(what the model saw, its CAM for class `target`) for a dataset record, over exactly the
+    input an evaluation gives the model (for mask models: the masked crop of its masks, or the
+    leak-free crop of a lesion-free image); `probabilities` are the evaluation's for it."""
+    tensor, _ = RecordDataset([record], predictor.spec, classes=predictor.classes)[0]
+    top = int(np.argmax(probabilities))
+    prediction = Prediction(label=predictor.classes[top], model=predictor.card.name,
+                            probabilities=dict(zip(predictor.classes, map(float, probabilities))),
+                            uncertain=False, model_view=denormalise(tensor), tensor=tensor)
+    return prediction.model_view, predictor.explain(prediction, target)
 
 
 def predict_file(image: str | Path | bytes | BinaryIO, masks: Sequence[str | Path] = (),

@@ -1,7 +1,9 @@
-"""Progress of a training run as JSON lines, written by the trainer and tailed by the app.
+"""Training runs on disk: the layout of a run folder (`RunFiles`), and its progress as JSON
+lines, written by the trainer and tailed by the app.
 
-Every line is one event: {"event": "start" | "step" | "epoch" | "done" | "cancelled" | "error",
-"time": unix seconds, ...fields}. A reader tolerates a half-written last line.
+Every line of the progress file is one event: {"event": "start" | "step" | "epoch" |
+"done" | "cancelled" | "error", "time": unix seconds, ...fields}. A reader tolerates a
+half-written last line.
 """
 
 from __future__ import annotations
@@ -9,8 +11,57 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a training run whose model goes to `out` keeps its files: everything but the
+    model itself lives in `out/train/`."""
+
+    out: Path
+
+    @property
+    def dir(self) -> Path:
+        """`out/train`: settings, progress, checkpoints and the split of the run."""
+        return Path(self.out) / "train"
+
+    @property
+    def config(self) -> Path:
+        """The run's settings (JSON)."""
+        return self.dir / "config.json"
+
+    @property
+    def progress(self) -> Path:
+        """The progress events (JSON lines)."""
+        return self.dir / "progress.jsonl"
+
+    @property
+    def checkpoint(self) -> Path:
+        """Everything needed to resume (torch, weights-only safe)."""
+        return self.dir / "checkpoint.pt"
+
+    @property
+    def best(self) -> Path:
+        """The best weights so far (safetensors)."""
+        return self.dir / "best.safetensors"
+
+    @property
+    def split(self) -> Path:
+        """The split the run used (a copy, or the one it made)."""
+        return self.dir / "split.json"
+
+    @property
+    def cancel(self) -> Path:
+        """Created to stop the run cleanly after its current step."""
+        return self.dir / "CANCEL"
+
+    @property
+    def log(self) -> Path:
+        """The output of a run started in the background."""
+        return self.dir / "stdout.log"
 
 
 def _clean(value: Any) -> Any:

@@ -27,7 +27,9 @@ from typing import Any
 from bus_core import atomic
 from bus_core.dataset import Record, load_many, load_records
 from bus_core.errors import DataError, ModelError
-from bus_core.models import read_card
+from bus_core.jobs import last_job
+from bus_core.models import CARD_FILE, read_card
+from bus_core.progress import RunFiles
 from bus_core.registry import active_model_path, check_model_name, no_model_message
 from bus_core.settings import data_dir, user_models_dir
 from bus_core.splits import find_groups, load_split, make_split, split_records
@@ -75,6 +77,20 @@ class RetrainPlan:
     def model_dir(self) -> Path:
         """The folder the new model is written to."""
         return Path(self.config.out)
+
+    @property
+    def files(self) -> RunFiles:
+        """The fine-tuning run's files (progress, settings...)."""
+        return RunFiles(self.model_dir)
+
+    def status(self) -> str:
+        """'running', 'done', 'cancelled', 'failed', 'killed' or 'not started'."""
+        job = last_job()
+        if job is not None and Path(job.out).resolve() == self.model_dir.resolve():
+            return job.status()
+        if (self.model_dir / CARD_FILE).is_file():
+            return "done"
+        return "killed" if self.files.config.is_file() else "not started"
 
     def fixed_test_records(self) -> list[Record]:
         """The records of the fixed test subset."""

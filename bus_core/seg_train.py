@@ -74,7 +74,7 @@ class SegTrainConfig:
     epochs: int = 30
     epoch_size: int = 1200
     batch_size: int = 16
-    lr: float = 3e-4
+    lr: float = 1e-3
     encoder_lr: float = 1e-4
     weight_decay: float = 1e-4
     cls_weight: float = 1.0
@@ -108,7 +108,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "start the network")
     for name, kind, default in (("size", int, 224), ("cache-size", int, 256), ("epochs", int, 30),
                                 ("epoch-size", int, 1200), ("batch-size", int, 16),
-                                ("lr", float, 3e-4), ("encoder-lr", float, 1e-4),
+                                ("lr", float, 1e-3), ("encoder-lr", float, 1e-4),
                                 ("weight-decay", float, 1e-4), ("cls-weight", float, 1.0),
                                 ("normal-crops", float, 0.2), ("seed", int, 0),
                                 ("checkpoint-every", float, 300.0)):

@@ -9,6 +9,7 @@ A run writes into its output folder:
     <out>/train/split.json                     the split it used (a copy, or the one it made)
     <out>/train/checkpoint.pt                  everything needed to resume (weights_only-safe)
     <out>/train/best.safetensors               the best weights so far
+    (`progress.RunFiles` names these paths; every module finds them there.)
 
 A run killed at any point resumes with `--resume` from its last checkpoint (written at every
 epoch end and every `--checkpoint-every` seconds, atomically). Creating `<out>/train/CANCEL`
@@ -60,14 +61,12 @@ from bus_core.metrics import (
     softmax,
 )
 from bus_core.models import ARCHS, ModelCard, build_model, file_sha256, new_card, save_model
-from bus_core.progress import ProgressLog
+from bus_core.progress import ProgressLog, RunFiles
 from bus_core.splits import Split, find_groups, load_split, make_split, save_split, split_records
 from bus_core.transforms import InputSize, input_size_for
 
 BACKGROUND_ENV = "BUS_BACKGROUND_JOB"
 """Set (to "1") in the environment of a run that `jobs` starts in the background."""
-CANCEL_FILE = "CANCEL"
-"""Created in `<out>/train/` to stop a run cleanly after its current step."""
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULERS: tuple[str, ...] = ("none", "cosine", "step", "plateau")
@@ -113,9 +112,14 @@ class TrainConfig:
         return InputSize(self.resize or std.resize, self.crop or std.crop)
 
     @property
+    def files(self) -> RunFiles:
+        """The run's files (progress, checkpoint, split...)."""
+        return RunFiles(Path(self.out))
+
+    @property
     def run_dir(self) -> Path:
         """The folder of the run's progress, checkpoint and split."""
-        return Path(self.out) / "train"
+        return self.files.dir
 
 
 @dataclass
@@ -188,18 +192,18 @@ def main(args: argparse.Namespace) -> TrainResult:
     if not os.environ.get(BACKGROUND_ENV):
         # A run started by hand drops a stale cancel request; a background job's was dropped
         # before it was launched, and one made while it loads must stop it.
-        clear_cancel(config.run_dir)
+        clear_cancel(config.files)
     return train(config, resume=getattr(args, "resume", False), progress_bar=True)
 
 
-def clear_cancel(run_dir: Path) -> None:
-    """Remove a request to cancel the run in `run_dir`."""
-    (run_dir / CANCEL_FILE).unlink(missing_ok=True)
+def clear_cancel(files: RunFiles) -> None:
+    """Remove a request to cancel the run."""
+    files.cancel.unlink(missing_ok=True)
 
 
 def load_config(out: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The saved config of the run in `out` (for resuming)."""
-    path = Path(out) / "train" / "config.json"
+    path = RunFiles(Path(out)).config
     if not path.is_file():
         raise DataError(f"There is no run to resume in {out} (no train/config.json).")
     data = json.loads(path.read_text())
@@ -227,7 +231,7 @@ def _limit_per_class(records: list[Record], n: int | None, seed: int) -> list[Re
 def prepare_split(config: TrainConfig) -> tuple[Split, list[Record]]:
     """The split of the run (given, resumed, or made and saved) and the records it covers."""
     records = load_many(config.data)
-    split_path = config.run_dir / "split.json"
+    split_path = config.files.split
     if config.split:
         split = load_split(config.split)
         if config.max_per_class:
@@ -324,14 +328,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic.remove_partial_writes(run_dir)  # what a killed checkpoint write left behind
-    log = ProgressLog(run_dir / "progress.jsonl")
+    files = config.files
+    log = ProgressLog(files.progress)
     if not resume:
-        (run_dir / "progress.jsonl").unlink(missing_ok=True)
-        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
-        (run_dir / "best.safetensors").unlink(missing_ok=True)
+        for stale in (files.progress, files.checkpoint, files.best):
+            stale.unlink(missing_ok=True)
         if not config.split:
-            (run_dir / "split.json").unlink(missing_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+            files.split.unlink(missing_ok=True)
+    atomic.write_text(files.config, json.dumps(dataclasses.asdict(config), indent=2))
     try:
         return _train(config, resume, log, progress_bar, should_stop)
     except Exception as exc:
@@ -341,7 +345,6 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
 
 def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bool,
            should_stop: Callable[[], bool] | None) -> TrainResult:
-    run_dir = config.run_dir
     torch.manual_seed(config.seed)
     device = choose_device(config.device)
     split, records = prepare_split(config)
@@ -362,7 +365,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
     weights = class_weights(train_ds.labels) if config.balance == "weights" else None
     criterion = nn.CrossEntropyLoss(weight=weights.to(device.device) if weights is not None
                                     else None, label_smoothing=config.label_smoothing)
-    checkpoint = _Checkpoint(run_dir / "checkpoint.pt")
+    checkpoint = _Checkpoint(config.files.checkpoint)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None,
                              "bad_epochs": 0, "train_time_s": 0.0, "history": []}
     state["n_train"] = len(train_ds)
@@ -420,7 +423,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
                       loss=loss_value, mean_loss=loss_sum / seen, accuracy=correct / seen,
                       lr=optimizer.param_groups[0]["lr"], images_per_s=rate,
                       eta_s=remaining / max(rate, 1e-9))
-            stop = (should_stop and should_stop()) or (run_dir / CANCEL_FILE).exists()
+            stop = (should_stop and should_stop()) or config.files.cancel.exists()
             if stop or time.monotonic() - last_save > config.checkpoint_every:
                 state["train_time_s"] += time.monotonic() - time_mark
                 checkpoint.save(model, optimizer, scheduler, scaler, state)
@@ -435,7 +438,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
         improved = value is not None and (state["best"] is None or value > state["best"])
         if improved:
             state.update(best=value, best_epoch=epoch + 1, bad_epochs=0)
-            save_weights(model, run_dir / "best.safetensors")
+            save_weights(model, config.files.best)
         else:
             state["bad_epochs"] += 1
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -498,7 +501,7 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
     The weights are first rounded to the saved dtype, so the card's figures describe the very
     weights that are saved.
     """
-    best = config.run_dir / "best.safetensors"
+    best = config.files.best
     if best.is_file():
         model.load_state_dict(load_file(best))
         _sync_memory_format(model, device)
@@ -506,7 +509,7 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
     _round_weights(model, dtype)
     val_logits = collect_logits(model, val_ds, device, config.batch_size)
     temperature = fit_temperature(val_logits, np.asarray(val_ds.labels))
-    split_file = config.split or str(config.run_dir / "split.json")
+    split_file = config.split or str(config.files.split)
     metrics = {}
     for subset, dataset in (("val", val_ds), ("test", test_ds)):
         if len(dataset):

@@ -66,8 +66,8 @@ def tune(base: TrainConfig, grid: dict[str, list[Any]] | None = None, *,
             card = json.loads(card_path.read_text())
             metrics, time_s = card.get("metrics", {}), card.get("training_time_s")
         else:
-            clear_cancel(config.run_dir)  # a stale request from an earlier search
-            result = train(config, resume=(out / "train" / "checkpoint.pt").is_file(),
+            clear_cancel(config.files)  # a stale request from an earlier search
+            result = train(config, resume=config.files.checkpoint.is_file(),
                            should_stop=should_stop)
             if result.status != "done" or result.card is None:
                 break

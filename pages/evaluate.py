@@ -17,13 +17,11 @@ from bus_core.dataset import Record, load_many
 from bus_core.errors import BusError
 from bus_core.evaluate import Evaluation, evaluate
 from bus_core.io import load_image
-from bus_core.loader import RecordDataset
 from bus_core.metrics import reliability_curve, roc_curves
-from bus_core.predict import Prediction
+from bus_core.predict import explain_record
 from bus_core.registry import ModelEntry, active_model_path, list_models, no_model_message
 from bus_core.settings import default_dataset_dir
 from bus_core.splits import SUBSETS, load_split, split_records
-from bus_core.transforms import denormalise
 from ui.common import load_predictor, show_error
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
 from ui.evaluation import (
@@ -181,12 +179,9 @@ def cam_view(result: Result, record: Record, predicted: str) -> np.ndarray:
     predictor = load_predictor(str(Path(result.path).resolve()), result.weights_sha256)
 
     def make() -> np.ndarray:
-        tensor, _ = RecordDataset([record], predictor.spec, classes=predictor.classes)[0]
         row = result.evaluation.probs[result.evaluation.ids.index(record.id)]
-        prediction = Prediction(label=predicted, model=predictor.card.name,
-                                probabilities=dict(zip(predictor.classes, map(float, row))),
-                                uncertain=False, model_view=denormalise(tensor), tensor=tensor)
-        return overlay(prediction.model_view, predictor.explain(prediction, predicted), 0.45)
+        seen, cam = explain_record(predictor, record, row, predicted)
+        return overlay(seen, cam, 0.45)
 
     return memo("eval_cam", (result.weights_sha256, record.id, predicted), make, max_entries=48)
 

@@ -21,15 +21,16 @@ from bus_core.gate import (
     GATE_SUBSETS,
     GateResult,
     activate_if_passed,
+    current_result,
+    decision_for,
     decision_log,
     earlier_models,
     evaluate_candidate,
     reject,
     rollback,
 )
-from bus_core.jobs import current_job, last_job, start_training
+from bus_core.jobs import current_job, start_training
 from bus_core.metrics import fmt3
-from bus_core.models import CARD_FILE
 from bus_core.predict import Predictor
 from bus_core.progress import read_progress
 from bus_core.registry import active_model_path
@@ -286,16 +287,6 @@ def export_tab(store: CaseStore) -> None:
 
 # --- retraining --------------------------------------------------------------------------------
 
-def plan_status(plan: RetrainPlan) -> str:
-    """'running', 'done', 'cancelled', 'failed', 'killed' or 'not started'."""
-    job = last_job()
-    if job is not None and Path(job.out).resolve() == plan.model_dir.resolve():
-        return job.status()
-    if (plan.model_dir / CARD_FILE).is_file():
-        return "done"
-    return "killed" if (plan.model_dir / "train" / "config.json").is_file() else "not started"
-
-
 def start(plan: RetrainPlan, resume: bool = False) -> None:
     """Start (or resume) the plan's training in the background."""
     if start_job(lambda: start_training(plan.config, resume=resume),
@@ -307,9 +298,9 @@ def running_view(plan: RetrainPlan) -> None:
     """Progress of the fine-tuning, refreshed every few seconds."""
     @st.fragment(run_every=POLL_S)
     def refresh() -> None:
-        if plan_status(plan) != "running":
+        if plan.status() != "running":
             st.rerun()
-        events = read_progress(plan.model_dir / "train" / "progress.jsonl")
+        events = read_progress(plan.files.progress)
         st.progress(progress_fraction(events), text=progress_text(events))
 
     refresh()
@@ -326,15 +317,6 @@ def gate_rows(result: GateResult) -> pd.DataFrame:
                          for r in result.rows()])
 
 
-def current_gate(plan: RetrainPlan) -> GateResult | None:
-    """The saved gate result of the plan's model, if it was made against the active model."""
-    result = GateResult.load(plan.model_dir / GATE_FILE)
-    active = active_model_path()
-    if result is None or result.active_path != (str(active.resolve()) if active else None):
-        return None
-    return result
-
-
 def run_gate(plan: RetrainPlan) -> None:
     """Evaluate the new and the active model on the fixed test split and held-out cases."""
     try:
@@ -347,13 +329,6 @@ def run_gate(plan: RetrainPlan) -> None:
         show_error(exc, "The comparison failed")
         return
     st.rerun()
-
-
-def decided(plan: RetrainPlan) -> dict[str, Any] | None:
-    """The last activation, override or rejection of the plan's model, if any."""
-    target = str(plan.model_dir.resolve())
-    return next((e for e in reversed(decision_log()) if e.get("candidate") == target
-                 and e.get("action") in ("activated", "overridden", "rejected")), None)
 
 
 def decide(action: Any, **kwargs: Any) -> None:
@@ -387,8 +362,8 @@ def decision_buttons(plan: RetrainPlan, result: GateResult, reviewer: str) -> No
 
 def gate_view(plan: RetrainPlan, reviewer: str) -> None:
     """The comparison of a finished model with the active one, and the decision."""
-    done = decided(plan)
-    result = GateResult.load(plan.model_dir / GATE_FILE) if done else current_gate(plan)
+    done = decision_for(plan.model_dir)
+    result = GateResult.load(plan.model_dir / GATE_FILE) if done else current_result(plan.model_dir)
     if result is None:
         st.info("Fine-tuning finished. Compare the new model with the active one before it "
                 "can be used.", icon=":material/check_circle:")
@@ -414,7 +389,7 @@ def gate_view(plan: RetrainPlan, reviewer: str) -> None:
 
 def plan_view(plan: RetrainPlan, reviewer: str) -> None:
     """The latest retraining: its data, its progress, then the gate."""
-    status = plan_status(plan)
+    status = plan.status()
     st.markdown(f"**{plan.model_dir.name}**: fine-tunes `{Path(plan.active_model).name}` with "
                 f"{len(plan.train_cases)} reviewed cases added to training; "
                 f"{len(plan.heldout_cases)} held out for the comparison"
@@ -425,7 +400,7 @@ def plan_view(plan: RetrainPlan, reviewer: str) -> None:
     elif status == "done":
         gate_view(plan, reviewer)
     elif status == "failed":
-        error = last_event(read_progress(plan.model_dir / "train" / "progress.jsonl"), "error")
+        error = last_event(read_progress(plan.files.progress), "error")
         st.error("The fine-tuning failed: " + (error["message"] if error else "see the Train "
                                                 "page's log."), icon=":material/error:")
     elif st.button("Resume the fine-tuning" if status != "not started" else "Start it",

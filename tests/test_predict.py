@@ -67,3 +67,14 @@ def test_scope_warnings():
     photo = np.random.default_rng(0).integers(0, 255, (400, 500, 3), dtype=np.uint8)
     assert any("does not look like" in w for w in scope_warnings(photo))
     assert any("Unusual image size" in w for w in scope_warnings(gray[:50]))
+
+
+def test_explain_record_uses_the_evaluation_input(tiny_model_dir, busi_dir):
+    from bus_core.dataset import load_records
+    from bus_core.predict import Predictor, explain_record
+
+    predictor = Predictor.from_path(tiny_model_dir, device="cpu-fp32")
+    record = load_records(busi_dir)[0]
+    seen, cam = explain_record(predictor, record, [0.2, 0.5, 0.3], "malignant")
+    assert seen.shape == (32, 32, 3) and cam.shape == (32, 32)
+    assert 0.0 <= cam.min() and cam.max() <= 1.0

@@ -159,3 +159,18 @@ def test_retrain_end_to_end_then_gate(store, active, busi_dir, base_split, tmp_p
     blocked = compare(worse_metrics, judged.active)
     assert not blocked.passed
     assert any("malignant sensitivity" in r.lower() for r in blocked.reasons)
+
+
+def test_plan_status_without_a_run(tmp_path):
+    from bus_core.retrain import RetrainPlan
+    from bus_core.train import TrainConfig
+
+    plan = RetrainPlan(config=TrainConfig(data=["x"], out=str(tmp_path / "m")), active_model="a",
+                       cases_dir="c", train_manifest="t", heldout_manifest="h", heldout_file="f",
+                       base_data=["x"], base_split="s", train_cases=[], heldout_cases=[])
+    assert plan.status() == "not started"
+    plan.files.dir.mkdir(parents=True)
+    plan.files.config.write_text("{}")
+    assert plan.status() == "killed"
+    (tmp_path / "m" / "card.json").write_text("{}")
+    assert plan.status() == "done"
