@@ -41,8 +41,10 @@ from bus_core.io import load_image
 from bus_core.metrics import softmax
 from bus_core.models import build_model, load_model
 from bus_core.predict import Predictor
-from bus_core.registry import active_model_path
+from bus_core.registry import active_model_path, active_segmenter_path
+from bus_core.segment import Segmenter
 from bus_core.settings import PROJECT_ROOT, default_dataset_dir
+from bus_core.transforms import InputSize
 
 
 def emit(figure: str, **values: Any) -> dict[str, Any]:
@@ -71,14 +73,22 @@ def timed(fn: Callable[[], Any], n: int, warmup: int = 2) -> list[float]:
     return times
 
 
-def naive_predict(model: torch.nn.Module, data: bytes, resize: int, crop: int) -> np.ndarray:
-    """Logits after decode + preprocess + forward the plain way: PIL at full size, fp32, NCHW."""
+def naive_predict(model: torch.nn.Module, data: bytes, size: InputSize) -> np.ndarray:
+    """Logits after decode + preprocess + forward the plain way: PIL at full size, fp32, NCHW
+    (the card's fit: resize and centre-crop, or the whole image padded to a square)."""
     image = Image.open(_io.BytesIO(data)).convert("RGB")
     w, h = image.size
-    scale = resize / min(w, h)
-    image = image.resize((round(w * scale), round(h * scale)), Image.Resampling.BILINEAR)
-    left, top = (image.width - crop) // 2, (image.height - crop) // 2
-    image = image.crop((left, top, left + crop, top + crop))
+    if size.fit == "pad":
+        scale = size.crop / max(w, h)
+        inner = image.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                             Image.Resampling.BILINEAR)
+        image = Image.new("RGB", (size.crop, size.crop))
+        image.paste(inner, ((size.crop - inner.width) // 2, (size.crop - inner.height) // 2))
+    else:
+        scale = size.resize / min(w, h)
+        image = image.resize((round(w * scale), round(h * scale)), Image.Resampling.BILINEAR)
+        left, top = (image.width - size.crop) // 2, (image.height - size.crop) // 2
+        image = image.crop((left, top, left + size.crop, top + size.crop))
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     with torch.inference_mode():
@@ -123,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="model folder (default: the active model)")
     parser.add_argument("--data", help="BUSI folder (default: ../shared/data/BUSI)")
     parser.add_argument("--split", default=str(PROJECT_ROOT / "splits" / "busi.json"))
+    parser.add_argument("--segmenter", help="segmentation model folder (default: the bundled one)")
     parser.add_argument("--quick", action="store_true", help="small counts, under a minute")
     args = parser.parse_args(argv)
 
@@ -151,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = loaded.card.size
 
     naive_model = copy.deepcopy(loaded.model).eval()
-    naive = percentiles(timed(lambda: naive_predict(naive_model, data, size.resize, size.crop),
+    naive = percentiles(timed(lambda: naive_predict(naive_model, data, size),
                               n_latency))
     predictor = Predictor(loaded, fast)
     optimised = percentiles(timed(lambda: predictor.predict(load_image(data)), n_latency))
@@ -175,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for image_path in chosen:
             image = load_image(image_path)
             p_fast = predictor.predict(image).probabilities
-            logits = naive_predict(naive_model, image_path.read_bytes(), size.resize, size.crop)
+            logits = naive_predict(naive_model, image_path.read_bytes(), size)
             ref = dict(zip(loaded.card.classes, softmax(logits, loaded.card.temperature)[0]))
             same += max(p_fast, key=p_fast.__getitem__) == max(ref, key=ref.__getitem__)
             max_diff = max(max_diff, max(abs(p_fast[c] - ref[c]) for c in ref))
@@ -183,6 +194,16 @@ def main(argv: Sequence[str] | None = None) -> int:
              label_agreement=round(same / len(chosen), 4), max_probability_diff=round(max_diff, 4))
     else:
         emit("agreement_with_fp32", skipped="no BUSI test split available")
+
+    segmenter_path = args.segmenter or active_segmenter_path()
+    if segmenter_path:
+        segmenter = Segmenter.from_path(segmenter_path, device="cpu-fp32")
+        image = load_image(data)
+        seg_times = timed(lambda: segmenter.segment(image), max(3, n_latency // 2), warmup=1)
+        emit("segmentation_latency", model=segmenter.card.name, **percentiles(seg_times),
+             image=str(sample.name) if sample else "synthetic 600x500")
+    else:
+        emit("segmentation_latency", skipped="no segmentation model installed")
     return 0
 
 
