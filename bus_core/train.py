@@ -135,8 +135,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command-line options of `python -m bus_core train`."""
     p = argparse.ArgumentParser(description="Train a breast-ultrasound classifier.",
                                 add_help=add_help)
-    p.add_argument("--data", action="append", required=True,
-                   help="BUSI-layout folder or CSV manifest (repeat to combine)")
+    p.add_argument("--data", action="append",
+                   help="BUSI-layout folder or CSV manifest (repeat to combine; not with --resume)")
     p.add_argument("--out", required=True, help="model folder to write, e.g. weights/my-model")
     p.add_argument("--arch", default="densenet121", choices=ARCHS)
     p.add_argument("--split", help="split JSON to use (default: make a group-disjoint 70/15/15)")
@@ -174,26 +174,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", default="float16", choices=("float16", "float32"))
     p.add_argument("--name", help="model name in its card (default: the folder name)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint")
+                   help="continue the run in --out from its last checkpoint, with every setting "
+                        "it was started with")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """A TrainConfig from parsed command-line arguments."""
+    """A TrainConfig from parsed command-line arguments (a new run: --data is needed)."""
+    if not args.data:
+        raise DataError("Give the training data with --data (a BUSI-layout folder or a CSV "
+                        "manifest), or continue an earlier run with --resume --out FOLDER.")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def main(args: argparse.Namespace) -> TrainResult:
     """Run (or resume) the training described by command-line arguments."""
-    config = config_from_args(args)
-    if getattr(args, "resume", False):
-        config = load_config(config.out, overrides={"epochs": args.epochs})
+    resume = bool(getattr(args, "resume", False))
+    config = load_config(args.out) if resume else config_from_args(args)
     if not os.environ.get(BACKGROUND_ENV):
         # A run started by hand drops a stale cancel request; a background job's was dropped
         # before it was launched, and one made while it loads must stop it.
         clear_cancel(config.files)
-    return train(config, resume=getattr(args, "resume", False), progress_bar=True)
+    return train(config, resume=resume, progress_bar=True)
 
 
 def clear_cancel(files: RunFiles) -> None:
@@ -201,14 +204,15 @@ def clear_cancel(files: RunFiles) -> None:
     files.cancel.unlink(missing_ok=True)
 
 
-def load_config(out: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def load_config(out: str | Path) -> TrainConfig:
     """The saved config of the run in `out` (for resuming)."""
     path = RunFiles(Path(out)).config
     if not path.is_file():
         raise DataError(f"There is no run to resume in {out} (no train/config.json).")
-    data = json.loads(path.read_text())
-    data.update(overrides or {})
-    return TrainConfig(**data)
+    try:
+        return TrainConfig(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise DataError(f"The settings of the run in {out} cannot be read ({exc}).") from exc
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -128,3 +128,28 @@ def test_lower_ece_and_loss_score_higher():
     assert score({"ece": 0.05}, "ece") > score({"ece": 0.2}, "ece")
     assert score({"loss": 0.3}, "loss") > score({"loss": 0.9}, "loss")
     assert score({"macro_f1": 0.8}, "macro_f1") > score({"macro_f1": 0.7}, "macro_f1")
+
+
+def test_resume_takes_every_setting_from_the_run(busi_dir, tmp_path):
+    from bus_core.cli import main
+
+    out = tmp_path / "m"
+    calls = {"n": 0}
+
+    def stop_at_once() -> bool:
+        calls["n"] += 1
+        return True
+
+    config = tiny_config(busi_dir, out, epochs=2)
+    assert train(config, should_stop=stop_at_once).status == "cancelled"
+    assert main(["train", "--resume", "--out", str(out)]) == 0  # no --data, no --epochs
+    card = load_model(out).card
+    assert card.hyperparameters["epochs"] == 2
+    assert [h["epoch"] for h in card.metrics["history"]] == [1, 2]
+
+
+def test_a_new_run_needs_data(tmp_path, capsys):
+    from bus_core.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "m")]) == 2
+    assert "--data" in capsys.readouterr().err
