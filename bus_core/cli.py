@@ -40,11 +40,16 @@ def _records_for(args: argparse.Namespace):
     from bus_core.splits import load_split, split_records
 
     records = load_many(args.data)
+    if not records:
+        raise BusError(f"There are no labelled images in {', '.join(args.data)}.")
     if args.split:
         split = load_split(args.split)
-        return split_records(records, split, args.subset), {
-            "sources": args.data, "split_file": args.split, "subset": args.subset,
-            "data_hash": split.data_hash}
+        chosen = split_records(records, split, args.subset)
+        if not chosen:
+            raise BusError(f"None of these images is in the {args.subset} subset of "
+                           f"{args.split}: is it the split file of this data?")
+        return chosen, {"sources": args.data, "split_file": args.split, "subset": args.subset,
+                        "data_hash": split.data_hash}
     return records, {"sources": args.data, "subset": "all"}
 
 
@@ -179,6 +184,8 @@ def cmd_split(args: argparse.Namespace) -> int:
     from bus_core.splits import describe_groups, find_groups, make_kfold, make_split, save_split
 
     records = load_many(args.data)
+    if not records:
+        raise BusError(f"There are no labelled images in {', '.join(args.data)} to split.")
     groups = find_groups(records, progress=sys.stderr.isatty())
     print(describe_groups(groups, records))
     if args.kfold:

@@ -594,6 +594,17 @@ class CaseStore:
 
 # --- helpers ---------------------------------------------------------------------------------
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run as a formula: text starting with =, +, -, @, tab
+    or carriage return gets a leading apostrophe; other values are kept."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _read_version(conn: Connection, create: bool = False) -> int:
     """The schema version; with `create`, make the version table of an empty database."""
     if create:
@@ -712,5 +723,5 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=_CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_safe(v) for k, v in row.items()} for row in rows)
     _atomic_write(path, buffer.getvalue().encode("utf-8"))

@@ -39,7 +39,7 @@ from bus_core.settings import PROJECT_ROOT, default_dataset_dir
 from bus_core.store import ORDERABLE, STATUSES, Case, CaseStore
 from ui.cases import as_rgb, case_store, export_cases_zip, reviewer_name
 from ui.charts import probability_chart
-from ui.common import optional_predictor, show_error, start_job
+from ui.common import md_escape, optional_predictor, show_error, start_job
 from ui.masking import outlined
 from ui.results import cam_cached, predict_cached
 from ui.training import last_event, progress_fraction, progress_text
@@ -227,7 +227,7 @@ def case_detail(store: CaseStore, case: Case, reviewer: str) -> None:
     with right:
         st.markdown(f"**Model's reading:** {case.predicted_label} · model `{case.model_name}`  \n"
                     f"**Status:** {AGREEMENT[case.status]}"
-                    + (f" · confirmed **{case.confirmed_label}** by {case.reviewer}"
+                    + (f" · confirmed **{case.confirmed_label}** by {md_escape(case.reviewer)}"
                        if case.confirmed_label else ""))
         st.plotly_chart(probability_chart(case.probabilities, case.predicted_label),
                         config={"displayModeBar": False, "staticPlot": True},
@@ -375,7 +375,7 @@ def gate_view(plan: RetrainPlan, reviewer: str) -> None:
     for reason in result.reasons:
         st.caption(f"• {reason}")
     if done is not None:
-        st.success(f"Decision: {ACTION_LABELS[done['action']]} by {done['who']} on "
+        st.success(f"Decision: {ACTION_LABELS[done['action']]} by {md_escape(done['who'])} on "
                    f"{local_time(done['time'])}.", icon=":material/gavel:")
     elif result.passed:
         st.success(f"The new model is not worse than the active one (tolerance "

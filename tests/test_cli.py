@@ -92,3 +92,14 @@ def test_log_level_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("BUS_LOG_LEVEL", "nonsense")
     configure_logging()
     assert logging.getLogger("bus_core").level == logging.WARNING
+
+
+def test_a_header_only_manifest_is_refused(tmp_path, tiny_model_dir, capsys):
+    from bus_core.cli import main
+
+    manifest = tmp_path / "empty.csv"
+    manifest.write_text("path,label\n")
+    assert main(["split", "--data", str(manifest), "--out", str(tmp_path / "s.json")]) == 2
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(manifest)]) == 2
+    assert "no labelled images" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()

@@ -244,3 +244,12 @@ def test_save_case_button_saves_once(monkeypatch, tmp_path, tiny_model_dir):
     with open_store(default_db_path()) as store:
         (case,) = store.list_cases()
         assert case.model_name == "tiny-test" and store.history(case.id)[0].who == "Dr D"
+
+
+def test_markdown_in_user_text_is_escaped():
+    from ui.common import md_escape
+
+    hostile = "![x](http://evil/pixel.png) **bold** [link](javascript:alert(1))"
+    escaped = md_escape(hostile)
+    assert "![" not in escaped and "](" not in escaped and "**" not in escaped
+    assert escaped.replace("\\", "") == hostile

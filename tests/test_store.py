@@ -500,3 +500,16 @@ def test_newer_database_is_refused(tmp_path: Path) -> None:
         conn.execute("UPDATE schema_version SET version = 99")
     with pytest.raises(StoreError, match="newer version"):
         open_store(db)
+
+
+def test_exported_csv_cells_are_not_formulas(store: CaseStore, tmp_path: Path) -> None:
+    from bus_core.store import csv_safe
+
+    case = save(store, 4, "benign")
+    store.review_case(case.id, label="benign", reviewer='=HYPERLINK("http://x")',
+                      notes="+1 agree; -2 no; @SUM(A1)")
+    out = store.export_busi(tmp_path / "export")
+    with open(out / "cases.csv", newline="", encoding="utf-8") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["reviewer"].startswith("'=") and row["notes"].startswith("'+1")
+    assert csv_safe(0.5) == 0.5 and csv_safe("benign") == "benign"

@@ -92,6 +92,15 @@ def render_sidebar() -> None:
                    "replace, a radiologist's reading.")
 
 
+_MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|<>~$:")
+
+
+def md_escape(text: object) -> str:
+    """Text typed by a user (a name, a note, a file name) made safe to put inside Markdown:
+    every character Markdown or Streamlit would interpret is escaped."""
+    return "".join(f"\\{c}" if c in _MARKDOWN_SPECIAL else c for c in str(text))
+
+
 def show_error(exc: BusError, what: str = "") -> None:
     """A user-fixable problem as a red box with its message (never a traceback)."""
     st.error(f"{what}{': ' if what else ''}{exc}", icon=":material/error:")
