@@ -20,8 +20,8 @@ CombineMode = Literal["intersection", "weighted", "union"]
 COMBINE_MODES: tuple[str, ...] = get_args(CombineMode)
 """How several masks of one image become one: all agree / enough agree / any marks."""
 
-EMPTY_MASK_MESSAGE = ("The lesion mask is empty: paint or upload a mask that covers the lesion, "
-                      "or predict without a mask.")
+EMPTY_MASK_MESSAGE = ("The lesion mask is empty: paint or upload a mask that covers the lesion "
+                      "(only a model that reads the whole image can do without one).")
 
 TISSUE_LEVEL = 10
 """Grey level (0..255) above which a pixel counts as imaged tissue rather than black border."""

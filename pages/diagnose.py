@@ -132,9 +132,11 @@ if opened:
         case(predictor, opened_upload, opened_masks, segmenter)
     st.divider()
 
-files = st.file_uploader("Ultrasound images", type=IMAGE_TYPES, accept_multiple_files=True,
+files = st.file_uploader("Ultrasound images", type=None, accept_multiple_files=True,
                          key="diagnose_files",
-                         help="PNG, JPEG, BMP, TIFF or DICOM; several files at once are fine.")
+                         help=f"{', '.join(t.upper() for t in IMAGE_TYPES)} (DICOM files "
+                              "without an extension too: the content tells); several files at "
+                              "once are fine.")
 uploads, copies = unique(read_uploads(files or []))
 for upload in uploads:
     if upload.error is not None:

@@ -283,3 +283,23 @@ def test_lesion_model_uses_the_suggested_outline_by_default(monkeypatch, tmp_pat
     assert segmented(at, "Lesion mask").value == "Suggest outline"
     assert not at.error and at.metric[0].label == "Model's reading"
     assert "masked lesion crop (outlined automatically)" in messages(at.caption)
+
+
+def test_a_dicom_without_an_extension_is_accepted(app, tmp_path):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(tmp_path / "IM0001"), {}, file_meta=meta, preamble=b"\0" * 128)
+    image, _ = synthetic_image("benign", np.random.default_rng(2), size=(200, 240))
+    ds.Rows, ds.Columns = image.shape[:2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = image[..., 0].tobytes()
+    ds.save_as(tmp_path / "IM0001", enforce_file_format=True)
+    upload(app, ("IM0001", (tmp_path / "IM0001").read_bytes(), "application/octet-stream"))
+    assert not app.error
+    assert app.metric[0].label == "Model's reading"

@@ -17,6 +17,8 @@ from ui.state import digest, memo
 log = logging.getLogger("bus_core.ui.uploads")
 
 IMAGE_TYPES: list[str] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "dcm", "dicom"]
+"""The formats the upload help names; any file is accepted and recognised by its content
+(DICOM files from a PACS often have no extension at all)."""
 MASK_TYPES: list[str] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"]
 
 
