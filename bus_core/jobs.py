@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 try:
     import fcntl
@@ -38,6 +38,9 @@ from bus_core.train import BACKGROUND_ENV, TrainConfig
 from bus_core.tune import DEFAULT_GRID, RESULTS_FILE, combinations, run_name
 
 log = logging.getLogger(__name__)
+
+JobStatus = Literal["running", "done", "cancelled", "failed", "killed"]
+"""A background job's state; 'killed': its process died without finishing (resume it)."""
 
 CURRENT_FILE = "current.json"
 LAST_FILE = "last.json"
@@ -176,7 +179,7 @@ class Job:
         elif self.is_alive():  # between two runs: nothing to checkpoint, interrupt the search
             os.kill(self.pid, signal.SIGINT)
 
-    def status(self) -> str:
+    def status(self) -> JobStatus:
         """'running', 'done', 'cancelled', 'failed', or 'killed' (the process died without
         finishing: resume it). Only events written since this job started count, so a resumed
         run killed while loading is 'killed', not the state of the run it resumed."""
@@ -191,7 +194,7 @@ class Job:
             return "failed"  # stopped before the run began (bad options): nothing to resume
         return "cancelled" if self.cancel_requested() else "killed"
 
-    def _tune_status(self) -> str:
+    def _tune_status(self) -> JobStatus:
         if len(self.results()) == len(combinations(self.grid or DEFAULT_GRID)) and \
                 (Path(self.out) / "results.json").is_file():
             return "done"

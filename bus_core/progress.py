@@ -13,7 +13,10 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+RunState = Literal["not started", "running", "done", "cancelled", "failed"]
+"""The state of a run read from its progress events."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ def read_progress(path: str | Path) -> list[dict[str, Any]]:
     return read_json_lines(path)
 
 
-def run_state(events: list[dict[str, Any]]) -> str:
+def run_state(events: list[dict[str, Any]]) -> RunState:
     """'not started', 'running', 'done', 'cancelled' or 'failed' from a run's events.
 
     A run whose last event is a step or epoch may also have been killed; the caller knows
@@ -118,4 +121,5 @@ def run_state(events: list[dict[str, Any]]) -> str:
     if not events:
         return "not started"
     last = events[-1]["event"]
-    return {"done": "done", "cancelled": "cancelled", "error": "failed"}.get(last, "running")
+    ended: dict[str, RunState] = {"done": "done", "cancelled": "cancelled", "error": "failed"}
+    return ended.get(last, "running")

@@ -22,12 +22,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bus_core import atomic
 from bus_core.dataset import Record, load_many, load_records
 from bus_core.errors import DataError, ModelError
-from bus_core.jobs import last_job
+from bus_core.jobs import JobStatus, last_job
 from bus_core.models import CARD_FILE, read_card
 from bus_core.progress import RunFiles
 from bus_core.registry import active_model_path, check_model_name, no_model_message
@@ -83,7 +83,7 @@ class RetrainPlan:
         """The fine-tuning run's files (progress, settings...)."""
         return RunFiles(self.model_dir)
 
-    def status(self) -> str:
+    def status(self) -> JobStatus | Literal["not started"]:
         """'running', 'done', 'cancelled', 'failed', 'killed' or 'not started'."""
         job = last_job()
         if job is not None and Path(job.out).resolve() == self.model_dir.resolve():

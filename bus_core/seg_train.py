@@ -51,7 +51,7 @@ from bus_core.errors import DataError
 from bus_core.inputs import record_lesion_mask
 from bus_core.io import load_image
 from bus_core.models import load_model
-from bus_core.progress import ProgressLog
+from bus_core.progress import ProgressLog, RunFiles
 from bus_core.segmentation import DenseNetUNet, dice_iou
 from bus_core.splits import load_split, split_records
 from bus_core.train import atomic_torch_save, save_weights
@@ -92,7 +92,7 @@ class SegTrainConfig:
     @property
     def run_dir(self) -> Path:
         """Progress, checkpoint and packed data of the run."""
-        return Path(self.out) / "train"
+        return RunFiles(Path(self.out)).dir
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -343,7 +343,7 @@ def cls_score(summary: dict[str, Any]) -> float:
 def config_from_args(args: argparse.Namespace) -> SegTrainConfig:
     """A config from parsed arguments, or the saved one of the run in --out with --resume."""
     if args.resume:
-        path = Path(args.out) / "train" / "config.json"
+        path = RunFiles(Path(args.out)).config
         if not path.is_file():
             raise DataError(f"There is no run to resume in {args.out} (no train/config.json).")
         return SegTrainConfig(**json.loads(path.read_text()))
@@ -393,8 +393,9 @@ def main(args: argparse.Namespace) -> Path:
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic.remove_partial_writes(run_dir)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    log = ProgressLog(run_dir / "progress.jsonl")
+    files = RunFiles(Path(config.out))
+    atomic.write_text(files.config, json.dumps(dataclasses.asdict(config), indent=2))
+    log = ProgressLog(files.progress)
     device = choose_device(config.device)
     torch.manual_seed(config.seed)
     train_packed = pack(subset_records(config, "train"), config.cache_size,
@@ -420,7 +421,7 @@ def main(args: argparse.Namespace) -> Path:
     weights = class_weights_for(train_packed, windows, config).to(device.device)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_seg": None, "best_cls": None,
                              "history": [], "train_time_s": 0.0}
-    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt_path = files.checkpoint
     if args.resume and ckpt_path.is_file():
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"])

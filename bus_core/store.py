@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from PIL import Image
@@ -70,7 +70,8 @@ DB_FILE = "cases.sqlite"
 IMAGES_DIR = "images"
 BUSY_TIMEOUT_MS = 30_000
 
-STATUSES: tuple[str, ...] = ("unreviewed", "confirmed", "corrected")
+CaseStatus = Literal["unreviewed", "confirmed", "corrected"]
+STATUSES: tuple[str, ...] = get_args(CaseStatus)
 ORDERABLE: tuple[str, ...] = ("created_at", "updated_at", "id", "status", "predicted_label",
                               "confirmed_label", "reviewer", "model_name")
 """Columns `list_cases` can sort by."""
@@ -113,8 +114,8 @@ class Case:
     reviewer: str
     confirmed_label: str | None
     notes: str
-    status: str
-    mask_source: str | None = None
+    status: CaseStatus
+    mask_source: MaskSource | None = None
 
     @property
     def label(self) -> str:
@@ -139,8 +140,8 @@ class AuditEntry:
 
 # --- schema ----------------------------------------------------------------------------------
 
-MASK_SOURCES: tuple[str, ...] = ("painted", "uploaded", "dataset", "suggested",
-                                 "suggested, edited")
+MaskSource = Literal["painted", "uploaded", "dataset", "suggested", "suggested, edited"]
+MASK_SOURCES: tuple[str, ...] = get_args(MaskSource)
 """Who made a case's masks: painted by the user, uploaded files, a dataset's expert masks, the
 segmentation model's outline accepted as is, or that outline edited by the user."""
 
