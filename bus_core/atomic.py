@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield temp
         with open(temp, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes the file private (0600): give it the mode the file had, or 0644
+        os.chmod(temp, stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644)
         os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)

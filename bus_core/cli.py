@@ -159,6 +159,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"  mask: {mask_note}")
     for name, p in prediction.probabilities.items():
         print(f"  {name:<10} {p:6.1%}")
+    if prediction.malignant_flag:
+        print(f"  flag: malignant probability above the model's sensitivity-first threshold "
+              f"({prediction.malignant_threshold:.1%})")
     for warning in prediction.warnings:
         print(f"Warning: {warning}")
     return 0

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from bus_core import cam as cam_lib
+from bus_core.constants import MALIGNANT
 from bus_core.dataset import Record
 from bus_core.device import DeviceConfig, autocast, choose_device, prepare_model, to_device
 from bus_core.errors import ModelError
@@ -45,12 +46,22 @@ class Prediction:
     tensor: torch.Tensor
     warnings: list[str] = field(default_factory=list)
     elapsed_ms: float = 0.0
+    malignant_threshold: float | None = None
+
+    @property
+    def malignant_flag(self) -> bool | None:
+        """True when P(malignant) reaches the card's sensitivity-first threshold (None for a
+        model without one)."""
+        if self.malignant_threshold is None or MALIGNANT not in self.probabilities:
+            return None
+        return self.probabilities[MALIGNANT] >= self.malignant_threshold
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (no arrays)."""
         return {"label": self.label, "probabilities": self.probabilities,
-                "uncertain": self.uncertain, "model": self.model, "warnings": self.warnings,
-                "elapsed_ms": round(self.elapsed_ms, 1)}
+                "uncertain": self.uncertain, "malignant_flag": self.malignant_flag,
+                "malignant_threshold": self.malignant_threshold, "model": self.model,
+                "warnings": self.warnings, "elapsed_ms": round(self.elapsed_ms, 1)}
 
 
 def scope_warnings(image: np.ndarray) -> list[str]:
@@ -115,7 +126,8 @@ class Predictor:
             probabilities={c: float(p) for c, p in zip(self.classes, probs)},
             uncertain=bool(probs[top] < self.card.uncertain_below),
             model=self.card.name, model_view=denormalise(tensor), tensor=tensor,
-            warnings=scope_warnings(image), elapsed_ms=(time.perf_counter() - start) * 1000)
+            warnings=scope_warnings(image), elapsed_ms=(time.perf_counter() - start) * 1000,
+            malignant_threshold=self.card.malignant_threshold)
 
     def explain(self, prediction: Prediction, target: str | None = None,
                 method: str = "gradcam") -> np.ndarray:

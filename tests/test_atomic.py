@@ -43,3 +43,13 @@ def test_a_new_run_clears_what_a_killed_checkpoint_write_left(busi_dir, tmp_path
                          epochs=1, batch_size=4, device="cpu-fp32")
     assert train(config).status == "done"
     assert not list(run.glob(".*.tmp"))
+
+
+def test_new_files_are_readable_by_others_and_keep_their_mode(tmp_path):
+    import stat
+
+    path = atomic.write_text(tmp_path / "card.json", "{}")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    path.chmod(0o600)
+    atomic.write_text(path, "{}")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

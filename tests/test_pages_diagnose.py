@@ -303,3 +303,14 @@ def test_a_dicom_without_an_extension_is_accepted(app, tmp_path):
     upload(app, ("IM0001", (tmp_path / "IM0001").read_bytes(), "application/octet-stream"))
     assert not app.error
     assert app.metric[0].label == "Model's reading"
+
+
+def test_the_sensitivity_first_flag_is_shown(monkeypatch, tmp_path, tiny_model_dir):
+    folder = tmp_path / "flagging"
+    shutil.copytree(tiny_model_dir, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card.update(name="tiny-flag", malignant_threshold=0.0)  # every image is flagged
+    (folder / "card.json").write_text(json.dumps(card))
+    at = start(monkeypatch, tmp_path, folder)
+    upload(at, ("scan.png", ultrasound_png()[0], "image/png"))
+    assert "sensitivity-first threshold" in messages(at.error)

@@ -78,3 +78,19 @@ def test_explain_record_uses_the_evaluation_input(tiny_model_dir, busi_dir):
     seen, cam = explain_record(predictor, record, [0.2, 0.5, 0.3], "malignant")
     assert seen.shape == (32, 32, 3) and cam.shape == (32, 32)
     assert 0.0 <= cam.min() and cam.max() <= 1.0
+
+
+def test_prediction_flags_malignant_above_the_card_threshold(tiny_model_dir):
+    import numpy as np
+
+    from bus_core.models import load_model
+    from bus_core.predict import Predictor
+
+    loaded = load_model(tiny_model_dir)
+    image = np.full((60, 80, 3), 90, np.uint8)
+    assert Predictor(loaded, "cpu-fp32").predict(image).malignant_flag is None
+    loaded.card.malignant_threshold = 0.0
+    flagged = Predictor(loaded, "cpu-fp32").predict(image)
+    assert flagged.malignant_flag is True and flagged.to_dict()["malignant_flag"] is True
+    loaded.card.malignant_threshold = 1.01
+    assert Predictor(loaded, "cpu-fp32").predict(image).malignant_flag is False

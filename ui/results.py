@@ -54,6 +54,11 @@ def show_prediction(prediction: Prediction, threshold: float, key: str) -> None:
         st.caption(f"{top:.0%} calibrated probability")
     st.plotly_chart(probability_chart(prediction.probabilities, prediction.label, threshold),
                     config={"displayModeBar": False, "staticPlot": True}, key=f"chart_{key}")
+    if prediction.malignant_flag:
+        st.error(f"Malignant probability {prediction.probabilities['malignant']:.0%}: above "
+                 f"this model's sensitivity-first threshold ({prediction.malignant_threshold:.0%},"
+                 " set on validation to find 90% of cancers), whatever the top class.",
+                 icon=":material/flag:")
     for warning in prediction.warnings:
         st.warning(warning, icon=":material/warning:")
 
