@@ -12,7 +12,7 @@ from bus_core.report import ReportContent, render_report, report_filename
 from bus_core.segment import Segmenter
 from ui.cases import save_case_button
 from ui.common import active_predictor, active_segmenter, show_error
-from ui.masking import MaskChoice, mask_panel, outlined, show_crop_preview
+from ui.masking import MaskChoice, canvas_shown, mask_panel, outlined, show_crop_preview
 from ui.results import Explanation, explanation_section, predict_cached, show_prediction
 from ui.state import digest, memo
 from ui.uploads import IMAGE_TYPES, Upload, read_case_files, read_uploads, unique
@@ -59,8 +59,12 @@ def report(upload: Upload, choice: MaskChoice, prediction: Prediction,
 
 def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None,
          segmenter: Segmenter | None = None) -> Prediction | None:
-    """One image: mask panel and image on the left, the result on the right, then the CAM."""
-    left, right = st.columns([5, 4], gap="large")
+    """One image: mask panel and image on the left, the result on the right, then the CAM.
+    While the canvas is shown, the result goes below it, so the canvas has the page's width."""
+    if canvas_shown(upload.key):
+        left, right = st.container(), st.container()
+    else:
+        left, right = st.columns([5, 4], gap="large")
     with left:
         choice = mask_panel(upload.image, predictor.spec, upload.key, dataset_masks, segmenter)
         h, w = upload.image.shape[:2]

@@ -127,7 +127,7 @@ def test_bad_files_get_messages_and_good_ones_still_work(app):
 def test_wrong_aspect_mask_file_gives_the_mask_message(app):
     data, mask = ultrasound_png(size=(200, 240))
     upload(app, ("scan.png", data, "image/png"))
-    segmented(app, "Lesion mask").set_value("Upload mask files").run()
+    segmented(app, "Lesion mask").set_value("Upload").run()
     masks = app.file_uploader[1]
     square = np.zeros((100, 100), np.uint8)
     masks.set_value(("mask.png", png_bytes(square), "image/png")).run()
@@ -139,7 +139,7 @@ def test_wrong_aspect_mask_file_gives_the_mask_message(app):
 def test_good_mask_file_shows_the_crop_preview(app):
     data, mask = ultrasound_png(size=(200, 240))
     upload(app, ("scan.png", data, "image/png"))
-    segmented(app, "Lesion mask").set_value("Upload mask files").run()
+    segmented(app, "Lesion mask").set_value("Upload").run()
     small = np.asarray(Image.fromarray(mask).resize((120, 100), Image.NEAREST))
     app.file_uploader[1].set_value(("mask.png", png_bytes(small), "image/png")).run()
     assert not app.exception and not app.error
@@ -163,7 +163,7 @@ def test_mask_model_needs_a_mask(monkeypatch, tmp_path, mask_model_dir):
     upload(at, ("scan.png", data, "image/png"))
     assert "lesion mask" in messages(at.error)
     assert not at.metric
-    segmented(at, "Lesion mask").set_value("Upload mask files").run()
+    segmented(at, "Lesion mask").set_value("Upload").run()
     at.file_uploader[1].set_value(("mask.png", png_bytes(mask.astype(np.uint8) * 255),
                                    "image/png")).run()
     assert not at.exception and not at.error

@@ -20,7 +20,9 @@ from bus_core.io import image_to_png_bytes
 from bus_core.masks import strokes_to_mask
 from ui.state import memo
 
-CANVAS_WIDTH, MAX_CANVAS_HEIGHT = 480, 640
+CANVAS_WIDTH, MAX_CANVAS_HEIGHT = 440, 600
+"""About the main column's width in an 800 px window with the sidebar open (the canvas gets the
+page's width on the Diagnose page while it is shown)."""
 TOOLS: dict[str, str] = {"Brush": "freedraw", "Polygon": "polygon", "Rectangle": "rect",
                          "Circle": "circle", "Eraser": "freedraw"}
 PAINT, ERASE = "rgba(255, 196, 0, 0.55)", "rgba(235, 240, 245, 0.9)"

@@ -17,8 +17,8 @@ from ui.common import show_error
 from ui.state import digest, memo
 from ui.uploads import MASK_TYPES, read_masks
 
-NO_MASK, SUGGEST, PAINT, UPLOAD, DATASET = ("No mask", "Suggest outline", "Paint a mask",
-                                            "Upload mask files", "Dataset masks")
+NO_MASK, SUGGEST, PAINT, UPLOAD, DATASET = ("No mask", "Suggest outline", "Paint", "Upload",
+                                            "Dataset masks")
 MASK_SOURCES: tuple[str, ...] = (NO_MASK, PAINT, UPLOAD)
 ORIGINS = {PAINT: "painted", UPLOAD: "uploaded", DATASET: "dataset"}
 """The case store's mask source (`bus_core.store.MASK_SOURCES`) of each panel choice."""
@@ -76,6 +76,14 @@ def _painted_masks(image: np.ndarray, key: str) -> list[np.ndarray]:
 
     painted = paint_mask(image, key)
     return [] if painted is None else [painted]
+
+
+def canvas_shown(key: str) -> bool:
+    """True when the mask panel of image `key` shows the painting canvas (painting, or editing
+    the suggested outline), as chosen by the user's last click."""
+    source = st.session_state.get(f"mask_source_{key}")
+    return source == PAINT or (source == SUGGEST
+                               and st.session_state.get(f"suggest_action_{key}") == EDIT)
 
 
 def suggested_mask(segmenter: Segmenter, image: np.ndarray, key: str) -> np.ndarray:

@@ -231,7 +231,7 @@ def test_paint_a_mask_in_a_browser(page, server, tmp_path):
     page.goto(server)
     page.locator("input[type=file]").first.set_input_files(str(upload_image(tmp_path)))
     page.get_by_text("Model's reading").wait_for()
-    page.get_by_text("Paint a mask", exact=True).click()
+    page.get_by_text("Paint", exact=True).click()
     page.get_by_text("Brush size").wait_for()
     canvas = page.locator("canvas").last
     canvas.wait_for()
