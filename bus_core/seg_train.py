@@ -32,7 +32,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,6 @@ class SegTrainConfig:
     save_dtype: str = "float16"
     name: str = "densenet121-unet-lesion-v1"
     classifier_name: str = "densenet121-multitask-v1"
-    history: list[Any] = field(default_factory=list)
 
     @property
     def run_dir(self) -> Path:

@@ -88,6 +88,18 @@ def tiny_segmenter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model(DenseNetUNet(), card, tmp_path_factory.mktemp("s") / "tiny-seg")
 
 
+def copy_model(source: Path, dest: Path, **card_changes) -> Path:
+    """A copy of the model folder `source` at `dest` with some card fields changed."""
+    import json
+    import shutil
+
+    shutil.copytree(source, dest)
+    card = json.loads((dest / "card.json").read_text())
+    card.update(card_changes)
+    (dest / "card.json").write_text(json.dumps(card))
+    return dest
+
+
 def blob_probabilities(self, images):
     """Stand-in for `Segmenter.probabilities`: a disc in the middle of each image (p = 0.9),
     or nothing at all for images whose top-left pixel is pure white."""

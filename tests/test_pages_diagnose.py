@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import blob_probabilities, synthetic_image
+from tests.conftest import blob_probabilities, copy_model, synthetic_image
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -149,12 +147,8 @@ def test_good_mask_file_shows_the_crop_preview(app):
 
 @pytest.fixture
 def mask_model_dir(tiny_model_dir, tmp_path) -> Path:
-    folder = tmp_path / "mask-model"
-    shutil.copytree(tiny_model_dir, folder)
-    card = json.loads((folder / "card.json").read_text())
-    card.update(name="tiny-mask", input_mode="mask")
-    (folder / "card.json").write_text(json.dumps(card))
-    return folder
+    return copy_model(tiny_model_dir, tmp_path / "mask-model", name="tiny-mask",
+                      input_mode="mask")
 
 
 def test_mask_model_needs_a_mask(monkeypatch, tmp_path, mask_model_dir):
@@ -306,11 +300,8 @@ def test_a_dicom_without_an_extension_is_accepted(app, tmp_path):
 
 
 def test_the_sensitivity_first_flag_is_shown(monkeypatch, tmp_path, tiny_model_dir):
-    folder = tmp_path / "flagging"
-    shutil.copytree(tiny_model_dir, folder)
-    card = json.loads((folder / "card.json").read_text())
-    card.update(name="tiny-flag", malignant_threshold=0.0)  # every image is flagged
-    (folder / "card.json").write_text(json.dumps(card))
+    folder = copy_model(tiny_model_dir, tmp_path / "flagging", name="tiny-flag",
+                        malignant_threshold=0.0)  # every image is flagged
     at = start(monkeypatch, tmp_path, folder)
     upload(at, ("scan.png", ultrasound_png()[0], "image/png"))
     assert "sensitivity-first threshold" in messages(at.error)

@@ -12,7 +12,7 @@ from bus_core.models import build_model, load_model, read_card
 from bus_core.segment import Segmenter, list_inputs, segment_inputs
 from bus_core.segmentation import DenseNetUNet, PostProcess, dice_iou, postprocess
 from bus_core.transforms import fit_square, unfit_square
-from tests.conftest import blob_probabilities, synthetic_image
+from tests.conftest import blob_probabilities, copy_model, synthetic_image
 
 
 def test_network_shapes_with_and_without_class_head():
@@ -168,15 +168,8 @@ def test_evaluate_cli_on_a_segmentation_model(tiny_segmenter_dir, busi_dir, tmp_
 
 @pytest.fixture
 def mask_model_dir(tiny_model_dir, tmp_path):
-    import json
-    import shutil
-
-    folder = tmp_path / "mask-model"
-    shutil.copytree(tiny_model_dir, folder)
-    card = json.loads((folder / "card.json").read_text())
-    card.update(name="tiny-lesion", input_mode="mask-leakfree")
-    (folder / "card.json").write_text(json.dumps(card))
-    return folder
+    return copy_model(tiny_model_dir, tmp_path / "mask-model", name="tiny-lesion",
+                      input_mode="mask-leakfree")
 
 
 def test_lesion_model_reads_the_automatic_outline(mask_model_dir, tiny_segmenter_dir, busi_dir,
