@@ -28,7 +28,9 @@ import json
 import math
 import re
 import shutil
+import sqlite3
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -319,6 +321,22 @@ def _ensure_writable(folder: Path, advice: str = "Set BUS_DATA_DIR to a writable
         raise StoreError(f"Cannot write to {folder}: {exc.strerror or exc}. {advice}") from exc
 
 
+def _enable_wal(cursor: Any) -> None:
+    """Switch a new database to WAL. The switch needs an exclusive lock and SQLite may refuse it
+    at once, without waiting, while another process creates the same database: retry then,
+    within the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     """WAL, busy timeout and foreign keys on every connection; BEGIN IMMEDIATE for writers."""
 
@@ -327,7 +345,7 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _enable_wal(cursor)
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
 
