@@ -9,6 +9,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import math
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,12 +189,97 @@ class ModelCard:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
-        """A card from parsed JSON; unknown keys are kept out, missing ones take defaults."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        if "name" not in data or "arch" not in data:
+    def from_dict(cls, data: Any) -> ModelCard:
+        """A card from parsed JSON, checked by `validate_card`; unknown keys are kept out,
+        missing ones take defaults."""
+        if not isinstance(data, dict) or "name" not in data or "arch" not in data:
             raise ModelError("The model card has no 'name' or 'arch'; it is not a bus_core card.")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        known = {f.name for f in dataclasses.fields(cls)}
+        card = cls(**{k: v for k, v in data.items() if k in known})
+        validate_card(card)
+        return card
+
+
+MAX_INPUT_SIZE = 1024
+"""Largest input side a card may ask for (a bigger one would only exhaust memory)."""
+
+
+def _problem(card: ModelCard) -> str | None:
+    """What makes a card unusable, or None: every field's type and range, and the classes,
+    architectures, input modes and fits this app knows."""
+    from bus_core.inputs import INPUT_MODES
+    from bus_core.masks import COMBINE_MODES
+    from bus_core.segmentation import SEG_ARCH
+    from bus_core.transforms import FITS
+
+    def number(value: Any, low: float, high: float) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and low <= value <= high)
+
+    texts = ("name", "arch", "task", "init", "created", "code_version", "weights_sha256",
+             "weights_dtype", "notes")
+    for name in texts:
+        if not isinstance(getattr(card, name), str):
+            return f"'{name}' must be text"
+    for name in ("metrics", "training_data", "split", "hyperparameters", "postprocess",
+                 "normalisation", "software", "input_size"):
+        if not isinstance(getattr(card, name), dict):
+            return f"'{name}' must be an object"
+    if any(not isinstance(card.metrics.get(k, {}), dict) for k in ("val", "test")):
+        return "'metrics' must hold objects under 'val' and 'test'"
+    if card.task not in ("classification", "segmentation"):
+        return f"the task {card.task!r} is unknown"
+    known_arch = (SEG_ARCH,) if card.task == "segmentation" else ARCHS
+    if card.arch not in known_arch:
+        return f"the architecture {card.arch!r} is unknown for a {card.task} model"
+    classes = card.classes
+    if not isinstance(classes, list) or len(set(map(str, classes))) != len(classes) or \
+            not all(isinstance(c, str) for c in classes):
+        return "'classes' must be a list of different names"
+    allowed = ["lesion"] if card.task == "segmentation" else list(CLASSES)
+    if card.task == "segmentation" and classes != allowed:
+        return "a segmentation model's classes must be ['lesion']"
+    if card.task == "classification" and (len(classes) < 2 or not set(classes) <= set(allowed)):
+        return f"the classes {classes} are not two or more of {', '.join(allowed)}"
+    size = card.input_size
+    if set(size) - {"resize", "crop", "fit"} or not all(
+            isinstance(size.get(k), int) and not isinstance(size.get(k), bool)
+            and 16 <= size[k] <= MAX_INPUT_SIZE for k in ("resize", "crop")):
+        return f"'input_size' needs whole numbers 'resize' and 'crop' of 16..{MAX_INPUT_SIZE}"
+    if size.get("fit", "crop") not in FITS:
+        return f"the fit {size.get('fit')!r} is unknown"
+    if size.get("fit", "crop") == "crop" and size["crop"] > size["resize"]:
+        return "'crop' cannot be larger than 'resize'"
+    if card.input_mode not in INPUT_MODES:
+        return f"the input mode {card.input_mode!r} is unknown"
+    if card.combine_mode not in COMBINE_MODES:
+        return f"the mask combination {card.combine_mode!r} is unknown"
+    checks = {"temperature": number(card.temperature, 1e-3, 100.0),
+              "uncertain_below": number(card.uncertain_below, 0.0, 1.0),
+              "combine_threshold": number(card.combine_threshold, 0.0, 0.999),
+              "crop_margin": number(card.crop_margin, 0.0, 1.0),
+              "malignant_threshold": card.malignant_threshold is None
+              or number(card.malignant_threshold, 0.0, 1.0),
+              "training_time_s": card.training_time_s is None
+              or number(card.training_time_s, 0.0, float("inf")),
+              "card_version": isinstance(card.card_version, int)}
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        return f"'{bad[0]}' is out of range or not a number"
+    post = card.postprocess
+    if post and (set(post) - {"threshold", "min_area", "fill_holes"}
+                 or not number(post.get("threshold", 0.5), 0.0, 1.0)
+                 or not number(post.get("min_area", 0.0), 0.0, 1.0)
+                 or not isinstance(post.get("fill_holes", True), bool)):
+        return "'postprocess' needs a threshold and a min_area in 0..1 and fill_holes true/false"
+    return None
+
+
+def validate_card(card: ModelCard) -> None:
+    """Raise ModelError saying what is wrong with a card this app cannot use safely."""
+    problem = _problem(card)
+    if problem:
+        raise ModelError(f"The model card is not valid: {problem}.")
 
 
 @dataclass
