@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bus_core.constants import IMAGENET_MEAN, IMAGENET_STD
+from bus_core.transforms import NORMALISE
 
 
 @dataclass(frozen=True)
@@ -113,13 +113,6 @@ def intensity(x: torch.Tensor, gen: torch.Generator, *, strength: float = 1.0) -
     return x
 
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """N x 3 x H x W in [0, 1] -> ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, windows: list[Window],
                   out_size: int, gen: torch.Generator, *, strength: float = 1.0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,9 +125,9 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, windows: list[Windo
     m = (F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
          > 0.5).float()
     x = torch.stack([intensity(xi, gen, strength=strength) for xi in x])
-    return normalise(x), m
+    return NORMALISE(x), m
 
 
 def eval_batch(images: torch.Tensor) -> torch.Tensor:
     """uint8 N x R x R x 3 -> normalised float N x 3 x R x R (no randomness)."""
-    return normalise(images.permute(0, 3, 1, 2).float() / 255)
+    return NORMALISE(images.permute(0, 3, 1, 2).float() / 255)

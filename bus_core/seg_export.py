@@ -21,16 +21,22 @@ import torch
 from safetensors.torch import load_file
 
 from bus_core.constants import CLASSES
-from bus_core.dataset import load_records
 from bus_core.device import DeviceConfig, prepare_model
-from bus_core.evaluate import evaluate, evaluate_segmentation, segmentation_summary
+from bus_core.evaluate import evaluate, evaluate_segmentation
 from bus_core.metrics import fit_malignant_threshold, fit_temperature, softmax
 from bus_core.models import LoadedModel, ModelCard, build_model, file_sha256, new_card, save_model
 from bus_core.progress import ProgressLog
-from bus_core.seg_train import Packed, SegTrainConfig, forward_packed
+from bus_core.seg_train import (
+    Packed,
+    SegTrainConfig,
+    forward_packed,
+    source_subsets,
+    square_figures,
+)
 from bus_core.segment import Segmenter
-from bus_core.segmentation import SEG_ARCH, DenseNetUNet, PostProcess, dice_iou, postprocess
-from bus_core.splits import load_split, split_records
+from bus_core.segmentation import SEG_ARCH, DenseNetUNet, PostProcess
+from bus_core.splits import load_split
+from bus_core.train import round_weights
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 MIN_AREAS = (0.0, 0.001, 0.003, 0.01)
@@ -40,10 +46,11 @@ MIN_FOUND = 0.95
 
 
 def _load_part(net: torch.nn.Module, path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """`net` with its tensors from the weights file (a multi-task network's), rounded to the
+    saved dtype, in eval mode."""
     own = net.state_dict()
-    state = {k: v.to(dtype).float() if v.is_floating_point() else v
-             for k, v in load_file(path).items() if k in own}
-    net.load_state_dict(state)
+    net.load_state_dict({k: v for k, v in load_file(path).items() if k in own})
+    round_weights(net, dtype)
     return net.eval()
 
 
@@ -65,21 +72,6 @@ def choose_postprocess(probs: np.ndarray, packed: Packed) -> tuple[PostProcess, 
     return best[1], best[2]
 
 
-def square_figures(probs: np.ndarray, packed: Packed, params: PostProcess) -> dict[str, Any]:
-    """Per source: Dice / IoU / empty shares in the packed square frame under `params`."""
-    out: dict[str, Any] = {}
-    for s, name in enumerate(packed.source_names):
-        rows: list[dict[str, Any]] = []
-        for i in np.flatnonzero(packed.sources == s):
-            pred = postprocess(probs[i].astype(np.float32), params)
-            truth = packed.masks[i] > 0
-            dice, iou = dice_iou(pred, truth)
-            rows.append({"lesion": bool(truth.any()), "dice": dice, "iou": iou,
-                         "empty": not pred.any()})
-        out[name] = segmentation_summary(rows)
-    return out
-
-
 def _provenance(config: SegTrainConfig) -> dict[str, Any]:
     files = []
     for source, split_file in zip(config.data, config.split):
@@ -88,15 +80,6 @@ def _provenance(config: SegTrainConfig) -> dict[str, Any]:
                       "file_sha256": file_sha256(Path(split_file)),
                       "data_hash": split.data_hash, "seed": split.seed})
     return {"files": files, "file": config.split[0], "data_hash": files[0]["data_hash"]}
-
-
-def _subset(config: SegTrainConfig, subset: str) -> list[tuple[str, str, list[Any]]]:
-    """(source name, split file, records) of `subset` for every source."""
-    out = []
-    for source, split_file in zip(config.data, config.split):
-        records = split_records(load_records(source), load_split(split_file), subset)
-        out.append((records[0].source if records else Path(source).name, split_file, records))
-    return out
 
 
 def export_segmenter(config: SegTrainConfig, device: DeviceConfig, state: dict[str, Any],
@@ -126,7 +109,7 @@ def export_segmenter(config: SegTrainConfig, device: DeviceConfig, state: dict[s
     save_model(net, card, out, dtype=dtype)
     segmenter = Segmenter(LoadedModel(net, card, out), device)
     test: dict[str, Any] = {}
-    for name, split_file, records in _subset(config, "test"):
+    for name, split_file, records in source_subsets(config, "test"):
         result = evaluate_segmentation(segmenter, records, progress=True,
                                        data={"subset": "test", "split_file": split_file,
                                              "n": len(records)})
@@ -148,7 +131,7 @@ def export_classifier(config: SegTrainConfig, device: DeviceConfig, state: dict[
     card = new_card(config.classifier_name, "densenet121", input_size=size, init=config.init)
     loaded = LoadedModel(net, card, Path(config.out) / "classifier")
     val = [(name, f, evaluate(loaded, recs, device=device, temperature=1.0))
-           for name, f, recs in _subset(config, "val")]
+           for name, f, recs in source_subsets(config, "val")]
     logits = np.concatenate([e.logits for _, _, e in val])
     y = np.concatenate([e.y_true for _, _, e in val])
     card.temperature = fit_temperature(logits, y)
@@ -157,7 +140,7 @@ def export_classifier(config: SegTrainConfig, device: DeviceConfig, state: dict[
                                "sensitivity >= 0.90 on the pooled validation subsets",
                                "by_source": {}}
     for subset in ("val", "test"):
-        for i, (name, split_file, records) in enumerate(_subset(config, subset)):
+        for i, (name, split_file, records) in enumerate(source_subsets(config, subset)):
             result = evaluate(loaded, records, device=device, progress=subset == "test",
                               data={"subset": subset, "split_file": split_file,
                                     "sources": [config.data[i]], "n": len(records)}).metrics
@@ -178,10 +161,10 @@ def export_classifier(config: SegTrainConfig, device: DeviceConfig, state: dict[
     return card
 
 
-def export_run(config: SegTrainConfig, model: torch.nn.Module, device: DeviceConfig,
-               state: dict[str, Any], val_packed: Packed, log: ProgressLog) -> None:
-    """Export the segmenter and (for a multi-task run) the classifier; log 'done'."""
-    del model  # the best epochs are read back from disk
+def export_run(config: SegTrainConfig, device: DeviceConfig, state: dict[str, Any],
+               val_packed: Packed, log: ProgressLog) -> None:
+    """Export the segmenter and (for a multi-task run) the classifier from the best epochs
+    saved on disk; log 'done'."""
     export_segmenter(config, device, state, val_packed, log)
     if state.get("best_cls"):
         export_classifier(config, device, state, log)

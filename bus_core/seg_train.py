@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from bus_core import atomic
@@ -48,11 +47,14 @@ from bus_core.constants import CLASSES
 from bus_core.dataset import Record, load_records
 from bus_core.device import DEVICE_CHOICES, autocast, choose_device, prepare_model, to_device
 from bus_core.errors import DataError
+from bus_core.evaluate import segmentation_summary
 from bus_core.inputs import record_lesion_mask
 from bus_core.io import load_image
+from bus_core.loader import class_weights
+from bus_core.metrics import compute_metrics, softmax
 from bus_core.models import load_model
 from bus_core.progress import ProgressLog, RunFiles
-from bus_core.segmentation import DenseNetUNet, dice_iou
+from bus_core.segmentation import DenseNetUNet, PostProcess, dice_iou, postprocess
 from bus_core.splits import load_split, split_records
 from bus_core.train import atomic_torch_save, save_weights
 from bus_core.transforms import fit_square
@@ -228,13 +230,10 @@ def epoch_plan(packed: Packed, windows: dict[int, Window], epoch_size: int,
 
 def class_weights_for(packed: Packed, windows: dict[int, Window], config: SegTrainConfig
                       ) -> torch.Tensor:
-    """Inverse-frequency class weights of the expected epoch composition (mean 1)."""
+    """`loader.class_weights` of the expected epoch composition (normal crops included)."""
     plan = epoch_plan(packed, windows, 4000, config.normal_crops, config.seed, 10**6)
-    labels = [CLASSES.index("normal") if d.normal_crop else int(packed.labels[d.index])
-              for d in plan]
-    counts = np.bincount(labels, minlength=len(CLASSES)).astype(float)
-    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(CLASSES), 0.0)
-    return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
+    return class_weights([CLASSES.index("normal") if d.normal_crop else int(packed.labels[d.index])
+                          for d in plan])
 
 
 # --- losses and validation ------------------------------------------------------------------
@@ -267,52 +266,42 @@ def forward_packed(model: DenseNetUNet, packed: Packed, device: Any, batch_size:
     return np.concatenate(probs), (np.concatenate(logits) if logits else None)
 
 
-def seg_summary(probs: np.ndarray, packed: Packed, threshold: float = 0.5) -> dict[str, Any]:
-    """Per source: mean Dice / IoU of lesion images, their empty-prediction share, and the
-    share of normal images predicted empty (masks in the packed square frame)."""
+THRESHOLD_ONLY = PostProcess(threshold=0.5, min_area=0.0, fill_holes=False)
+"""The plain 0.5 threshold that validation scores each epoch with."""
+
+
+def square_figures(probs: np.ndarray, packed: Packed,
+                   params: PostProcess = THRESHOLD_ONLY) -> dict[str, Any]:
+    """Per source: `evaluate.segmentation_summary` (Dice / IoU / empty shares) of the masks
+    `params` makes of `probs`, in the packed square frame."""
     out: dict[str, Any] = {}
     for s, name in enumerate(packed.source_names):
-        rows = np.flatnonzero(packed.sources == s)
-        dice, iou, empty_lesion, empty_normal, n_normal = [], [], 0, 0, 0
-        for i in rows:
-            pred = probs[i] >= threshold
-            if packed.masks[i].any():
-                d, j = dice_iou(pred, packed.masks[i] > 0)
-                dice.append(d)
-                iou.append(j)
-                empty_lesion += not pred.any()
-            else:
-                n_normal += 1
-                empty_normal += not pred.any()
-        out[name] = {"n_lesion": len(dice), "dice": float(np.mean(dice)) if dice else None,
-                     "iou": float(np.mean(iou)) if iou else None,
-                     "lesion_empty_share": empty_lesion / len(dice) if dice else None,
-                     "n_normal": n_normal,
-                     "normal_empty_share": empty_normal / n_normal if n_normal else None}
+        rows: list[dict[str, Any]] = []
+        for i in np.flatnonzero(packed.sources == s):
+            pred = postprocess(probs[i].astype(np.float32), params)
+            truth = packed.masks[i] > 0
+            dice, iou = dice_iou(pred, truth)
+            rows.append({"lesion": bool(truth.any()), "dice": dice, "iou": iou,
+                         "empty": not pred.any()})
+        out[name] = segmentation_summary(rows)
     return out
 
 
 def cls_summary(logits: np.ndarray, packed: Packed) -> dict[str, Any]:
-    """Per source: accuracy, malignant AUC, macro-F1 and the share of lesion images called
-    normal (argmax)."""
-    from sklearn.metrics import f1_score, roc_auc_score
-
-    probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
-    pred = probs.argmax(1)
-    mal, normal = CLASSES.index("malignant"), CLASSES.index("normal")
+    """Per source: accuracy, malignant AUC, macro-F1 (`metrics.compute_metrics`) and the share
+    of lesion images called normal (argmax)."""
+    probs = softmax(logits)
+    normal = CLASSES.index("normal")
     out: dict[str, Any] = {}
     for s, name in enumerate(packed.source_names):
         rows = packed.sources == s
         y = packed.labels[rows]
-        is_mal = (y == mal).astype(int)
+        figures = compute_metrics(y, probs[rows])
         lesion = y != normal
         out[name] = {
-            "n": int(rows.sum()), "accuracy": float((pred[rows] == y).mean()),
-            "auc_malignant": float(roc_auc_score(is_mal, probs[rows, mal]))
-            if 0 < is_mal.sum() < len(y) else None,
-            "macro_f1": float(f1_score(y, pred[rows], average="macro",
-                                       labels=sorted(set(y.tolist())))),
-            "lesion_called_normal": float((pred[rows][lesion] == normal).mean())
+            "n": int(rows.sum()), "accuracy": figures["accuracy"],
+            "auc_malignant": figures["auc_malignant"], "macro_f1": figures["macro_f1"],
+            "lesion_called_normal": float((probs[rows][lesion].argmax(1) == normal).mean())
             if lesion.any() else None}
     return out
 
@@ -352,12 +341,18 @@ def config_from_args(args: argparse.Namespace) -> SegTrainConfig:
     return SegTrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def subset_records(config: SegTrainConfig, subset: str) -> list[Record]:
-    """The records of `subset` of every source, by its own split file."""
-    out: list[Record] = []
+def source_subsets(config: SegTrainConfig, subset: str) -> list[tuple[str, str, list[Record]]]:
+    """(source name, split file, records) of `subset` for every source, by its own split."""
+    out = []
     for source, split_file in zip(config.data, config.split):
-        out += split_records(load_records(source), load_split(split_file), subset)
+        records = split_records(load_records(source), load_split(split_file), subset)
+        out.append((records[0].source if records else Path(source).name, split_file, records))
     return out
+
+
+def subset_records(config: SegTrainConfig, subset: str) -> list[Record]:
+    """The records of `subset` of every source together."""
+    return [r for _, _, records in source_subsets(config, subset) for r in records]
 
 
 STEM = ("conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1")
@@ -490,7 +485,7 @@ def main(args: argparse.Namespace) -> Path:
         bar.close()
         state["train_time_s"] += time.monotonic() - mark
         probs, logits = forward_packed(model, val_packed, device)
-        seg_val = seg_summary(probs, val_packed)
+        seg_val = square_figures(probs, val_packed)
         record: dict[str, Any] = {"epoch": epoch + 1, "seg": seg_val,
                                   "seg_score": seg_score(seg_val)}
         if logits is not None:
@@ -507,13 +502,8 @@ def main(args: argparse.Namespace) -> Path:
         save_checkpoint()
         last_save = time.monotonic()
         log.write("epoch", **record, train_time_s=state["train_time_s"])
-    export_run(config, model, device, state, val_packed, log)
+    export_run(config, device, state, val_packed, log)
     return Path(config.out)
-
-
-def load_best(model: DenseNetUNet, run_dir: Path, kind: str) -> None:
-    """Load the best weights of `kind` ('seg' or 'cls') of a run into `model`."""
-    model.load_state_dict(load_file(run_dir / f"best-{kind}.safetensors"))
 
 
 def run(argv: Sequence[str] | None = None) -> Path:

@@ -480,7 +480,7 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 
 @torch.no_grad()
-def _round_weights(model: nn.Module, dtype: torch.dtype) -> None:
+def round_weights(model: nn.Module, dtype: torch.dtype) -> None:
     """Round every floating-point parameter and buffer to `dtype` (kept in its own dtype)."""
     for tensor in model.state_dict().values():
         if tensor.is_floating_point():
@@ -510,7 +510,7 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
         model.load_state_dict(load_file(best))
         _sync_memory_format(model, device)
     dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
-    _round_weights(model, dtype)
+    round_weights(model, dtype)
     val_logits = collect_logits(model, val_ds, device, config.batch_size)
     temperature = fit_temperature(val_logits, np.asarray(val_ds.labels))
     split_file = config.split or str(config.files.split)

@@ -100,8 +100,9 @@ def _to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)
 
 
-_NORMALISE = v2.Compose([v2.ToDtype(torch.float32, scale=True),
-                         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+NORMALISE = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+"""Float image(s) in [0, 1], CHW or NCHW -> ImageNet-normalised: the one normalisation."""
+_NORMALISE = v2.Compose([v2.ToDtype(torch.float32, scale=True), NORMALISE])
 
 
 def base_image(image: np.ndarray, size: InputSize) -> np.ndarray:
