@@ -31,8 +31,16 @@ from PIL import Image, UnidentifiedImageError
 
 from bus_core.errors import BusError, InvalidImageError, MaskError
 
-MAX_PIXELS: int = 60_000_000
-"""Largest image (width x height) we decode; larger files are refused as unsafe."""
+MAX_PIXELS: int = 4096 * 4096
+"""Largest image (width x height) we decode, from its header; larger files are refused as unsafe.
+Far below PIL's decompression-bomb limit: ultrasound frames are about 1000 px per side."""
+
+MIN_SIDE: int = 32
+"""Smallest image side we accept: a smaller picture carries nothing for a model to read."""
+
+WORKING_MAX_SIDE: int = 2048
+"""Longest side of the images the app keeps: larger uploads are downscaled once when read
+(`max_side`), which keeps every detail the model (<= 512 px) and the report need."""
 
 RASTER_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 """PIL formats we open; anything else is refused before its decoder runs."""
@@ -66,20 +74,45 @@ def sniff_kind(data: bytes) -> str:
 
 
 def load_image(source: Source, *, name: str | None = None, frame: int = 0,
-               max_pixels: int = MAX_PIXELS) -> np.ndarray:
+               max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE,
+               max_side: int | None = None) -> np.ndarray:
     """The image in `source` (a path, bytes or a binary file object read from its current
     position) as an HxWx3 uint8 RGB array.
 
     `name` is the file name shown in error messages (default: the path's or file object's
-    name). `frame` picks one frame of a multi-frame DICOM or multi-page TIFF. Raises
-    `InvalidImageError` for anything that is not a readable image of at most `max_pixels`
-    pixels.
+    name). `frame` picks one frame of a multi-frame DICOM or multi-page TIFF. With `max_side`
+    an image whose longer side exceeds it is downscaled (area averaging, aspect kept) to that
+    side. Raises `InvalidImageError` for anything that is not a readable image of at most
+    `max_pixels` pixels with both sides at least `min_side`.
     """
     data, name = _read_source(source, name)
     label = _label(name)
     if _is_dicom(data, name):
-        return _load_dicom(data, label, frame, max_pixels)
-    return _load_raster(data, label, frame, max_pixels)
+        image = _load_dicom(data, label, frame, max_pixels)
+    else:
+        image = _load_raster(data, label, frame, max_pixels)
+    check_min_side(image, label, min_side)
+    return image if max_side is None else downscale(image, max_side)
+
+
+def check_min_side(image: np.ndarray, label: str = "The image", min_side: int = MIN_SIDE) -> None:
+    """Raise `InvalidImageError` when a side of `image` is shorter than `min_side` pixels."""
+    h, w = image.shape[:2]
+    if min(h, w) < min_side:
+        raise InvalidImageError(
+            f"{label} is too small to read ({w} x {h} pixels); an ultrasound image needs at "
+            f"least {min_side} x {min_side} pixels.")
+
+
+def downscale(image: np.ndarray, max_side: int) -> np.ndarray:
+    """`image` (HxW or HxWxC uint8) with its longer side at most `max_side` (aspect kept, area
+    averaging); returned unchanged when already small enough."""
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
 
 
 def load_mask(source: Source | np.ndarray, *, shape: tuple[int, int] | None = None,
@@ -97,7 +130,7 @@ def load_mask(source: Source | np.ndarray, *, shape: tuple[int, int] | None = No
         values = source
     else:
         data, name = _read_source(source, name)
-        values = load_image(data, name=name)
+        values = load_image(data, name=name, min_side=1)
     label = f"The mask '{name}'" if name else "The mask"
     mask = _threshold(values, label)
     if shape is None or mask.shape == tuple(shape):

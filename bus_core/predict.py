@@ -24,14 +24,15 @@ from bus_core.dataset import Record
 from bus_core.device import DeviceConfig, autocast, choose_device, prepare_model, to_device
 from bus_core.errors import ModelError
 from bus_core.inputs import InputSpec, model_input
-from bus_core.io import load_image, load_mask
+from bus_core.io import check_min_side, load_image, load_mask
 from bus_core.loader import RecordDataset
 from bus_core.metrics import softmax
 from bus_core.models import LoadedModel, gradcam_layer, load_model
 from bus_core.registry import active_model_path, no_model_message
 from bus_core.transforms import denormalise, eval_transform
 
-MIN_SIDE, MAX_SIDE = 128, 5000
+USUAL_SIDES = (128, 5000)
+"""Image sides (px) outside this range get a scope warning."""
 
 
 @dataclass
@@ -68,7 +69,7 @@ def scope_warnings(image: np.ndarray) -> list[str]:
     """Reasons an image may be outside what the model was trained on (empty when none)."""
     warnings = []
     h, w = image.shape[:2]
-    if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE or max(h, w) / min(h, w) > 4:
+    if min(h, w) < USUAL_SIDES[0] or max(h, w) > USUAL_SIDES[1] or max(h, w) / min(h, w) > 4:
         warnings.append(f"Unusual image size ({w}x{h} px): the model was trained on breast "
                         "ultrasound images of about 200-1000 px per side.")
     step = max(1, min(h, w) // 256)  # a pixel grid of >= 256 per side: shares barely change
@@ -114,7 +115,9 @@ class Predictor:
         return self._transform(model_input(image, masks, self.spec))
 
     def predict(self, image: np.ndarray, masks: Sequence[np.ndarray] = ()) -> Prediction:
-        """Calibrated probabilities for one RGB uint8 image (and its lesion masks)."""
+        """Calibrated probabilities for one RGB uint8 image (and its lesion masks); an image
+        with a side under `io.MIN_SIDE` raises `InvalidImageError`."""
+        check_min_side(image)
         start = time.perf_counter()
         tensor = self.prepare(image, masks)
         with self._lock, torch.inference_mode(), autocast(self.device):

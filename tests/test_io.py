@@ -377,7 +377,7 @@ def test_dicom_ultrasound_region_crop_uses_largest_region(tmp_path: Path) -> Non
     rgb = rgb_pattern()
     regions = [region(1, 1, 4, 4), region(5, 3, 30, 20)]
     path = write_dicom(tmp_path / "a.dcm", rgb, "RGB", SequenceOfUltrasoundRegions=regions)
-    np.testing.assert_array_equal(load_image(path), rgb[3:21, 5:31])
+    np.testing.assert_array_equal(load_image(path, min_side=1), rgb[3:21, 5:31])
 
 
 def test_dicom_region_outside_image_is_ignored(tmp_path: Path) -> None:
@@ -515,3 +515,24 @@ def test_busi_grayscale_and_rgb_images(busi_or_skip: Path) -> None:
     mask_path = found["L"].with_name(found["L"].stem + "_mask.png")
     if mask_path.exists():
         assert load_mask(mask_path, shape=gray.shape[:2]).shape == gray.shape[:2]
+
+
+def test_tiny_images_are_refused_masks_are_not() -> None:
+    data = encode(Image.fromarray(np.zeros((1, 1), np.uint8)), "PNG")
+    with pytest.raises(InvalidImageError, match=r"too small to read \(1 x 1 pixels\)"):
+        load_image(data)
+    assert load_mask(data, shape=(H, H)).shape == (H, H)
+
+
+def test_one_bit_bomb_of_7700_px_is_refused_by_default() -> None:
+    data = encode(Image.new("1", (7700, 7700)), "PNG")
+    assert len(data) < 20_000
+    with pytest.raises(InvalidImageError, match="too large"):
+        load_image(data)
+
+
+def test_max_side_downscales_keeping_aspect() -> None:
+    data = encode(Image.fromarray(np.full((300, 600), 200, np.uint8)), "PNG")
+    image = load_image(data, max_side=100)
+    assert image.shape == (50, 100, 3) and int(image.min()) == 200
+    assert load_image(data, max_side=600).shape == (300, 600, 3)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bus_core.errors import MaskError, ModelError
+from bus_core.errors import InvalidImageError, MaskError, ModelError
 from bus_core.models import load_model
 from bus_core.predict import Predictor, predict_file, scope_warnings
 from tests.conftest import synthetic_image
@@ -94,3 +94,8 @@ def test_prediction_flags_malignant_above_the_card_threshold(tiny_model_dir):
     assert flagged.malignant_flag is True and flagged.to_dict()["malignant_flag"] is True
     loaded.card.malignant_threshold = 1.01
     assert Predictor(loaded, "cpu-fp32").predict(image).malignant_flag is False
+
+
+def test_a_one_pixel_image_is_refused_not_predicted(predictor):
+    with pytest.raises(InvalidImageError, match="too small"):
+        predictor.predict(np.zeros((1, 1, 3), np.uint8))

@@ -1,4 +1,5 @@
-"""Uploaded files -> decoded images and masks, read once per upload and kept in the session."""
+"""Uploaded files -> decoded images and masks, read once per upload and kept in the session
+(images downscaled to `io.WORKING_MAX_SIDE`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 from streamlit.runtime.uploaded_file_manager import UploadedFile
 
 from bus_core.errors import BusError
-from bus_core.io import load_image, load_mask
+from bus_core.io import WORKING_MAX_SIDE, load_image, load_mask
 from ui.state import digest, memo
 
 log = logging.getLogger("bus_core.ui.uploads")
@@ -34,7 +35,8 @@ class Upload:
 
 def _decode_bytes(name: str, data: bytes) -> Upload:
     try:
-        return Upload(name, digest(data), image=load_image(data, name=name))
+        return Upload(name, digest(data), image=load_image(data, name=name,
+                                                         max_side=WORKING_MAX_SIDE))
     except BusError as exc:
         return Upload(name, digest(data), error=exc)
 
