@@ -11,7 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bus_core.errors import BusError
+from bus_core import atomic
+from bus_core.errors import BusError, storage, storage_message
 
 
 def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -76,7 +77,7 @@ def _evaluate_segmenter(args: argparse.Namespace, loaded) -> int:
     print(f"Segmentation model {result['model']} on {len(records)} images ({data['subset']}):")
     print(format_segmentation(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False))
+        _write_output(args.json, json.dumps(result, indent=2, allow_nan=False))
         print(f"Metrics written to {args.json}")
     return 0
 
@@ -115,7 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out = {**result.metrics, "misclassified": [
             {"id": i, "true": t, "predicted": p, "probability": q}
             for i, t, p, q in result.misclassified()]}
-        Path(args.json).write_text(json.dumps(out, indent=2, allow_nan=False))
+        _write_output(args.json, json.dumps(out, indent=2, allow_nan=False))
         print(f"Metrics written to {args.json}")
     return 0
 
@@ -148,7 +149,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         out["mask"] = mask_note
     if args.cam:
         heat = predictor.explain(prediction, target=args.target, method=args.cam_method)
-        Path(args.cam).write_bytes(image_to_png_bytes(overlay(prediction.model_view, heat)))
+        _write_output(args.cam, image_to_png_bytes(overlay(prediction.model_view, heat)))
         out["cam"] = args.cam
     if args.json:
         print(json.dumps(out, indent=2))
@@ -237,7 +238,7 @@ def cmd_leak(args: argparse.Namespace) -> int:
         print(f"  {mode:<14} " + "  ".join(
             f"{label} {v['black_share']:.2f} (n={v['n']})" for label, v in per_class.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"data": data, "n": len(records),
+        _write_output(args.json, json.dumps({"data": data, "n": len(records),
                                                "black_share": result}, indent=2))
     return 0
 
@@ -372,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write_output(path: str, content: str | bytes) -> None:
+    """Write an output file named on the command line (--json, --cam), making its folder."""
+    target = Path(path)
+    with storage(f"write {target}"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(target, content.encode() if isinstance(content, str) else content)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     from bus_core.settings import configure_logging
@@ -382,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except BusError as exc:
         print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder this command reads or writes
+        print(f"Error: {storage_message('finish the command', exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)

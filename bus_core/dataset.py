@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from bus_core import atomic
 from bus_core.constants import CLASSES, IMAGE_SUFFIXES
-from bus_core.errors import DataError
+from bus_core.errors import DataError, storage
 
 _MASK_STEM = re.compile(r"^(?P<image>.+)_mask(?:_(?P<n>\d+))?$")
 
@@ -72,13 +72,15 @@ def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
     """Write `records` as a CSV manifest (paths relative to its folder) that `load_records`
     reads back to the same images, labels, masks and patients."""
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with storage(f"write the manifest {path}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
     folder = path.parent.resolve()
 
     def relative(p: Path) -> str:
         return PurePosixPath(Path(os.path.relpath(p.resolve(), folder)).as_posix()).as_posix()
 
-    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with storage(f"write the manifest {path}"), atomic.atomic_path(path) as tmp, \
+            open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "mask", "patient"])
         for r in records:

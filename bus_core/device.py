@@ -10,6 +10,8 @@ from typing import Literal
 
 import torch
 
+from bus_core.errors import DeviceError
+
 DeviceChoice = Literal["auto", "cuda", "mps", "cpu", "cpu-fp32"]
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu", "cpu-fp32")
 
@@ -52,18 +54,21 @@ def _mps_available() -> bool:
 
 
 def choose_device(choice: str = "auto") -> DeviceConfig:
-    """The device for `choice` ('auto', 'cuda', 'mps', 'cpu' = bf16 when supported, 'cpu-fp32')."""
+    """The device for `choice` ('auto', 'cuda', 'mps', 'cpu' = bf16 when supported, 'cpu-fp32');
+    `DeviceError` when the machine does not have it."""
     if choice not in DEVICE_CHOICES:
-        raise ValueError(f"Unknown device {choice!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
+        raise DeviceError(f"Unknown device {choice!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
     if choice in ("auto", "cuda") and torch.cuda.is_available():
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return DeviceConfig(torch.device("cuda"), dtype, channels_last=True)
     if choice == "cuda":
-        raise ValueError("No CUDA GPU is available on this machine; use --device auto or cpu.")
+        raise DeviceError("No CUDA GPU is available on this machine: choose the device 'auto' "
+                          "(whatever this machine has) or 'cpu'.")
     if choice in ("auto", "mps") and _mps_available():
         return DeviceConfig(torch.device("mps"), torch.float16, channels_last=False)
     if choice == "mps":
-        raise ValueError("Apple MPS is not available on this machine; use --device auto or cpu.")
+        raise DeviceError("Apple MPS is not available on this machine: choose the device 'auto' "
+                          "(whatever this machine has) or 'cpu'.")
     if choice != "cpu-fp32" and cpu_supports_bf16():
         return DeviceConfig(torch.device("cpu"), torch.bfloat16, channels_last=True)
     return DeviceConfig(torch.device("cpu"), None, channels_last=False)

@@ -1,6 +1,11 @@
 """The exceptions bus_core raises for bad input. Each carries a message a clinician can read;
 the app shows `str(error)` and never a traceback."""
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 class BusError(Exception):
     """Base class: anything the user can fix (bad file, bad mask, bad data, bad model)."""
@@ -20,3 +25,30 @@ class DataError(BusError, ValueError):
 
 class ModelError(BusError):
     """A model that cannot be loaded: missing weights, card/weights mismatch, unsafe format."""
+
+
+class StorageError(BusError):
+    """A file or folder that cannot be written or read: no permission, a file where a folder
+    should be, a full disk."""
+
+
+class DeviceError(BusError, ValueError):
+    """A compute device that was asked for but is not available on this machine."""
+
+
+def storage_message(action: str, exc: OSError) -> str:
+    """'Could not <action>: <reason> (<path>). <hint>' for an `OSError`."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else ""
+    return (f"Could not {action}: {reason}{where}. Choose a folder you can write to, or ask "
+            "whoever runs this machine for access.")
+
+
+@contextlib.contextmanager
+def storage(action: str) -> Iterator[None]:
+    """Raise any `OSError` of the block as a `StorageError` that says what could not be done
+    (`action`, e.g. "save the run folder")."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(storage_message(action, exc)) from exc

@@ -24,7 +24,7 @@ from typing import Any
 
 from bus_core import atomic
 from bus_core.dataset import Record
-from bus_core.errors import BusError
+from bus_core.errors import BusError, storage
 from bus_core.evaluate import evaluate
 from bus_core.metrics import HEADLINE_KEYS, LOWER_IS_BETTER
 from bus_core.models import CARD_FILE, load_model
@@ -97,8 +97,10 @@ class GateResult:
     def save(self, path: str | Path) -> Path:
         """Write the result as JSON (atomically)."""
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return atomic.write_text(target, json.dumps(self.to_dict(), indent=2, allow_nan=False))
+        with storage(f"save the gate result {target}"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            return atomic.write_text(target, json.dumps(self.to_dict(), indent=2,
+                                                        allow_nan=False))
 
     @classmethod
     def load(cls, path: str | Path) -> GateResult | None:
@@ -211,6 +213,7 @@ def _signed(who: str) -> str:
     return name
 
 
+@storage("record the decision in the model decision log")
 def _append(entry: dict[str, Any]) -> dict[str, Any]:
     """Append one decision as a JSON line (one write, so concurrent writers do not interleave)."""
     path = decisions_path()

@@ -31,7 +31,7 @@ except ImportError:  # Windows: starts are not serialised between processes
     fcntl = None  # type: ignore[assignment]
 
 from bus_core import atomic
-from bus_core.errors import BusError
+from bus_core.errors import BusError, storage
 from bus_core.progress import RunFiles, read_progress, run_state
 from bus_core.settings import PROJECT_ROOT, data_dir
 from bus_core.train import BACKGROUND_ENV, TrainConfig
@@ -271,9 +271,14 @@ def _machine_lock() -> Iterator[None]:
         yield
 
 
+def _starting(out: str | Path) -> contextlib.AbstractContextManager[None]:
+    """Turns file errors while a job starts into a `StorageError` naming its run folder."""
+    return storage(f"start the job (its run folder is {out})")
+
+
 def _launch(kind: str, config: TrainConfig, argv: list[str], force: bool,
             grid: dict[str, list[Any]] | None = None) -> Job:
-    with _machine_lock():
+    with _starting(config.out), _machine_lock():
         running = current_job()
         if running is not None and not force:
             raise JobBusyError(running)
@@ -321,8 +326,9 @@ def start_training(config: TrainConfig, *, resume: bool = False, force: bool = F
     """
     config = _absolute(config)
     files = RunFiles(Path(config.out))
-    for stale in (files.cancel, files.dir / CANCEL_MARKER):
-        stale.unlink(missing_ok=True)
+    with _starting(config.out):
+        for stale in (files.cancel, files.dir / CANCEL_MARKER):
+            stale.unlink(missing_ok=True)
     argv = config_to_argv(config) + (["--resume"] if resume else [])
     return _launch("train", config, argv, force)
 
@@ -339,9 +345,9 @@ def start_tuning(config: TrainConfig, grid: dict[str, list[Any]] | None = None, 
     if not combinations(grid):
         raise BusError("The grid is empty: give at least one value for every setting.")
     out = Path(config.out)
-    (out / RESULTS_FILE).unlink(missing_ok=True)
-    (out / "results.csv").unlink(missing_ok=True)
-    (RunFiles(out).dir / CANCEL_MARKER).unlink(missing_ok=True)
+    with _starting(config.out):
+        for stale in (out / RESULTS_FILE, out / "results.csv", RunFiles(out).dir / CANCEL_MARKER):
+            stale.unlink(missing_ok=True)
     return _launch("tune", config, config_to_argv(config) + grid_to_argv(grid), force, grid)
 
 

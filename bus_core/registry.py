@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from bus_core import atomic
-from bus_core.errors import ModelError
+from bus_core.errors import ModelError, StorageError, storage, storage_message
 from bus_core.models import CARD_FILE, WEIGHTS_FILE, ModelCard, load_model, read_card
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, data_dir, user_models_dir
 
@@ -118,8 +118,9 @@ def set_active_model(path: str | Path) -> None:
         raise ModelError("Only a classification model can be the active model; a segmentation "
                          "model suggests outlines and is chosen with BUS_SEGMENTER.")
     target = data_dir()
-    target.mkdir(parents=True, exist_ok=True)
-    (target / ACTIVE_FILE).write_text(json.dumps({"path": str(folder)}))
+    with storage(f"save the choice of the active model in {target}"):
+        target.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(target / ACTIVE_FILE, json.dumps({"path": str(folder)}))
 
 
 def no_model_message() -> str:
@@ -172,8 +173,9 @@ def rename_model(path: str | Path, new_name: str, *, user_dir: Path | None = Non
     was_active = _is_active(folder)
     card = json.loads((folder / CARD_FILE).read_text())
     card["name"] = name
-    atomic.write_text(folder / CARD_FILE, json.dumps(card, indent=2))
-    folder.rename(target)
+    with storage(f"rename the model {folder.name}"):
+        atomic.write_text(folder / CARD_FILE, json.dumps(card, indent=2))
+        folder.rename(target)
     if was_active:
         set_active_model(target)
     return target
@@ -183,9 +185,10 @@ def delete_model(path: str | Path, *, user_dir: Path | None = None) -> None:
     """Delete one of the user's models (never a bundled one). If it was the active model, the
     app goes back to the default one."""
     folder = _user_model(path, user_dir)
-    if _is_active(folder):
-        (data_dir() / ACTIVE_FILE).unlink(missing_ok=True)
-    shutil.rmtree(folder)
+    with storage(f"delete the model {folder.name}"):
+        if _is_active(folder):
+            (data_dir() / ACTIVE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(folder)
 
 
 def export_model_zip(path: str | Path) -> bytes:
@@ -261,8 +264,9 @@ def import_model(files: Mapping[str, bytes], *, user_dir: Path | None = None) ->
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as exc:
         raise ModelError(f"The uploaded {CARD_FILE} is not a bus_core model card.") from exc
     root = user_dir or user_models_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".upload-"))
+    with storage(f"keep the uploaded model in {root}"):
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=".upload-"))
     try:
         (staging / WEIGHTS_FILE).write_bytes(weights)
         (staging / CARD_FILE).write_bytes(card_bytes)
@@ -278,6 +282,9 @@ def import_model(files: Mapping[str, bytes], *, user_dir: Path | None = None) ->
             atomic.write_text(staging / CARD_FILE, json.dumps(raw, indent=2))
         staging.rename(target)
         return target
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise StorageError(storage_message(f"keep the uploaded model in {root}", exc)) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from bus_core import atomic
 from bus_core.dataset import Record, load_many, load_records
-from bus_core.errors import DataError, ModelError
+from bus_core.errors import DataError, ModelError, storage
 from bus_core.jobs import JobStatus, last_job
 from bus_core.models import CARD_FILE, read_card
 from bus_core.progress import RunFiles
@@ -136,6 +136,7 @@ def _write_json(path: Path, content: Mapping[str, Any]) -> None:
     atomic.write_text(path, json.dumps(content, indent=2))
 
 
+@storage("prepare the retraining")
 def prepare_retraining(store: CaseStore, *, base_data: Sequence[str | Path],
                        base_split: str | Path, out_dir: str | Path | None = None,
                        heldout_share: float = 0.2, seed: int = 0, name: str | None = None,

@@ -46,7 +46,7 @@ from bus_core.augment import FULL, Window, augment_batch, eval_batch
 from bus_core.constants import CLASSES
 from bus_core.dataset import Record, load_records
 from bus_core.device import DEVICE_CHOICES, autocast, choose_device, prepare_model, to_device
-from bus_core.errors import DataError
+from bus_core.errors import DataError, storage
 from bus_core.evaluate import segmentation_summary
 from bus_core.inputs import record_lesion_mask
 from bus_core.io import load_image
@@ -385,10 +385,11 @@ def main(args: argparse.Namespace) -> Path:
 
     config = config_from_args(args)
     run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.remove_partial_writes(run_dir)
     files = RunFiles(Path(config.out))
-    atomic.write_text(files.config, json.dumps(dataclasses.asdict(config), indent=2))
+    with storage(f"write the run folder {run_dir}"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.remove_partial_writes(run_dir)
+        atomic.write_text(files.config, json.dumps(dataclasses.asdict(config), indent=2))
     log = ProgressLog(files.progress)
     device = choose_device(config.device)
     torch.manual_seed(config.seed)

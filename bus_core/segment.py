@@ -29,7 +29,7 @@ from bus_core.augment import eval_batch
 from bus_core.constants import IMAGE_SUFFIXES
 from bus_core.dataset import Record, load_records, mask_owner
 from bus_core.device import DeviceConfig, autocast, choose_device, prepare_model, to_device
-from bus_core.errors import BusError, DataError, ModelError
+from bus_core.errors import BusError, DataError, ModelError, storage
 from bus_core.io import load_image
 from bus_core.models import LoadedModel, load_model
 from bus_core.registry import active_segmenter_path
@@ -113,22 +113,16 @@ def list_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 
 def write_mask_png(mask: np.ndarray, path: Path) -> None:
     """Save a bool mask as an 8-bit PNG of 0 / 255 (written whole or not at all)."""
-    try:
-        with atomic.atomic_path(path) as tmp:
-            Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
-    except OSError as exc:
-        raise BusError(f"Cannot write {path.name} in {path.parent}: {exc.strerror or exc}.") \
-            from exc
+    with storage(f"write the mask {path}"), atomic.atomic_path(path) as tmp:
+        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
 
 
 def segment_inputs(inputs: Sequence[str | Path], out: Path, segmenter: Segmenter, *,
                    progress: bool = False, batch_size: int = 8) -> SegmentReport:
     """Write `out/<image stem>_mask.png` for every image of `inputs`; unreadable files and
     repeated file names are reported in `skipped`, never abort the batch."""
-    try:
+    with storage(f"create the output folder {out}"):
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BusError(f"Cannot create the output folder {out}: {exc.strerror or exc}.") from exc
     report = SegmentReport()
     paths, seen = [], set()
     for path in list_inputs(inputs):
@@ -163,8 +157,9 @@ def with_automatic_masks(records: Sequence[Record], segmenter: Segmenter,
                          ) -> list[Record]:
     """The records with their masks replaced by the segmenter's outlines (written to `mask_dir`,
     default a temporary folder); a record where no lesion is found gets no mask."""
-    folder = mask_dir or Path(tempfile.mkdtemp(prefix="bus-auto-masks-"))
-    folder.mkdir(parents=True, exist_ok=True)
+    with storage("create the folder for the automatic masks"):
+        folder = mask_dir or Path(tempfile.mkdtemp(prefix="bus-auto-masks-"))
+        folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i, record in enumerate(tqdm(records, disable=not progress, desc="outline", unit="img")):
         mask = segmenter.segment(load_image(record.path))

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from bus_core import atomic
 from bus_core.constants import CLASSES
 from bus_core.dataset import Record
-from bus_core.errors import DataError
+from bus_core.errors import DataError, storage
 
 SUBSETS: tuple[str, ...] = ("train", "val", "test")
 HASH_METHOD = "phash+dhash+dhash_vertical"
@@ -328,11 +328,12 @@ def _count(records: Iterable[Record]) -> dict[str, int]:
 def save_split(split: Split, path: str | Path) -> Path:
     """Write `split` as pretty JSON (atomically: a temporary file, then a rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     content = {"format": _FORMAT, "seed": split.seed, "ratios": list(split.ratios),
                "data_hash": split.data_hash, "stats": split.stats, "train": split.train,
                "val": split.val, "test": split.test, "groups": split.groups}
-    return atomic.write_text(path, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+    with storage(f"save the split file {path}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return atomic.write_text(path, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_split(path: str | Path) -> Split:

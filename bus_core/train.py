@@ -19,6 +19,7 @@ stops a run cleanly after the current step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -47,7 +48,7 @@ from bus_core.device import (
     prepare_model,
     to_device,
 )
-from bus_core.errors import DataError
+from bus_core.errors import DataError, storage
 from bus_core.evaluate import collect_logits
 from bus_core.inputs import INPUT_MODES, InputSpec
 from bus_core.loader import BALANCE_MODES, RecordDataset, class_weights, collate, epoch_plan
@@ -201,7 +202,8 @@ def main(args: argparse.Namespace) -> TrainResult:
 
 def clear_cancel(files: RunFiles) -> None:
     """Remove a request to cancel the run."""
-    files.cancel.unlink(missing_ok=True)
+    with storage(f"write the run folder {files.dir}"):
+        files.cancel.unlink(missing_ok=True)
 
 
 def load_config(out: str | Path) -> TrainConfig:
@@ -330,20 +332,24 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
     `should_stop()`); a cancelled or killed run can be resumed with `resume=True`.
     """
     run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.remove_partial_writes(run_dir)  # what a killed checkpoint write left behind
     files = config.files
     log = ProgressLog(files.progress)
-    if not resume:
-        for stale in (files.progress, files.checkpoint, files.best):
-            stale.unlink(missing_ok=True)
-        if not config.split:
-            files.split.unlink(missing_ok=True)
-    atomic.write_text(files.config, json.dumps(dataclasses.asdict(config), indent=2))
+    writing = f"write the run folder {run_dir}"
+    with storage(writing):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.remove_partial_writes(run_dir)  # what a killed checkpoint write left behind
+        if not resume:
+            for stale in (files.progress, files.checkpoint, files.best):
+                stale.unlink(missing_ok=True)
+            if not config.split:
+                files.split.unlink(missing_ok=True)
+        atomic.write_text(files.config, json.dumps(dataclasses.asdict(config), indent=2))
     try:
-        return _train(config, resume, log, progress_bar, should_stop)
+        with storage(writing):
+            return _train(config, resume, log, progress_bar, should_stop)
     except Exception as exc:
-        log.write("error", message=str(exc), kind=exc.__class__.__name__)
+        with contextlib.suppress(OSError):  # the folder may be what failed
+            log.write("error", message=str(exc), kind=exc.__class__.__name__)
         raise
 
 

@@ -103,3 +103,49 @@ def test_a_header_only_manifest_is_refused(tmp_path, tiny_model_dir, capsys):
     assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(manifest)]) == 2
     assert "no labelled images" in capsys.readouterr().err
     assert not (tmp_path / "s.json").exists()
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_outputs_make_missing_folders(tiny_model_dir, busi_dir, tmp_path):
+    image = busi_dir / "benign" / "benign (1).png"
+    cam, json_out = tmp_path / "new" / "cam.png", tmp_path / "new" / "deeper" / "m.json"
+    assert main(["predict", str(image), "--model", str(tiny_model_dir), "--cam", str(cam),
+                 "--device", "cpu-fp32"]) == 0
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(busi_dir),
+                 "--json", str(json_out), "--device", "cpu-fp32"]) == 0
+    assert cam.is_file() and json.loads(json_out.read_text())["n"] == 18
+
+
+def test_unwritable_outputs_are_one_line_errors(tiny_model_dir, busi_dir, tmp_path, capsys,
+                                                monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where a folder should be")
+    image = busi_dir / "benign" / "benign (1).png"
+    assert main(["predict", str(image), "--model", str(tiny_model_dir), "--device", "cpu-fp32",
+                 "--cam", str(blocker / "cam.png")]) == 2
+    _one_line_error(capsys, "Could not write", "a-file")
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(busi_dir),
+                 "--json", str(blocker / "m.json"), "--device", "cpu-fp32"]) == 2
+    _one_line_error(capsys, "Could not write")
+    assert main(["split", "--data", str(busi_dir), "--out", str(blocker / "split.json")]) == 2
+    _one_line_error(capsys, "Could not save the split file")
+    assert main(["train", "--data", str(busi_dir), "--out", str(blocker / "run"),
+                 "--epochs", "1", "--device", "cpu-fp32"]) == 2
+    _one_line_error(capsys, "Could not write the run folder")
+    monkeypatch.setenv("BUS_DATA_DIR", str(blocker))
+    assert main(["models", "--activate", str(tiny_model_dir)]) == 2
+    _one_line_error(capsys, "Could not save the choice of the active model")
+
+
+def test_unavailable_device_is_one_line_error(busi_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["train", "--data", str(busi_dir), "--out", str(tmp_path / "run"),
+                 "--epochs", "1", "--device", "cuda"]) == 2
+    _one_line_error(capsys, "No CUDA GPU")

@@ -11,6 +11,7 @@ from bus_core.device import (
     prepare_model,
     to_device,
 )
+from bus_core.errors import DeviceError
 
 
 def test_cpu_fp32_is_plain():
@@ -31,9 +32,9 @@ def test_cpu_uses_bf16_only_where_supported(monkeypatch):
 
 def test_unavailable_or_unknown_device_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="No CUDA GPU"):
+    with pytest.raises(DeviceError, match="No CUDA GPU"):
         choose_device("cuda")
-    with pytest.raises(ValueError, match="Unknown device"):
+    with pytest.raises(DeviceError, match="Unknown device"):
         choose_device("tpu")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bus_core.errors import StorageError
 from bus_core.jobs import (
     Job,
     JobBusyError,
@@ -141,3 +142,11 @@ def test_log_tail_keeps_the_last_state_of_progress_bars(tmp_path):
     job.log_path.write_bytes(b"start\nepoch 1: 10%\repoch 1: 50%\repoch 1: 100%\r\n{\"a\": 1}\n")
     assert job.log_tail().splitlines() == ["start", "epoch 1: 100%", '{"a": 1}']
     assert job.log_tail(max_chars=9).splitlines()[-1] == '{"a": 1}'
+
+
+def test_an_unwritable_run_folder_is_a_clear_error(busi_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where the run folder should be")
+    with pytest.raises(StorageError, match="Could not start the job"):
+        start_training(tiny_config(busi_dir, blocker / "run"))
+    assert current_job() is None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bus_core.errors import ModelError
+from bus_core.errors import ModelError, StorageError
 from bus_core.models import CARD_FILE, WEIGHTS_FILE, load_model, read_card
 from bus_core.registry import (
     active_model_path,
@@ -143,3 +143,13 @@ def test_mismatched_card_and_weights_are_refused_and_nothing_is_kept(data_dir, t
     with pytest.raises(ModelError, match="not a bus_core model card"):
         import_model({WEIGHTS_FILE: files[WEIGHTS_FILE], CARD_FILE: b"{not json"})
     assert list(user_models_dir().iterdir()) == []
+
+
+def test_unwritable_data_folder_is_a_clear_error(tmp_path, monkeypatch, tiny_model_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where the data folder should be")
+    monkeypatch.setenv("BUS_DATA_DIR", str(blocker))
+    with pytest.raises(StorageError, match="Could not save the choice of the active model"):
+        set_active_model(tiny_model_dir)
+    with pytest.raises(StorageError, match="Could not keep the uploaded model"):
+        import_model(files_of(tiny_model_dir))
