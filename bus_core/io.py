@@ -23,6 +23,7 @@ Conversion rules (the same for every source, so the app, the CLI and training ag
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,6 +31,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from bus_core.errors import BusError, InvalidImageError, MaskError
+
+log = logging.getLogger(__name__)
 
 MAX_PIXELS: int = 4096 * 4096
 """Largest image (width x height) we decode, from its header; larger files are refused as unsafe.
@@ -59,14 +62,17 @@ Source = str | Path | bytes | bytearray | memoryview | BinaryIO
 
 
 def sniff_kind(data: bytes) -> str:
-    """What the bytes look like: 'empty', 'png', 'jpeg', 'bmp', 'tiff', 'dicom', 'pdf',
-    'text' or 'unknown' (from magic numbers only; nothing is decoded)."""
+    """What the bytes look like: 'empty', 'png', 'jpeg', 'bmp', 'tiff', 'dicom', 'gif',
+    'webp', 'pdf', 'text' or 'unknown' (from magic numbers only; nothing is decoded)."""
     signatures = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"BM": "bmp",
-                  b"II*\x00": "tiff", b"MM\x00*": "tiff", b"%PDF": "pdf"}
+                  b"II*\x00": "tiff", b"MM\x00*": "tiff", b"%PDF": "pdf", b"GIF87a": "gif",
+                  b"GIF89a": "gif"}
     if not data:
         return "empty"
     if data[128:132] == b"DICM":
         return "dicom"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
     for magic, kind in signatures.items():
         if data.startswith(magic):
             return kind
@@ -208,6 +214,10 @@ def _not_readable(data: bytes, label: str) -> InvalidImageError:
     if kind in ("png", "jpeg", "bmp", "tiff"):
         return InvalidImageError(
             f"{label} looks like a {kind.upper()} file but is damaged, so we cannot read it.")
+    if kind in ("gif", "webp"):
+        return InvalidImageError(
+            f"{label} is a {kind.upper()} image (a format for web graphics and animations, "
+            f"which loses ultrasound detail); please export the frame as {_SUPPORTED}.")
     if kind == "text":
         return InvalidImageError(
             f"{label} is a text file, not an image. Please choose a {_SUPPORTED} image.")
@@ -309,10 +319,30 @@ def _load_dicom(data: bytes, label: str, frame: int, max_pixels: int) -> np.ndar
     try:
         rgb = _dicom_frame_rgb(ds, frame)
     except Exception as exc:  # decoder / LUT errors on damaged or unsupported pixel data
-        raise InvalidImageError(
-            f"{label} is a DICOM file whose image could not be decoded: it may be damaged or "
-            "use a compression we cannot read.") from exc
+        raise _undecodable_dicom(ds, label, exc) from exc
     return _crop_ultrasound_region(rgb, ds)
+
+
+def _undecodable_dicom(ds, label: str, exc: Exception) -> InvalidImageError:
+    """The error for DICOM pixel data that failed to decode, naming a compression we lack."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    syntax = UID(str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or ""))
+    known = syntax.is_valid and syntax.is_transfer_syntax
+    try:
+        decodable = known and get_decoder(syntax).is_available
+    except NotImplementedError:  # a transfer syntax pydicom has no decoder for at all
+        decodable = False
+    if known and syntax.is_compressed and not decodable:
+        return InvalidImageError(
+            f"{label} is a DICOM file compressed as {syntax.name} ({syntax}), which this "
+            "installation cannot decode. Export it uncompressed (or as PNG), or ask whoever "
+            "runs this app to add a decoder for that compression.")
+    log.info("DICOM pixel data of %s not decoded: %s", label, exc)
+    return InvalidImageError(
+        f"{label} is a DICOM file whose image could not be decoded: its pixel data is damaged "
+        "or does not match its header.")
 
 
 def _not_dicom(data: bytes, label: str, problem: str = "that is damaged") -> InvalidImageError:

@@ -89,6 +89,28 @@ def combine_masks(masks: Sequence[np.ndarray], mode: CombineMode = "weighted",
     return weighted if weighted.any() else union
 
 
+def combination_note(masks: Sequence[np.ndarray], mode: CombineMode = "weighted",
+                     threshold: float = 0.3) -> str | None:
+    """What `combine_masks` makes of these masks when its name alone does not say it: how many
+    masks 'weighted' needs (and when that equals the union or the intersection), or that it
+    fell back to the union. None for one mask and for the other modes."""
+    if mode != "weighted" or len(masks) < 2:
+        return None
+    stack = _stack_masks(masks)
+    n = len(stack)
+    if not (stack.mean(axis=0) > threshold).any():
+        return (f"No pixel is marked by more than {threshold:.0%} of the {n} masks, so "
+                "'weighted' falls back to their union.")
+    needed = next(k for k in range(1, n + 1) if k / n > threshold)
+    rule = (f"'weighted' keeps the pixels that more than {threshold:.0%} of the masks mark, "
+            f"which with {n} masks means")
+    if needed == 1:
+        return f"{rule} any of them: the same as 'union'."
+    if needed == n:
+        return f"{rule} all of them: the same as 'intersection'."
+    return f"{rule} at least {needed} of them."
+
+
 def _axis_span(start: int, stop: int, length: int, margin: float, min_size: int
                ) -> tuple[int, int]:
     """[start, stop) grown by `margin` of its size on each side and clipped to [0, length),

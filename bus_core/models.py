@@ -9,6 +9,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import math
 import subprocess
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from bus_core import atomic
 from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from bus_core.errors import ModelError
 from bus_core.transforms import InputSize, input_size_for
+
+log = logging.getLogger(__name__)
 
 ARCHS: tuple[str, ...] = ("densenet121", "vgg16", "resnet50", "inception_v3")
 WEIGHTS_FILE = "model.safetensors"
@@ -329,20 +332,22 @@ def resolve_model_dir(path: str | Path) -> Path:
     return folder
 
 
-def read_card(path: str | Path) -> ModelCard:
+def read_card(path: str | Path, *, label: str | None = None) -> ModelCard:
     """The model card of a model folder, without loading the weights. Refuses a card from a
-    newer version of the app, or one asking for a normalisation the app does not apply."""
+    newer version of the app, or one asking for a normalisation the app does not apply.
+    Messages name the card by its path, or as "the model card of <label>"."""
     card_path = resolve_model_dir(path) / CARD_FILE
+    where = f"of {label}" if label else str(card_path)
     try:
         card = ModelCard.from_dict(json.loads(card_path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
-        raise ModelError(f"The model card {card_path} is not valid JSON: {exc}") from exc
+        raise ModelError(f"The model card {where} is not valid JSON: {exc}") from exc
     if not isinstance(card.card_version, int) or card.card_version > CARD_VERSION:
-        raise ModelError(f"The model card {card_path} is of version {card.card_version!r}; this "
+        raise ModelError(f"The model card {where} is of version {card.card_version!r}; this "
                          f"app reads versions up to {CARD_VERSION}. Update the app.")
     expected = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     if card.normalisation != expected:
-        raise ModelError(f"The model card {card_path} asks for the normalisation "
+        raise ModelError(f"The model card {where} asks for the normalisation "
                          f"{card.normalisation}; this app normalises inputs with ImageNet's "
                          f"mean and standard deviation {expected}.")
     return card
@@ -364,33 +369,38 @@ def _network_for(card: ModelCard) -> nn.Module:
                          len(card.classes))
 
 
-def load_model(path: str | Path, *, verify_hash: bool = True) -> LoadedModel:
+def load_model(path: str | Path, *, verify_hash: bool = True,
+               label: str | None = None) -> LoadedModel:
     """Load a model folder (weights + card) in eval mode on the CPU, in fp32.
 
     Refuses a card whose architecture, classes or weights hash do not match the weights.
+    Messages name the model by its folder, or by `label` (e.g. "the uploaded model").
     """
     folder = resolve_model_dir(path)
-    card = read_card(folder)
+    card = read_card(folder, label=label)
+    where = label or str(folder)
     weights = folder / WEIGHTS_FILE
     if verify_hash and card.weights_sha256 and file_sha256(weights) != card.weights_sha256:
-        raise ModelError(f"The weights in {folder} do not match its model card (sha256 differs): "
+        raise ModelError(f"The weights of {where} do not match its model card (sha256 differs): "
                          "the files were changed or mixed up. Re-export the model.")
     try:
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"The weights file {weights} cannot be read as safetensors: "
-                         f"{exc}") from exc
+        log.info("Unreadable safetensors %s: %s", weights, exc)
+        raise ModelError(f"The weights file of {where} is damaged or not a safetensors "
+                         "file. Re-export the model.") from exc
     model = _network_for(card)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        detail = (missing or unexpected or wrong)[:3]
-        raise ModelError(f"The weights in {folder} do not fit a {card.arch} with "
-                         f"{len(card.classes)} outputs as its card says ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, {len(wrong)} wrong-shaped tensors, "
-                         f"e.g. {detail}).")
+        log.info("Weights of %s vs a %s with %d outputs: %d missing, %d unexpected, "
+                 "%d wrong-shaped tensors, e.g. %s", folder, card.arch, len(card.classes),
+                 len(missing), len(unexpected), len(wrong), (missing or unexpected or wrong)[:3])
+        raise ModelError(f"The weights of {where} are not those of the network its card "
+                         f"describes (a {card.arch} with {len(card.classes)} classes): the card "
+                         "belongs to another model. Export the model again, with its own card.")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     model.eval()
     return LoadedModel(model, card, folder)

@@ -270,7 +270,7 @@ def import_model(files: Mapping[str, bytes], *, user_dir: Path | None = None) ->
     try:
         (staging / WEIGHTS_FILE).write_bytes(weights)
         (staging / CARD_FILE).write_bytes(card_bytes)
-        load_model(staging)
+        load_model(staging, label="the uploaded model")
         try:
             name = check_model_name(card.name)
         except ModelError:

@@ -230,7 +230,10 @@ def test_missing_file(tmp_path: Path) -> None:
     (np.random.default_rng(0).bytes(500), "not an image file we can read"),
     (b"Patient notes: lesion 12 mm\n" * 10, "is a text file"),
     (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n", "is a PDF document"),
-    (encode(Image.fromarray(rgb_pattern()), "GIF"), "not an image file we can read"),
+    (encode(Image.fromarray(rgb_pattern()), "GIF"), "is a GIF image"),
+    (encode(Image.fromarray(rgb_pattern()), "GIF", save_all=True,
+            append_images=[Image.fromarray(gray_pattern())]), "is a GIF image"),
+    (encode(Image.fromarray(rgb_pattern()), "WEBP"), "is a WEBP image"),
 ])
 def test_unreadable_bytes(data: bytes, message: str) -> None:
     with pytest.raises(InvalidImageError, match=message) as info:
@@ -536,3 +539,43 @@ def test_max_side_downscales_keeping_aspect() -> None:
     image = load_image(data, max_side=100)
     assert image.shape == (50, 100, 3) and int(image.min()) == 200
     assert load_image(data, max_side=600).shape == (300, 600, 3)
+
+
+def write_jpeg_dicom(path: Path, jpeg: bytes, shape: tuple[int, int]) -> Path:
+    """An ultrasound DICOM whose one frame is the JPEG baseline stream `jpeg`."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    path = write_dicom(path, np.zeros(shape, np.uint8), "MONOCHROME2")
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([jpeg])
+    ds["PixelData"].is_undefined_length = True
+    ds.save_as(path)
+    return path
+
+
+def test_jpeg_compressed_dicom_is_decoded(tmp_path: Path) -> None:
+    gray = gray_pattern()
+    path = write_jpeg_dicom(tmp_path / "us.dcm", encode(Image.fromarray(gray), "JPEG",
+                                                         quality=95), gray.shape)
+    image = load_image(path)
+    assert image.shape == (H, W, 3)
+    assert np.abs(image[..., 0].astype(int) - gray).mean() < 4
+
+
+def test_dicom_codec_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gray = gray_pattern()
+    path = write_jpeg_dicom(tmp_path / "us.dcm", b"\xff\xd8\xff" + b"\x00" * 64, gray.shape)
+    with pytest.raises(InvalidImageError, match="'us.dcm' is a DICOM file whose image could not "
+                                                "be decoded: its pixel data is damaged"):
+        load_image(path)
+
+    class Missing:
+        is_available = False
+
+    monkeypatch.setattr("pydicom.pixels.get_decoder", lambda uid: Missing())
+    with pytest.raises(InvalidImageError, match=r"compressed as JPEG Baseline \(Process 1\) "
+                                                r"\(1\.2\.840\.10008\.1\.2\.4\.50\), which this "
+                                                "installation cannot decode"):
+        load_image(path)

@@ -10,6 +10,7 @@ from bus_core.errors import MaskError
 from bus_core.masks import (
     COMBINE_MODES,
     apply_mask_crop,
+    combination_note,
     combine_masks,
     draw_outline,
     leak_free_crop,
@@ -65,6 +66,17 @@ def test_weighted_falls_back_to_union_when_nothing_passes():
     assert np.array_equal(combine_masks([left, right], "weighted", threshold=0.5), left | right)
     # and only then: an overlap that passes is kept alone
     assert np.array_equal(combine_masks([A, B], "weighted", threshold=0.5), A & B)
+
+
+def test_combination_note_says_what_weighted_amounts_to():
+    left, right = box((10, 10), 0, 4, 0, 4), box((10, 10), 6, 10, 6, 10)
+    assert "the same as 'union'" in combination_note([A, B], "weighted", 0.3)
+    assert "the same as 'union'" in combination_note([A, B, C], "weighted", 0.3)
+    assert "the same as 'intersection'" in combination_note([A, B], "weighted", 0.5)
+    assert "at least 3 of them" in combination_note([A, B, C, A, B], "weighted", 0.5)
+    assert "falls back to their union" in combination_note([left, right], "weighted", 0.5)
+    assert combination_note([A], "weighted") is None
+    assert combination_note([A, B], "union") is None
 
 
 def test_intersection_of_separate_masks_is_empty_not_an_error():

@@ -83,7 +83,7 @@ def test_card_weights_mismatch_is_refused(tmp_path, tiny_model_dir):
     card = json.loads((tiny_model_dir / "card.json").read_text())
     card["classes"] = ["benign", "malignant"]
     (folder / "card.json").write_text(json.dumps(card))
-    with pytest.raises(ModelError, match="do not fit a densenet121 with 2 outputs"):
+    with pytest.raises(ModelError, match=r"a densenet121 with 2 classes\): the card belongs"):
         load_model(folder)
 
 

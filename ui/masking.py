@@ -11,7 +11,14 @@ import streamlit as st
 
 from bus_core.errors import BusError
 from bus_core.inputs import InputSpec
-from bus_core.masks import COMBINE_MODES, combine_masks, draw_outline, mask_overlay, masked_input
+from bus_core.masks import (
+    COMBINE_MODES,
+    combination_note,
+    combine_masks,
+    draw_outline,
+    mask_overlay,
+    masked_input,
+)
 from bus_core.segment import Segmenter
 from ui.common import show_error
 from ui.state import digest, memo
@@ -52,6 +59,9 @@ def _combine(image: np.ndarray, masks: list[np.ndarray], spec: InputSpec,
                              "what any mask marks.")
     try:
         combined = combine_masks(masks, mode=mode, threshold=spec.threshold)
+        note = combination_note(masks, mode, spec.threshold)
+        if note:
+            st.caption(note)
         if not combined.any():  # masked_input says why: nothing marked, or no overlap
             masked_input(image, masks, mode=mode, threshold=spec.threshold)
         return combined
@@ -65,9 +75,11 @@ def _uploaded_masks(image: np.ndarray, key: str) -> list[np.ndarray]:
                              key=f"mask_files_{key}",
                              help="White (non-zero) pixels mark the lesion. A mask must have "
                                   "the size or the shape of its image.")
-    masks, errors = read_masks(files or [], image.shape[:2])
+    masks, errors, warnings = read_masks(files or [], image.shape[:2])
     for error in errors:
         show_error(error)
+    for warning in warnings:
+        st.warning(warning, icon=":material/content_copy:")
     return masks
 
 
@@ -150,8 +162,10 @@ def mask_panel(image: np.ndarray, spec: InputSpec, key: str,
     mask = _combine(image, masks, spec, key) if masks else None
     if not on_canvas:
         colour = SUGGESTED_COLOUR if source == SUGGEST else LESION_COLOUR
-        shown = image if mask is None else memo(
-            "outlined", (key, digest(mask), colour), lambda: outlined(image, mask, colour),
+        # an unusable combination still shows the masks it was made of (their union)
+        drawn = mask if mask is not None else np.any(masks, axis=0) if masks else None
+        shown = image if drawn is None else memo(
+            "outlined", (key, digest(drawn), colour), lambda: outlined(image, drawn, colour),
             max_entries=16)
         st.image(shown, width="stretch",
                  caption="Suggested outline (automatic)" if source == SUGGEST and mask is not None

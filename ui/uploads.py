@@ -80,14 +80,20 @@ def read_case_files(path: str, mask_paths: Sequence[str]) -> tuple[Upload, list[
 
 
 def read_masks(files: Sequence[UploadedFile], shape: tuple[int, int]
-               ) -> tuple[list[np.ndarray], list[BusError]]:
-    """The uploaded mask files fitted to an image of `shape` (H, W), and the errors of those
-    that cannot be used."""
-    masks, errors = [], []
+               ) -> tuple[list[np.ndarray], list[BusError], list[str]]:
+    """The uploaded mask files fitted to an image of `shape` (H, W), the errors of those that
+    cannot be used, and warnings for files that repeat an earlier file (used once)."""
+    masks, errors, warnings = [], [], []
+    seen: dict[str, str] = {}
     for f in files:
+        content = digest(f.getvalue())
+        if content in seen:
+            warnings.append(f"'{f.name}' is the same file as '{seen[content]}': it is used once.")
+            continue
+        seen[content] = f.name
         try:
             masks.append(memo("mask", (f.file_id, f.name, shape),
                               lambda f=f: load_mask(f.getvalue(), shape=shape, name=f.name)))
         except BusError as exc:
             errors.append(exc)
-    return masks, errors
+    return masks, errors, warnings
