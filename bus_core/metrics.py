@@ -352,3 +352,13 @@ def _terminal(value: Any) -> str:
 def fmt3(value: Any, missing: str = "–") -> str:
     """A metric for display: three decimals, or `missing` when it does not exist."""
     return missing if value is None else f"{float(value):.3f}"
+
+
+def percent_pair(value: float, reference: float) -> tuple[str, str]:
+    """`value` and `reference` as percentages with the fewest decimals (0 to 2) at which their
+    order still shows: (0.597, 0.6) -> ('59.7%', '60.0%'), never '60%' below '60%'."""
+    for decimals in range(3):
+        a, b = round(value * 100, decimals), round(reference * 100, decimals)
+        if (a < b) == (value < reference) and (a > b) == (value > reference):
+            break
+    return f"{value:.{decimals}%}", f"{reference:.{decimals}%}"

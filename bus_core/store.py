@@ -41,6 +41,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from PIL import Image
 from sqlalchemy import (
+    Boolean,
     Column,
     Connection,
     Engine,
@@ -72,14 +73,16 @@ DB_FILE = "cases.sqlite"
 IMAGES_DIR = "images"
 BUSY_TIMEOUT_MS = 30_000
 
-CaseStatus = Literal["unreviewed", "confirmed", "corrected"]
+CaseStatus = Literal["unreviewed", "confirmed", "corrected", "labelled"]
+"""'confirmed' / 'corrected': the reviewer's label equals / differs from the model's reading;
+'labelled': the model was uncertain (no answer), so the label is the reviewer's alone."""
 STATUSES: tuple[str, ...] = get_args(CaseStatus)
 ORDERABLE: tuple[str, ...] = ("created_at", "updated_at", "id", "status", "predicted_label",
                               "confirmed_label", "reviewer", "model_name")
 """Columns `list_cases` can sort by."""
 
 _EXPORTED_FILE = re.compile(r"^case-\d+(?:_mask(?:_\d+)?)?\.png$")
-_CSV_COLUMNS = ("id", "path", "label", "mask", "mask_source", "predicted", "status",
+_CSV_COLUMNS = ("id", "path", "label", "mask", "mask_source", "predicted", "uncertain", "status",
                 "probabilities", "model", "model_hash", "reviewer", "notes", "image_name",
                 "created_at", "updated_at")
 
@@ -118,11 +121,18 @@ class Case:
     notes: str
     status: CaseStatus
     mask_source: MaskSource | None = None
+    uncertain: bool = False
 
     @property
     def label(self) -> str:
         """The confirmed label once reviewed, else the model's prediction."""
         return self.confirmed_label or self.predicted_label
+
+    @property
+    def reading(self) -> str:
+        """The model's reading as shown: its class, or 'uncertain (leans <class>)'."""
+        return f"uncertain (leans {self.predicted_label})" if self.uncertain \
+            else self.predicted_label
 
 
 @dataclass(frozen=True)
@@ -170,6 +180,7 @@ cases = Table(
     Column("status", String(16), nullable=False),
     Column("updated_at", String(40), nullable=False),
     Column("mask_source", String(32)),
+    Column("uncertain", Boolean),
 )
 """The cases table of the current schema (created by the migrations, never by create_all)."""
 
@@ -248,8 +259,14 @@ def _upgrade_v2_to_v3(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE cases ADD COLUMN mask_source VARCHAR(32)"))
 
 
+def _upgrade_v3_to_v4(conn: Connection) -> None:
+    """Schema 4: whether the model was uncertain (below its card's certainty threshold: no
+    answer); NULL for older cases, read as not uncertain."""
+    conn.execute(text("ALTER TABLE cases ADD COLUMN uncertain BOOLEAN"))
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_create_v1, _upgrade_v1_to_v2,
-                                                        _upgrade_v2_to_v3)
+                                                        _upgrade_v2_to_v3, _upgrade_v3_to_v4)
 """Step i upgrades a database from schema version i to i + 1."""
 
 CURRENT_SCHEMA_VERSION = len(MIGRATIONS)
@@ -405,10 +422,11 @@ class CaseStore:
                   combine_mode: str | None = None, model_name: str, model_hash: str,
                   probabilities: Mapping[str, float], predicted_label: str,
                   cam_settings: Mapping[str, Any] | None = None, reviewer: str = "",
-                  mask_source: str | None = None) -> Case:
+                  mask_source: str | None = None, uncertain: bool = False) -> Case:
         """Store a prediction as a new unreviewed case (image and masks first, then the case
         and its 'created' audit entry in one transaction). `mask_source` says who made the
-        masks (one of `MASK_SOURCES`; None without masks)."""
+        masks (one of `MASK_SOURCES`; None without masks); `uncertain`, that the model's top
+        class was below its certainty threshold (the reading is then no answer)."""
         if mask_source is not None and mask_source not in MASK_SOURCES:
             raise InvalidCaseError(f"Unknown mask source {mask_source!r}; choose one of "
                                    f"{', '.join(MASK_SOURCES)}.")
@@ -426,7 +444,7 @@ class CaseStore:
                    confirmed_label=None,
                    cam_settings=None if cam_settings is None else json.dumps(dict(cam_settings)),
                    reviewer=reviewer.strip(), notes="", status="unreviewed",
-                   mask_source=mask_source if masks else None)
+                   mask_source=mask_source if masks else None, uncertain=bool(uncertain))
         with self._begin(write=True) as conn:
             key = conn.execute(insert(cases).values(row)).inserted_primary_key
             assert key is not None
@@ -438,13 +456,15 @@ class CaseStore:
     def review_case(self, case_id: int, *, label: str, reviewer: str,
                     notes: str | None = None) -> Case:
         """Record a radiologist's label: status becomes 'confirmed' when it equals the
-        prediction, else 'corrected'. `notes`, when given, replaces the case's notes. Every
+        prediction, 'corrected' when it differs, and 'labelled' when the model was uncertain
+        (it gave no answer to agree or disagree with). `notes`, when given, replaces the case's notes. Every
         changed field gets an audit entry with its old and new value."""
         label = _check_label(label)
         reviewer = _check_reviewer(reviewer)
         with self._begin(write=True) as conn:
             case = _fetch(conn, case_id)
-            status = "confirmed" if label == case.predicted_label else "corrected"
+            status = "labelled" if case.uncertain else \
+                "confirmed" if label == case.predicted_label else "corrected"
             changes = {"confirmed_label": label, "status": status, "reviewer": reviewer}
             if notes is not None:
                 changes["notes"] = notes.strip()
@@ -508,6 +528,12 @@ class CaseStore:
         with self._begin() as conn:
             return [_case(row) for row in conn.execute(query).mappings()]
 
+    def cases_of_image(self, image: np.ndarray) -> list[Case]:
+        """The cases saved with exactly these pixels, oldest first (empty when none)."""
+        query = select(cases).where(cases.c.image_hash == _array_hash(_check_image(image)))
+        with self._begin() as conn:
+            return [_case(row) for row in conn.execute(query.order_by(cases.c.id)).mappings()]
+
     def confirmed_cases(self) -> list[Case]:
         """Reviewed cases (confirmed or corrected), oldest first: the new training data."""
         query = select(cases).where(cases.c.confirmed_label.is_not(None)).order_by(cases.c.id)
@@ -564,7 +590,7 @@ class CaseStore:
         paths = [f"{case.label}/{name}" for name in names]
         return {"id": case.id, "path": paths[0], "label": case.label, "mask": ";".join(paths[1:]),
                 "mask_source": case.mask_source or "", "predicted": case.predicted_label,
-                "status": case.status,
+                "uncertain": "yes" if case.uncertain else "no", "status": case.status,
                 "probabilities": json.dumps(case.probabilities), "model": case.model_name,
                 "model_hash": case.model_hash, "reviewer": case.reviewer, "notes": case.notes,
                 "image_name": case.image_name, "created_at": case.created_at,
@@ -651,6 +677,7 @@ def _case(row: Any) -> Case:
     values["probabilities"] = json.loads(values["probabilities"])
     values["cam_settings"] = (json.loads(values["cam_settings"])
                               if values["cam_settings"] is not None else None)
+    values["uncertain"] = bool(values["uncertain"])
     return Case(**values)
 
 

@@ -46,16 +46,17 @@ from ui.training import last_event, progress_fraction, progress_text
 
 ALL = "All"
 POLL_S = 3
-AGREEMENT = {"unreviewed": "⏳ to review", "confirmed": "✅ agrees",
-             "corrected": "⚠️ disagrees"}
+AGREEMENT = {"unreviewed": "to review", "confirmed": "agrees", "corrected": "disagrees",
+             "labelled": "labelled (model uncertain)"}
+"""Each case status in words (plain text: emoji fonts are missing on many clinic machines)."""
 DISAGREE_STYLE = "background-color: #fdecea"
 SORT_LABELS = {"created_at": "Date saved", "updated_at": "Last change", "id": "Case number",
                "status": "Status", "predicted_label": "Model's reading",
                "confirmed_label": "Confirmed label", "reviewer": "Reviewer",
                "model_name": "Model"}
-ACTION_LABELS = {"activated": "✅ activated", "overridden": "⚠️ activated by override",
-                 "blocked": "⛔ blocked by the gate", "rejected": "✖️ rejected",
-                 "rolled back": "↩️ rolled back"}
+ACTION_LABELS = {"activated": "activated", "overridden": "activated by override",
+                 "blocked": "blocked by the gate", "rejected": "rejected",
+                 "rolled back": "rolled back"}
 DEFAULT_SPLIT = PROJECT_ROOT / "splits" / "busi.json"
 
 
@@ -119,7 +120,7 @@ def case_table(cases: list[Case]) -> pd.DataFrame:
     """One row per case, newest or as sorted."""
     return pd.DataFrame([{
         "Case": c.id, "Saved": local_time(c.created_at), "Image": c.image_name,
-        "Model's reading": c.predicted_label,
+        "Model's reading": c.reading,
         "Probability": c.probabilities.get(c.predicted_label),
         "Confirmed": c.confirmed_label or "", "Agreement": AGREEMENT[c.status],
         "Reviewer": c.reviewer, "Model": c.model_name, "Notes": c.notes} for c in cases])
@@ -225,7 +226,7 @@ def case_detail(store: CaseStore, case: Case, reviewer: str) -> None:
     with middle:
         cam_view(predictor, why_not, case, image, masks)
     with right:
-        st.markdown(f"**Model's reading:** {case.predicted_label} · model `{case.model_name}`  \n"
+        st.markdown(f"**Model's reading:** {case.reading} · model `{case.model_name}`  \n"
                     f"**Status:** {AGREEMENT[case.status]}"
                     + (f" · confirmed **{case.confirmed_label}** by {md_escape(case.reviewer)}"
                        if case.confirmed_label else ""))
@@ -308,7 +309,7 @@ def running_view(plan: RetrainPlan) -> None:
 
 def gate_rows(result: GateResult) -> pd.DataFrame:
     """The comparison table of a gate result."""
-    verdict = {True: "✅ ok", False: "❌ worse", None: "– not compared"}
+    verdict = {True: "ok", False: "worse", None: "not compared"}
     return pd.DataFrame([{"Data": GATE_SUBSETS[r["subset"]].removeprefix("the "),
                           "n": (result.candidate[r["subset"]].get("n") or 0),
                           "Metric": r["metric"].replace("_", " "),

@@ -1,9 +1,12 @@
 """Teaching: read a random labelled case, commit to a class, then see the truth, the lesion
-outline, the model's reading and its Grad-CAM; the learner's and the model's scores are kept."""
+outline, the model's reading and its Grad-CAM; the learner's and the model's scores are kept
+(in the page address too, so a reload keeps them). Cases come from the test subset of the
+dataset's split by default: images the released model was not trained on."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import streamlit as st
@@ -17,37 +20,73 @@ from bus_core.predict import Prediction, Predictor
 from bus_core.segment import Segmenter
 from bus_core.segmentation import dice_iou
 from bus_core.settings import default_dataset_dir
+from bus_core.splits import SUBSETS, load_split, split_records
 from ui.common import active_segmenter, optional_predictor, show_error
+from ui.data_inputs import matching_split, resolve_path
 from ui.masking import SUGGESTED_COLOUR, outlined, suggested_mask
 from ui.results import explanation_section, predict_cached, show_prediction
 from ui.state import memo
 from ui.teaching import TeachingSession
 
 OUTLINE = (0, 200, 83)
+ALL_IMAGES = "all images"
+TOKEN_PARAM = "teach"
 
 
 @st.cache_data(show_spinner="Reading the dataset…", ttl=600, max_entries=4)
-def dataset(folder: str) -> list[Record]:
-    """The labelled records of a folder or manifest (only the three known classes)."""
-    return [r for r in load_records(folder) if r.label in CLASSES]
+def dataset(folder: str, split: str, subset: str) -> list[Record]:
+    """The labelled records (the three known classes) of a folder or manifest, or of one
+    subset of its split file."""
+    records = [r for r in load_records(folder) if r.label in CLASSES]
+    if subset == ALL_IMAGES:
+        return records
+    return split_records(records, load_split(split), subset)
 
 
-def choose_folder() -> str:
-    """The dataset folder: the default one, or what the user types."""
+def choose_cases() -> tuple[str, str, str]:
+    """(dataset folder, split file, subset): the default dataset's test subset, or what the
+    user chooses."""
     default = default_dataset_dir()
-    with st.expander("Dataset", expanded=default is None, icon=":material/folder_open:"):
+    with st.expander("Cases", expanded=default is None, icon=":material/folder_open:"):
         folder = st.text_input("Dataset folder or CSV manifest", value=str(default or ""),
                                key="teach_folder", placeholder="/path/to/BUSI",
                                help="A BUSI-layout folder (normal/, benign/, malignant/ with "
-                                    "_mask files) or a CSV manifest path,label[,mask].")
-    return folder.strip()
+                                    "_mask files) or a CSV manifest path,label[,mask].").strip()
+        split = matching_split([folder]) if folder else ""
+        left, right = st.columns(2)
+        split = left.text_input("Split file", value=split, key=f"teach_split_{folder}",
+                                help="The split the models were trained with: its test subset "
+                                     "holds images no model here has seen.").strip()
+        subsets = [*reversed(SUBSETS), ALL_IMAGES] if split else [ALL_IMAGES]
+        subset = right.selectbox("Cases from", subsets, key=f"teach_subset_{folder}_{split}",
+                                 help="test: images the model never saw in training (a fair "
+                                      "comparison); train: images it learned from.")
+    return folder, resolve_path(split) if split else "", subset
 
 
-def session_for(folder: str, n_cases: int) -> TeachingSession:
-    """This browser session's teaching state, restarted when the dataset changes."""
+def describe_cases(folder: str, split: str, subset: str, n_cases: int) -> str:
+    """Which cases the session draws from, and what that means for the model's score."""
+    name = Path(folder).name or folder
+    if subset == "test":
+        return (f"{n_cases} cases: the test subset of {name} ({Path(split).name}), images the "
+                "released models were not trained on.")
+    if subset == ALL_IMAGES:
+        return (f"{n_cases} cases: every image of {name}, including images the model was "
+                "trained on, so its score there is optimistic.")
+    return (f"{n_cases} cases: the {subset} subset of {name} ({Path(split).name}); the model "
+            "was " + ("trained on these images, so its score is optimistic." if subset == "train"
+                      else "tuned on these images, so its score is slightly optimistic."))
+
+
+def session_for(source: str, n_cases: int) -> TeachingSession:
+    """This browser session's teaching state: kept while the cases stay the same, restored
+    from the page address after a reload, else new."""
     session = st.session_state.get("teach")
-    if session is None or session.source != folder or len(session.order) != n_cases:
-        session = st.session_state["teach"] = TeachingSession.new(folder, n_cases)
+    if session is None or session.source != source or len(session.order) != n_cases:
+        token = st.query_params.get(TOKEN_PARAM, "")
+        session = TeachingSession.from_token(source, n_cases, token) or \
+            TeachingSession.new(source, n_cases)
+        st.session_state["teach"] = session
     return session
 
 
@@ -73,15 +112,15 @@ def check(session: TeachingSession, record: Record, image: np.ndarray,
     answer = st.session_state.get(f"teach_answer_{session.position}")
     if answer is None:
         return
-    label = None
+    label, uncertain = None, False
     if predictor is not None:
         try:
-            label = model_reading(predictor, record, image).label
+            reading = model_reading(predictor, record, image)
+            label, uncertain = reading.label, reading.uncertain
         except BusError as exc:  # the learner is scored; the model has no answer for this case
             logging.getLogger("bus_core.ui.teach").warning("No model reading of %s: %s",
                                                            record.id, exc)
-            label = None
-    session.check(answer, record.label, label)
+    session.check(answer, record.label, label, model_uncertain=uncertain)
 
 
 def scoreboard(session: TeachingSession, has_model: bool) -> None:
@@ -89,7 +128,8 @@ def scoreboard(session: TeachingSession, has_model: bool) -> None:
     you, model, case_no = st.columns(3)
     you.metric("Your score", str(session.learner))
     model.metric("Model's score", str(session.model) if has_model else "–",
-                 help="The active model on the cases you answered.")
+                 help="The active model on the cases you answered; an uncertain reading is "
+                      "no answer, so it does not count as right.")
     case_no.metric("Case", f"{session.position + 1} of {len(session.order)}")
 
 
@@ -112,9 +152,12 @@ def reveal_model(predictor: Predictor, record: Record, image: np.ndarray,
         show_error(exc, "The model cannot read this case")
         return None
     show_prediction(prediction, predictor.card.uncertain_below, key)
-    right = prediction.label == record.label
-    st.caption(f"The model's top class, {prediction.label}, is "
-               f"{'right' if right else 'wrong'} for this case.")
+    if prediction.uncertain:
+        st.caption("The model is uncertain: no answer, scored as not right.")
+    else:
+        right = prediction.label == record.label
+        st.caption(f"The model's top class, {prediction.label}, is "
+                   f"{'right' if right else 'wrong'} for this case.")
     return prediction
 
 
@@ -187,21 +230,32 @@ st.title("Teaching")
 st.caption("Read each case as you would in clinic and commit to an answer; then compare it with "
            "the dataset's label, the lesion outline and the model's reading.")
 
-folder = choose_folder()
+folder, split_file, subset = choose_cases()
 if not folder:
     st.info("Enter the folder of a labelled dataset (for example BUSI) to start.",
             icon=":material/info:")
     st.stop()
 try:
-    records = dataset(folder)
+    records = dataset(folder, split_file, subset)
 except DataError as exc:
-    show_error(exc)
-    st.stop()
+    if subset == ALL_IMAGES:
+        show_error(exc)
+        st.stop()
+    st.warning(f"The split file cannot be used with this dataset: {exc} The cases come from "
+               "all its images.", icon=":material/warning:")
+    subset = ALL_IMAGES
+    try:
+        records = dataset(folder, split_file, subset)
+    except DataError as exc:
+        show_error(exc)
+        st.stop()
 if not records:
-    st.warning("This dataset has no images labelled normal, benign or malignant.")
+    st.warning("These cases hold no image labelled normal, benign or malignant.")
     st.stop()
 
+st.caption(describe_cases(folder, split_file, subset, len(records)))
 teach_predictor, no_model_note = optional_predictor()
-teaching = session_for(folder, len(records))
+teaching = session_for(f"{folder}|{split_file}|{subset}", len(records))
 scoreboard(teaching, teach_predictor is not None)
 show_case(teaching, records[teaching.current], teach_predictor, no_model_note)
+st.query_params[TOKEN_PARAM] = teaching.token()

@@ -15,6 +15,7 @@ from bus_core.metrics import (
     fit_temperature,
     format_metrics,
     nll,
+    percent_pair,
     reliability_curve,
     roc_curves,
     softmax,
@@ -265,3 +266,10 @@ def test_malignant_threshold_reaches_the_target_sensitivity():
     assert at["sensitivity"] == pytest.approx(0.9) and at["flagged"] == 9 + 7
     assert at["specificity"] == pytest.approx(0.3)
     assert fit_malignant_threshold(np.array([0, 1]), probs[:2]) is None
+
+
+def test_percent_pair_keeps_the_order_visible():
+    assert percent_pair(0.597, 0.6) == ("59.7%", "60.0%")
+    assert percent_pair(0.2951, 0.295) == ("29.51%", "29.50%")
+    assert percent_pair(0.72, 0.6) == ("72%", "60%")
+    assert percent_pair(0.6, 0.6) == ("60%", "60%")

@@ -64,7 +64,7 @@ def test_lists_cases_and_highlights_disagreement(case_ids):
     table = at.dataframe[0].value
     assert sorted(table["Case"]) == sorted(case_ids)
     row = table[table["Case"] == case_ids[2]].iloc[0]
-    assert row["Agreement"] == "⚠️ disagrees" and row["Reviewer"] == "Dr Old"
+    assert row["Agreement"] == "disagrees" and row["Reviewer"] == "Dr Old"
     assert "1 where the reviewer disagreed" in texts(at)
     at.selectbox(key="review_f_status").set_value("unreviewed").run()
     assert sorted(at.dataframe[0].value["Case"]) == sorted(case_ids[:2])
@@ -198,12 +198,12 @@ def test_compare_from_the_page_then_activate(case_ids, tiny_model_dir, busi_dir,
     at.button(key="review_gate_run").click().run()
     assert not at.exception, [e.value for e in at.exception]
     table = next(d.value for d in at.dataframe if "Verdict" in d.value.columns)
-    assert set(table["Verdict"]) <= {"✅ ok", "– not compared"}  # the same weights: not worse
+    assert set(table["Verdict"]) <= {"ok", "not compared"}  # the same weights: not worse
     assert "no held-out new cases" in texts(at)
     at.button(key="review_gate_activate").click().run()
     assert active_model_path() == new.resolve()
     assert decision_log()[-1]["action"] == "activated"
-    assert "Decision: ✅ activated by Dr C" in texts(at)
+    assert "Decision: activated by Dr C" in texts(at)
 
 
 def test_unusable_data_folder_is_explained(monkeypatch, tmp_path):
@@ -253,3 +253,19 @@ def test_markdown_in_user_text_is_escaped():
     escaped = md_escape(hostile)
     assert "![" not in escaped and "](" not in escaped and "**" not in escaped
     assert escaped.replace("\\", "") == hostile
+
+
+def test_saving_the_same_image_again_asks_first(monkeypatch, tmp_path, tiny_model_dir):
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.setenv("TINY_MODEL", str(tiny_model_dir))
+    at = AppTest.from_function(_save_button_script, default_timeout=60)
+    at.run()
+    at.button(key="save_case_k1").click().run()
+    at.session_state["_saved_cases"] = {}  # a new session sees the same image
+    at.run()
+    assert "already saved as case 1" in at.warning[0].value
+    assert at.button(key="save_case_k1").label == "Save again as a new case"
+    at.button(key="save_case_k1").click().run()
+    assert "Saved as case 2" in at.success[0].value
+    with open_store(default_db_path()) as store:
+        assert [c.id for c in store.list_cases(order_by="id", descending=False)] == [1, 2]

@@ -443,8 +443,8 @@ def test_empty_database_is_migrated_to_current(tmp_path: Path) -> None:
     db = tmp_path / "empty.sqlite"
     sqlite3.connect(db).close()
     with open_store(db) as s:
-        assert s.schema_version() == CURRENT_SCHEMA_VERSION == 3
-        assert s.migrate() == 3
+        assert s.schema_version() == CURRENT_SCHEMA_VERSION == 4
+        assert s.migrate() == 4
     assert {"schema_version", "cases", "audit_log", "audit_log_no_update",
             "audit_log_no_delete"} <= table_names(db)
     with sqlite3.connect(db) as conn:
@@ -458,9 +458,9 @@ def test_version_1_database_is_upgraded_keeping_rows(tmp_path: Path) -> None:
     assert "audit_log" not in table_names(db)
 
     with open_store(db) as s:
-        assert s.schema_version() == 3
+        assert s.schema_version() == 4
         one, two = s.get_case(1), s.get_case(2)
-        assert one.mask_source is None
+        assert one.mask_source is None and one.uncertain is False
         assert (one.status, one.reviewer, one.notes, one.cam_settings) == (
             "unreviewed", "", "", None)
         assert one.updated_at == one.created_at == "2024-01-02T10:00:00.000000+00:00"
@@ -513,3 +513,18 @@ def test_exported_csv_cells_are_not_formulas(store: CaseStore, tmp_path: Path) -
         (row,) = list(csv.DictReader(fh))
     assert row["reviewer"].startswith("'=") and row["notes"].startswith("'+1")
     assert csv_safe(0.5) == 0.5 and csv_safe("benign") == "benign"
+
+
+def test_uncertain_readings_are_stored_shown_and_not_disagreements(store: CaseStore,
+                                                                   tmp_path: Path) -> None:
+    case = save(store, uncertain=True)
+    assert case.uncertain and case.reading == "uncertain (leans benign)"
+    assert save(store, seed=1).reading == "benign"
+    labelled = store.review_case(case.id, label="malignant", reviewer="Dr A")
+    assert labelled.status == "labelled"  # no answer to disagree with
+    assert store.review_case(case.id, label="benign", reviewer="Dr A").status == "labelled"
+    assert store.list_cases(status="labelled") == [store.get_case(case.id)]
+    out = store.export_busi(tmp_path / "export")
+    rows = list(csv.DictReader(open(out / "cases.csv", encoding="utf-8")))
+    assert [(r["predicted"], r["uncertain"], r["status"]) for r in rows] == [
+        ("benign", "yes", "labelled")]

@@ -58,7 +58,8 @@ def save_prediction_as_case(store: CaseStore, image: np.ndarray, image_name: str
                            model_hash=predictor.card.weights_sha256,
                            probabilities=prediction.probabilities,
                            predicted_label=prediction.label, cam_settings=cam_settings,
-                           reviewer=reviewer, mask_source=mask_source)
+                           reviewer=reviewer, mask_source=mask_source,
+                           uncertain=prediction.uncertain)
 
 
 def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndarray],
@@ -73,10 +74,22 @@ def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndar
         st.success(f"Saved as case {saved[key]}: review it on the Review cases page.",
                    icon=":material/check_circle:")
         return None
-    if not st.button("Save as case", key=f"save_case_{key}", icon=":material/save:"):
-        return None
     store = case_store()
     if store is None:
+        return None
+    try:
+        earlier = store.cases_of_image(image)
+    except BusError as exc:
+        show_error(exc, "The case database cannot be read")
+        return None
+    label = "Save as case"
+    if earlier:
+        numbers = ", ".join(str(c.id) for c in earlier)
+        st.warning(f"This image is already saved as case {numbers}. Save it again only for a "
+                   "new reading (another model or mask); otherwise review the saved case.",
+                   icon=":material/content_copy:")
+        label = "Save again as a new case"
+    if not st.button(label, key=f"save_case_{key}", icon=":material/save:"):
         return None
     try:
         case = save_prediction_as_case(store, image, image_name, masks, combine_mode, predictor,

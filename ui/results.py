@@ -10,6 +10,7 @@ import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
 from bus_core.cam import CAM_LABELS, overlay
+from bus_core.metrics import percent_pair
 from bus_core.predict import Prediction, Predictor
 from ui.charts import probability_chart
 from ui.state import memo
@@ -46,19 +47,21 @@ def show_prediction(prediction: Prediction, threshold: float, key: str) -> None:
     """The predicted class (or 'Uncertain'), the probability chart and any scope warnings."""
     top = prediction.probabilities[prediction.label]
     if prediction.uncertain:
+        shown, limit = percent_pair(top, threshold)
         st.metric("Model's reading", "Uncertain")
-        st.caption(f"Leans **{prediction.label}** ({top:.0%}), below this model's certainty "
-                   f"threshold of {threshold:.0%}: read it as no answer.")
+        st.caption(f"Leans **{prediction.label}** ({shown}), below this model's certainty "
+                   f"threshold of {limit}: read it as no answer.")
     else:
         st.metric("Model's reading", prediction.label.capitalize())
         st.caption(f"{top:.0%} calibrated probability")
     st.plotly_chart(probability_chart(prediction.probabilities, prediction.label, threshold),
                     config={"displayModeBar": False, "staticPlot": True}, key=f"chart_{key}")
-    if prediction.malignant_flag:
-        st.error(f"Malignant probability {prediction.probabilities['malignant']:.0%}: above "
-                 f"this model's sensitivity-first threshold ({prediction.malignant_threshold:.0%},"
-                 " set on validation to find 90% of cancers), whatever the top class.",
-                 icon=":material/flag:")
+    if prediction.malignant_flag and prediction.malignant_threshold is not None:
+        shown, limit = percent_pair(prediction.probabilities["malignant"],
+                                    prediction.malignant_threshold)
+        st.error(f"Malignant probability {shown}: at or above this model's sensitivity-first "
+                 f"threshold ({limit}, set on validation to find 90% of cancers), whatever the "
+                 "top class.", icon=":material/flag:")
     for warning in prediction.warnings:
         st.warning(warning, icon=":material/warning:")
 
