@@ -47,6 +47,11 @@ def colorize(cam: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
 
 
+def colour_scale(width: int = 256, height: int = 14) -> np.ndarray:
+    """The map's colours from low (left) to high (right) as an RGB uint8 strip."""
+    return colorize(np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1)))
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, opacity: float = 0.5) -> np.ndarray:
     """`image` (HxWx3 uint8) blended with the coloured map; `opacity` 0 shows the image only."""
     if not 0.0 <= opacity <= 1.0:

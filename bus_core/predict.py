@@ -26,7 +26,7 @@ from bus_core.errors import ModelError
 from bus_core.inputs import InputSpec, model_input
 from bus_core.io import check_min_side, load_image, load_mask
 from bus_core.loader import RecordDataset
-from bus_core.metrics import softmax
+from bus_core.metrics import percent_pair, softmax
 from bus_core.models import LoadedModel, gradcam_layer, load_model
 from bus_core.registry import active_model_path, no_model_message
 from bus_core.transforms import denormalise, eval_transform
@@ -56,6 +56,15 @@ class Prediction:
         if self.malignant_threshold is None or MALIGNANT not in self.probabilities:
             return None
         return self.probabilities[MALIGNANT] >= self.malignant_threshold
+
+    def flag_sentence(self) -> str:
+        """The malignant flag as a sentence for the page and the report ('' when not raised)."""
+        if not self.malignant_flag or self.malignant_threshold is None:
+            return ""
+        shown, limit = percent_pair(self.probabilities[MALIGNANT], self.malignant_threshold)
+        return (f"Malignant probability {shown}: at or above this model's sensitivity-first "
+                f"threshold ({limit}, set on validation to find 90% of cancers), whatever the "
+                "top class.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (no arrays)."""

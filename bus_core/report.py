@@ -1,5 +1,7 @@
-"""A one-page PNG report of a prediction: the input, the Grad-CAM overlay, the calibrated
-probabilities, the model, the date and a research-use note (Pillow only, no Streamlit)."""
+"""A one-page PNG report of a prediction: the input (with its lesion outline, if any), the
+Grad-CAM overlay with its colour scale, the calibrated probabilities, the sensitivity-first
+flag, which mask was used and whose, the model, the date and a research-use note (Pillow only,
+no Streamlit)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from bus_core.cam import CAM_LABELS
+from bus_core.cam import CAM_LABELS, colour_scale
 from bus_core.constants import MALIGNANT
 
 WIDTH, MARGIN, PANEL = 1000, 40, 440
@@ -25,7 +27,9 @@ NOTE = ("Research use only. This software is not a medical device: the predictio
 
 @dataclass(frozen=True)
 class ReportContent:
-    """What a report shows. `overlay` is the Grad-CAM overlay of `explained` (a class)."""
+    """What a report shows. `overlay` is the Grad-CAM overlay of `explained` (a class);
+    `mask_note` says whether a lesion mask was used and who made it ('' = no mask); `flag` is
+    the sensitivity-first malignant flag's sentence ('' when not raised)."""
 
     image: np.ndarray
     overlay: np.ndarray
@@ -37,6 +41,8 @@ class ReportContent:
     filename: str = ""
     uncertain: bool = False
     warnings: Sequence[str] = ()
+    mask_note: str = ""
+    flag: str = ""
     created: dt.datetime = field(default_factory=lambda: dt.datetime.now().astimezone())
 
 
@@ -84,16 +90,30 @@ class _Page:
         self.draw.line((MARGIN, self.y, WIDTH - MARGIN, self.y), fill=RULE, width=2)
         self.y += 18
 
-    def panels(self, images: Sequence[tuple[np.ndarray, str]]) -> None:
+    def panels(self, images: Sequence[tuple[np.ndarray, str]], scale_under: int | None = None
+               ) -> None:
+        """Images side by side with captions; the map colour scale under panel `scale_under`."""
         caption_font, x, tallest = _font(16), MARGIN, 0
         gap = WIDTH - 2 * MARGIN - 2 * PANEL
+        lefts = []
         for array, caption in images:
             picture = _fit(array, PANEL)
             self.draw.text((x, self.y), caption, fill=MUTED, font=caption_font)
             self.image.paste(picture, (x, self.y + 26))
             tallest = max(tallest, picture.height)
+            lefts.append(x)
             x += PANEL + gap
-        self.y += 26 + tallest + 24
+        self.y += 26 + tallest + 10
+        if scale_under is not None:
+            left = lefts[scale_under]
+            self.image.paste(Image.fromarray(colour_scale(PANEL, 12)), (left, self.y))
+            self.draw.text((left, self.y + 16), "low", fill=MUTED, font=caption_font)
+            self.draw.text((left + PANEL // 2, self.y + 16), "influence on the score",
+                           fill=MUTED, font=caption_font, anchor="ma")
+            self.draw.text((left + PANEL, self.y + 16), "high", fill=MUTED, font=caption_font,
+                           anchor="ra")
+            self.y += 40
+        self.y += 14
 
     def bars(self, probabilities: Mapping[str, float]) -> None:
         font, x0, x1 = _font(18), MARGIN + 130, WIDTH - MARGIN - 90
@@ -132,12 +152,17 @@ def render_report(content: ReportContent) -> bytes:
     page.text("   |   ".join(details), 16, MUTED, gap=14)
     page.rule()
     explained = content.explained or content.label
-    page.panels([(content.image, "Input image"),
+    page.panels([(content.image, "Input image" + (" (lesion outlined)" if content.mask_note
+                                                   else "")),
                  (content.overlay,
-                  f"{CAM_LABELS.get(content.method, content.method)} for '{explained}'")])
+                  f"{CAM_LABELS.get(content.method, content.method)} for '{explained}'")],
+                scale_under=1)
+    page.text(f"Lesion mask: {content.mask_note or 'none'}", 16, MUTED, gap=10)
     page.text(f"Prediction: {headline(content.label, content.probabilities, content.uncertain)}",
               24, gap=10)
     page.bars(content.probabilities)
+    if content.flag:
+        page.text(content.flag, 17, (192, 57, 43), gap=8)
     for warning in content.warnings:
         page.text(f"Warning: {warning}", 16, (156, 87, 0), gap=4)
     page.rule()

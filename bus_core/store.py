@@ -457,8 +457,8 @@ class CaseStore:
                     notes: str | None = None) -> Case:
         """Record a radiologist's label: status becomes 'confirmed' when it equals the
         prediction, 'corrected' when it differs, and 'labelled' when the model was uncertain
-        (it gave no answer to agree or disagree with). `notes`, when given, replaces the case's notes. Every
-        changed field gets an audit entry with its old and new value."""
+        (it gave no answer to agree or disagree with). `notes`, when given, replaces the
+        case's notes. Every changed field gets an audit entry with its old and new value."""
         label = _check_label(label)
         reviewer = _check_reviewer(reviewer)
         with self._begin(write=True) as conn:

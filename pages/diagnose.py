@@ -45,7 +45,19 @@ def input_note(predictor: Predictor, choice: MaskChoice) -> str:
     return "This model looks at the whole image; a lesion mask is optional."
 
 
-def report(upload: Upload, choice: MaskChoice, prediction: Prediction,
+def mask_note(choice: MaskChoice, predictor: Predictor) -> str:
+    """For the report: who made the lesion mask and whether the model read it ('' = none)."""
+    if choice.mask is None:
+        return ""
+    made = {"suggested": "suggested automatically by the outline model",
+            "suggested, edited": "suggested automatically, then edited by the user"}.get(
+        choice.origin or "", choice.origin or "given")
+    use = ("the model read the masked lesion" if predictor.spec.uses_masks
+           else "shown for reference; the model read the whole image")
+    return f"{made} ({use})"
+
+
+def report(upload: Upload, choice: MaskChoice, predictor: Predictor, prediction: Prediction,
            shown: Explanation) -> tuple[str, bytes]:
     """(file name, PNG bytes) of the downloadable report."""
     image = upload.image if choice.mask is None else outlined(upload.image, choice.mask)
@@ -53,7 +65,8 @@ def report(upload: Upload, choice: MaskChoice, prediction: Prediction,
                             probabilities=prediction.probabilities, label=prediction.label,
                             model=prediction.model, explained=shown.target, method=shown.method,
                             filename=upload.name, uncertain=prediction.uncertain,
-                            warnings=prediction.warnings)
+                            warnings=prediction.warnings, mask_note=mask_note(choice, predictor),
+                            flag=prediction.flag_sentence())
     return report_filename(upload.name, content.created), render_report(content)
 
 
@@ -80,7 +93,8 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
     key = prediction_key(predictor, upload, choice)
     shown, column = explanation_section(predictor, prediction, upload.key, key)
     name, data = memo("report", (key, choice.key, shown.target, digest(shown.overlay)),
-                      lambda: report(upload, choice, prediction, shown), max_entries=8)
+                      lambda: report(upload, choice, predictor, prediction, shown),
+                      max_entries=8)
     column.download_button("Download report (PNG)", data=data, file_name=name,
                            mime="image/png", icon=":material/download:",
                            key=f"report_{upload.key}", on_click="ignore")

@@ -201,9 +201,10 @@ def case_card(result: Result, index: int, case: tuple[str, str, str, float],
     with st.container(border=True):
         try:
             if show_cam:
-                st.image(cam_view(result, record, predicted), width="stretch")
+                st.image(cam_view(result, record, predicted), width="stretch",
+                         alt=f"Grad-CAM of {record.id} for the class {predicted}")
             else:
-                st.image(thumbnail(record), width="stretch")
+                st.image(thumbnail(record), width="stretch", alt=f"Image {record.id}")
         except BusError as exc:
             show_error(exc)
         st.markdown(f"True **{true}** · predicted **{predicted}** ({probability:.0%})")

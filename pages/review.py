@@ -171,6 +171,7 @@ def cam_view(predictor: Predictor | None, why_not: str, case: Case, image: np.nd
         return
     st.image(overlay(prediction.model_view, cam, float(settings.get("opacity", 0.45))),
              caption=f"Grad-CAM for '{target}' (recomputed with the active model)",
+             alt=f"Grad-CAM heat map of case {case.id} for the class {target}",
              width="stretch")
 
 
@@ -222,7 +223,8 @@ def case_detail(store: CaseStore, case: Case, reviewer: str) -> None:
     union = np.logical_or.reduce(masks) if masks else None
     left.image(image if union is None or not union.any() else outlined(image, union),
                caption=f"{case.image_name} · {len(masks)} mask(s)"
-               + (f" ({case.mask_source})" if masks and case.mask_source else ""), width="stretch")
+               + (f" ({case.mask_source})" if masks and case.mask_source else ""), width="stretch",
+               alt=f"Image of case {case.id}" + (" with its lesion outlined" if masks else ""))
     with middle:
         cam_view(predictor, why_not, case, image, masks)
     with right:

@@ -168,14 +168,15 @@ def compare_outlines(image: np.ndarray, expert_view: np.ndarray, expert: np.ndar
         suggested = suggested_mask(segmenter, image, f"teach_{record.id}")
     except BusError as exc:
         show_error(exc, "No outline can be suggested")
-        st.image(expert_view, width="stretch")
+        st.image(expert_view, width="stretch", alt="The teaching case")
         return
     own, auto = st.columns(2)
-    own.image(expert_view, width="stretch",
+    own.image(expert_view, width="stretch", alt="The case with the dataset's lesion outline",
               caption="Dataset outline (green)" if expert is not None
               else "Dataset: no lesion marked")
     auto.image(outlined(image, suggested, SUGGESTED_COLOUR) if suggested.any() else image,
-               width="stretch", caption=f"Suggested outline (automatic, {segmenter.card.name})"
+               width="stretch", alt="The case with the automatically suggested outline",
+               caption=f"Suggested outline (automatic, {segmenter.card.name})"
                if suggested.any() else "Suggested outline: no lesion found")
     if expert is not None and suggested.any():
         st.caption(f"Overlap of the two outlines (Dice): {dice_iou(suggested, expert)[0]:.2f}")
@@ -200,7 +201,8 @@ def show_case(session: TeachingSession, record: Record, predictor: Predictor | N
                                                              thickness=3), max_entries=8)
         segmenter, _ = active_segmenter() if session.revealed else (None, "")
         if segmenter is None:
-            st.image(shown, width="stretch")
+            st.image(shown, width="stretch", alt="The teaching case" + (
+                " with the dataset's lesion outline" if mask is not None else ""))
             if session.revealed:
                 st.caption("Green: the lesion outline of the dataset." if mask is not None
                            else "No lesion is marked in this case.")

@@ -54,3 +54,19 @@ def test_headline_and_filename():
     assert headline("benign", {"benign": 0.41}, uncertain=True) == "Uncertain: leans benign (41%)"
     assert report_filename("my scan (1).dcm", WHEN) == "my-scan-1-report-20250304-0930.png"
     assert report_filename("", WHEN) == "case-report-20250304-0930.png"
+
+
+def test_report_shows_the_colour_scale_and_grows_with_a_flag():
+    from bus_core.cam import colour_scale
+
+    page = _open(render_report(_content()))
+    scale = colour_scale(440, 12)
+    # the scale's blue end and red end both appear on the page, side by side
+    blue, red = scale[0, 0], scale[0, -1]
+    rows = [y for y in range(page.shape[0])
+            if (page[y] == blue).all(axis=-1).any() and (page[y] == red).all(axis=-1).any()]
+    assert len(rows) >= 10
+    flagged = _open(render_report(_content(flag="Malignant probability 70%: above the "
+                                                "sensitivity-first threshold.",
+                                           mask_note="painted (the model read the masked lesion)")))
+    assert flagged.shape[0] > page.shape[0]

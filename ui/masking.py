@@ -168,6 +168,7 @@ def mask_panel(image: np.ndarray, spec: InputSpec, key: str,
             "outlined", (key, digest(drawn), colour), lambda: outlined(image, drawn, colour),
             max_entries=16)
         st.image(shown, width="stretch",
+                 alt="The image" + (" with the lesion mask outlined" if drawn is not None else ""),
                  caption="Suggested outline (automatic)" if source == SUGGEST and mask is not None
                  else None)
     return MaskChoice(mask, source, digest(mask) if mask is not None else "",
@@ -192,7 +193,7 @@ def show_crop_preview(image: np.ndarray, choice: MaskChoice, spec: InputSpec) ->
         show_error(exc)
         return
     preview_col, note_col = st.columns([1, 2], vertical_alignment="center")
-    preview_col.image(crop, width="stretch")
+    preview_col.image(crop, width="stretch", alt="The masked lesion crop")
     if spec.uses_masks:
         note_col.caption("**Masked crop**: this is what the model looks at.")
     else:

@@ -9,7 +9,7 @@ import numpy as np
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
-from bus_core.cam import CAM_LABELS, overlay
+from bus_core.cam import CAM_LABELS, colour_scale, overlay
 from bus_core.metrics import percent_pair
 from bus_core.predict import Prediction, Predictor
 from ui.charts import probability_chart
@@ -56,12 +56,8 @@ def show_prediction(prediction: Prediction, threshold: float, key: str) -> None:
         st.caption(f"{top:.0%} calibrated probability")
     st.plotly_chart(probability_chart(prediction.probabilities, prediction.label, threshold),
                     config={"displayModeBar": False, "staticPlot": True}, key=f"chart_{key}")
-    if prediction.malignant_flag and prediction.malignant_threshold is not None:
-        shown, limit = percent_pair(prediction.probabilities["malignant"],
-                                    prediction.malignant_threshold)
-        st.error(f"Malignant probability {shown}: at or above this model's sensitivity-first "
-                 f"threshold ({limit}, set on validation to find 90% of cancers), whatever the "
-                 "top class.", icon=":material/flag:")
+    if prediction.malignant_flag:
+        st.error(prediction.flag_sentence(), icon=":material/flag:")
     for warning in prediction.warnings:
         st.warning(warning, icon=":material/warning:")
 
@@ -101,6 +97,10 @@ def explanation_section(predictor: Predictor, prediction: Prediction, key: str,
                    "where the model looked, not why. Maps can highlight artefacts.")
     cam = cam_cached(predictor, cache_key, prediction, target, method)
     shown = Explanation(overlay(prediction.model_view, cam, opacity), target, method, opacity)
-    seen_col.image(prediction.model_view, caption="What the model saw", width="stretch")
-    cam_col.image(shown.overlay, caption=f"{CAM_LABELS[method]} for '{target}'", width="stretch")
+    seen_col.image(prediction.model_view, caption="What the model saw", width="stretch",
+                   alt="The image as the model received it (resized and padded)")
+    cam_col.image(shown.overlay, caption=f"{CAM_LABELS[method]} for '{target}'", width="stretch",
+                  alt=f"{CAM_LABELS[method]} heat map for the class {target} over the image")
+    cam_col.image(colour_scale(), width="stretch", caption="low ← influence on the score → high",
+                  alt="Colour scale of the map: blue is low influence, red is high")
     return shown, controls_col
