@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from bus_core import atomic
 from bus_core.errors import BusError, storage
 from bus_core.progress import RunFiles, read_progress, run_state
 from bus_core.settings import PROJECT_ROOT, data_dir
-from bus_core.train import BACKGROUND_ENV, TrainConfig
+from bus_core.train import BACKGROUND_ENV, TrainConfig, check_config
 from bus_core.tune import DEFAULT_GRID, RESULTS_FILE, combinations, run_name
 
 log = logging.getLogger(__name__)
@@ -324,6 +325,7 @@ def start_training(config: TrainConfig, *, resume: bool = False, force: bool = F
 
     Raises `JobBusyError` while another job runs, unless `force`.
     """
+    check_config(config)
     config = _absolute(config)
     files = RunFiles(Path(config.out))
     with _starting(config.out):
@@ -340,6 +342,7 @@ def start_tuning(config: TrainConfig, grid: dict[str, list[Any]] | None = None, 
 
     Raises `JobBusyError` while another job runs, unless `force`.
     """
+    check_config(config)
     config = _absolute(config)
     grid = {k: list(v) for k, v in (grid or DEFAULT_GRID).items()}
     if not combinations(grid):
@@ -356,3 +359,26 @@ def resume_job(job: Job, *, force: bool = False) -> Job:
     if job.kind == "tune":
         return start_tuning(job.train_config(), job.grid, force=force)
     return start_training(job.train_config(), resume=True, force=force)
+
+
+def is_failed_run(folder: str | Path) -> bool:
+    """True for the folder of a training run that failed or never started: it holds only the
+    run's `train/` files (no model) and no checkpoint to resume from."""
+    root = Path(folder)
+    files = RunFiles(root)
+    if not files.dir.is_dir() or {p.name for p in root.iterdir()} != {files.dir.name}:
+        return False
+    return not files.checkpoint.is_file() and \
+        run_state(read_progress(files.progress)) in ("failed", "not started")
+
+
+def delete_failed_run(folder: str | Path) -> None:
+    """Delete the folder of a failed run (see `is_failed_run`); anything else is refused."""
+    root = Path(folder)
+    running = current_job()
+    if running is not None and Path(running.out).resolve() == root.resolve():
+        raise BusError("This run is still going: cancel it before deleting its folder.")
+    if not is_failed_run(root):
+        raise BusError(f"{root} holds a model or a run that can be resumed: it is not deleted.")
+    with storage(f"delete the failed run {root}"):
+        shutil.rmtree(root)

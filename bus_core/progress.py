@@ -67,6 +67,44 @@ class RunFiles:
         return self.dir / "stdout.log"
 
 
+EVAL_SPEEDUP = 3.0
+"""Until an evaluation pass is timed, it is taken to run this many times faster per image than
+training (no backward pass)."""
+
+
+@dataclass
+class EtaClock:
+    """The time left of a run: training images left at the rate measured over all training
+    steps of this process (steady, unlike a per-epoch rate), plus the evaluation passes left
+    (each validation, and the final validation + test) at their measured length. Never zero
+    before the run is done."""
+
+    n_val: int
+    n_final: int
+    images: int = 0
+    seconds: float = 0.0
+    eval_s_per_image: float | None = None
+
+    def trained(self, images: int, seconds: float) -> None:
+        """Count one training step."""
+        self.images += images
+        self.seconds += seconds
+
+    def evaluated(self, images: int, seconds: float) -> None:
+        """Time one evaluation pass."""
+        if images:
+            self.eval_s_per_image = seconds / images
+
+    def eta(self, train_images_left: int, validations_left: int) -> float | None:
+        """Seconds left; None before the first step."""
+        if not self.images or self.seconds <= 0:
+            return None
+        per_image = self.seconds / self.images
+        per_eval_image = self.eval_s_per_image or per_image / EVAL_SPEEDUP
+        return (train_images_left * per_image
+                + (validations_left * self.n_val + self.n_final) * per_eval_image)
+
+
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None

@@ -62,7 +62,7 @@ from bus_core.metrics import (
     softmax,
 )
 from bus_core.models import ARCHS, ModelCard, build_model, file_sha256, new_card, save_model
-from bus_core.progress import ProgressLog, RunFiles
+from bus_core.progress import EtaClock, ProgressLog, RunFiles
 from bus_core.splits import Split, find_groups, load_split, make_split, save_split, split_records
 from bus_core.transforms import InputSize, input_size_for
 
@@ -234,15 +234,21 @@ def _limit_per_class(records: list[Record], n: int | None, seed: int) -> list[Re
     return sorted(kept, key=lambda r: r.id)
 
 
+def check_config(config: TrainConfig) -> None:
+    """Refuse settings that cannot work together (`DataError`), before anything starts."""
+    if config.split and config.max_per_class:
+        raise DataError("At most N images per class makes a new split from fewer images; it "
+                        "cannot be combined with a saved split file (--max-per-class with "
+                        "--split). Choose a new split, or use all images.")
+
+
 def prepare_split(config: TrainConfig) -> tuple[Split, list[Record]]:
     """The split of the run (given, resumed, or made and saved) and the records it covers."""
+    check_config(config)
     records = load_many(config.data)
     split_path = config.files.split
     if config.split:
         split = load_split(config.split)
-        if config.max_per_class:
-            raise DataError("--max-per-class makes a new split from fewer images; it cannot be "
-                            "combined with --split.")
         save_split(split, split_path)
         return split, records
     records = _limit_per_class(records, config.max_per_class, config.seed)
@@ -395,6 +401,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
               split_data_hash=split.data_hash)
 
     last_save = time.monotonic()
+    clock = EtaClock(n_val=len(val_ds), n_final=len(val_ds) + len(test_ds))
     while state["epoch"] < config.epochs:
         epoch = state["epoch"]
         plan = epoch_plan(train_ds.labels, config.balance, epoch, config.seed)
@@ -409,6 +416,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
             items = plan[step * config.batch_size:(step + 1) * config.batch_size]
             if len(items) < 2:  # BatchNorm cannot train on a batch of one
                 continue
+            step_start = time.monotonic()
             images, labels = collate([train_ds[i] for i in items])
             images, labels = to_device(images, device), labels.to(device.device)
             optimizer.zero_grad(set_to_none=True)
@@ -424,6 +432,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
             loss_sum += loss_value * len(items)
             elapsed = time.monotonic() - epoch_start
             rate = seen / max(elapsed, 1e-9)
+            clock.trained(len(items), time.monotonic() - step_start)
             remaining = (steps - step - 1) * config.batch_size + \
                 (config.epochs - epoch - 1) * len(plan)
             state["step"] = step + 1
@@ -432,7 +441,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
             log.write("step", epoch=epoch + 1, epochs=config.epochs, step=step + 1, steps=steps,
                       loss=loss_value, mean_loss=loss_sum / seen, accuracy=correct / seen,
                       lr=optimizer.param_groups[0]["lr"], images_per_s=rate,
-                      eta_s=remaining / max(rate, 1e-9))
+                      eta_s=clock.eta(remaining, config.epochs - epoch))
             stop = (should_stop and should_stop()) or config.files.cancel.exists()
             if stop or time.monotonic() - last_save > config.checkpoint_every:
                 state["train_time_s"] += time.monotonic() - time_mark
@@ -443,7 +452,9 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
                 log.write("cancelled", epoch=epoch + 1, step=step + 1)
                 return TrainResult(Path(config.out), None, "cancelled")
         bar.close()
+        val_start = time.monotonic()
         val_metrics, _ = validate(model, val_ds, device, config.batch_size)
+        clock.evaluated(len(val_ds), time.monotonic() - val_start)
         value = score(val_metrics, config.monitor)
         improved = value is not None and (state["best"] is None or value > state["best"])
         if improved:

@@ -14,17 +14,27 @@ import streamlit as st
 from bus_core.device import DEVICE_CHOICES, choose_device
 from bus_core.errors import BusError, ModelError
 from bus_core.inputs import INPUT_MODES
-from bus_core.jobs import Job, current_job, last_job, resume_job, start_training, start_tuning
+from bus_core.jobs import (
+    Job,
+    current_job,
+    delete_failed_run,
+    is_failed_run,
+    last_job,
+    resume_job,
+    start_training,
+    start_tuning,
+)
 from bus_core.loader import BALANCE_MODES
 from bus_core.metrics import METRIC_LABELS, fmt3
 from bus_core.models import ARCHS, CARD_FILE, WEIGHTS_FILE, imagenet_cached
 from bus_core.registry import check_model_name, import_model, list_models, set_active_model
 from bus_core.settings import data_dir, default_dataset_dir, user_models_dir
-from bus_core.train import OPTIMIZERS, SCHEDULERS, TrainConfig
+from bus_core.train import OPTIMIZERS, SCHEDULERS, TrainConfig, check_config
 from bus_core.transforms import input_size_for
 from bus_core.tune import DEFAULT_GRID, combinations, run_name
 from ui.common import show_error, start_job
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
+from ui.state import keep_widget_state
 from ui.training import (
     epoch_figure,
     fmt_duration,
@@ -44,6 +54,9 @@ INIT_LABELS = {"imagenet": "ImageNet (pretrained)", "checkpoint": "A model from 
                "random": "Random"}
 STATE_ICONS = {"done": ":material/check_circle:", "cancelled": ":material/cancel:",
                "killed": ":material/warning:", "failed": ":material/error:"}
+FORM_PREFIXES = ("train_", "grid_")
+ACTION_KEYS = ("train_start", "grid_start", "grid_keep")
+"""Widget keys of the form (kept while a job hides it) and the buttons among them."""
 TEST_KEYS = ("accuracy", "macro_f1", "malignant_sensitivity", "malignant_specificity",
              "auc_malignant", "ece")
 """The test figures shown when a run ends (labels: `metrics.METRIC_LABELS`)."""
@@ -73,8 +86,13 @@ def model_settings() -> dict[str, Any]:
     arch = arch_col.selectbox("Architecture", ARCHS, key="train_arch")
     mode = mode_col.selectbox("Input", INPUT_MODES, format_func=MODE_LABELS.get,
                               key="train_mode")
+    same = [e for e in list_models() if e.card.arch == arch]
+    offline_default = "checkpoint" if same and not imagenet_cached(arch) else "imagenet"
     init_kind = init_col.selectbox("Initialisation", list(INIT_LABELS),
-                                   format_func=INIT_LABELS.get, key="train_init")
+                                   index=list(INIT_LABELS).index(offline_default),
+                                   format_func=INIT_LABELS.get, key="train_init",
+                                   help="Without internet access and without ImageNet weights "
+                                        "in the torch cache, start from a registry model.")
     if mode == "mask":
         st.warning("**Label leak.** BUSI normal images have empty masks, so this mode turns "
                    "every normal image black and the model learns 'black = normal': its normal-"
@@ -92,7 +110,6 @@ def model_settings() -> dict[str, Any]:
             "downloaded by torchvision when the run starts: this needs internet access or a "
             "copy in the torch hub cache (~/.cache/torch/hub)."))
     elif init_kind == "checkpoint":
-        same = [e for e in list_models() if e.card.arch == arch]
         if not same:
             st.error(f"No {arch} model in the registry to start from.", icon=":material/error:")
             init = ""
@@ -160,8 +177,8 @@ def show_device(choice: str) -> bool:
     try:
         st.info(f"Runs on **{choose_device(choice).description}**.", icon=":material/memory:")
         return True
-    except ValueError as exc:
-        st.error(str(exc), icon=":material/error:")
+    except BusError as exc:
+        show_error(exc)
         return False
 
 
@@ -175,7 +192,9 @@ def output_folder(label: str, root: Path, default: str, key: str) -> Path | None
     except ModelError as exc:
         show_error(exc)
         return None
-    if folder.exists():
+    if is_failed_run(folder):
+        st.caption(f"'{folder.name}' holds only a failed run: starting replaces it.")
+    elif folder.exists():
         if not st.checkbox(f"'{folder.name}' exists: replace it", key=f"{key}_replace"):
             st.caption("Choose another name, or tick to replace it.")
             return None
@@ -262,8 +281,15 @@ def settings_and_start(force: bool) -> None:
     split = split_setting(sources)
     advanced = advanced_settings(model["arch"])
     device_ok = show_device(advanced["device"])
-    ready = bool(sources) and split is not False and bool(model["init"]) and device_ok
     base = {"data": sources, "split": split or None, **model, **advanced}
+    try:
+        check_config(TrainConfig(**base, out=""))
+        combinable = True
+    except BusError as exc:
+        show_error(exc)
+        combinable = False
+    ready = bool(sources) and split is not False and bool(model["init"]) and device_ok \
+        and combinable
     single, grid = st.tabs(["Single run", "Grid search"])
     with single:
         single_run_tab(base, ready, force)
@@ -419,6 +445,15 @@ def finished_view(job: Job, status: str) -> None:
     if status == "done" and job.kind == "tune":
         with c3:
             keep_best(job)
+    if status == "failed" and is_failed_run(job.out) and c1.button(
+            "Delete the run folder", icon=":material/delete:", key="job_delete",
+            help=f"Removes {job.out} (its log and settings); its name is free again."):
+        try:
+            delete_failed_run(job.out)
+            st.session_state["train_dismissed"] = job.started
+            st.rerun()
+        except BusError as exc:
+            show_error(exc)
     if c2.button("Dismiss", icon=":material/close:", key="job_dismiss"):
         st.session_state["train_dismissed"] = job.started
         st.rerun()
@@ -435,6 +470,7 @@ def job_panel(job: Job) -> None:
             finished_view(job, status)
 
 
+keep_widget_state("_train_form", FORM_PREFIXES, ACTION_KEYS)
 st.title("Train")
 st.caption("Training runs in the background on this machine: you can leave this page or reload "
            "it and come back. One job runs at a time.")

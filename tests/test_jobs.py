@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bus_core.errors import StorageError
+from bus_core.errors import BusError, DataError, StorageError
 from bus_core.jobs import (
     Job,
     JobBusyError,
@@ -150,3 +150,32 @@ def test_an_unwritable_run_folder_is_a_clear_error(busi_dir, tmp_path):
     with pytest.raises(StorageError, match="Could not start the job"):
         start_training(tiny_config(busi_dir, blocker / "run"))
     assert current_job() is None
+
+
+def test_a_failed_run_folder_can_be_deleted_and_nothing_else(tmp_path, busi_dir):
+    from bus_core.jobs import delete_failed_run, is_failed_run
+    from bus_core.progress import ProgressLog, RunFiles
+
+    failed = tmp_path / "failed"
+    ProgressLog(RunFiles(failed).progress).write("error", message="no ImageNet weights")
+    assert is_failed_run(failed)
+    delete_failed_run(failed)
+    assert not failed.exists()
+
+    unrelated = tmp_path / "mine"
+    (unrelated / "train").mkdir(parents=True)
+    (unrelated / "notes.txt").write_text("keep me")
+    resumable = tmp_path / "resumable"
+    RunFiles(resumable).dir.mkdir(parents=True)
+    RunFiles(resumable).checkpoint.write_bytes(b"checkpoint")
+    for folder in (unrelated, resumable, tmp_path / "absent"):
+        assert not is_failed_run(folder)
+    with pytest.raises(BusError, match="not deleted"):
+        delete_failed_run(resumable)
+    assert resumable.exists() and unrelated.exists()
+
+
+def test_max_per_class_with_a_saved_split_is_refused_before_starting(busi_dir, tmp_path):
+    with pytest.raises(DataError, match="cannot be combined with a saved split"):
+        start_training(tiny_config(busi_dir, tmp_path / "run", split="s.json", max_per_class=2))
+    assert current_job() is None and not (tmp_path / "run").exists()

@@ -94,6 +94,10 @@ def test_a_tiny_run_reaches_the_end_and_becomes_the_active_model(app, busi_dir):
     assert active_model_path() == folder.resolve()
     app.button(key="job_dismiss").click().run()
     assert app.button(key="train_start") is not None
+    # the form comes back with the settings of the run, not the defaults
+    assert app.number_input(key="train_epochs").value == 1
+    assert app.selectbox(key="train_init").value == "random"
+    assert app.number_input(key="train_crop_densenet121").value == 32
 
 
 def poll_until(at: AppTest, done, what: str, timeout: float = 240) -> None:
@@ -162,3 +166,19 @@ def test_a_killed_grid_search_shows_its_results_and_offers_resume(app, tmp_path)
     table = app.dataframe[0].value
     assert list(table["val_macro_f1"]) == [0.61]
     assert app.button(key="job_resume") is not None
+
+
+def test_refused_combinations_and_failed_run_names(app, busi_dir):
+    from bus_core.progress import ProgressLog, RunFiles
+
+    configure(app, busi_dir, "again")
+    app.radio(key="train_split_kind").set_value("Saved split file").run()
+    app.number_input(key="train_max_per_class").set_value(3).run()
+    assert "cannot be combined with a saved split file" in texts(app)
+    assert app.button(key="train_start").disabled
+    app.number_input(key="train_max_per_class").set_value(0)
+    app.radio(key="train_split_kind").set_value("New group-disjoint split").run()
+    ProgressLog(RunFiles(user_models_dir() / "again").progress).write("error", message="x")
+    app.text_input(key="train_name").set_value("again").run()
+    assert "'again' holds only a failed run: starting replaces it." in texts(app)
+    assert not app.button(key="train_start").disabled

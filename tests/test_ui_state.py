@@ -61,3 +61,15 @@ def test_nbytes_looks_into_containers() -> None:
     upload = Upload("x", "k", image=np.zeros((2, 3, 3), np.uint8))
     assert state.nbytes(upload) == 18
     assert state.nbytes(({"a": b"1234"}, [np.zeros(2, np.int32)], "text")) == 12
+
+
+def test_widget_values_are_put_back_after_a_run_that_did_not_draw_them(session: dict) -> None:
+    session.update({"train_epochs": 3, "train_start": True, "other": 1})
+    state.keep_widget_state("_form", ("train_",), skip=("train_start",))
+    assert session["_form"] == {"train_epochs": 3}
+    del session["train_epochs"], session["train_start"]  # the form was not drawn: forgotten
+    state.keep_widget_state("_form", ("train_",), skip=("train_start",))
+    assert session["train_epochs"] == 3 and "train_start" not in session
+    session["train_epochs"] = 5  # changed by the user later
+    state.keep_widget_state("_form", ("train_",), skip=("train_start",))
+    assert session["_form"]["train_epochs"] == 5

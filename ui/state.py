@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from typing import TypeVar
 
 import numpy as np
@@ -29,6 +29,20 @@ def digest(data: bytes | np.ndarray) -> str:
         data = np.ascontiguousarray(data).tobytes()
     h.update(data)
     return h.hexdigest()[:16]
+
+
+def keep_widget_state(store: str, prefixes: tuple[str, ...], skip: Collection[str] = ()) -> None:
+    """Keep the values of the widgets whose keys start with `prefixes` (but not those in
+    `skip`, e.g. buttons) while a page does not draw them: Streamlit forgets the state of a
+    widget that is not drawn in a run and would show its default again. The values are copied
+    to `st.session_state[store]` on every run and put back when forgotten. Call it at the top
+    of the page."""
+    saved: dict[str, object] = st.session_state.setdefault(store, {})
+    for key, value in saved.items():
+        if key not in st.session_state:
+            st.session_state[key] = value
+    saved.update({key: st.session_state[key] for key in list(st.session_state)
+                  if str(key).startswith(prefixes) and key not in skip})
 
 
 def nbytes(value: object) -> int:
