@@ -7,7 +7,7 @@ pages/ and calls the library.
 import streamlit as st
 
 from bus_core.settings import configure_logging
-from ui.common import render_sidebar
+from ui.common import mark_entrypoint, render_sidebar
 
 configure_logging()
 
@@ -30,6 +30,7 @@ PAGES = {
     ],
 }
 
+mark_entrypoint()
 navigation = st.navigation(PAGES)
 render_sidebar()
 navigation.run()

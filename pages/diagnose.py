@@ -11,11 +11,13 @@ from bus_core.predict import Prediction, Predictor
 from bus_core.report import ReportContent, render_report, report_filename
 from bus_core.segment import Segmenter
 from ui.cases import save_case_button
-from ui.common import active_predictor, active_segmenter, show_error
+from ui.common import active_predictor, active_segmenter, require_entrypoint, show_error
 from ui.masking import MaskChoice, canvas_shown, mask_panel, outlined, show_crop_preview
 from ui.results import Explanation, explanation_section, predict_cached, show_prediction
 from ui.state import digest, memo
 from ui.uploads import IMAGE_TYPES, Upload, read_case_files, read_uploads, unique
+
+require_entrypoint()
 
 
 def prediction_key(predictor: Predictor, upload: Upload, choice: MaskChoice) -> tuple[str, str]:

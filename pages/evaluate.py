@@ -22,7 +22,7 @@ from bus_core.predict import explain_record
 from bus_core.registry import ModelEntry, active_model_path, list_models, no_model_message
 from bus_core.settings import default_dataset_dir
 from bus_core.splits import SUBSETS, load_split, split_records
-from ui.common import load_predictor, show_error
+from ui.common import load_predictor, require_entrypoint, show_error
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
 from ui.evaluation import (
     comparison_table,
@@ -35,6 +35,8 @@ from ui.evaluation import (
     roc_figure,
 )
 from ui.state import memo
+
+require_entrypoint()
 
 THUMB_PX = 256
 PAGE_SIZE = 12

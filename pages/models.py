@@ -23,7 +23,9 @@ from bus_core.registry import (
     set_active_model,
 )
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, user_models_dir
-from ui.common import show_error
+from ui.common import require_entrypoint, show_error
+
+require_entrypoint()
 
 CONFIRM_KEY = "models_confirm_delete"
 

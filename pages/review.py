@@ -39,16 +39,18 @@ from bus_core.settings import PROJECT_ROOT, default_dataset_dir
 from bus_core.store import ORDERABLE, STATUSES, Case, CaseStore
 from ui.cases import as_rgb, case_store, export_cases_zip, reviewer_name
 from ui.charts import probability_chart
-from ui.common import md_escape, optional_predictor, show_error, start_job
+from ui.common import md_escape, optional_predictor, require_entrypoint, show_error, start_job
 from ui.masking import outlined
 from ui.results import cam_cached, predict_cached
 from ui.training import last_event, progress_fraction, progress_text
 
+require_entrypoint()
+
 ALL = "All"
 POLL_S = 3
+# Each case status in words (plain text: emoji fonts are missing on many clinic machines).
 AGREEMENT = {"unreviewed": "to review", "confirmed": "agrees", "corrected": "disagrees",
              "labelled": "labelled (model uncertain)"}
-"""Each case status in words (plain text: emoji fonts are missing on many clinic machines)."""
 DISAGREE_STYLE = "background-color: #fdecea"
 SORT_LABELS = {"created_at": "Date saved", "updated_at": "Last change", "id": "Case number",
                "status": "Status", "predicted_label": "Model's reading",

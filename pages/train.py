@@ -27,12 +27,18 @@ from bus_core.jobs import (
 from bus_core.loader import BALANCE_MODES
 from bus_core.metrics import METRIC_LABELS, fmt3
 from bus_core.models import ARCHS, CARD_FILE, WEIGHTS_FILE, imagenet_cached
-from bus_core.registry import check_model_name, import_model, list_models, set_active_model
+from bus_core.registry import (
+    active_model_path,
+    check_model_name,
+    import_model,
+    list_models,
+    set_active_model,
+)
 from bus_core.settings import data_dir, default_dataset_dir, user_models_dir
 from bus_core.train import OPTIMIZERS, SCHEDULERS, TrainConfig, check_config
 from bus_core.transforms import input_size_for
 from bus_core.tune import DEFAULT_GRID, combinations, run_name
-from ui.common import show_error, start_job
+from ui.common import require_entrypoint, show_error, start_job
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
 from ui.state import keep_widget_state
 from ui.training import (
@@ -44,6 +50,8 @@ from ui.training import (
     step_figure,
 )
 
+require_entrypoint()
+
 POLL_S = 2
 MODE_LABELS = {"full": "Full image", "mask": "Lesion mask crop (leaks the label: comparison only)",
                "mask-leakfree": "Lesion mask crop, leak-free"}
@@ -54,12 +62,12 @@ INIT_LABELS = {"imagenet": "ImageNet (pretrained)", "checkpoint": "A model from 
                "random": "Random"}
 STATE_ICONS = {"done": ":material/check_circle:", "cancelled": ":material/cancel:",
                "killed": ":material/warning:", "failed": ":material/error:"}
+# Widget keys of the form (kept while a job hides it) and the buttons among them.
 FORM_PREFIXES = ("train_", "grid_")
 ACTION_KEYS = ("train_start", "grid_start", "grid_keep")
-"""Widget keys of the form (kept while a job hides it) and the buttons among them."""
+# The test figures shown when a run ends (labels: `metrics.METRIC_LABELS`).
 TEST_KEYS = ("accuracy", "macro_f1", "malignant_sensitivity", "malignant_specificity",
              "auc_malignant", "ece")
-"""The test figures shown when a run ends (labels: `metrics.METRIC_LABELS`)."""
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -86,7 +94,9 @@ def model_settings() -> dict[str, Any]:
     arch = arch_col.selectbox("Architecture", ARCHS, key="train_arch")
     mode = mode_col.selectbox("Input", INPUT_MODES, format_func=MODE_LABELS.get,
                               key="train_mode")
-    same = [e for e in list_models() if e.card.arch == arch]
+    active = (active_model_path() or Path()).resolve()
+    same = sorted((e for e in list_models() if e.card.arch == arch),  # the likeliest start first
+                  key=lambda e: (e.card.input_mode != mode, e.path.resolve() != active))
     offline_default = "checkpoint" if same and not imagenet_cached(arch) else "imagenet"
     init_kind = init_col.selectbox("Initialisation", list(INIT_LABELS),
                                    index=list(INIT_LABELS).index(offline_default),

@@ -54,7 +54,7 @@ def paint_mask(image: np.ndarray, key: str, base: np.ndarray | None = None,
     from streamlit_drawable_canvas import st_canvas
 
     tool = st.segmented_control("Tool", list(TOOLS), default="Brush", required=True,
-                                key=f"tool_{key}") or "Brush"
+                                key=f"tool_{key}", wrap=True) or "Brush"
     stroke = st.columns([3, 2])[0].slider("Brush size", 2, 60, 16, key=f"stroke_{key}")
     version_key = f"canvas_version_{key}"
     size = canvas_size(image.shape)

@@ -17,6 +17,28 @@ from bus_core.predict import Predictor
 from bus_core.registry import active_model_path, active_segmenter_path, no_model_message
 from bus_core.segment import Segmenter
 
+ENTRY_KEY = "_through_app"
+"""Set in a session once app.py has run in it (`mark_entrypoint`)."""
+
+
+def mark_entrypoint() -> None:
+    """Called by app.py: this session has run through the app's entry point."""
+    st.session_state[ENTRY_KEY] = True
+
+
+def require_entrypoint() -> None:
+    """Make sure a page runs inside app.py (its page set-up, navigation and sidebar). The first
+    request after a server start that names a page (a bookmark, a reload) makes Streamlit run
+    that file on its own while a pages/ folder exists (its old multipage mode, until app.py
+    has called st.navigation once): for a session that has not been through app.py, this
+    leaves that mode and reruns the same address through app.py. Call it first in every
+    page."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory and not st.session_state.get(ENTRY_KEY):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=3)
 def load_predictor(path: str, weights_sha256: str) -> Predictor:

@@ -116,7 +116,7 @@ def _suggestion(image: np.ndarray, key: str, segmenter: Segmenter
         return [], None, False
     action = st.segmented_control(
         "Suggested outline (automatic)", (ACCEPT, EDIT, DISCARD), default=ACCEPT, required=True,
-        key=f"suggest_action_{key}",
+        key=f"suggest_action_{key}", wrap=True,
         help="Accept uses the outline as drawn by the model; Edit lets you add to it (brush, "
              "shapes) or remove from it (eraser); Discard drops it.") or ACCEPT
     if action == DISCARD:
@@ -147,7 +147,7 @@ def mask_panel(image: np.ndarray, spec: InputSpec, key: str,
                + ((DATASET,) if dataset_masks else ()))
     default = DATASET if dataset_masks else SUGGEST if segmenter and spec.uses_masks else NO_MASK
     source = st.segmented_control("Lesion mask", sources, default=default, required=True,
-                                  key=f"mask_source_{key}") or NO_MASK
+                                  key=f"mask_source_{key}", wrap=True) or NO_MASK
     masks: list[np.ndarray] = []
     origin = ORIGINS.get(source)
     on_canvas = source == PAINT

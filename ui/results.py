@@ -80,7 +80,7 @@ def _controls(prediction: Prediction, classes: Sequence[str], key: str) -> tuple
                           format_func=str.capitalize, key=f"target_{key}")
     method = st.segmented_control("Method", list(CAM_LABELS), format_func=CAM_LABELS.__getitem__,
                                   default="gradcam", required=True,
-                                  key=f"method_{key}") or "gradcam"
+                                  key=f"method_{key}", wrap=True) or "gradcam"
     opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key=f"opacity_{key}")
     return target, method, opacity
 

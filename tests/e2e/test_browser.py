@@ -8,6 +8,7 @@ Skipped when Chromium or Playwright is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -90,13 +91,11 @@ def everywhere_segmenter(tmp_path_factory) -> Path:
     return save_model(net, card, tmp_path_factory.mktemp("seg") / "everywhere")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, busi_dir, userdata, everywhere_segmenter) -> Iterator[str]:
+@contextlib.contextmanager
+def running_app(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """`streamlit run app.py` on a free port with `env`; yields its address."""
     port = free_port()
-    env = {**os.environ, "BUS_MODEL": str(screenshot_model(tiny_model_dir)),
-           "BUS_DATA_DIR": str(userdata), "BUS_DATASET": str(busi_dir),
-           "BUS_SEGMENTER": str(everywhere_segmenter)}
-    log = open(userdata / "streamlit.log", "w+")
+    log = open(log_path, "w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1",
@@ -116,6 +115,15 @@ def server(tiny_model_dir, busi_dir, userdata, everywhere_segmenter) -> Iterator
         log.seek(0)
         print(log.read()[-4000:])
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, busi_dir, userdata, everywhere_segmenter) -> Iterator[str]:
+    env = {**os.environ, "BUS_MODEL": str(screenshot_model(tiny_model_dir)),
+           "BUS_DATA_DIR": str(userdata), "BUS_DATASET": str(busi_dir),
+           "BUS_SEGMENTER": str(everywhere_segmenter)}
+    with running_app(env, userdata / "streamlit.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +278,21 @@ def test_suggest_edit_and_predict_in_a_browser(page, server, tmp_path, userdata)
     with open_store(userdata) as store:
         (case,) = [c for c in store.list_cases() if c.mask_source]
     assert case.mask_source == "suggested, edited"
+
+
+def test_a_bookmarked_page_opens_inside_the_app_after_a_server_start(browser, tiny_model_dir,
+                                                                     tmp_path):
+    """The first request of a fresh server names a page: it still runs through app.py (page
+    set-up, navigation, sidebar), not as a file on its own."""
+    env = {**os.environ, "BUS_MODEL": str(tiny_model_dir), "BUS_DATA_DIR": str(tmp_path)}
+    with running_app(env, tmp_path / "streamlit.log") as url:
+        context = browser.new_context(viewport={"width": 1440, "height": 900})
+        tab = context.new_page()
+        tab.set_default_timeout(60_000)
+        tab.goto(f"{url}/review")
+        tab.get_by_text("Review cases").first.wait_for()
+        tab.get_by_text("Active model", exact=False).first.wait_for()
+        settle(tab)
+        sidebar = tab.locator("[data-testid=stSidebar]").inner_text()
+        assert "Clinic" in sidebar and "Teaching" in sidebar and "review\n" not in sidebar
+        context.close()
