@@ -5,8 +5,10 @@ absolute numbers across runs).
 Paths compared:
 - naive: CPU fp32, NCHW, eager model; the image is decoded and resized with plain PIL at full
   resolution on every call;
-- optimised: `predict.Predictor` on the automatically chosen device (bf16 autocast and
-  channels_last on CPUs with native bf16), the same code the app and CLI run.
+- pytorch: `predict.Predictor` with the PyTorch backend on the automatically chosen device
+  (bf16 autocast and channels_last on CPUs with native bf16);
+- optimised: `predict.Predictor` with the automatically chosen backend (OpenVINO on CPUs where
+  it is installed, see `backends`), the same code the app and CLI run.
 Both keep the model loaded between calls: model loading is measured separately.
 """
 
@@ -164,10 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     naive_model = copy.deepcopy(loaded.model).eval()
     naive = percentiles(timed(lambda: naive_predict(naive_model, data, size),
                               n_latency))
+    pytorch = Predictor(load_model(path), fast, backend="torch")
+    pytorch_times = percentiles(timed(lambda: pytorch.predict(load_image(data)), n_latency))
+    start = time.perf_counter()
     predictor = Predictor(loaded, fast)
+    emit("backend", chosen=predictor.description,
+         ready_ms=round((time.perf_counter() - start) * 1000, 1))
     optimised = percentiles(timed(lambda: predictor.predict(load_image(data)), n_latency))
-    emit("latency_single_image", naive=naive, optimised=optimised,
+    emit("latency_single_image", naive=naive, pytorch=pytorch_times, optimised=optimised,
+         backend=predictor.description,
          ratio_p50=round(naive["p50_ms"] / optimised["p50_ms"], 2),
+         pytorch_ratio_p50=round(naive["p50_ms"] / pytorch_times["p50_ms"], 2),
          image=str(sample.name) if sample else "synthetic 600x500")
 
     prediction = predictor.predict(load_image(data))

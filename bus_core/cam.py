@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import torch
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
@@ -35,10 +36,37 @@ def compute_cam(model: nn.Module, layer: nn.Module, input_tensor: torch.Tensor,
         raise ValueError(f"Unknown CAM method {method!r}; choose one of {', '.join(CAM_LABELS)}.")
     batch = input_tensor if input_tensor.dim() == 4 else input_tensor.unsqueeze(0)
     device = next(model.parameters()).device
+    if method == "gradcam" and _pools_into_linear(model, layer):
+        return _gradcam_closed_form(model, batch.to(device), target_class)
     with _CAM_CLASSES[method](model=model, target_layers=[layer]) as cam:
         maps = cam(input_tensor=batch.to(device),
                    targets=[ClassifierOutputTarget(target_class)] * len(batch))
     return np.nan_to_num(maps[0].astype(np.float32))
+
+
+def _pools_into_linear(model: nn.Module, layer: nn.Module) -> bool:
+    """True when `layer` is the model's `final_relu` whose output goes only through global
+    average pooling into a linear `classifier` (models.DenseNetClassifier)."""
+    return layer is getattr(model, "final_relu", None) and \
+        isinstance(getattr(model, "classifier", None), nn.Linear) and \
+        isinstance(getattr(model, "features", None), nn.Module)
+
+
+@torch.no_grad()
+def _gradcam_closed_form(model: nn.Module, batch: torch.Tensor, target_class: int
+                         ) -> np.ndarray:
+    """Grad-CAM without a backward pass. When activations A (K x h x w) reach the class score
+    only through global average pooling and a linear layer W, the gradient of score c with
+    respect to A_k(i, j) is W[c, k] / (h w) everywhere, so Grad-CAM's channel weights are
+    W[c] / (h w) and the map is ReLU(sum_k W[c, k] A_k) up to that positive factor, which the
+    min-max scaling removes. Scaled and resized exactly as pytorch-grad-cam does."""
+    activations = model.final_relu(model.features(batch.float())).float()  # type: ignore[operator]
+    weights = model.classifier.weight[target_class].float()  # type: ignore[index, union-attr]
+    _, _, h, w = activations.shape
+    raw = torch.einsum("k,bkhw->bhw", weights / (h * w), activations).cpu().numpy()
+    size = (batch.shape[-1], batch.shape[-2])
+    scaled = scale_cam_image(np.maximum(raw, 0), size)
+    return np.nan_to_num(scale_cam_image(np.maximum(scaled, 0))[0].astype(np.float32))
 
 
 def colorize(cam: np.ndarray) -> np.ndarray:

@@ -2,8 +2,9 @@
 the CLI, the app and the benchmark alike:
 
     file --io.load_image--> image --inputs.model_input--> (masked crop) --eval transform--> tensor
-         --model (autocast, channels_last)--> logits --/ temperature, softmax--> probabilities
-         --cam.compute_cam--> map --cam.overlay--> overlay on what the model saw
+         --backends.Forward (OpenVINO on CPUs, else PyTorch)--> logits
+         --/ temperature, softmax--> probabilities
+         --cam.compute_cam (PyTorch)--> map --cam.overlay--> overlay on what the model saw
 """
 
 from __future__ import annotations
@@ -19,18 +20,21 @@ import numpy as np
 import torch
 
 from bus_core import cam as cam_lib
+from bus_core.backends import choose_forward
 from bus_core.constants import MALIGNANT
 from bus_core.dataset import Record
-from bus_core.device import DeviceConfig, autocast, choose_device, prepare_model, to_device
+from bus_core.device import DeviceConfig, choose_device, prepare_model
 from bus_core.errors import ModelError
 from bus_core.inputs import InputSpec, model_input
 from bus_core.io import check_min_side, load_image, load_mask
 from bus_core.loader import RecordDataset
 from bus_core.metrics import percent_pair, softmax
-from bus_core.models import LoadedModel, gradcam_layer, load_model
+from bus_core.models import WEIGHTS_FILE, LoadedModel, file_sha256, gradcam_layer, load_model
 from bus_core.registry import active_model_path, no_model_message
 from bus_core.transforms import denormalise, eval_transform
 
+SCOPE_GRID = 128
+"""The colour check looks at a grid of at least this many pixels per side."""
 USUAL_SIDES = (128, 5000)
 """Image sides (px) outside this range get a scope warning."""
 
@@ -81,9 +85,9 @@ def scope_warnings(image: np.ndarray) -> list[str]:
     if min(h, w) < USUAL_SIDES[0] or max(h, w) > USUAL_SIDES[1] or max(h, w) / min(h, w) > 4:
         warnings.append(f"Unusual image size ({w}x{h} px): the model was trained on breast "
                         "ultrasound images of about 200-1000 px per side.")
-    step = max(1, min(h, w) // 256)  # a pixel grid of >= 256 per side: shares barely change
-    rgb = image[::step, ::step]
-    chroma = rgb.max(axis=2) - rgb.min(axis=2)  # uint8 is safe: max >= min
+    step = max(1, min(h, w) // SCOPE_GRID)  # a coarser grid: the shares barely change
+    r, g, b = (image[::step, ::step, c] for c in range(3))
+    chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # max >= min
     coloured = float((chroma > 60).mean())
     if coloured > 0.25:
         warnings.append("Most of the image is coloured: this does not look like a B-mode "
@@ -97,7 +101,8 @@ def scope_warnings(image: np.ndarray) -> list[str]:
 class Predictor:
     """A loaded model ready to predict and explain; safe to share between threads."""
 
-    def __init__(self, loaded: LoadedModel, device: str | DeviceConfig = "auto") -> None:
+    def __init__(self, loaded: LoadedModel, device: str | DeviceConfig = "auto",
+                 backend: str | None = None) -> None:
         self.loaded = loaded
         self.card = loaded.card
         self.device = device if isinstance(device, DeviceConfig) else choose_device(device)
@@ -105,14 +110,23 @@ class Predictor:
         self.spec = InputSpec.from_card(self.card)
         self._transform = eval_transform(self.spec.size)
         self._lock = threading.Lock()
+        side = self.spec.size.crop  # both fits ('crop', 'pad') give a crop x crop tensor
+        weights = self.card.weights_sha256 or file_sha256(loaded.path / WEIGHTS_FILE)
+        self.forward = choose_forward(self.model, self.device, weights, (side, side), backend)
 
     @classmethod
-    def from_path(cls, path: str | Path | None = None, device: str = "auto") -> Predictor:
+    def from_path(cls, path: str | Path | None = None, device: str = "auto",
+                  backend: str | None = None) -> Predictor:
         """A predictor for the model folder `path` (default: the active model)."""
         folder = path or active_model_path()
         if folder is None:
             raise ModelError(no_model_message())
-        return cls(load_model(folder), device)
+        return cls(load_model(folder), device, backend)
+
+    @property
+    def description(self) -> str:
+        """Where the forward pass runs, e.g. 'OpenVINO 2026.4.1, CPU, bf16'."""
+        return self.forward.description
 
     @property
     def classes(self) -> list[str]:
@@ -129,9 +143,9 @@ class Predictor:
         check_min_side(image)
         start = time.perf_counter()
         tensor = self.prepare(image, masks)
-        with self._lock, torch.inference_mode(), autocast(self.device):
-            logits = self.model(to_device(tensor.unsqueeze(0), self.device))
-        probs = softmax(logits.float().cpu().numpy(), self.card.temperature)[0]
+        with self._lock:
+            logits = self.forward(tensor.unsqueeze(0))
+        probs = softmax(logits, self.card.temperature)[0]
         top = int(probs.argmax())
         return Prediction(
             label=self.classes[top],

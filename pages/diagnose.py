@@ -90,6 +90,8 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
         if prediction is not None:
             show_prediction(prediction, predictor.card.uncertain_below, upload.key)
         st.caption(input_note(predictor, choice))
+        if prediction is not None:
+            st.caption(f"Read in {prediction.elapsed_ms:.0f} ms ({predictor.description}).")
     if prediction is None:
         return None
     key = prediction_key(predictor, upload, choice)

@@ -10,6 +10,9 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("BUS_DATA_DIR", str(Path("/tmp") / f"bus-tests-{os.getpid()}"))
+# The PyTorch forward pass unless a test asks for OpenVINO (tests/test_backends.py): converting
+# every tiny test model would only slow the suite down.
+os.environ.setdefault("BUS_BACKEND", "torch")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

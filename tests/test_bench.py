@@ -13,12 +13,14 @@ def test_quick_bench_prints_every_figure_as_json(tiny_model_dir, tiny_segmenter_
                   "--split", str(split), "--segmenter", str(tiny_segmenter_dir)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     figures = {line["figure"]: line for line in lines}
-    assert list(figures) == ["machine", "model_load", "latency_single_image", "gradcam_latency",
+    assert list(figures) == ["machine", "model_load", "backend", "latency_single_image",
+                             "gradcam_latency",
                              "training_throughput", "agreement_with_fp32",
                              "segmentation_latency"]
     assert figures["segmentation_latency"]["p50_ms"] > 0
     latency = figures["latency_single_image"]
     assert latency["naive"]["p50_ms"] > 0 and latency["optimised"]["p95_ms"] > 0
+    assert latency["pytorch"]["p50_ms"] > 0 and latency["backend"] == figures["backend"]["chosen"]
     assert latency["ratio_p50"] > 0
     assert figures["training_throughput"]["ratio"] > 0
     agreement = figures["agreement_with_fp32"]

@@ -79,3 +79,18 @@ def test_method_ids_and_display_names():
     assert method_id("Grad-CAM++") == "gradcam++" and method_id("gradcam") == "gradcam"
     assert method_id(None) == "gradcam" and method_id("nonsense") == "gradcam"
     assert set(CAM_LABELS) == {"gradcam", "gradcam++"}
+
+
+@pytest.mark.parametrize("target", [0, 1, 2])
+def test_closed_form_gradcam_equals_the_library(densenet, target):
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(target)
+    x = torch.randn(1, 3, 64, 80)
+    layer = gradcam_layer(densenet, "densenet121")
+    with GradCAM(model=densenet, target_layers=[layer]) as library:
+        expected = library(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
+    ours = compute_cam(densenet, layer, x[0], target)
+    assert ours.shape == expected.shape == (64, 80)
+    assert np.abs(ours - expected).max() < 1e-3

@@ -55,3 +55,13 @@ def test_autocast_and_memory_format_give_close_outputs():
 def test_grad_scaler_only_for_cuda_fp16():
     assert not needs_grad_scaler(fp32_cpu())
     assert needs_grad_scaler(DeviceConfig(torch.device("cuda"), torch.float16, True))
+
+
+def test_only_native_bf16_counts(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True,
+                        raising=False)  # oneDNN would emulate bf16 on AVX512: slower
+    assert not cpu_supports_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert cpu_supports_bf16()

@@ -1,0 +1,153 @@
+"""The forward pass of the prediction path: PyTorch on any device, or OpenVINO on CPUs.
+
+    batch (N x 3 x H x W float32, normalised) --Forward--> logits (N x classes float32)
+
+OpenVINO (Apache-2.0, made for CPU inference) is used when `backend` is 'openvino', or 'auto'
+on a CPU where the `openvino` package is installed; anything that fails on that path (package
+missing, conversion or compilation error) falls back to PyTorch with a log line, never an
+error. The converted model (OpenVINO IR) is cached on disk per weights hash, input size and
+OpenVINO version under `<data dir>/cache/openvino/`, so a restart does not convert again; new
+weights get a new entry. Precision: bf16 where the CPU supports it (agreement with fp32 is
+measured by `python -m bus_core.bench`), else fp32. Grad-CAM always uses the PyTorch model (it
+needs gradients).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Literal, Protocol, get_args
+
+import numpy as np
+import torch
+from torch import nn
+
+from bus_core.device import DeviceConfig, autocast, cpu_supports_bf16, to_device
+from bus_core.settings import data_dir
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "torch", "openvino"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+BACKEND_ENV = "BUS_BACKEND"
+"""Environment variable choosing the backend of the app and the CLI (default 'auto')."""
+
+
+class Forward(Protocol):
+    """A model's forward pass from a normalised batch to float32 logits."""
+
+    description: str
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray: ...
+
+
+class TorchForward:
+    """The PyTorch model on its device, under the device's autocast."""
+
+    def __init__(self, model: nn.Module, device: DeviceConfig) -> None:
+        self.model, self.device = model, device
+        self.description = f"PyTorch, {device.description}"
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode(), autocast(self.device):
+            logits = self.model(to_device(batch, self.device))
+        return logits.float().cpu().numpy()
+
+
+class OpenVinoForward:
+    """The model converted to OpenVINO and compiled for the CPU (one call at a time)."""
+
+    def __init__(self, model: nn.Module, weights_sha256: str, input_hw: tuple[int, int],
+                 precision: str, cache_root: Path) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        xml = _cached_ir(model, weights_sha256, input_hw, cache_root, ov)
+        core.set_property({"CACHE_DIR": str(cache_root / "compiled")})
+        self._compiled = core.compile_model(str(xml), "CPU",
+                                            {"INFERENCE_PRECISION_HINT": precision})
+        self._lock = threading.Lock()  # a compiled model's default request is not re-entrant
+        self.precision = precision
+        self.description = f"OpenVINO {ov.get_version().split('-')[0]}, CPU, {precision}"
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        with self._lock:
+            result = self._compiled(np.ascontiguousarray(batch.float().cpu().numpy()))
+        return np.asarray(result[0], dtype=np.float32)
+
+
+def cache_dir() -> Path:
+    """Where converted OpenVINO models are kept."""
+    return data_dir() / "cache" / "openvino"
+
+
+def _cached_ir(model: nn.Module, weights_sha256: str, input_hw: tuple[int, int],
+               cache_root: Path, ov) -> Path:
+    """The IR (.xml + .bin) of `model`, converted once per weights, input size and version."""
+    h, w = input_hw
+    version = ov.get_version().split("-")[0]
+    folder = cache_root / f"{weights_sha256[:16]}-{h}x{w}-ov{version}"
+    xml = folder / "model.xml"
+    if xml.is_file() and xml.with_suffix(".bin").is_file():
+        return xml
+    cache_root.mkdir(parents=True, exist_ok=True)
+    cpu = _cpu_fp32_copy(model)
+    with warnings.catch_warnings():  # OpenVINO traces the model with torch.jit (deprecated)
+        warnings.simplefilter("ignore", FutureWarning)
+        converted = ov.convert_model(cpu, example_input=torch.zeros(1, 3, h, w),
+                                     input=[ov.PartialShape([-1, 3, h, w])])
+    staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=".convert-"))
+    try:
+        ov.save_model(converted, str(staging / "model.xml"), compress_to_fp16=False)
+        os.replace(staging, folder)  # a whole entry or none (a race leaves the first one)
+    except OSError:
+        if not xml.is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return xml
+
+
+def _cpu_fp32_copy(model: nn.Module) -> nn.Module:
+    """An fp32, contiguous-format CPU copy of `model` in eval mode (for conversion)."""
+    import copy
+
+    copied = copy.deepcopy(model).to("cpu", dtype=torch.float32)
+    copied.to(memory_format=torch.contiguous_format)
+    return copied.eval()
+
+
+def openvino_available() -> bool:
+    """True when the openvino package can be imported."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_forward(model: nn.Module, device: DeviceConfig, weights_sha256: str,
+                   input_hw: tuple[int, int], backend: str | None = None) -> Forward:
+    """The forward pass for `model` on `device`: OpenVINO for 'openvino', or for 'auto' on a
+    CPU with openvino installed; PyTorch otherwise and whenever OpenVINO fails. `backend`
+    defaults to $BUS_BACKEND, else 'auto'."""
+    backend = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if backend not in BACKENDS:
+        log.warning("Unknown backend %r (choose one of %s): using PyTorch.", backend,
+                    ", ".join(BACKENDS))
+        backend = "torch"
+    wants_openvino = backend == "openvino" or (backend == "auto" and device.device.type == "cpu")
+    if wants_openvino and openvino_available():
+        precision = "bf16" if cpu_supports_bf16() else "f32"
+        try:
+            return OpenVinoForward(model, weights_sha256, input_hw, precision, cache_dir())
+        except Exception as exc:  # conversion / compilation problems: PyTorch still works
+            log.warning("OpenVINO could not run this model (%s); using PyTorch.", exc)
+    elif wants_openvino and backend == "openvino":
+        log.warning("OpenVINO is not installed; using PyTorch.")
+    return TorchForward(model, device)

@@ -1,0 +1,83 @@
+"""Inference backends: choice and fallback, the OpenVINO cache, agreement with PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bus_core import backends
+from bus_core.backends import OpenVinoForward, TorchForward, choose_forward
+from bus_core.device import choose_device
+from bus_core.models import load_model
+
+CPU = choose_device("cpu-fp32")
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+    return tmp_path / "data"
+
+
+def test_torch_when_asked_when_openvino_is_missing_or_unknown(tiny, monkeypatch):
+    assert isinstance(choose_forward(tiny.model, CPU, "ab" * 32, (32, 32), "torch"),
+                      TorchForward)
+    assert isinstance(choose_forward(tiny.model, CPU, "ab" * 32, (32, 32), "banana"),
+                      TorchForward)
+    monkeypatch.setattr(backends, "openvino_available", lambda: False)
+    assert isinstance(choose_forward(tiny.model, CPU, "ab" * 32, (32, 32), "auto"),
+                      TorchForward)
+
+
+def test_a_failing_conversion_falls_back_to_torch(tiny, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(backends, "openvino_available", lambda: True)
+    monkeypatch.setattr(backends, "OpenVinoForward", broken)
+    forward = choose_forward(tiny.model, CPU, "ab" * 32, (32, 32), "openvino")
+    assert isinstance(forward, TorchForward) and forward.description.startswith("PyTorch")
+
+
+openvino = pytest.importorskip("openvino")
+
+
+def test_openvino_agrees_with_torch_and_is_cached_per_weights(tiny, data_dir, monkeypatch):
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: False)  # exact fp32 comparison
+    forward = choose_forward(tiny.model, CPU, "ab" * 32, (32, 32), "auto")
+    assert isinstance(forward, OpenVinoForward) and "f32" in forward.description
+    batch = torch.randn(5, 3, 32, 32)
+    reference = TorchForward(tiny.model, CPU)(batch)
+    ours = forward(batch)
+    assert ours.shape == reference.shape == (5, 3)
+    assert np.abs(ours - reference).max() < 1e-3
+    entries = sorted((data_dir / "cache" / "openvino").glob("abababab*"))
+    assert len(entries) == 1 and (entries[0] / "model.bin").is_file()
+    stamp = (entries[0] / "model.bin").stat().st_mtime_ns
+    choose_forward(tiny.model, CPU, "ab" * 32, (32, 32), "openvino")  # reused, not converted
+    assert (entries[0] / "model.bin").stat().st_mtime_ns == stamp
+    choose_forward(tiny.model, CPU, "cd" * 32, (32, 32), "openvino")  # new weights: new entry
+    assert len(list((data_dir / "cache" / "openvino").glob("*-32x32-ov*"))) == 2
+
+
+def test_predictor_uses_the_backend_and_keeps_torch_for_grad_cam(tiny_model_dir):
+    from bus_core.predict import Predictor
+    from tests.conftest import synthetic_image
+
+    image, _ = synthetic_image("benign", np.random.default_rng(0), size=(120, 150))
+    fast = Predictor(load_model(tiny_model_dir), "cpu-fp32", backend="openvino")
+    slow = Predictor(load_model(tiny_model_dir), "cpu-fp32", backend="torch")
+    assert fast.description.startswith("OpenVINO") and slow.description.startswith("PyTorch")
+    a, b = fast.predict(image), slow.predict(image)
+    assert a.label == b.label
+    assert max(abs(a.probabilities[c] - b.probabilities[c]) for c in a.probabilities) < 0.02
+    assert fast.explain(a).shape == a.model_view.shape[:2]
