@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bus_core.backends import Forward, TorchForward, choose_forward
 from bus_core.dataset import Record
-from bus_core.device import DeviceConfig, autocast, choose_device, prepare_model, to_device
+from bus_core.device import DeviceConfig, choose_device, prepare_model
 from bus_core.inputs import InputSpec
 from bus_core.loader import RecordDataset, eval_batches
 from bus_core.metrics import compute_metrics, softmax, threshold_metrics
@@ -40,30 +41,33 @@ class Evaluation:
 @torch.inference_mode()
 def collect_logits(model: nn.Module, dataset: RecordDataset, config: DeviceConfig,
                    batch_size: int = 32, progress: bool = False, tta: bool = False) -> np.ndarray:
-    """Logits (float32, N x classes) of `model` on every item of `dataset`, in order.
-
-    With `tta`, each logit is the mean over the image and its horizontal mirror.
-    """
+    """Logits (float32, N x classes) of the PyTorch `model` on every item of `dataset`, in
+    order. With `tta`, each logit is the mean over the image and its horizontal mirror."""
     model.eval()
+    return forward_logits(TorchForward(model, config), dataset, batch_size, progress, tta)
+
+
+def forward_logits(forward: Forward, dataset: RecordDataset, batch_size: int = 32,
+                   progress: bool = False, tta: bool = False) -> np.ndarray:
+    """`collect_logits` through any backend's forward pass."""
     out = []
     batches = eval_batches(dataset, batch_size)
     total = -(-len(dataset) // batch_size)
     for images, _, _ in tqdm(batches, total=total, disable=not progress, desc="evaluate",
                              unit="batch"):
-        images = to_device(images, config)
-        with autocast(config):
-            logits = model(images)
-            if tta:
-                logits = (logits.float() + model(images.flip(-1)).float()) / 2
-        out.append(logits.float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+        logits = forward(images)
+        if tta:
+            logits = (logits + forward(images.flip(-1))) / 2
+        out.append(np.asarray(logits, dtype=np.float32))
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
 def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | DeviceConfig = "auto",
              batch_size: int = 32, temperature: float | None = None, progress: bool = False,
              data: dict[str, Any] | None = None, tta: bool = False,
-             input_mode: str | None = None) -> Evaluation:
-    """Evaluate `loaded` on `records` with its card's input spec and temperature.
+             input_mode: str | None = None, backend: str | None = None) -> Evaluation:
+    """Evaluate `loaded` on `records` with its card's input spec and temperature, through the
+    backend `backends.choose_forward` picks (`backend`: see there).
 
     `data` describes what was evaluated (split file, subset, sources) and is stored in the
     metrics so every figure says which images it came from. `tta` averages each image with its
@@ -77,7 +81,9 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
         spec = InputSpec.of(input_mode, spec.combine, spec.threshold, spec.margin, spec.size)
     dataset = RecordDataset(records, spec, classes=card.classes)
     model = prepare_model(loaded.model, config)
-    logits = collect_logits(model, dataset, config, batch_size, progress, tta)
+    forward = choose_forward(model, config, loaded.weights_id, (spec.size.crop, spec.size.crop),
+                             backend)
+    logits = forward_logits(forward, dataset, batch_size, progress, tta)
     t = card.temperature if temperature is None else temperature
     y = np.asarray(dataset.labels)
     probs = softmax(logits, t) if len(logits) else np.zeros((0, len(card.classes)))

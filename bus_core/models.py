@@ -293,6 +293,11 @@ class LoadedModel:
     card: ModelCard
     path: Path
 
+    @property
+    def weights_id(self) -> str:
+        """The weights' sha256: the card's, else computed from the weights file."""
+        return self.card.weights_sha256 or file_sha256(self.path / WEIGHTS_FILE)
+
 
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's bytes."""

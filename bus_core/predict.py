@@ -29,7 +29,7 @@ from bus_core.inputs import InputSpec, model_input
 from bus_core.io import check_min_side, load_image, load_mask
 from bus_core.loader import RecordDataset
 from bus_core.metrics import percent_pair, softmax
-from bus_core.models import WEIGHTS_FILE, LoadedModel, file_sha256, gradcam_layer, load_model
+from bus_core.models import LoadedModel, gradcam_layer, load_model
 from bus_core.registry import active_model_path, no_model_message
 from bus_core.transforms import denormalise, eval_transform
 
@@ -111,8 +111,8 @@ class Predictor:
         self._transform = eval_transform(self.spec.size)
         self._lock = threading.Lock()
         side = self.spec.size.crop  # both fits ('crop', 'pad') give a crop x crop tensor
-        weights = self.card.weights_sha256 or file_sha256(loaded.path / WEIGHTS_FILE)
-        self.forward = choose_forward(self.model, self.device, weights, (side, side), backend)
+        self.forward = choose_forward(self.model, self.device, loaded.weights_id, (side, side),
+                                      backend)
 
     @classmethod
     def from_path(cls, path: str | Path | None = None, device: str = "auto",

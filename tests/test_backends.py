@@ -81,3 +81,14 @@ def test_predictor_uses_the_backend_and_keeps_torch_for_grad_cam(tiny_model_dir)
     assert a.label == b.label
     assert max(abs(a.probabilities[c] - b.probabilities[c]) for c in a.probabilities) < 0.02
     assert fast.explain(a).shape == a.model_view.shape[:2]
+
+
+def test_evaluate_through_openvino_matches_torch(tiny_model_dir, busi_dir):
+    from bus_core.dataset import load_records
+    from bus_core.evaluate import evaluate
+
+    records = load_records(busi_dir)
+    a = evaluate(load_model(tiny_model_dir), records, device="cpu-fp32", backend="openvino")
+    b = evaluate(load_model(tiny_model_dir), records, device="cpu-fp32", backend="torch")
+    assert (a.probs.argmax(1) == b.probs.argmax(1)).all()
+    assert np.abs(a.probs - b.probs).max() < 0.02
