@@ -295,8 +295,19 @@ class LoadedModel:
 
     @property
     def weights_id(self) -> str:
-        """The weights' sha256: the card's, else computed from the weights file."""
-        return self.card.weights_sha256 or file_sha256(self.path / WEIGHTS_FILE)
+        """The weights' sha256: the card's, else that of the weights file, else (a model not
+        saved yet) of the parameters and buffers in memory."""
+        if self.card.weights_sha256:
+            return self.card.weights_sha256
+        weights = self.path / WEIGHTS_FILE
+        if weights.is_file():
+            return file_sha256(weights)
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                          .numpy().tobytes())  # any dtype, bf16 included
+        return digest.hexdigest()
 
 
 def file_sha256(path: Path) -> str:

@@ -174,3 +174,15 @@ def test_hostile_cards_are_refused_on_load_and_import(tiny_model_dir, tmp_path, 
     with pytest.raises(ModelError, match="not valid"):
         import_model(files, user_dir=tmp_path / "models")
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_weights_id_of_saved_and_unsaved_models(tiny_model_dir, tmp_path):
+    import dataclasses
+
+    from bus_core.models import LoadedModel
+
+    loaded = load_model(tiny_model_dir)
+    assert loaded.weights_id == loaded.card.weights_sha256
+    unsaved = LoadedModel(loaded.model, dataclasses.replace(loaded.card, weights_sha256=""),
+                          tmp_path / "not-saved-yet")
+    assert len(unsaved.weights_id) == 64 and unsaved.weights_id == unsaved.weights_id
