@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bus_core.cam import head_parts, pools_into_linear
 from bus_core.device import DeviceConfig, autocast, cpu_supports_bf16, to_device
 from bus_core.settings import data_dir
 
@@ -45,6 +46,11 @@ class Forward(Protocol):
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray: ...
 
+    def run(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, the fp32 activations of the Grad-CAM layer when this backend returns
+        them in the same pass, else None)."""
+        ...
+
 
 class TorchForward:
     """The PyTorch model on its device, under the device's autocast."""
@@ -58,6 +64,24 @@ class TorchForward:
             logits = self.model(to_device(batch, self.device))
         return logits.float().cpu().numpy()
 
+    def run(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, None): autocast activations are not exact enough for the CAM."""
+        return self(batch), None
+
+
+class _LogitsAndActivations(nn.Module):
+    """A DenseNetClassifier returning (logits, final_relu activations) from one pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, final_relu, classifier = head_parts(self.model)
+        activations = final_relu(features(x))
+        pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(activations, 1), 1)
+        return classifier(pooled), activations
+
 
 class OpenVinoForward:
     """The model converted to OpenVINO and compiled for the CPU (one call at a time)."""
@@ -67,6 +91,7 @@ class OpenVinoForward:
         import openvino as ov
 
         core = ov.Core()
+        self.returns_activations = pools_into_linear(model)
         xml = _cached_ir(model, weights_sha256, input_hw, cache_root, ov)
         core.set_property({"CACHE_DIR": str(cache_root / "compiled")})
         self._compiled = core.compile_model(str(xml), "CPU",
@@ -76,9 +101,16 @@ class OpenVinoForward:
         self.description = f"OpenVINO {ov.get_version().split('-')[0]}, CPU, {precision}"
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        return self.run(batch)[0]
+
+    def run(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, the final activations of a DenseNet, else None), from one pass."""
         with self._lock:
             result = self._compiled(np.ascontiguousarray(batch.float().cpu().numpy()))
-        return np.asarray(result[0], dtype=np.float32)
+        logits = np.asarray(result[0], dtype=np.float32)
+        if not self.returns_activations:
+            return logits, None
+        return logits, np.asarray(result[1], dtype=np.float32)
 
 
 def cache_dir() -> Path:
@@ -91,12 +123,15 @@ def _cached_ir(model: nn.Module, weights_sha256: str, input_hw: tuple[int, int],
     """The IR (.xml + .bin) of `model`, converted once per weights, input size and version."""
     h, w = input_hw
     version = ov.get_version().split("-")[0]
-    folder = cache_root / f"{weights_sha256[:16]}-{h}x{w}-ov{version}"
+    extra = "-act" if pools_into_linear(model) else ""
+    folder = cache_root / f"{weights_sha256[:16]}-{h}x{w}{extra}-ov{version}"
     xml = folder / "model.xml"
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         return xml
     cache_root.mkdir(parents=True, exist_ok=True)
     cpu = _cpu_fp32_copy(model)
+    if extra:
+        cpu = _LogitsAndActivations(cpu).eval()
     with warnings.catch_warnings():  # OpenVINO traces the model with torch.jit (deprecated)
         warnings.simplefilter("ignore", FutureWarning)
         converted = ov.convert_model(cpu, example_input=torch.zeros(1, 3, h, w),

@@ -7,6 +7,8 @@ computed in fp32 on the model's device.
 
 from __future__ import annotations
 
+from typing import cast
+
 import cv2
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ def compute_cam(model: nn.Module, layer: nn.Module, input_tensor: torch.Tensor,
         raise ValueError(f"Unknown CAM method {method!r}; choose one of {', '.join(CAM_LABELS)}.")
     batch = input_tensor if input_tensor.dim() == 4 else input_tensor.unsqueeze(0)
     device = next(model.parameters()).device
-    if method == "gradcam" and _pools_into_linear(model, layer):
+    if method == "gradcam" and pools_into_linear(model, layer):
         return _gradcam_closed_form(model, batch.to(device), target_class)
     with _CAM_CLASSES[method](model=model, target_layers=[layer]) as cam:
         maps = cam(input_tensor=batch.to(device),
@@ -44,28 +46,50 @@ def compute_cam(model: nn.Module, layer: nn.Module, input_tensor: torch.Tensor,
     return np.nan_to_num(maps[0].astype(np.float32))
 
 
-def _pools_into_linear(model: nn.Module, layer: nn.Module) -> bool:
-    """True when `layer` is the model's `final_relu` whose output goes only through global
-    average pooling into a linear `classifier` (models.DenseNetClassifier)."""
-    return layer is getattr(model, "final_relu", None) and \
+def pools_into_linear(model: nn.Module, layer: nn.Module | None = None) -> bool:
+    """True when the model's `final_relu` (or `layer`, if it is that module) feeds only global
+    average pooling and a linear `classifier` (models.DenseNetClassifier): its Grad-CAM then
+    has a closed form (`gradcam_from_activations`)."""
+    final = getattr(model, "final_relu", None)
+    return final is not None and (layer is None or layer is final) and \
         isinstance(getattr(model, "classifier", None), nn.Linear) and \
         isinstance(getattr(model, "features", None), nn.Module)
+
+
+def head_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Linear]:
+    """(features, final_relu, classifier) of a model for which `pools_into_linear` holds."""
+    return (cast(nn.Module, model.features), cast(nn.Module, model.final_relu),
+            cast(nn.Linear, model.classifier))
+
+
+def head_weights(model: nn.Module, target_class: int) -> np.ndarray:
+    """The linear head's fp32 weights (K) of one class."""
+    return head_parts(model)[2].weight[target_class].detach().float().cpu().numpy()
 
 
 @torch.no_grad()
 def _gradcam_closed_form(model: nn.Module, batch: torch.Tensor, target_class: int
                          ) -> np.ndarray:
-    """Grad-CAM without a backward pass. When activations A (K x h x w) reach the class score
-    only through global average pooling and a linear layer W, the gradient of score c with
-    respect to A_k(i, j) is W[c, k] / (h w) everywhere, so Grad-CAM's channel weights are
-    W[c] / (h w) and the map is ReLU(sum_k W[c, k] A_k) up to that positive factor, which the
-    min-max scaling removes. Scaled and resized exactly as pytorch-grad-cam does."""
-    activations = model.final_relu(model.features(batch.float())).float()  # type: ignore[operator]
-    weights = model.classifier.weight[target_class].float()  # type: ignore[index, union-attr]
-    _, _, h, w = activations.shape
-    raw = torch.einsum("k,bkhw->bhw", weights / (h * w), activations).cpu().numpy()
-    size = (batch.shape[-1], batch.shape[-2])
-    scaled = scale_cam_image(np.maximum(raw, 0), size)
+    """`gradcam_from_activations` of the activations of one forward pass (no backward)."""
+    features, final_relu, _ = head_parts(model)
+    activations = final_relu(features(batch.float())).float()
+    return gradcam_from_activations(activations[0].cpu().numpy(),
+                                    head_weights(model, target_class),
+                                    (batch.shape[-2], batch.shape[-1]))
+
+
+def gradcam_from_activations(activations: np.ndarray, weights: np.ndarray,
+                             size: tuple[int, int]) -> np.ndarray:
+    """Grad-CAM (HxW in [0, 1] at `size` (H, W)) of activations A (K x h x w) that reach the
+    class score only through global average pooling and a linear layer with the class's
+    weights `weights` (K). The gradient of the score with respect to A_k(i, j) is then
+    W_k / (h w) everywhere, so Grad-CAM's channel weights are W / (h w) and the map is
+    ReLU(sum_k W_k A_k) up to that positive factor, which the min-max scaling removes. Scaled
+    and resized exactly as pytorch-grad-cam does."""
+    k, h, w = activations.shape
+    raw = np.tensordot(weights.astype(np.float32) / (h * w), activations.astype(np.float32),
+                       axes=1)[None]
+    scaled = scale_cam_image(np.maximum(raw, 0), (size[1], size[0]))
     return np.nan_to_num(scale_cam_image(np.maximum(scaled, 0))[0].astype(np.float32))
 
 

@@ -52,6 +52,9 @@ class Prediction:
     warnings: list[str] = field(default_factory=list)
     elapsed_ms: float = 0.0
     malignant_threshold: float | None = None
+    activations: np.ndarray | None = field(default=None, repr=False)
+    """The Grad-CAM layer's fp32 activations (K x h x w) when the backend returned them with
+    the logits (then the CAM needs no second pass)."""
 
     @property
     def malignant_flag(self) -> bool | None:
@@ -144,7 +147,7 @@ class Predictor:
         start = time.perf_counter()
         tensor = self.prepare(image, masks)
         with self._lock:
-            logits = self.forward(tensor.unsqueeze(0))
+            logits, activations = self.forward.run(tensor.unsqueeze(0))
         probs = softmax(logits, self.card.temperature)[0]
         top = int(probs.argmax())
         return Prediction(
@@ -153,13 +156,19 @@ class Predictor:
             uncertain=bool(probs[top] < self.card.uncertain_below),
             model=self.card.name, model_view=denormalise(tensor), tensor=tensor,
             warnings=scope_warnings(image), elapsed_ms=(time.perf_counter() - start) * 1000,
-            malignant_threshold=self.card.malignant_threshold)
+            malignant_threshold=self.card.malignant_threshold,
+            activations=None if activations is None else activations[0])
 
     def explain(self, prediction: Prediction, target: str | None = None,
                 method: str = "gradcam") -> np.ndarray:
         """The CAM (HxW in [0, 1], over `prediction.model_view`) for class `target`
         (default: the predicted class)."""
         target_class = self.classes.index(target or prediction.label)
+        if method == "gradcam" and prediction.activations is not None and \
+                cam_lib.pools_into_linear(self.model):
+            return cam_lib.gradcam_from_activations(
+                prediction.activations, cam_lib.head_weights(self.model, target_class),
+                (prediction.tensor.shape[-2], prediction.tensor.shape[-1]))
         layer = gradcam_layer(self.model, self.card.arch)
         with self._lock:
             return cam_lib.compute_cam(self.model, layer, prediction.tensor, target_class, method)

@@ -66,7 +66,7 @@ def test_openvino_agrees_with_torch_and_is_cached_per_weights(tiny, data_dir, mo
     choose_forward(tiny.model, CPU, "ab" * 32, (32, 32), "openvino")  # reused, not converted
     assert (entries[0] / "model.bin").stat().st_mtime_ns == stamp
     choose_forward(tiny.model, CPU, "cd" * 32, (32, 32), "openvino")  # new weights: new entry
-    assert len(list((data_dir / "cache" / "openvino").glob("*-32x32-ov*"))) == 2
+    assert len(list((data_dir / "cache" / "openvino").glob("*-32x32-act-ov*"))) == 2
 
 
 def test_predictor_uses_the_backend_and_keeps_torch_for_grad_cam(tiny_model_dir):
@@ -92,3 +92,22 @@ def test_evaluate_through_openvino_matches_torch(tiny_model_dir, busi_dir):
     b = evaluate(load_model(tiny_model_dir), records, device="cpu-fp32", backend="torch")
     assert (a.probs.argmax(1) == b.probs.argmax(1)).all()
     assert np.abs(a.probs - b.probs).max() < 0.02
+
+
+def test_openvino_returns_the_cam_activations_in_the_same_pass(tiny_model_dir, monkeypatch):
+    from bus_core import cam
+    from bus_core.models import gradcam_layer
+    from bus_core.predict import Predictor
+    from tests.conftest import synthetic_image
+
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: False)
+    image, _ = synthetic_image("malignant", np.random.default_rng(2), size=(120, 150))
+    fast = Predictor(load_model(tiny_model_dir), "cpu-fp32", backend="openvino")
+    prediction = fast.predict(image)
+    assert prediction.activations is not None and prediction.activations.ndim == 3
+    for target in fast.classes:
+        reference = cam.compute_cam(fast.model, gradcam_layer(fast.model, "densenet121"),
+                                    prediction.tensor, fast.classes.index(target))
+        assert np.abs(fast.explain(prediction, target) - reference).max() < 1e-3
+    assert Predictor(load_model(tiny_model_dir), "cpu-fp32", backend="torch").predict(
+        image).activations is None
