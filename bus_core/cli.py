@@ -108,7 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data = {**data, "masks": "automatic"}
     result = evaluate(loaded, records, device=args.device, batch_size=args.batch_size,
                       progress=sys.stderr.isatty(), data={**data, "n": len(records)},
-                      tta=args.tta, input_mode=args.input_mode)
+                      tta=args.tta, input_mode=args.input_mode, backend=args.backend)
     masks = " with automatic masks" if args.masks == "auto" else ""
     print(f"Model {result.metrics['model']} on {len(records)} images ({data['subset']}){masks}:")
     print(format_metrics(result.metrics))
@@ -127,7 +127,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from bus_core.io import image_to_png_bytes
     from bus_core.predict import Predictor, predict_file
 
-    predictor = Predictor.from_path(args.model, device=args.device)
+    predictor = Predictor.from_path(args.model, device=args.device, backend=args.backend)
     mask_note = ""
     if predictor.spec.uses_masks and not args.mask:
         from bus_core.io import load_image
@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics as JSON to this file")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--batch-size", type=int, default=32)
+    _add_backend(p)
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average each image with its mirror")
     p.add_argument("--input-mode", choices=INPUT_MODES,
@@ -333,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="class to explain (default: the predicted one)")
     p.add_argument("--cam-method", default="gradcam", choices=("gradcam", "gradcam++"))
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    _add_backend(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("split", help="make a leakage-safe split file")
@@ -371,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activate", help="model folder to make the default")
     p.set_defaults(func=cmd_models)
     return parser
+
+
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    from bus_core.backends import BACKEND_ENV, BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS,
+                   help=f"forward pass: OpenVINO on CPUs where installed ('auto'), 'openvino' or "
+                        f"'torch' (default: ${BACKEND_ENV}, else auto)")
 
 
 def _write_output(path: str, content: str | bytes) -> None:

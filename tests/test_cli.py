@@ -149,3 +149,17 @@ def test_unavailable_device_is_one_line_error(busi_dir, tmp_path, capsys, monkey
     assert main(["train", "--data", str(busi_dir), "--out", str(tmp_path / "run"),
                  "--epochs", "1", "--device", "cuda"]) == 2
     _one_line_error(capsys, "No CUDA GPU")
+
+
+def test_predict_and_evaluate_take_a_backend(tiny_model_dir, busi_dir, capsys, tmp_path):
+    image = busi_dir / "benign" / "benign (1).png"
+    labels = []
+    for backend in ("torch", "openvino"):
+        assert main(["predict", str(image), "--model", str(tiny_model_dir), "--json",
+                     "--device", "cpu-fp32", "--backend", backend]) == 0
+        labels.append(json.loads(capsys.readouterr().out)["label"])
+    assert labels[0] == labels[1]
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(busi_dir),
+                 "--json", str(out), "--device", "cpu-fp32", "--backend", "torch"]) == 0
+    assert json.loads(out.read_text())["n"] == 18
