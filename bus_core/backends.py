@@ -21,14 +21,15 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Literal, Protocol, get_args
+from typing import Literal, Protocol, cast, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
-from bus_core.cam import head_parts, pools_into_linear
+from bus_core.cam import pools_into_linear
 from bus_core.device import DeviceConfig, autocast, cpu_supports_bf16, to_device
+from bus_core.models import DenseNetClassifier
 from bus_core.settings import data_dir
 
 log = logging.getLogger(__name__)
@@ -70,17 +71,14 @@ class TorchForward:
 
 
 class _LogitsAndActivations(nn.Module):
-    """A DenseNetClassifier returning (logits, final_relu activations) from one pass."""
+    """What OpenVINO converts for a DenseNetClassifier: its `forward_with_activations`."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: DenseNetClassifier) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features, final_relu, classifier = head_parts(self.model)
-        activations = final_relu(features(x))
-        pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(activations, 1), 1)
-        return classifier(pooled), activations
+        return self.model.forward_with_activations(x)
 
 
 class OpenVinoForward:
@@ -92,7 +90,8 @@ class OpenVinoForward:
 
         core = ov.Core()
         self.returns_activations = pools_into_linear(model)
-        xml = _cached_ir(model, weights_sha256, input_hw, cache_root, ov)
+        xml = _cached_ir(model, weights_sha256, input_hw, self.returns_activations, cache_root,
+                         ov)
         core.set_property({"CACHE_DIR": str(cache_root / "compiled")})
         self._compiled = core.compile_model(str(xml), "CPU",
                                             {"INFERENCE_PRECISION_HINT": precision})
@@ -119,19 +118,20 @@ def cache_dir() -> Path:
 
 
 def _cached_ir(model: nn.Module, weights_sha256: str, input_hw: tuple[int, int],
-               cache_root: Path, ov) -> Path:
-    """The IR (.xml + .bin) of `model`, converted once per weights, input size and version."""
+               with_activations: bool, cache_root: Path, ov) -> Path:
+    """The IR (.xml + .bin) of `model` (returning the Grad-CAM activations too when
+    `with_activations`), converted once per weights, input size, outputs and version."""
     h, w = input_hw
     version = ov.get_version().split("-")[0]
-    extra = "-act" if pools_into_linear(model) else ""
+    extra = "-act" if with_activations else ""
     folder = cache_root / f"{weights_sha256[:16]}-{h}x{w}{extra}-ov{version}"
     xml = folder / "model.xml"
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         return xml
     cache_root.mkdir(parents=True, exist_ok=True)
     cpu = _cpu_fp32_copy(model)
-    if extra:
-        cpu = _LogitsAndActivations(cpu).eval()
+    if with_activations:
+        cpu = _LogitsAndActivations(cast(DenseNetClassifier, cpu)).eval()
     with warnings.catch_warnings():  # OpenVINO traces the model with torch.jit (deprecated)
         warnings.simplefilter("ignore", FutureWarning)
         converted = ov.convert_model(cpu, example_input=torch.zeros(1, 3, h, w),

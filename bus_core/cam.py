@@ -7,7 +7,7 @@ computed in fp32 on the model's device.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import TypeGuard
 
 import cv2
 import numpy as np
@@ -16,6 +16,8 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
+
+from bus_core.models import DenseNetClassifier
 
 CAM_LABELS: dict[str, str] = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
 """CAM method ids (what cases and the CLI use) and their display names."""
@@ -46,33 +48,24 @@ def compute_cam(model: nn.Module, layer: nn.Module, input_tensor: torch.Tensor,
     return np.nan_to_num(maps[0].astype(np.float32))
 
 
-def pools_into_linear(model: nn.Module, layer: nn.Module | None = None) -> bool:
-    """True when the model's `final_relu` (or `layer`, if it is that module) feeds only global
-    average pooling and a linear `classifier` (models.DenseNetClassifier): its Grad-CAM then
-    has a closed form (`gradcam_from_activations`)."""
-    final = getattr(model, "final_relu", None)
-    return final is not None and (layer is None or layer is final) and \
-        isinstance(getattr(model, "classifier", None), nn.Linear) and \
-        isinstance(getattr(model, "features", None), nn.Module)
+def pools_into_linear(model: nn.Module, layer: nn.Module | None = None
+                      ) -> TypeGuard[DenseNetClassifier]:
+    """True for a `models.DenseNetClassifier` (with `layer`: when it is its `final_relu`):
+    that layer feeds only global average pooling and a linear classifier, so its Grad-CAM has
+    a closed form (`gradcam_from_activations`)."""
+    return isinstance(model, DenseNetClassifier) and (layer is None or layer is model.final_relu)
 
 
-def head_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Linear]:
-    """(features, final_relu, classifier) of a model for which `pools_into_linear` holds."""
-    return (cast(nn.Module, model.features), cast(nn.Module, model.final_relu),
-            cast(nn.Linear, model.classifier))
-
-
-def head_weights(model: nn.Module, target_class: int) -> np.ndarray:
+def head_weights(model: DenseNetClassifier, target_class: int) -> np.ndarray:
     """The linear head's fp32 weights (K) of one class."""
-    return head_parts(model)[2].weight[target_class].detach().float().cpu().numpy()
+    return model.classifier.weight[target_class].detach().float().cpu().numpy()
 
 
 @torch.no_grad()
-def _gradcam_closed_form(model: nn.Module, batch: torch.Tensor, target_class: int
+def _gradcam_closed_form(model: DenseNetClassifier, batch: torch.Tensor, target_class: int
                          ) -> np.ndarray:
     """`gradcam_from_activations` of the activations of one forward pass (no backward)."""
-    features, final_relu, _ = head_parts(model)
-    activations = final_relu(features(batch.float())).float()
+    activations = model.forward_with_activations(batch.float())[1].float()
     return gradcam_from_activations(activations[0].cpu().numpy(),
                                     head_weights(model, target_class),
                                     (batch.shape[-2], batch.shape[-1]))

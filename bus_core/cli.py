@@ -161,8 +161,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for name, p in prediction.probabilities.items():
         print(f"  {name:<10} {p:6.1%}")
     if prediction.malignant_flag:
-        print(f"  flag: malignant probability above the model's sensitivity-first threshold "
-              f"({prediction.malignant_threshold:.1%})")
+        print(f"  flag: {prediction.flag_sentence()}")
     for warning in prediction.warnings:
         print(f"Warning: {warning}")
     return 0

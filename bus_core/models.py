@@ -51,9 +51,14 @@ class DenseNetClassifier(nn.Module):
         self.classifier = base.classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.final_relu(self.features(x))
-        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-        return self.classifier(out)
+        return self.forward_with_activations(x)[0]
+
+    def forward_with_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, the `final_relu` activations, the Grad-CAM layer's) from one pass. They
+        reach the logits only through global average pooling and the linear classifier."""
+        activations = self.final_relu(self.features(x))
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(activations, 1), 1)), \
+            activations
 
 
 def _imagenet_weights(arch: str) -> Any:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from bus_core import atomic
-from bus_core.errors import ModelError, StorageError, storage, storage_message
+from bus_core.errors import ModelError, storage
 from bus_core.models import CARD_FILE, WEIGHTS_FILE, ModelCard, load_model, read_card
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, data_dir, user_models_dir
 
@@ -264,27 +264,26 @@ def import_model(files: Mapping[str, bytes], *, user_dir: Path | None = None) ->
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as exc:
         raise ModelError(f"The uploaded {CARD_FILE} is not a bus_core model card.") from exc
     root = user_dir or user_models_dir()
-    with storage(f"keep the uploaded model in {root}"):
+    action = f"keep the uploaded model in {root}"
+    with storage(action):
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=root, prefix=".upload-"))
     try:
-        (staging / WEIGHTS_FILE).write_bytes(weights)
-        (staging / CARD_FILE).write_bytes(card_bytes)
-        load_model(staging, label="the uploaded model")
-        try:
-            name = check_model_name(card.name)
-        except ModelError:
-            name = "uploaded-model"
-        target = _free_folder(root, name)
-        if card.name != target.name:  # the card names its folder, as for trained models
-            raw = json.loads(card_bytes)
-            raw["name"] = target.name
-            atomic.write_text(staging / CARD_FILE, json.dumps(raw, indent=2))
-        staging.rename(target)
-        return target
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise StorageError(storage_message(f"keep the uploaded model in {root}", exc)) from exc
+        with storage(action):
+            (staging / WEIGHTS_FILE).write_bytes(weights)
+            (staging / CARD_FILE).write_bytes(card_bytes)
+            load_model(staging, label="the uploaded model")
+            try:
+                name = check_model_name(card.name)
+            except ModelError:
+                name = "uploaded-model"
+            target = _free_folder(root, name)
+            if card.name != target.name:  # the card names its folder, as for trained models
+                raw = json.loads(card_bytes)
+                raw["name"] = target.name
+                atomic.write_text(staging / CARD_FILE, json.dumps(raw, indent=2))
+            staging.rename(target)
+            return target
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
