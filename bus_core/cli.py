@@ -184,11 +184,27 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
     """Group near-duplicates / patients and save a stratified group split (or k folds)."""
     from bus_core.dataset import load_many
-    from bus_core.splits import describe_groups, find_groups, make_kfold, make_split, save_split
+    from bus_core.splits import (
+        describe_groups,
+        find_groups,
+        hold_out,
+        load_split,
+        make_kfold,
+        make_split,
+        save_split,
+    )
 
     records = load_many(args.data)
     if not records:
         raise BusError(f"There are no labelled images in {', '.join(args.data)} to split.")
+    if args.hold_out:
+        if not args.base:
+            raise BusError("--hold-out needs --base, the split file to derive the new one from.")
+        split = hold_out(load_split(args.base), records, _read_ids(args.hold_out))
+        save_split(split, args.out)
+        print(f"Split saved to {args.out}: " + ", ".join(
+            f"{name} {len(split.subset(name))}" for name in ("train", "val", "test")))
+        return 0
     groups = find_groups(records, progress=sys.stderr.isatty())
     print(describe_groups(groups, records))
     if args.kfold:
@@ -203,6 +219,15 @@ def cmd_split(args: argparse.Namespace) -> int:
     print(f"Split saved to {args.out}: " + ", ".join(
         f"{name} {len(split.subset(name))}" for name in ("train", "val", "test")))
     return 0
+
+
+def _read_ids(path: str) -> list[str]:
+    """The non-empty lines of a text file of image ids."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise BusError(f"Cannot read the id list {path} ({error}).") from error
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -343,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=float, nargs=3, default=[0.7, 0.15, 0.15],
                    metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--kfold", type=int, help="write K fold files instead of one split")
+    p.add_argument("--base", help="with --hold-out: the split to derive the new one from")
+    p.add_argument("--hold-out", metavar="IDS",
+                   help="text file of image ids (one a line, e.g. one scanner's): they leave "
+                        "--base's train and val; the test subset is those of them in --base's "
+                        "val and test")
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("tune", parents=[get_args_parser(add_help=False)],

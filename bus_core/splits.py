@@ -237,6 +237,31 @@ def make_kfold(records: Sequence[Record], k: int = 5, *, seed: int = 0,
     return folds
 
 
+def hold_out(split: Split, records: Sequence[Record], held: Iterable[str]) -> Split:
+    """A leave-out variant of `split` (e.g. one scanner): the `held` ids leave its train and
+    val subsets, and its test subset is the held ids that `split` kept out of training (its
+    val and test), so no model trained on either split has seen them. `records` must cover
+    `split` (as for `split_records`)."""
+    held = set(held)
+    kept_out = [i for i in split.val + split.test if i in held]
+    if not kept_out:
+        raise DataError("None of the held-out images is in the validation or test subset of "
+                        "the base split: nothing to test on.")
+    subsets = [[i for i in split.train if i not in held], [i for i in split.val if i not in held],
+               sorted(kept_out)]
+    covered = {i for ids in subsets for i in ids}
+    by_id = {r.id: r for r in records}
+    missing = [i for i in covered if i not in by_id]
+    if missing:
+        raise DataError(f"{len(missing)} images of the base split are not in the data given "
+                        f"(e.g. {missing[0]!r}).")
+    chosen = [by_id[i] for i in sorted(covered)]
+    groups = Groups({i: g for i, g in split.groups.items() if i in covered},
+                    {"method": "base split", "held_out": len(held)})
+    ratios = [len(s) / len(covered) for s in subsets]
+    return _split(chosen, subsets, groups, split.seed, ratios, {})
+
+
 def _sorted_unique(records: Iterable[Record]) -> list[Record]:
     records = sorted(records, key=lambda r: r.id)
     for a, b in zip(records, records[1:]):

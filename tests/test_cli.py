@@ -49,6 +49,23 @@ def test_split_then_evaluate_subset(tiny_model_dir, busi_dir, tmp_path):
     assert json.loads(out.read_text())["n"] == len(data["test"])
 
 
+def test_split_hold_out_from_a_base_split(busi_dir, tmp_path, capsys):
+    base = tmp_path / "split.json"
+    assert main(["split", "--data", str(busi_dir), "--out", str(base)]) == 0
+    content = json.loads(base.read_text())
+    held = content["train"][:2] + content["test"][:2]
+    ids = tmp_path / "site.txt"
+    ids.write_text("\n".join(held) + "\n")
+    out = tmp_path / "loso.json"
+    assert main(["split", "--data", str(busi_dir), "--base", str(base), "--hold-out", str(ids),
+                 "--out", str(out)]) == 0
+    loso = json.loads(out.read_text())
+    assert loso["test"] == sorted(content["test"][:2]) and not set(held) & set(loso["train"])
+    assert main(["split", "--data", str(busi_dir), "--hold-out", str(ids), "--out",
+                 str(out)]) == 2
+    assert "--hold-out needs --base" in capsys.readouterr().err
+
+
 def test_tune_small_grid(busi_dir, tmp_path, capsys):
     out = tmp_path / "tune"
     assert main(["tune", "--data", str(busi_dir), "--out", str(out), "--epochs", "1",

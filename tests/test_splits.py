@@ -15,6 +15,7 @@ from bus_core.splits import (
     data_hash,
     describe_groups,
     find_groups,
+    hold_out,
     load_split,
     make_kfold,
     make_split,
@@ -176,6 +177,20 @@ def test_split_input_errors():
         make_split(records, groups={k: v for k, v in list(groups.items())[1:]})
     with pytest.raises(DataError, match="Unknown subset"):
         make_split(records, groups=groups).subset("dev")
+
+
+def test_hold_out_moves_a_site_out_of_training(tmp_path):
+    records, groups = _records()
+    base = make_split(records, seed=0, groups=groups)
+    held = set(base.train[:5] + base.val[:4] + base.test[:3])
+    split = hold_out(base, records, held)
+    assert not held & set(split.train + split.val)
+    assert split.test == sorted(base.val[:4] + base.test[:3])
+    assert split.train == [i for i in base.train if i not in held]
+    assert split_records(records, split, "test")[0].id == split.test[0]
+    assert load_split(save_split(split, tmp_path / "loso.json")) == split
+    with pytest.raises(DataError, match="nothing to test on"):
+        hold_out(base, records, base.train[:3])
 
 
 def test_kfold_disjoint_and_covering():
