@@ -155,17 +155,45 @@ def _record_id(source: str, relative: Path | str) -> str:
     return f"{source}/{PurePosixPath(Path(relative).as_posix())}"
 
 
-def _load_csv(manifest: Path) -> list[Record]:
-    with open(manifest, newline="", encoding="utf-8-sig") as fh:
+def _manifest_rows(manifest: Path) -> list[tuple[int, dict[str, str | None]]]:
+    """(line number, row) of every non-empty row of a CSV manifest, column names lower-cased;
+    DataError without a path or label column."""
+    with storage(f"read the manifest {manifest}"), \
+            open(manifest, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        fields = [(f or "").strip().lower() for f in reader.fieldnames or []]
-        missing = [c for c in ("path", "label") if c not in fields]
-        if missing:
-            raise DataError(f"The manifest {manifest} has no {' or '.join(missing)} column: its "
-                            "first line must name the columns, e.g. path,label,mask,patient.")
-        reader.fieldnames = fields
-        return [_csv_record(manifest, reader.line_num, row) for row in reader
-                if any((v or "").strip() for v in row.values() if isinstance(v, str))]
+        try:
+            fields = [(f or "").strip().lower() for f in reader.fieldnames or []]
+            missing = [c for c in ("path", "label") if c not in fields]
+            if missing:
+                raise DataError(f"The manifest {manifest} has no {' or '.join(missing)} column: "
+                                "its first line must name the columns, e.g. "
+                                "path,label,mask,patient.")
+            reader.fieldnames = fields
+            return [(reader.line_num, row) for row in reader
+                    if any((v or "").strip() for v in row.values() if isinstance(v, str))]
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"The manifest {manifest} is not a readable CSV file (UTF-8 text "
+                            f"with a header line): {exc}.") from exc
+
+
+def _row_files(row: dict[str, str | None]) -> tuple[str, tuple[str, ...]]:
+    """The image path and the mask paths of a manifest row, as written (relative to the
+    manifest's folder)."""
+    masks = (_clean_path(m) for m in (row.get("mask") or "").split(";"))
+    return _clean_path(row.get("path")), tuple(m for m in masks if m)
+
+
+def manifest_paths(manifest: str | Path) -> list[tuple[int, str]]:
+    """(line number, path as written) of every image and mask a CSV manifest names."""
+    found: list[tuple[int, str]] = []
+    for line, row in _manifest_rows(Path(manifest)):
+        image, masks = _row_files(row)
+        found += [(line, path) for path in (image, *masks) if path]
+    return found
+
+
+def _load_csv(manifest: Path) -> list[Record]:
+    return [_csv_record(manifest, line, row) for line, row in _manifest_rows(manifest)]
 
 
 def _csv_record(manifest: Path, line: int, row: dict[str, str | None]) -> Record:
@@ -174,21 +202,20 @@ def _csv_record(manifest: Path, line: int, row: dict[str, str | None]) -> Record
     label = (row.get("label") or "").strip().lower()
     if label not in CLASSES:
         raise DataError(f"Unknown label {label!r} on {where}: use one of {', '.join(CLASSES)}.")
-    relative = _clean_path(row.get("path"))
+    relative, masks = _row_files(row)
     if not relative:
         raise DataError(f"No image path on {where}.")
     folder = manifest.parent
     image = folder / relative
     if not image.is_file():
         raise DataError(f"The image {relative!r} on {where} does not exist.")
-    masks = tuple(_clean_path(m) for m in (row.get("mask") or "").split(";"))
     for mask in masks:
-        if mask and not (folder / mask).is_file():
+        if not (folder / mask).is_file():
             raise DataError(f"The mask {mask!r} on {where} does not exist.")
     patient = (row.get("patient") or "").strip() or None
     source = folder.name
     return Record(id=_record_id(source, os.path.relpath(image, folder)), path=image, label=label,
-                  masks=tuple(folder / m for m in masks if m), patient=patient, source=source)
+                  masks=tuple(folder / m for m in masks), patient=patient, source=source)
 
 
 def _clean_path(value: str | None) -> str:

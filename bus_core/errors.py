@@ -36,6 +36,12 @@ class DeviceError(BusError, ValueError):
     """A compute device that was asked for but is not available on this machine."""
 
 
+class PathNotAllowedError(BusError):
+    """A path typed in the app that lies outside the folders the administrator allows for data
+    (`bus_core.dataroots`), or a manifest that names files outside its own folder. The message
+    names neither the path nor whether it exists."""
+
+
 def storage_message(action: str, exc: OSError) -> str:
     """'Could not <action>: <reason> (<path>). <hint>' for an `OSError`."""
     reason = exc.strerror or str(exc) or type(exc).__name__

@@ -11,7 +11,13 @@ from bus_core.predict import Prediction, Predictor
 from bus_core.report import ReportContent, render_report, report_filename
 from bus_core.segment import Segmenter
 from ui.cases import save_case_button
-from ui.common import active_predictor, active_segmenter, require_entrypoint, show_error
+from ui.common import (
+    active_predictor,
+    active_segmenter,
+    md_escape,
+    require_entrypoint,
+    show_error,
+)
 from ui.masking import MaskChoice, canvas_shown, mask_panel, outlined, show_crop_preview
 from ui.results import Explanation, explanation_section, predict_cached, show_prediction
 from ui.state import digest, memo
@@ -83,7 +89,7 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
     with left:
         choice = mask_panel(upload.image, predictor.spec, upload.key, dataset_masks, segmenter)
         h, w = upload.image.shape[:2]
-        st.caption(f"{upload.name} · {w} x {h} px")
+        st.caption(f"{md_escape(upload.name)} · {w} x {h} px")
         show_crop_preview(upload.image, choice, predictor.spec)
     with right:
         prediction = predict(predictor, upload, choice)
@@ -144,7 +150,7 @@ opened = st.session_state.get("diagnose_opened")
 if opened:
     opened_upload, opened_masks = read_case_files(opened[0], opened[1])
     head, close = st.columns([6, 1], vertical_alignment="center")
-    head.subheader(f"Case from the dataset: {opened_upload.name}")
+    head.subheader(f"Case from the dataset: {md_escape(opened_upload.name)}")
     if close.button("Close case", icon=":material/close:"):
         del st.session_state["diagnose_opened"]
         st.rerun()
@@ -164,7 +170,7 @@ for upload in uploads:
     if upload.error is not None:
         show_error(upload.error)
 for copy in copies:
-    st.info(f"'{copy.name}' is the same image as another upload; it is shown once.",
+    st.info(f"'{md_escape(copy.name)}' is the same image as another upload; it is shown once.",
             icon=":material/content_copy:")
 readable = [u for u in uploads if u.image is not None]
 
@@ -172,7 +178,7 @@ if len(readable) == 1:
     case(predictor, readable[0], segmenter=segmenter)
 elif readable:
     batch = st.container()
-    tabs = st.tabs([u.name for u in readable])
+    tabs = st.tabs([md_escape(u.name) for u in readable])
     results = []
     for upload, tab in zip(readable, tabs):
         with tab:

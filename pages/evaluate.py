@@ -13,6 +13,7 @@ import streamlit as st
 from PIL import Image
 
 from bus_core.cam import overlay
+from bus_core.dataroots import is_allowed
 from bus_core.dataset import Record, load_many
 from bus_core.errors import BusError
 from bus_core.evaluate import Evaluation, evaluate
@@ -22,9 +23,10 @@ from bus_core.predict import explain_record
 from bus_core.registry import ModelEntry, active_model_path, list_models, no_model_message
 from bus_core.settings import default_dataset_dir
 from bus_core.splits import SUBSETS, load_split, split_records
-from ui.common import load_predictor, require_entrypoint, show_error
+from ui.common import load_predictor, md_escape, require_entrypoint, show_error
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
 from ui.evaluation import (
+    comparison_csv,
     comparison_table,
     confusion_figure,
     evaluation_json,
@@ -62,10 +64,10 @@ def model_labels(entries: list[ModelEntry]) -> dict[str, str]:
 
 
 def default_split(models: list[ModelEntry], sources: list[str]) -> str:
-    """The split file the first chosen model was trained with, if it still exists and covers
-    these data; else the split named after the data folder; else ''."""
+    """The split file the first chosen model was trained with, if it is allowed, still exists
+    and covers these data; else the split named after the data folder; else ''."""
     file = (models[0].card.split or {}).get("file") if models else None
-    if file and Path(file).is_file() and \
+    if file and is_allowed(file) and Path(file).is_file() and \
             list((models[0].card.training_data or {}).get("sources") or []) == sources:
         return file
     return matching_split(sources)
@@ -83,12 +85,17 @@ def choose_models(entries: list[ModelEntry], labels: dict[str, str]) -> list[Mod
 
 
 def choose_data(models: list[ModelEntry]) -> tuple[list[str], str, str]:
-    """Data sources, split file ('' for none) and subset."""
+    """Data sources, split file ('' for none) and subset; no sources after showing why typed
+    paths cannot be used."""
     default = default_dataset_dir()
     data_col, split_col, subset_col = st.columns([3, 3, 1])
     text = data_col.text_area("Data: folders or CSV manifests, one per line",
                               value=str(default) if default else "", key="eval_data", height=80)
-    sources = sources_from_text(text)
+    try:
+        sources = sources_from_text(text)
+    except BusError as exc:
+        show_error(exc)
+        sources = []
     split = split_col.text_input("Split file (optional)",
                                  value=default_split(models, sources), key="eval_split",
                                  help="Evaluate one subset of a split; the test subset of the "
@@ -100,7 +107,11 @@ def choose_data(models: list[ModelEntry]) -> tuple[list[str], str, str]:
             data_col.caption(data_summary(tuple(sources)))
         except BusError as exc:
             show_error(exc)
-    return sources, resolve_path(split) if split.strip() else "", subset
+    try:
+        return sources, resolve_path(split) if split.strip() else "", subset
+    except BusError as exc:
+        show_error(exc)
+        return [], "", subset
 
 
 def load_data(sources: list[str], split: str, subset: str) -> tuple[list[Record], dict]:
@@ -125,7 +136,8 @@ def run_evaluations(models: list[ModelEntry], labels: dict[str, str], sources: l
     for entry in models:
         key = (str(entry.path), entry.card.weights_sha256, tuple(sources), split, subset)
         if key not in cache:
-            with st.spinner(f"Evaluating {labels[str(entry.path)]} on {len(records)} images…"):
+            with st.spinner(f"Evaluating {md_escape(labels[str(entry.path)])} on "
+                            f"{len(records)} images…"):
                 predictor = load_predictor(str(entry.path.resolve()), entry.card.weights_sha256)
                 evaluation = evaluate(predictor.loaded, records, device=predictor.device,
                                       data=data)
@@ -140,9 +152,9 @@ def describe(result: Result) -> str:
     """Which images the figures come from."""
     data = result.evaluation.metrics.get("data") or {}
     where = ", ".join(Path(s).name for s in data.get("sources", []))
-    text = f"{data.get('n')} images from {where}"
+    text = f"{data.get('n')} images from {md_escape(where)}"
     if data.get("split_file"):
-        text += (f" · {data['subset']} subset of {Path(data['split_file']).name} "
+        text += (f" · {data['subset']} subset of {md_escape(Path(data['split_file']).name)} "
                  f"(data hash {str(data.get('data_hash'))[:12]})")
     return text + f" · temperature {result.evaluation.metrics.get('temperature', 1.0):.3f}"
 
@@ -210,7 +222,7 @@ def case_card(result: Result, index: int, case: tuple[str, str, str, float],
         except BusError as exc:
             show_error(exc)
         st.markdown(f"True **{true}** · predicted **{predicted}** ({probability:.0%})")
-        st.caption(record_id)
+        st.caption(md_escape(record_id))
         if st.button("Open in Diagnose", icon=":material/stethoscope:",
                      key=f"eval_open_{index}"):
             open_in_diagnose(record)
@@ -270,7 +282,7 @@ def comparison(results: list[Result]) -> None:
     st.markdown("#### Comparison")
     table = comparison_table({r.label: r.evaluation.metrics for r in results})
     st.dataframe(table, width="stretch")
-    st.download_button("Comparison (CSV)", table.to_csv(), file_name="comparison.csv",
+    st.download_button("Comparison (CSV)", comparison_csv(table), file_name="comparison.csv",
                        mime="text/csv", icon=":material/download:", on_click="ignore",
                        key="eval_compare_csv")
 
@@ -307,5 +319,5 @@ if current:
                               format_func=lambda i: current[i].label, key="eval_detail")
         details(current[chosen])
     else:
-        st.markdown(f"#### {current[0].label}")
+        st.markdown(f"#### {md_escape(current[0].label)}")
         details(current[0])

@@ -23,7 +23,7 @@ from bus_core.registry import (
     set_active_model,
 )
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, user_models_dir
-from ui.common import require_entrypoint, show_error
+from ui.common import md_escape, require_entrypoint, show_error
 
 require_entrypoint()
 
@@ -43,32 +43,35 @@ def is_active(entry: ModelEntry, active: Path | None) -> bool:
 
 
 def data_line(entry: ModelEntry) -> str:
-    """Training data sources and size."""
+    """Training data sources and size (Markdown: the card's text escaped)."""
     data = entry.card.training_data or {}
-    sources = ", ".join(Path(s).name for s in data.get("sources") or []) or "–"
+    sources = ", ".join(md_escape(Path(s).name) for s in data.get("sources") or []) or "–"
     n = data.get("n_train")
     return sources + (f" (n={n} for training)" if n else "")
 
 
 def split_line(entry: ModelEntry) -> str:
-    """Split file and data hash."""
+    """Split file and data hash (Markdown: the card's text escaped)."""
     split = entry.card.split or {}
     if not split:
         return "–"
-    return f"{Path(str(split.get('file', '–'))).name} · hash {str(split.get('data_hash', ''))[:8]}"
+    return (f"{md_escape(Path(str(split.get('file', '–'))).name)} · hash "
+            f"{md_escape(str(split.get('data_hash', ''))[:8])}")
 
 
 def test_line(entry: ModelEntry) -> str:
-    """Test-subset figures of the card (per data set for a segmentation model)."""
+    """Test-subset figures of the card (per data set for a segmentation model; Markdown: the
+    card's text escaped)."""
     test = entry.card.metrics.get("test") or {}
     if not test:
         return "No test metrics"
     if entry.card.task == "segmentation":
-        return " · ".join(f"{name}: Dice {fmt3(v.get('dice'))} (n={v.get('n_lesion')} lesion "
+        return " · ".join(f"{md_escape(name)}: Dice {fmt3(v.get('dice'))} "
+                          f"(n={md_escape(v.get('n_lesion'))} lesion "
                           "images)" for name, v in test.items() if isinstance(v, dict))
     return (f"accuracy {fmt3(test.get('accuracy'))} · malignant sensitivity "
             f"{fmt3(test.get('malignant_sensitivity'))} · malignant AUC "
-            f"{fmt3(test.get('auc_malignant'))} (n={test.get('n')})")
+            f"{fmt3(test.get('auc_malignant'))} (n={md_escape(test.get('n'))})")
 
 
 def actions(entry: ModelEntry, active: bool) -> None:
@@ -107,8 +110,9 @@ def actions(entry: ModelEntry, active: bool) -> None:
 
 def confirm_delete(entry: ModelEntry) -> None:
     """The second step of a delete."""
-    st.warning(f"Delete **{entry.card.name}** and its files ({entry.path})? This cannot be "
-               "undone.", icon=":material/delete_forever:")
+    st.warning(f"Delete **{md_escape(entry.card.name)}** and its files "
+               f"({md_escape(entry.path)})? This cannot be undone.",
+               icon=":material/delete_forever:")
     row = st.container(horizontal=True)
     if row.button("Delete for good", type="primary", key=widget_key("confirm", entry)):
         try:
@@ -117,7 +121,7 @@ def confirm_delete(entry: ModelEntry) -> None:
             show_error(exc)
             return
         st.session_state.pop(CONFIRM_KEY, None)
-        st.toast(f"Deleted {entry.card.name}.", icon=":material/delete:")
+        st.toast(f"Deleted {md_escape(entry.card.name)}.", icon=":material/delete:")
         st.rerun()
     if row.button("Keep it", key=widget_key("keep", entry)):
         st.session_state.pop(CONFIRM_KEY, None)
@@ -129,7 +133,7 @@ def model_card(entry: ModelEntry, active: bool) -> None:
     card = entry.card
     with st.container(border=True):
         title, badges = st.columns([3, 2], vertical_alignment="center")
-        title.markdown(f"#### {card.name}")
+        title.markdown(f"#### {md_escape(card.name)}")
         with badges:
             row = st.container(horizontal=True, horizontal_alignment="right")
             if active:
@@ -142,9 +146,10 @@ def model_card(entry: ModelEntry, active: bool) -> None:
                       f"({'whole image' if card.size.fit == 'pad' else 'centre crop'})  \n"
                       f"**Data** {data_line(entry)}  \n"
                       f"**Split** {split_line(entry)}")
-        right.markdown(f"**Test** {test_line(entry)}  \n**Created** {card.created[:10]} · "
-                       f"**Size** {entry.size_bytes / 1e6:.1f} MB · init `{card.init}`")
-        st.caption(f"{entry.path}")
+        right.markdown(f"**Test** {test_line(entry)}  \n**Created** "
+                       f"{md_escape(card.created[:10])} · **Size** "
+                       f"{entry.size_bytes / 1e6:.1f} MB · init {md_escape(card.init)}")
+        st.caption(md_escape(entry.path))
         if st.session_state.get(CONFIRM_KEY) == str(entry.path):
             confirm_delete(entry)
         else:
@@ -166,7 +171,7 @@ def upload_section() -> None:
         except BusError as exc:
             show_error(exc, "The model was not added")
             return
-        st.success(f"Added {path.name}.", icon=":material/check_circle:")
+        st.success(f"Added {md_escape(path.name)}.", icon=":material/check_circle:")
 
 
 st.title("Model registry")

@@ -40,6 +40,7 @@ from bus_core.store import ORDERABLE, STATUSES, Case, CaseStore
 from ui.cases import as_rgb, case_store, export_cases_zip, reviewer_name
 from ui.charts import probability_chart
 from ui.common import md_escape, optional_predictor, require_entrypoint, show_error, start_job
+from ui.data_inputs import resolve_path, resolve_source
 from ui.masking import outlined
 from ui.results import cam_cached, predict_cached
 from ui.training import last_event, progress_fraction, progress_text
@@ -432,9 +433,10 @@ def retrain_settings(store: CaseStore) -> None:
                  icon=":material/model_training:", disabled=not ready, key="review_rt_start"):
         try:
             with st.spinner("Exporting and splitting the reviewed cases…"):
-                plan = prepare_retraining(store, base_data=[base_data.strip()],
-                                          base_split=base_split.strip(), heldout_share=share,
-                                          name=name, settings={"epochs": int(epochs)})
+                plan = prepare_retraining(store, base_data=[resolve_source(base_data)],
+                                          base_split=resolve_path(base_split),
+                                          heldout_share=share, name=name,
+                                          settings={"epochs": int(epochs)})
         except BusError as exc:
             show_error(exc, "The retraining could not be prepared")
             return

@@ -21,8 +21,14 @@ from bus_core.segment import Segmenter
 from bus_core.segmentation import dice_iou
 from bus_core.settings import default_dataset_dir
 from bus_core.splits import SUBSETS, load_split, split_records
-from ui.common import active_segmenter, optional_predictor, require_entrypoint, show_error
-from ui.data_inputs import matching_split, resolve_path
+from ui.common import (
+    active_segmenter,
+    md_escape,
+    optional_predictor,
+    require_entrypoint,
+    show_error,
+)
+from ui.data_inputs import matching_split, resolve_path, resolve_source
 from ui.masking import SUGGESTED_COLOUR, outlined, suggested_mask
 from ui.results import explanation_section, predict_cached, show_prediction
 from ui.state import memo
@@ -46,8 +52,8 @@ def dataset(folder: str, split: str, subset: str) -> list[Record]:
 
 
 def choose_cases() -> tuple[str, str, str]:
-    """(dataset folder, split file, subset): the default dataset's test subset, or what the
-    user chooses."""
+    """(dataset folder, split file, subset) as typed: the default dataset's test subset, or
+    what the user chooses."""
     default = default_dataset_dir()
     with st.expander("Cases", expanded=default is None, icon=":material/folder_open:"):
         folder = st.text_input("Dataset folder or CSV manifest", value=str(default or ""),
@@ -63,19 +69,19 @@ def choose_cases() -> tuple[str, str, str]:
         subset = right.selectbox("Cases from", subsets, key=f"teach_subset_{folder}_{split}",
                                  help="test: images the model never saw in training (a fair "
                                       "comparison); train: images it learned from.")
-    return folder, resolve_path(split) if split else "", subset
+    return folder, split, subset
 
 
 def describe_cases(folder: str, split: str, subset: str, n_cases: int) -> str:
     """Which cases the session draws from, and what that means for the model's score."""
-    name = Path(folder).name or folder
+    name, split_name = md_escape(Path(folder).name or folder), md_escape(Path(split).name)
     if subset == "test":
-        return (f"{n_cases} cases: the test subset of {name} ({Path(split).name}), images the "
+        return (f"{n_cases} cases: the test subset of {name} ({split_name}), images the "
                 "released models were not trained on.")
     if subset == ALL_IMAGES:
         return (f"{n_cases} cases: every image of {name}, including images the model was "
                 "trained on, so its score there is optimistic.")
-    return (f"{n_cases} cases: the {subset} subset of {name} ({Path(split).name}); the model "
+    return (f"{n_cases} cases: the {subset} subset of {name} ({split_name}); the model "
             "was " + ("trained on these images, so its score is optimistic." if subset == "train"
                       else "tuned on these images, so its score is slightly optimistic."))
 
@@ -142,7 +148,7 @@ def verdict(session: TeachingSession, record: Record) -> None:
     else:
         st.error(f"You said {session.answer}; this case is **{record.label}**.",
                  icon=":material/cancel:")
-    st.caption(f"Case {record.id}")
+    st.caption(f"Case {md_escape(record.id)}")
 
 
 def reveal_model(predictor: Predictor, record: Record, image: np.ndarray,
@@ -178,7 +184,7 @@ def compare_outlines(image: np.ndarray, expert_view: np.ndarray, expert: np.ndar
               else "Dataset: no lesion marked")
     auto.image(outlined(image, suggested, SUGGESTED_COLOUR) if suggested.any() else image,
                width="stretch", alt="The case with the automatically suggested outline",
-               caption=f"Suggested outline (automatic, {segmenter.card.name})"
+               caption=f"Suggested outline (automatic, {md_escape(segmenter.card.name)})"
                if suggested.any() else "Suggested outline: no lesion found")
     if expert is not None and suggested.any():
         st.caption(f"Overlap of the two outlines (Dice): {dice_iou(suggested, expert)[0]:.2f}")
@@ -240,13 +246,18 @@ if not folder:
             icon=":material/info:")
     st.stop()
 try:
+    folder, split_file = resolve_source(folder), resolve_path(split_file) if split_file else ""
+except BusError as exc:
+    show_error(exc)
+    st.stop()
+try:
     records = dataset(folder, split_file, subset)
 except DataError as exc:
     if subset == ALL_IMAGES:
         show_error(exc)
         st.stop()
-    st.warning(f"The split file cannot be used with this dataset: {exc} The cases come from "
-               "all its images.", icon=":material/warning:")
+    st.warning(f"The split file cannot be used with this dataset: {md_escape(exc)} The cases "
+               "come from all its images.", icon=":material/warning:")
     subset = ALL_IMAGES
     try:
         records = dataset(folder, split_file, subset)

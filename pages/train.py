@@ -38,7 +38,7 @@ from bus_core.settings import data_dir, default_dataset_dir, user_models_dir
 from bus_core.train import OPTIMIZERS, SCHEDULERS, TrainConfig, check_config
 from bus_core.transforms import input_size_for
 from bus_core.tune import DEFAULT_GRID, combinations, run_name
-from ui.common import require_entrypoint, show_error, start_job
+from ui.common import md_escape, require_entrypoint, show_error, start_job
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
 from ui.state import keep_widget_state
 from ui.training import (
@@ -79,7 +79,11 @@ def data_settings() -> list[str]:
                         value=str(default) if default else "", key="train_data", height=80,
                         help="A BUSI-layout folder (normal/, benign/, malignant/ with *_mask "
                              "files) or a CSV manifest path,label[,mask][,patient].")
-    sources = sources_from_text(text)
+    try:
+        sources = sources_from_text(text)
+    except BusError as exc:
+        show_error(exc)
+        return []
     if sources:
         try:
             st.caption(data_summary(tuple(sources)))
@@ -131,7 +135,8 @@ def model_settings() -> dict[str, Any]:
 
 
 def split_setting(sources: list[str]) -> str | None | bool:
-    """The split file to use, None for a new split, or False when the chosen file is missing."""
+    """The split file to use, None for a new split, or False when the chosen file is missing
+    or not allowed."""
     default = matching_split(sources)
     kind = st.radio("Split", ["New group-disjoint split", "Saved split file"],
                     index=1 if default else 0, horizontal=True, key="train_split_kind",
@@ -140,11 +145,16 @@ def split_setting(sources: list[str]) -> str | None | bool:
     if kind.startswith("New"):
         st.caption("A new 70/15/15 split is made and saved with the model (train/split.json).")
         return None
-    path = resolve_path(st.text_input("Split file", value=default or "splits/busi.json",
-                                      key="train_split_file"))
+    typed = st.text_input("Split file", value=default or "splits/busi.json",
+                          key="train_split_file")
+    try:
+        path = resolve_path(typed)
+    except BusError as exc:
+        show_error(exc)
+        return False
     if not Path(path).is_file():
-        st.error(f"The split file {path} does not exist: make one with `python -m bus_core "
-                 "split`, or choose a new split.", icon=":material/error:")
+        st.error(f"The split file {md_escape(path)} does not exist: make one with `python -m "
+                 "bus_core split`, or choose a new split.", icon=":material/error:")
         return False
     return path
 
@@ -203,9 +213,10 @@ def output_folder(label: str, root: Path, default: str, key: str) -> Path | None
         show_error(exc)
         return None
     if is_failed_run(folder):
-        st.caption(f"'{folder.name}' holds only a failed run: starting replaces it.")
+        st.caption(f"'{md_escape(folder.name)}' holds only a failed run: starting replaces it.")
     elif folder.exists():
-        if not st.checkbox(f"'{folder.name}' exists: replace it", key=f"{key}_replace"):
+        if not st.checkbox(f"'{md_escape(folder.name)}' exists: replace it",
+                           key=f"{key}_replace"):
             st.caption("Choose another name, or tick to replace it.")
             return None
     return folder
@@ -234,7 +245,7 @@ def single_run_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
         folder = output_folder("Model name", user_models_dir(), f"{base['arch']}-{stamp}",
                                "train_name")
     if folder is not None:
-        st.caption(f"Saved to {folder}")
+        st.caption(f"Saved to {md_escape(folder)}")
     config = TrainConfig(**base, out=str(folder), name=folder.name if folder else None,
                          optimizer=optimizer, lr=float(lr), batch_size=int(batch),
                          epochs=int(epochs), balance=balance)
@@ -276,8 +287,8 @@ def grid_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
     folder = output_folder("Search name", data_dir() / "grid-search", f"grid-{stamp}",
                            "grid_name")
     if folder is not None:
-        st.caption(f"Each run is saved under {folder}; the best can then be added to the "
-                   "registry.")
+        st.caption(f"Each run is saved under {md_escape(folder)}; the best can then be added "
+                   "to the registry.")
     config = TrainConfig(**base, out=str(folder), epochs=int(epochs), balance=balance)
     if st.button("Start grid search", type="primary", icon=":material/grid_view:",
                  disabled=not ready or folder is None or n_runs == 0, key="grid_start"):
@@ -313,12 +324,12 @@ def run_label(job: Job) -> str:
     """'Training <name>' or 'Grid search <name>, run i of n: <run>'."""
     name = Path(job.out).name
     if job.kind == "train":
-        return f"Training **{name}**"
+        return f"Training **{md_escape(name)}**"
     runs = combinations(job.grid or DEFAULT_GRID)
     current = job.progress_path().parent.parent.name
     names = [run_name(c) for c in runs]
     index = names.index(current) + 1 if current in names else 1
-    return f"Grid search **{name}**, run {index} of {len(runs)}: `{current}`"
+    return f"Grid search **{md_escape(name)}**, run {index} of {len(runs)}: `{current}`"
 
 
 def progress_view(job: Job, events: list[dict[str, Any]]) -> None:
@@ -385,7 +396,7 @@ def outcome(job: Job, status: str, events: list[dict[str, Any]]) -> None:
     where = last_event(events, "step")
     at = f" at epoch {where['epoch']}, step {where['step']}" if where else ""
     if status == "done":
-        st.success(f"Finished. The model is saved in {job.out}.", icon=icon)
+        st.success(f"Finished. The model is saved in {md_escape(job.out)}.", icon=icon)
     elif status == "cancelled":
         st.info(f"Cancelled{at}. Its checkpoint is kept: Resume continues from there.",
                 icon=icon)
@@ -395,7 +406,7 @@ def outcome(job: Job, status: str, events: list[dict[str, Any]]) -> None:
                    icon=icon)
     else:
         error = last_event(events, "error")
-        st.error("The job failed: " + (error["message"] if error else
+        st.error("The job failed: " + (md_escape(error["message"]) if error else
                                        "it stopped before training began (see the log)."),
                  icon=icon)
 
@@ -420,12 +431,12 @@ def keep_best(job: Job) -> None:
     best = Path(rows[0]["model"]) if rows else None
     if best is None or not (best / CARD_FILE).is_file():
         return
-    if st.button(f"Add the best run ({best.name}) to the registry", key="grid_keep",
+    if st.button(f"Add the best run ({md_escape(best.name)}) to the registry", key="grid_keep",
                  icon=":material/inventory_2:"):
         try:
             path = import_model({name: (best / name).read_bytes()
                                  for name in (WEIGHTS_FILE, CARD_FILE)})
-            st.success(f"Added as {path.name}.", icon=":material/check_circle:")
+            st.success(f"Added as {md_escape(path.name)}.", icon=":material/check_circle:")
         except BusError as exc:
             show_error(exc)
 
@@ -457,7 +468,8 @@ def finished_view(job: Job, status: str) -> None:
             keep_best(job)
     if status == "failed" and is_failed_run(job.out) and c1.button(
             "Delete the run folder", icon=":material/delete:", key="job_delete",
-            help=f"Removes {job.out} (its log and settings); its name is free again."):
+            help=f"Removes {md_escape(job.out)} (its log and settings); its name is free "
+                 "again."):
         try:
             delete_failed_run(job.out)
             st.session_state["train_dismissed"] = job.started

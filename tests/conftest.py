@@ -115,6 +115,18 @@ def blob_probabilities(self, images):
     return out
 
 
+@pytest.fixture(autouse=True)
+def data_roots_with_tmp(monkeypatch: pytest.MonkeyPatch,
+                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The app accepts data under pytest's temporary folder (where tests write theirs) besides
+    its default folders (bus_core.dataroots)."""
+    from bus_core.dataroots import DATA_ROOTS_ENV, data_roots
+
+    monkeypatch.delenv(DATA_ROOTS_ENV, raising=False)
+    roots = [*data_roots(), tmp_path_factory.getbasetemp()]
+    monkeypatch.setenv(DATA_ROOTS_ENV, os.pathsep.join(map(str, roots)))
+
+
 @pytest.fixture
 def busi_or_skip() -> Path:
     """The real BUSI folder beside the project, or skip."""

@@ -11,6 +11,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from tests.conftest import blob_probabilities, copy_model, synthetic_image
+from ui.common import md_escape
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -103,6 +104,18 @@ def test_opacity_reuses_the_cam_and_a_new_class_computes_one(app, count_cams):
     segmented(app, "Method").set_value("gradcam++").run()
     assert not app.exception
     assert count_cams[1:] == [(other, "gradcam"), (other, "gradcam++")]
+
+
+def test_file_names_are_shown_as_text_not_markdown(app):
+    data, _ = ultrasound_png()
+    hostile = "**bold** <script>alert(1)</script> ![x](http://evil/p.png) _x_"
+    name, copy = f"{hostile}.png", f"copy {hostile}.png"
+    upload(app, (name, data, "image/png"), (copy, data, "image/png"))
+    shown = [e.value for kind in ("markdown", "caption", "info", "warning", "error", "success")
+             for e in app.get(kind)]
+    assert any(text.startswith(f"{md_escape(name)} · ") for text in shown)
+    assert any(md_escape(copy) in text for text in shown)  # the note on the second copy
+    assert not any("**bold**" in text or "<script>" in text or "](" in text for text in shown)
 
 
 def test_bad_files_get_messages_and_good_ones_still_work(app):
@@ -208,12 +221,12 @@ def test_case_opened_from_evaluate_page_uses_its_dataset_masks(monkeypatch, tmp_
     at.session_state["diagnose_masks"] = [str(busi_dir / "benign" / "benign (2)_mask.png")]
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    assert any("benign (2).png" in h.value for h in at.subheader)
+    assert any(md_escape("benign (2).png") in h.value for h in at.subheader)
     assert segmented(at, "Lesion mask").value == "Dataset masks"
     assert at.get("plotly_chart")
     next(b for b in at.button if b.label == "Close case").click()
     at.run()
-    assert not any("benign (2).png" in h.value for h in at.subheader)
+    assert not any(md_escape("benign (2).png") in h.value for h in at.subheader)
 
 
 @pytest.fixture
@@ -236,7 +249,7 @@ def test_suggested_outline_is_accepted_and_saved_as_suggested(monkeypatch, tmp_p
     assert segmented(at, "Suggested outline (automatic)").value == "Accept"
     assert any("Suggested outline (automatic)" in c for img in at.get("image")
                for c in img.captions)
-    assert "Automatic outline by tiny-seg" in messages(at.caption)
+    assert f"Automatic outline by {md_escape('tiny-seg')}" in messages(at.caption)
     assert "preview only" in messages(at.caption)  # the crop of the suggested outline
     next(b for b in at.button if b.label == "Save as case").click()
     at.run()

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from bus_core.dataroots import OUTSIDE_ROOTS
 from bus_core.dataset import load_records
 from bus_core.registry import set_active_model
 from bus_core.settings import user_models_dir
 from bus_core.splits import make_split, save_split
+from ui.common import md_escape
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -69,7 +71,7 @@ def test_a_split_subset_and_a_side_by_side_comparison(app, busi_dir, tmp_path):
     assert comparison.loc["Accuracy"].nunique() == 1  # the same weights score the same
     n = int(comparison.loc["Images (n)"].iloc[0])
     assert 0 < n < 18
-    assert "test subset of split.json" in " ".join(c.value for c in app.caption)
+    assert f"test subset of {md_escape('split.json')}" in " ".join(c.value for c in app.caption)
 
 
 def test_misclassified_gallery_with_grad_cam_and_open_in_diagnose(app, busi_dir, monkeypatch):
@@ -93,7 +95,7 @@ def test_misclassified_gallery_with_grad_cam_and_open_in_diagnose(app, busi_dir,
     assert not app.exception, [e.value for e in app.exception]
     path, _ = app.session_state["diagnose_opened"]
     assert Path(path).is_file() and Path(path).is_relative_to(busi_dir)
-    assert any(Path(path).name in h.value for h in app.subheader)
+    assert any(md_escape(Path(path).name) in h.value for h in app.subheader)
 
 
 def test_grad_cam_of_a_mask_model_uses_its_evaluation_input(app):
@@ -118,3 +120,16 @@ def test_bad_data_is_an_error_message_not_a_traceback(app, tmp_path):
     app.button(key="eval_run").click().run()
     assert not app.exception
     assert "does not exist" in " ".join(e.value for e in app.error)
+
+
+def test_data_and_splits_outside_the_allowed_folders_are_refused(app, busi_dir):
+    def errors() -> list[str]:
+        assert not app.exception, [e.value for e in app.exception]
+        return [e.value.replace("\\", "") for e in app.error]  # Markdown escapes taken out
+
+    for outside in ("/etc", "/no/such/folder"):  # the same words whether it exists or not
+        app.text_area(key="eval_data").set_value(outside).run()
+        assert errors() == [OUTSIDE_ROOTS] and app.button(key="eval_run").disabled
+    app.text_area(key="eval_data").set_value(str(busi_dir))
+    app.text_input(key="eval_split").set_value(str(busi_dir / "../../../../etc/split.json")).run()
+    assert errors() == [OUTSIDE_ROOTS] and app.button(key="eval_run").disabled

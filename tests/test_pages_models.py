@@ -10,6 +10,8 @@ from streamlit.testing.v1 import AppTest
 
 from bus_core.registry import active_model_path, export_model_zip
 from bus_core.settings import user_models_dir
+from tests.conftest import copy_model
+from ui.common import md_escape
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -34,10 +36,26 @@ def page_text(at: AppTest) -> str:
 
 def test_lists_models_with_their_cards(app):
     text = page_text(app)
-    assert str(user_models_dir() / "alpha") in text and str(user_models_dir() / "beta") in text
+    assert md_escape(user_models_dir() / "alpha") in text
+    assert md_escape(user_models_dir() / "beta") in text
     assert "densenet121" in text and "MB" in text
     assert app.button(key="models_activate_user_alpha") is not None
     assert app.get("download_button")
+
+
+def test_card_text_is_shown_as_text(monkeypatch, tmp_path, tiny_model_dir):
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.delenv("BUS_MODEL", raising=False)
+    hostile = "**bold** <script>x</script> ![p](http://evil/p.png)"
+    copy_model(tiny_model_dir, user_models_dir() / "odd", name=hostile, init="`x` _y_",
+               training_data={"sources": ["/data/[link](http://evil)"]})
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.switch_page("pages/models.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    markdown = [m.value for m in at.markdown]
+    assert f"#### {md_escape(hostile)}" in markdown
+    assert not any("**bold**" in m or "](" in m or "`x`" in m for m in markdown)
 
 
 def test_activate_a_model(app):

@@ -206,6 +206,21 @@ def test_compare_from_the_page_then_activate(case_ids, tiny_model_dir, busi_dir,
     assert "Decision: activated by Dr C" in texts(at)
 
 
+def test_retraining_refuses_data_outside_the_allowed_folders(case_ids, busi_dir, monkeypatch,
+                                                             tiny_model_dir):
+    monkeypatch.setenv("BUS_MODEL", str(tiny_model_dir))
+    at = open_page()
+    at.text_input(key="review_rt_data").set_value("/etc").run()
+    at.button(key="review_rt_start").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "outside the folders the administrator allows" in " ".join(e.value for e in at.error)
+    at.text_input(key="review_rt_data").set_value(str(busi_dir))
+    at.text_input(key="review_rt_split").set_value("/etc/split.json")
+    at.button(key="review_rt_start").click().run()
+    assert "outside the folders the administrator allows" in " ".join(e.value for e in at.error)
+    assert not any(user_models_dir().glob("retrain-*"))
+
+
 def test_unusable_data_folder_is_explained(monkeypatch, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")

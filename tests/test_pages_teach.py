@@ -6,7 +6,9 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
+from bus_core.dataroots import OUTSIDE_ROOTS
 from bus_core.dataset import load_records
+from ui.common import md_escape
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -83,6 +85,20 @@ def test_bad_folder_gives_a_clear_message(monkeypatch, tmp_path):
     assert "does not exist" in at.error[0].value
 
 
+def test_paths_outside_the_allowed_folders_are_refused(monkeypatch, tmp_path):
+    at = open_teaching(monkeypatch, tmp_path, None, None)
+    at.text_input(key="teach_folder").set_value("/etc/passwd").run()
+    assert not at.exception
+    assert [e.value.replace("\\", "") for e in at.error] == [OUTSIDE_ROOTS]
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\n../../../../../etc/passwd,benign\n")
+    at.text_input(key="teach_folder").set_value(str(manifest)).run()
+    assert not at.exception
+    (message,) = [e.value.replace("\\", "") for e in at.error]
+    assert message.startswith("Line 2 of this manifest names a file outside")
+    assert "passwd" not in message
+
+
 def test_after_the_reveal_the_suggested_outline_is_beside_the_dataset_one(
         monkeypatch, tmp_path, busi_dir, tiny_model_dir, tiny_segmenter_dir):
     from bus_core.segment import Segmenter
@@ -94,7 +110,8 @@ def test_after_the_reveal_the_suggested_outline_is_beside_the_dataset_one(
     assert not any("Suggested outline" in c for c in captions)  # nothing before the answer
     answer(at, truth(at, busi_dir))
     captions = [c for img in at.get("image") for c in img.captions]
-    assert any(c.startswith("Suggested outline (automatic, tiny-seg)") for c in captions)
+    assert any(c.startswith(f"Suggested outline (automatic, {md_escape('tiny-seg')})")
+               for c in captions)
     assert any(c.startswith("Dataset") for c in captions)
     if truth(at, busi_dir) != "normal":
         assert any("Dice" in c.value for c in at.caption)

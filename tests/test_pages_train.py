@@ -75,10 +75,17 @@ def test_settings_show_device_counts_and_the_mask_leak_note(app, busi_dir):
     app.selectbox(key="train_mode").set_value("mask").run()
     assert "Label leak" in " ".join(w.value for w in app.warning)
     app.radio(key="train_split_kind").set_value("Saved split file").run()
-    app.text_input(key="train_split_file").set_value("no/such/split.json").run()
+    app.text_input(key="train_split_file").set_value("splits/no-such-split.json").run()
     assert "does not exist" in " ".join(e.value for e in app.error)
     assert app.button(key="train_start").disabled
+    app.text_input(key="train_split_file").set_value("no/such/split.json").run()  # not allowed
+    assert "outside the folders the administrator allows" in " ".join(e.value for e in app.error)
+    assert app.button(key="train_start").disabled
     assert "18 runs × 5 epochs" in texts(app)  # the default grid of the seed document
+    app.text_area(key="train_data").set_value("/etc").run()  # not an allowed data folder
+    assert not app.exception
+    assert "outside the folders the administrator allows" in " ".join(e.value for e in app.error)
+    assert app.button(key="train_start").disabled
 
 
 def test_a_tiny_run_reaches_the_end_and_becomes_the_active_model(app, busi_dir):

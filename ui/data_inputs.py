@@ -1,4 +1,5 @@
-"""Choosing data on the Train and Evaluate pages: typed paths, dataset summaries, split files."""
+"""Choosing data on the Train, Evaluate, Teaching and Review pages: typed paths (only under the
+folders the administrator allows, `bus_core.dataroots`), dataset summaries, split files."""
 
 from __future__ import annotations
 
@@ -7,20 +8,33 @@ from pathlib import Path
 
 import streamlit as st
 
+from bus_core.dataroots import check_allowed, check_data_source, is_allowed
 from bus_core.dataset import class_counts, load_many
 from bus_core.settings import PROJECT_ROOT, data_dir
 
 
-def resolve_path(text: str) -> str:
+def _typed(text: str) -> Path:
     """A typed path; a relative one that does not exist here is taken from the project folder
     (so 'splits/busi.json' works wherever the app was started)."""
     path = Path(text.strip()).expanduser()
-    return str(path if path.is_absolute() or path.exists() else PROJECT_ROOT / path)
+    return path if path.is_absolute() or path.exists() else PROJECT_ROOT / path
+
+
+def resolve_path(text: str) -> str:
+    """A typed path (a split file), resolved; PathNotAllowedError outside the allowed
+    folders."""
+    return str(check_allowed(_typed(text)))
+
+
+def resolve_source(text: str) -> str:
+    """A typed data folder or CSV manifest, resolved; PathNotAllowedError outside the allowed
+    folders, or for a manifest naming files outside its own folder."""
+    return str(check_data_source(_typed(text)))
 
 
 def sources_from_text(text: str) -> list[str]:
-    """Data folders / manifests, one per non-empty line."""
-    return [resolve_path(line) for line in text.splitlines() if line.strip()]
+    """Data folders / manifests, one per non-empty line, as `resolve_source`."""
+    return [resolve_source(line) for line in text.splitlines() if line.strip()]
 
 
 @st.cache_data(ttl=60, show_spinner=False)
@@ -32,10 +46,10 @@ def data_summary(sources: tuple[str, ...]) -> str:
 
 
 def split_files() -> list[Path]:
-    """Split files in the project's splits/ and in the user's data folder."""
+    """Split files in the project's splits/ and in the user's data folder (where allowed)."""
     found: list[Path] = []
     for root in (PROJECT_ROOT / "splits", data_dir() / "splits"):
-        if root.is_dir():
+        if is_allowed(root) and root.is_dir():
             found += sorted(root.glob("*.json"))
     return found
 

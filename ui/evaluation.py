@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 from bus_core.evaluate import Evaluation
 from bus_core.metrics import HEADLINE_KEYS, METRIC_LABELS, fmt3
 from bus_core.report import BAR_COLOURS, DEFAULT_BAR
+from bus_core.store import csv_safe
 
 PER_CLASS: tuple[str, ...] = ("sensitivity", "specificity", "precision", "f1", "auc", "support")
 
@@ -63,8 +64,21 @@ def metrics_csv(metrics: Mapping[str, Any]) -> str:
     for name, figures in (metrics.get("per_class") or {}).items():
         rows += [(f"{name}_{k}", figures.get(k)) for k in PER_CLASS]
     rows += [(key, metrics.get(key)) for key in ("temperature", "model")]
-    frame = pd.DataFrame(rows, columns=["metric", "value"])
-    return frame.to_csv(index=False)
+    return _safe_csv(pd.DataFrame(rows, columns=["metric", "value"]), index=False)
+
+
+def comparison_csv(table: pd.DataFrame) -> str:
+    """A `comparison_table` as CSV (model names as column headers)."""
+    return _safe_csv(table, index=True)
+
+
+def _safe_csv(frame: pd.DataFrame, index: bool) -> str:
+    """`frame` as CSV with every cell, header and row label passed through `csv_safe`, so a
+    spreadsheet does not run text such as a model name as a formula."""
+    safe = frame.map(csv_safe)
+    safe.columns = [csv_safe(c) for c in frame.columns]
+    safe.index = [csv_safe(i) for i in frame.index]
+    return safe.to_csv(index=index)
 
 
 def evaluation_json(evaluation: Evaluation) -> str:

@@ -20,7 +20,7 @@ from bus_core.masks import (
     masked_input,
 )
 from bus_core.segment import Segmenter
-from ui.common import show_error
+from ui.common import md_escape, show_error
 from ui.state import digest, memo
 from ui.uploads import MASK_TYPES, read_masks
 
@@ -79,7 +79,7 @@ def _uploaded_masks(image: np.ndarray, key: str) -> list[np.ndarray]:
     for error in errors:
         show_error(error)
     for warning in warnings:
-        st.warning(warning, icon=":material/content_copy:")
+        st.warning(md_escape(warning), icon=":material/content_copy:")
     return masks
 
 
@@ -111,8 +111,9 @@ def _suggestion(image: np.ndarray, key: str, segmenter: Segmenter
     canvas already shows the image)."""
     suggested = suggested_mask(segmenter, image, key)
     if not suggested.any():
-        st.info(f"No lesion found: the outline model ({segmenter.card.name}) marks nothing on "
-                "this image. If you see a lesion, paint it yourself.", icon=":material/search_off:")
+        st.info(f"No lesion found: the outline model ({md_escape(segmenter.card.name)}) marks "
+                "nothing on this image. If you see a lesion, paint it yourself.",
+                icon=":material/search_off:")
         return [], None, False
     action = st.segmented_control(
         "Suggested outline (automatic)", (ACCEPT, EDIT, DISCARD), default=ACCEPT, required=True,
@@ -131,8 +132,8 @@ def _suggestion(image: np.ndarray, key: str, segmenter: Segmenter
             return [], None, True
         same = bool(np.array_equal(edited, suggested))
         return [edited], "suggested" if same else "suggested, edited", True
-    st.caption(f"Automatic outline by {segmenter.card.name}: check that it covers the lesion "
-               "before you rely on it.")
+    st.caption(f"Automatic outline by {md_escape(segmenter.card.name)}: check that it covers "
+               "the lesion before you rely on it.")
     return [suggested], "suggested", False
 
 
