@@ -1,12 +1,13 @@
 """Breast-ultrasound classifier: the Streamlit entry point (`streamlit run app.py`).
 
-A thin UI over bus_core: this file only sets up navigation and the sidebar; each page lives in
-pages/ and calls the library.
+A thin UI over bus_core: this file only signs the user in, sets up the navigation their roles
+allow and the sidebar; each page lives in pages/ and calls the library.
 """
 
 import streamlit as st
 
 from bus_core.settings import configure_logging
+from ui.auth import may_open, open_requested_page, require_signed_in, sidebar_account
 from ui.common import mark_entrypoint, render_sidebar
 
 configure_logging()
@@ -15,22 +16,26 @@ st.set_page_config(page_title="Breast ultrasound classifier", page_icon=":materi
                    layout="wide")
 
 PAGES = {
-    "Clinic": [
-        st.Page("pages/diagnose.py", title="Diagnose", icon=":material/stethoscope:",
-                default=True),
-        st.Page("pages/review.py", title="Review cases", icon=":material/fact_check:"),
-    ],
-    "Learn": [
-        st.Page("pages/teach.py", title="Teaching", icon=":material/school:"),
-    ],
-    "Models": [
-        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-        st.Page("pages/evaluate.py", title="Evaluate", icon=":material/analytics:"),
-        st.Page("pages/models.py", title="Model registry", icon=":material/inventory_2:"),
-    ],
+    "Clinic": [("diagnose", "Diagnose", ":material/stethoscope:"),
+               ("review", "Review cases", ":material/fact_check:")],
+    "Learn": [("teach", "Teaching", ":material/school:")],
+    "Models": [("train", "Train", ":material/model_training:"),
+               ("evaluate", "Evaluate", ":material/analytics:"),
+               ("models", "Model registry", ":material/inventory_2:")],
+    "You": [("account", "Account", ":material/account_circle:")],
 }
+# Section -> (page in pages/, title, icon); who may open which: ui.auth.PAGE_ACTIONS.
 
 mark_entrypoint()
-navigation = st.navigation(PAGES)
+who = require_signed_in()
+allowed = {section: [page for page in pages if may_open(who, page[0])]
+           for section, pages in PAGES.items()}
+first = next(name for pages in allowed.values() for name, _, _ in pages)
+navigation = st.navigation({
+    section: [st.Page(f"pages/{name}.py", title=title, icon=icon, default=name == first)
+              for name, title, icon in pages]
+    for section, pages in allowed.items() if pages})
+open_requested_page(who)
+sidebar_account(who)
 render_sidebar()
 navigation.run()

@@ -30,6 +30,7 @@ from bus_core.metrics import HEADLINE_KEYS, LOWER_IS_BETTER
 from bus_core.models import CARD_FILE, load_model
 from bus_core.progress import read_json_lines
 from bus_core.registry import active_model_path, set_active_model
+from bus_core.roles import Identity, require
 from bus_core.settings import data_dir
 
 DECISIONS_FILE = "model_decisions.jsonl"
@@ -206,10 +207,11 @@ def decisions_path() -> Path:
     return data_dir() / DECISIONS_FILE
 
 
-def _signed(who: str) -> str:
-    name = (who or "").strip()
+def _signed(who: Identity, action: str) -> str:
+    """The name that signs a decision of `who`, who must be allowed `action`."""
+    name = require(who, action).name.strip()
     if not name:
-        raise GateError("Enter your name: every model decision is signed.")
+        raise GateError("Every model decision is signed: it needs a signed-in user's name.")
     return name
 
 
@@ -242,38 +244,39 @@ def _entry(action: str, who: str, candidate: str | Path | None, previous: Path |
 
 
 def activate_if_passed(result: GateResult, candidate_path: str | Path, *,
-                       override_reason: str | None = None, who: str) -> bool:
+                       override_reason: str | None = None, who: Identity) -> bool:
     """Make the candidate the active model if it passed the gate, or if `override_reason` is
-    given; otherwise leave the active model as it is. The decision is logged either way.
-    Returns True when the candidate became active."""
-    who = _signed(who)
+    given; otherwise leave the active model as it is. The decision is logged either way and
+    signed by `who` (role admin). Returns True when the candidate became active."""
+    reason = (override_reason or "").strip() or None
+    name = _signed(who, "override_gate" if reason else "manage_models")
     if result.candidate_path and Path(result.candidate_path) != Path(candidate_path).resolve():
         raise GateError(f"This comparison was made for {Path(result.candidate_path).name}, not "
                         f"for {Path(candidate_path).name}: compare that model first.")
-    reason = (override_reason or "").strip() or None
     previous = active_model_path()
     if result.passed or reason:
-        set_active_model(candidate_path)
+        set_active_model(candidate_path, who=who)
         action = "activated" if result.passed else "overridden"
     else:
         action = "blocked"
-    _append(_entry(action, who, candidate_path, previous, result, reason))
+    _append(_entry(action, name, candidate_path, previous, result, reason))
     return action != "blocked"
 
 
-def reject(result: GateResult | None, candidate_path: str | Path, *, who: str,
+def reject(result: GateResult | None, candidate_path: str | Path, *, who: Identity,
            reason: str | None = None) -> None:
-    """Record that a candidate was turned down (it stays on disk; the active model stays)."""
-    _append(_entry("rejected", _signed(who), candidate_path, active_model_path(), result,
+    """Record that `who` (role researcher) turned a candidate down (it stays on disk; the
+    active model stays)."""
+    _append(_entry("rejected", _signed(who, "train"), candidate_path, active_model_path(), result,
                    (reason or "").strip() or None))
 
 
-def rollback(to_path: str | Path, who: str, *, reason: str | None = None) -> None:
-    """Make an earlier model active again (logged as 'rolled back')."""
-    who = _signed(who)
+def rollback(to_path: str | Path, who: Identity, *, reason: str | None = None) -> None:
+    """Make an earlier model active again (role admin; logged as 'rolled back')."""
+    name = _signed(who, "manage_models")
     previous = active_model_path()
-    set_active_model(to_path)
-    _append(_entry("rolled back", who, to_path, previous, None, (reason or "").strip() or None))
+    set_active_model(to_path, who=who)
+    _append(_entry("rolled back", name, to_path, previous, None, (reason or "").strip() or None))
 
 
 def decision_log() -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ except ImportError:  # Windows: starts are not serialised between processes
 from bus_core import atomic
 from bus_core.errors import BusError, storage
 from bus_core.progress import RunFiles, read_progress, run_state
+from bus_core.roles import Identity, require
 from bus_core.settings import PROJECT_ROOT, data_dir
 from bus_core.train import BACKGROUND_ENV, TrainConfig, check_config
 from bus_core.tune import DEFAULT_GRID, RESULTS_FILE, combinations, run_name
@@ -319,12 +320,14 @@ def _absolute(config: TrainConfig) -> TrainConfig:
         split=resolve(config.split) if config.split else None)
 
 
-def start_training(config: TrainConfig, *, resume: bool = False, force: bool = False) -> Job:
-    """Start `python -m bus_core train` for `config` in the background (`resume`: continue the
-    run in `config.out` from its last checkpoint).
+def start_training(config: TrainConfig, *, who: Identity, resume: bool = False,
+                   force: bool = False) -> Job:
+    """Start `python -m bus_core train` for `config` in the background for `who` (role
+    researcher; `resume`: continue the run in `config.out` from its last checkpoint).
 
     Raises `JobBusyError` while another job runs, unless `force`.
     """
+    require(who, "train")
     check_config(config)
     config = _absolute(config)
     files = RunFiles(Path(config.out))
@@ -336,12 +339,14 @@ def start_training(config: TrainConfig, *, resume: bool = False, force: bool = F
 
 
 def start_tuning(config: TrainConfig, grid: dict[str, list[Any]] | None = None, *,
-                 force: bool = False) -> Job:
+                 who: Identity, force: bool = False) -> Job:
     """Start `python -m bus_core tune` (one run per combination of `grid` under `config.out`)
-    in the background. Finished runs in `config.out` are reused, so this also resumes a search.
+    in the background for `who` (role researcher). Finished runs in `config.out` are reused,
+    so this also resumes a search.
 
     Raises `JobBusyError` while another job runs, unless `force`.
     """
+    require(who, "train")
     check_config(config)
     config = _absolute(config)
     grid = {k: list(v) for k, v in (grid or DEFAULT_GRID).items()}
@@ -354,11 +359,11 @@ def start_tuning(config: TrainConfig, grid: dict[str, list[Any]] | None = None, 
     return _launch("tune", config, config_to_argv(config) + grid_to_argv(grid), force, grid)
 
 
-def resume_job(job: Job, *, force: bool = False) -> Job:
-    """Start again a killed or cancelled job from where it stopped."""
+def resume_job(job: Job, *, who: Identity, force: bool = False) -> Job:
+    """Start again a killed or cancelled job from where it stopped (role researcher)."""
     if job.kind == "tune":
-        return start_tuning(job.train_config(), job.grid, force=force)
-    return start_training(job.train_config(), resume=True, force=force)
+        return start_tuning(job.train_config(), job.grid, who=who, force=force)
+    return start_training(job.train_config(), who=who, resume=True, force=force)
 
 
 def is_failed_run(folder: str | Path) -> bool:
@@ -372,8 +377,10 @@ def is_failed_run(folder: str | Path) -> bool:
         run_state(read_progress(files.progress)) in ("failed", "not started")
 
 
-def delete_failed_run(folder: str | Path) -> None:
-    """Delete the folder of a failed run (see `is_failed_run`); anything else is refused."""
+def delete_failed_run(folder: str | Path, *, who: Identity) -> None:
+    """Delete the folder of a failed run (see `is_failed_run`; role researcher); anything else
+    is refused."""
+    require(who, "train")
     root = Path(folder)
     running = current_job()
     if running is not None and Path(running.out).resolve() == root.resolve():

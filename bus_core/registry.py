@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from bus_core import atomic
 from bus_core.errors import ModelError, storage
 from bus_core.models import CARD_FILE, WEIGHTS_FILE, ModelCard, load_model, read_card
+from bus_core.roles import Identity, require
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, data_dir, user_models_dir
 
 ACTIVE_FILE = "active_model.json"
@@ -111,8 +112,9 @@ def active_segmenter_path(bundled_dir: Path = BUNDLED_WEIGHTS_DIR) -> Path | Non
     return None
 
 
-def set_active_model(path: str | Path) -> None:
-    """Persist `path` as the active model for every session of this user."""
+def set_active_model(path: str | Path, *, who: Identity) -> None:
+    """Persist `path` as the active model for every session (role admin)."""
+    require(who, "manage_models")
     folder = Path(path).resolve()
     if read_card(folder).task != "classification":  # also refuses folders that are not models
         raise ModelError("Only a classification model can be the active model; a segmentation "
@@ -162,9 +164,11 @@ def _is_active(folder: Path) -> bool:
         return False
 
 
-def rename_model(path: str | Path, new_name: str, *, user_dir: Path | None = None) -> Path:
-    """Rename one of the user's models: its folder and the name in its card. The active model
-    stays active under its new name. Returns the new folder."""
+def rename_model(path: str | Path, new_name: str, *, who: Identity,
+                 user_dir: Path | None = None) -> Path:
+    """Rename one of the user's models (role admin): its folder and the name in its card. The
+    active model stays active under its new name. Returns the new folder."""
+    require(who, "manage_models")
     folder = _user_model(path, user_dir)
     name = check_model_name(new_name)
     target = folder.parent / name
@@ -177,13 +181,14 @@ def rename_model(path: str | Path, new_name: str, *, user_dir: Path | None = Non
         atomic.write_text(folder / CARD_FILE, json.dumps(card, indent=2))
         folder.rename(target)
     if was_active:
-        set_active_model(target)
+        set_active_model(target, who=who)
     return target
 
 
-def delete_model(path: str | Path, *, user_dir: Path | None = None) -> None:
-    """Delete one of the user's models (never a bundled one). If it was the active model, the
-    app goes back to the default one."""
+def delete_model(path: str | Path, *, who: Identity, user_dir: Path | None = None) -> None:
+    """Delete one of the user's models (never a bundled one; role admin). If it was the active
+    model, the app goes back to the default one."""
+    require(who, "manage_models")
     folder = _user_model(path, user_dir)
     with storage(f"delete the model {folder.name}"):
         if _is_active(folder):
@@ -251,13 +256,16 @@ def _free_folder(root: Path, name: str) -> Path:
     return candidate
 
 
-def import_model(files: Mapping[str, bytes], *, user_dir: Path | None = None) -> Path:
-    """Keep an uploaded model in the user's model folder and return its folder.
+def import_model(files: Mapping[str, bytes], *, who: Identity,
+                 user_dir: Path | None = None) -> Path:
+    """Keep an uploaded model (role researcher) in the user's model folder and return its
+    folder.
 
     `files` maps file names to contents: a `.safetensors` and a `.json` card, or one `.zip` of
     both. Pickle checkpoints (.pt, .pth, .pkl, .ckpt, ...) and zips with other files are refused;
     the model must load (card and weights must match) before it is kept.
     """
+    require(who, "upload_model")
     weights, card_bytes = _model_files(files)
     try:
         card = ModelCard.from_dict(json.loads(card_bytes))

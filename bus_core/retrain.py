@@ -31,6 +31,7 @@ from bus_core.jobs import JobStatus, last_job
 from bus_core.models import CARD_FILE, read_card
 from bus_core.progress import RunFiles
 from bus_core.registry import active_model_path, check_model_name, no_model_message
+from bus_core.roles import Identity, require
 from bus_core.settings import data_dir, user_models_dir
 from bus_core.splits import find_groups, load_split, make_split, split_records
 from bus_core.store import CaseStore
@@ -137,7 +138,7 @@ def _write_json(path: Path, content: Mapping[str, Any]) -> None:
 
 
 @storage("prepare the retraining")
-def prepare_retraining(store: CaseStore, *, base_data: Sequence[str | Path],
+def prepare_retraining(store: CaseStore, *, who: Identity, base_data: Sequence[str | Path],
                        base_split: str | Path, out_dir: str | Path | None = None,
                        heldout_share: float = 0.2, seed: int = 0, name: str | None = None,
                        active: str | Path | None = None,
@@ -147,10 +148,12 @@ def prepare_retraining(store: CaseStore, *, base_data: Sequence[str | Path],
     `base_data` with `base_split`, the training share added to its training subset only.
 
     The model goes to `<user models>/<name>` (default name: retrain-<date>-<time>); `settings`
-    overrides training options (epochs, lr, batch_size, device...). The plan is saved beside
+    overrides training options (epochs, lr, batch_size, device...); `who` needs the
+    researcher role and exports every confirmed case. The plan is saved beside
     the model. Raises DataError (no usable cases, data and split that do not match) or
     ModelError (no active model, name taken).
     """
+    require(who, "train")
     if not 0.0 <= heldout_share < 1.0:
         raise DataError(f"The held-out share must be at least 0 and below 1, not {heldout_share}.")
     source = Path(active) if active else active_model_path()
@@ -167,7 +170,7 @@ def prepare_retraining(store: CaseStore, *, base_data: Sequence[str | Path],
     if model_dir.exists():
         raise ModelError(f"A model named {name} already exists: choose another name.")
     work = Path(out_dir or default_work_dir()).expanduser().resolve()
-    cases_dir = store.export_busi(work / name / "cases")
+    cases_dir = store.write_busi(store.confirmed_cases(), work / name / "cases")
     cases = _exported_cases(cases_dir)
     if not cases:
         raise DataError("There are no reviewed cases yet: confirm or correct some cases first.")

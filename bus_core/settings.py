@@ -18,6 +18,13 @@ def data_dir() -> Path:
     return Path(os.environ.get("BUS_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
 
 
+def keep_file_names() -> bool:
+    """Whether the case store keeps uploaded files' own names (BUS_KEEP_FILE_NAMES=1, an
+    administrator's choice) instead of pseudonyms; off by default, as names can identify a
+    patient."""
+    return os.environ.get("BUS_KEEP_FILE_NAMES", "").strip().lower() in ("1", "true", "yes")
+
+
 def user_models_dir() -> Path:
     """Where models trained or uploaded by the user live."""
     return data_dir() / "models"

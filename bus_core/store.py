@@ -67,7 +67,8 @@ from bus_core import atomic
 from bus_core.constants import CLASSES
 from bus_core.errors import BusError, InvalidImageError, MaskError
 from bus_core.io import image_to_png_bytes
-from bus_core.settings import data_dir
+from bus_core.roles import Identity, require
+from bus_core.settings import data_dir, keep_file_names
 
 DB_FILE = "cases.sqlite"
 IMAGES_DIR = "images"
@@ -81,10 +82,11 @@ ORDERABLE: tuple[str, ...] = ("created_at", "updated_at", "id", "status", "predi
                               "confirmed_label", "reviewer", "model_name")
 """Columns `list_cases` can sort by."""
 
+_EXTENSION = re.compile(r"\.[a-z0-9]{1,5}")
 _EXPORTED_FILE = re.compile(r"^case-\d+(?:_mask(?:_\d+)?)?\.png$")
 _CSV_COLUMNS = ("id", "path", "label", "mask", "mask_source", "predicted", "uncertain", "status",
                 "probabilities", "model", "model_hash", "reviewer", "notes", "image_name",
-                "created_at", "updated_at")
+                "owner", "created_at", "updated_at")
 
 
 class StoreError(BusError):
@@ -122,6 +124,14 @@ class Case:
     status: CaseStatus
     mask_source: MaskSource | None = None
     uncertain: bool = False
+    owner: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        """The image's name as shown and exported: its pseudonym, unless the administrator
+        keeps file names (`settings.keep_file_names`)."""
+        return self.image_name if keep_file_names() else pseudonym(self.image_hash,
+                                                                   self.image_name)
 
     @property
     def label(self) -> str:
@@ -181,8 +191,36 @@ cases = Table(
     Column("updated_at", String(40), nullable=False),
     Column("mask_source", String(32)),
     Column("uncertain", Boolean),
+    Column("owner", Text),
 )
 """The cases table of the current schema (created by the migrations, never by create_all)."""
+
+users = Table(
+    "users", _metadata,
+    Column("name", String(128), primary_key=True),
+    Column("roles", Text, nullable=False),
+    Column("password_hash", Text),
+    Column("disabled", Boolean, nullable=False),
+    Column("failed_signins", Integer, nullable=False),
+    Column("locked_until", String(40)),
+    Column("created_at", String(40), nullable=False),
+    Column("updated_at", String(40), nullable=False),
+    Column("last_signin", String(40)),
+)
+"""Local accounts (bus_core.accounts): roles comma-separated; the password only as an argon2
+hash (NULL for a single-sign-on user whose roles are kept here)."""
+
+account_log = Table(
+    "account_log", _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", String(40), nullable=False),
+    Column("who", Text, nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("subject", Text),
+    Column("detail", Text),
+)
+"""The audit log of accounts (append-only): sign-ins, failed sign-ins, sign-outs, users added,
+role changes, disabling, password changes; `who` acted on `subject`."""
 
 audit_log = Table(
     "audit_log", _metadata,
@@ -233,11 +271,7 @@ def _upgrade_v1_to_v2(conn: Connection) -> None:
     audit_log.create(conn)
     for index in _V2_CASE_INDEXES:
         index.create(conn)
-    if conn.dialect.name == "sqlite":
-        for verb in ("UPDATE", "DELETE"):
-            conn.execute(text(
-                f"CREATE TRIGGER audit_log_no_{verb.lower()} BEFORE {verb} ON audit_log "
-                "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"))
+    _append_only(conn, "audit_log")
     _backfill_audit(conn)
 
 
@@ -265,8 +299,27 @@ def _upgrade_v3_to_v4(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE cases ADD COLUMN uncertain BOOLEAN"))
 
 
+def _upgrade_v4_to_v5(conn: Connection) -> None:
+    """Schema 5: accounts (users, account_log, append-only) and who saved each case (`owner`;
+    NULL for older cases)."""
+    conn.execute(text("ALTER TABLE cases ADD COLUMN owner TEXT"))
+    users.create(conn)
+    account_log.create(conn)
+    _append_only(conn, "account_log")
+
+
+def _append_only(conn: Connection, table: str) -> None:
+    """On SQLite, triggers that refuse UPDATE and DELETE on `table`."""
+    if conn.dialect.name == "sqlite":
+        for verb in ("UPDATE", "DELETE"):
+            conn.execute(text(
+                f"CREATE TRIGGER {table}_no_{verb.lower()} BEFORE {verb} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, 'the {table.replace('_', ' ')} is append-only'); END"))
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_create_v1, _upgrade_v1_to_v2,
-                                                        _upgrade_v2_to_v3, _upgrade_v3_to_v4)
+                                                        _upgrade_v2_to_v3, _upgrade_v3_to_v4,
+                                                        _upgrade_v4_to_v5)
 """Step i upgrades a database from schema version i to i + 1."""
 
 CURRENT_SCHEMA_VERSION = len(MIGRATIONS)
@@ -397,14 +450,14 @@ class CaseStore:
 
     def schema_version(self) -> int:
         """The database's schema version (0 for an empty database)."""
-        with self._begin() as conn:
+        with self.transaction() as conn:
             return _read_version(conn)
 
     def migrate(self) -> int:
         """Bring the schema up to CURRENT_SCHEMA_VERSION, one step per transaction; returns
         the version reached."""
         while True:
-            with self._begin(write=True) as conn:
+            with self.transaction(write=True) as conn:
                 version = _read_version(conn, create=True)
                 if version > CURRENT_SCHEMA_VERSION:
                     raise StoreError(
@@ -421,12 +474,15 @@ class CaseStore:
     def save_case(self, image: np.ndarray, *, image_name: str, masks: Sequence[np.ndarray] = (),
                   combine_mode: str | None = None, model_name: str, model_hash: str,
                   probabilities: Mapping[str, float], predicted_label: str,
-                  cam_settings: Mapping[str, Any] | None = None, reviewer: str = "",
+                  cam_settings: Mapping[str, Any] | None = None, who: Identity,
                   mask_source: str | None = None, uncertain: bool = False) -> Case:
         """Store a prediction as a new unreviewed case (image and masks first, then the case
-        and its 'created' audit entry in one transaction). `mask_source` says who made the
-        masks (one of `MASK_SOURCES`; None without masks); `uncertain`, that the model's top
-        class was below its certainty threshold (the reading is then no answer)."""
+        and its 'created' audit entry in one transaction), owned by `who` (role clinician).
+        `image_name` is kept only as a pseudonym unless the administrator keeps file names.
+        `mask_source` says who made the masks (one of `MASK_SOURCES`; None without masks);
+        `uncertain`, that the model's top class was below its certainty threshold (the reading
+        is then no answer)."""
+        require(who, "save_case")
         if mask_source is not None and mask_source not in MASK_SOURCES:
             raise InvalidCaseError(f"Unknown mask source {mask_source!r}; choose one of "
                                    f"{', '.join(MASK_SOURCES)}.")
@@ -437,31 +493,34 @@ class CaseStore:
         image_hash = self._put_array(pixels)
         mask_hashes = [self._put_array(m) for m in lesions]
         now = _now()
+        if not keep_file_names():
+            image_name = pseudonym(image_hash, image_name)
         row = dict(created_at=now, updated_at=now, image_hash=image_hash,
                    image_name=image_name, mask_hashes=json.dumps(mask_hashes),
                    combine_mode=combine_mode, model_name=model_name, model_hash=model_hash,
                    probabilities=json.dumps(probabilities), predicted_label=predicted_label,
                    confirmed_label=None,
                    cam_settings=None if cam_settings is None else json.dumps(dict(cam_settings)),
-                   reviewer=reviewer.strip(), notes="", status="unreviewed",
+                   reviewer="", notes="", status="unreviewed", owner=who.name,
                    mask_source=mask_source if masks else None, uncertain=bool(uncertain))
-        with self._begin(write=True) as conn:
+        with self.transaction(write=True) as conn:
             key = conn.execute(insert(cases).values(row)).inserted_primary_key
             assert key is not None
             case_id = key[0]
-            _audit(conn, case_id, reviewer.strip(), "created", "predicted_label", None,
+            _audit(conn, case_id, who.name, "created", "predicted_label", None,
                    predicted_label, at=now)
             return _fetch(conn, case_id)
 
-    def review_case(self, case_id: int, *, label: str, reviewer: str,
+    def review_case(self, case_id: int, *, label: str, who: Identity,
                     notes: str | None = None) -> Case:
-        """Record a radiologist's label: status becomes 'confirmed' when it equals the
-        prediction, 'corrected' when it differs, and 'labelled' when the model was uncertain
-        (it gave no answer to agree or disagree with). `notes`, when given, replaces the
-        case's notes. Every changed field gets an audit entry with its old and new value."""
+        """Record the label of `who` (role clinician; their name signs it): status becomes
+        'confirmed' when it equals the prediction, 'corrected' when it differs, and 'labelled'
+        when the model was uncertain (it gave no answer to agree or disagree with). `notes`,
+        when given, replaces the case's notes. Every changed field gets an audit entry with its
+        old and new value."""
         label = _check_label(label)
-        reviewer = _check_reviewer(reviewer)
-        with self._begin(write=True) as conn:
+        reviewer = _signer(who, "review")
+        with self.transaction(write=True) as conn:
             case = _fetch(conn, case_id)
             status = "labelled" if case.uncertain else \
                 "confirmed" if label == case.predicted_label else "corrected"
@@ -471,13 +530,13 @@ class CaseStore:
             self._apply(conn, case, reviewer, status, changes, always=("confirmed_label",))
             return _fetch(conn, case_id)
 
-    def add_note(self, case_id: int, *, note: str, reviewer: str) -> Case:
-        """Append a line to a case's notes (audited as 'note')."""
-        reviewer = _check_reviewer(reviewer)
+    def add_note(self, case_id: int, *, note: str, who: Identity) -> Case:
+        """Append a line of `who` (role clinician) to a case's notes (audited as 'note')."""
+        reviewer = _signer(who, "review")
         note = note.strip()
         if not note:
             raise InvalidCaseError("The note is empty: write something before saving it.")
-        with self._begin(write=True) as conn:
+        with self.transaction(write=True) as conn:
             case = _fetch(conn, case_id)
             notes = f"{case.notes}\n{note}" if case.notes else note
             self._apply(conn, case, reviewer, "note", {"notes": notes})
@@ -499,11 +558,12 @@ class CaseStore:
 
     def get_case(self, case_id: int) -> Case:
         """The case with this id; raises `CaseNotFoundError`."""
-        with self._begin() as conn:
+        with self.transaction() as conn:
             return _fetch(conn, case_id)
 
     def list_cases(self, *, status: str | None = None, predicted: str | None = None,
                    confirmed: str | None = None, reviewer: str | None = None,
+                   owner: str | None = None,
                    since: datetime | str | None = None, until: datetime | str | None = None,
                    order_by: str = "created_at", descending: bool = True,
                    limit: int | None = None) -> list[Case]:
@@ -516,7 +576,7 @@ class CaseStore:
         query = select(cases)
         for column, value in ((cases.c.status, status), (cases.c.predicted_label, predicted),
                               (cases.c.confirmed_label, confirmed),
-                              (cases.c.reviewer, reviewer)):
+                              (cases.c.reviewer, reviewer), (cases.c.owner, owner)):
             if value is not None:
                 query = query.where(column == value)
         if since is not None:
@@ -525,25 +585,25 @@ class CaseStore:
             query = query.where(cases.c.created_at < _iso(until))
         keys = (cases.c[order_by], cases.c.id)
         query = query.order_by(*(k.desc() if descending else k.asc() for k in keys)).limit(limit)
-        with self._begin() as conn:
+        with self.transaction() as conn:
             return [_case(row) for row in conn.execute(query).mappings()]
 
     def cases_of_image(self, image: np.ndarray) -> list[Case]:
         """The cases saved with exactly these pixels, oldest first (empty when none)."""
         query = select(cases).where(cases.c.image_hash == _array_hash(_check_image(image)))
-        with self._begin() as conn:
+        with self.transaction() as conn:
             return [_case(row) for row in conn.execute(query.order_by(cases.c.id)).mappings()]
 
     def confirmed_cases(self) -> list[Case]:
         """Reviewed cases (confirmed or corrected), oldest first: the new training data."""
         query = select(cases).where(cases.c.confirmed_label.is_not(None)).order_by(cases.c.id)
-        with self._begin() as conn:
+        with self.transaction() as conn:
             return [_case(row) for row in conn.execute(query).mappings()]
 
     def history(self, case_id: int) -> list[AuditEntry]:
         """The audit entries of a case, oldest first; raises `CaseNotFoundError`."""
         query = select(audit_log).where(audit_log.c.case_id == case_id).order_by(audit_log.c.id)
-        with self._begin() as conn:
+        with self.transaction() as conn:
             _fetch(conn, case_id)
             return [AuditEntry(**row) for row in conn.execute(query).mappings()]
 
@@ -561,14 +621,24 @@ class CaseStore:
 
     # -- export --
 
-    def export_busi(self, out_dir: str | Path, *, only_confirmed: bool = True) -> Path:
+    def export_busi(self, out_dir: str | Path, *, who: Identity,
+                    only_confirmed: bool = True) -> Path:
         """Write cases as a BUSI-layout folder: `<out>/<label>/case-<id>.png` with its masks
         `case-<id>_mask.png`, `case-<id>_mask_1.png`, ... and `<out>/cases.csv` (one row per
         case; its path, label and mask columns make it a manifest too). The label is the
         confirmed one; with only_confirmed=False unreviewed cases go under their prediction.
-        Files of an earlier export into the same folder are replaced. Returns the folder."""
+        Files of an earlier export into the same folder are replaced. An admin exports every
+        case; a clinician only those they saved. Returns the folder."""
         selected = self.confirmed_cases() if only_confirmed else self.list_cases(
             order_by="id", descending=False)
+        if not who.can("export_all"):
+            require(who, "export_own")
+            selected = [case for case in selected if case.owner == who.name]
+        return self.write_busi(selected, out_dir)
+
+    def write_busi(self, selected: Sequence[Case], out_dir: str | Path) -> Path:
+        """Write `selected` as `export_busi` does (no role check: for the server's own use,
+        such as retraining). Returns the folder."""
         out = Path(out_dir).expanduser()
         _ensure_writable(out, "Choose a folder you can write to.")
         try:
@@ -593,13 +663,14 @@ class CaseStore:
                 "uncertain": "yes" if case.uncertain else "no", "status": case.status,
                 "probabilities": json.dumps(case.probabilities), "model": case.model_name,
                 "model_hash": case.model_hash, "reviewer": case.reviewer, "notes": case.notes,
-                "image_name": case.image_name, "created_at": case.created_at,
+                "image_name": case.display_name, "owner": case.owner or "",
+                "created_at": case.created_at,
                 "updated_at": case.updated_at}
 
     # -- internals --
 
     @contextmanager
-    def _begin(self, write: bool = False) -> Iterator[Connection]:
+    def transaction(self, write: bool = False) -> Iterator[Connection]:
         """A transaction (holding the write lock from its start when `write`); database
         failures become `StoreError`."""
         try:
@@ -627,7 +698,7 @@ class CaseStore:
     def _existing(self, content_hash: str, case: Case) -> Path:
         path = self.image_path(content_hash)
         if not path.is_file():
-            raise StoreError(f"An image of case {case.id} ({case.image_name}) is missing: "
+            raise StoreError(f"An image of case {case.id} ({case.display_name}) is missing: "
                              f"{path} does not exist.")
         return path
 
@@ -707,11 +778,21 @@ def _check_label(label: str) -> str:
     return clean
 
 
-def _check_reviewer(reviewer: str) -> str:
-    clean = reviewer.strip()
+def _signer(who: Identity, action: str) -> str:
+    """The name that signs `action` of `who` (who must be allowed to do it)."""
+    clean = require(who, action).name.strip()
     if not clean:
-        raise InvalidCaseError("Enter the reviewer's name: every review is signed.")
+        raise InvalidCaseError("A review needs a signed-in user's name: every review is signed.")
     return clean
+
+
+def pseudonym(image_hash: str, name: str) -> str:
+    """The name a case's image goes by: 'image-' and the start of its content hash, with the
+    original file's extension (the same for every name of the same pixels)."""
+    suffix = Path(name).suffix.lower()
+    if not _EXTENSION.fullmatch(suffix):
+        suffix = ""
+    return f"image-{image_hash[:12]}{suffix}"
 
 
 def _check_probabilities(probabilities: Mapping[str, float]) -> dict[str, float]:

@@ -10,20 +10,15 @@ from bus_core.errors import BusError
 from bus_core.predict import Prediction, Predictor
 from bus_core.report import ReportContent, render_report, report_filename
 from bus_core.segment import Segmenter
+from ui.auth import require_page
 from ui.cases import save_case_button
-from ui.common import (
-    active_predictor,
-    active_segmenter,
-    md_escape,
-    require_entrypoint,
-    show_error,
-)
+from ui.common import active_predictor, active_segmenter, md_escape, show_error
 from ui.masking import MaskChoice, canvas_shown, mask_panel, outlined, show_crop_preview
 from ui.results import Explanation, explanation_section, predict_cached, show_prediction
 from ui.state import digest, memo
 from ui.uploads import IMAGE_TYPES, Upload, read_case_files, read_uploads, unique
 
-require_entrypoint()
+require_page("diagnose")
 
 
 def prediction_key(predictor: Predictor, upload: Upload, choice: MaskChoice) -> tuple[str, str]:

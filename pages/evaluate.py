@@ -23,7 +23,8 @@ from bus_core.predict import explain_record
 from bus_core.registry import ModelEntry, active_model_path, list_models, no_model_message
 from bus_core.settings import default_dataset_dir
 from bus_core.splits import SUBSETS, load_split, split_records
-from ui.common import load_predictor, md_escape, require_entrypoint, show_error
+from ui.auth import require_page
+from ui.common import load_predictor, md_escape, show_error
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
 from ui.evaluation import (
     comparison_csv,
@@ -38,7 +39,7 @@ from ui.evaluation import (
 )
 from ui.state import memo
 
-require_entrypoint()
+require_page("evaluate")
 
 THUMB_PX = 256
 PAGE_SIZE = 12

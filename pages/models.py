@@ -22,10 +22,12 @@ from bus_core.registry import (
     rename_model,
     set_active_model,
 )
+from bus_core.roles import Identity
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, user_models_dir
-from ui.common import md_escape, require_entrypoint, show_error
+from ui.auth import require_page
+from ui.common import md_escape, show_error
 
-require_entrypoint()
+who = require_page("models")
 
 CONFIRM_KEY = "models_confirm_delete"
 
@@ -74,17 +76,19 @@ def test_line(entry: ModelEntry) -> str:
             f"{fmt3(test.get('auc_malignant'))} (n={md_escape(test.get('n'))})")
 
 
-def actions(entry: ModelEntry, active: bool) -> None:
-    """Activate, download, and for user models rename / delete."""
+def actions(entry: ModelEntry, active: bool, who: Identity) -> None:
+    """Download; for administrators also activate, and for user models rename / delete."""
     row = st.container(horizontal=True, vertical_alignment="center")
+    admin = who.can("manage_models")
     if entry.card.task == "segmentation":
         row.caption("Suggests lesion outlines" + (" on the Diagnose and Teaching pages."
                                                   if active else " (set BUS_SEGMENTER to use it)."))
     elif row.button("Active" if active else "Make active", key=widget_key("activate", entry),
-                  icon=":material/star:", disabled=active,
-                  type="secondary" if active else "primary"):
+                    icon=":material/star:", disabled=active or not admin,
+                    type="secondary" if active else "primary",
+                    help=None if admin else "Administrators choose the active model."):
         try:
-            set_active_model(entry.path)
+            set_active_model(entry.path, who=who)
             st.rerun()
         except BusError as exc:
             show_error(exc)
@@ -95,11 +99,13 @@ def actions(entry: ModelEntry, active: bool) -> None:
     if entry.bundled:
         row.caption("Bundled with the app: read-only.")
         return
+    if not admin:
+        return
     with row.popover("Rename", icon=":material/edit:"):
         name = st.text_input("New name", value=entry.path.name, key=widget_key("name", entry))
         if st.button("Save", key=widget_key("rename", entry)):
             try:
-                rename_model(entry.path, name)
+                rename_model(entry.path, name, who=who)
                 st.rerun()
             except BusError as exc:
                 show_error(exc)
@@ -108,7 +114,7 @@ def actions(entry: ModelEntry, active: bool) -> None:
         st.rerun()
 
 
-def confirm_delete(entry: ModelEntry) -> None:
+def confirm_delete(entry: ModelEntry, who: Identity) -> None:
     """The second step of a delete."""
     st.warning(f"Delete **{md_escape(entry.card.name)}** and its files "
                f"({md_escape(entry.path)})? This cannot be undone.",
@@ -116,7 +122,7 @@ def confirm_delete(entry: ModelEntry) -> None:
     row = st.container(horizontal=True)
     if row.button("Delete for good", type="primary", key=widget_key("confirm", entry)):
         try:
-            delete_model(entry.path)
+            delete_model(entry.path, who=who)
         except BusError as exc:
             show_error(exc)
             return
@@ -128,7 +134,7 @@ def confirm_delete(entry: ModelEntry) -> None:
         st.rerun()
 
 
-def model_card(entry: ModelEntry, active: bool) -> None:
+def model_card(entry: ModelEntry, active: bool, who: Identity) -> None:
     """One model: name, badges, card summary, actions."""
     card = entry.card
     with st.container(border=True):
@@ -151,12 +157,12 @@ def model_card(entry: ModelEntry, active: bool) -> None:
                        f"{entry.size_bytes / 1e6:.1f} MB · init {md_escape(card.init)}")
         st.caption(md_escape(entry.path))
         if st.session_state.get(CONFIRM_KEY) == str(entry.path):
-            confirm_delete(entry)
+            confirm_delete(entry, who)
         else:
-            actions(entry, active)
+            actions(entry, active, who)
 
 
-def upload_section() -> None:
+def upload_section(who: Identity) -> None:
     """Add a model from model.safetensors + card.json (or a zip of both)."""
     st.subheader("Add a model")
     st.caption(f"Upload {WEIGHTS_FILE} and {CARD_FILE} together, or one zip holding both. "
@@ -167,7 +173,7 @@ def upload_section() -> None:
                  key="models_import"):
         try:
             with st.spinner("Checking the model…"):
-                path = import_model({f.name: f.getvalue() for f in files})
+                path = import_model({f.name: f.getvalue() for f in files}, who=who)
         except BusError as exc:
             show_error(exc, "The model was not added")
             return
@@ -188,5 +194,6 @@ if not entries:
     st.info("No model yet: train one on the Train page, or add one below.",
             icon=":material/info:")
 for model in entries:
-    model_card(model, is_active(model, active_path))
-upload_section()
+    model_card(model, is_active(model, active_path), who)
+if who.can("upload_model"):
+    upload_section(who)

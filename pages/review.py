@@ -35,17 +35,19 @@ from bus_core.predict import Predictor
 from bus_core.progress import read_progress
 from bus_core.registry import active_model_path
 from bus_core.retrain import RetrainPlan, find_plans, prepare_retraining
+from bus_core.roles import Identity
 from bus_core.settings import PROJECT_ROOT, default_dataset_dir
 from bus_core.store import ORDERABLE, STATUSES, Case, CaseStore
-from ui.cases import as_rgb, case_store, export_cases_zip, reviewer_name
+from ui.auth import require_page
+from ui.cases import as_rgb, case_store, export_cases_zip
 from ui.charts import probability_chart
-from ui.common import md_escape, optional_predictor, require_entrypoint, show_error, start_job
+from ui.common import md_escape, optional_predictor, show_error, start_job
 from ui.data_inputs import resolve_path, resolve_source
 from ui.masking import outlined
 from ui.results import cam_cached, predict_cached
 from ui.training import last_event, progress_fraction, progress_text
 
-require_entrypoint()
+who = require_page("review")
 
 ALL = "All"
 POLL_S = 3
@@ -61,18 +63,6 @@ ACTION_LABELS = {"activated": "activated", "overridden": "activated by override"
                  "blocked": "blocked by the gate", "rejected": "rejected",
                  "rolled back": "rolled back"}
 DEFAULT_SPLIT = PROJECT_ROOT / "splits" / "busi.json"
-
-
-# --- the reviewer ------------------------------------------------------------------------------
-
-def reviewer_field() -> str:
-    """The reviewer's name, kept in st.session_state['reviewer'] across pages."""
-    if "review_reviewer" not in st.session_state:
-        st.session_state["review_reviewer"] = reviewer_name()
-    name = st.text_input("Your name (signs every review and model decision)",
-                         key="review_reviewer", placeholder="e.g. Dr Jane Smith")
-    st.session_state["reviewer"] = name.strip()
-    return name.strip()
 
 
 # --- the case table ----------------------------------------------------------------------------
@@ -122,7 +112,7 @@ def filters(everyone: list[Case]) -> dict[str, Any]:
 def case_table(cases: list[Case]) -> pd.DataFrame:
     """One row per case, newest or as sorted."""
     return pd.DataFrame([{
-        "Case": c.id, "Saved": local_time(c.created_at), "Image": c.image_name,
+        "Case": c.id, "Saved": local_time(c.created_at), "Image": c.display_name,
         "Model's reading": c.reading,
         "Probability": c.probabilities.get(c.predicted_label),
         "Confirmed": c.confirmed_label or "", "Agreement": AGREEMENT[c.status],
@@ -156,7 +146,7 @@ def cam_view(predictor: Predictor | None, why_not: str, case: Case, image: np.nd
     """The Grad-CAM overlay, recomputed when the case's model is the active one."""
     if predictor is None or predictor.card.weights_sha256 != case.model_hash:
         active = f"the active model is {predictor.card.name}" if predictor else why_not
-        st.info(f"This prediction was made by model **{case.model_name}** (weights "
+        st.info(f"This prediction was made by model **{md_escape(case.model_name)}** (weights "
                 f"{case.model_hash[:8] or 'unknown'}), and {active}: its Grad-CAM is not "
                 "redrawn here.", icon=":material/info:")
         return
@@ -188,8 +178,8 @@ def history_table(store: CaseStore, case: Case) -> None:
                  key=f"review_history_{case.id}")
 
 
-def review_form(store: CaseStore, case: Case, reviewer: str) -> None:
-    """Confirm or correct the label, with notes; signed by the reviewer."""
+def review_form(store: CaseStore, case: Case, who: Identity) -> None:
+    """Confirm or correct the label, with notes; signed by the signed-in user."""
     with st.form(f"review_form_{case.id}"):
         label = st.radio("Label", CLASSES, index=CLASSES.index(case.label), horizontal=True,
                          format_func=str.capitalize, key=f"review_label_{case.id}",
@@ -200,12 +190,8 @@ def review_form(store: CaseStore, case: Case, reviewer: str) -> None:
                                           icon=":material/fact_check:")
     if not submitted:
         return
-    if not reviewer:
-        st.error("Enter your name at the top of the page: every review is signed.",
-                 icon=":material/error:")
-        return
     try:
-        saved = store.review_case(case.id, label=label, reviewer=reviewer, notes=notes)
+        saved = store.review_case(case.id, label=label, who=who, notes=notes)
     except BusError as exc:
         show_error(exc, "The review was not saved")
         return
@@ -213,7 +199,7 @@ def review_form(store: CaseStore, case: Case, reviewer: str) -> None:
     st.rerun()
 
 
-def case_detail(store: CaseStore, case: Case, reviewer: str) -> None:
+def case_detail(store: CaseStore, case: Case, who: Identity) -> None:
     """Image with its lesion outline, the model's reading and Grad-CAM, history, review."""
     try:
         image = as_rgb(store.load_image(case))
@@ -225,25 +211,25 @@ def case_detail(store: CaseStore, case: Case, reviewer: str) -> None:
     left, middle, right = st.columns(3, gap="medium")
     union = np.logical_or.reduce(masks) if masks else None
     left.image(image if union is None or not union.any() else outlined(image, union),
-               caption=f"{case.image_name} · {len(masks)} mask(s)"
+               caption=f"{md_escape(case.display_name)} · {len(masks)} mask(s)"
                + (f" ({case.mask_source})" if masks and case.mask_source else ""), width="stretch",
                alt=f"Image of case {case.id}" + (" with its lesion outlined" if masks else ""))
     with middle:
         cam_view(predictor, why_not, case, image, masks)
     with right:
-        st.markdown(f"**Model's reading:** {case.reading} · model `{case.model_name}`  \n"
+        st.markdown(f"**Model's reading:** {case.reading} · model {md_escape(case.model_name)}  \n"
                     f"**Status:** {AGREEMENT[case.status]}"
                     + (f" · confirmed **{case.confirmed_label}** by {md_escape(case.reviewer)}"
                        if case.confirmed_label else ""))
         st.plotly_chart(probability_chart(case.probabilities, case.predicted_label),
                         config={"displayModeBar": False, "staticPlot": True},
                         key=f"review_chart_{case.id}")
-    review_form(store, case, reviewer)
+    review_form(store, case, who)
     st.markdown("##### History")
     history_table(store, case)
 
 
-def cases_tab(store: CaseStore, reviewer: str) -> None:
+def cases_tab(store: CaseStore, who: Identity) -> None:
     """Filters, the table, and the selected case."""
     everyone = store.list_cases()
     if not everyone:
@@ -263,16 +249,19 @@ def cases_tab(store: CaseStore, reviewer: str) -> None:
         st.session_state["review_case"] = ids[0]
     by_id = {c.id: c for c in cases}
     picked = st.selectbox("Case", ids, key="review_case",
-                          format_func=lambda i: f"Case {i} · {by_id[i].image_name} · "
+                          format_func=lambda i: f"Case {i} · {by_id[i].display_name} · "
                                                 f"{AGREEMENT[by_id[i].status]}")
-    case_detail(store, by_id[picked], reviewer)
+    case_detail(store, by_id[picked], who)
 
 
 # --- export ------------------------------------------------------------------------------------
 
-def export_tab(store: CaseStore) -> None:
-    """A zip of the cases in the BUSI folder layout with a CSV of labels."""
-    st.caption("One folder per class with the images (`case-<n>.png`) and their masks "
+def export_tab(store: CaseStore, who: Identity) -> None:
+    """A zip of the cases (all for an admin, else those the user saved) in the BUSI folder
+    layout with a CSV of labels."""
+    st.caption(("Every case of the store." if who.can("export_all") else
+                "The cases you saved (an administrator can export everyone's).") + " "
+               "One folder per class with the images (`case-<n>.png`) and their masks "
                "(`case-<n>_mask.png`), and `cases.csv` with the labels, predictions, reviewers "
                "and notes: readable as a training data folder.")
     only = st.toggle("Reviewed cases only", value=True, key="review_export_only",
@@ -280,7 +269,8 @@ def export_tab(store: CaseStore) -> None:
     if st.button("Prepare the export", icon=":material/folder_zip:", key="review_export_build"):
         try:
             with st.spinner("Collecting the cases…"):
-                st.session_state["review_export"] = export_cases_zip(store, only_confirmed=only)
+                st.session_state["review_export"] = export_cases_zip(store, who=who,
+                                                                   only_confirmed=only)
         except BusError as exc:
             show_error(exc, "The export failed")
     data = st.session_state.get("review_export")
@@ -293,9 +283,9 @@ def export_tab(store: CaseStore) -> None:
 
 # --- retraining --------------------------------------------------------------------------------
 
-def start(plan: RetrainPlan, resume: bool = False) -> None:
+def start(plan: RetrainPlan, who: Identity, resume: bool = False) -> None:
     """Start (or resume) the plan's training in the background."""
-    if start_job(lambda: start_training(plan.config, resume=resume),
+    if start_job(lambda: start_training(plan.config, who=who, resume=resume),
                  "The training could not start"):
         st.rerun()
 
@@ -347,26 +337,29 @@ def decide(action: Any, **kwargs: Any) -> None:
     st.rerun()
 
 
-def decision_buttons(plan: RetrainPlan, result: GateResult, reviewer: str) -> None:
-    """Activate (passed), or override with a reason (failed); or keep the current model."""
+def decision_buttons(plan: RetrainPlan, result: GateResult, who: Identity) -> None:
+    """Activate (passed), or override with a reason (failed): administrators only; or keep
+    the current model."""
     left, right = st.columns(2)
-    if result.passed:
+    if not who.can("manage_models"):
+        left.caption("An administrator activates the new model, or overrides the gate.")
+    elif result.passed:
         if left.button("Activate the new model", type="primary", icon=":material/star:",
                        key="review_gate_activate"):
             decide(activate_if_passed, result=result, candidate_path=plan.model_dir,
-                   who=reviewer)
+                   who=who)
     else:
         reason = left.text_input("Reason for overriding the gate (required)",
                                  key="review_gate_reason")
         if left.button("Override and activate", icon=":material/gpp_maybe:",
                        disabled=not reason.strip(), key="review_gate_override"):
             decide(activate_if_passed, result=result, candidate_path=plan.model_dir,
-                   override_reason=reason, who=reviewer)
+                   override_reason=reason, who=who)
     if right.button("Keep the current model", icon=":material/block:", key="review_gate_reject"):
-        decide(reject, result=result, candidate_path=plan.model_dir, who=reviewer)
+        decide(reject, result=result, candidate_path=plan.model_dir, who=who)
 
 
-def gate_view(plan: RetrainPlan, reviewer: str) -> None:
+def gate_view(plan: RetrainPlan, who: Identity) -> None:
     """The comparison of a finished model with the active one, and the decision."""
     done = decision_for(plan.model_dir)
     result = GateResult.load(plan.model_dir / GATE_FILE) if done else current_result(plan.model_dir)
@@ -386,17 +379,18 @@ def gate_view(plan: RetrainPlan, reviewer: str) -> None:
     elif result.passed:
         st.success(f"The new model is not worse than the active one (tolerance "
                    f"{result.tolerance:.2f}).", icon=":material/verified:")
-        decision_buttons(plan, result, reviewer)
+        decision_buttons(plan, result, who)
     else:
         st.error("The new model is worse than the active one: it is not activated unless you "
                  "override the gate with a reason.", icon=":material/gpp_bad:")
-        decision_buttons(plan, result, reviewer)
+        decision_buttons(plan, result, who)
 
 
-def plan_view(plan: RetrainPlan, reviewer: str) -> None:
+def plan_view(plan: RetrainPlan, who: Identity) -> None:
     """The latest retraining: its data, its progress, then the gate."""
     status = plan.status()
-    st.markdown(f"**{plan.model_dir.name}**: fine-tunes `{Path(plan.active_model).name}` with "
+    st.markdown(f"**{md_escape(plan.model_dir.name)}**: fine-tunes "
+                f"{md_escape(Path(plan.active_model).name)} with "
                 f"{len(plan.train_cases)} reviewed cases added to training; "
                 f"{len(plan.heldout_cases)} held out for the comparison"
                 + (f", {len(plan.excluded_cases)} left out (repeat evaluation images)"
@@ -404,17 +398,17 @@ def plan_view(plan: RetrainPlan, reviewer: str) -> None:
     if status == "running":
         running_view(plan)
     elif status == "done":
-        gate_view(plan, reviewer)
+        gate_view(plan, who)
     elif status == "failed":
         error = last_event(read_progress(plan.files.progress), "error")
-        st.error("The fine-tuning failed: " + (error["message"] if error else "see the Train "
-                                                "page's log."), icon=":material/error:")
+        why = md_escape(error["message"]) if error else "see the Train page's log."
+        st.error(f"The fine-tuning failed: {why}", icon=":material/error:")
     elif st.button("Resume the fine-tuning" if status != "not started" else "Start it",
                    icon=":material/play_arrow:", key="review_retrain_resume"):
-        start(plan, resume=status != "not started")
+        start(plan, who, resume=status != "not started")
 
 
-def retrain_settings(store: CaseStore) -> None:
+def retrain_settings(store: CaseStore, who: Identity) -> None:
     """Base data, split and a few settings; Start."""
     dataset = default_dataset_dir()
     c1, c2 = st.columns(2)
@@ -433,17 +427,18 @@ def retrain_settings(store: CaseStore) -> None:
                  icon=":material/model_training:", disabled=not ready, key="review_rt_start"):
         try:
             with st.spinner("Exporting and splitting the reviewed cases…"):
-                plan = prepare_retraining(store, base_data=[resolve_source(base_data)],
+                plan = prepare_retraining(store, who=who,
+                                          base_data=[resolve_source(base_data)],
                                           base_split=resolve_path(base_split),
                                           heldout_share=share, name=name,
                                           settings={"epochs": int(epochs)})
         except BusError as exc:
             show_error(exc, "The retraining could not be prepared")
             return
-        start(plan)
+        start(plan, who)
 
 
-def decision_history(reviewer: str) -> None:
+def decision_history(who: Identity) -> None:
     """Every model decision, newest first, and roll back to an earlier model."""
     st.markdown("##### Model decisions")
     log = decision_log()
@@ -463,11 +458,13 @@ def decision_history(reviewer: str) -> None:
     left, right = st.columns([3, 1], vertical_alignment="bottom")
     target = left.selectbox("Roll back to an earlier model", targets, format_func=lambda p: p.name,
                             key="review_rollback_target")
-    if right.button("Roll back", icon=":material/undo:", key="review_rollback"):
-        decide(rollback, to_path=target, who=reviewer)
+    if right.button("Roll back", icon=":material/undo:", key="review_rollback",
+                    disabled=not who.can("manage_models"),
+                    help=None if who.can("manage_models") else "Administrators only."):
+        decide(rollback, to_path=target, who=who)
 
 
-def retrain_tab(store: CaseStore, reviewer: str) -> None:
+def retrain_tab(store: CaseStore, who: Identity) -> None:
     """Fine-tune the active model on the reviewed cases, gate it, decide; decision log."""
     confirmed = store.confirmed_cases()
     counts = class_counts(confirmed)
@@ -480,15 +477,15 @@ def retrain_tab(store: CaseStore, reviewer: str) -> None:
     plans = find_plans()
     if plans:
         with st.container(border=True):
-            plan_view(plans[0], reviewer)
+            plan_view(plans[0], who)
     running = current_job()
     if running is not None:
         st.info("A training job is running; a new fine-tuning can start when it ends.",
                 icon=":material/hourglass_top:")
     elif confirmed:
         with st.expander("New fine-tuning", expanded=not plans):
-            retrain_settings(store)
-    decision_history(reviewer)
+            retrain_settings(store, who)
+    decision_history(who)
 
 
 # --- the page ----------------------------------------------------------------------------------
@@ -503,11 +500,13 @@ if store is None:
 flash = st.session_state.pop("review_flash", None)
 if flash:
     st.success(flash, icon=":material/check_circle:")
-reviewer = reviewer_field()
-cases, export, retrain = st.tabs(["Cases", "Export", "Retrain"])
-with cases:
-    cases_tab(store, reviewer)
-with export:
-    export_tab(store)
-with retrain:
-    retrain_tab(store, reviewer)
+tabs = [name for name, allowed in (("Cases", who.can("review")), ("Export", who.can("review")),
+                                   ("Retrain", who.can("train"))) if allowed]
+for name, tab in zip(tabs, st.tabs(tabs)):
+    with tab:
+        if name == "Cases":
+            cases_tab(store, who)
+        elif name == "Export":
+            export_tab(store, who)
+        else:
+            retrain_tab(store, who)

@@ -21,20 +21,15 @@ from bus_core.segment import Segmenter
 from bus_core.segmentation import dice_iou
 from bus_core.settings import default_dataset_dir
 from bus_core.splits import SUBSETS, load_split, split_records
-from ui.common import (
-    active_segmenter,
-    md_escape,
-    optional_predictor,
-    require_entrypoint,
-    show_error,
-)
+from ui.auth import require_page
+from ui.common import active_segmenter, md_escape, optional_predictor, show_error
 from ui.data_inputs import matching_split, resolve_path, resolve_source
 from ui.masking import SUGGESTED_COLOUR, outlined, suggested_mask
 from ui.results import explanation_section, predict_cached, show_prediction
 from ui.state import memo
 from ui.teaching import TeachingSession
 
-require_entrypoint()
+require_page("teach")
 
 OUTLINE = (0, 200, 83)
 ALL_IMAGES = "all images"

@@ -38,7 +38,8 @@ from bus_core.settings import data_dir, default_dataset_dir, user_models_dir
 from bus_core.train import OPTIMIZERS, SCHEDULERS, TrainConfig, check_config
 from bus_core.transforms import input_size_for
 from bus_core.tune import DEFAULT_GRID, combinations, run_name
-from ui.common import md_escape, require_entrypoint, show_error, start_job
+from ui.auth import require_page
+from ui.common import md_escape, show_error, start_job
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
 from ui.state import keep_widget_state
 from ui.training import (
@@ -50,7 +51,7 @@ from ui.training import (
     step_figure,
 )
 
-require_entrypoint()
+WHO = require_page("train")
 
 POLL_S = 2
 MODE_LABELS = {"full": "Full image", "mask": "Lesion mask crop (leaks the label: comparison only)",
@@ -251,7 +252,7 @@ def single_run_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
                          epochs=int(epochs), balance=balance)
     if st.button("Start training", type="primary", icon=":material/play_arrow:",
                  disabled=not ready or folder is None, key="train_start"):
-        launch(lambda f: start_training(config, force=f), force)
+        launch(lambda f: start_training(config, who=WHO, force=f), force)
 
 
 def parse_values(text: str, kind: type) -> list[Any]:
@@ -292,7 +293,7 @@ def grid_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
     config = TrainConfig(**base, out=str(folder), epochs=int(epochs), balance=balance)
     if st.button("Start grid search", type="primary", icon=":material/grid_view:",
                  disabled=not ready or folder is None or n_runs == 0, key="grid_start"):
-        launch(lambda f: start_tuning(config, grid, force=f), force)
+        launch(lambda f: start_tuning(config, grid, who=WHO, force=f), force)
 
 
 def settings_and_start(force: bool) -> None:
@@ -435,7 +436,7 @@ def keep_best(job: Job) -> None:
                  icon=":material/inventory_2:"):
         try:
             path = import_model({name: (best / name).read_bytes()
-                                 for name in (WEIGHTS_FILE, CARD_FILE)})
+                                 for name in (WEIGHTS_FILE, CARD_FILE)}, who=WHO)
             st.success(f"Added as {md_escape(path.name)}.", icon=":material/check_circle:")
         except BusError as exc:
             show_error(exc)
@@ -455,11 +456,11 @@ def finished_view(job: Job, status: str) -> None:
     c1, c2, c3 = st.columns([1, 1, 2])
     if status in ("cancelled", "killed") and c1.button(
             "Resume", type="primary", icon=":material/play_arrow:", key="job_resume"):
-        launch(lambda f: resume_job(job, force=f), False)
-    if status == "done" and job.kind == "train" and c1.button(
+        launch(lambda f: resume_job(job, who=WHO, force=f), False)
+    if status == "done" and job.kind == "train" and WHO.can("manage_models") and c1.button(
             "Make it the active model", icon=":material/star:", key="job_activate"):
         try:
-            set_active_model(job.out)
+            set_active_model(job.out, who=WHO)
             st.rerun()
         except BusError as exc:
             show_error(exc)
@@ -471,7 +472,7 @@ def finished_view(job: Job, status: str) -> None:
             help=f"Removes {md_escape(job.out)} (its log and settings); its name is free "
                  "again."):
         try:
-            delete_failed_run(job.out)
+            delete_failed_run(job.out, who=WHO)
             st.session_state["train_dismissed"] = job.started
             st.rerun()
         except BusError as exc:

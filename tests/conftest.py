@@ -8,15 +8,42 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from streamlit.testing.v1 import AppTest
 
 os.environ.setdefault("BUS_DATA_DIR", str(Path("/tmp") / f"bus-tests-{os.getpid()}"))
 # The PyTorch forward pass unless a test asks for OpenVINO (tests/test_backends.py): converting
 # every tiny test model would only slow the suite down.
 os.environ.setdefault("BUS_BACKEND", "torch")
 
+from bus_core.roles import Identity  # noqa: E402 - after the environment above
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 BUSI = SHARED_DATA / "BUSI"
+
+ADMIN = Identity("Admin", frozenset({"admin"}))
+"""An administrator (every action)."""
+
+
+def person(name: str = "Dr Test", *roles: str) -> Identity:
+    """A signed-in user called `name` with `roles` (default: clinician)."""
+    return Identity(name, frozenset(roles or ("clinician",)))
+
+
+def signed_in_app(*roles: str, name: str = "Dr Test", timeout: float = 60) -> AppTest:
+    """app.py as an AppTest whose session is signed in as the local user `name` with `roles`
+    (default: every role), created without a password in the current data folder's store."""
+    from bus_core.accounts import Accounts, new_session
+    from bus_core.roles import ROLES, operator
+    from bus_core.store import default_db_path, open_store
+    from ui.common import SESSION_KEY
+
+    with open_store(default_db_path()) as store:
+        accounts = Accounts(store)
+        user = accounts.get(name) or accounts.add(operator(), name, roles or ROLES, None)
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=timeout)
+    at.session_state[SESSION_KEY] = new_session(user.identity())
+    return at
 
 
 def synthetic_image(label: str, rng: np.random.Generator, size: tuple[int, int] = (72, 88)

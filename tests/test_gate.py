@@ -27,6 +27,11 @@ from bus_core.gate import (
 )
 from bus_core.models import load_model, save_model
 from bus_core.registry import active_model_path, set_active_model
+from tests.conftest import ADMIN, person
+
+
+def admin(name: str):
+    return person(name, "admin")
 
 
 def metrics(sens: float | None, acc: float | None) -> dict:
@@ -141,18 +146,18 @@ def test_evaluate_candidate_blocks_a_model_that_never_says_malignant(busi_dir, t
 def test_activation_only_when_passed_or_overridden(data_dir, tiny_model_dir, tmp_path):
     old = copy_model(tiny_model_dir, tmp_path / "old")
     new = copy_model(tiny_model_dir, tmp_path / "new")
-    set_active_model(old)
+    set_active_model(old, who=ADMIN)
     failed = compare(both(0.1, 0.7), both(0.8, 0.7))
-    assert activate_if_passed(failed, new, who="Dr A") is False
+    assert activate_if_passed(failed, new, who=admin("Dr A")) is False
     assert active_model_path() == old.resolve()
-    assert activate_if_passed(failed, new, override_reason="   ", who="Dr A") is False
+    assert activate_if_passed(failed, new, override_reason="   ", who=admin("Dr A")) is False
     with pytest.raises(GateError):
-        activate_if_passed(failed, new, override_reason="urgent", who=" ")
+        activate_if_passed(failed, new, override_reason="urgent", who=admin(" "))
     failed.candidate_path = str(old.resolve())
     with pytest.raises(GateError, match="made for old"):
-        activate_if_passed(failed, new, override_reason="new probe", who="Dr B")
+        activate_if_passed(failed, new, override_reason="new probe", who=admin("Dr B"))
     failed.candidate_path = str(new.resolve())
-    assert activate_if_passed(failed, new, override_reason="new probe", who="Dr B") is True
+    assert activate_if_passed(failed, new, override_reason="new probe", who=admin("Dr B")) is True
     assert active_model_path() == new.resolve()
     log = decision_log()
     assert [e["action"] for e in log] == ["blocked", "blocked", "overridden"]
@@ -160,16 +165,16 @@ def test_activation_only_when_passed_or_overridden(data_dir, tiny_model_dir, tmp
     assert log[-1]["active"] == str(old.resolve()) and log[-1]["candidate"] == str(new.resolve())
     assert log[-1]["passed"] is False and log[-1]["metrics"]["candidate"][FIXED_TEST]
     passed = compare(both(0.8, 0.7), both(0.8, 0.7))
-    assert activate_if_passed(passed, old, who="Dr A") is True
+    assert activate_if_passed(passed, old, who=admin("Dr A")) is True
     assert decision_log()[-1]["action"] == "activated"
 
 
 def test_log_is_append_only_and_survives_a_torn_line(data_dir, tiny_model_dir, tmp_path):
     model = copy_model(tiny_model_dir, tmp_path / "m")
     result = compare(both(0.8, 0.7), both(0.8, 0.7))
-    activate_if_passed(result, model, who="Dr A")
+    activate_if_passed(result, model, who=admin("Dr A"))
     first = decisions_path().read_bytes()
-    reject(result, model, who="Dr B", reason="too few new cases")
+    reject(result, model, who=admin("Dr B"), reason="too few new cases")
     content = decisions_path().read_bytes()
     assert content.startswith(first) and content.count(b"\n") == 2
     with open(decisions_path(), "ab") as fh:
@@ -183,10 +188,10 @@ def test_log_is_append_only_and_survives_a_torn_line(data_dir, tiny_model_dir, t
 def test_rollback_restores_an_earlier_model_and_is_logged(data_dir, tiny_model_dir, tmp_path):
     first = copy_model(tiny_model_dir, tmp_path / "first")
     second = copy_model(tiny_model_dir, tmp_path / "second")
-    set_active_model(first)
-    activate_if_passed(compare(both(0.8, 0.7), both(0.8, 0.7)), second, who="Dr A")
+    set_active_model(first, who=ADMIN)
+    activate_if_passed(compare(both(0.8, 0.7), both(0.8, 0.7)), second, who=admin("Dr A"))
     assert earlier_models() == [first.resolve()]
-    rollback(first, "Dr C", reason="more false alarms")
+    rollback(first, admin("Dr C"), reason="more false alarms")
     assert active_model_path() == first.resolve()
     entry = decision_log()[-1]
     assert entry["action"] == "rolled back" and entry["who"] == "Dr C"
@@ -194,4 +199,4 @@ def test_rollback_restores_an_earlier_model_and_is_logged(data_dir, tiny_model_d
     assert earlier_models() == [second.resolve()]
     assert second.is_dir() and first.is_dir()  # nothing is deleted
     with pytest.raises(GateError):
-        rollback(second, "")
+        rollback(second, admin(""))

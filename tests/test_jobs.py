@@ -22,6 +22,7 @@ from bus_core.jobs import (
 )
 from bus_core.models import load_model
 from bus_core.train import TrainConfig, config_from_args, get_args_parser
+from tests.conftest import ADMIN
 
 
 @pytest.fixture(autouse=True)
@@ -74,10 +75,10 @@ def test_stale_job_file_is_cleared(tmp_path):
 
 
 def test_run_to_the_end_with_one_job_at_a_time(busi_dir, tmp_path, data_dir):
-    job = start_training(tiny_config(busi_dir, tmp_path / "m"))
+    job = start_training(tiny_config(busi_dir, tmp_path / "m"), who=ADMIN)
     assert current_job() == job and last_job() == job
     with pytest.raises(JobBusyError) as busy:
-        start_training(tiny_config(busi_dir, tmp_path / "other"))
+        start_training(tiny_config(busi_dir, tmp_path / "other"), who=ADMIN)
     assert busy.value.job.pid == job.pid and "Another training job" in str(busy.value)
     environ = Path(f"/proc/{job.pid}/environ")
     if environ.is_file():  # the job sees this session's data folder
@@ -93,18 +94,18 @@ def test_kill_then_resume_then_cancel_then_resume(busi_dir, tmp_path):
     """Each request is made while the job loads (or is held still), so none can come too late:
     a cancel made before the first step stops the run after that step."""
     config = tiny_config(busi_dir, tmp_path / "m", epochs=2, batch_size=2, checkpoint_every=0.0)
-    job = start_training(config)
+    job = start_training(config, who=ADMIN)
     job.cancel()  # lands before the first step: the run stops after one step, checkpointed
     assert finished(job) == "cancelled", job.log_tail()
     assert steps(job) == 1
     checkpoint = tmp_path / "m" / "train" / "checkpoint.pt"
     assert checkpoint.is_file()
 
-    job = resume_job(job)
+    job = resume_job(job, who=ADMIN)
     os.kill(job.pid, signal.SIGKILL)
     assert finished(job) == "killed"
 
-    job = resume_job(job)
+    job = resume_job(job, who=ADMIN)
     job.cancel()
     assert job.cancel_requested()
     assert finished(job) == "cancelled", job.log_tail()
@@ -112,14 +113,14 @@ def test_kill_then_resume_then_cancel_then_resume(busi_dir, tmp_path):
     assert any(e["event"] == "start" and e["resumed"] for e in job.events())
     assert steps(job) == 2
 
-    job = resume_job(job)
+    job = resume_job(job, who=ADMIN)
     assert finished(job) == "done", job.log_tail()
     assert load_model(tmp_path / "m").card.metrics["history"][-1]["epoch"] == 2
 
 
 def test_grid_search_job_writes_its_results_table(busi_dir, tmp_path):
     grid = {"lr": [1e-3, 1e-4], "optimizer": ["sgd"]}
-    job = start_tuning(tiny_config(busi_dir, tmp_path / "grid"), grid)
+    job = start_tuning(tiny_config(busi_dir, tmp_path / "grid"), grid, who=ADMIN)
     assert job.kind == "tune" and "tune" in job.command
     assert finished(job) == "done", job.log_tail()
     rows = job.results()
@@ -130,7 +131,7 @@ def test_grid_search_job_writes_its_results_table(busi_dir, tmp_path):
 
 def test_a_job_that_cannot_start_is_failed(tmp_path):
     job = start_training(TrainConfig(data=[str(tmp_path / "missing")], out=str(tmp_path / "m"),
-                                     device="cpu-fp32"))
+                                     device="cpu-fp32"), who=ADMIN)
     assert finished(job) == "failed"
     assert "does not exist" in job.events()[-1]["message"]
     assert sys.executable == job.command[0]
@@ -148,7 +149,7 @@ def test_an_unwritable_run_folder_is_a_clear_error(busi_dir, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("a file where the run folder should be")
     with pytest.raises(StorageError, match="Could not start the job"):
-        start_training(tiny_config(busi_dir, blocker / "run"))
+        start_training(tiny_config(busi_dir, blocker / "run"), who=ADMIN)
     assert current_job() is None
 
 
@@ -159,7 +160,7 @@ def test_a_failed_run_folder_can_be_deleted_and_nothing_else(tmp_path, busi_dir)
     failed = tmp_path / "failed"
     ProgressLog(RunFiles(failed).progress).write("error", message="no ImageNet weights")
     assert is_failed_run(failed)
-    delete_failed_run(failed)
+    delete_failed_run(failed, who=ADMIN)
     assert not failed.exists()
 
     unrelated = tmp_path / "mine"
@@ -171,11 +172,12 @@ def test_a_failed_run_folder_can_be_deleted_and_nothing_else(tmp_path, busi_dir)
     for folder in (unrelated, resumable, tmp_path / "absent"):
         assert not is_failed_run(folder)
     with pytest.raises(BusError, match="not deleted"):
-        delete_failed_run(resumable)
+        delete_failed_run(resumable, who=ADMIN)
     assert resumable.exists() and unrelated.exists()
 
 
 def test_max_per_class_with_a_saved_split_is_refused_before_starting(busi_dir, tmp_path):
     with pytest.raises(DataError, match="cannot be combined with a saved split"):
-        start_training(tiny_config(busi_dir, tmp_path / "run", split="s.json", max_per_class=2))
+        start_training(tiny_config(busi_dir, tmp_path / "run", split="s.json", max_per_class=2),
+                       who=ADMIN)
     assert current_job() is None and not (tmp_path / "run").exists()

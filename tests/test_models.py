@@ -14,6 +14,7 @@ from bus_core.models import (
     read_card,
     save_model,
 )
+from tests.conftest import ADMIN
 
 
 def test_densenet_state_dict_keys_are_torchvision_ones():
@@ -172,7 +173,7 @@ def test_hostile_cards_are_refused_on_load_and_import(tiny_model_dir, tmp_path, 
     assert message in str(refused.value)
     files = {name: (folder / name).read_bytes() for name in ("card.json", "model.safetensors")}
     with pytest.raises(ModelError, match="not valid"):
-        import_model(files, user_dir=tmp_path / "models")
+        import_model(files, user_dir=tmp_path / "models", who=ADMIN)
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 

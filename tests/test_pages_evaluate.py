@@ -14,6 +14,7 @@ from bus_core.dataset import load_records
 from bus_core.registry import set_active_model
 from bus_core.settings import user_models_dir
 from bus_core.splits import make_split, save_split
+from tests.conftest import ADMIN, signed_in_app
 from ui.common import md_escape
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -25,8 +26,9 @@ def app(monkeypatch, tmp_path, tiny_model_dir, busi_dir):
     monkeypatch.delenv("BUS_MODEL", raising=False)
     for name in ("tiny-a", "tiny-b"):
         shutil.copytree(tiny_model_dir, user_models_dir() / name)
-    set_active_model(user_models_dir() / "tiny-a")  # not the bundled model, whatever weights/ holds
-    at = AppTest.from_file(APP, default_timeout=90)
+    # not the bundled model, whatever weights/ holds
+    set_active_model(user_models_dir() / "tiny-a", who=ADMIN)
+    at = signed_in_app(timeout=90)
     at.run()
     at.switch_page("pages/evaluate.py").run()
     assert not at.exception, [e.value for e in at.exception]

@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 from bus_core.registry import active_model_path, export_model_zip
 from bus_core.settings import user_models_dir
-from tests.conftest import copy_model
+from tests.conftest import copy_model, signed_in_app  # noqa: E402
 from ui.common import md_escape
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -22,7 +22,7 @@ def app(monkeypatch, tmp_path, tiny_model_dir):
     monkeypatch.delenv("BUS_MODEL", raising=False)
     for name in ("alpha", "beta"):
         shutil.copytree(tiny_model_dir, user_models_dir() / name)
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = signed_in_app(timeout=60)
     at.run()
     at.switch_page("pages/models.py").run()
     assert not at.exception, [e.value for e in at.exception]
@@ -49,7 +49,7 @@ def test_card_text_is_shown_as_text(monkeypatch, tmp_path, tiny_model_dir):
     hostile = "**bold** <script>x</script> ![p](http://evil/p.png)"
     copy_model(tiny_model_dir, user_models_dir() / "odd", name=hostile, init="`x` _y_",
                training_data={"sources": ["/data/[link](http://evil)"]})
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = signed_in_app(timeout=60)
     at.run()
     at.switch_page("pages/models.py").run()
     assert not at.exception, [e.value for e in at.exception]
@@ -103,7 +103,7 @@ def test_a_segmentation_model_is_listed_but_not_offered_as_the_classifier(
     monkeypatch.delenv("BUS_MODEL", raising=False)
     shutil.copytree(tiny_segmenter_dir, user_models_dir() / "outline")
     monkeypatch.setenv("BUS_SEGMENTER", str(user_models_dir() / "outline"))
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = signed_in_app(timeout=60)
     at.run()
     at.switch_page("pages/models.py").run()
     assert not at.exception, [e.value for e in at.exception]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from bus_core.accounts import new_session
 from bus_core.dataset import load_records
 from bus_core.gate import GATE_FILE, compare, decision_log
 from bus_core.predict import Predictor
@@ -21,8 +22,9 @@ from bus_core.settings import user_models_dir
 from bus_core.splits import make_split, save_split
 from bus_core.store import default_db_path, open_store
 from bus_core.train import TrainConfig
-from tests.conftest import synthetic_image
+from tests.conftest import ADMIN, person, signed_in_app, synthetic_image
 from ui.cases import save_prediction_as_case
+from ui.common import SESSION_KEY
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -40,14 +42,14 @@ def case_ids(monkeypatch, tmp_path) -> list[int]:
             case = store.save_case(image, image_name=f"{label}.png",
                                    masks=[mask] if mask.any() else [], model_name="tiny",
                                    model_hash="0" * 64, probabilities={label: 0.9},
-                                   predicted_label=label)
+                                   predicted_label=label, who=person("Dr New"))
             ids.append(case.id)
-        store.review_case(ids[2], label="benign", reviewer="Dr Old")
+        store.review_case(ids[2], label="benign", who=person("Dr Old"))
     return ids
 
 
 def open_page() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = signed_in_app(timeout=60)
     at.run()
     at.switch_page("pages/review.py").run()
     assert not at.exception, [e.value for e in at.exception]
@@ -75,13 +77,7 @@ def test_review_changes_status_and_history(case_ids):
     at = open_page()
     target = case_ids[0]
     at.selectbox(key="review_case").set_value(target).run()
-    at.radio(key=f"review_label_{target}").set_value("malignant")
-    at.button[[b.label for b in at.button].index("Save review")].click().run()
-    assert "Enter your name" in texts(at)  # unsigned reviews are refused
-    with open_store(default_db_path()) as store:
-        assert store.get_case(target).status == "unreviewed"
-
-    at.text_input(key="review_reviewer").input("Dr A").run()
+    assert not [t for t in at.text_input if "Your name" in t.label]  # the signed-in user signs
     at.radio(key=f"review_label_{target}").set_value("malignant")
     at.text_area(key=f"review_notes_{target}").input("spiculated margin")
     at.button[[b.label for b in at.button].index("Save review")].click().run()
@@ -90,11 +86,10 @@ def test_review_changes_status_and_history(case_ids):
     with open_store(default_db_path()) as store:
         case = store.get_case(target)
         assert (case.status, case.confirmed_label, case.reviewer) == ("corrected", "malignant",
-                                                                      "Dr A")
+                                                                      "Dr Test")
         assert case.notes == "spiculated margin"
-    assert at.session_state["reviewer"] == "Dr A"
     history = next(d.value for d in at.dataframe if "Action" in d.value.columns)
-    assert "Dr A" in set(history["Who"]) and "corrected" in set(history["Action"])
+    assert "Dr Test" in set(history["Who"]) and "corrected" in set(history["Action"])
 
 
 def test_export_zip_has_busi_layout(case_ids):
@@ -121,7 +116,7 @@ def failed_candidate(case_ids, tiny_model_dir) -> tuple[Path, Path]:
     old, new = user_models_dir() / "old", user_models_dir() / "new"
     for folder in (old, new):
         shutil.copytree(tiny_model_dir, folder)
-    set_active_model(old)
+    set_active_model(old, who=ADMIN)
     RetrainPlan(config=TrainConfig(data=["busi"], out=str(new)), active_model=str(old),
                 cases_dir="", train_manifest="", heldout_manifest="", heldout_file="",
                 base_data=["busi"], base_split="split.json", train_cases=[case_ids[2]],
@@ -141,15 +136,11 @@ def test_failed_gate_needs_a_reason_then_roll_back(failed_candidate):
     assert override.disabled
     at.text_input(key="review_gate_reason").input("urgent: new probe").run()
     at.button(key="review_gate_override").click().run()
-    assert "Enter your name" in texts(at) and active_model_path() == old.resolve()
-
-    at.text_input(key="review_reviewer").input("Dr B").run()
-    at.button(key="review_gate_override").click().run()
     assert not at.exception
     assert active_model_path() == new.resolve()
     entry = decision_log()[-1]
     assert (entry["action"], entry["who"], entry["override_reason"]) == (
-        "overridden", "Dr B", "urgent: new probe")
+        "overridden", "Dr Test", "urgent: new probe")
     assert "activated by override" in texts(at)
 
     assert at.selectbox(key="review_rollback_target").value == old.resolve()
@@ -163,14 +154,14 @@ def test_case_saved_from_a_prediction_gets_its_cam_redrawn(monkeypatch, tmp_path
                                                            tiny_model_dir):
     monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
     monkeypatch.delenv("BUS_MODEL", raising=False)
-    set_active_model(tiny_model_dir)
+    set_active_model(tiny_model_dir, who=ADMIN)
     predictor = Predictor.from_path(tiny_model_dir, device="cpu-fp32")
     image, mask = synthetic_image("malignant", np.random.default_rng(1), size=(140, 160))
     prediction = predictor.predict(image)
     with open_store(default_db_path()) as store:
         case = save_prediction_as_case(store, image, "scan.png", [mask], "weighted", predictor,
                                        prediction, {"target": "benign", "method": "Grad-CAM",
-                                                    "opacity": 0.3})
+                                                    "opacity": 0.3}, who=ADMIN)
     assert (case.model_name, case.model_hash) == ("tiny-test", predictor.card.weights_sha256)
     assert case.predicted_label == prediction.label and case.cam_settings["target"] == "benign"
     at = open_page()
@@ -183,7 +174,7 @@ def test_compare_from_the_page_then_activate(case_ids, tiny_model_dir, busi_dir,
     old, new = user_models_dir() / "old", user_models_dir() / "new"
     for folder in (old, new):
         shutil.copytree(tiny_model_dir, folder)
-    set_active_model(old)
+    set_active_model(old, who=ADMIN)
     records = load_records(busi_dir)
     split = save_split(make_split(records, seed=0, groups={r.id: r.id for r in records}),
                        tmp_path / "split.json")
@@ -194,7 +185,6 @@ def test_compare_from_the_page_then_activate(case_ids, tiny_model_dir, busi_dir,
                 base_data=[str(busi_dir)], base_split=str(split), train_cases=[case_ids[2]],
                 heldout_cases=[]).save()
     at = open_page()
-    at.text_input(key="review_reviewer").input("Dr C").run()
     at.button(key="review_gate_run").click().run()
     assert not at.exception, [e.value for e in at.exception]
     table = next(d.value for d in at.dataframe if "Verdict" in d.value.columns)
@@ -203,7 +193,7 @@ def test_compare_from_the_page_then_activate(case_ids, tiny_model_dir, busi_dir,
     at.button(key="review_gate_activate").click().run()
     assert active_model_path() == new.resolve()
     assert decision_log()[-1]["action"] == "activated"
-    assert "Decision: activated by Dr C" in texts(at)
+    assert "Decision: activated by Dr Test" in texts(at)
 
 
 def test_retraining_refuses_data_outside_the_allowed_folders(case_ids, busi_dir, monkeypatch,
@@ -226,7 +216,7 @@ def test_unusable_data_folder_is_explained(monkeypatch, tmp_path):
     blocker.write_text("")
     monkeypatch.setenv("BUS_DATA_DIR", str(blocker))
     monkeypatch.delenv("BUS_MODEL", raising=False)
-    at = open_page()
+    at = AppTest.from_file(APP, default_timeout=60).run()  # nobody can sign in without it
     assert "The case database cannot be used" in " ".join(e.value for e in at.error)
     assert not at.dataframe
 
@@ -249,7 +239,7 @@ def test_save_case_button_saves_once(monkeypatch, tmp_path, tiny_model_dir):
     monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
     monkeypatch.setenv("TINY_MODEL", str(tiny_model_dir))
     at = AppTest.from_function(_save_button_script, default_timeout=60)
-    at.session_state["reviewer"] = "Dr D"
+    at.session_state[SESSION_KEY] = new_session(person("Dr D"))
     at.run()
     at.button(key="save_case_k1").click().run()
     assert not at.exception, [e.value for e in at.exception]
@@ -274,6 +264,7 @@ def test_saving_the_same_image_again_asks_first(monkeypatch, tmp_path, tiny_mode
     monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
     monkeypatch.setenv("TINY_MODEL", str(tiny_model_dir))
     at = AppTest.from_function(_save_button_script, default_timeout=60)
+    at.session_state[SESSION_KEY] = new_session(person("Dr D"))
     at.run()
     at.button(key="save_case_k1").click().run()
     at.session_state["_saved_cases"] = {}  # a new session sees the same image

@@ -8,6 +8,7 @@ from streamlit.testing.v1 import AppTest
 
 from bus_core.dataroots import OUTSIDE_ROOTS
 from bus_core.dataset import load_records
+from tests.conftest import signed_in_app  # noqa: E402
 from ui.common import md_escape
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -23,7 +24,7 @@ def open_teaching(monkeypatch, tmp_path, dataset: Path | None, model: Path | Non
         monkeypatch.delenv("BUS_MODEL", raising=False)
     else:
         monkeypatch.setenv("BUS_MODEL", str(model))
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = signed_in_app(timeout=60)
     at.run()
     at.switch_page("pages/teach.py").run()
     assert not at.exception, [e.value for e in at.exception]
@@ -140,7 +141,7 @@ def test_scores_survive_a_reload(monkeypatch, tmp_path, busi_dir, tiny_model_dir
     state = at.session_state["teach"]
     token = at.query_params["teach"]
 
-    again = AppTest.from_file(APP, default_timeout=60)  # a reload: a new session, same address
+    again = signed_in_app(timeout=60)  # a reload: a new session, same address
     again.query_params["teach"] = token
     again.run()
     again.switch_page("pages/teach.py").run()

@@ -15,6 +15,7 @@ from bus_core.jobs import Job, jobs_dir, last_job
 from bus_core.models import load_model
 from bus_core.registry import active_model_path
 from bus_core.settings import user_models_dir
+from tests.conftest import signed_in_app  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -23,7 +24,7 @@ APP = str(Path(__file__).resolve().parents[1] / "app.py")
 def app(monkeypatch, tmp_path):
     monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
     monkeypatch.delenv("BUS_MODEL", raising=False)
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = signed_in_app(timeout=60)
     at.run()
     at.switch_page("pages/train.py").run()
     assert not at.exception, [e.value for e in at.exception]

@@ -20,7 +20,7 @@ from bus_core.settings import user_models_dir
 from bus_core.splits import find_groups, load_split, make_split, save_split
 from bus_core.store import CaseStore, open_store
 from bus_core.train import train
-from tests.conftest import synthetic_image
+from tests.conftest import ADMIN, person, synthetic_image
 from tests.test_gate import always
 
 LABELS = ("normal", "benign", "malignant")
@@ -53,9 +53,9 @@ def add_case(store: CaseStore, image: np.ndarray, label: str | None, predicted: 
     """Save a case; review it as `label` unless None. Returns its id."""
     case = store.save_case(image, image_name="scan.png", masks=masks, model_name="tiny",
                            model_hash="abc", probabilities={predicted: 1.0},
-                           predicted_label=predicted)
+                           predicted_label=predicted, who=person())
     if label is not None:
-        store.review_case(case.id, label=label, reviewer="Dr A")
+        store.review_case(case.id, label=label, who=person("Dr A"))
     return case.id
 
 
@@ -79,7 +79,7 @@ def test_plan_splits_cases_and_fine_tunes_the_active_model(store, active, busi_d
 
     plan = prepare_retraining(store, base_data=[busi_dir], base_split=base_split,
                               out_dir=tmp_path / "work", heldout_share=0.3, name="rt1",
-                              active=active, settings=TINY)
+                              active=active, settings=TINY, who=ADMIN)
 
     assert plan.excluded_cases == duplicates
     assert sorted(plan.train_cases + plan.heldout_cases) == reviewed
@@ -103,14 +103,14 @@ def test_held_out_cases_stay_held_out(store, active, busi_dir, base_split, tmp_p
     add_reviewed(store, 6, seed=3)
     first = prepare_retraining(store, base_data=[busi_dir], base_split=base_split,
                                out_dir=tmp_path / "work", heldout_share=0.4, name="rt1",
-                               active=active)
+                               active=active, who=ADMIN)
     kept_out = first.heldout_cases[0]
     same_image = store.load_image(store.get_case(kept_out))
     twin = add_case(store, same_image, "malignant")  # the same lesion seen again
     add_reviewed(store, 6, seed=4)
     second = prepare_retraining(store, base_data=[busi_dir], base_split=base_split,
                                 out_dir=tmp_path / "work", heldout_share=0.4, name="rt2",
-                                active=active)
+                                active=active, who=ADMIN)
     assert set(first.heldout_cases) <= set(second.heldout_cases)
     assert set(first.train_cases) <= set(second.train_cases)
     assert twin in second.heldout_cases
@@ -120,18 +120,19 @@ def test_held_out_cases_stay_held_out(store, active, busi_dir, base_split, tmp_p
 def test_refusals(store, active, busi_dir, base_split, tmp_path, monkeypatch):
     options = dict(base_data=[busi_dir], base_split=base_split, out_dir=tmp_path / "work")
     with pytest.raises(DataError, match="no reviewed cases"):
-        prepare_retraining(store, active=active, **options)
+        prepare_retraining(store, active=active, **options, who=ADMIN)
     add_reviewed(store, 3, seed=5)
     with pytest.raises(DataError, match="held-out share"):
-        prepare_retraining(store, active=active, heldout_share=1.0, **options)
+        prepare_retraining(store, active=active, heldout_share=1.0, **options, who=ADMIN)
     with pytest.raises(ValueError, match="Unknown training settings"):
-        prepare_retraining(store, active=active, settings={"epochz": 2}, name="x1", **options)
+        prepare_retraining(store, active=active, settings={"epochz": 2}, name="x1", **options,
+                           who=ADMIN)
     (user_models_dir() / "taken").mkdir(parents=True)
     with pytest.raises(ModelError, match="already exists"):
-        prepare_retraining(store, active=active, name="taken", **options)
+        prepare_retraining(store, active=active, name="taken", **options, who=ADMIN)
     monkeypatch.setattr("bus_core.retrain.active_model_path", lambda: None)
     with pytest.raises(ModelError, match="No model is installed"):
-        prepare_retraining(store, **options)
+        prepare_retraining(store, **options, who=ADMIN)
 
 
 def test_retrain_end_to_end_then_gate(store, active, busi_dir, base_split, tmp_path,
@@ -139,7 +140,7 @@ def test_retrain_end_to_end_then_gate(store, active, busi_dir, base_split, tmp_p
     add_reviewed(store, 6, seed=6)
     plan = prepare_retraining(store, base_data=[busi_dir], base_split=base_split,
                               out_dir=tmp_path / "work", name="rt-e2e", active=active,
-                              settings=TINY)
+                              settings=TINY, who=ADMIN)
     result = train(plan.config)
     assert result.status == "done"
     card = load_model(plan.model_dir).card

@@ -12,7 +12,7 @@ from bus_core.models import build_model, load_model, read_card
 from bus_core.segment import Segmenter, list_inputs, segment_inputs
 from bus_core.segmentation import DenseNetUNet, PostProcess, dice_iou, postprocess
 from bus_core.transforms import fit_square, unfit_square
-from tests.conftest import blob_probabilities, copy_model, synthetic_image
+from tests.conftest import ADMIN, blob_probabilities, copy_model, synthetic_image
 
 
 def test_network_shapes_with_and_without_class_head():
@@ -101,7 +101,7 @@ def test_set_active_model_refuses_a_segmenter(tiny_segmenter_dir, tmp_path, monk
 
     monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path))
     with pytest.raises(ModelError, match="Only a classification model"):
-        set_active_model(tiny_segmenter_dir)
+        set_active_model(tiny_segmenter_dir, who=ADMIN)
 
 
 def _folder_with_a_corrupt_file(root):

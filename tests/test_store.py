@@ -27,6 +27,7 @@ from bus_core.store import (
     StoreError,
     open_store,
 )
+from tests.conftest import ADMIN, person  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROBS = {"normal": 0.1, "benign": 0.7, "malignant": 0.2}
@@ -35,6 +36,7 @@ WORKER = """
 import sys
 import numpy as np
 from bus_core.store import open_store
+from tests.conftest import person
 
 db, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 store = open_store(db)
@@ -44,7 +46,7 @@ while count < 0 or i < count:
     image = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
     store.save_case(image, image_name=f"w{seed}-{i}.png", masks=[image[..., 0] > 128],
                     model_name="m", model_hash="h", probabilities={"benign": 1.0},
-                    predicted_label="benign", reviewer=f"worker {seed}")
+                    predicted_label="benign", who=person(f"worker {seed}"))
     i += 1
     print(i, flush=True)
 """
@@ -57,6 +59,7 @@ def make_image(seed: int, size: tuple[int, int] = (16, 20)) -> np.ndarray:
 def save(store: CaseStore, seed: int = 0, predicted: str = "benign", **kwargs) -> Case:
     kwargs.setdefault("model_name", "densenet-test")
     kwargs.setdefault("model_hash", "ab" * 32)
+    kwargs.setdefault("who", person())
     return store.save_case(make_image(seed), image_name=f"img{seed}.png", probabilities=PROBS,
                            predicted_label=predicted, **kwargs)
 
@@ -106,12 +109,14 @@ def test_save_and_get_round_trip(store: CaseStore) -> None:
     case = store.save_case(image, image_name="scan.dcm", masks=[mask, ~mask],
                            combine_mode="union", model_name="m1", model_hash="f" * 64,
                            probabilities=PROBS, predicted_label="Benign",
-                           cam_settings={"alpha": 0.4, "layer": "features"}, reviewer="Dr A")
+                           cam_settings={"alpha": 0.4, "layer": "features"}, who=person("Dr A"))
     got = store.get_case(case.id)
     assert got == case
     assert (got.status, got.predicted_label, got.confirmed_label) == ("unreviewed", "benign", None)
     assert got.probabilities == PROBS and got.cam_settings == {"alpha": 0.4, "layer": "features"}
-    assert got.combine_mode == "union" and got.reviewer == "Dr A" and got.label == "benign"
+    assert got.combine_mode == "union" and got.owner == "Dr A" and got.reviewer == ""
+    assert got.label == "benign"
+    assert got.image_name == got.display_name == f"image-{got.image_hash[:12]}.dcm"  # pseudonym
     np.testing.assert_array_equal(store.load_image(got), image)
     loaded = store.load_masks(got)
     assert [m.dtype for m in loaded] == [bool, bool]
@@ -131,11 +136,11 @@ def test_same_image_is_stored_once(store: CaseStore) -> None:
 
 
 def test_list_filters_and_ordering(store: CaseStore) -> None:
-    a = save(store, 1, "benign", reviewer="ann")
-    b = save(store, 2, "malignant", reviewer="bob")
-    c = save(store, 3, "benign", reviewer="ann")
-    store.review_case(a.id, label="benign", reviewer="ann")
-    store.review_case(b.id, label="benign", reviewer="cid")
+    a = save(store, 1, "benign", who=person("ann"))
+    b = save(store, 2, "malignant", who=person("bob"))
+    c = save(store, 3, "benign", who=person("ann"))
+    store.review_case(a.id, label="benign", who=person("ann"))
+    store.review_case(b.id, label="benign", who=person("cid"))
 
     def ids(**filters) -> list[int]:
         return [case.id for case in store.list_cases(**filters)]
@@ -147,7 +152,7 @@ def test_list_filters_and_ordering(store: CaseStore) -> None:
     assert ids(status="unreviewed") == [c.id]
     assert ids(predicted="benign") == [c.id, a.id]
     assert ids(confirmed="benign") == [b.id, a.id]
-    assert ids(reviewer="ann") == [c.id, a.id]
+    assert ids(reviewer="ann") == [a.id] and ids(owner="ann") == [c.id, a.id]
     assert ids(since=b.created_at) == [c.id, b.id]
     assert ids(until=b.created_at) == [a.id]
     assert ids(since=a.created_at, until=c.created_at, descending=False) == [a.id, b.id]
@@ -175,14 +180,15 @@ def test_since_accepts_datetimes(store: CaseStore) -> None:
 # --- reviews and audit -----------------------------------------------------------------------
 
 def test_review_writes_audit_with_old_and_new_values(store: CaseStore) -> None:
-    case = save(store, predicted="benign", reviewer="saver")
-    corrected = store.review_case(case.id, label="malignant", reviewer="Dr B", notes="spiculated")
+    case = save(store, predicted="benign", who=person("saver"))
+    corrected = store.review_case(case.id, label="malignant", who=person("Dr B"),
+                                  notes="spiculated")
     assert (corrected.status, corrected.confirmed_label, corrected.reviewer, corrected.notes) == (
         "corrected", "malignant", "Dr B", "spiculated")
     assert corrected.updated_at > case.updated_at and corrected.label == "malignant"
-    confirmed = store.review_case(case.id, label="benign", reviewer="Dr C")
+    confirmed = store.review_case(case.id, label="benign", who=person("Dr C"))
     assert (confirmed.status, confirmed.notes) == ("confirmed", "spiculated")
-    noted = store.add_note(case.id, note="biopsy planned", reviewer="Dr C")
+    noted = store.add_note(case.id, note="biopsy planned", who=person("Dr C"))
     assert noted.notes == "spiculated\nbiopsy planned"
 
     rows = [(e.action, e.who, e.field, e.old_value, e.new_value) for e in store.history(case.id)]
@@ -190,7 +196,7 @@ def test_review_writes_audit_with_old_and_new_values(store: CaseStore) -> None:
         ("created", "saver", "predicted_label", None, "benign"),
         ("corrected", "Dr B", "confirmed_label", None, "malignant"),
         ("corrected", "Dr B", "status", "unreviewed", "corrected"),
-        ("corrected", "Dr B", "reviewer", "saver", "Dr B"),
+        ("corrected", "Dr B", "reviewer", "", "Dr B"),
         ("note", "Dr B", "notes", "", "spiculated"),
         ("confirmed", "Dr C", "confirmed_label", "malignant", "benign"),
         ("confirmed", "Dr C", "status", "corrected", "confirmed"),
@@ -201,8 +207,8 @@ def test_review_writes_audit_with_old_and_new_values(store: CaseStore) -> None:
 
 def test_re_review_with_same_label_is_still_audited(store: CaseStore) -> None:
     case = save(store, predicted="normal")
-    store.review_case(case.id, label="normal", reviewer="Dr A")
-    store.review_case(case.id, label="normal", reviewer="Dr A")
+    store.review_case(case.id, label="normal", who=person("Dr A"))
+    store.review_case(case.id, label="normal", who=person("Dr A"))
     actions = [(e.action, e.field) for e in store.history(case.id)]
     assert actions.count(("confirmed", "confirmed_label")) == 2
     assert actions.count(("confirmed", "status")) == 1
@@ -211,33 +217,33 @@ def test_re_review_with_same_label_is_still_audited(store: CaseStore) -> None:
 def test_invalid_input_is_refused_with_a_message(store: CaseStore) -> None:
     case = save(store)
     with pytest.raises(InvalidCaseError, match="Unknown label 'cyst'") as info:
-        store.review_case(case.id, label="cyst", reviewer="Dr A")
+        store.review_case(case.id, label="cyst", who=person("Dr A"))
     assert isinstance(info.value, BusError) and isinstance(info.value, ValueError)
-    with pytest.raises(InvalidCaseError, match="reviewer"):
-        store.review_case(case.id, label="benign", reviewer="  ")
+    with pytest.raises(InvalidCaseError, match="signed"):
+        store.review_case(case.id, label="benign", who=person("  "))
     with pytest.raises(InvalidCaseError):
-        store.add_note(case.id, note=" ", reviewer="Dr A")
+        store.add_note(case.id, note=" ", who=person("Dr A"))
     with pytest.raises(CaseNotFoundError, match="no case number 999"):
-        store.review_case(999, label="benign", reviewer="Dr A")
+        store.review_case(999, label="benign", who=person("Dr A"))
     with pytest.raises(CaseNotFoundError):
         store.history(999)
     with pytest.raises(InvalidCaseError):
         save(store, predicted="unknown")
     with pytest.raises(InvalidCaseError):
         store.save_case(make_image(0), image_name="x", model_name="m", model_hash="",
-                        probabilities={"benign": 1.5}, predicted_label="benign")
+                        probabilities={"benign": 1.5}, predicted_label="benign", who=person())
     with pytest.raises(MaskError, match="size of its image"):
         save(store, masks=[np.ones((3, 3), bool)])
     with pytest.raises(InvalidImageError):
         store.save_case(np.zeros((4, 4), np.float32), image_name="x", model_name="m",
-                        model_hash="", probabilities=PROBS, predicted_label="benign")
+                        model_hash="", probabilities=PROBS, predicted_label="benign", who=person())
     assert store.get_case(case.id).status == "unreviewed"
     assert len(store.list_cases()) == 1 and len(store.history(case.id)) == 1
 
 
 def test_audit_log_cannot_be_changed(store: CaseStore) -> None:
     case = save(store)
-    store.review_case(case.id, label="normal", reviewer="Dr A")
+    store.review_case(case.id, label="normal", who=person("Dr A"))
     for statement in ("UPDATE audit_log SET who = 'someone else'", "DELETE FROM audit_log"):
         with pytest.raises(DatabaseError, match="append-only"):
             with store.engine.begin() as conn:
@@ -279,10 +285,10 @@ def test_export_busi_layout_is_readable(store: CaseStore, tmp_path: Path) -> Non
     a = save(store, 1, "benign", masks=[mask, ~mask])
     b = save(store, 2, "malignant")
     c = save(store, 3, "normal")
-    store.review_case(a.id, label="benign", reviewer="Dr A", notes="oval, circumscribed")
-    store.review_case(b.id, label="normal", reviewer="Dr B")
+    store.review_case(a.id, label="benign", who=person("Dr A"), notes="oval, circumscribed")
+    store.review_case(b.id, label="normal", who=person("Dr B"))
 
-    out = store.export_busi(tmp_path / "export")
+    out = store.export_busi(tmp_path / "export", who=ADMIN)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         "benign/case-1.png", "benign/case-1_mask.png", "benign/case-1_mask_1.png",
         "cases.csv", "normal/case-2.png"]
@@ -298,8 +304,8 @@ def test_export_busi_layout_is_readable(store: CaseStore, tmp_path: Path) -> Non
     assert [(r.path.name, r.label) for r in load_records(out / "cases.csv")] == [
         ("case-1.png", "benign"), ("case-2.png", "normal")]
 
-    store.review_case(b.id, label="malignant", reviewer="Dr C")
-    store.export_busi(out, only_confirmed=False)
+    store.review_case(b.id, label="malignant", who=person("Dr C"))
+    store.export_busi(out, only_confirmed=False, who=ADMIN)
     assert [(r.path.name, r.label) for r in load_records(out)] == [
         ("case-1.png", "benign"), ("case-2.png", "malignant"), (f"case-{c.id}.png", "normal")]
 
@@ -312,7 +318,7 @@ def test_two_threads_save_at_once(store: CaseStore) -> None:
     def work(offset: int) -> None:
         try:
             for i in range(20):
-                save(store, seed=offset + i, reviewer=f"thread {offset}")
+                save(store, seed=offset + i, who=person(f"thread {offset}"))
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -322,8 +328,8 @@ def test_two_threads_save_at_once(store: CaseStore) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert len(store.list_cases(reviewer="thread 0")) == 20
-    assert len(store.list_cases(reviewer="thread 100")) == 20
+    assert len(store.list_cases(owner="thread 0")) == 20
+    assert len(store.list_cases(owner="thread 100")) == 20
     assert len({c.id for c in store.list_cases()}) == 40
 
 
@@ -335,7 +341,7 @@ def test_two_processes_save_at_once(tmp_path: Path) -> None:
         assert worker.returncode == 0, stderr
     assert assert_consistent(db) == 40
     with open_store(db) as s:
-        assert len(s.list_cases(reviewer="worker 1")) == 20
+        assert len(s.list_cases(owner="worker 1")) == 20
 
 
 def test_killed_writer_leaves_database_consistent(tmp_path: Path) -> None:
@@ -443,10 +449,11 @@ def test_empty_database_is_migrated_to_current(tmp_path: Path) -> None:
     db = tmp_path / "empty.sqlite"
     sqlite3.connect(db).close()
     with open_store(db) as s:
-        assert s.schema_version() == CURRENT_SCHEMA_VERSION == 4
-        assert s.migrate() == 4
+        assert s.schema_version() == CURRENT_SCHEMA_VERSION == 5
+        assert s.migrate() == 5
     assert {"schema_version", "cases", "audit_log", "audit_log_no_update",
-            "audit_log_no_delete"} <= table_names(db)
+            "audit_log_no_delete", "users", "account_log", "account_log_no_update",
+            "account_log_no_delete"} <= table_names(db)
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone() == (1,)
 
@@ -458,9 +465,9 @@ def test_version_1_database_is_upgraded_keeping_rows(tmp_path: Path) -> None:
     assert "audit_log" not in table_names(db)
 
     with open_store(db) as s:
-        assert s.schema_version() == 4
+        assert s.schema_version() == 5
         one, two = s.get_case(1), s.get_case(2)
-        assert one.mask_source is None and one.uncertain is False
+        assert one.mask_source is None and one.uncertain is False and one.owner is None
         assert (one.status, one.reviewer, one.notes, one.cam_settings) == (
             "unreviewed", "", "", None)
         assert one.updated_at == one.created_at == "2024-01-02T10:00:00.000000+00:00"
@@ -468,7 +475,7 @@ def test_version_1_database_is_upgraded_keeping_rows(tmp_path: Path) -> None:
             "corrected", "benign", ("cc",), "union")
         assert [(e.action, e.new_value) for e in s.history(2)] == [
             ("created", "malignant"), ("corrected", "benign")]
-        reviewed = s.review_case(1, label="normal", reviewer="Dr A", notes="migrated")
+        reviewed = s.review_case(1, label="normal", who=person("Dr A"), notes="migrated")
         assert reviewed.status == "corrected" and reviewed.notes == "migrated"
         assert save(s).id == 3
     with open_store(db) as s:
@@ -480,14 +487,14 @@ def test_mask_source_is_stored_and_checked(store: CaseStore, tmp_path: Path) -> 
     mask = np.zeros(image.shape[:2], bool)
     mask[2:6, 2:6] = True
     kwargs = dict(image_name="a.png", model_name="m", model_hash="f" * 64, probabilities=PROBS,
-                  predicted_label="benign")
+                  predicted_label="benign", who=person())
     case = store.save_case(image, masks=[mask], mask_source="suggested, edited", **kwargs)
     assert store.get_case(case.id).mask_source == "suggested, edited"
     assert store.save_case(image, mask_source="painted", **kwargs).mask_source is None  # no mask
     with pytest.raises(InvalidCaseError, match="Unknown mask source"):
         store.save_case(image, masks=[mask], mask_source="guessed", **kwargs)
-    store.review_case(case.id, label="benign", reviewer="Dr A")
-    folder = store.export_busi(tmp_path / "out")
+    store.review_case(case.id, label="benign", who=person("Dr A"))
+    folder = store.export_busi(tmp_path / "out", who=ADMIN)
     rows = list(csv.DictReader(open(folder / "cases.csv")))
     assert rows[0]["mask_source"] == "suggested, edited"
 
@@ -506,9 +513,9 @@ def test_exported_csv_cells_are_not_formulas(store: CaseStore, tmp_path: Path) -
     from bus_core.store import csv_safe
 
     case = save(store, 4, "benign")
-    store.review_case(case.id, label="benign", reviewer='=HYPERLINK("http://x")',
+    store.review_case(case.id, label="benign", who=person('=HYPERLINK("http://x")'),
                       notes="+1 agree; -2 no; @SUM(A1)")
-    out = store.export_busi(tmp_path / "export")
+    out = store.export_busi(tmp_path / "export", who=ADMIN)
     with open(out / "cases.csv", newline="", encoding="utf-8") as fh:
         (row,) = list(csv.DictReader(fh))
     assert row["reviewer"].startswith("'=") and row["notes"].startswith("'+1")
@@ -520,11 +527,11 @@ def test_uncertain_readings_are_stored_shown_and_not_disagreements(store: CaseSt
     case = save(store, uncertain=True)
     assert case.uncertain and case.reading == "uncertain (leans benign)"
     assert save(store, seed=1).reading == "benign"
-    labelled = store.review_case(case.id, label="malignant", reviewer="Dr A")
+    labelled = store.review_case(case.id, label="malignant", who=person("Dr A"))
     assert labelled.status == "labelled"  # no answer to disagree with
-    assert store.review_case(case.id, label="benign", reviewer="Dr A").status == "labelled"
+    assert store.review_case(case.id, label="benign", who=person("Dr A")).status == "labelled"
     assert store.list_cases(status="labelled") == [store.get_case(case.id)]
-    out = store.export_busi(tmp_path / "export")
+    out = store.export_busi(tmp_path / "export", who=ADMIN)
     rows = list(csv.DictReader(open(out / "cases.csv", encoding="utf-8")))
     assert [(r["predicted"], r["uncertain"], r["status"]) for r in rows] == [
         ("benign", "yes", "labelled")]

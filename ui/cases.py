@@ -15,8 +15,9 @@ import streamlit as st
 
 from bus_core.errors import BusError
 from bus_core.predict import Prediction, Predictor
+from bus_core.roles import Identity
 from bus_core.store import Case, CaseStore, StoreError, default_db_path, open_store
-from ui.common import show_error
+from ui.common import identity, show_error
 
 EXPORT_FOLDER = "bus-cases"
 """The top folder inside an export zip (BUSI layout below it, with cases.csv)."""
@@ -37,17 +38,12 @@ def case_store() -> CaseStore | None:
         return None
 
 
-def reviewer_name() -> str:
-    """The reviewer's name as typed on any page of this session ('' when none)."""
-    return str(st.session_state.get("reviewer", "")).strip()
-
-
 def save_prediction_as_case(store: CaseStore, image: np.ndarray, image_name: str,
                             masks: Sequence[np.ndarray], combine_mode: str | None,
                             predictor: Predictor, prediction: Prediction,
                             cam_settings: Mapping[str, Any] | None,
-                            reviewer: str = "", mask_source: str | None = None) -> Case:
-    """Store a prediction as a new unreviewed case with the model that made it.
+                            who: Identity, mask_source: str | None = None) -> Case:
+    """Store a prediction as a new unreviewed case of `who` with the model that made it.
 
     `cam_settings` describes the explanation shown, e.g. {"target": "benign", "method":
     "gradcam", "opacity": 0.45}; the Review page uses it to redraw the same overlay.
@@ -58,7 +54,7 @@ def save_prediction_as_case(store: CaseStore, image: np.ndarray, image_name: str
                            model_hash=predictor.card.weights_sha256,
                            probabilities=prediction.probabilities,
                            predicted_label=prediction.label, cam_settings=cam_settings,
-                           reviewer=reviewer, mask_source=mask_source,
+                           who=who, mask_source=mask_source,
                            uncertain=prediction.uncertain)
 
 
@@ -68,7 +64,11 @@ def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndar
                      mask_source: str | None = None) -> Case | None:
     """A 'Save as case' button for one prediction (`key` identifies it, e.g. image + mask +
     model); after saving, the case number is shown instead, so a case is saved once. Returns
-    the case on the run that saved it."""
+    the case on the run that saved it. Nothing is shown to a user who may not save cases
+    (demo mode saves nothing)."""
+    who = identity()
+    if who is None or not who.can("save_case"):
+        return None
     saved: dict[str, int] = st.session_state.setdefault("_saved_cases", {})
     if key in saved:
         st.success(f"Saved as case {saved[key]}: review it on the Review cases page.",
@@ -93,7 +93,7 @@ def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndar
         return None
     try:
         case = save_prediction_as_case(store, image, image_name, masks, combine_mode, predictor,
-                                       prediction, cam_settings, reviewer=reviewer_name(),
+                                       prediction, cam_settings, who=who,
                                        mask_source=mask_source)
     except BusError as exc:
         show_error(exc, "The case could not be saved")
@@ -104,12 +104,13 @@ def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndar
     return case
 
 
-def export_cases_zip(store: CaseStore, *, only_confirmed: bool = True) -> bytes:
-    """The cases as a zip: `bus-cases/<label>/case-<id>.png` (+ masks) and
+def export_cases_zip(store: CaseStore, *, who: Identity, only_confirmed: bool = True) -> bytes:
+    """The cases `who` may export as a zip: `bus-cases/<label>/case-<id>.png` (+ masks) and
     `bus-cases/cases.csv`, as `CaseStore.export_busi` writes them."""
     buffer = BytesIO()
     with tempfile.TemporaryDirectory() as temp:
-        folder = store.export_busi(Path(temp) / EXPORT_FOLDER, only_confirmed=only_confirmed)
+        folder = store.export_busi(Path(temp) / EXPORT_FOLDER, who=who,
+                                   only_confirmed=only_confirmed)
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(folder.rglob("*")):
                 if path.is_file():

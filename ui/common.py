@@ -1,13 +1,16 @@
-"""What every page shares: the cached active model, the sidebar, and error display."""
+"""What every page shares: who is signed in, the cached active model, the sidebar, and error
+display."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
+from bus_core.accounts import Session
 from bus_core.device import choose_device
 from bus_core.errors import BusError
 from bus_core.jobs import JobBusyError
@@ -15,7 +18,35 @@ from bus_core.metrics import fmt3
 from bus_core.models import ModelCard, read_card
 from bus_core.predict import Predictor
 from bus_core.registry import active_model_path, active_segmenter_path, no_model_message
+from bus_core.roles import DEMO, Identity
 from bus_core.segment import Segmenter
+
+SESSION_KEY = "_bus_session"
+"""session_state key of the signed-in `accounts.Session`."""
+
+MODES = ("local", "oidc", "demo")
+
+
+def auth_mode() -> str:
+    """How users sign in (ui.auth says more): 'demo' only when BUS_AUTH=demo; 'oidc' (single
+    sign-on) when secrets.toml has an [auth] section; else 'local' accounts. BUS_AUTH=local or
+    oidc forces a mode."""
+    chosen = os.environ.get("BUS_AUTH", "").strip().lower()
+    if chosen in MODES:
+        return chosen
+    try:
+        return "oidc" if "auth" in st.secrets else "local"
+    except Exception:  # noqa: BLE001 - no secrets.toml, or one that does not parse
+        return "local"
+
+
+def identity() -> Identity | None:
+    """The identity of this browser session (the demo identity in demo mode), or None."""
+    if auth_mode() == "demo":
+        return DEMO
+    session = st.session_state.get(SESSION_KEY)
+    return session.identity if isinstance(session, Session) else None
+
 
 ENTRY_KEY = "_through_app"
 """Set in a session once app.py has run in it (`mark_entrypoint`)."""
@@ -52,9 +83,9 @@ def active_predictor() -> Predictor | None:
     predictor, why_not = optional_predictor()
     if predictor is None:
         if active_model_path() is None:
-            st.warning(why_not, icon=":material/warning:")
+            st.warning(md_escape(why_not), icon=":material/warning:")
         else:
-            st.error(why_not, icon=":material/error:")
+            st.error(md_escape(why_not), icon=":material/error:")
     return predictor
 
 
@@ -81,11 +112,11 @@ def model_summary(card: ModelCard) -> str:
     """A few markdown lines: name, date, and test metrics with their data."""
     test = card.metrics.get("test") or {}
     data = test.get("data") or {}
-    lines = [f"**{card.name}**",
-             f"{card.arch}, {card.input_mode} input, created {card.created[:10]}"]
+    lines = [f"**{md_escape(card.name)}**",
+             md_escape(f"{card.arch}, {card.input_mode} input, created {card.created[:10]}")]
     if test:
-        sources = ", ".join(Path(str(x)).stem for x in data.get("sources", [])) or "?"
-        split = Path(str(data.get("split_file", ""))).name or "?"
+        sources = md_escape(", ".join(Path(str(x)).stem for x in data.get("sources", [])) or "?")
+        split = md_escape(Path(str(data.get("split_file", ""))).name or "?")
         lines.append(
             f"{sources} {data.get('subset', 'test')} subset of {split}, n={test.get('n')}: "
             f"accuracy "
@@ -108,13 +139,13 @@ def render_sidebar() -> None:
             try:
                 st.markdown(model_summary(read_card(path)))
             except BusError as exc:
-                st.error(str(exc))
+                st.error(md_escape(exc))
         st.caption(f"Device: {choose_device().description}")
         st.caption("Research software: not a medical device. Predictions support, never "
                    "replace, a radiologist's reading.")
 
 
-_MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|<>~$:")
+_MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|<>~$:@")
 
 
 def md_escape(text: object) -> str:
@@ -125,7 +156,7 @@ def md_escape(text: object) -> str:
 
 def show_error(exc: BusError, what: str = "") -> None:
     """A user-fixable problem as a red box with its message (never a traceback)."""
-    st.error(f"{what}{': ' if what else ''}{exc}", icon=":material/error:")
+    st.error(md_escape(f"{what}{': ' if what else ''}{exc}"), icon=":material/error:")
 
 
 def start_job(start: Callable[[], Any], what: str) -> bool:

@@ -3,6 +3,7 @@
 Screenshots go to test-artifacts/ (git-ignored). With SAVE_README_SCREENSHOT=1 the Diagnose
 screenshot is also saved as docs/diagnose.png, using a real BUSI image when ../shared/data/BUSI
 exists and the model in $BUS_MODEL (else the active model, else the tiny test model).
+Every test signs in with a user it creates through the command line (`users add`).
 Skipped when Chromium or Playwright is missing.
 """
 
@@ -35,6 +36,26 @@ README_IMAGE = BUSI / "malignant" / "malignant (107).png"  # a held-out test-spl
 if not CHROMIUM.exists():
     pytest.skip("Chromium is not installed at /usr/bin/chromium", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
+
+
+USER, PASSWORD = "browser-tester", "a password for the browser test"
+
+
+def add_user(data_dir: Path, *roles: str) -> None:
+    """Create the test's user in `data_dir` with the command line, as an administrator would."""
+    subprocess.run([sys.executable, "-m", "bus_core", "users", "add", USER, "--password-stdin",
+                    *(arg for role in roles or ("admin",) for arg in ("--role", role))],
+                   input=PASSWORD + "\n", text=True, check=True, cwd=REPO,
+                   env={**os.environ, "BUS_DATA_DIR": str(data_dir)}, timeout=120)
+
+
+def sign_in(page, url: str) -> None:
+    """Open `url` and sign in through the form's "Username", "Password" and "Sign in"."""
+    page.goto(url)
+    page.get_by_label("Username", exact=True).fill(USER)
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_text("Signed in as").first.wait_for()
 
 
 def free_port() -> int:
@@ -99,7 +120,7 @@ def running_app(env: dict[str, str], log_path: Path) -> Iterator[str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1",
-         "--browser.gatherUsageStats", "false"],
+         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -122,6 +143,7 @@ def server(tiny_model_dir, busi_dir, userdata, everywhere_segmenter) -> Iterator
     env = {**os.environ, "BUS_MODEL": str(screenshot_model(tiny_model_dir)),
            "BUS_DATA_DIR": str(userdata), "BUS_DATASET": str(busi_dir),
            "BUS_SEGMENTER": str(everywhere_segmenter)}
+    add_user(userdata)
     with running_app(env, userdata / "streamlit.log") as url:
         yield url
 
@@ -183,7 +205,7 @@ def full_screenshot(page, path: Path) -> None:
 
 
 def test_diagnose_in_a_browser(page, server, tmp_path):
-    page.goto(server)
+    sign_in(page, server)
     page.get_by_text("Ultrasound images").first.wait_for()
     page.locator("input[type=file]").first.set_input_files(str(upload_image(tmp_path)))
     page.get_by_text("Model's reading").wait_for()
@@ -201,7 +223,7 @@ def test_diagnose_in_a_browser(page, server, tmp_path):
 def test_corrupt_file_gets_a_message_in_a_browser(page, server, tmp_path):
     bad = tmp_path / "x.png"
     bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
-    page.goto(server)
+    sign_in(page, server)
     page.locator("input[type=file]").first.set_input_files(str(bad))
     page.get_by_text("'x.png' is not an image file we can read").wait_for()
     settle(page)
@@ -211,7 +233,7 @@ def test_corrupt_file_gets_a_message_in_a_browser(page, server, tmp_path):
 
 
 def test_teaching_in_a_browser(page, server):
-    page.goto(f"{server}/teach")
+    sign_in(page, f"{server}/teach")
     page.get_by_text("Your reading").wait_for()
     wait_for_images(page, 1)
     page.get_by_text("Benign", exact=True).first.click()
@@ -236,7 +258,7 @@ def draw(page, canvas, points: list[tuple[float, float]]) -> None:
 
 
 def test_paint_a_mask_in_a_browser(page, server, tmp_path):
-    page.goto(server)
+    sign_in(page, server)
     page.locator("input[type=file]").first.set_input_files(str(upload_image(tmp_path)))
     page.get_by_text("Model's reading").wait_for()
     page.get_by_text("Paint", exact=True).click()
@@ -257,7 +279,7 @@ def test_paint_a_mask_in_a_browser(page, server, tmp_path):
 def test_suggest_edit_and_predict_in_a_browser(page, server, tmp_path, userdata):
     from bus_core.store import open_store
 
-    page.goto(server)
+    sign_in(page, server)
     page.locator("input[type=file]").first.set_input_files(str(upload_image(tmp_path)))
     page.get_by_text("Model's reading").wait_for()
     page.get_by_text("Suggest outline", exact=True).click()
@@ -285,11 +307,12 @@ def test_a_bookmarked_page_opens_inside_the_app_after_a_server_start(browser, ti
     """The first request of a fresh server names a page: it still runs through app.py (page
     set-up, navigation, sidebar), not as a file on its own."""
     env = {**os.environ, "BUS_MODEL": str(tiny_model_dir), "BUS_DATA_DIR": str(tmp_path)}
+    add_user(tmp_path)
     with running_app(env, tmp_path / "streamlit.log") as url:
         context = browser.new_context(viewport={"width": 1440, "height": 900})
         tab = context.new_page()
         tab.set_default_timeout(60_000)
-        tab.goto(f"{url}/review")
+        sign_in(tab, f"{url}/review")
         tab.get_by_text("Review cases").first.wait_for()
         tab.get_by_text("Active model", exact=False).first.wait_for()
         settle(tab)

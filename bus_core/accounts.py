@@ -1,0 +1,328 @@
+"""Local accounts: users with roles, passwords kept only as argon2 hashes, lock-out after
+repeated failures, sessions that expire, and the audit log of every sign-in and change.
+
+The users live in the case store's database (tables `users` and `account_log`, see
+bus_core.store). Single sign-on users (bus_core.roles source 'oidc') may have a row without a
+password: it gives them their roles when the provider sends none.
+
+Rules:
+- A password has at least `MIN_PASSWORD_LENGTH` characters and is not the user's name.
+- `LOCK_AFTER` failed sign-ins in a row lock the account for `LOCK_MINUTES`; a new password
+  set by an administrator unlocks it.
+- A wrong password, an unknown user and a disabled user get the same message.
+- A session ends after `idle_minutes()` without activity or `MAX_SESSION_HOURS` in all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import Connection, RowMapping, insert, select, update
+
+from bus_core.errors import BusError
+from bus_core.roles import Identity, check_roles, require
+from bus_core.store import CaseStore, account_log, users
+
+MIN_PASSWORD_LENGTH = 10
+LOCK_AFTER = 5
+LOCK_MINUTES = 15
+MAX_SESSION_HOURS = 12
+DEFAULT_IDLE_MINUTES = 30
+MAX_NAME_LENGTH = 64
+
+_HASHER = PasswordHasher()
+_DUMMY_HASH = _HASHER.hash("not a password of anyone")
+"""Checked against for unknown users, so their sign-in takes as long as a real one."""
+
+
+class AccountError(BusError):
+    """An account cannot be created or changed (name taken, weak password, unknown user...)."""
+
+
+class SignInError(BusError):
+    """A sign-in was refused (wrong name or password, locked, disabled)."""
+
+
+@dataclass(frozen=True)
+class User:
+    """One local account as stored (times UTC ISO-8601); never holds the password."""
+
+    name: str
+    roles: frozenset[str]
+    has_password: bool
+    disabled: bool
+    failed_signins: int
+    locked_until: str | None
+    created_at: str
+    last_signin: str | None
+
+    def identity(self, source: str = "local") -> Identity:
+        """The identity this user acts as."""
+        return Identity(name=self.name, roles=self.roles, source=source)
+
+    def locked(self, now: datetime | None = None) -> bool:
+        """Whether failed sign-ins lock the account at `now`."""
+        return self.locked_until is not None and \
+            datetime.fromisoformat(self.locked_until) > (now or _utcnow())
+
+
+@dataclass
+class Session:
+    """A signed-in browser session: who, since when, and when it was last used."""
+
+    identity: Identity
+    started: datetime
+    last_seen: datetime
+
+    def expired(self, now: datetime | None = None) -> bool:
+        """Whether the session has ended (idle too long, or too old)."""
+        now = now or _utcnow()
+        return (now - self.last_seen > timedelta(minutes=idle_minutes())
+                or now - self.started > timedelta(hours=MAX_SESSION_HOURS))
+
+    def touch(self, now: datetime | None = None) -> None:
+        """Record activity at `now`."""
+        self.last_seen = now or _utcnow()
+
+
+def idle_minutes() -> int:
+    """Minutes without activity after which a session ends ($BUS_SESSION_IDLE_MINUTES, 30)."""
+    try:
+        return max(1, int(os.environ.get("BUS_SESSION_IDLE_MINUTES", DEFAULT_IDLE_MINUTES)))
+    except ValueError:
+        return DEFAULT_IDLE_MINUTES
+
+
+def new_session(identity: Identity, now: datetime | None = None) -> Session:
+    """A session for `identity` starting at `now`."""
+    now = now or _utcnow()
+    return Session(identity=identity, started=now, last_seen=now)
+
+
+class Accounts:
+    """The local accounts of a case store's database."""
+
+    def __init__(self, store: CaseStore) -> None:
+        self.store = store
+
+    # -- reading --
+
+    def count(self) -> int:
+        """How many users exist (disabled ones included)."""
+        with self.store.transaction() as conn:
+            return len(conn.execute(select(users.c.name)).all())
+
+    def list_users(self) -> list[User]:
+        """Every user, by name."""
+        with self.store.transaction() as conn:
+            rows = conn.execute(select(users).order_by(users.c.name)).mappings().all()
+        return [_user(row) for row in rows]
+
+    def get(self, name: str) -> User | None:
+        """The user called `name`, or None."""
+        with self.store.transaction() as conn:
+            row = conn.execute(select(users).where(users.c.name == name)).mappings().first()
+        return None if row is None else _user(row)
+
+    def log(self, limit: int | None = None) -> list[dict[str, str | None]]:
+        """The account audit log, newest first."""
+        query = select(account_log).order_by(account_log.c.id.desc()).limit(limit)
+        with self.store.transaction() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
+
+    # -- signing in --
+
+    def sign_in(self, name: str, password: str, now: datetime | None = None) -> Identity:
+        """The identity of a correct name and password (the failure count is reset); else
+        `SignInError`, the failure counted and logged, the account locked after
+        `LOCK_AFTER` failures in a row."""
+        now = now or _utcnow()
+        name = name.strip()
+        user = self.get(name)
+        stored = self._password_hash(name) if user is not None else None
+        correct = _verify(stored or _DUMMY_HASH, password) and stored is not None
+        if user is not None and user.locked(now):
+            self.record(name[:MAX_NAME_LENGTH], "sign-in refused (locked)", name, now=now)
+            minutes = max(1, round((datetime.fromisoformat(user.locked_until or "")
+                                    - now).total_seconds() / 60))
+            raise SignInError(f"Too many failed sign-ins: this account is locked for {minutes} "
+                              "more minutes. An administrator can unlock it by setting a new "
+                              "password.")
+        if user is None or user.disabled or not correct:
+            self._failed(user, name, now)
+            raise SignInError("Wrong username or password.")
+        with self.store.transaction(write=True) as conn:
+            conn.execute(update(users).where(users.c.name == name).values(
+                failed_signins=0, locked_until=None, last_signin=_iso(now)))
+            if stored is not None and _HASHER.check_needs_rehash(stored):
+                conn.execute(update(users).where(users.c.name == name).values(
+                    password_hash=_HASHER.hash(password)))
+            _log(conn, name, "signed in", name, None, now)
+        return user.identity()
+
+    def _failed(self, user: User | None, name: str, now: datetime) -> None:
+        with self.store.transaction(write=True) as conn:
+            detail = None
+            if user is not None and not user.disabled:
+                failures = user.failed_signins + 1
+                locked = _iso(now + timedelta(minutes=LOCK_MINUTES)) \
+                    if failures >= LOCK_AFTER else None
+                conn.execute(update(users).where(users.c.name == user.name).values(
+                    failed_signins=0 if locked else failures, locked_until=locked))
+                detail = f"locked for {LOCK_MINUTES} minutes" if locked else \
+                    f"failure {failures} of {LOCK_AFTER}"
+            _log(conn, name[:MAX_NAME_LENGTH], "sign-in failed", name[:MAX_NAME_LENGTH], detail,
+                 now)
+
+    def refresh(self, identity: Identity) -> Identity | None:
+        """The identity with its current roles, or None when the local user was disabled or
+        removed since signing in (single sign-on identities keep their own roles unless
+        a local row disables them)."""
+        user = self.get(identity.name)
+        if identity.source != "local":
+            return None if user is not None and user.disabled else identity
+        if user is None or user.disabled:
+            return None
+        return user.identity()
+
+    def roles_of(self, name: str) -> frozenset[str]:
+        """The roles a local row gives `name` (empty when there is none or it is disabled)."""
+        user = self.get(name)
+        return frozenset() if user is None or user.disabled else user.roles
+
+    def record(self, who: str, action: str, subject: str | None = None,
+               detail: str | None = None, *, now: datetime | None = None) -> None:
+        """Append an entry to the account audit log (e.g. 'signed out')."""
+        with self.store.transaction(write=True) as conn:
+            _log(conn, who, action, subject, detail, now or _utcnow())
+
+    # -- managing (admin) --
+
+    def add(self, by: Identity, name: str, roles: Iterable[str], password: str | None) -> User:
+        """Create a user (role admin needed; with no user at all, the command line creates
+        the first one). `password` None: a single-sign-on user whose roles are kept here."""
+        require(by, "manage_users")
+        name = check_name(name)
+        roles = check_roles(roles)
+        if not roles:
+            raise AccountError("Give the user at least one role.")
+        hashed = None if password is None else _HASHER.hash(check_password(password, name))
+        now = _iso(_utcnow())
+        with self.store.transaction(write=True) as conn:
+            if conn.execute(select(users.c.name).where(users.c.name == name)).first():
+                raise AccountError(f"A user called {name!r} already exists.")
+            conn.execute(insert(users).values(
+                name=name, roles=",".join(sorted(roles)), password_hash=hashed, disabled=False,
+                failed_signins=0, locked_until=None, created_at=now, updated_at=now,
+                last_signin=None))
+            _log(conn, by.name, "user added", name, f"roles {', '.join(sorted(roles))}",
+                 _utcnow())
+        return self._existing(name)
+
+    def set_roles(self, by: Identity, name: str, roles: Iterable[str]) -> User:
+        """Replace a user's roles (role admin needed)."""
+        require(by, "manage_users")
+        roles = check_roles(roles)
+        if not roles:
+            raise AccountError("Give the user at least one role (or disable the account).")
+        old = self._existing(name)
+        self._change(by, name, "roles changed",
+                     f"{', '.join(sorted(old.roles))} -> {', '.join(sorted(roles))}",
+                     roles=",".join(sorted(roles)))
+        return self._existing(name)
+
+    def set_disabled(self, by: Identity, name: str, disabled: bool = True) -> User:
+        """Disable (or enable again) a user (role admin needed); a user cannot disable
+        themselves."""
+        require(by, "manage_users")
+        if disabled and name == by.name:
+            raise AccountError("You cannot disable your own account.")
+        self._existing(name)
+        self._change(by, name, "disabled" if disabled else "enabled", None, disabled=disabled)
+        return self._existing(name)
+
+    def set_password(self, by: Identity, name: str, password: str,
+                     current: str | None = None) -> None:
+        """Set a user's password: an admin for anyone, a user for themselves (giving their
+        `current` password). Unlocks the account."""
+        self._existing(name)
+        if by.name == name and not by.can("manage_users"):
+            stored = self._password_hash(name)
+            if stored is None or not _verify(stored, current or ""):
+                raise AccountError("The current password is wrong.")
+        else:
+            require(by, "manage_users")
+        hashed = _HASHER.hash(check_password(password, name))
+        self._change(by, name, "password changed", None, password_hash=hashed,
+                     failed_signins=0, locked_until=None)
+
+    def _change(self, by: Identity, name: str, action: str, detail: str | None,
+                **values: object) -> None:
+        with self.store.transaction(write=True) as conn:
+            conn.execute(update(users).where(users.c.name == name).values(
+                **values, updated_at=_iso(_utcnow())))
+            _log(conn, by.name, action, name, detail, _utcnow())
+
+    def _existing(self, name: str) -> User:
+        user = self.get(name)
+        if user is None:
+            raise AccountError(f"There is no user called {name!r}.")
+        return user
+
+    def _password_hash(self, name: str) -> str | None:
+        with self.store.transaction() as conn:
+            return conn.execute(select(users.c.password_hash).where(
+                users.c.name == name)).scalar()
+
+
+def check_name(name: str) -> str:
+    """A user name as stored: stripped; 1 to 64 printable characters, no commas."""
+    clean = name.strip()
+    if not clean or len(clean) > MAX_NAME_LENGTH or not clean.isprintable() or "," in clean:
+        raise AccountError(f"A user name has 1 to {MAX_NAME_LENGTH} printable characters and no "
+                           "comma.")
+    return clean
+
+
+def check_password(password: str, name: str) -> str:
+    """The password when it is acceptable; else `AccountError` saying why."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise AccountError(f"A password has at least {MIN_PASSWORD_LENGTH} characters.")
+    if password.strip().lower() == name.strip().lower():
+        raise AccountError("The password cannot be the user name.")
+    return password
+
+
+def _verify(hashed: str, password: str) -> bool:
+    try:
+        return _HASHER.verify(hashed, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def _user(values: RowMapping) -> User:
+    return User(name=values["name"],
+                roles=frozenset(r for r in values["roles"].split(",") if r),
+                has_password=values["password_hash"] is not None,
+                disabled=bool(values["disabled"]), failed_signins=values["failed_signins"],
+                locked_until=values["locked_until"], created_at=values["created_at"],
+                last_signin=values["last_signin"])
+
+
+def _log(conn: Connection, who: str, action: str, subject: str | None, detail: str | None,
+         now: datetime) -> None:
+    conn.execute(insert(account_log).values(
+        at=_iso(now), who=who, action=action, subject=subject, detail=detail))
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")

@@ -1,0 +1,225 @@
+"""Local accounts (bus_core.accounts), roles (bus_core.roles) and the `users` command."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+
+from bus_core.accounts import (
+    LOCK_AFTER,
+    LOCK_MINUTES,
+    MAX_SESSION_HOURS,
+    AccountError,
+    Accounts,
+    SignInError,
+    new_session,
+)
+from bus_core.cli import main
+from bus_core.gate import activate_if_passed, compare
+from bus_core.jobs import start_training
+from bus_core.registry import delete_model, import_model, set_active_model
+from bus_core.roles import ACTIONS, DEMO, ROLES, Identity, PermissionDeniedError, operator
+from bus_core.store import CaseStore, default_db_path, open_store
+from bus_core.train import TrainConfig
+from tests.conftest import person
+
+PASSWORD = "correct horse battery"
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def store(tmp_path) -> CaseStore:
+    with open_store(tmp_path / "cases.sqlite") as opened:
+        yield opened
+
+
+@pytest.fixture
+def accounts(store) -> Accounts:
+    accounts = Accounts(store)
+    accounts.add(operator(), "ann", ["clinician"], PASSWORD)
+    return accounts
+
+
+def test_password_is_stored_only_as_a_salted_argon2_hash(accounts, store, tmp_path):
+    accounts.add(operator(), "bob", ["clinician"], PASSWORD)
+    with sqlite3.connect(tmp_path / "cases.sqlite") as conn:
+        hashes = dict(conn.execute("SELECT name, password_hash FROM users").fetchall())
+    assert all(h.startswith("$argon2id$") and PASSWORD not in h for h in hashes.values())
+    assert hashes["ann"] != hashes["bob"]  # salted
+    assert accounts.sign_in("ann", PASSWORD) == Identity("ann", frozenset({"clinician"}))
+    assert accounts.get("ann").last_signin is not None
+
+
+def test_wrong_password_unknown_and_disabled_users_get_the_same_message(accounts):
+    accounts.add(operator(), "cid", ["educator"], PASSWORD)
+    accounts.set_disabled(operator(), "cid")
+    for name, password in (("ann", "wrong password!"), ("nobody", PASSWORD), ("cid", PASSWORD)):
+        with pytest.raises(SignInError, match="^Wrong username or password.$"):
+            accounts.sign_in(name, password)
+    actions = [(e["action"], e["subject"]) for e in accounts.log()]
+    assert actions[:3] == [("sign-in failed", "cid"), ("sign-in failed", "nobody"),
+                           ("sign-in failed", "ann")]
+
+
+def test_lock_out_after_repeated_failures_until_it_expires_or_an_admin_resets(accounts):
+    for _ in range(LOCK_AFTER):
+        with pytest.raises(SignInError, match="Wrong"):
+            accounts.sign_in("ann", "not the password", now=NOW)
+    with pytest.raises(SignInError, match="locked for 15 more minutes"):
+        accounts.sign_in("ann", PASSWORD, now=NOW + timedelta(seconds=1))  # even when right
+    later = NOW + timedelta(minutes=LOCK_MINUTES, seconds=1)
+    assert accounts.sign_in("ann", PASSWORD, now=later).name == "ann"
+    for _ in range(LOCK_AFTER):
+        with pytest.raises(SignInError):
+            accounts.sign_in("ann", "not the password", now=later)
+    assert accounts.get("ann").locked(later)
+    accounts.set_password(operator(), "ann", "a brand new password")
+    assert not accounts.get("ann").locked(later)
+    assert accounts.sign_in("ann", "a brand new password", now=later).name == "ann"
+    assert "locked for 15 minutes" in [e["detail"] for e in accounts.log()]
+
+
+def test_sessions_expire_when_idle_or_too_old(monkeypatch):
+    monkeypatch.setenv("BUS_SESSION_IDLE_MINUTES", "30")
+    session = new_session(person("ann"), now=NOW)
+    assert not session.expired(NOW + timedelta(minutes=29))
+    assert session.expired(NOW + timedelta(minutes=31))
+    for minutes in range(20, MAX_SESSION_HOURS * 60, 20):  # kept active all day
+        session.touch(NOW + timedelta(minutes=minutes))
+    assert not session.expired(NOW + timedelta(hours=MAX_SESSION_HOURS) - timedelta(minutes=1))
+    assert session.expired(NOW + timedelta(hours=MAX_SESSION_HOURS, minutes=1))
+
+
+def test_change_own_password_needs_the_current_one(accounts):
+    ann = accounts.sign_in("ann", PASSWORD)
+    with pytest.raises(AccountError, match="current password is wrong"):
+        accounts.set_password(ann, "ann", "another password 1", current="guess")
+    with pytest.raises(AccountError, match="at least 10"):
+        accounts.set_password(ann, "ann", "short", current=PASSWORD)
+    accounts.set_password(ann, "ann", "another password 1", current=PASSWORD)
+    assert accounts.sign_in("ann", "another password 1").name == "ann"
+    accounts.add(operator(), "bob", ["clinician"], PASSWORD)
+    with pytest.raises(PermissionDeniedError):
+        accounts.set_password(ann, "bob", "taken over by ann")
+
+
+def test_user_management_needs_admin_and_every_change_is_logged(accounts):
+    ann = accounts.sign_in("ann", PASSWORD)
+    with pytest.raises(PermissionDeniedError, match="admin"):
+        accounts.add(ann, "eve", ["admin"], PASSWORD)
+    with pytest.raises(PermissionDeniedError):
+        accounts.set_roles(ann, "ann", ["admin"])
+    boss = person("boss", "admin")
+    accounts.set_roles(boss, "ann", ["clinician", "researcher"])
+    assert accounts.refresh(ann) == Identity("ann", frozenset({"clinician", "researcher"}))
+    accounts.set_disabled(boss, "ann")
+    assert accounts.refresh(ann) is None  # a disabled user's session ends
+    with pytest.raises(AccountError, match="own account"):
+        accounts.set_disabled(boss, "boss")
+    with pytest.raises(AccountError, match="already exists"):
+        accounts.add(boss, "ann", ["clinician"], PASSWORD)
+    with pytest.raises(AccountError, match="user name"):
+        accounts.add(boss, "a,b", ["clinician"], PASSWORD)
+    with pytest.raises(AccountError, match="cannot be the user name"):
+        accounts.add(boss, "longusername", ["clinician"], "LongUserName")
+    log = [(e["who"], e["action"], e["subject"]) for e in accounts.log()]
+    assert log[:2] == [("boss", "disabled", "ann"), ("boss", "roles changed", "ann")]
+
+
+def test_account_log_is_append_only(accounts, tmp_path):
+    for statement in ("UPDATE account_log SET who = 'x'", "DELETE FROM account_log"):
+        with sqlite3.connect(tmp_path / "cases.sqlite") as conn, \
+                pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute(statement)
+
+
+def test_roles_allow_their_actions_and_admin_all():
+    assert person("a", "admin").can("manage_models") and person("a", "admin").can("diagnose")
+    clinician, researcher = person("c", "clinician"), person("r", "researcher")
+    assert clinician.can("save_case") and not clinician.can("train")
+    assert researcher.can("upload_model") and not researcher.can("manage_models")
+    assert {a for a in ACTIONS if DEMO.can(a)} == {"diagnose", "teach"}
+    assert {ACTIONS[a] for a in ACTIONS} == set(ROLES)
+    with pytest.raises(ValueError):
+        clinician.can("fly")
+
+
+def test_library_actions_refuse_a_user_without_the_role(store, tiny_model_dir, tmp_path,
+                                                        monkeypatch):
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    educator = person("ed", "educator")
+    image = np.zeros((40, 40, 3), np.uint8)
+    refused = [
+        lambda: store.save_case(image, image_name="x.png", model_name="m", model_hash="h",
+                                probabilities={"benign": 1.0}, predicted_label="benign",
+                                who=educator),
+        lambda: store.export_busi(tmp_path / "out", who=educator),
+        lambda: set_active_model(tiny_model_dir, who=person("r", "researcher")),
+        lambda: delete_model(tiny_model_dir, who=person("c", "clinician")),
+        lambda: import_model({}, who=person("c", "clinician")),
+        lambda: start_training(TrainConfig(data=["x"], out=str(tmp_path / "run")),
+                               who=person("c", "clinician")),
+        lambda: activate_if_passed(compare({}, {}), tiny_model_dir, override_reason="why",
+                                   who=person("r", "researcher")),
+    ]
+    for action in refused:
+        with pytest.raises(PermissionDeniedError, match="needs the"):
+            action()
+    assert store.list_cases() == []
+
+
+def test_a_clinician_exports_only_their_own_cases(store, tmp_path):
+    image = np.zeros((40, 40, 3), np.uint8)
+    for i, owner in enumerate(("ann", "bob", "ann")):
+        image[0, 0] = i
+        case = store.save_case(image, image_name="patient name.png", model_name="m",
+                               model_hash="h", probabilities={"benign": 1.0},
+                               predicted_label="benign", who=person(owner))
+        store.review_case(case.id, label="benign", who=person(owner))
+    mine = store.export_busi(tmp_path / "ann", who=person("ann"))
+    everyone = store.export_busi(tmp_path / "all", who=person("root", "admin"))
+    assert len(list(mine.rglob("case-*.png"))) == 2 and len(list(everyone.rglob("*.png"))) == 3
+    text = (everyone / "cases.csv").read_text()
+    assert "patient name" not in text and "image-" in text  # pseudonyms, not file names
+
+
+def test_file_names_are_kept_only_when_the_admin_says_so(store, monkeypatch):
+    image = np.zeros((40, 40, 3), np.uint8)
+    kwargs = dict(model_name="m", model_hash="h", probabilities={"benign": 1.0},
+                  predicted_label="benign", who=person())
+    hidden = store.save_case(image, image_name="Jane Doe 1970.png", **kwargs)
+    assert "Jane" not in hidden.image_name and hidden.image_name.endswith(".png")
+    monkeypatch.setenv("BUS_KEEP_FILE_NAMES", "1")
+    assert store.save_case(image, image_name="Jane Doe 1970.png",
+                           **kwargs).display_name == "Jane Doe 1970.png"
+
+
+def test_users_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    assert main(["users", "add", "admin", "--role", "admin", "--role", "clinician",
+                 "--password-stdin"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["users", "add", "bob", "--role", "researcher", "--password-stdin"]) == 2
+    assert "at least 10 characters" in capsys.readouterr().err
+    assert main(["users", "add", "admin", "--role", "admin", "--exist-ok"]) == 0
+    assert main(["users", "add", "sso@example.org", "--role", "educator", "--no-password"]) == 0
+    assert main(["users", "set-role", "sso@example.org", "educator", "clinician"]) == 0
+    assert main(["users", "disable", "sso@example.org"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("another password\n"))
+    assert main(["users", "passwd", "admin", "--password-stdin"]) == 0
+    capsys.readouterr()
+    assert main(["users", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "admin,clinician" in listed and "disabled single sign-on" in listed
+    with open_store(default_db_path()) as opened:
+        accounts = Accounts(opened)
+        assert accounts.sign_in("admin", "another password").roles == {"admin", "clinician"}
+        assert [e["action"] for e in accounts.log()][1:] == [
+            "password changed", "disabled", "roles changed", "user added", "user added"]
+    assert main(["users", "set-role", "nobody", "clinician"]) == 2
+    assert "no user called 'nobody'" in capsys.readouterr().err
