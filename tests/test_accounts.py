@@ -223,3 +223,21 @@ def test_users_command(tmp_path, monkeypatch, capsys):
             "password changed", "disabled", "roles changed", "user added", "user added"]
     assert main(["users", "set-role", "nobody", "clinician"]) == 2
     assert "no user called 'nobody'" in capsys.readouterr().err
+
+
+def test_nothing_identifying_of_an_uploaded_dicom_is_stored(store, tmp_path):
+    from bus_core.io import load_image
+    from tests.test_io import write_dicom
+
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64), dtype=np.uint8)
+    path = write_dicom(tmp_path / "Doe_Jane_19700101.dcm", pixels, "MONOCHROME2",
+                       PatientName="Doe^Jane", PatientID="MRN-99812",
+                       PatientBirthDate="19700101", InstitutionName="St Example Hospital")
+    image = load_image(path.read_bytes(), name=path.name)
+    case = store.save_case(image, image_name=path.name, model_name="m", model_hash="h",
+                           probabilities={"benign": 1.0}, predicted_label="benign",
+                           who=person())
+    stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p != path)
+    for secret in (b"Doe", b"Jane", b"MRN-99812", b"19700101", b"St Example"):
+        assert secret not in stored
+    assert case.display_name == f"image-{case.image_hash[:12]}.dcm"
