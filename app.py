@@ -7,7 +7,7 @@ allow and the sidebar; each page lives in pages/ and calls the library.
 import streamlit as st
 
 from bus_core.settings import configure_logging
-from ui.auth import may_open, open_requested_page, require_signed_in, sidebar_account
+from ui.auth import may_open, open_requested_page, require_signed_in, show_who
 from ui.common import mark_entrypoint, render_sidebar
 
 configure_logging()
@@ -36,6 +36,6 @@ navigation = st.navigation({
               for name, title, icon in pages]
     for section, pages in allowed.items() if pages})
 open_requested_page(who)
-sidebar_account(who)
+show_who(who)
 render_sidebar()
 navigation.run()

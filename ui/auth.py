@@ -76,8 +76,6 @@ def require_signed_in() -> Identity:
     single sign-on button, first-admin instructions) and stop the run."""
     mode = auth_mode()
     if mode == "demo":
-        st.info("**Demo mode**: no sign-in, Diagnose and Teaching only, nothing is saved. "
-                "Not for clinical use.", icon=":material/co_present:")
         return DEMO
     try:
         found = _oidc_identity() if mode == "oidc" else _local_identity()
@@ -228,9 +226,12 @@ def sign_out() -> None:
 
 
 
-def sidebar_account(who: Identity) -> None:
-    """Who is signed in, with their roles, and the 'Sign out' button (in the sidebar)."""
+def show_who(who: Identity) -> None:
+    """Who is signed in, with their roles, and the 'Sign out' button (in the sidebar); in demo
+    mode, a banner above the page instead."""
     if who.source == "demo":
+        st.info("**Demo mode**: no sign-in, Diagnose and Teaching only, nothing is saved. "
+                "Not for clinical use.", icon=":material/co_present:")
         return
     with st.sidebar:
         roles = ", ".join(sorted(who.roles)) or "no role"
