@@ -482,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q.add_argument("--password-stdin", action="store_true")
     p.set_defaults(func=cmd_users)
+
+    from bus_core.pacs_cli import add_parser as add_pacs_parser
+
+    add_pacs_parser(sub)
     return parser
 
 
