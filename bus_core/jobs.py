@@ -2,7 +2,8 @@
 
 A job is `python -m bus_core train ...` (or `tune ...`) started in its own session, its output in
 `<out>/train/stdout.log`. One job runs at a time on a machine: the running job is recorded in
-`<data dir>/jobs/current.json` (a second caller gets `JobBusyError` with that job), and the most
+`<data dir>/jobs/current.json` (a second caller gets `JobBusyError` with that job; app servers
+sharing the data folder check and start jobs one at a time, `store.shared_lock`), and the most
 recent job, running or not, in `<data dir>/jobs/last.json` so the app can show how it ended.
 
 A job's state comes from its process and its progress file: a dead process whose progress has no
@@ -21,21 +22,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-try:
-    import fcntl
-except ImportError:  # Windows: starts are not serialised between processes
-    fcntl = None  # type: ignore[assignment]
 
 from bus_core import atomic
 from bus_core.errors import BusError, storage
 from bus_core.progress import RunFiles, read_progress, run_state
 from bus_core.roles import Identity, require
 from bus_core.settings import PROJECT_ROOT, data_dir
+from bus_core.store import shared_lock
 from bus_core.train import BACKGROUND_ENV, TrainConfig, check_config
 from bus_core.tune import DEFAULT_GRID, RESULTS_FILE, combinations, run_name
 
@@ -262,17 +258,6 @@ def last_job() -> Job | None:
     return _read_job(jobs_dir() / LAST_FILE)
 
 
-@contextlib.contextmanager
-def _machine_lock() -> Iterator[None]:
-    """Serialise job starts between the processes of this machine (where flock exists)."""
-    folder = jobs_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as fh:
-        if fcntl is not None:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 def _starting(out: str | Path) -> contextlib.AbstractContextManager[None]:
     """Turns file errors while a job starts into a `StorageError` naming its run folder."""
     return storage(f"start the job (its run folder is {out})")
@@ -280,7 +265,7 @@ def _starting(out: str | Path) -> contextlib.AbstractContextManager[None]:
 
 def _launch(kind: str, config: TrainConfig, argv: list[str], force: bool,
             grid: dict[str, list[Any]] | None = None) -> Job:
-    with _starting(config.out), _machine_lock():
+    with _starting(config.out), shared_lock("jobs"):
         running = current_job()
         if running is not None and not force:
             raise JobBusyError(running)
@@ -382,10 +367,12 @@ def delete_failed_run(folder: str | Path, *, who: Identity) -> None:
     is refused."""
     require(who, "train")
     root = Path(folder)
-    running = current_job()
-    if running is not None and Path(running.out).resolve() == root.resolve():
-        raise BusError("This run is still going: cancel it before deleting its folder.")
-    if not is_failed_run(root):
-        raise BusError(f"{root} holds a model or a run that can be resumed: it is not deleted.")
-    with storage(f"delete the failed run {root}"):
-        shutil.rmtree(root)
+    with shared_lock("jobs"):
+        running = current_job()
+        if running is not None and Path(running.out).resolve() == root.resolve():
+            raise BusError("This run is still going: cancel it before deleting its folder.")
+        if not is_failed_run(root):
+            raise BusError(f"{root} holds a model or a run that can be resumed: it is not "
+                           "deleted.")
+        with storage(f"delete the failed run {root}"):
+            shutil.rmtree(root)

@@ -7,7 +7,8 @@ named in `weights/DEFAULT` (or the only bundled model).
 
 User models can be renamed, deleted, exported as a zip and imported from uploaded files; bundled
 ones are read-only. Imports accept only safetensors weights with a JSON card (never pickles) and
-keep a model only once it loads.
+keep a model only once it loads. The active model and the user's models change one at a time
+among the app servers sharing the data folder (`store.shared_lock`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from bus_core.errors import ModelError, storage
 from bus_core.models import CARD_FILE, WEIGHTS_FILE, ModelCard, load_model, read_card
 from bus_core.roles import Identity, require
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, data_dir, user_models_dir
+from bus_core.store import shared_lock
 
 ACTIVE_FILE = "active_model.json"
+MODELS_LOCK = "models"
+"""The `shared_lock` held while the active model or the user's model folders change."""
 PICKLE_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar",
                                     ".joblib")
 MAX_IMPORT_BYTES = 2 << 30  # a zip that unpacks to more than this is refused
@@ -119,6 +123,11 @@ def set_active_model(path: str | Path, *, who: Identity) -> None:
     if read_card(folder).task != "classification":  # also refuses folders that are not models
         raise ModelError("Only a classification model can be the active model; a segmentation "
                          "model suggests outlines and is chosen with BUS_SEGMENTER.")
+    with shared_lock(MODELS_LOCK):
+        _write_active(folder)
+
+
+def _write_active(folder: Path) -> None:
     target = data_dir()
     with storage(f"save the choice of the active model in {target}"):
         target.mkdir(parents=True, exist_ok=True)
@@ -169,19 +178,20 @@ def rename_model(path: str | Path, new_name: str, *, who: Identity,
     """Rename one of the user's models (role admin): its folder and the name in its card. The
     active model stays active under its new name. Returns the new folder."""
     require(who, "manage_models")
-    folder = _user_model(path, user_dir)
     name = check_model_name(new_name)
-    target = folder.parent / name
-    if target.exists() and target.resolve() != folder.resolve():
-        raise ModelError(f"A model named {name} already exists: choose another name.")
-    was_active = _is_active(folder)
-    card = json.loads((folder / CARD_FILE).read_text())
-    card["name"] = name
-    with storage(f"rename the model {folder.name}"):
-        atomic.write_text(folder / CARD_FILE, json.dumps(card, indent=2))
-        folder.rename(target)
-    if was_active:
-        set_active_model(target, who=who)
+    with shared_lock(MODELS_LOCK):
+        folder = _user_model(path, user_dir)
+        target = folder.parent / name
+        if target.exists() and target.resolve() != folder.resolve():
+            raise ModelError(f"A model named {name} already exists: choose another name.")
+        was_active = _is_active(folder)
+        card = json.loads((folder / CARD_FILE).read_text())
+        card["name"] = name
+        with storage(f"rename the model {folder.name}"):
+            atomic.write_text(folder / CARD_FILE, json.dumps(card, indent=2))
+            folder.rename(target)
+        if was_active:
+            _write_active(target.resolve())
     return target
 
 
@@ -189,11 +199,12 @@ def delete_model(path: str | Path, *, who: Identity, user_dir: Path | None = Non
     """Delete one of the user's models (never a bundled one; role admin). If it was the active
     model, the app goes back to the default one."""
     require(who, "manage_models")
-    folder = _user_model(path, user_dir)
-    with storage(f"delete the model {folder.name}"):
-        if _is_active(folder):
-            (data_dir() / ACTIVE_FILE).unlink(missing_ok=True)
-        shutil.rmtree(folder)
+    with shared_lock(MODELS_LOCK):
+        folder = _user_model(path, user_dir)
+        with storage(f"delete the model {folder.name}"):
+            if _is_active(folder):
+                (data_dir() / ACTIVE_FILE).unlink(missing_ok=True)
+            shutil.rmtree(folder)
 
 
 def export_model_zip(path: str | Path) -> bytes:
@@ -285,12 +296,13 @@ def import_model(files: Mapping[str, bytes], *, who: Identity,
                 name = check_model_name(card.name)
             except ModelError:
                 name = "uploaded-model"
-            target = _free_folder(root, name)
-            if card.name != target.name:  # the card names its folder, as for trained models
-                raw = json.loads(card_bytes)
-                raw["name"] = target.name
-                atomic.write_text(staging / CARD_FILE, json.dumps(raw, indent=2))
-            staging.rename(target)
+            with shared_lock(MODELS_LOCK):
+                target = _free_folder(root, name)
+                if card.name != target.name:  # the card names its folder, like trained models
+                    raw = json.loads(card_bytes)
+                    raw["name"] = target.name
+                    atomic.write_text(staging / CARD_FILE, json.dumps(raw, indent=2))
+                staging.rename(target)
             return target
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -18,6 +18,15 @@ def data_dir() -> Path:
     return Path(os.environ.get("BUS_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
 
 
+DATABASE_URL_ENV = "BUS_DATABASE_URL"
+
+
+def database_url() -> str | None:
+    """The shared database the app uses instead of `<data dir>/cases.sqlite`: $BUS_DATABASE_URL
+    (a SQLAlchemy URL such as postgresql+psycopg://user@host/db), or None when unset."""
+    return os.environ.get(DATABASE_URL_ENV, "").strip() or None
+
+
 def keep_file_names() -> bool:
     """Whether the case store keeps uploaded files' own names (BUS_KEEP_FILE_NAMES=1, an
     administrator's choice) instead of pseudonyms; off by default, as names can identify a

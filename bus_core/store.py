@@ -6,17 +6,23 @@ exported as a BUSI-layout folder.
 
 Storage:
 - The database is SQLite by default (`<data dir>/cases.sqlite`, the data dir being $BUS_DATA_DIR
-  or ~/.bus_classifier); any SQLAlchemy URL can be given instead.
+  or ~/.bus_classifier), or PostgreSQL ($BUS_DATABASE_URL, shared by several app servers); any
+  SQLAlchemy URL can be given instead.
 - Images and masks are PNG files stored once per content, under
   `<images dir>/<hash[:2]>/<hash>.png`, where the hash is the sha256 of the pixel array (dtype,
-  shape and bytes). Files are written atomically and before the database row that names them,
+  shape and bytes); the database holds only hashes, so servers sharing a database share the
+  images folder too. Files are written atomically and before the database row that names them,
   so a crash can leave an unused file but never a case without its image.
-- Every change (a case and its audit entries) is one transaction. With SQLite the database runs
-  in WAL mode with a 30 s busy timeout and foreign keys on; writers take the write lock at the
-  start of their transaction, so several threads and processes can save cases at once.
-- The audit log has no update or delete API; on SQLite, triggers also refuse UPDATE and DELETE.
+- Every change (a case and its audit entries) is one transaction. Writers take the write lock at
+  the start of their transaction (SQLite: BEGIN IMMEDIATE, in WAL mode with a 30 s busy timeout
+  and foreign keys on; PostgreSQL: an advisory transaction lock), so several threads and
+  processes can save cases at once.
+- The audit logs have no update or delete API; triggers also refuse UPDATE and DELETE.
 - The schema is versioned (`schema_version` table) and upgraded on opening by the steps in
-  `MIGRATIONS`, each in its own transaction.
+  `MIGRATIONS`, each in its own write transaction (so two processes opening a new database at
+  once do not both upgrade it).
+- `shared_lock` serialises other work (starting a job, changing the model registry) between the
+  processes sharing the data folder and the database.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,6 +60,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
     insert,
     inspect,
     select,
@@ -65,10 +72,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bus_core import atomic
 from bus_core.constants import CLASSES
-from bus_core.errors import BusError, InvalidImageError, MaskError
+from bus_core.errors import BusError, InvalidImageError, MaskError, storage
 from bus_core.io import image_to_png_bytes
 from bus_core.roles import Identity, require
-from bus_core.settings import data_dir, keep_file_names
+from bus_core.settings import data_dir, database_url, keep_file_names
+
+try:
+    import fcntl
+except ImportError:  # Windows: shared_lock relies on the database alone
+    fcntl = None  # type: ignore[assignment]
 
 DB_FILE = "cases.sqlite"
 IMAGES_DIR = "images"
@@ -309,12 +321,22 @@ def _upgrade_v4_to_v5(conn: Connection) -> None:
 
 
 def _append_only(conn: Connection, table: str) -> None:
-    """On SQLite, triggers that refuse UPDATE and DELETE on `table`."""
+    """Triggers that refuse UPDATE and DELETE (and, on PostgreSQL, TRUNCATE) on `table`."""
+    message = f"the {table.replace('_', ' ')} is append-only"
     if conn.dialect.name == "sqlite":
         for verb in ("UPDATE", "DELETE"):
             conn.execute(text(
                 f"CREATE TRIGGER {table}_no_{verb.lower()} BEFORE {verb} ON {table} "
-                f"BEGIN SELECT RAISE(ABORT, 'the {table.replace('_', ' ')} is append-only'); END"))
+                f"BEGIN SELECT RAISE(ABORT, '{message}'); END"))
+    elif conn.dialect.name == "postgresql":
+        conn.execute(text(
+            f"CREATE FUNCTION {table}_refuse_change() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN RAISE EXCEPTION '{message}'; END $$"))
+        for verb, level in (("UPDATE OR DELETE", "ROW"), ("TRUNCATE", "STATEMENT")):
+            name = "no_truncate" if verb == "TRUNCATE" else "no_change"
+            conn.execute(text(
+                f"CREATE TRIGGER {table}_{name} BEFORE {verb} ON {table} "
+                f"FOR EACH {level} EXECUTE FUNCTION {table}_refuse_change()"))
 
 
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_create_v1, _upgrade_v1_to_v2,
@@ -328,8 +350,14 @@ CURRENT_SCHEMA_VERSION = len(MIGRATIONS)
 # --- opening ---------------------------------------------------------------------------------
 
 def default_db_path() -> Path:
-    """Where the case database lives by default: `<data dir>/cases.sqlite`."""
+    """Where the case database lives without $BUS_DATABASE_URL: `<data dir>/cases.sqlite`."""
     return data_dir() / DB_FILE
+
+
+def default_database() -> str:
+    """The database the app and the command line use: $BUS_DATABASE_URL, else
+    `default_db_path()`."""
+    return database_url() or str(default_db_path())
 
 
 def open_store(url_or_path: str | Path | None = None, *,
@@ -337,8 +365,9 @@ def open_store(url_or_path: str | Path | None = None, *,
     """Open (creating and upgrading as needed) the case store.
 
     `url_or_path` is a SQLite file path, a SQLAlchemy URL ("sqlite:///cases.db",
-    "postgresql://..."), or None for `default_db_path()`. Images go to `images_dir`, by default
-    an `images` folder beside a SQLite file, else `<data dir>/images`. Raises `StoreError`.
+    "postgresql+psycopg://user@host/db"), or None for `default_database()`. Images go to
+    `images_dir`, by default an `images` folder beside a SQLite file, else `<data dir>/images`.
+    Raises `StoreError`.
     """
     url = _resolve_url(url_or_path)
     database = url.database if url.get_backend_name() == "sqlite" else None
@@ -357,6 +386,8 @@ def open_store(url_or_path: str | Path | None = None, *,
                          f"{url.render_as_string(hide_password=True)}: {exc}.") from exc
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)
+    elif engine.dialect.name == "postgresql":
+        _configure_postgresql(engine)
     store = CaseStore(engine, images)
     try:
         store.migrate()
@@ -368,8 +399,8 @@ def open_store(url_or_path: str | Path | None = None, *,
 
 def _resolve_url(url_or_path: str | Path | None) -> URL:
     if url_or_path is None:
-        path = default_db_path()
-    elif isinstance(url_or_path, str) and "://" in url_or_path:
+        url_or_path = default_database()
+    if isinstance(url_or_path, str) and "://" in url_or_path:
         try:
             return make_url(url_or_path)
         except SQLAlchemyError as exc:
@@ -425,6 +456,45 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
+def _configure_postgresql(engine: Engine) -> None:
+    """Writers take the advisory lock WRITE_LOCK at the start of their transaction."""
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("bus_write", False):
+            _advisory_lock(conn, WRITE_LOCK)
+
+
+WRITE_LOCK = "writes"
+"""The name of the database lock every write transaction takes on PostgreSQL."""
+
+
+def _advisory_lock(conn: Connection, name: str) -> None:
+    """Wait for the PostgreSQL advisory lock `name`, held until the transaction ends."""
+    key = int.from_bytes(hashlib.sha256(f"bus_core:{name}".encode()).digest()[:8], "big",
+                         signed=True)
+    conn.execute(select(func.pg_advisory_xact_lock(key)))
+
+
+@contextmanager
+def shared_lock(name: str) -> Iterator[None]:
+    """Hold the lock `name` while the block runs: one process at a time among those sharing the
+    data folder (a lock file `<data dir>/.<name>.lock`) and, with $BUS_DATABASE_URL, among those
+    sharing that database (`CaseStore.locked`). Raises `StorageError` or `StoreError`."""
+    folder = data_dir()
+    with ExitStack() as stack:
+        with storage(f"use the data folder {folder}"):
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = stack.enter_context(open(folder / f".{name}.lock", "a"))
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        url = database_url()
+        if url is not None:
+            store = stack.enter_context(open_store(url))
+            stack.enter_context(store.locked(name))
+        yield
+
+
 # --- the store -------------------------------------------------------------------------------
 
 class CaseStore:
@@ -445,6 +515,15 @@ class CaseStore:
     def close(self) -> None:
         """Close the database connections."""
         self.engine.dispose()
+
+    @contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """Hold the database lock `name` while the block runs; other processes asking for it
+        wait (PostgreSQL: an advisory lock; SQLite: the write lock, as the file has no other)."""
+        with self.transaction(write=self.engine.dialect.name == "sqlite") as conn:
+            if conn.dialect.name == "postgresql":
+                _advisory_lock(conn, name)
+            yield
 
     # -- schema --
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +158,84 @@ def data_roots_with_tmp(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv(DATA_ROOTS_ENV, raising=False)
     roots = [*data_roots(), tmp_path_factory.getbasetemp()]
     monkeypatch.setenv(DATA_ROOTS_ENV, os.pathsep.join(map(str, roots)))
+
+
+def _postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's initdb and pg_ctl (on PATH or Debian's), or None."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return debian[-1].parent if debian else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throw-away PostgreSQL cluster on a free local port for the test session (its
+    superuser 'bus', no password); yields its URL without a database name. Skips without
+    PostgreSQL. initdb refuses root, so as root the cluster runs as the user 'postgres' (or
+    'nobody')."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb; apt-get install postgresql)")
+    as_user: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="bus-pg-"))
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            owner = pwd.getpwnam("nobody")
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", owner.pw_name, "--"]
+    port = free_port()
+    data = folder / "data"
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "bus", "-A",
+                    "trust", "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+    pg_ctl = [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-w"]
+    subprocess.run([*pg_ctl, "-l", str(folder / "log"), "-o",
+                    f"-p {port} -h 127.0.0.1 -k {folder} -F", "start"], check=True,
+                   capture_output=True)
+    try:
+        yield f"postgresql+psycopg://bus@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_databases = itertools.count()
+
+
+def new_postgres_database(server: str) -> str:
+    """The URL of a new, empty database on the test cluster `server`."""
+    import psycopg
+
+    name = f"test_{os.getpid()}_{next(_databases)}"
+    with psycopg.connect(server.replace("postgresql+psycopg", "postgresql") + "/postgres",
+                         autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"{server}/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path,
+              monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new, empty case database on each backend: a SQLite file, or a database on the test
+    PostgreSQL cluster. The data folder (where a PostgreSQL store keeps its images) is
+    tmp_path; BUS_DATABASE_URL is left unset."""
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("BUS_DATABASE_URL", raising=False)
+    if request.param == "sqlite":
+        return str(tmp_path / "cases.sqlite")
+    return new_postgres_database(request.getfixturevalue("postgres_server"))
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+from sqlalchemy.exc import DatabaseError
 
 from bus_core.accounts import (
     LOCK_AFTER,
@@ -34,6 +35,13 @@ NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
 @pytest.fixture
 def store(tmp_path) -> CaseStore:
     with open_store(tmp_path / "cases.sqlite") as opened:
+        yield opened
+
+
+@pytest.fixture
+def both_stores(store_url) -> CaseStore:
+    """A store on SQLite and on PostgreSQL (tests/conftest.py store_url)."""
+    with open_store(store_url) as opened:
         yield opened
 
 
@@ -130,11 +138,11 @@ def test_user_management_needs_admin_and_every_change_is_logged(accounts):
     assert log[:2] == [("boss", "disabled", "ann"), ("boss", "roles changed", "ann")]
 
 
-def test_account_log_is_append_only(accounts, tmp_path):
+def test_account_log_is_append_only(both_stores):
+    Accounts(both_stores).add(operator(), "ann", ["clinician"], PASSWORD)
     for statement in ("UPDATE account_log SET who = 'x'", "DELETE FROM account_log"):
-        with sqlite3.connect(tmp_path / "cases.sqlite") as conn, \
-                pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            conn.execute(statement)
+        with pytest.raises(DatabaseError, match="append-only"), both_stores.engine.begin() as conn:
+            conn.exec_driver_sql(statement)
 
 
 def test_roles_allow_their_actions_and_admin_all():

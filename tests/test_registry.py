@@ -154,7 +154,7 @@ def test_unwritable_data_folder_is_a_clear_error(tmp_path, monkeypatch, tiny_mod
     blocker = tmp_path / "a-file"
     blocker.write_text("a file where the data folder should be")
     monkeypatch.setenv("BUS_DATA_DIR", str(blocker))
-    with pytest.raises(StorageError, match="Could not save the choice of the active model"):
+    with pytest.raises(StorageError, match="Could not use the data folder"):
         set_active_model(tiny_model_dir, who=ADMIN)
     with pytest.raises(StorageError, match="Could not keep the uploaded model"):
         import_model(files_of(tiny_model_dir), who=ADMIN)

@@ -1,4 +1,6 @@
-"""Tests for bus_core.store: cases, reviews, audit log, files, export, concurrency, migrations."""
+"""Tests for bus_core.store: cases, reviews, audit log, files, export, concurrency, migrations.
+
+Tests taking `store` or `store_url` run on SQLite and on PostgreSQL (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from bus_core.store import (
     StoreError,
     open_store,
 )
-from tests.conftest import ADMIN, person  # noqa: E402
+from tests.conftest import ADMIN, new_postgres_database, person  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROBS = {"normal": 0.1, "benign": 0.7, "malignant": 0.2}
@@ -69,25 +71,26 @@ def png_files(store: CaseStore) -> list[Path]:
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    with open_store(tmp_path / "cases.sqlite") as s:
+def store(store_url: str):
+    with open_store(store_url) as s:
         yield s
 
 
-def run_workers(db: Path, seeds: list[int], count: int) -> list[subprocess.Popen]:
+def run_workers(db: str, seeds: list[int], count: int) -> list[subprocess.Popen]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return [subprocess.Popen([sys.executable, "-c", WORKER, str(db), str(seed), str(count)],
                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for seed in seeds]
 
 
-def assert_consistent(db: Path) -> int:
+def assert_consistent(db: str) -> int:
     """Integrity ok, every case has its files and exactly one 'created' entry; returns the
     number of cases."""
     with open_store(db) as s:
         with s.engine.connect() as conn:
-            assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
-            assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+            if conn.dialect.name == "sqlite":  # PostgreSQL checks foreign keys on every write
+                assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+                assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
             created = dict(conn.exec_driver_sql(
                 "SELECT case_id, COUNT(*) FROM audit_log WHERE action = 'created' "
                 "GROUP BY case_id").all())
@@ -244,15 +247,18 @@ def test_invalid_input_is_refused_with_a_message(store: CaseStore) -> None:
 def test_audit_log_cannot_be_changed(store: CaseStore) -> None:
     case = save(store)
     store.review_case(case.id, label="normal", who=person("Dr A"))
-    for statement in ("UPDATE audit_log SET who = 'someone else'", "DELETE FROM audit_log"):
+    statements = ["UPDATE audit_log SET who = 'someone else'", "DELETE FROM audit_log"]
+    if store.engine.dialect.name == "postgresql":
+        statements.append("TRUNCATE audit_log")
+    for statement in statements:
         with pytest.raises(DatabaseError, match="append-only"):
             with store.engine.begin() as conn:
                 conn.exec_driver_sql(statement)
     assert [e.who for e in store.history(case.id)][1:] == ["Dr A"] * 3
 
 
-def test_sqlite_connections_use_wal_timeout_and_foreign_keys(store: CaseStore) -> None:
-    with store.engine.connect() as conn:
+def test_sqlite_connections_use_wal_timeout_and_foreign_keys(tmp_path: Path) -> None:
+    with open_store(tmp_path / "cases.sqlite") as store, store.engine.connect() as conn:
         pragmas = {name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
                    for name in ("journal_mode", "busy_timeout", "foreign_keys")}
         assert pragmas == {"journal_mode": "wal", "busy_timeout": 30000, "foreign_keys": 1}
@@ -333,8 +339,9 @@ def test_two_threads_save_at_once(store: CaseStore) -> None:
     assert len({c.id for c in store.list_cases()}) == 40
 
 
-def test_two_processes_save_at_once(tmp_path: Path) -> None:
-    db = tmp_path / "shared.sqlite"
+def test_two_processes_save_at_once(store_url: str) -> None:
+    """Two processes open a new database at once (both migrate it) and save cases."""
+    db = store_url
     workers = run_workers(db, [1, 2], 20)
     for worker in workers:
         _, stderr = worker.communicate(timeout=60)
@@ -344,9 +351,9 @@ def test_two_processes_save_at_once(tmp_path: Path) -> None:
         assert len(s.list_cases(owner="worker 1")) == 20
 
 
-def test_killed_writer_leaves_database_consistent(tmp_path: Path) -> None:
+def test_killed_writer_leaves_database_consistent(store_url: str) -> None:
     """Writers killed at different moments of a save; each next one carries on."""
-    db = tmp_path / "killed.sqlite"
+    db = store_url
     total = 0
     for seed, delay in enumerate((0.0, 0.003, 0.011)):
         (worker,) = run_workers(db, [seed], -1)
@@ -365,6 +372,32 @@ def test_killed_writer_leaves_database_consistent(tmp_path: Path) -> None:
         assert assert_consistent(db) >= total
 
 
+LOCKER = """
+import sys
+from bus_core.store import open_store
+
+with open_store(sys.argv[1]) as store, store.locked("test"):
+    print("locked", flush=True)
+"""
+
+
+def test_database_lock_makes_other_processes_wait(store: CaseStore, store_url: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with store.locked("test"):
+        other = subprocess.Popen([sys.executable, "-c", LOCKER, store_url], cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            other.communicate(timeout=3)
+    assert other.communicate(timeout=30)[0] == "locked\n"
+
+
+def test_postgresql_writers_take_the_write_lock(postgres_server: str, tmp_path: Path) -> None:
+    with open_store(new_postgres_database(postgres_server), images_dir=tmp_path) as store, \
+            store.transaction(write=True) as conn:
+        assert conn.exec_driver_sql(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted").scalar() == 1
+
+
 # --- locations and errors --------------------------------------------------------------------
 
 def test_default_location_follows_bus_data_dir(tmp_path: Path,
@@ -376,6 +409,18 @@ def test_default_location_follows_bus_data_dir(tmp_path: Path,
     assert (tmp_path / "userdata" / "cases.sqlite").is_file()
     with open_store(tmp_path / "userdata") as s:
         assert len(s.list_cases()) == 1
+
+
+def test_bus_database_url_is_the_default_database(store_url: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    url = store_url if "://" in store_url else f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("BUS_DATABASE_URL", url)
+    with open_store() as s:
+        case = save(s)
+        assert s.engine.url.render_as_string(hide_password=False) == url
+    with open_store(url) as s:
+        assert s.get_case(case.id).image_hash == case.image_hash
+    assert not (tmp_path / "cases.sqlite").exists()
 
 
 def test_sqlalchemy_url_with_images_dir(tmp_path: Path) -> None:
@@ -432,17 +477,46 @@ CREATE TABLE cases (
     combine_mode VARCHAR(32), model_name TEXT NOT NULL, model_hash VARCHAR(64) NOT NULL,
     probabilities TEXT NOT NULL, predicted_label VARCHAR(32) NOT NULL,
     confirmed_label VARCHAR(32));
-INSERT INTO cases VALUES (1, '2024-01-02T10:00:00.000000+00:00', 'aa', 'one.png', '[]', NULL,
-    'old-model', 'h1', '{"benign": 0.9, "normal": 0.1}', 'benign', NULL);
-INSERT INTO cases VALUES (2, '2024-01-03T10:00:00.000000+00:00', 'bb', 'two.png', '["cc"]',
-    'union', 'old-model', 'h1', '{"malignant": 0.6, "benign": 0.4}', 'malignant', 'benign');
 """
+V1_CASES = [
+    dict(created_at="2024-01-02T10:00:00.000000+00:00", image_hash="aa", image_name="one.png",
+         mask_hashes="[]", combine_mode=None, model_name="old-model", model_hash="h1",
+         probabilities='{"benign": 0.9, "normal": 0.1}', predicted_label="benign",
+         confirmed_label=None),
+    dict(created_at="2024-01-03T10:00:00.000000+00:00", image_hash="bb", image_name="two.png",
+         mask_hashes='["cc"]', combine_mode="union", model_name="old-model", model_hash="h1",
+         probabilities='{"malignant": 0.6, "benign": 0.4}', predicted_label="malignant",
+         confirmed_label="benign"),
+]
 
 
 def table_names(db: Path) -> set[str]:
     with sqlite3.connect(db) as conn:
         return {name for (name,) in conn.execute(
             "SELECT name FROM sqlite_master WHERE type IN ('table', 'trigger')")}
+
+
+def make_v1_database(db: str) -> None:
+    """A schema-1 database with the two V1_CASES (ids 1 and 2): V1_SCHEMA on SQLite, the
+    first migration step on PostgreSQL."""
+    from sqlalchemy import create_engine, insert, text
+
+    from bus_core.store import MIGRATIONS, schema_version
+
+    if "://" not in db:
+        with sqlite3.connect(db) as conn:
+            conn.executescript(V1_SCHEMA)
+        db = f"sqlite:///{db}"
+    engine = create_engine(db)
+    with engine.begin() as conn:
+        if conn.dialect.name != "sqlite":
+            MIGRATIONS[0](conn)
+            schema_version.create(conn)
+            conn.execute(insert(schema_version).values(version=1))
+        columns = list(V1_CASES[0])
+        conn.execute(text(f"INSERT INTO cases ({', '.join(columns)}) VALUES "
+                          f"({', '.join(':' + c for c in columns)})"), V1_CASES)
+    engine.dispose()
 
 
 def test_empty_database_is_migrated_to_current(tmp_path: Path) -> None:
@@ -458,11 +532,11 @@ def test_empty_database_is_migrated_to_current(tmp_path: Path) -> None:
         assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone() == (1,)
 
 
-def test_version_1_database_is_upgraded_keeping_rows(tmp_path: Path) -> None:
-    db = tmp_path / "v1.sqlite"
-    with sqlite3.connect(db) as conn:
-        conn.executescript(V1_SCHEMA)
-    assert "audit_log" not in table_names(db)
+def test_version_1_database_is_upgraded_keeping_rows(store_url: str) -> None:
+    db = store_url
+    make_v1_database(db)
+    if "://" not in db:
+        assert "audit_log" not in table_names(Path(db))
 
     with open_store(db) as s:
         assert s.schema_version() == 5
@@ -499,14 +573,11 @@ def test_mask_source_is_stored_and_checked(store: CaseStore, tmp_path: Path) -> 
     assert rows[0]["mask_source"] == "suggested, edited"
 
 
-def test_newer_database_is_refused(tmp_path: Path) -> None:
-    db = tmp_path / "future.sqlite"
-    with open_store(db):
-        pass
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE schema_version SET version = 99")
+def test_newer_database_is_refused(store_url: str) -> None:
+    with open_store(store_url) as s, s.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE schema_version SET version = 99")
     with pytest.raises(StoreError, match="newer version"):
-        open_store(db)
+        open_store(store_url)
 
 
 def test_exported_csv_cells_are_not_formulas(store: CaseStore, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import streamlit as st
 from bus_core.errors import BusError
 from bus_core.predict import Prediction, Predictor
 from bus_core.roles import Identity
-from bus_core.store import Case, CaseStore, StoreError, default_db_path, open_store
+from bus_core.store import Case, CaseStore, StoreError, default_database, open_store
 from ui.common import identity, show_error
 
 EXPORT_FOLDER = "bus-cases"
@@ -24,15 +24,16 @@ EXPORT_FOLDER = "bus-cases"
 
 
 @st.cache_resource(show_spinner=False)
-def _open_store(path: str) -> CaseStore:
-    return open_store(path)
+def _open_store(database: str) -> CaseStore:
+    return open_store(database)
 
 
 def case_store() -> CaseStore | None:
-    """The case store at its default location, opened once per process; None after showing
-    why it cannot be used (e.g. the data folder is not writable)."""
+    """The case store at its default location ($BUS_DATABASE_URL, else the data folder's),
+    opened once per process; None after showing why it cannot be used (e.g. the data folder is
+    not writable)."""
     try:
-        return _open_store(str(default_db_path()))
+        return _open_store(default_database())
     except StoreError as exc:
         show_error(exc, "The case database cannot be used")
         return None
