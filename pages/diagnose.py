@@ -14,11 +14,12 @@ from ui.auth import require_page
 from ui.cases import save_case_button
 from ui.common import active_predictor, active_segmenter, md_escape, show_error
 from ui.masking import MaskChoice, canvas_shown, mask_panel, outlined, show_crop_preview
+from ui.pacs import open_from_pacs, send_to_pacs_button
 from ui.results import Explanation, explanation_section, predict_cached, show_prediction
 from ui.state import digest, memo
 from ui.uploads import IMAGE_TYPES, Upload, read_case_files, read_uploads, unique
 
-require_page("diagnose")
+who = require_page("diagnose")
 
 
 def prediction_key(predictor: Predictor, upload: Upload, choice: MaskChoice) -> tuple[str, str]:
@@ -110,6 +111,7 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
                          {"target": shown.target, "method": shown.method,
                           "opacity": shown.opacity}, mask_source=choice.origin,
                          key=f"{upload.key}_{choice.key}_{predictor.card.weights_sha256[:8]}")
+        send_to_pacs_button(who, upload.key, predictor, prediction, data)
     return prediction
 
 
@@ -160,7 +162,7 @@ files = st.file_uploader("Ultrasound images", type=None, accept_multiple_files=T
                          help=f"{', '.join(t.upper() for t in IMAGE_TYPES)} (DICOM files "
                               "without an extension too: the content tells); several files at "
                               "once are fine.")
-uploads, copies = unique(read_uploads(files or []))
+uploads, copies = unique(read_uploads(files or []) + open_from_pacs(who))
 for upload in uploads:
     if upload.error is not None:
         show_error(upload.error)

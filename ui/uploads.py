@@ -33,16 +33,19 @@ class Upload:
     error: BusError | None = None
 
 
-def _decode_bytes(name: str, data: bytes) -> Upload:
+def decode_bytes(name: str, data: bytes, frame: int = 0) -> Upload:
+    """A file's bytes decoded as an upload is (frame `frame` of a multi-frame file); the key
+    names the frame too."""
+    key = digest(data) if frame == 0 else f"{digest(data)}-{frame}"
     try:
-        return Upload(name, digest(data), image=load_image(data, name=name,
-                                                         max_side=WORKING_MAX_SIDE))
+        return Upload(name, key, image=load_image(data, name=name, frame=frame,
+                                                  max_side=WORKING_MAX_SIDE))
     except BusError as exc:
-        return Upload(name, digest(data), error=exc)
+        return Upload(name, key, error=exc)
 
 
 def _decode(file: UploadedFile) -> Upload:
-    return _decode_bytes(file.name, file.getvalue())
+    return decode_bytes(file.name, file.getvalue())
 
 
 def read_uploads(files: Sequence[UploadedFile]) -> list[Upload]:
@@ -68,7 +71,7 @@ def read_case_files(path: str, mask_paths: Sequence[str]) -> tuple[Upload, list[
         data = Path(path).read_bytes()
     except OSError as exc:
         return Upload(name, digest(path.encode()), error=BusError(f"Cannot open {path}: {exc}")), []
-    upload = memo("case_file", path, lambda: _decode_bytes(name, data), max_entries=8)
+    upload = memo("case_file", path, lambda: decode_bytes(name, data), max_entries=8)
     masks: list[np.ndarray] = []
     if upload.image is not None:
         for mask_path in mask_paths:
