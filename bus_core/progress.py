@@ -116,17 +116,21 @@ def _clean(value: Any) -> Any:
 
 
 class ProgressLog:
-    """Appends events to a JSON-lines file (created with its folder)."""
+    """Appends events to a JSON-lines file (created with its folder); one not `enabled` (the
+    other ranks of a distributed run) writes nothing."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, enabled: bool = True) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
-        """Append one event and return it."""
+        """Append one event (when enabled) and return it."""
         record = {"event": event, "time": round(time.time(), 3), **_clean(fields)}
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, allow_nan=False) + "\n")
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, allow_nan=False) + "\n")
         return record
 
 

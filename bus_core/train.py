@@ -14,6 +14,10 @@ A run writes into its output folder:
 A run killed at any point resumes with `--resume` from its last checkpoint (written at every
 epoch end and every `--checkpoint-every` seconds, atomically). Creating `<out>/train/CANCEL`
 stops a run cleanly after the current step.
+
+Under torchrun (`torchrun --nproc_per_node N -m bus_core train ...`, or `--nproc-per-node N`,
+which starts torchrun itself) the run is data-parallel (DistributedDataParallel): see
+`bus_core.distributed`. `--batch-size` is per process; rank 0 alone writes the files above.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,9 +39,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from bus_core import atomic
+from bus_core import atomic, distributed
 from bus_core.constants import CLASSES
 from bus_core.dataset import Record, load_many
 from bus_core.device import (
@@ -48,7 +54,8 @@ from bus_core.device import (
     prepare_model,
     to_device,
 )
-from bus_core.errors import DataError, storage
+from bus_core.distributed import Ranks
+from bus_core.errors import BusError, DataError, storage
 from bus_core.evaluate import collect_logits
 from bus_core.inputs import INPUT_MODES, InputSpec
 from bus_core.loader import BALANCE_MODES, RecordDataset, class_weights, collate, epoch_plan
@@ -61,8 +68,16 @@ from bus_core.metrics import (
     nll,
     softmax,
 )
-from bus_core.models import ARCHS, ModelCard, build_model, file_sha256, new_card, save_model
-from bus_core.progress import EtaClock, ProgressLog, RunFiles
+from bus_core.models import (
+    ARCHS,
+    ModelCard,
+    build_model,
+    file_sha256,
+    new_card,
+    read_card,
+    save_model,
+)
+from bus_core.progress import EtaClock, ProgressLog, RunFiles, read_progress, run_state
 from bus_core.splits import Split, find_groups, load_split, make_split, save_split, split_records
 from bus_core.transforms import InputSize, input_size_for
 
@@ -105,6 +120,7 @@ class TrainConfig:
     checkpoint_every: float = 120.0
     save_dtype: str = "float16"
     name: str | None = None
+    nproc_per_node: int = 1
 
     @property
     def size(self) -> InputSize:
@@ -174,6 +190,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="seconds between mid-epoch checkpoints")
     p.add_argument("--save-dtype", default="float16", choices=("float16", "float32"))
     p.add_argument("--name", help="model name in its card (default: the folder name)")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="train as N processes of this machine, one per GPU (starts torchrun; "
+                        "ignored when already started by torchrun)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with every setting "
                         "it was started with")
@@ -197,7 +216,27 @@ def main(args: argparse.Namespace) -> TrainResult:
         # A run started by hand drops a stale cancel request; a background job's was dropped
         # before it was launched, and one made while it loads must stop it.
         clear_cancel(config.files)
+    if config.nproc_per_node > 1 and not distributed.launched():
+        return _train_under_torchrun(config, resume)
     return train(config, resume=resume, progress_bar=True)
+
+
+def _train_under_torchrun(config: TrainConfig, resume: bool) -> TrainResult:
+    """Run the training as `config.nproc_per_node` processes of this machine (torchrun): this
+    process prepares the run folder, and the processes continue the run it holds."""
+    prepare_run_folder(config, resume)
+    command = distributed.torchrun_command(
+        config.nproc_per_node, ["bus_core", "train", "--resume", "--out", config.out])
+    started = time.time()
+    code = subprocess.run(command, env=dict(os.environ, **{BACKGROUND_ENV: "1"})).returncode
+    state = run_state([e for e in read_progress(config.files.progress)
+                       if e.get("time", 0) >= started])
+    if state == "done":
+        return TrainResult(Path(config.out), read_card(config.out), "done")
+    if state == "cancelled":
+        return TrainResult(Path(config.out), None, "cancelled")
+    raise BusError(f"The training processes stopped without finishing (exit code {code}; "
+                   f"their messages are above). Continue with --resume --out {config.out}.")
 
 
 def clear_cancel(files: RunFiles) -> None:
@@ -296,10 +335,19 @@ def score(metrics: dict[str, Any], monitor: str) -> float | None:
     return -float(value) if monitor in LOWER_IS_BETTER else float(value)
 
 
-def validate(model: nn.Module, dataset: RecordDataset, device: DeviceConfig,
-             batch_size: int) -> tuple[dict[str, Any], np.ndarray]:
-    """Val metrics (with 'loss') and logits of `model` on `dataset`."""
-    logits = collect_logits(model, dataset, device, batch_size)
+def share_of(dataset: RecordDataset, ranks: Ranks) -> RecordDataset:
+    """This rank's share of an evaluation set (items rank, rank + world_size, ...): the whole
+    set in a single process."""
+    if not ranks.distributed:
+        return dataset
+    return RecordDataset(dataset.records[ranks.rank::ranks.world_size], dataset.spec)
+
+
+def validate(model: nn.Module, dataset: RecordDataset, device: DeviceConfig, batch_size: int,
+             ranks: Ranks, share: RecordDataset) -> tuple[dict[str, Any], np.ndarray]:
+    """Val metrics (with 'loss') and logits of `model` on `dataset`, of which this rank
+    computes `share` (`share_of`); every rank gets the same figures."""
+    logits = distributed.gather_rows(collect_logits(model, share, device, batch_size), ranks)
     y = np.asarray(dataset.labels)
     metrics = compute_metrics(y, softmax(logits))
     metrics["loss"] = nll(logits, y)
@@ -330,40 +378,52 @@ def _sync_memory_format(model: nn.Module, device: DeviceConfig) -> None:
         model.to(memory_format=torch.channels_last)
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = False,
-          should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    """Train, validate every epoch, keep the best model, calibrate it and test it once.
-
-    Returns when done or cancelled (CANCEL file, even one made before the run started, or
-    `should_stop()`); a cancelled or killed run can be resumed with `resume=True`.
-    """
-    run_dir = config.run_dir
+def prepare_run_folder(config: TrainConfig, resume: bool) -> None:
+    """Create the run folder, drop what a killed write left (and, for a new run, the files of
+    an earlier one) and save the run's settings."""
     files = config.files
-    log = ProgressLog(files.progress)
-    writing = f"write the run folder {run_dir}"
-    with storage(writing):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.remove_partial_writes(run_dir)  # what a killed checkpoint write left behind
+    with storage(f"write the run folder {files.dir}"):
+        files.dir.mkdir(parents=True, exist_ok=True)
+        atomic.remove_partial_writes(files.dir)  # what a killed checkpoint write left behind
         if not resume:
             for stale in (files.progress, files.checkpoint, files.best):
                 stale.unlink(missing_ok=True)
             if not config.split:
                 files.split.unlink(missing_ok=True)
         atomic.write_text(files.config, json.dumps(dataclasses.asdict(config), indent=2))
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = False,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train, validate every epoch, keep the best model, calibrate it and test it once.
+
+    Returns when done or cancelled (CANCEL file, even one made before the run started, or
+    `should_stop()`); a cancelled or killed run can be resumed with `resume=True`. Under
+    torchrun, this process is one rank of a data-parallel run (`bus_core.distributed`).
+    """
+    files = config.files
+    ranks = Ranks.from_env()
+    if ranks.is_main:
+        prepare_run_folder(config, resume)
+    log = ProgressLog(files.progress, enabled=ranks.is_main)
     try:
-        with storage(writing):
-            return _train(config, resume, log, progress_bar, should_stop)
+        with storage(f"write the run folder {files.dir}"), \
+                distributed.process_group(ranks, choose_device(config.device)) as device:
+            return _train(config, device, ranks, resume, log, progress_bar, should_stop)
     except Exception as exc:
         with contextlib.suppress(OSError):  # the folder may be what failed
-            log.write("error", message=str(exc), kind=exc.__class__.__name__)
+            fields = {"rank": ranks.rank} if ranks.distributed else {}
+            ProgressLog(files.progress).write("error", message=str(exc),
+                                              kind=exc.__class__.__name__, **fields)
         raise
 
 
-def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bool,
-           should_stop: Callable[[], bool] | None) -> TrainResult:
+def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool,
+           log: ProgressLog, progress_bar: bool, should_stop: Callable[[], bool] | None
+           ) -> TrainResult:
     torch.manual_seed(config.seed)
-    device = choose_device(config.device)
-    split, records = prepare_split(config)
+    split, records = distributed.broadcast(prepare_split(config) if ranks.is_main else None,
+                                           ranks)
     spec = InputSpec.of(config.input_mode, config.combine_mode, config.combine_threshold,
                         size=config.size)
     train_records = split_records(records, split, "train") + load_many(config.extra_train)
@@ -373,6 +433,7 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
     if len(train_ds) < 2 or len(val_ds) == 0:
         raise DataError(f"Too few images to train: {len(train_ds)} for training and "
                         f"{len(val_ds)} for validation. Add data or use a larger split.")
+    val_share = share_of(val_ds, ranks)
 
     model = prepare_model(build_model(config.arch, len(CLASSES), config.init), device)
     optimizer = make_optimizer(config, model.parameters())
@@ -395,25 +456,37 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
         scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"] | {"n_train": len(train_ds)}
+    if state.get("world_size", ranks.world_size) != ranks.world_size:
+        state["step"] = 0  # steps count shards of this many processes: redo the epoch
+    state["world_size"] = ranks.world_size
+    if not ranks.is_main:  # rank 0 restored its random state; the others draw their own
+        torch.manual_seed(distributed.rank_seed(config.seed, ranks, state["epoch"],
+                                                state["step"]))
+    net: nn.Module = model
+    if ranks.distributed:
+        net = DistributedDataParallel(
+            model, device_ids=[device.device.index] if device.device.type == "cuda" else None)
     log.write("start", resumed=saved is not None, epoch=state["epoch"], step=state["step"],
               device=device.to_dict(), n_train=len(train_ds), n_val=len(val_ds),
               n_test=len(test_ds), config=dataclasses.asdict(config),
-              split_data_hash=split.data_hash)
+              split_data_hash=split.data_hash, world_size=ranks.world_size)
 
     last_save = time.monotonic()
     clock = EtaClock(n_val=len(val_ds), n_final=len(val_ds) + len(test_ds))
+    global_batch = config.batch_size * ranks.world_size
     while state["epoch"] < config.epochs:
         epoch = state["epoch"]
         plan = epoch_plan(train_ds.labels, config.balance, epoch, config.seed)
-        steps = math.ceil(len(plan) / config.batch_size)
-        model.train()
+        mine = distributed.shard(plan, ranks)
+        steps = math.ceil(len(mine) / config.batch_size)
+        net.train()
         epoch_start = time_mark = time.monotonic()
         seen = correct = 0
         loss_sum = 0.0
         bar = tqdm(total=steps, initial=state["step"], desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not progress_bar, unit="step")
+                   disable=not (progress_bar and ranks.is_main), unit="step")
         for step in range(state["step"], steps):
-            items = plan[step * config.batch_size:(step + 1) * config.batch_size]
+            items = mine[step * config.batch_size:(step + 1) * config.batch_size]
             if len(items) < 2:  # BatchNorm cannot train on a batch of one
                 continue
             step_start = time.monotonic()
@@ -421,29 +494,33 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
             images, labels = to_device(images, device), labels.to(device.device)
             optimizer.zero_grad(set_to_none=True)
             with autocast(device):
-                logits = model(images)
+                logits = net(images)
                 loss = criterion(logits.float(), labels)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            seen += len(items)
-            correct += int((logits.argmax(1) == labels).sum())
-            loss_value = loss.item()
-            loss_sum += loss_value * len(items)
+            asked = ranks.is_main and ((should_stop and should_stop())
+                                       or config.files.cancel.exists())
+            n, right, losses, stops = distributed.sum_over_ranks(
+                [len(items), int((logits.argmax(1) == labels).sum()), loss.item() * len(items),
+                 float(asked)], ranks, device.device)
+            stop = stops > 0
+            seen += int(n)
+            correct += int(right)
+            loss_sum += losses
             elapsed = time.monotonic() - epoch_start
             rate = seen / max(elapsed, 1e-9)
-            clock.trained(len(items), time.monotonic() - step_start)
-            remaining = (steps - step - 1) * config.batch_size + \
+            clock.trained(int(n), time.monotonic() - step_start)
+            remaining = (steps - step - 1) * global_batch + \
                 (config.epochs - epoch - 1) * len(plan)
             state["step"] = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             log.write("step", epoch=epoch + 1, epochs=config.epochs, step=step + 1, steps=steps,
-                      loss=loss_value, mean_loss=loss_sum / seen, accuracy=correct / seen,
+                      loss=losses / n, mean_loss=loss_sum / seen, accuracy=correct / seen,
                       lr=optimizer.param_groups[0]["lr"], images_per_s=rate,
                       eta_s=clock.eta(remaining, config.epochs - epoch))
-            stop = (should_stop and should_stop()) or config.files.cancel.exists()
-            if stop or time.monotonic() - last_save > config.checkpoint_every:
+            if ranks.is_main and (stop or time.monotonic() - last_save > config.checkpoint_every):
                 state["train_time_s"] += time.monotonic() - time_mark
                 checkpoint.save(model, optimizer, scheduler, scaler, state)
                 time_mark = last_save = time.monotonic()
@@ -453,13 +530,15 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
                 return TrainResult(Path(config.out), None, "cancelled")
         bar.close()
         val_start = time.monotonic()
-        val_metrics, _ = validate(model, val_ds, device, config.batch_size)
+        distributed.share_buffers(model, ranks)
+        val_metrics, _ = validate(model, val_ds, device, config.batch_size, ranks, val_share)
         clock.evaluated(len(val_ds), time.monotonic() - val_start)
         value = score(val_metrics, config.monitor)
         improved = value is not None and (state["best"] is None or value > state["best"])
         if improved:
             state.update(best=value, best_epoch=epoch + 1, bad_epochs=0)
-            save_weights(model, config.files.best)
+            if ranks.is_main:
+                save_weights(model, config.files.best)
         else:
             state["bad_epochs"] += 1
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -472,7 +551,8 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
         state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                                  "train_accuracy": correct / max(seen, 1), "val": summary})
         state.update(epoch=epoch + 1, step=0)
-        checkpoint.save(model, optimizer, scheduler, scaler, state)
+        if ranks.is_main:
+            checkpoint.save(model, optimizer, scheduler, scaler, state)
         last_save = time.monotonic()
         log.write("epoch", epoch=epoch + 1, epochs=config.epochs,
                   train_loss=loss_sum / max(seen, 1), train_accuracy=correct / max(seen, 1),
@@ -482,6 +562,8 @@ def _train(config: TrainConfig, resume: bool, log: ProgressLog, progress_bar: bo
             log.write("early_stop", epoch=epoch + 1, best_epoch=state["best_epoch"])
             break
 
+    if not ranks.is_main:  # rank 0 calibrates, tests and saves the model
+        return TrainResult(Path(config.out), None, "done")
     card = _finish(config, model, device, val_ds, test_ds, split, state)
     log.write("done", out=str(config.out), best_epoch=state["best_epoch"],
               test=card.metrics.get("test"), val=card.metrics.get("val"),
@@ -542,6 +624,8 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
                                              "epochs", "scheduler", "balance", "monitor",
                                              "patience", "seed", "label_smoothing")}
     hyper["best_epoch"] = state["best_epoch"]
+    world = state["world_size"]
+    hyper |= {"world_size": world, "global_batch_size": config.batch_size * world}
     metrics["history"] = state["history"]
     card = new_card(
         config.name or Path(config.out).name, config.arch,
@@ -553,7 +637,7 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
         split={"file": split_file, "file_sha256": file_sha256(Path(split_file)),
                "data_hash": split.data_hash, "seed": split.seed, "ratios": list(split.ratios)},
         hyperparameters=hyper, metrics=metrics, training_time_s=round(state["train_time_s"], 1),
-        notes=f"Trained on {device.description}.")
+        notes=f"Trained on {f'{world} × ' if world > 1 else ''}{device.description}.")
     model_cpu = build_model(config.arch, len(CLASSES))
     model_cpu.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
     save_model(model_cpu, card, config.out, dtype=dtype)

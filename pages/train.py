@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from bus_core.device import DEVICE_CHOICES, choose_device
+from bus_core.distributed import local_gpus
 from bus_core.errors import BusError, ModelError
 from bus_core.inputs import INPUT_MODES
 from bus_core.jobs import (
@@ -247,9 +248,15 @@ def single_run_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
                                "train_name")
     if folder is not None:
         st.caption(f"Saved to {md_escape(folder)}")
+    gpus = local_gpus(base["device"])
+    all_gpus = gpus > 1 and st.checkbox(
+        f"All {gpus} GPUs of this machine", key="train_all_gpus",
+        help=f"One training process per GPU (torchrun). The batch size is per GPU: each step "
+             f"trains on {gpus} × the batch size.")
     config = TrainConfig(**base, out=str(folder), name=folder.name if folder else None,
                          optimizer=optimizer, lr=float(lr), batch_size=int(batch),
-                         epochs=int(epochs), balance=balance)
+                         epochs=int(epochs), balance=balance,
+                         nproc_per_node=gpus if all_gpus else 1)
     if st.button("Start training", type="primary", icon=":material/play_arrow:",
                  disabled=not ready or folder is None, key="train_start"):
         launch(lambda f: start_training(config, who=WHO, force=f), force)
