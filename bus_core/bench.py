@@ -10,6 +10,10 @@ Paths compared:
 - optimised: `predict.Predictor` with the automatically chosen backend (OpenVINO on CPUs where
   it is installed, see `backends`), the same code the app and CLI run.
 Both keep the model loaded between calls: model loading is measured separately.
+
+Batch prediction (`batch.predict_to_csv`: worker processes decode, batched forward passes of the
+optimised path) is compared in images/s with the optimised path called one file at a time on
+the same synthetic PNG files.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bus_core.batch import DEFAULT_BATCH_SIZE, default_workers, predict_to_csv
 from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from bus_core.device import (
     DeviceConfig,
@@ -97,6 +103,17 @@ def naive_predict(model: torch.nn.Module, data: bytes, size: InputSize) -> np.nd
         return model(x.unsqueeze(0)).numpy()
 
 
+def write_synthetic_images(folder: Path, n: int) -> list[Path]:
+    """`n` different 600 x 500 greyscale noise PNG files in `folder`."""
+    folder.mkdir(parents=True)
+    files = []
+    for i in range(n):
+        pixels = np.random.default_rng(i).integers(0, 255, (500, 600), dtype=np.uint8)
+        files.append(folder / f"{i:05d}.png")
+        Image.fromarray(pixels).save(files[-1])
+    return files
+
+
 def train_throughput(arch: str, config: DeviceConfig, batch: int, steps: int, crop: int) -> float:
     """Training images/s of a fresh model on random batches (forward, backward, Adam step)."""
     torch.manual_seed(0)
@@ -139,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small counts, under a minute")
     args = parser.parse_args(argv)
 
-    n_latency, train_steps, n_agree = (10, 2, 16) if args.quick else (50, 6, None)
+    n_latency, train_steps, n_agree, n_batch = (10, 2, 16, 32) if args.quick else \
+        (50, 6, None, 256)
     fast = choose_device()
     emit("machine", cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
          torch=torch.__version__, optimised_device=fast.to_dict(), quick=args.quick,
@@ -213,6 +231,21 @@ def main(argv: Sequence[str] | None = None) -> int:
              image=str(sample.name) if sample else "synthetic 600x500")
     else:
         emit("segmentation_latency", skipped="no segmentation model installed")
+
+    with tempfile.TemporaryDirectory(prefix="bus-bench-") as tmp:
+        files = write_synthetic_images(Path(tmp) / "images", n_batch)
+        start = time.perf_counter()
+        for file in files:
+            predictor.predict(load_image(file))
+        one_by_one = n_batch / (time.perf_counter() - start)
+        start = time.perf_counter()
+        predict_to_csv([Path(tmp) / "images"], Path(tmp) / "results.csv", predictor,
+                       batch_size=DEFAULT_BATCH_SIZE)
+        batched = n_batch / (time.perf_counter() - start)
+    emit("batch_prediction_throughput", n=n_batch, image="synthetic 600x500 PNG files",
+         backend=predictor.description, batch_size=DEFAULT_BATCH_SIZE, workers=default_workers(),
+         one_by_one_images_per_s=round(one_by_one, 2), batch_images_per_s=round(batched, 2),
+         ratio=round(batched / one_by_one, 2))
     return 0
 
 

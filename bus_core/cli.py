@@ -122,11 +122,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Predict one image (with optional masks) and optionally save a Grad-CAM overlay."""
+    """Predict one image (with optional masks) and optionally save a Grad-CAM overlay; with
+    --out, every image of the inputs into a CSV file."""
     from bus_core.cam import overlay
     from bus_core.io import image_to_png_bytes
     from bus_core.predict import Predictor, predict_file
 
+    if args.out:
+        return _predict_many(args)
+    if len(args.inputs) != 1:
+        raise BusError("Give one image, or --out results.csv to predict several (files, "
+                       "folders, CSV manifests, DICOM series).")
+    image_path = args.inputs[0]
     predictor = Predictor.from_path(args.model, device=args.device, backend=args.backend)
     mask_note = ""
     if predictor.spec.uses_masks and not args.mask:
@@ -134,7 +141,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from bus_core.segment import Segmenter
 
         segmenter = Segmenter.from_path(args.segmenter)
-        image = load_image(args.image)
+        image = load_image(image_path)
         mask = segmenter.segment(image)
         if not mask.any():
             raise BusError(f"The outline model ({segmenter.card.name}) finds no lesion in this "
@@ -143,7 +150,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         prediction = predictor.predict(image, [mask])
         mask_note = f"automatic outline by {segmenter.card.name}"
     else:
-        prediction = predict_file(args.image, args.mask, predictor)
+        prediction = predict_file(image_path, args.mask, predictor)
     out = prediction.to_dict()
     if mask_note:
         out["mask"] = mask_note
@@ -165,6 +172,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for warning in prediction.warnings:
         print(f"Warning: {warning}")
     return 0
+
+
+def _predict_many(args: argparse.Namespace) -> int:
+    """`predict INPUT ... --out results.csv` (see bus_core.batch); prints a one-line summary."""
+    from bus_core.batch import predict_to_csv
+    from bus_core.predict import Predictor
+
+    single = [flag for flag, value in (("--mask", args.mask), ("--cam", args.cam),
+                                       ("--json", args.json), ("--target", args.target)) if value]
+    if single:
+        raise BusError(f"{', '.join(single)} are for one image without --out; with --out, "
+                       "lesion masks come from a CSV manifest's mask column.")
+    predictor = Predictor.from_path(args.model, device=args.device, backend=args.backend)
+    out = Path(args.out)
+    report = predict_to_csv(args.inputs, out, predictor, batch_size=args.batch_size,
+                            workers=args.workers, progress=sys.stderr.isatty())
+    print(report.summary(out))
+    return 2 if report.predicted and report.errors == report.predicted else 0
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -351,6 +376,7 @@ def _read_password(from_stdin: bool) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
+    from bus_core.batch import DEFAULT_BATCH_SIZE
     from bus_core.device import DEVICE_CHOICES
     from bus_core.inputs import INPUT_MODES
     from bus_core.seg_train import get_args_parser as seg_args_parser
@@ -397,8 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-dir", help="keep the automatic masks in this folder")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="classify one image")
-    p.add_argument("image")
+    p = sub.add_parser("predict", help="classify one image, or many into a CSV file (--out)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image file; with --out also several, folders (searched recursively), "
+                        "CSV manifests and multi-frame DICOM files (one row per frame)")
+    p.add_argument("--out", help="CSV file of results, one row per image; rows already in it "
+                                 "are kept and their images skipped (resume)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="images per forward pass (--out)")
+    p.add_argument("--workers", type=int,
+                   help="processes that decode images (--out; default: CPU cores, at most 4; "
+                        "0: decode in this process)")
     p.add_argument("--mask", action="append", default=[],
                    help="lesion mask file (repeatable); a lesion model without one uses the "
                         "automatic outline")

@@ -101,6 +101,27 @@ def load_image(source: Source, *, name: str | None = None, frame: int = 0,
     return image if max_side is None else downscale(image, max_side)
 
 
+def frame_count(path: str | Path) -> int:
+    """How many frames `load_image` can pick from the file (`frame`): those of a multi-frame
+    DICOM or multi-page TIFF, read from the header; 1 for other files and for files it cannot
+    read (`load_image` then says what is wrong with them)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+        if _is_dicom(head, Path(path).name):
+            import pydicom
+            from pydicom.pixels.utils import get_nr_frames
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            return max(1, get_nr_frames(ds, warn=False))
+        if sniff_kind(head) == "tiff":
+            with Image.open(path, formats=("TIFF",)) as image:
+                return max(1, getattr(image, "n_frames", 1))
+    except Exception:  # damaged headers of many kinds: load_image describes the file
+        return 1
+    return 1
+
+
 def check_min_side(image: np.ndarray, label: str = "The image", min_side: int = MIN_SIDE) -> None:
     """Raise `InvalidImageError` when a side of `image` is shorter than `min_side` pixels."""
     h, w = image.shape[:2]

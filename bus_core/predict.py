@@ -101,6 +101,24 @@ def scope_warnings(image: np.ndarray) -> list[str]:
     return warnings
 
 
+@dataclass(frozen=True)
+class Prepare:
+    """What a model with input `spec` sees of an image: the normalised CHW tensor of its input
+    (full image or masked crop) and the image's scope warnings. Holds no model, so it can be
+    sent to data-loading worker processes."""
+
+    spec: InputSpec
+
+    def __call__(self, image: np.ndarray,
+                 masks: Sequence[np.ndarray] = ()) -> tuple[torch.Tensor, list[str]]:
+        """(tensor, scope warnings) of one RGB uint8 image and its lesion masks; an image with
+        a side under `io.MIN_SIDE` raises `InvalidImageError`, a lesion model without a mask
+        `MaskError`."""
+        check_min_side(image)
+        tensor = eval_transform(self.spec.size)(model_input(image, masks, self.spec))
+        return tensor, scope_warnings(image)
+
+
 class Predictor:
     """A loaded model ready to predict and explain; safe to share between threads."""
 
@@ -111,7 +129,6 @@ class Predictor:
         self.device = device if isinstance(device, DeviceConfig) else choose_device(device)
         self.model = prepare_model(loaded.model, self.device)
         self.spec = InputSpec.from_card(self.card)
-        self._transform = eval_transform(self.spec.size)
         self._lock = threading.Lock()
         side = self.spec.size.crop  # both fits ('crop', 'pad') give a crop x crop tensor
         self.forward = choose_forward(self.model, self.device, loaded.weights_id, (side, side),
@@ -136,28 +153,42 @@ class Predictor:
         """Class names in output order."""
         return list(self.card.classes)
 
-    def prepare(self, image: np.ndarray, masks: Sequence[np.ndarray] = ()) -> torch.Tensor:
-        """The normalised CHW tensor the model sees for `image` (+ masks)."""
-        return self._transform(model_input(image, masks, self.spec))
+    @property
+    def prepare(self) -> Prepare:
+        """(tensor, scope warnings) of an image (+ masks): what `predict` feeds the model."""
+        return Prepare(self.spec)
 
     def predict(self, image: np.ndarray, masks: Sequence[np.ndarray] = ()) -> Prediction:
         """Calibrated probabilities for one RGB uint8 image (and its lesion masks); an image
         with a side under `io.MIN_SIDE` raises `InvalidImageError`."""
-        check_min_side(image)
         start = time.perf_counter()
-        tensor = self.prepare(image, masks)
+        tensor, warnings = self.prepare(image, masks)
+        prediction = self.predict_batch(tensor.unsqueeze(0), [warnings])[0]
+        prediction.elapsed_ms = (time.perf_counter() - start) * 1000
+        return prediction
+
+    def predict_batch(self, batch: torch.Tensor,
+                      warnings: Sequence[list[str]] | None = None) -> list[Prediction]:
+        """Calibrated predictions for a batch (N x 3 x H x W) of tensors made by `prepare`,
+        with each image's scope warnings (default none); the same figures as `predict`."""
         with self._lock:
-            logits, activations = self.forward.run(tensor.unsqueeze(0))
-        probs = softmax(logits, self.card.temperature)[0]
+            logits, activations = self.forward.run(batch)
+        probs = softmax(logits, self.card.temperature)
+        return [self._prediction(probs[i], batch[i], list(warnings[i]) if warnings else [],
+                                 None if activations is None else activations[i])
+                for i in range(len(batch))]
+
+    def _prediction(self, probs: np.ndarray, tensor: torch.Tensor, warnings: list[str],
+                    activations: np.ndarray | None) -> Prediction:
+        """The Prediction of one image from its calibrated probabilities."""
         top = int(probs.argmax())
         return Prediction(
             label=self.classes[top],
             probabilities={c: float(p) for c, p in zip(self.classes, probs)},
             uncertain=bool(probs[top] < self.card.uncertain_below),
             model=self.card.name, model_view=denormalise(tensor), tensor=tensor,
-            warnings=scope_warnings(image), elapsed_ms=(time.perf_counter() - start) * 1000,
-            malignant_threshold=self.card.malignant_threshold,
-            activations=None if activations is None else activations[0])
+            warnings=warnings, malignant_threshold=self.card.malignant_threshold,
+            activations=activations)
 
     def explain(self, prediction: Prediction, target: str | None = None,
                 method: str = "gradcam") -> np.ndarray:

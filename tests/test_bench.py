@@ -16,7 +16,7 @@ def test_quick_bench_prints_every_figure_as_json(tiny_model_dir, tiny_segmenter_
     assert list(figures) == ["machine", "model_load", "backend", "latency_single_image",
                              "gradcam_latency",
                              "training_throughput", "agreement_with_fp32",
-                             "segmentation_latency"]
+                             "segmentation_latency", "batch_prediction_throughput"]
     assert figures["segmentation_latency"]["p50_ms"] > 0
     latency = figures["latency_single_image"]
     assert latency["naive"]["p50_ms"] > 0 and latency["optimised"]["p95_ms"] > 0
@@ -26,6 +26,9 @@ def test_quick_bench_prints_every_figure_as_json(tiny_model_dir, tiny_segmenter_
     agreement = figures["agreement_with_fp32"]
     assert agreement["n"] == len(json.loads(split.read_text())["test"])
     assert 0 <= agreement["label_agreement"] <= 1
+    batch = figures["batch_prediction_throughput"]
+    assert batch["n"] == 32 and batch["backend"] == figures["backend"]["chosen"]
+    assert batch["one_by_one_images_per_s"] > 0 and batch["ratio"] > 0
 
 
 def test_bench_without_a_model_says_so(monkeypatch, capsys):

@@ -180,3 +180,33 @@ def test_predict_and_evaluate_take_a_backend(tiny_model_dir, busi_dir, capsys, t
     assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(busi_dir),
                  "--json", str(out), "--device", "cpu-fp32", "--backend", "torch"]) == 0
     assert json.loads(out.read_text())["n"] == 18
+
+
+def test_predict_many_into_a_csv_and_resume(tiny_model_dir, busi_dir, tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    args = ["predict", str(busi_dir / "benign"), str(busi_dir / "normal" / "normal (1).png"),
+            "--out", str(out), "--model", str(tiny_model_dir), "--device", "cpu-fp32",
+            "--backend", "torch", "--workers", "0", "--batch-size", "4"]
+    assert main(args) == 0
+    summary = capsys.readouterr().out
+    assert summary.startswith("7 images predicted (0 errors, 0 already in")
+    assert "images/s" in summary
+    assert len(out.read_text().splitlines()) == 8
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("0 images predicted (0 errors, 7 already in")
+
+
+def test_predict_several_images_needs_out_and_out_takes_no_single_image_options(
+        tiny_model_dir, busi_dir, tmp_path, capsys):
+    image = str(busi_dir / "benign" / "benign (1).png")
+    assert main(["predict", image, image, "--model", str(tiny_model_dir)]) == 2
+    _one_line_error(capsys, "--out results.csv")
+    assert main(["predict", image, "--out", str(tmp_path / "r.csv"), "--json", "--model",
+                 str(tiny_model_dir)]) == 2
+    _one_line_error(capsys, "--json are for one image")
+    assert not (tmp_path / "r.csv").exists()
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert main(["predict", str(bad), "--out", str(tmp_path / "r.csv"), "--model",
+                 str(tiny_model_dir), "--workers", "0"]) == 2
+    assert capsys.readouterr().out.startswith("1 image predicted (1 error,")
