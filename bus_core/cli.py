@@ -23,8 +23,11 @@ def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model (see bus_core.train)."""
     from bus_core import train
+    from bus_core.distributed import Ranks
 
     result = train.main(args)
+    if not Ranks.from_env().is_main:  # under torchrun, rank 0 alone reports the run
+        return 0
     if result.status != "done":
         print(f"Training {result.status}; resume with --resume --out {result.out}")
         return 1
@@ -492,8 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     from bus_core.roles import ROLES
 
     p = sub.add_parser("users", help="manage the app's local accounts")
-    p.add_argument("--db", help="case database (path or SQLAlchemy URL; default: the data "
-                                "folder's cases.sqlite)")
+    p.add_argument("--db", help="case database (path or SQLAlchemy URL; default: "
+                                "$BUS_DATABASE_URL, else the data folder's cases.sqlite)")
     users = p.add_subparsers(dest="action", required=True)
     q = users.add_parser("add", help="add a user")
     q.add_argument("name")
