@@ -176,6 +176,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop_process(process: subprocess.Popen, timeout: float = 15) -> None:
+    """Ask a server process to end, and kill it if it has not within `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
     """A throw-away PostgreSQL cluster on a free local port for the test session (its

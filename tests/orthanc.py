@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from bus_core.pacs import Endpoint
-from tests.conftest import synthetic_image
+from tests.conftest import free_port, stop_process, synthetic_image
 
 PLUGIN_PLACES = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
                  "/usr/lib/orthanc/libOrthancDicomWeb.so")
@@ -41,12 +40,6 @@ def _executable() -> str | None:
 
 def _plugin() -> str | None:
     return next((p for p in PLUGIN_PLACES if Path(p).exists()), None)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -69,7 +62,7 @@ def orthanc_fixture() -> Iterator[Orthanc]:
         pytest.skip("Orthanc with its DICOMweb plugin is not installed "
                     "(apt-get install orthanc orthanc-dicomweb)")
     folder = Path(tempfile.mkdtemp(prefix="bus-orthanc-"))
-    port = _free_port()
+    port = free_port()
     config = {"Name": "bus-test", "StorageDirectory": str(folder / "db"),
               "IndexDirectory": str(folder / "db"), "HttpPort": port,
               "RemoteAccessAllowed": False, "DicomServerEnabled": False,
@@ -85,12 +78,7 @@ def orthanc_fixture() -> Iterator[Orthanc]:
         _wait(url, process)
         yield Orthanc(Endpoint("test", f"{url}/dicom-web", USER, PASSWORD), port)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=20)
         log.close()
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -166,9 +166,9 @@ def test_wrong_password_is_a_sentence(orthanc) -> None:
 
 
 def test_server_down_is_a_sentence(orthanc) -> None:
-    from tests.orthanc import _free_port
+    from tests.conftest import free_port
 
-    down = Endpoint("down", f"http://127.0.0.1:{_free_port()}/dicom-web", USER, "x")
+    down = Endpoint("down", f"http://127.0.0.1:{free_port()}/dicom-web", USER, "x")
     with pytest.raises(PacsError, match="cannot be reached"):
         Pacs(down, timeout=3).find_studies()
 

@@ -17,7 +17,7 @@ from bus_core.accounts import Accounts
 from bus_core.jobs import config_to_argv, current_job
 from bus_core.store import open_store
 from bus_core.train import TrainConfig
-from tests.conftest import free_port, new_postgres_database, person
+from tests.conftest import free_port, new_postgres_database, person, stop_process
 from tests.test_store import save
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +124,4 @@ def test_two_app_servers_share_one_folder_and_database(shared_env, tmp_path):
         assert all(app.poll() is None for app in apps)
     finally:
         for app in apps:
-            app.terminate()
-        for app in apps:
-            app.wait(timeout=30)
+            stop_process(app, timeout=30)

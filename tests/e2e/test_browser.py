@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import BUSI, synthetic_image
+from tests.conftest import BUSI, free_port, stop_process, synthetic_image
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -56,12 +55,6 @@ def sign_in(page, url: str) -> None:
     page.get_by_label("Password", exact=True).fill(PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     page.get_by_text("Signed in as").first.wait_for()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float = 90) -> None:
@@ -127,12 +120,7 @@ def running_app(env: dict[str, str], log_path: Path) -> Iterator[str]:
         wait_until_healthy(url, process)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.seek(0)
         print(log.read()[-4000:])
         log.close()
