@@ -15,7 +15,6 @@ back makes an earlier model active again.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -32,6 +31,7 @@ from bus_core.progress import read_json_lines
 from bus_core.registry import active_model_path, set_active_model
 from bus_core.roles import Identity, require
 from bus_core.settings import data_dir
+from bus_core.store import open_store
 
 DECISIONS_FILE = "model_decisions.jsonl"
 GATE_FILE = "gate.json"
@@ -203,7 +203,8 @@ def _metrics(path: str | Path, subsets: Mapping[str, list[Record]], device: str,
 # --- decisions -------------------------------------------------------------------------------
 
 def decisions_path() -> Path:
-    """The decision log: `<data dir>/model_decisions.jsonl`."""
+    """The decision log of versions before the database kept it:
+    `<data dir>/model_decisions.jsonl` (read, never written)."""
     return data_dir() / DECISIONS_FILE
 
 
@@ -215,18 +216,10 @@ def _signed(who: Identity, action: str) -> str:
     return name
 
 
-@storage("record the decision in the model decision log")
 def _append(entry: dict[str, Any]) -> dict[str, Any]:
-    """Append one decision as a JSON line (one write, so concurrent writers do not interleave)."""
-    path = decisions_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(entry, allow_nan=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Add one decision to the model decision log of the case database."""
+    with open_store() as store:
+        store.append_decision(entry)
     return entry
 
 
@@ -280,8 +273,10 @@ def rollback(to_path: str | Path, who: Identity, *, reason: str | None = None) -
 
 
 def decision_log() -> list[dict[str, Any]]:
-    """Every logged decision, oldest first (a half-written last line is ignored)."""
-    return read_json_lines(decisions_path())
+    """Every logged decision, oldest first: those of the earlier JSON-lines file (a
+    half-written last line ignored), then those of the case database."""
+    with open_store() as store:
+        return read_json_lines(decisions_path()) + store.decisions()
 
 
 def earlier_models() -> list[Path]:

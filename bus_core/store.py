@@ -234,6 +234,17 @@ account_log = Table(
 """The audit log of accounts (append-only): sign-ins, failed sign-ins, sign-outs, users added,
 role changes, disabling, password changes; `who` acted on `subject`."""
 
+model_decisions = Table(
+    "model_decisions", _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", String(40), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("who", Text, nullable=False),
+    Column("entry", Text, nullable=False),
+)
+"""The model decision log (append-only; bus_core.gate): each activation, override, block,
+rejection and roll back, `entry` being the whole decision as JSON."""
+
 audit_log = Table(
     "audit_log", _metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -320,6 +331,13 @@ def _upgrade_v4_to_v5(conn: Connection) -> None:
     _append_only(conn, "account_log")
 
 
+def _upgrade_v5_to_v6(conn: Connection) -> None:
+    """Schema 6: the model decision log in the database (append-only); decisions of earlier
+    versions stay in their JSON-lines file, which bus_core.gate still reads."""
+    model_decisions.create(conn)
+    _append_only(conn, "model_decisions")
+
+
 def _append_only(conn: Connection, table: str) -> None:
     """Triggers that refuse UPDATE and DELETE (and, on PostgreSQL, TRUNCATE) on `table`."""
     message = f"the {table.replace('_', ' ')} is append-only"
@@ -341,7 +359,7 @@ def _append_only(conn: Connection, table: str) -> None:
 
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_create_v1, _upgrade_v1_to_v2,
                                                         _upgrade_v2_to_v3, _upgrade_v3_to_v4,
-                                                        _upgrade_v4_to_v5)
+                                                        _upgrade_v4_to_v5, _upgrade_v5_to_v6)
 """Step i upgrades a database from schema version i to i + 1."""
 
 CURRENT_SCHEMA_VERSION = len(MIGRATIONS)
@@ -678,6 +696,20 @@ class CaseStore:
         query = select(cases).where(cases.c.confirmed_label.is_not(None)).order_by(cases.c.id)
         with self.transaction() as conn:
             return [_case(row) for row in conn.execute(query).mappings()]
+
+    def append_decision(self, entry: Mapping[str, Any]) -> None:
+        """Add one model decision (a JSON-able dict with 'time', 'action' and 'who') to the
+        model decision log."""
+        with self.transaction(write=True) as conn:
+            conn.execute(insert(model_decisions).values(
+                at=str(entry["time"]), action=str(entry["action"]), who=str(entry["who"]),
+                entry=json.dumps(dict(entry), allow_nan=False)))
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """Every model decision of the database, oldest first."""
+        query = select(model_decisions.c.entry).order_by(model_decisions.c.id)
+        with self.transaction() as conn:
+            return [json.loads(row) for row in conn.execute(query).scalars()]
 
     def history(self, case_id: int) -> list[AuditEntry]:
         """The audit entries of a case, oldest first; raises `CaseNotFoundError`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from bus_core.gate import (
 )
 from bus_core.models import load_model, save_model
 from bus_core.registry import active_model_path, set_active_model
+from bus_core.store import default_db_path
 from tests.conftest import ADMIN, person
 
 
@@ -169,20 +171,22 @@ def test_activation_only_when_passed_or_overridden(data_dir, tiny_model_dir, tmp
     assert decision_log()[-1]["action"] == "activated"
 
 
-def test_log_is_append_only_and_survives_a_torn_line(data_dir, tiny_model_dir, tmp_path):
+def test_log_is_append_only_and_keeps_the_earlier_file(data_dir, tiny_model_dir, tmp_path):
     model = copy_model(tiny_model_dir, tmp_path / "m")
+    earlier = {"time": "2026-01-01T00:00:00+00:00", "action": "rolled back", "who": "Dr Old",
+               "candidate": str(model.resolve()), "active": None}
+    decisions_path().parent.mkdir(parents=True, exist_ok=True)
+    decisions_path().write_text(json.dumps(earlier) + '\n{"action": "activ')  # cut short
     result = compare(both(0.8, 0.7), both(0.8, 0.7))
     activate_if_passed(result, model, who=admin("Dr A"))
-    first = decisions_path().read_bytes()
     reject(result, model, who=admin("Dr B"), reason="too few new cases")
-    content = decisions_path().read_bytes()
-    assert content.startswith(first) and content.count(b"\n") == 2
-    with open(decisions_path(), "ab") as fh:
-        fh.write(b'{"action": "activ')  # a write cut short
     entries = decision_log()
-    assert [e["action"] for e in entries] == ["activated", "rejected"]
-    assert entries[1]["override_reason"] == "too few new cases"
-    assert json.loads(first)["who"] == "Dr A"
+    assert [e["action"] for e in entries] == ["rolled back", "activated", "rejected"]
+    assert entries[2]["override_reason"] == "too few new cases" and entries[1]["who"] == "Dr A"
+    assert decisions_path().read_text().count("\n") == 1  # the earlier file is never written
+    with sqlite3.connect(default_db_path()) as conn, \
+            pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        conn.execute("DELETE FROM model_decisions")
 
 
 def test_rollback_restores_an_earlier_model_and_is_logged(data_dir, tiny_model_dir, tmp_path):

@@ -523,11 +523,12 @@ def test_empty_database_is_migrated_to_current(tmp_path: Path) -> None:
     db = tmp_path / "empty.sqlite"
     sqlite3.connect(db).close()
     with open_store(db) as s:
-        assert s.schema_version() == CURRENT_SCHEMA_VERSION == 5
-        assert s.migrate() == 5
+        assert s.schema_version() == CURRENT_SCHEMA_VERSION == 6
+        assert s.migrate() == 6
     assert {"schema_version", "cases", "audit_log", "audit_log_no_update",
             "audit_log_no_delete", "users", "account_log", "account_log_no_update",
-            "account_log_no_delete"} <= table_names(db)
+            "account_log_no_delete", "model_decisions", "model_decisions_no_update",
+            "model_decisions_no_delete"} <= table_names(db)
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone() == (1,)
 
@@ -539,7 +540,7 @@ def test_version_1_database_is_upgraded_keeping_rows(store_url: str) -> None:
         assert "audit_log" not in table_names(Path(db))
 
     with open_store(db) as s:
-        assert s.schema_version() == 5
+        assert s.schema_version() == 6
         one, two = s.get_case(1), s.get_case(2)
         assert one.mask_source is None and one.uncertain is False and one.owner is None
         assert (one.status, one.reviewer, one.notes, one.cam_settings) == (
