@@ -158,7 +158,7 @@ def test_unwritable_outputs_are_one_line_errors(tiny_model_dir, busi_dir, tmp_pa
     _one_line_error(capsys, "Could not write the run folder")
     monkeypatch.setenv("BUS_DATA_DIR", str(blocker))
     assert main(["models", "--activate", str(tiny_model_dir)]) == 2
-    _one_line_error(capsys, "Could not save the choice of the active model")
+    _one_line_error(capsys, "Could not use the data folder")
 
 
 def test_unavailable_device_is_one_line_error(busi_dir, tmp_path, capsys, monkeypatch):
