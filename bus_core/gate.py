@@ -279,12 +279,13 @@ def decision_log() -> list[dict[str, Any]]:
         return read_json_lines(decisions_path()) + store.decisions()
 
 
-def earlier_models() -> list[Path]:
+def earlier_models(log: Sequence[dict[str, Any]] | None = None) -> list[Path]:
     """Models that were active at some point, most recent first, that still exist, without
-    the current active model: the roll-back targets the log knows of."""
+    the current active model: the roll-back targets the log knows of (`log`: the
+    `decision_log()` already read, else it is read)."""
     current = active_model_path()
     seen: dict[Path, None] = {}
-    for entry in reversed(decision_log()):
+    for entry in reversed(decision_log() if log is None else log):
         if entry.get("action") in MADE_ACTIVE and entry.get("candidate"):
             seen.setdefault(Path(entry["candidate"]), None)
         if entry.get("active"):
@@ -297,11 +298,13 @@ DECIDED: frozenset[str] = frozenset({"activated", "overridden", "rejected"})
 """The actions that settle a candidate's fate."""
 
 
-def decision_for(candidate: str | Path) -> dict[str, Any] | None:
-    """The last activation, override or rejection of the candidate model folder, if any."""
+def decision_for(candidate: str | Path, log: Sequence[dict[str, Any]] | None = None
+                 ) -> dict[str, Any] | None:
+    """The last activation, override or rejection of the candidate model folder, if any
+    (`log`: the `decision_log()` already read, else it is read)."""
     target = str(Path(candidate).resolve())
-    return next((e for e in reversed(decision_log()) if e.get("candidate") == target
-                 and e.get("action") in DECIDED), None)
+    return next((e for e in reversed(decision_log() if log is None else log)
+                 if e.get("candidate") == target and e.get("action") in DECIDED), None)
 
 
 def current_result(candidate: str | Path) -> GateResult | None:

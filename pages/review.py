@@ -359,9 +359,9 @@ def decision_buttons(plan: RetrainPlan, result: GateResult, who: Identity) -> No
         decide(reject, result=result, candidate_path=plan.model_dir, who=who)
 
 
-def gate_view(plan: RetrainPlan, who: Identity) -> None:
+def gate_view(plan: RetrainPlan, who: Identity, log: list[dict[str, Any]]) -> None:
     """The comparison of a finished model with the active one, and the decision."""
-    done = decision_for(plan.model_dir)
+    done = decision_for(plan.model_dir, log)
     result = GateResult.load(plan.model_dir / GATE_FILE) if done else current_result(plan.model_dir)
     if result is None:
         st.info("Fine-tuning finished. Compare the new model with the active one before it "
@@ -386,7 +386,7 @@ def gate_view(plan: RetrainPlan, who: Identity) -> None:
         decision_buttons(plan, result, who)
 
 
-def plan_view(plan: RetrainPlan, who: Identity) -> None:
+def plan_view(plan: RetrainPlan, who: Identity, log: list[dict[str, Any]]) -> None:
     """The latest retraining: its data, its progress, then the gate."""
     status = plan.status()
     st.markdown(f"**{md_escape(plan.model_dir.name)}**: fine-tunes "
@@ -398,7 +398,7 @@ def plan_view(plan: RetrainPlan, who: Identity) -> None:
     if status == "running":
         running_view(plan)
     elif status == "done":
-        gate_view(plan, who)
+        gate_view(plan, who, log)
     elif status == "failed":
         error = last_event(read_progress(plan.files.progress), "error")
         why = md_escape(error["message"]) if error else "see the Train page's log."
@@ -438,10 +438,9 @@ def retrain_settings(store: CaseStore, who: Identity) -> None:
         start(plan, who)
 
 
-def decision_history(who: Identity) -> None:
+def decision_history(who: Identity, log: list[dict[str, Any]]) -> None:
     """Every model decision, newest first, and roll back to an earlier model."""
     st.markdown("##### Model decisions")
-    log = decision_log()
     if log:
         st.dataframe(pd.DataFrame([{
             "When": local_time(e["time"]), "Decision": ACTION_LABELS.get(e["action"], e["action"]),
@@ -452,7 +451,7 @@ def decision_history(who: Identity) -> None:
             hide_index=True, width="stretch", key="review_decisions")
     else:
         st.caption("No model decision recorded yet.")
-    targets = earlier_models()
+    targets = earlier_models(log)
     if not targets:
         return
     left, right = st.columns([3, 1], vertical_alignment="bottom")
@@ -475,9 +474,10 @@ def retrain_tab(store: CaseStore, who: Identity) -> None:
                "active one on the fixed test split and on the held-out cases; it is activated "
                "only if it is not worse.")
     plans = find_plans()
+    log = decision_log()
     if plans:
         with st.container(border=True):
-            plan_view(plans[0], who)
+            plan_view(plans[0], who, log)
     running = current_job()
     if running is not None:
         st.info("A training job is running; a new fine-tuning can start when it ends.",
@@ -485,7 +485,7 @@ def retrain_tab(store: CaseStore, who: Identity) -> None:
     elif confirmed:
         with st.expander("New fine-tuning", expanded=not plans):
             retrain_settings(store, who)
-    decision_history(who)
+    decision_history(who, log)
 
 
 # --- the page ----------------------------------------------------------------------------------
