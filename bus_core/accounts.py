@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Connection, RowMapping, insert, select, update
+from sqlalchemy import Connection, RowMapping, func, insert, select, update
 
 from bus_core.errors import BusError
 from bus_core.roles import Identity, check_roles, require
@@ -115,7 +115,7 @@ class Accounts:
     def count(self) -> int:
         """How many users exist (disabled ones included)."""
         with self.store.transaction() as conn:
-            return len(conn.execute(select(users.c.name)).all())
+            return int(conn.execute(select(func.count()).select_from(users)).scalar_one())
 
     def list_users(self) -> list[User]:
         """Every user, by name."""

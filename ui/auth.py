@@ -20,6 +20,7 @@ from bus_core.errors import BusError
 from bus_core.roles import DEMO, ROLES, Identity, check_roles
 from ui.cases import case_store
 from ui.common import (
+    APP_TITLE,
     SESSION_KEY,
     auth_mode,
     identity,
@@ -135,7 +136,7 @@ def _local_identity() -> Identity | None:
 
 
 def _first_admin_screen() -> None:
-    st.title("Breast ultrasound classifier")
+    st.title(APP_TITLE)
     st.subheader("Create the first administrator")
     st.markdown("Nobody has an account yet. On the server, in the app's folder, run:")
     st.code("python -m bus_core users add admin --role admin", language="bash")
@@ -146,7 +147,7 @@ def _first_admin_screen() -> None:
 
 
 def _sign_in_form(store: Accounts) -> None:
-    st.title("Breast ultrasound classifier")
+    st.title(APP_TITLE)
     with st.form("sign_in"):
         st.subheader("Sign in")
         name = st.text_input("Username", autocomplete="username")
@@ -164,7 +165,7 @@ def _sign_in_form(store: Accounts) -> None:
 
 def _oidc_identity() -> Identity | None:
     if not st.user.is_logged_in:
-        st.title("Breast ultrasound classifier")
+        st.title(APP_TITLE)
         st.button("Sign in with single sign-on", type="primary", on_click=st.login,
                   icon=":material/login:")
         return None

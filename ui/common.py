@@ -21,6 +21,9 @@ from bus_core.registry import active_model_path, active_segmenter_path, no_model
 from bus_core.roles import DEMO, Identity
 from bus_core.segment import Segmenter
 
+APP_TITLE = "Breast ultrasound classifier"
+"""The app's name: the browser tab's title and the heading of the screens before signing in."""
+
 SESSION_KEY = "_bus_session"
 """session_state key of the signed-in `accounts.Session`."""
 
