@@ -7,7 +7,9 @@ Endpoints are set by an administrator: one from the environment (`BUS_DICOMWEB_U
 `BUS_DICOMWEB_USER` + `BUS_DICOMWEB_PASSWORD` or `BUS_DICOMWEB_TOKEN`, `BUS_DICOMWEB_VERIFY`:
 '0' to skip TLS verification or the path of a CA bundle) and any number more from the JSON
 file named by `BUS_DICOMWEB_CONFIG` (`{"endpoints": [{"name", "url", "user", "password",
-"token", "verify", "qido_prefix", "wado_prefix", "stow_prefix"}]}`).
+"token", "verify", "qido_prefix", "wado_prefix", "stow_prefix"}]}`), and those an
+administrator adds in the app (`save_endpoint`), kept in the same format in `SAVED_FILE` of
+the data folder (readable by the server's user only).
 
 Every failure of the server or the network raises `PacsError`, a sentence without the
 patient's data. The patient's name is never read from a query answer.
@@ -21,9 +23,10 @@ import io
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pydicom
@@ -31,16 +34,24 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, generate_uid
 
-from bus_core import roles
+from bus_core import atomic, roles
 from bus_core.errors import BusError
 from bus_core.roles import Identity
+from bus_core.settings import data_dir
 
 if TYPE_CHECKING:
     from bus_core.predict import Prediction
+    from bus_core.store import Case, CaseStore
 
 URL_ENV, USER_ENV = "BUS_DICOMWEB_URL", "BUS_DICOMWEB_USER"
 PASSWORD_ENV, TOKEN_ENV = "BUS_DICOMWEB_PASSWORD", "BUS_DICOMWEB_TOKEN"
 VERIFY_ENV, CONFIG_ENV = "BUS_DICOMWEB_VERIFY", "BUS_DICOMWEB_CONFIG"
+SAVED_FILE = "pacs_endpoints.json"
+"""The endpoints administrators add in the app, in the data folder."""
+AUTH_KINDS: tuple[str, ...] = ("none", "basic", "bearer")
+"""How the app signs in to a PACS: not at all, HTTP basic (user + password), a bearer token."""
+SENT_ACTION = "sent to PACS"
+"""The case audit action of a confirmed label sent to the case's PACS study."""
 
 ULTRASOUND = "US"
 US_IMAGE_STORAGE = ("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.3.1",
@@ -92,6 +103,16 @@ class Endpoint:
     wado_prefix: str | None = None
     stow_prefix: str | None = None
 
+    @property
+    def auth(self) -> str:
+        """How the app signs in (one of `AUTH_KINDS`)."""
+        return "bearer" if self.token else "basic" if self.user else "none"
+
+    def service_url(self, service: str) -> str:
+        """The base URL of the 'qido', 'wado' or 'stow' service (the URL and its prefix)."""
+        prefix = getattr(self, f"{service}_prefix")
+        return self.url.rstrip("/") + (f"/{prefix}" if prefix else "")
+
 
 def _verify(value: Any) -> bool | str:
     """A verify setting: booleans and '0' / 'false' / 'no' / '1' ..., else a CA bundle path."""
@@ -105,9 +126,21 @@ def _verify(value: Any) -> bool | str:
     return text
 
 
-def endpoints(env: Mapping[str, str] | None = None) -> list[Endpoint]:
-    """The configured endpoints: the environment's ('default') first, then the config file's.
-    Raises `PacsError` for a config file that cannot be read."""
+def _read_endpoints(path: Path, what: str) -> list[Endpoint]:
+    """The endpoints of a settings file (`{"endpoints": [...]}`); `PacsError` naming `what`
+    when it cannot be read."""
+    try:
+        entries = json.loads(path.read_text())["endpoints"]
+        return [Endpoint(**{**entry, "verify": _verify(entry.get("verify"))})
+                for entry in entries]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PacsError(f"The PACS settings file {what} cannot be read "
+                        f"({type(exc).__name__}): ask an administrator.") from exc
+
+
+def server_endpoints(env: Mapping[str, str] | None = None) -> list[Endpoint]:
+    """The endpoints set on the server: the environment's ('default') first, then those of
+    the file named by `CONFIG_ENV`. Raises `PacsError` for a file that cannot be read."""
     env = os.environ if env is None else env
     found = []
     if env.get(URL_ENV, "").strip():
@@ -116,14 +149,111 @@ def endpoints(env: Mapping[str, str] | None = None) -> list[Endpoint]:
                               _verify(env.get(VERIFY_ENV))))
     config = env.get(CONFIG_ENV, "").strip()
     if config:
-        try:
-            entries = json.loads(Path(config).read_text())["endpoints"]
-            found += [Endpoint(**{**entry, "verify": _verify(entry.get("verify"))})
-                      for entry in entries]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise PacsError(f"The PACS settings file named by {CONFIG_ENV} cannot be read "
-                            f"({type(exc).__name__}): ask an administrator.") from exc
+        found += _read_endpoints(Path(config), f"named by {CONFIG_ENV}")
     return found
+
+
+def saved_endpoints(folder: Path | None = None) -> list[Endpoint]:
+    """The endpoints administrators added in the app (`SAVED_FILE` of the data folder, or of
+    `folder`); `PacsError` when the file cannot be read."""
+    path = (data_dir() if folder is None else folder) / SAVED_FILE
+    return _read_endpoints(path, f"{path}") if path.exists() else []
+
+
+def endpoints(env: Mapping[str, str] | None = None,
+              folder: Path | None = None) -> list[Endpoint]:
+    """Every configured endpoint: the server's (`server_endpoints`), then those added in the
+    app (`saved_endpoints`). Raises `PacsError` for a settings file that cannot be read."""
+    return server_endpoints(env) + saved_endpoints(folder)
+
+
+def endpoint_from_form(name: str, qido_url: str, wado_url: str = "", stow_url: str = "", *,
+                       auth: str = "none", user: str = "", secret: str = "",
+                       verify: bool | str = True, previous: Endpoint | None = None) -> Endpoint:
+    """An endpoint from an administrator's form: the QIDO-RS, WADO-RS and STOW-RS base URLs
+    (blank WADO / STOW: the QIDO one), which must be on one server (scheme, host and port);
+    `auth` one of `AUTH_KINDS` with the user and the password or token in `secret` (blank: the
+    `previous` endpoint's secret of that kind, so that a form never shows it); `verify`: True,
+    False or the path of a CA bundle. Raises `PacsError` for a value that cannot work."""
+    name = name.strip()
+    if not name:
+        raise PacsError("Give the PACS a name.")
+    urls = [u.strip().rstrip("/") for u in (qido_url, wado_url or qido_url, stow_url or qido_url)]
+    parts = [urlsplit(u) for u in urls]
+    for url, part in zip(urls, parts):
+        if part.scheme not in ("http", "https") or not part.hostname or part.query \
+                or part.fragment or part.username:
+            raise PacsError(f"'{url}' is not a DICOMweb base URL: write it as "
+                            "https://host[:port]/path, without a query or credentials.")
+    if len({(p.scheme, p.netloc.lower()) for p in parts}) > 1:
+        raise PacsError("The QIDO-RS, WADO-RS and STOW-RS addresses must be on one server "
+                        "(the same scheme, host and port).")
+    paths = [[s for s in p.path.split("/") if s] for p in parts]
+    common = 0
+    while all(len(p) > common and p[common] == paths[0][common] for p in paths):
+        common += 1
+    base = f"{parts[0].scheme}://{parts[0].netloc}" + "".join(f"/{s}"
+                                                              for s in paths[0][:common])
+    qido, wado, stow = ("/".join(p[common:]) or None for p in paths)
+    if auth not in AUTH_KINDS:
+        raise PacsError(f"Unknown sign-in kind '{auth}': choose {', '.join(AUTH_KINDS)}.")
+    if not secret and previous is not None and previous.auth == auth:
+        secret = (previous.password if auth == "basic" else previous.token) or ""
+    if auth == "basic" and not user.strip():
+        raise PacsError("Basic sign-in needs a user name.")
+    if auth != "none" and not secret:
+        raise PacsError("Basic sign-in needs a password." if auth == "basic"
+                        else "Bearer sign-in needs a token.")
+    if isinstance(verify, str) and not Path(verify).is_file():
+        raise PacsError(f"There is no CA bundle file at '{verify}' on the server.")
+    return Endpoint(name, base, user.strip() if auth == "basic" else None,
+                    secret if auth == "basic" else None, secret if auth == "bearer" else None,
+                    verify, qido, wado, stow)
+
+
+def save_endpoint(new: Endpoint, *, who: Identity, replacing: str | None = None,
+                  folder: Path | None = None) -> list[Endpoint]:
+    """Add `new` to the endpoints saved in the app, or put it in place of the one called
+    `replacing`; needs the 'manage_pacs' action. The file is written atomically and readable
+    by the server's user only. Returns the saved endpoints."""
+    roles.require(who, "manage_pacs")
+    if new.name in {e.name for e in server_endpoints()}:
+        raise PacsError(f"'{new.name}' is the name of a PACS set on the server: choose another "
+                        "name.")
+    saved = saved_endpoints(folder)
+    if new.name != replacing and new.name in {e.name for e in saved}:
+        raise PacsError(f"There is already a PACS called '{new.name}'.")
+    names = [e.name for e in saved]
+    if replacing is not None and replacing not in names:
+        raise PacsError(f"There is no PACS called '{replacing}' saved in the app.")
+    if replacing is None:
+        saved.append(new)
+    else:
+        saved[names.index(replacing)] = new
+    return _write_saved(saved, folder)
+
+
+def delete_endpoint(name: str, *, who: Identity, folder: Path | None = None) -> list[Endpoint]:
+    """Remove the endpoint called `name` from those saved in the app ('manage_pacs')."""
+    roles.require(who, "manage_pacs")
+    saved = saved_endpoints(folder)
+    if name not in {e.name for e in saved}:
+        raise PacsError(f"There is no PACS called '{name}' saved in the app.")
+    return _write_saved([e for e in saved if e.name != name], folder)
+
+
+def _write_saved(saved: list[Endpoint], folder: Path | None) -> list[Endpoint]:
+    path = (data_dir() if folder is None else folder) / SAVED_FILE
+    entries = [{k: v for k, v in asdict(e).items() if v is not None} for e in saved]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():  # the secrets: created private, and replaced with that mode
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        atomic.write_text(path, json.dumps({"endpoints": entries}, indent=2))
+    except OSError as exc:
+        raise PacsError(f"The PACS settings cannot be saved in {path.parent}: "
+                        f"{exc.strerror or exc}.") from exc
+    return saved
 
 
 def endpoint(name: str | None = None) -> Endpoint:
@@ -254,11 +384,20 @@ class Pacs:
         if target.user:
             session.auth = HTTPBasicAuth(target.user, target.password or "")
         session.verify = target.verify
+        if target.verify is not True:
+            # else requests puts REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the setting's place;
+            # proxies still come from the environment
+            session.trust_env = False
+            session.proxies = requests.utils.get_environ_proxies(target.url)
         headers = {"Authorization": f"Bearer {target.token}"} if target.token else None
-        self.client = DICOMwebClient(target.url, session=session, headers=headers,
-                                     qido_url_prefix=target.qido_prefix,
-                                     wado_url_prefix=target.wado_prefix,
-                                     stow_url_prefix=target.stow_prefix, timeout=timeout)
+        try:
+            self.client = DICOMwebClient(target.url, session=session, headers=headers,
+                                         qido_url_prefix=target.qido_prefix,
+                                         wado_url_prefix=target.wado_prefix,
+                                         stow_url_prefix=target.stow_prefix, timeout=timeout)
+        except ValueError as exc:
+            raise PacsError(f"The address of the PACS '{target.name}' ({target.url}) is not "
+                            "a URL: ask an administrator.") from exc
         self.client.set_http_retry_params(retry=False)
 
     @contextlib.contextmanager
@@ -539,6 +678,26 @@ def send_result(pacs: Pacs, source: Dataset, finding: Finding, report_png: bytes
     if report_png is not None:
         objects.insert(0, secondary_capture(source, report_png))
     return pacs.store(objects, str(source.StudyInstanceUID))
+
+
+def send_review(pacs: Pacs, store: CaseStore, case: Case, *, who: Identity) -> Sent:
+    """Store the confirmed label of `case` (opened from this archive) as a Comprehensive SR
+    in a new series of its study, naming its reviewer and the model, and add a `SENT_ACTION`
+    entry signed by `who` to the case's audit log. Needs the 'review' action; `PacsError` for a
+    case without a PACS image or a confirmed label, or a PACS that does not have the image."""
+    roles.require(who, "review")
+    if case.pacs is None:
+        raise PacsError(f"Case {case.id} was not opened from a PACS: there is no study to "
+                        "send its label to.")
+    if case.confirmed_label is None:
+        raise PacsError(f"Case {case.id} has no confirmed label yet: review it first.")
+    source = pacs.fetch(InstanceRef(case.pacs.study_uid, case.pacs.series_uid,
+                                    case.pacs.sop_uid)).header
+    finding = Finding(case.confirmed_label, {}, case.model_name, model_version(case.model_hash),
+                      case.uncertain, confirmed_by=case.reviewer)
+    sent = pacs.store([structured_report(source, finding)], case.pacs.study_uid)
+    store.log_action(case.id, SENT_ACTION, "confirmed_label", case.confirmed_label, who=who)
+    return sent
 
 
 def is_ultrasound(ref: InstanceRef) -> bool:

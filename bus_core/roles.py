@@ -1,10 +1,11 @@
 """Who may do what: the roles, the actions each role allows, and the signed-in identity.
 
 Every action with a side effect (saving or reviewing a case, starting a training run,
-activating, renaming or deleting a model, managing users, exporting cases) takes an `Identity`
-and calls `require(identity, action)` first, so a direct library call without the role fails
-as the app's hidden button would. The command line acts as `operator()`: a shell user on the
-server already has the files, so it gets every role and signs with the system account's name.
+activating, renaming or deleting a model, managing users or PACS endpoints, exporting cases)
+takes an `Identity` and calls `require(identity, action)` first, so a direct library call
+without the role fails as the app's hidden button would. The command line acts as
+`operator()`: a shell user on the server already has the files, so it gets every role and signs
+with the system account's name.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ACTIONS: dict[str, str] = {
     "manage_models": "admin",
     "override_gate": "admin",
     "manage_users": "admin",
+    "manage_pacs": "admin",
     "export_all": "admin",
 }
 """Action -> the role that allows it (besides 'admin', which allows them all)."""

@@ -39,7 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -95,6 +95,9 @@ ORDERABLE: tuple[str, ...] = ("created_at", "updated_at", "id", "status", "predi
 """Columns `list_cases` can sort by."""
 
 _EXTENSION = re.compile(r"\.[a-z0-9]{1,5}")
+_DICOM_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_PACS_COLUMNS = ("pacs_endpoint", "study_uid", "series_uid", "sop_uid")
+"""The columns of a case's `PacsSource`, in its fields' order."""
 _EXPORTED_FILE = re.compile(r"^case-\d+(?:_mask(?:_\d+)?)?\.png$")
 _CSV_COLUMNS = ("id", "path", "label", "mask", "mask_source", "predicted", "uncertain", "status",
                 "probabilities", "model", "model_hash", "reviewer", "notes", "image_name",
@@ -112,6 +115,18 @@ class CaseNotFoundError(StoreError, LookupError):
 
 class InvalidCaseError(StoreError, ValueError):
     """A case or review with a value that cannot be stored (unknown label, no reviewer...)."""
+
+
+@dataclass(frozen=True)
+class PacsSource:
+    """Where in the hospital archive a case's image came from: the name of the configured
+    PACS (bus_core.pacs) and the DICOM study, series and instance UIDs; never the patient's
+    name or ID."""
+
+    endpoint: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,7 @@ class Case:
     mask_source: MaskSource | None = None
     uncertain: bool = False
     owner: str | None = None
+    pacs: PacsSource | None = None
 
     @property
     def display_name(self) -> str:
@@ -204,6 +220,10 @@ cases = Table(
     Column("mask_source", String(32)),
     Column("uncertain", Boolean),
     Column("owner", Text),
+    Column("pacs_endpoint", Text),
+    Column("study_uid", String(64)),
+    Column("series_uid", String(64)),
+    Column("sop_uid", String(64)),
 )
 """The cases table of the current schema (created by the migrations, never by create_all)."""
 
@@ -338,6 +358,14 @@ def _upgrade_v5_to_v6(conn: Connection) -> None:
     _append_only(conn, "model_decisions")
 
 
+def _upgrade_v6_to_v7(conn: Connection) -> None:
+    """Schema 7: where in the hospital archive a case's image came from (`PacsSource`: the
+    PACS's name and the study, series and instance UIDs; NULL for other and older cases)."""
+    for column in ("pacs_endpoint TEXT", "study_uid VARCHAR(64)", "series_uid VARCHAR(64)",
+                   "sop_uid VARCHAR(64)"):
+        conn.execute(text(f"ALTER TABLE cases ADD COLUMN {column}"))
+
+
 def _append_only(conn: Connection, table: str) -> None:
     """Triggers that refuse UPDATE and DELETE (and, on PostgreSQL, TRUNCATE) on `table`."""
     message = f"the {table.replace('_', ' ')} is append-only"
@@ -359,7 +387,8 @@ def _append_only(conn: Connection, table: str) -> None:
 
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_create_v1, _upgrade_v1_to_v2,
                                                         _upgrade_v2_to_v3, _upgrade_v3_to_v4,
-                                                        _upgrade_v4_to_v5, _upgrade_v5_to_v6)
+                                                        _upgrade_v4_to_v5, _upgrade_v5_to_v6,
+                                                        _upgrade_v6_to_v7)
 """Step i upgrades a database from schema version i to i + 1."""
 
 CURRENT_SCHEMA_VERSION = len(MIGRATIONS)
@@ -572,14 +601,16 @@ class CaseStore:
                   combine_mode: str | None = None, model_name: str, model_hash: str,
                   probabilities: Mapping[str, float], predicted_label: str,
                   cam_settings: Mapping[str, Any] | None = None, who: Identity,
-                  mask_source: str | None = None, uncertain: bool = False) -> Case:
+                  mask_source: str | None = None, uncertain: bool = False,
+                  pacs: PacsSource | None = None) -> Case:
         """Store a prediction as a new unreviewed case (image and masks first, then the case
         and its 'created' audit entry in one transaction), owned by `who` (role clinician).
         `image_name` is kept only as a pseudonym unless the administrator keeps file names.
         `mask_source` says who made the masks (one of `MASK_SOURCES`; None without masks);
         `uncertain`, that the model's top class was below its certainty threshold (the reading
-        is then no answer)."""
+        is then no answer); `pacs`, where in the hospital archive the image came from."""
         require(who, "save_case")
+        _check_pacs_source(pacs)
         if mask_source is not None and mask_source not in MASK_SOURCES:
             raise InvalidCaseError(f"Unknown mask source {mask_source!r}; choose one of "
                                    f"{', '.join(MASK_SOURCES)}.")
@@ -599,7 +630,8 @@ class CaseStore:
                    confirmed_label=None,
                    cam_settings=None if cam_settings is None else json.dumps(dict(cam_settings)),
                    reviewer="", notes="", status="unreviewed", owner=who.name,
-                   mask_source=mask_source if masks else None, uncertain=bool(uncertain))
+                   mask_source=mask_source if masks else None, uncertain=bool(uncertain),
+                   **dict(zip(_PACS_COLUMNS, astuple(pacs) if pacs else (None,) * 4)))
         with self.transaction(write=True) as conn:
             key = conn.execute(insert(cases).values(row)).inserted_primary_key
             assert key is not None
@@ -638,6 +670,15 @@ class CaseStore:
             notes = f"{case.notes}\n{note}" if case.notes else note
             self._apply(conn, case, reviewer, "note", {"notes": notes})
             return _fetch(conn, case_id)
+
+    def log_action(self, case_id: int, action: str, field: str, value: str, *,
+                   who: Identity) -> None:
+        """Append to a case's audit log that `who` (role clinician) did `action` with the
+        case's `field`, whose value was `value` (e.g. its confirmed label sent to the PACS)."""
+        signer = _signer(who, "review")
+        with self.transaction(write=True) as conn:
+            _fetch(conn, case_id)
+            _audit(conn, case_id, signer, action, field, None, value, at=_now())
 
     @staticmethod
     def _apply(conn: Connection, case: Case, who: str, action: str, changes: dict[str, str],
@@ -860,6 +901,8 @@ def _case(row: Any) -> Case:
     values["cam_settings"] = (json.loads(values["cam_settings"])
                               if values["cam_settings"] is not None else None)
     values["uncertain"] = bool(values["uncertain"])
+    source = [values.pop(key) for key in _PACS_COLUMNS]
+    values["pacs"] = PacsSource(*source) if all(source) else None
     return Case(**values)
 
 
@@ -915,6 +958,19 @@ def _check_probabilities(probabilities: Mapping[str, float]) -> dict[str, float]
                                    f"not {p}.")
         clean[label] = float(p)
     return clean
+
+
+def _check_pacs_source(source: PacsSource | None) -> None:
+    """`InvalidCaseError` unless `source` is None or names a PACS and three DICOM UIDs."""
+    if source is None:
+        return
+    if not source.endpoint.strip():
+        raise InvalidCaseError("The PACS a case came from has no name.")
+    for what, uid in (("study", source.study_uid), ("series", source.series_uid),
+                      ("instance", source.sop_uid)):
+        if len(uid) > 64 or not _DICOM_UID.match(uid):
+            raise InvalidCaseError(f"The {what} UID of the PACS image is not a DICOM UID "
+                                   "(digits and dots, at most 64 characters).")
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:

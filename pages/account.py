@@ -1,5 +1,5 @@
 """Account: your own password; for administrators, the users (add, roles, disable, new
-password) and the account audit log."""
+password), the account audit log and the PACS archives."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from bus_core.errors import BusError
 from bus_core.roles import ROLES, Identity
 from ui.auth import accounts, require_page
 from ui.common import md_escape, show_error
+from ui.pacs_settings import pacs_settings
 
 who = require_page("account")
 
@@ -126,3 +127,4 @@ if who.can("manage_users"):
     if users:
         change_user(store, who, users)
     account_log(store)
+pacs_settings(who)

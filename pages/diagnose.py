@@ -14,7 +14,7 @@ from ui.auth import require_page
 from ui.cases import save_case_button
 from ui.common import active_predictor, active_segmenter, md_escape, show_error
 from ui.masking import MaskChoice, canvas_shown, mask_panel, outlined, show_crop_preview
-from ui.pacs import open_from_pacs, send_to_pacs_button
+from ui.pacs import open_from_pacs, pacs_source, send_to_pacs_button
 from ui.results import Explanation, explanation_section, predict_cached, show_prediction
 from ui.state import digest, memo
 from ui.uploads import IMAGE_TYPES, Upload, read_case_files, read_uploads, unique
@@ -110,6 +110,7 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
                          predictor.spec.combine if masks else None, predictor, prediction,
                          {"target": shown.target, "method": shown.method,
                           "opacity": shown.opacity}, mask_source=choice.origin,
+                         pacs=pacs_source(upload.key),
                          key=f"{upload.key}_{choice.key}_{predictor.card.weights_sha256[:8]}")
         send_to_pacs_button(who, upload.key, predictor, prediction, data)
     return prediction

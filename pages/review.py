@@ -44,6 +44,7 @@ from ui.charts import probability_chart
 from ui.common import md_escape, optional_predictor, show_error, start_job
 from ui.data_inputs import resolve_path, resolve_source
 from ui.masking import outlined
+from ui.pacs import case_from_pacs
 from ui.results import cam_cached, predict_cached
 from ui.training import last_event, progress_fraction, progress_text
 
@@ -225,6 +226,7 @@ def case_detail(store: CaseStore, case: Case, who: Identity) -> None:
                         config={"displayModeBar": False, "staticPlot": True},
                         key=f"review_chart_{case.id}")
     review_form(store, case, who)
+    case_from_pacs(store, case, who)
     st.markdown("##### History")
     history_table(store, case)
 

@@ -19,6 +19,8 @@ from bus_core.io import load_image
 from bus_core.pacs import (
     CONFIG_ENV,
     PASSWORD_ENV,
+    SAVED_FILE,
+    SENT_ACTION,
     URL_ENV,
     USER_ENV,
     VERIFY_ENV,
@@ -26,14 +28,20 @@ from bus_core.pacs import (
     Finding,
     Pacs,
     PacsError,
+    delete_endpoint,
     endpoint,
+    endpoint_from_form,
     endpoints,
     read_finding,
+    save_endpoint,
+    saved_endpoints,
     send_result,
+    send_review,
 )
 from bus_core.predict import Predictor
 from bus_core.roles import PermissionDeniedError
-from tests.conftest import person
+from bus_core.store import PacsSource, open_store
+from tests.conftest import ADMIN, person
 from tests.orthanc import (  # noqa: F401 - the fixture
     PATIENT_ID,
     PATIENT_NAME,
@@ -87,6 +95,119 @@ def test_no_pacs_configured_says_who_sets_it(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv(CONFIG_ENV, raising=False)
     with pytest.raises(PacsError, match=URL_ENV):
         endpoint()
+
+
+def test_the_form_splits_three_service_urls_of_one_server(tmp_path: Path) -> None:
+    same = endpoint_from_form(" main ", "https://pacs.example/dicom-web/")
+    assert (same.name, same.url, same.qido_prefix, same.auth) == (
+        "main", "https://pacs.example/dicom-web", None, "none")
+    split = endpoint_from_form("split", "https://pacs.example:8443/dw/qido-rs",
+                               "https://pacs.example:8443/dw/wado-rs",
+                               "https://pacs.example:8443/dw/stow/rs", auth="bearer",
+                               secret="tok-1", verify=False)
+    assert (split.url, split.qido_prefix, split.wado_prefix, split.stow_prefix) == (
+        "https://pacs.example:8443/dw", "qido-rs", "wado-rs", "stow/rs")
+    assert [split.service_url(s) for s in ("qido", "wado", "stow")] == [
+        "https://pacs.example:8443/dw/qido-rs", "https://pacs.example:8443/dw/wado-rs",
+        "https://pacs.example:8443/dw/stow/rs"]
+    assert (split.auth, split.token, split.user, split.verify) == ("bearer", "tok-1", None, False)
+    # an empty secret keeps the saved one of the same kind; another kind needs its own
+    kept = endpoint_from_form("split", split.service_url("qido"), auth="bearer", previous=split)
+    assert kept.token == "tok-1"
+    with pytest.raises(PacsError, match="needs a password"):
+        endpoint_from_form("split", "https://pacs.example", auth="basic", user="u",
+                           previous=split)
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert endpoint_from_form("ca", "https://p", verify=str(bundle)).verify == str(bundle)
+    for args, kwargs, message in [
+            (("", "https://p"), {}, "name"),
+            (("x", "ftp://p/dw"), {}, "not a DICOMweb base URL"),
+            (("x", "https://u:pw@p/dw"), {}, "without a query or credentials"),
+            (("x", "https://p/dw?a=1"), {}, "without a query"),
+            (("x", "https://p/dw", "https://q/dw"), {}, "on one server"),
+            (("x", "https://p"), {"auth": "basic", "secret": "pw"}, "user name"),
+            (("x", "https://p"), {"auth": "bearer"}, "token"),
+            (("x", "https://p"), {"auth": "kerberos"}, "Unknown sign-in"),
+            (("x", "https://p"), {"verify": str(tmp_path / "none.pem")}, "no CA bundle")]:
+        with pytest.raises(PacsError, match=message):
+            endpoint_from_form(*args, **kwargs)
+
+
+def test_admins_save_change_and_remove_endpoints_in_the_data_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(URL_ENV, "https://server.example/dw")
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    first = endpoint_from_form("ward", "https://pacs.example/dw", auth="basic", user="bus",
+                               secret="pw-secret")
+    with pytest.raises(PermissionDeniedError):
+        save_endpoint(first, who=person(), folder=tmp_path)
+    save_endpoint(first, who=ADMIN, folder=tmp_path)
+    path = tmp_path / SAVED_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert json.loads(path.read_text())["endpoints"][0]["password"] == "pw-secret"
+    assert [e.name for e in endpoints(folder=tmp_path)] == ["default", "ward"]
+    with pytest.raises(PacsError, match="already a PACS called"):
+        save_endpoint(first, who=ADMIN, folder=tmp_path)
+    with pytest.raises(PacsError, match="set on the server"):
+        save_endpoint(Endpoint("default", "https://x"), who=ADMIN, folder=tmp_path)
+    renamed = endpoint_from_form("ward 2", "https://pacs.example/dw", auth="basic", user="bus",
+                                 previous=first)
+    save_endpoint(renamed, who=ADMIN, replacing="ward", folder=tmp_path)
+    assert saved_endpoints(tmp_path) == [renamed] and renamed.password == "pw-secret"
+    assert path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(PermissionDeniedError):
+        delete_endpoint("ward 2", who=person(), folder=tmp_path)
+    assert delete_endpoint("ward 2", who=ADMIN, folder=tmp_path) == []
+    with pytest.raises(PacsError, match="no PACS called"):
+        delete_endpoint("ward 2", who=ADMIN, folder=tmp_path)
+    path.write_text("{not json")
+    with pytest.raises(PacsError, match="cannot be read"):
+        endpoints(folder=tmp_path)
+
+
+@pytest.mark.parametrize("target, header, auth, verify", [
+    (Endpoint("b", "https://pacs.example/dw", token="tok-9", verify=False),
+     "Bearer tok-9", None, False),
+    (Endpoint("u", "https://pacs.example/dw", user="bus", password="pw", verify="/etc/ca.pem"),
+     None, ("bus", "pw"), "/etc/ca.pem"),
+    (Endpoint("n", "https://pacs.example/dw"), None, None, "/env/ca.pem")])
+def test_requests_carry_the_sign_in_and_the_tls_setting(monkeypatch: pytest.MonkeyPatch,
+                                                        target, header, auth, verify) -> None:
+    """What the DICOMweb session sends, without a network: the bearer header or basic
+    credentials, and the endpoint's TLS setting (off or its CA bundle) even when the
+    environment names a CA bundle, which is used when the endpoint just verifies."""
+    import base64
+
+    import requests
+
+    sent: list[tuple[requests.PreparedRequest, object]] = []
+
+    def send(session, request, **kwargs):
+        sent.append((request, kwargs.get("verify")))
+        response = requests.Response()
+        response.status_code, response._content = 200, b"[]"
+        response.headers["content-type"] = "application/dicom+json"
+        response.request, response.url = request, request.url
+        return response
+
+    monkeypatch.setattr(requests.Session, "send", send)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/env/ca.pem")
+    assert Pacs(target).find_studies(patient_id="P1") == []
+    request, used = sent[0]
+    assert request.url.startswith("https://pacs.example/dw/studies?") and used == verify
+    if header:
+        assert request.headers["Authorization"] == header
+    elif auth:
+        token = base64.b64encode(":".join(auth).encode()).decode()
+        assert request.headers["Authorization"] == f"Basic {token}"
+    else:
+        assert "Authorization" not in request.headers
+
+
+def test_a_malformed_address_is_a_sentence() -> None:
+    with pytest.raises(PacsError, match="is not a URL"):
+        Pacs(Endpoint("bad", "pacs.example/dicom-web"))
 
 
 def test_find_lists_the_ultrasound_study_without_the_patient_name(orthanc, stored) -> None:
@@ -150,6 +271,46 @@ def test_a_confirmed_review_label_is_sent_as_an_sr(orthanc, stored) -> None:
     sent = send_result(pacs, fetched.header, review, None, who=person())
     back = read_finding(pacs.retrieve(stored["us"], sent.series_uids[0], sent.sop_uids[0]))
     assert (back.label, back.confirmed_by, back.probabilities) == ("malignant", "Dr Test", {})
+
+
+def test_a_reviewed_case_from_the_pacs_sends_its_label(orthanc, stored, tmp_path) -> None:
+    pacs = Pacs(orthanc.endpoint)
+    header = pacs.fetch(pacs.ultrasound_instances(stored["us"])[0]).header
+    source = PacsSource(orthanc.endpoint.name, str(header.StudyInstanceUID),
+                        str(header.SeriesInstanceUID), str(header.SOPInstanceUID))
+    with open_store(tmp_path / "cases.sqlite") as store:
+        image = np.zeros((16, 16, 3), np.uint8)
+        case = store.save_case(image, image_name="PACS 2-1.dcm", model_name="tiny-test",
+                               model_hash="ab" * 32, probabilities={"benign": 1.0},
+                               predicted_label="benign", who=person(), pacs=source)
+        other = store.save_case(image + 1, image_name="scan.png", model_name="tiny-test",
+                                model_hash="ab" * 32, probabilities={"benign": 1.0},
+                                predicted_label="benign", who=person())
+        with pytest.raises(PacsError, match="no confirmed label yet"):
+            send_review(pacs, store, case, who=person())
+        case = store.review_case(case.id, label="malignant", who=person("Dr Reviewer"))
+        other = store.review_case(other.id, label="benign", who=person("Dr Reviewer"))
+        with pytest.raises(PacsError, match="not opened from a PACS"):
+            send_review(pacs, store, other, who=person())
+        with pytest.raises(PermissionDeniedError):
+            send_review(pacs, store, case, who=person("Teacher", "educator"))
+        sent = send_review(pacs, store, case, who=person("Dr Sender"))
+        back = read_finding(pacs.retrieve(source.study_uid, sent.series_uids[0],
+                                          sent.sop_uids[0]))
+        assert (back.label, back.confirmed_by, back.model) == (
+            "malignant", "Dr Reviewer", "tiny-test")
+        assert back.model_version == "sha256:" + "ab" * 8
+        last = store.history(case.id)[-1]
+        assert (last.action, last.who, last.new_value) == (SENT_ACTION, "Dr Sender",
+                                                           "malignant")
+        missing = store.save_case(image + 2, image_name="x.dcm", model_name="m",
+                                  model_hash="ab" * 32, probabilities={"benign": 1.0},
+                                  predicted_label="benign", who=person(),
+                                  pacs=PacsSource("x", "1.2.3", "1.2.3.4", "1.2.3.4.5"))
+        missing = store.review_case(missing.id, label="benign", who=person())
+        with pytest.raises(PacsError, match="does not have"):
+            send_review(pacs, store, missing, who=person())
+        assert store.history(missing.id)[-1].action != SENT_ACTION
 
 
 def test_sending_needs_the_save_case_role(orthanc, stored) -> None:

@@ -26,6 +26,7 @@ from bus_core.store import (
     CaseNotFoundError,
     CaseStore,
     InvalidCaseError,
+    PacsSource,
     StoreError,
     open_store,
 )
@@ -523,8 +524,8 @@ def test_empty_database_is_migrated_to_current(tmp_path: Path) -> None:
     db = tmp_path / "empty.sqlite"
     sqlite3.connect(db).close()
     with open_store(db) as s:
-        assert s.schema_version() == CURRENT_SCHEMA_VERSION == 6
-        assert s.migrate() == 6
+        assert s.schema_version() == CURRENT_SCHEMA_VERSION == 7
+        assert s.migrate() == 7
     assert {"schema_version", "cases", "audit_log", "audit_log_no_update",
             "audit_log_no_delete", "users", "account_log", "account_log_no_update",
             "account_log_no_delete", "model_decisions", "model_decisions_no_update",
@@ -540,9 +541,10 @@ def test_version_1_database_is_upgraded_keeping_rows(store_url: str) -> None:
         assert "audit_log" not in table_names(Path(db))
 
     with open_store(db) as s:
-        assert s.schema_version() == 6
+        assert s.schema_version() == 7
         one, two = s.get_case(1), s.get_case(2)
         assert one.mask_source is None and one.uncertain is False and one.owner is None
+        assert one.pacs is None and two.pacs is None
         assert (one.status, one.reviewer, one.notes, one.cam_settings) == (
             "unreviewed", "", "", None)
         assert one.updated_at == one.created_at == "2024-01-02T10:00:00.000000+00:00"
@@ -607,3 +609,19 @@ def test_uncertain_readings_are_stored_shown_and_not_disagreements(store: CaseSt
     rows = list(csv.DictReader(open(out / "cases.csv", encoding="utf-8")))
     assert [(r["predicted"], r["uncertain"], r["status"]) for r in rows] == [
         ("benign", "yes", "labelled")]
+
+
+def test_pacs_source_is_kept_checked_and_not_exported(store: CaseStore, tmp_path: Path) -> None:
+    source = PacsSource("main", "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2",
+                        "1.2.826.0.1.3680043.8.498.3")
+    case = save(store, pacs=source)
+    assert case.pacs == source and store.get_case(case.id).pacs == source
+    assert save(store, seed=1).pacs is None
+    for wrong in (PacsSource("main", "1.2.x", "1.2", "1.3"),
+                  PacsSource("main", "1.2", "1.2", "1." + "2" * 70),
+                  PacsSource(" ", "1.2", "1.2", "1.3")):
+        with pytest.raises(InvalidCaseError):
+            save(store, seed=2, pacs=wrong)
+    store.review_case(case.id, label="benign", who=person("Dr A"))
+    out = store.export_busi(tmp_path / "export", who=ADMIN)
+    assert source.study_uid not in (out / "cases.csv").read_text()

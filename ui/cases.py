@@ -16,7 +16,7 @@ import streamlit as st
 from bus_core.errors import BusError
 from bus_core.predict import Prediction, Predictor
 from bus_core.roles import Identity
-from bus_core.store import Case, CaseStore, StoreError, default_database, open_store
+from bus_core.store import Case, CaseStore, PacsSource, StoreError, default_database, open_store
 from ui.common import identity, show_error
 
 EXPORT_FOLDER = "bus-cases"
@@ -43,12 +43,14 @@ def save_prediction_as_case(store: CaseStore, image: np.ndarray, image_name: str
                             masks: Sequence[np.ndarray], combine_mode: str | None,
                             predictor: Predictor, prediction: Prediction,
                             cam_settings: Mapping[str, Any] | None,
-                            who: Identity, mask_source: str | None = None) -> Case:
+                            who: Identity, mask_source: str | None = None,
+                            pacs: PacsSource | None = None) -> Case:
     """Store a prediction as a new unreviewed case of `who` with the model that made it.
 
     `cam_settings` describes the explanation shown, e.g. {"target": "benign", "method":
     "gradcam", "opacity": 0.45}; the Review page uses it to redraw the same overlay.
-    `mask_source` says who made the masks (`bus_core.store.MASK_SOURCES`).
+    `mask_source` says who made the masks (`bus_core.store.MASK_SOURCES`); `pacs`, where in
+    the hospital archive the image came from.
     Raises StoreError, InvalidImageError or MaskError (all BusError)."""
     return store.save_case(image, image_name=image_name, masks=list(masks),
                            combine_mode=combine_mode, model_name=predictor.card.name,
@@ -56,17 +58,18 @@ def save_prediction_as_case(store: CaseStore, image: np.ndarray, image_name: str
                            probabilities=prediction.probabilities,
                            predicted_label=prediction.label, cam_settings=cam_settings,
                            who=who, mask_source=mask_source,
-                           uncertain=prediction.uncertain)
+                           uncertain=prediction.uncertain, pacs=pacs)
 
 
 def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndarray],
                      combine_mode: str | None, predictor: Predictor, prediction: Prediction,
                      cam_settings: Mapping[str, Any] | None, *, key: str,
-                     mask_source: str | None = None) -> Case | None:
+                     mask_source: str | None = None,
+                     pacs: PacsSource | None = None) -> Case | None:
     """A 'Save as case' button for one prediction (`key` identifies it, e.g. image + mask +
-    model); after saving, the case number is shown instead, so a case is saved once. Returns
-    the case on the run that saved it. Nothing is shown to a user who may not save cases
-    (demo mode saves nothing)."""
+    model; `pacs`: where in the hospital archive the image came from); after saving, the case
+    number is shown instead, so a case is saved once. Returns the case on the run that saved
+    it. Nothing is shown to a user who may not save cases (demo mode saves nothing)."""
     who = identity()
     if who is None or not who.can("save_case"):
         return None
@@ -95,7 +98,7 @@ def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndar
     try:
         case = save_prediction_as_case(store, image, image_name, masks, combine_mode, predictor,
                                        prediction, cam_settings, who=who,
-                                       mask_source=mask_source)
+                                       mask_source=mask_source, pacs=pacs)
     except BusError as exc:
         show_error(exc, "The case could not be saved")
         return None

@@ -1,6 +1,7 @@
-"""The Diagnose page's hospital archive: "Open from PACS" (search studies, pick ultrasound
-images from their series, fetch them into the page as uploads) and "Send to PACS" (the report
-and the result back to the image's study). The archive itself is bus_core.pacs."""
+"""The hospital archive in the app: on the Diagnose page "Open from PACS" (search studies, pick
+ultrasound images from their series, fetch them into the page as uploads) and "Send to PACS"
+(the report and the result back to the image's study); on the Review page, where a case's image
+came from and sending its confirmed label to that study. The archive itself is bus_core.pacs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pydicom.dataset import Dataset
 
 from bus_core.errors import BusError
 from bus_core.pacs import (
+    SENT_ACTION,
     InstanceRef,
     Pacs,
     PacsError,
@@ -21,9 +23,11 @@ from bus_core.pacs import (
     is_ultrasound,
     prediction_finding,
     send_result,
+    send_review,
 )
 from bus_core.predict import Prediction, Predictor
 from bus_core.roles import Identity
+from bus_core.store import Case, CaseStore, PacsSource
 from ui.common import md_escape, show_error
 from ui.state import memo
 from ui.uploads import Upload, decode_bytes
@@ -208,4 +212,56 @@ def send_to_pacs_button(who: Identity, upload_key: str, predictor: Predictor,
         return
     sent[key] = result.sop_uids[-1]
     st.success("Report and result sent to the PACS (new series in the study).",
+               icon=":material/cloud_done:")
+
+
+def pacs_source(upload_key: str) -> PacsSource | None:
+    """Where in the archive the image of this upload came from (None when it was uploaded)."""
+    opened = st.session_state.get(OPENED, {}).get(upload_key)
+    if opened is None:
+        return None
+    header = opened.header
+    return PacsSource(opened.endpoint, str(header.StudyInstanceUID),
+                      str(header.SeriesInstanceUID), str(header.SOPInstanceUID))
+
+
+def case_from_pacs(store: CaseStore, case: Case, who: Identity) -> None:
+    """For a case opened from the archive: its PACS and UIDs and, once reviewed, for users who
+    may review while that PACS is configured, "Send label to PACS" (a structured report in a
+    new series of the study, logged in the case's history)."""
+    if case.pacs is None:
+        return
+    source = case.pacs
+    st.caption(f"From the PACS **{md_escape(source.endpoint)}** · study `{source.study_uid}` · "
+               f"series `{source.series_uid}` · image `{source.sop_uid}`")
+    if case.confirmed_label is None or not who.can("review"):
+        return
+    try:
+        configured = {e.name for e in endpoints()}
+    except PacsError as exc:
+        show_error(exc)
+        return
+    if source.endpoint not in configured:
+        if configured:
+            st.caption(f"The PACS '{md_escape(source.endpoint)}' is no longer configured: the "
+                       "label cannot be sent to it.")
+        return
+    sent = [e for e in store.history(case.id)
+            if e.action == SENT_ACTION and e.new_value == case.confirmed_label]
+    if sent:
+        st.caption(f"The label {case.confirmed_label} was sent to the PACS by "
+                   f"{md_escape(sent[-1].who)} ({sent[-1].at[:16].replace('T', ' ')} UTC).")
+    if not st.button("Send label to PACS" if not sent else "Send label to PACS again",
+                     icon=":material/cloud_upload:", key=f"pacs_review_{case.id}",
+                     help="Stores the confirmed label, its reviewer and the model as a "
+                          "structured report in a new series of the image's study."):
+        return
+    try:
+        with st.spinner("Sending to the PACS…"):
+            send_review(_pacs(source.endpoint), store, case, who=who)
+    except BusError as exc:
+        show_error(exc, "The label was not sent to the PACS")
+        return
+    st.success(f"The label {case.confirmed_label} was sent to the PACS "
+               f"'{md_escape(source.endpoint)}' (a new series in the study).",
                icon=":material/cloud_done:")
