@@ -279,6 +279,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train and compare architectures on one split (see bus_core.compare)."""
+    from bus_core import compare
+    from bus_core.metrics import fmt3
+
+    def show(row: dict) -> None:
+        print(f"{row['row']}: accuracy {fmt3(row['accuracy'])}, malignant sensitivity "
+              f"{fmt3(row['malignant_sensitivity'])}, at the threshold "
+              f"{fmt3(row['sensitivity_at_threshold'])} / "
+              f"{fmt3(row['specificity_at_threshold'])}", flush=True)
+
+    rows = compare.main(args, on_row=show)
+    if rows is None:
+        print(f"Comparison stopped; run the same command again to resume it in {args.out}.")
+        return 1
+    print(f"Results of {len(rows)} rows in {args.out}/results.csv and {args.out}/results.md")
+    return 0
+
+
 def cmd_leak(args: argparse.Namespace) -> int:
     """Share of black model inputs per class under each input mode (the mask leak)."""
     from bus_core.inputs import INPUT_MODES, InputSpec, blank_input_share
@@ -472,6 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "first seed document")
     p.add_argument("--epochs", type=int, default=5)
     p.set_defaults(func=cmd_tune)
+
+    from bus_core.compare import get_args_parser as compare_args_parser
+
+    sub.add_parser("compare", parents=[compare_args_parser(add_help=False)],
+                   help="train and compare architectures on one split, sensitivity first"
+                   ).set_defaults(func=cmd_compare)
 
     p = sub.add_parser("leak", help="measure the mask leak: black inputs per class and mode")
     _add_data(p)

@@ -42,6 +42,11 @@ class PathNotAllowedError(BusError):
     names neither the path nor whether it exists."""
 
 
+class CompareError(BusError, ValueError):
+    """An architecture comparison that cannot run as asked (rows, input size, initialisation,
+    or a row folder trained with other settings)."""
+
+
 def storage_message(action: str, exc: OSError) -> str:
     """'Could not <action>: <reason> (<path>). <hint>' for an `OSError`."""
     reason = exc.strerror or str(exc) or type(exc).__name__

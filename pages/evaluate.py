@@ -25,6 +25,7 @@ from bus_core.settings import default_dataset_dir
 from bus_core.splits import SUBSETS, load_split, split_records
 from ui.auth import require_page
 from ui.common import load_predictor, md_escape, show_error
+from ui.comparison import architecture_comparison
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
 from ui.evaluation import (
     comparison_csv,
@@ -44,6 +45,7 @@ require_page("evaluate")
 THUMB_PX = 256
 PAGE_SIZE = 12
 CHART_CONFIG = {"displayModeBar": False}
+COMPARISON_VIEW = "Architecture comparison runs"
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,10 @@ def comparison(results: list[Result]) -> None:
 
 
 st.title("Evaluate")
+if st.radio("View", ("Models on data", COMPARISON_VIEW), horizontal=True, key="eval_view",
+            label_visibility="collapsed") == COMPARISON_VIEW:
+    architecture_comparison(CHART_CONFIG)
+    st.stop()
 st.caption("Score models on labelled images, ideally the test subset of the split they were "
            "trained with. Evaluation runs here; about 100 images take 10–30 s on a CPU.")
 

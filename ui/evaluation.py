@@ -8,14 +8,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import plotly.colors
 import plotly.graph_objects as go
 
+from bus_core.compare import COLUMN_TITLES, DISPLAY_COLUMNS, display_value
 from bus_core.evaluate import Evaluation
 from bus_core.metrics import HEADLINE_KEYS, METRIC_LABELS, fmt3
 from bus_core.report import BAR_COLOURS, DEFAULT_BAR
 from bus_core.store import csv_safe
 
 PER_CLASS: tuple[str, ...] = ("sensitivity", "specificity", "precision", "f1", "auc", "support")
+RUN_COLOURS: tuple[str, ...] = tuple(plotly.colors.qualitative.Safe)
+"""Line colours of the rows of a comparison run (colour-blind safe)."""
 
 
 def metric_rows(metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -54,6 +58,12 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     columns = {name: [_display(v) for _, v in metric_rows(m)] for name, m in results.items()}
     labels = [label for label, _ in metric_rows(next(iter(results.values())))] if results else []
     return pd.DataFrame(columns, index=labels)
+
+
+def comparison_run_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The rows of a `python -m bus_core compare` run for display (sensitivity first)."""
+    return pd.DataFrame([{COLUMN_TITLES[k]: display_value(k, row.get(k))
+                          for k in DISPLAY_COLUMNS} for row in rows])
 
 
 def metrics_csv(metrics: Mapping[str, Any]) -> str:
@@ -130,6 +140,32 @@ def roc_figure(curves: Mapping[str, Mapping[str, Any]]) -> go.Figure:
     figure.update_xaxes(title_text="False-positive rate (1 − specificity)", range=[0, 1])
     figure.update_yaxes(title_text="True-positive rate (sensitivity)", range=[0, 1.02])
     return _layout(figure)
+
+
+def roc_comparison_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """The malignant-vs-rest ROC curve on test of each row of a comparison run (AUC in the
+    legend), with a marker where the row's validation-chosen threshold operates."""
+    figure = go.Figure()
+    figure.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
+                       line=dict(color="#b0b8c0", dash="dot"), hoverinfo="skip")
+    for i, row in enumerate(rows):
+        colour = RUN_COLOURS[i % len(RUN_COLOURS)]
+        curve = row.get("roc")
+        if curve:
+            figure.add_scatter(x=curve["fpr"], y=curve["tpr"], mode="lines", line_shape="hv",
+                               name=f"{row['row']} (AUC {fmt3(curve.get('auc'))})",
+                               legendgroup=row["row"], line=dict(color=colour, width=2))
+        sensitivity, specificity = (row.get("sensitivity_at_threshold"),
+                                    row.get("specificity_at_threshold"))
+        if sensitivity is not None and specificity is not None:
+            figure.add_scatter(
+                x=[1 - specificity], y=[sensitivity], mode="markers", legendgroup=row["row"],
+                showlegend=False, marker=dict(color=colour, size=10, symbol="diamond"),
+                hovertemplate=f"{row['row']} at its threshold: sensitivity {sensitivity:.3f}, "
+                              f"specificity {specificity:.3f}<extra></extra>")
+    figure.update_xaxes(title_text="False-positive rate (1 − specificity)", range=[0, 1])
+    figure.update_yaxes(title_text="Malignant sensitivity", range=[0, 1.02])
+    return _layout(figure, height=440)
 
 
 def reliability_figure(curve: Mapping[str, Sequence[Any]], ece: float | None) -> go.Figure:
