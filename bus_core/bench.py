@@ -11,6 +11,10 @@ Paths compared:
   it is installed, see `backends`), the same code the app and CLI run.
 Both keep the model loaded between calls: model loading is measured separately.
 
+Training (`training_pipeline`): images/s of the real input pipeline (synthetic PNG files decoded
+once, `loader.PlanLoader` worker processes, copy to the device, `train.train_step`) against the
+same step of the same model on random tensors already on the device, same batch size.
+
 Batch prediction (`batch.predict_to_csv`: worker processes decode, batched forward passes of the
 optimised path) is compared in images/s with the optimised path called one file at a time on
 the same synthetic PNG files.
@@ -37,21 +41,32 @@ from PIL import Image
 
 from bus_core.batch import DEFAULT_BATCH_SIZE, default_workers, predict_to_csv
 from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
+from bus_core.dataset import Record
 from bus_core.device import (
     DeviceConfig,
     autocast,
     choose_device,
     fp32_cpu,
+    needs_grad_scaler,
     prepare_model,
     to_device,
 )
+from bus_core.inputs import InputSpec
 from bus_core.io import load_image
+from bus_core.loader import (
+    PlanLoader,
+    RecordDataset,
+    default_train_workers,
+    epoch_plan,
+    plan_batches,
+)
 from bus_core.metrics import softmax
 from bus_core.models import build_model, load_model
 from bus_core.predict import Predictor
 from bus_core.registry import active_model_path, active_segmenter_path
 from bus_core.segment import Segmenter
 from bus_core.settings import PROJECT_ROOT, default_dataset_dir
+from bus_core.train import train_step
 from bus_core.transforms import InputSize
 
 
@@ -133,6 +148,50 @@ def train_throughput(arch: str, config: DeviceConfig, batch: int, steps: int, cr
     return batch * len(times) / sum(times)
 
 
+def pipeline_throughput(arch: str, config: DeviceConfig, size: InputSize, batch: int, steps: int,
+                        folder: Path) -> dict[str, Any]:
+    """Training images/s of the real input pipeline and of the model-only step (random tensors
+    already on the device), same model and batch size, `steps` timed steps each after an
+    untimed one (for the pipeline: the first step of an epoch after a first epoch, whose
+    batch waits for the workers); and the seconds the one-off decoding of the
+    `batch * (steps + 1)` PNG files took."""
+    files = write_synthetic_images(folder, batch * (steps + 1))
+    records = [Record(f.stem, f, CLASSES[i % len(CLASSES)]) for i, f in enumerate(files)]
+    dataset = RecordDataset(records, InputSpec(size=size), train=True)
+    torch.manual_seed(0)
+    model = prepare_model(build_model(arch), config).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(config.device.type, enabled=needs_grad_scaler(config))
+    criterion = torch.nn.CrossEntropyLoss()
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        train_step(model, to_device(images, config),
+                   labels.to(config.device, non_blocking=True), optimizer, scaler, criterion,
+                   config)
+
+    start = time.perf_counter()
+    loader = PlanLoader(dataset, workers=default_train_workers(),
+                        pin_memory=config.device.type == "cuda")
+    decode_s = time.perf_counter() - start
+    plans = [plan_batches(epoch_plan(dataset.labels, "none", epoch, 0), batch, seed=0,
+                          epoch=epoch) for epoch in (0, 1)]
+    for _, images, labels in loader.epoch(plans[0][:1]):  # starts the workers; warms up
+        step(images, labels)
+    for index, (_, images, labels) in enumerate(loader.epoch(plans[1])):
+        step(images, labels)
+        if index == 0:
+            start = time.perf_counter()
+    pipeline = batch * (len(plans[1]) - 1) / (time.perf_counter() - start)
+    x = to_device(torch.randn(batch, 3, size.crop, size.crop), config)
+    y = torch.randint(0, len(CLASSES), (batch,)).to(config.device)
+    times = timed(lambda: step(x, y), steps, warmup=1)
+    model_only = batch * len(times) / sum(times)
+    return {"batch": batch, "crop": size.crop, "steps": steps, "workers": loader.workers,
+            "decode_once_s": round(decode_s, 2), "pipeline_images_per_s": round(pipeline, 2),
+            "model_only_images_per_s": round(model_only, 2),
+            "ratio": round(pipeline / model_only, 3)}
+
+
 def _test_images(args: argparse.Namespace) -> list[Path]:
     data = Path(args.data) if args.data else default_dataset_dir()
     split = Path(args.split)
@@ -158,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     n_latency, train_steps, n_agree, n_batch = (10, 2, 16, 32) if args.quick else \
         (50, 6, None, 256)
+    pipeline_counts = (4, 3) if args.quick else (16, 8)  # batch size, timed steps
     fast = choose_device()
     emit("machine", cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
          torch=torch.__version__, optimised_device=fast.to_dict(), quick=args.quick,
@@ -206,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     fast_rate = train_throughput(loaded.card.arch, fast, 16, train_steps, crop)
     emit("training_throughput", batch=16, naive_images_per_s=round(naive_rate, 2),
          optimised_images_per_s=round(fast_rate, 2), ratio=round(fast_rate / naive_rate, 2))
+    with tempfile.TemporaryDirectory(prefix="bus-bench-") as tmp:
+        pipeline_size = InputSize(72, 64) if args.quick else size
+        emit("training_pipeline", device=fast.to_dict(), image="synthetic 600x500 PNG files",
+             **pipeline_throughput(loaded.card.arch, fast, pipeline_size, *pipeline_counts,
+                                   Path(tmp) / "images"))
 
     if images:
         chosen = images[:n_agree] if n_agree else images

@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bus_core import atomic
 from bus_core.errors import BusError, storage, storage_message
@@ -88,6 +89,7 @@ def _evaluate_segmenter(args: argparse.Namespace, loaded) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a model on data (optionally one subset of a split file)."""
     from bus_core.evaluate import evaluate
+    from bus_core.inputs import InputSpec
     from bus_core.metrics import format_metrics
     from bus_core.models import load_model
     from bus_core.registry import active_model_path, no_model_message
@@ -99,16 +101,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if loaded.card.task == "segmentation":
         return _evaluate_segmenter(args, loaded)
     records, data = _records_for(args)
+    reads_masks = InputSpec.from_card(loaded.card).uses_masks
+    if (args.masks != "expert" or args.outline_check) and not reads_masks:
+        raise BusError(f"--masks {args.masks} and --outline-check are for models that read a "
+                       "lesion mask; this model uses the whole image.")
+    if args.outline_check:
+        return _outline_check(args, loaded, records, data)
+    if args.whole_image_model:
+        return _two_stage(args, loaded, records, data)
     if args.masks == "auto":
         from bus_core.segment import Segmenter, with_automatic_masks
 
-        if not loaded.card.input_mode.startswith("mask"):
-            raise BusError("--masks auto is for models that read a lesion mask; this model "
-                           "uses the whole image.")
         records = with_automatic_masks(records, Segmenter.from_path(args.segmenter),
                                        Path(args.mask_dir) if args.mask_dir else None,
                                        progress=sys.stderr.isatty())
         data = {**data, "masks": "automatic"}
+    elif args.masks != "expert":
+        from bus_core.segment import with_outline_variant
+
+        records = with_outline_variant(records, args.masks)
+        data = {**data, "masks": f"{args.masks} expert outline"}
     result = evaluate(loaded, records, device=args.device, batch_size=args.batch_size,
                       progress=sys.stderr.isatty(), data={**data, "n": len(records)},
                       tta=args.tta, input_mode=args.input_mode, backend=args.backend)
@@ -120,6 +132,77 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             {"id": i, "true": t, "predicted": p, "probability": q}
             for i, t, p, q in result.misclassified()]}
         _write_output(args.json, json.dumps(out, indent=2, allow_nan=False))
+        print(f"Metrics written to {args.json}")
+    return 0
+
+
+def _outline_check(args: argparse.Namespace, loaded: Any, records: list[Any],
+                   data: dict[str, Any]) -> int:
+    """Evaluate a lesion model under every outline variant and print how often they agree."""
+    from bus_core.evaluate import evaluate, outline_agreement
+    from bus_core.masks import OUTLINE_VARIANTS
+    from bus_core.metrics import format_metrics
+    from bus_core.segment import with_outline_variant
+
+    results = {}
+    for kind in OUTLINE_VARIANTS:
+        variant = with_outline_variant(records, kind)
+        results[kind] = evaluate(loaded, variant, device=args.device, batch_size=args.batch_size,
+                                 data={**data, "n": len(records), "masks": kind},
+                                 backend=args.backend)
+        print(f"Model {loaded.card.name} on {len(records)} images ({data['subset']}), {kind} "
+              "outlines:")
+        print(format_metrics(results[kind].metrics))
+    summary = outline_agreement(results)
+    agree = ", ".join(f"{k} {v:.3f}" for k, v in summary["same_class_as_reference"].items()
+                      if v is not None)
+    print(f"Same class as with the expert outline on {summary['n_lesion']} lesion images: "
+          f"{agree}; all outlines agree: {summary['all_agree']}")
+    if args.json:
+        out = {"outline_agreement": summary,
+               "metrics": {k: r.metrics for k, r in results.items()}}
+        _write_output(args.json, json.dumps(out, indent=2, allow_nan=False))
+        print(f"Metrics written to {args.json}")
+    return 0
+
+
+def _two_stage(args: argparse.Namespace, loaded: Any, records: list[Any],
+               data: dict[str, Any]) -> int:
+    """Evaluate the two-stage reading: the lesion model on suggested outlines, the whole-image
+    model where none is found."""
+    from bus_core.evaluate import evaluate, two_stage
+    from bus_core.inputs import InputSpec
+    from bus_core.metrics import fit_malignant_threshold, format_metrics, threshold_metrics
+    from bus_core.models import load_model
+    from bus_core.segment import Segmenter, with_automatic_masks
+
+    if args.masks != "auto":
+        raise BusError("--whole-image-model reads the images where the suggested outline finds "
+                       "no lesion: use it with --masks auto.")
+    whole_model = load_model(args.whole_image_model)
+    if InputSpec.from_card(whole_model.card).uses_masks:
+        raise BusError(f"{whole_model.card.name} reads lesion masks; --whole-image-model needs "
+                       "a model of the whole image.")
+    outlined = with_automatic_masks(records, Segmenter.from_path(args.segmenter),
+                                    Path(args.mask_dir) if args.mask_dir else None,
+                                    progress=sys.stderr.isatty())
+    found = [bool(r.masks) for r in outlined]
+    common = {"device": args.device, "batch_size": args.batch_size, "backend": args.backend}
+    lesion = evaluate(loaded, outlined, **common)
+    whole = evaluate(whole_model, records, **common)
+    result = two_stage(lesion, whole, found, {**data, "n": len(records), "masks": "automatic"})
+    metrics = result.metrics
+    if args.malignant_threshold is not None:
+        metrics["at_threshold"] = threshold_metrics(result.y_true, result.probs,
+                                                    args.malignant_threshold, result.classes)
+    metrics["fitted_threshold"] = fit_malignant_threshold(result.y_true, result.probs,
+                                                          result.classes)
+    print(f"{metrics['model']} on {len(records)} images ({data['subset']}); outlined "
+          f"{metrics['outlined']}:")
+    print(format_metrics(metrics))
+    print(f"Sensitivity-first threshold fitted on these images: {metrics['fitted_threshold']}")
+    if args.json:
+        _write_output(args.json, json.dumps(metrics, indent=2, allow_nan=False))
         print(f"Metrics written to {args.json}")
     return 0
 
@@ -219,12 +302,19 @@ def cmd_split(args: argparse.Namespace) -> int:
         load_split,
         make_kfold,
         make_split,
+        merge_splits,
         save_split,
     )
 
     records = load_many(args.data)
     if not records:
         raise BusError(f"There are no labelled images in {', '.join(args.data)} to split.")
+    if args.merge:
+        split = merge_splits([load_split(path) for path in args.merge], records)
+        save_split(split, args.out)
+        print(f"Split saved to {args.out}: " + ", ".join(
+            f"{name} {len(split.subset(name))}" for name in ("train", "val", "test")))
+        return 0
     if args.hold_out:
         if not args.base:
             raise BusError("--hold-out needs --base, the split file to derive the new one from.")
@@ -401,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bus_core.batch import DEFAULT_BATCH_SIZE
     from bus_core.device import DEVICE_CHOICES
     from bus_core.inputs import INPUT_MODES
+    from bus_core.masks import OUTLINE_VARIANTS
     from bus_core.seg_train import get_args_parser as seg_args_parser
     from bus_core.train import get_args_parser
 
@@ -438,9 +529,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-mode", choices=INPUT_MODES,
                    help="replace the card's input mode (e.g. show a mask-mode model leak-free "
                         "inputs to measure the mask leak)")
-    p.add_argument("--masks", default="expert", choices=("expert", "auto"),
-                   help="for a lesion (mask) model: the data's expert masks, or the outlines "
-                        "the segmentation model suggests")
+    p.add_argument("--masks", default="expert", choices=("auto", *OUTLINE_VARIANTS),
+                   help="for a lesion (mask) model: the data's expert masks, the outlines the "
+                        "segmentation model suggests (auto), or the expert masks dilated or "
+                        "replaced by their bounding box")
+    p.add_argument("--whole-image-model",
+                   help="with --masks auto, for a lesion model: the two-stage reading, this "
+                        "whole-image model where the suggested outline finds no lesion")
+    p.add_argument("--malignant-threshold", type=float,
+                   help="with --whole-image-model: also report the rule P(malignant) >= this")
+    p.add_argument("--outline-check", action="store_true",
+                   help="for a lesion model: evaluate with expert, dilated and box outlines and "
+                        "report how often the class stays the same")
     p.add_argument("--segmenter", help="segmentation model for --masks auto (default: bundled)")
     p.add_argument("--mask-dir", help="keep the automatic masks in this folder")
     p.set_defaults(func=cmd_evaluate)
@@ -482,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file of image ids (one a line, e.g. one scanner's): they leave "
                         "--base's train and val; the test subset is those of them in --base's "
                         "val and test")
+    p.add_argument("--merge", nargs="+", metavar="SPLIT",
+                   help="split files of different data sets (given with --data) to join into "
+                        "one: each subset is the union of theirs")
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("tune", parents=[get_args_parser(add_help=False)],

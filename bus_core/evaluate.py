@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,44 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
     metrics["input_mode"] = spec.mode
     metrics["data"] = data or {}
     return Evaluation(metrics, [r.id for r in records], y, probs, logits, list(card.classes))
+
+
+def two_stage(lesion: Evaluation, whole: Evaluation, found: Sequence[bool],
+              data: dict[str, Any] | None = None) -> Evaluation:
+    """The two-stage reading of the same records: where the suggested outline found a lesion
+    (`found`), the lesion model's probabilities (`lesion`, evaluated on those outlines);
+    elsewhere the whole-image model's (`whole`). Metrics over all records."""
+    if lesion.ids != whole.ids or len(found) != len(lesion.ids):
+        raise ValueError("The two evaluations must cover the same records in the same order.")
+    if lesion.classes != whole.classes:
+        raise ValueError("The lesion model and the whole-image model have different classes.")
+    pick = np.asarray(found, dtype=bool)[:, None]
+    probs = np.where(pick, lesion.probs, whole.probs)
+    logits = np.log(np.clip(probs, 1e-12, None)).astype(np.float32)
+    metrics = compute_metrics(lesion.y_true, probs, lesion.classes)
+    metrics |= {"model": f"{lesion.metrics.get('model')} on suggested outlines, else "
+                         f"{whole.metrics.get('model')}",
+                "outlined": int(pick.sum()), "data": data or {}}
+    return Evaluation(metrics, lesion.ids, lesion.y_true, probs, logits, lesion.classes)
+
+
+def outline_agreement(results: Mapping[str, Evaluation]) -> dict[str, Any]:
+    """How far a lesion model's class depends on the outline it is given: `results` are
+    evaluations of the same records under each outline variant (`masks.OUTLINE_VARIANTS`, the
+    first one the reference). Per variant: the share of lesion images (true class not normal)
+    whose predicted class equals the reference's; and the share where every variant agrees."""
+    names = list(results)
+    if not names:
+        raise ValueError("No evaluations to compare.")
+    first = results[names[0]]
+    lesion = np.array([first.classes[y] != "normal" for y in first.y_true])
+    preds = {name: r.probs.argmax(1)[lesion] for name, r in results.items()}
+    n = int(lesion.sum())
+    agree = {name: float((preds[name] == preds[names[0]]).mean()) if n else None
+             for name in names[1:]}
+    every = np.all([preds[name] == preds[names[0]] for name in names], axis=0)
+    return {"reference": names[0], "n_lesion": n, "same_class_as_reference": agree,
+            "all_agree": float(every.mean()) if n else None}
 
 
 def segmentation_summary(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -10,6 +10,12 @@ Input modes:
   and its normal-class figures say nothing about ultrasound. Kept only to measure that leak.
 - `mask-leakfree`: as `mask`, but an image without a lesion mask becomes a random masked crop of
   its tissue (`masks.leak_free_crop`), so normal inputs look like lesion crops.
+- `lesion-context`: the lesion with its surroundings, not blacked out: the image cropped to the
+  box around the combined mask, grown by `margin` of its size on each side. Only the box of
+  the outline reaches the model, never its shape, so a quick brush stroke, an expert outline
+  and a box around the same lesion give nearly the same input; training draws a random
+  variant of the box each time (`masks.jitter_box`). An image without a lesion becomes a
+  lesion-sized window of its tissue (`masks.tissue_window`), cropped the same way.
 
 At prediction time a mask-mode model needs a non-empty mask from the user (`MaskError` otherwise).
 """
@@ -26,11 +32,32 @@ import numpy as np
 from bus_core.dataset import Record
 from bus_core.errors import MaskError
 from bus_core.io import load_image, load_mask
-from bus_core.masks import COMBINE_MODES, CombineMode, combine_masks, leak_free_crop, masked_input
+from bus_core.masks import (
+    COMBINE_MODES,
+    CombineMode,
+    box_of,
+    combine_masks,
+    context_crop,
+    jitter_box,
+    leak_free_crop,
+    lesion_free_box,
+    masked_input,
+    tissue_box,
+    tissue_window,
+)
 from bus_core.transforms import InputSize
 
-InputMode = Literal["full", "mask", "mask-leakfree"]
+TEXT_BAND = 0.12
+"""Share of the imaged area's height / width at each edge that lesion-free windows avoid."""
+
+InputMode = Literal["full", "mask", "mask-leakfree", "lesion-context"]
 INPUT_MODES: tuple[str, ...] = get_args(InputMode)
+
+
+def default_margin(mode: str) -> float:
+    """The crop margin of a mode when none is given: half the lesion box on each side for
+    `lesion-context` (its surroundings), a tenth for the masked crops."""
+    return 0.5 if mode == "lesion-context" else 0.1
 
 
 @dataclass(frozen=True)
@@ -76,10 +103,19 @@ def model_input(image: np.ndarray, masks: Sequence[np.ndarray], spec: InputSpec)
     if not spec.uses_masks:
         return image
     if not masks:
-        raise MaskError("This model was trained on masked lesion crops: paint or upload a lesion "
+        raise MaskError("This model reads the lesion it is shown: paint or upload a lesion "
                         "mask, or choose a model that uses the full image.")
+    if spec.mode == "lesion-context":
+        return context_crop(image, box_of(lesion_mask(masks, spec)), spec.margin)
     return masked_input(image, masks, mode=spec.combine, threshold=spec.threshold,
                         margin=spec.margin)
+
+
+def lesion_mask(masks: Sequence[np.ndarray], spec: InputSpec) -> np.ndarray:
+    """The combined lesion mask of `spec`; the union where that combination is empty but some
+    mask is not (two separate lesions have no intersection). May be empty."""
+    combined = combine_masks(masks, mode=spec.combine, threshold=spec.threshold)
+    return combined if combined.any() else combine_masks(masks, mode="union")
 
 
 def record_lesion_mask(record: Record, shape: tuple[int, int]) -> np.ndarray:
@@ -97,22 +133,57 @@ def record_rng(record_id: str, epoch: int = 0) -> np.random.Generator:
 
 
 def record_input(record: Record, spec: InputSpec, rng: np.random.Generator | None = None,
-                 image: np.ndarray | None = None) -> np.ndarray:
-    """The training/evaluation input of a dataset record under `spec` (see module docstring)."""
+                 image: np.ndarray | None = None, *, lesion: np.ndarray | None = None,
+                 jitter: bool = False) -> np.ndarray:
+    """The training/evaluation input of a dataset record under `spec` (see module docstring).
+
+    `image` and `lesion` (its combined lesion mask, `lesion_mask`) are read from the record
+    when not given. Random choices (the tissue crop of an image without a lesion; with
+    `jitter`, the variant of a `lesion-context` box) come from `rng`, by default one seeded by
+    the record id."""
     if image is None:
         image = load_image(record.path)
     if not spec.uses_masks:
         return image
-    masks = [load_mask(p, shape=image.shape[:2]) for p in record.masks]
-    if masks and combine_masks(masks, mode=spec.combine, threshold=spec.threshold).any():
-        return masked_input(image, masks, mode=spec.combine, threshold=spec.threshold,
-                            margin=spec.margin)
-    if any(m.any() for m in masks):  # e.g. the intersection of two separate lesions is empty
-        return masked_input(image, masks, mode="union", margin=spec.margin)
+    rng = rng if rng is not None else record_rng(record.id)
+    if lesion is None:
+        masks = [load_mask(p, shape=image.shape[:2]) for p in record.masks]
+        lesion = lesion_mask(masks, spec) if masks else np.zeros(image.shape[:2], bool)
+    if spec.mode == "lesion-context":
+        if lesion.any():
+            box = box_of(lesion)
+            box = jitter_box(box, image.shape[:2], rng) if jitter else box
+        else:
+            box = tissue_window(image, rng)
+        return context_crop(image, box, spec.margin)
+    if lesion.any():
+        return masked_input(image, [lesion], mode="union", margin=spec.margin)
     if spec.mode == "mask":
         return np.zeros_like(image)
-    return leak_free_crop(image, rng if rng is not None else record_rng(record.id),
-                          margin=spec.margin)
+    return leak_free_crop(image, rng, margin=spec.margin)
+
+
+def lesion_free_strip(image: np.ndarray, lesion: np.ndarray
+                      ) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1): where lesion-free windows of the image are cut (`masks.lesion_free_box`
+    of the imaged area less `TEXT_BAND` at each edge, where scanners burn in text and scales
+    that lesion crops rarely show: a model must not learn "text = normal"); None when no strip
+    is large enough."""
+    y0, y1, x0, x1 = tissue_box(image)
+    dy, dx = round(TEXT_BAND * (y1 - y0)), round(TEXT_BAND * (x1 - x0))
+    return lesion_free_box(lesion, (y0 + dy, y1 - dy, x0 + dx, x1 - dx))
+
+
+def lesion_free_input(image: np.ndarray, lesion: np.ndarray, rng: np.random.Generator
+                      ) -> np.ndarray | None:
+    """A `lesion-context` input of tissue away from the image's lesion (an extra "normal"
+    example from a data set without normal images), cut inside `lesion_free_strip`; None when
+    there is no such strip."""
+    strip = lesion_free_strip(image, lesion)
+    if strip is None:
+        return None
+    window = tissue_window(image, rng, min_frac=0.5, max_frac=0.9, within=strip)
+    return context_crop(image, window, margin=0.0)  # no margin: it would reach the text band
 
 
 def blank_input_share(records: Sequence[Record], spec: InputSpec) -> dict[str, dict[str, float]]:

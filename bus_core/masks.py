@@ -1,5 +1,6 @@
 """Lesion masks: combining the masks of one image, the masked bounding-box crop a model sees
-("intersection masking"), a leak-free stand-in crop for images without a lesion, browser canvas
+("intersection masking"), the unmasked crop of a lesion with its surroundings (and a tissue
+window of the same kind for images without a lesion), leak-free stand-in crops, browser canvas
 drawings -> masks, and outlines / overlays for display.
 
 A mask is an HxW array at the image's resolution; non-zero (True) marks the lesion.
@@ -173,7 +174,7 @@ def masked_input(image: np.ndarray, masks: Sequence[np.ndarray],
 
 # --- images without a lesion ---------------------------------------------------------------
 
-def _tissue_box(image: np.ndarray) -> tuple[int, int, int, int]:
+def tissue_box(image: np.ndarray) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1) of the imaged area: the rows and columns that are mostly not black
     border (the whole image when none are)."""
     grey = image.max(axis=-1) if image.ndim == 3 else image
@@ -224,8 +225,108 @@ def leak_free_crop(image: np.ndarray, rng: np.random.Generator, *, min_frac: flo
     """
     image = np.asarray(image)
     mask = pseudo_lesion_mask(image.shape[:2], rng, min_frac=min_frac, max_frac=max_frac,
-                              within=_tissue_box(image))
+                              within=tissue_box(image))
     return apply_mask_crop(image, mask, margin)
+
+
+def lesion_free_box(mask: np.ndarray, within: tuple[int, int, int, int], *, gap: float = 0.05,
+                    min_share: float = 0.35) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1): the largest strip of the area `within` (y0, y1, x0, x1) that keeps clear
+    of the mask's bounding box grown by `gap` of the area (left of, right of, above or below
+    it); the whole area for an empty mask; None when the strip's height or width is under
+    `min_share` of the area's."""
+    y0, y1, x0, x1 = within
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    box = (y0, y1, x0, x1)
+    if rows.size:
+        gy, gx = gap * (y1 - y0), gap * (x1 - x0)
+        by0, by1 = int(np.floor(rows[0] - gy)), int(np.ceil(rows[-1] + 1 + gy))
+        bx0, bx1 = int(np.floor(cols[0] - gx)), int(np.ceil(cols[-1] + 1 + gx))
+        options = [(y0, y1, x0, bx0), (y0, y1, bx1, x1), (y0, by0, x0, x1), (by1, y1, x0, x1)]
+        box = max(options, key=lambda b: max(0, b[1] - b[0]) * max(0, b[3] - b[2]))
+    if box[1] - box[0] < min_share * (y1 - y0) or box[3] - box[2] < min_share * (x1 - x0):
+        return None
+    return box
+
+
+# --- the lesion with its surroundings (input mode "lesion-context") ------------------------
+
+def jitter_box(box: tuple[int, int, int, int], shape: tuple[int, int], rng: np.random.Generator,
+               *, scale: tuple[float, float] = (0.8, 1.35), shift: float = 0.15
+               ) -> tuple[int, int, int, int]:
+    """A random variant of a lesion box (y0, y1, x0, x1): each side length times a factor drawn
+    log-uniformly from `scale`, the centre moved by up to `shift` of the side, clipped to the
+    image of `shape` and never empty. It stands for the outlines different readers draw of the
+    same lesion (tight, generous, an ellipse or a box around it)."""
+    y0, y1, x0, x1 = box
+    h, w = shape
+    out = []
+    for lo, hi, length in ((y0, y1, h), (x0, x1, w)):
+        side = (hi - lo) * float(np.exp(rng.uniform(np.log(scale[0]), np.log(scale[1]))))
+        centre = (lo + hi) / 2 + rng.uniform(-shift, shift) * (hi - lo)
+        start = int(np.clip(round(centre - side / 2), 0, length - 1))
+        stop = int(np.clip(round(centre + side / 2), start + 1, length))
+        out += [start, stop]
+    return out[0], out[1], out[2], out[3]
+
+
+def context_crop(image: np.ndarray, box: tuple[int, int, int, int], margin: float,
+                 min_size: int = 32) -> np.ndarray:
+    """The image (not masked) cropped to the box (y0, y1, x0, x1) grown by `margin` times its
+    size on each side, clipped to the image and at least `min_size` px a side where the image
+    is that large."""
+    y0, y1, x0, x1 = box
+    h, w = image.shape[:2]
+    y0, y1 = _axis_span(y0, y1, h, margin, min_size)
+    x0, x1 = _axis_span(x0, x1, w, margin, min_size)
+    return image[y0:y1, x0:x1]
+
+
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) end-exclusive: the bounding box of a non-empty mask (`MaskError` if
+    empty)."""
+    return mask_bbox(mask, margin=0.0, min_size=1)
+
+
+def tissue_window(image: np.ndarray, rng: np.random.Generator, *, min_frac: float = 0.25,
+                  max_frac: float = 0.6, within: tuple[int, int, int, int] | None = None
+                  ) -> tuple[int, int, int, int]:
+    """A random lesion-sized box (y0, y1, x0, x1) inside `within` (default: the imaged tissue,
+    black borders excluded): height and width each a random fraction in [min_frac, max_frac]
+    of that area's. What an image without a lesion offers in place of a lesion box."""
+    y0, y1, x0, x1 = within if within is not None else tissue_box(image)
+    box_h = max(1, round(rng.uniform(min_frac, max_frac) * (y1 - y0)))
+    box_w = max(1, round(rng.uniform(min_frac, max_frac) * (x1 - x0)))
+    top = y0 + int(rng.integers(0, y1 - y0 - box_h + 1))
+    left = x0 + int(rng.integers(0, x1 - x0 - box_w + 1))
+    return top, top + box_h, left, left + box_w
+
+
+OutlineVariant = Literal["expert", "dilated", "box"]
+OUTLINE_VARIANTS: tuple[str, ...] = get_args(OutlineVariant)
+"""Outlines of one lesion as different readers draw it: the data set's own (expert) outline,
+a generous one (dilated by `DILATION` of the lesion's size) and the box around it."""
+
+DILATION = 0.15
+"""Dilation of the "dilated" outline variant, as a share of the lesion's equivalent diameter."""
+
+
+def outline_variant(mask: np.ndarray, kind: str) -> np.ndarray:
+    """`mask` as outline variant `kind` (see `OUTLINE_VARIANTS`); an empty mask stays empty."""
+    array = _as_mask(mask)
+    if kind not in OUTLINE_VARIANTS:
+        raise ValueError(f"Unknown outline variant {kind!r}; choose one of "
+                         f"{', '.join(OUTLINE_VARIANTS)}.")
+    if kind == "expert" or not array.any():
+        return array
+    if kind == "box":
+        y0, y1, x0, x1 = box_of(array)
+        out = np.zeros_like(array)
+        out[y0:y1, x0:x1] = True
+        return out
+    radius = max(1, round(DILATION * 2 * np.sqrt(array.sum() / np.pi)))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return cv2.dilate(array.astype(np.uint8), kernel).astype(bool)
 
 
 # --- canvas drawings -> masks --------------------------------------------------------------

@@ -291,7 +291,8 @@ def _fine_tune_config(card: Any, source: Path, base_data: list[str], base_split:
         extra_train=[str(train_csv)], input_mode=card.input_mode,
         combine_mode=card.combine_mode, combine_threshold=card.combine_threshold,
         init=str(Path(source).resolve()), resize=card.size.resize, crop=card.size.crop,
-        name=model_dir.name, epochs=FINE_TUNE_EPOCHS,
+        fit=card.size.fit, crop_margin=card.crop_margin, name=model_dir.name,
+        epochs=FINE_TUNE_EPOCHS,
         lr=float(lr) * FINE_TUNE_LR_FACTOR if lr else DEFAULT_FINE_TUNE_LR,
         **{k: hyper[k] for k in _KEPT_HYPERPARAMETERS if hyper.get(k) is not None})
     known = {f.name for f in dataclasses.fields(TrainConfig)}

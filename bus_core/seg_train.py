@@ -51,6 +51,7 @@ from bus_core.evaluate import segmentation_summary
 from bus_core.inputs import record_lesion_mask
 from bus_core.io import load_image
 from bus_core.loader import class_weights
+from bus_core.masks import lesion_free_box
 from bus_core.metrics import compute_metrics, softmax
 from bus_core.models import load_model
 from bus_core.progress import ProgressLog, RunFiles
@@ -178,24 +179,17 @@ def pack(records: Sequence[Record], size: int, cache: Path | None = None,
 
 def lesion_free_window(mask: np.ndarray, content: Sequence[int], gap: float = 0.05
                        ) -> Window | None:
-    """The largest window of the image's content that keeps clear of the lesion's bounding box
-    (left, right, above or below it), normalised; None when none is large enough."""
+    """The largest window of the image's content (x0, y0, x1, y1) that keeps clear of the
+    lesion's bounding box (`masks.lesion_free_box`), normalised; None when none is large
+    enough."""
     x0, y0, x1, y1 = (int(v) for v in content)
-    size = mask.shape[0]
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        box = (x0, y0, x1, y1)
-    else:
-        gx, gy = gap * (x1 - x0), gap * (y1 - y0)
-        bx0, bx1 = xs.min() - gx, xs.max() + 1 + gx
-        by0, by1 = ys.min() - gy, ys.max() + 1 + gy
-        options = [(x0, y0, bx0, y1), (bx1, y0, x1, y1), (x0, y0, x1, by0), (x0, by1, x1, y1)]
-        box = max(options, key=lambda b: max(0, b[2] - b[0]) * max(0, b[3] - b[1]))
-    wx, wy = box[2] - box[0], box[3] - box[1]
-    if wx < MIN_WINDOW * (x1 - x0) or wy < MIN_WINDOW * (y1 - y0):
+    box = lesion_free_box(mask, (y0, y1, x0, x1), gap=gap, min_share=MIN_WINDOW)
+    if box is None:
         return None
-    return Window(cx=(box[0] + box[2]) / size - 1, cy=(box[1] + box[3]) / size - 1,
-                  hx=wx / size, hy=wy / size)
+    by0, by1, bx0, bx1 = box
+    size = mask.shape[0]
+    return Window(cx=(bx0 + bx1) / size - 1, cy=(by0 + by1) / size - 1,
+                  hx=(bx1 - bx0) / size, hy=(by1 - by0) / size)
 
 
 @dataclass(frozen=True)

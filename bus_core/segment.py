@@ -30,7 +30,9 @@ from bus_core.constants import IMAGE_SUFFIXES
 from bus_core.dataset import Record, load_records, mask_owner
 from bus_core.device import DeviceConfig, autocast, choose_device, prepare_model, to_device
 from bus_core.errors import BusError, DataError, ModelError, storage
+from bus_core.inputs import record_lesion_mask
 from bus_core.io import load_image
+from bus_core.masks import outline_variant
 from bus_core.models import LoadedModel, load_model
 from bus_core.registry import active_segmenter_path
 from bus_core.segmentation import PostProcess, postprocess
@@ -115,6 +117,30 @@ def write_mask_png(mask: np.ndarray, path: Path) -> None:
     """Save a bool mask as an 8-bit PNG of 0 / 255 (written whole or not at all)."""
     with storage(f"write the mask {path}"), atomic.atomic_path(path) as tmp:
         Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
+
+
+def with_outline_variant(records: Sequence[Record], kind: str, mask_dir: Path | None = None
+                         ) -> list[Record]:
+    """The records with their masks replaced by outline variant `kind` of their combined
+    (union) expert mask (`masks.outline_variant`, written to `mask_dir`, default a temporary
+    folder); records without a lesion mask keep theirs."""
+    with storage("create the folder for the outline variants"):
+        folder = mask_dir or Path(tempfile.mkdtemp(prefix=f"bus-{kind}-masks-"))
+        folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, record in enumerate(records):
+        if not record.masks:
+            out.append(record)
+            continue
+        shape = load_image(record.path).shape[:2]
+        lesion = record_lesion_mask(record, shape)
+        if not lesion.any():
+            out.append(record)
+            continue
+        path = folder / f"{i:05d}_{kind}_mask.png"
+        write_mask_png(outline_variant(lesion, kind), path)
+        out.append(dataclasses.replace(record, masks=(path,)))
+    return out
 
 
 def segment_inputs(inputs: Sequence[str | Path], out: Path, segmenter: Segmenter, *,

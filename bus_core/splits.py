@@ -262,6 +262,32 @@ def hold_out(split: Split, records: Sequence[Record], held: Iterable[str]) -> Sp
     return _split(chosen, subsets, groups, split.seed, ratios, {})
 
 
+def merge_splits(splits: Sequence[Split], records: Sequence[Record]) -> Split:
+    """One split of several data sets: each subset is the union of the splits' subsets (their
+    images must not overlap), so a model trained on it has seen no image that any of them
+    keeps for validation or testing. `records` must cover every split."""
+    subsets: list[list[str]] = [[], [], []]
+    groups: dict[str, str] = {}
+    for part in splits:
+        overlap = set(part.ids()) & {i for ids in subsets for i in ids}
+        if overlap:
+            raise DataError(f"The splits to merge share {len(overlap)} images (e.g. "
+                            f"{sorted(overlap)[0]!r}); merge splits of different data sets.")
+        for ids, name in zip(subsets, SUBSETS):
+            ids += part.subset(name)
+        groups |= part.groups
+    by_id = {r.id: r for r in records}
+    missing = [i for ids in subsets for i in ids if i not in by_id]
+    if missing:
+        raise DataError(f"{len(missing)} images of the splits are not in the data given "
+                        f"(e.g. {missing[0]!r}).")
+    covered = sorted(i for ids in subsets for i in ids)
+    ratios = [len(ids) / len(covered) for ids in subsets]
+    return _split([by_id[i] for i in covered], [sorted(ids) for ids in subsets],
+                  Groups(groups, {"method": "merged splits", "parts": len(splits)}),
+                  splits[0].seed, ratios, {})
+
+
 def _sorted_unique(records: Iterable[Record]) -> list[Record]:
     records = sorted(records, key=lambda r: r.id)
     for a, b in zip(records, records[1:]):

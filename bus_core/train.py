@@ -57,16 +57,27 @@ from bus_core.device import (
 from bus_core.distributed import Ranks
 from bus_core.errors import BusError, DataError, storage
 from bus_core.evaluate import collect_logits
-from bus_core.inputs import INPUT_MODES, InputSpec
-from bus_core.loader import BALANCE_MODES, RecordDataset, class_weights, collate, epoch_plan
+from bus_core.inputs import INPUT_MODES, InputSpec, default_margin
+from bus_core.loader import (
+    BALANCE_MODES,
+    PlanLoader,
+    RecordDataset,
+    class_weights,
+    default_train_workers,
+    epoch_plan,
+    plan_batches,
+    tissue_pool,
+)
 from bus_core.masks import COMBINE_MODES
 from bus_core.metrics import (
     HEADLINE_KEYS,
     LOWER_IS_BETTER,
     compute_metrics,
+    fit_malignant_threshold,
     fit_temperature,
     nll,
     softmax,
+    threshold_metrics,
 )
 from bus_core.models import (
     ARCHS,
@@ -79,7 +90,7 @@ from bus_core.models import (
 )
 from bus_core.progress import EtaClock, ProgressLog, RunFiles, read_progress, run_state
 from bus_core.splits import Split, find_groups, load_split, make_split, save_split, split_records
-from bus_core.transforms import InputSize, input_size_for
+from bus_core.transforms import FITS, InputSize, input_size_for
 
 BACKGROUND_ENV = "BUS_BACKGROUND_JOB"
 """Set (to "1") in the environment of a run that `jobs` starts in the background."""
@@ -117,16 +128,31 @@ class TrainConfig:
     device: str = "auto"
     resize: int | None = None
     crop: int | None = None
+    fit: str = "crop"
+    crop_margin: float | None = None
+    tissue_share: float = 0.0
     checkpoint_every: float = 120.0
     save_dtype: str = "float16"
     name: str | None = None
     nproc_per_node: int = 1
+    workers: int | None = None
 
     @property
     def size(self) -> InputSize:
         """Preprocessing sizes: the architecture's standard, or the overrides."""
         std = input_size_for(self.arch)
-        return InputSize(self.resize or std.resize, self.crop or std.crop)
+        return InputSize(self.resize or std.resize, self.crop or std.crop, self.fit)
+
+    @property
+    def worker_count(self) -> int:
+        """Processes that build training batches (`workers`, by default
+        `default_train_workers()`; 0: the training process builds them)."""
+        return default_train_workers() if self.workers is None else self.workers
+
+    @property
+    def margin(self) -> float:
+        """The crop margin: `crop_margin`, or the input mode's default."""
+        return default_margin(self.input_mode) if self.crop_margin is None else self.crop_margin
 
     @property
     def files(self) -> RunFiles:
@@ -186,6 +212,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--resize", type=int, help="shorter side before cropping (default 256)")
     p.add_argument("--crop", type=int, help="input size (default 224; 299 for inception_v3)")
+    p.add_argument("--fit", default="crop", choices=FITS,
+                   help="crop: resize the shorter side, centre-crop (the seed preset); pad: the "
+                        "whole image padded to a square")
+    p.add_argument("--crop-margin", type=float,
+                   help="mask input modes: the lesion box grows by this share of its size on "
+                        "each side (default 0.5 for lesion-context, else 0.1)")
+    p.add_argument("--tissue-share", type=float, default=0.0,
+                   help="lesion-context mode: add this many lesion-free windows (label normal) "
+                        "per training image, from data sets without normal images")
     p.add_argument("--checkpoint-every", type=float, default=120.0,
                    help="seconds between mid-epoch checkpoints")
     p.add_argument("--save-dtype", default="float16", choices=("float16", "float32"))
@@ -193,6 +228,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="train as N processes of this machine, one per GPU (starts torchrun; "
                         "ignored when already started by torchrun)")
+    p.add_argument("--workers", type=int,
+                   help="processes that crop and augment training batches ahead of the step "
+                        f"(default here {default_train_workers()}: CPU cores - 1, at most 4; "
+                        "0: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with every setting "
                         "it was started with")
@@ -425,7 +464,7 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
     split, records = distributed.broadcast(prepare_split(config) if ranks.is_main else None,
                                            ranks)
     spec = InputSpec.of(config.input_mode, config.combine_mode, config.combine_threshold,
-                        size=config.size)
+                        config.margin, config.size)
     train_records = split_records(records, split, "train") + load_many(config.extra_train)
     train_ds = RecordDataset(train_records, spec, train=True)
     val_ds = RecordDataset(split_records(records, split, "val"), spec)
@@ -471,12 +510,17 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
               n_test=len(test_ds), config=dataclasses.asdict(config),
               split_data_hash=split.data_hash, world_size=ranks.world_size)
 
+    pool = tissue_pool(train_ds) if config.tissue_share > 0 and \
+        config.input_mode == "lesion-context" else []
+    pipeline = PlanLoader(train_ds, workers=config.worker_count,
+                          pin_memory=device.device.type == "cuda")
     last_save = time.monotonic()
     clock = EtaClock(n_val=len(val_ds), n_final=len(val_ds) + len(test_ds))
     global_batch = config.batch_size * ranks.world_size
     while state["epoch"] < config.epochs:
         epoch = state["epoch"]
-        plan = epoch_plan(train_ds.labels, config.balance, epoch, config.seed)
+        plan = epoch_plan(train_ds.labels, config.balance, epoch, config.seed,
+                          tissue_pool=pool, tissue_share=config.tissue_share)
         mine = distributed.shard(plan, ranks)
         steps = math.ceil(len(mine) / config.batch_size)
         net.train()
@@ -485,24 +529,17 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
         loss_sum = 0.0
         bar = tqdm(total=steps, initial=state["step"], desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not (progress_bar and ranks.is_main), unit="step")
-        for step in range(state["step"], steps):
-            items = mine[step * config.batch_size:(step + 1) * config.batch_size]
-            if len(items) < 2:  # BatchNorm cannot train on a batch of one
-                continue
-            step_start = time.monotonic()
-            images, labels = collate([train_ds[i] for i in items])
-            images, labels = to_device(images, device), labels.to(device.device)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device):
-                logits = net(images)
-                loss = criterion(logits.float(), labels)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        batches = plan_batches(mine, config.batch_size, seed=config.seed, epoch=epoch,
+                               rank=ranks.rank, start=state["step"])
+        step_start = time.monotonic()
+        for step, images, labels in pipeline.epoch(batches):
+            images = to_device(images, device)
+            labels = labels.to(device.device, non_blocking=True)
+            logits, loss = train_step(net, images, labels, optimizer, scaler, criterion, device)
             asked = ranks.is_main and ((should_stop and should_stop())
                                        or config.files.cancel.exists())
             n, right, losses, stops = distributed.sum_over_ranks(
-                [len(items), int((logits.argmax(1) == labels).sum()), loss.item() * len(items),
+                [len(labels), int((logits.argmax(1) == labels).sum()), loss.item() * len(labels),
                  float(asked)], ranks, device.device)
             stop = stops > 0
             seen += int(n)
@@ -528,6 +565,7 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
                 bar.close()
                 log.write("cancelled", epoch=epoch + 1, step=step + 1)
                 return TrainResult(Path(config.out), None, "cancelled")
+            step_start = time.monotonic()
         bar.close()
         val_start = time.monotonic()
         distributed.share_buffers(model, ranks)
@@ -571,6 +609,21 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
     return TrainResult(Path(config.out), card, "done")
 
 
+def train_step(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               criterion: nn.Module, device: DeviceConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch already on the device (`device.to_device`), under
+    `device`'s autocast; returns the batch's logits and loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device):
+        logits = net(images)
+        loss = criterion(logits.float(), labels)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return logits, loss
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
     """A model's state dict as a safetensors file, written atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -587,10 +640,13 @@ def round_weights(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def _subset_metrics(model: nn.Module, dataset: RecordDataset, device: DeviceConfig,
-                    batch_size: int, temperature: float, description: dict[str, Any]
-                    ) -> dict[str, Any]:
+                    batch_size: int, temperature: float, threshold: float | None,
+                    description: dict[str, Any]) -> dict[str, Any]:
     logits = collect_logits(model, dataset, device, batch_size)
-    metrics = compute_metrics(np.asarray(dataset.labels), softmax(logits, temperature))
+    y, probs = np.asarray(dataset.labels), softmax(logits, temperature)
+    metrics = compute_metrics(y, probs)
+    if threshold is not None:
+        metrics["at_threshold"] = threshold_metrics(y, probs, threshold)
     metrics["temperature"] = temperature
     metrics["data"] = description
     return metrics
@@ -612,12 +668,13 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
     round_weights(model, dtype)
     val_logits = collect_logits(model, val_ds, device, config.batch_size)
     temperature = fit_temperature(val_logits, np.asarray(val_ds.labels))
+    threshold = fit_malignant_threshold(val_ds.labels, softmax(val_logits, temperature))
     split_file = config.split or str(config.files.split)
     metrics = {}
     for subset, dataset in (("val", val_ds), ("test", test_ds)):
         if len(dataset):
             metrics[subset] = _subset_metrics(
-                model, dataset, device, config.batch_size, temperature,
+                model, dataset, device, config.batch_size, temperature, threshold,
                 {"subset": subset, "split_file": split_file, "data_hash": split.data_hash,
                  "sources": config.data, "n": len(dataset)})
     hyper = {k: getattr(config, k) for k in ("optimizer", "lr", "weight_decay", "batch_size",
@@ -631,7 +688,8 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
         config.name or Path(config.out).name, config.arch,
         input_size=dataclasses.asdict(config.size), input_mode=config.input_mode,
         combine_mode=config.combine_mode, combine_threshold=config.combine_threshold,
-        temperature=temperature, init=config.init,
+        crop_margin=config.margin, temperature=temperature,
+        malignant_threshold=threshold, init=config.init,
         training_data={"sources": config.data, "extra_train": config.extra_train,
                        "n_train": state.get("n_train"), "max_per_class": config.max_per_class},
         split={"file": split_file, "file_sha256": file_sha256(Path(split_file)),

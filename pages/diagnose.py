@@ -56,7 +56,9 @@ def mask_note(choice: MaskChoice, predictor: Predictor) -> str:
     made = {"suggested": "suggested automatically by the outline model",
             "suggested, edited": "suggested automatically, then edited by the user"}.get(
         choice.origin or "", choice.origin or "given")
-    use = ("the model read the masked lesion" if predictor.spec.uses_masks
+    use = ("the model read the lesion and its surroundings"
+           if predictor.spec.mode == "lesion-context"
+           else "the model read the masked lesion" if predictor.spec.uses_masks
            else "shown for reference; the model read the whole image")
     return f"{made} ({use})"
 

@@ -56,7 +56,8 @@ WHO = require_page("train")
 
 POLL_S = 2
 MODE_LABELS = {"full": "Full image", "mask": "Lesion mask crop (leaks the label: comparison only)",
-               "mask-leakfree": "Lesion mask crop, leak-free"}
+               "mask-leakfree": "Lesion mask crop, leak-free",
+               "lesion-context": "Lesion with its surroundings (box around the outline)"}
 BALANCE_LABELS = {"augment": "Augmented copies of minority classes",
                   "weights": "Class-weighted loss", "sampler": "Weighted sampling",
                   "none": "None"}
@@ -118,6 +119,10 @@ def model_settings() -> dict[str, Any]:
         st.caption("The model sees the masked lesion crop; images without a lesion get a random "
                    "crop of their tissue, so the class is not given away. At diagnosis a lesion "
                    "mask is required.")
+    elif mode == "lesion-context":
+        st.caption("The model sees the box around the lesion outline with the tissue around it, "
+                   "not blacked out; images without a lesion give a window of their tissue. At "
+                   "diagnosis any outline of the lesion will do (painted, suggested or a box).")
     init = init_kind
     if init_kind == "imagenet":
         cached = imagenet_cached(arch)

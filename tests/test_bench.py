@@ -15,7 +15,7 @@ def test_quick_bench_prints_every_figure_as_json(tiny_model_dir, tiny_segmenter_
     figures = {line["figure"]: line for line in lines}
     assert list(figures) == ["machine", "model_load", "backend", "latency_single_image",
                              "gradcam_latency",
-                             "training_throughput", "agreement_with_fp32",
+                             "training_throughput", "training_pipeline", "agreement_with_fp32",
                              "segmentation_latency", "batch_prediction_throughput"]
     assert figures["segmentation_latency"]["p50_ms"] > 0
     latency = figures["latency_single_image"]
@@ -23,6 +23,9 @@ def test_quick_bench_prints_every_figure_as_json(tiny_model_dir, tiny_segmenter_
     assert latency["pytorch"]["p50_ms"] > 0 and latency["backend"] == figures["backend"]["chosen"]
     assert latency["ratio_p50"] > 0
     assert figures["training_throughput"]["ratio"] > 0
+    pipeline = figures["training_pipeline"]
+    assert pipeline["pipeline_images_per_s"] > 0 and pipeline["model_only_images_per_s"] > 0
+    assert pipeline["ratio"] > 0 and pipeline["batch"] == 4 and pipeline["workers"] >= 1
     agreement = figures["agreement_with_fp32"]
     assert agreement["n"] == len(json.loads(split.read_text())["test"])
     assert 0 <= agreement["label_agreement"] <= 1

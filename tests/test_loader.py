@@ -5,7 +5,7 @@ import torch
 
 from bus_core.dataset import load_records
 from bus_core.inputs import InputSpec
-from bus_core.loader import RecordDataset, class_weights, epoch_plan
+from bus_core.loader import PlanLoader, RecordDataset, class_weights, epoch_plan, plan_batches
 from bus_core.transforms import InputSize
 
 
@@ -54,3 +54,56 @@ def test_dataset_modes(busi_dir):
     train = RecordDataset(records, InputSpec(mode="mask-leakfree", size=size), train=True)
     crops = [train.input_image(normal) for _ in range(4)]
     assert any(c.shape != crops[0].shape or not np.array_equal(c, crops[0]) for c in crops[1:])
+
+
+def _train_set(busi_dir) -> RecordDataset:
+    records = load_records(busi_dir)[2:]  # classes of unequal sizes: strong copies are drawn
+    return RecordDataset(records, InputSpec(size=InputSize(40, 32)), train=True)
+
+
+def _epoch(loader, batches):
+    return [(step, images.clone(), labels.clone()) for step, images, labels in
+            loader.epoch(batches)]
+
+
+def test_plan_batches_cut_steps_drop_a_batch_of_one_and_resume_alike():
+    plan = epoch_plan([0, 1, 2] * 3, "none", epoch=0, seed=0)
+    batches = plan_batches(plan, 4, seed=0, epoch=0)
+    assert [b.step for b in batches] == [0, 1] and [len(b.items) for b in batches] == [4, 4]
+    assert plan_batches(plan, 4, seed=0, epoch=0, start=1) == batches[1:]
+    assert plan_batches(plan, 4, seed=0, epoch=1)[0].seed != batches[0].seed
+    assert plan_batches(plan, 4, seed=0, epoch=0, rank=1)[0].seed != batches[0].seed
+
+
+def test_worker_processes_give_the_batches_of_the_training_process(busi_dir):
+    dataset = _train_set(busi_dir)
+    plan = epoch_plan(dataset.labels, "augment", epoch=0, seed=0)
+    batches = plan_batches(plan, 4, seed=0, epoch=0)
+    in_process = _epoch(PlanLoader(dataset, workers=0), batches)
+    in_workers = _epoch(PlanLoader(_train_set(busi_dir), workers=2), batches)
+    assert [s for s, _, _ in in_process] == [b.step for b in batches]
+    for (s0, x0, y0), (s1, x1, y1), batch in zip(in_process, in_workers, batches):
+        assert s0 == s1 and torch.equal(y0, y1) and torch.equal(x0, x1)
+        assert y0.tolist() == [dataset.label_of(item) for item in batch.items]
+    assert any(item.strong for b in batches for item in b.items)
+    torch.manual_seed(123)  # the batches do not depend on the caller's random state
+    assert torch.equal(_epoch(PlanLoader(dataset, workers=0), batches[:1])[0][1], in_process[0][1])
+
+
+def test_files_are_decoded_once_before_the_workers_start(busi_dir, monkeypatch):
+    import bus_core.loader
+
+    decoded = []
+    load = bus_core.loader.load_image
+    monkeypatch.setattr(bus_core.loader, "load_image", lambda p: decoded.append(p) or load(p))
+    dataset = _train_set(busi_dir)
+    loader = PlanLoader(dataset, workers=1)
+    assert sorted(decoded) == sorted(r.path for r in dataset.records)
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} decoded again")
+
+    monkeypatch.setattr(bus_core.loader, "load_image", no_decoding)
+    for epoch in (0, 1):  # the worker forked after the patch: it must never decode
+        plan = epoch_plan(dataset.labels, "augment", epoch=epoch, seed=0)
+        assert len(_epoch(loader, plan_batches(plan, 4, seed=0, epoch=epoch))) > 1

@@ -87,7 +87,8 @@ def test_plan_splits_cases_and_fine_tunes_the_active_model(store, active, busi_d
     assert 1 <= len(plan.heldout_cases) <= 5
     config = plan.config
     assert config.init == str(active.resolve()) and config.arch == "densenet121"
-    assert (config.resize, config.crop) == (40, 32)
+    assert (config.resize, config.crop, config.fit) == (40, 32, "crop")
+    assert config.margin == 0.1  # the card's crop margin, kept
     assert config.split == str(base_split.resolve()) and config.data == [str(busi_dir.resolve())]
     assert config.extra_train == [plan.train_manifest]
     assert Path(config.out) == user_models_dir() / "rt1" and config.epochs == 1

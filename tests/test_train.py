@@ -25,6 +25,9 @@ def test_parser_maps_to_config():
                                          "--optimizer", "sgd", "--balance", "weights"])
     config = config_from_args(args)
     assert config.lr == 0.001 and config.optimizer == "sgd" and config.data == ["d"]
+    assert config.workers is None and config.worker_count >= 1
+    args = get_args_parser().parse_args(["--data", "d", "--out", "o", "--workers", "0"])
+    assert config_from_args(args).worker_count == 0
 
 
 def test_one_epoch_writes_model_card_progress_and_split(busi_dir, tmp_path):
@@ -59,12 +62,12 @@ def test_card_figures_describe_the_saved_float16_weights(busi_dir, tmp_path):
     assert again["ece"] == pytest.approx(saved["ece"], abs=1e-6)
 
 
-@pytest.mark.parametrize("optimizer,balance,mode", [("sgd", "weights", "mask-leakfree"),
-                                                     ("rmsprop", "sampler", "mask"),
-                                                     ("adamw", "none", "full")])
-def test_options_run(busi_dir, tmp_path, optimizer, balance, mode):
+@pytest.mark.parametrize("optimizer,balance,mode,workers", [("sgd", "weights", "mask-leakfree", 2),
+                                                             ("rmsprop", "sampler", "mask", 1),
+                                                             ("adamw", "none", "full", 0)])
+def test_options_run(busi_dir, tmp_path, optimizer, balance, mode, workers):
     config = tiny_config(busi_dir, tmp_path / "m", optimizer=optimizer, balance=balance,
-                         input_mode=mode, scheduler="plateau", monitor="loss")
+                         input_mode=mode, scheduler="plateau", monitor="loss", workers=workers)
     assert train(config).card.input_mode == mode
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import streamlit as st
 
 from bus_core.errors import BusError
-from bus_core.inputs import InputSpec
+from bus_core.inputs import InputSpec, model_input
 from bus_core.masks import (
     COMBINE_MODES,
     combination_note,
@@ -185,17 +185,25 @@ def outlined(image: np.ndarray, mask: np.ndarray,
 
 
 def show_crop_preview(image: np.ndarray, choice: MaskChoice, spec: InputSpec) -> None:
-    """The masked crop of the combined mask, said to be what the model sees only when it is."""
+    """The crop of the mask (the model's own input for a lesion model, else the masked crop),
+    said to be what the model sees only when it is."""
     if choice.mask is None:
         return
     try:
-        crop = masked_input(image, [choice.mask], mode="union", margin=spec.margin)
+        crop = (model_input(image, [choice.mask], spec) if spec.uses_masks
+                else masked_input(image, [choice.mask], mode="union", margin=spec.margin))
     except BusError as exc:
         show_error(exc)
         return
     preview_col, note_col = st.columns([1, 2], vertical_alignment="center")
-    preview_col.image(crop, width="stretch", alt="The masked lesion crop")
-    if spec.uses_masks:
+    context = spec.mode == "lesion-context"
+    alt = "The lesion and its surroundings" if context else "The masked lesion crop"
+    preview_col.image(crop, width="stretch", alt=alt)
+    if context:
+        note_col.caption("**Lesion crop**: this is what the model looks at: the box around the "
+                         "outline with the tissue around it (only the box matters, not the "
+                         "outline's exact shape).")
+    elif spec.uses_masks:
         note_col.caption("**Masked crop**: this is what the model looks at.")
     else:
         note_col.caption("**Masked crop** (preview only): this model looks at the whole "
