@@ -55,6 +55,13 @@ def load_records(source: str | Path) -> list[Record]:
     return sorted(records, key=lambda r: r.id)
 
 
+def source_name(source: str | Path) -> str:
+    """The name records of a data folder or CSV manifest carry as their source: the folder's
+    name, or the manifest's folder's name (e.g. "BUSBRA" for BUSBRA/labels.csv)."""
+    path = Path(source)
+    return path.parent.name if path.suffix.lower() == ".csv" else path.name
+
+
 def load_many(sources: Iterable[str | Path]) -> list[Record]:
     """The records of several folders / manifests together, sorted by id."""
     records = [r for source in sources for r in load_records(source)]
@@ -145,7 +152,7 @@ def _folder_records(root: Path, folder: Path, label: str) -> list[Record]:
             masks.setdefault(match["image"], []).append((int(match["n"] or 0), path))
         else:
             images.append(path)
-    source = root.name
+    source = source_name(root)
     return [Record(id=_record_id(source, path.relative_to(root)), path=path, label=label,
                    masks=tuple(p for _, p in sorted(masks.get(path.stem, []))), source=source)
             for path in images]
@@ -213,7 +220,7 @@ def _csv_record(manifest: Path, line: int, row: dict[str, str | None]) -> Record
         if not (folder / mask).is_file():
             raise DataError(f"The mask {mask!r} on {where} does not exist.")
     patient = (row.get("patient") or "").strip() or None
-    source = folder.name
+    source = source_name(manifest)
     return Record(id=_record_id(source, os.path.relpath(image, folder)), path=image, label=label,
                   masks=tuple(folder / m for m in masks), patient=patient, source=source)
 

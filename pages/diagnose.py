@@ -43,6 +43,9 @@ def input_note(predictor: Predictor, choice: MaskChoice) -> str:
     """What the model looks at, in one line."""
     if predictor.spec.uses_masks:
         automatic = " (outlined automatically)" if choice.origin == "suggested" else ""
+        if predictor.spec.mode == "lesion-context":
+            return ("This model looks at the lesion and the tissue around it: the box around "
+                    f"the outline{automatic}.")
         return f"This model looks only at the masked lesion crop{automatic}."
     if choice.mask is not None:
         return "This model looks at the whole image; the mask is for reference only."

@@ -11,6 +11,7 @@ from typing import Any
 import streamlit as st
 
 from bus_core.accounts import Session
+from bus_core.dataset import source_name
 from bus_core.device import choose_device
 from bus_core.errors import BusError
 from bus_core.jobs import JobBusyError
@@ -118,7 +119,7 @@ def model_summary(card: ModelCard) -> str:
     lines = [f"**{md_escape(card.name)}**",
              md_escape(f"{card.arch}, {card.input_mode} input, created {card.created[:10]}")]
     if test:
-        sources = md_escape(", ".join(Path(str(x)).stem for x in data.get("sources", [])) or "?")
+        sources = md_escape(", ".join(source_name(x) for x in data.get("sources", [])) or "?")
         split = md_escape(Path(str(data.get("split_file", ""))).name or "?")
         lines.append(
             f"{sources} {data.get('subset', 'test')} subset of {split}, n={test.get('n')}: "
