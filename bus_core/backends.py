@@ -117,6 +117,14 @@ def cache_dir() -> Path:
     return data_dir() / "cache" / "openvino"
 
 
+def openvino_ir(model: nn.Module, weights_sha256: str, input_hw: tuple[int, int]) -> Path:
+    """The IR (.xml) that `OpenVinoForward` compiles for `model`, from the cache (converted
+    now when missing)."""
+    import openvino as ov
+
+    return _cached_ir(model, weights_sha256, input_hw, pools_into_linear(model), cache_dir(), ov)
+
+
 def _cached_ir(model: nn.Module, weights_sha256: str, input_hw: tuple[int, int],
                with_activations: bool, cache_root: Path, ov) -> Path:
     """The IR (.xml + .bin) of `model` (returning the Grad-CAM activations too when

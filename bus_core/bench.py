@@ -18,6 +18,12 @@ same step of the same model on random tensors already on the device, same batch 
 Batch prediction (`batch.predict_to_csv`: worker processes decode, batched forward passes of the
 optimised path) is compared in images/s with the optimised path called one file at a time on
 the same synthetic PNG files.
+
+int8 (`--int8`, needs `pip install nncf==3.4.0`): instead of the figures above, the default
+model's OpenVINO IR quantised with NNCF (`bus_core.int8`), compared with fp32 on a split subset
+(`--subset`, default val): labels equal to fp32, largest probability difference, malignant
+sensitivity, and the forward pass at batch 1 of fp32, bf16 (where the CPU has it) and int8
+timed in turns in the same run.
 """
 
 from __future__ import annotations
@@ -51,7 +57,10 @@ from bus_core.device import (
     prepare_model,
     to_device,
 )
+from bus_core.errors import BusError
 from bus_core.inputs import InputSpec
+from bus_core.int8 import NNCF_MISSING, nncf_available
+from bus_core.int8 import measure as measure_int8
 from bus_core.io import load_image
 from bus_core.loader import (
     PlanLoader,
@@ -61,7 +70,7 @@ from bus_core.loader import (
     plan_batches,
 )
 from bus_core.metrics import softmax
-from bus_core.models import build_model, load_model
+from bus_core.models import LoadedModel, build_model, load_model
 from bus_core.predict import Predictor
 from bus_core.registry import active_model_path, active_segmenter_path
 from bus_core.segment import Segmenter
@@ -204,6 +213,21 @@ def _test_images(args: argparse.Namespace) -> list[Path]:
     return [r.path for r in records]
 
 
+def _int8(loaded: LoadedModel, args: argparse.Namespace) -> int:
+    """The `--int8` figures of `loaded`; 2 (after an error line) when they cannot be measured."""
+    data = Path(args.data) if args.data else default_dataset_dir()
+    if data is None:
+        emit("error", message="The int8 measurement needs the BUSI images: pass --data.")
+        return 2
+    try:
+        measure_int8(loaded, data, args.split, args.subset, n_calibration=120,
+                     n_latency=10 if args.quick else 30, emit=emit)
+    except BusError as exc:
+        emit("error", message=str(exc))
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print its figures."""
     parser = argparse.ArgumentParser(prog="python -m bus_core.bench", description=__doc__,
@@ -213,7 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default=str(PROJECT_ROOT / "splits" / "busi.json"))
     parser.add_argument("--segmenter", help="segmentation model folder (default: the bundled one)")
     parser.add_argument("--quick", action="store_true", help="small counts, under a minute")
+    parser.add_argument("--int8", action="store_true",
+                        help="measure NNCF int8 quantisation against fp32 (needs nncf)")
+    parser.add_argument("--subset", default="val", choices=("train", "val", "test"),
+                        help="split subset the int8 figures are measured on (default val)")
     args = parser.parse_args(argv)
+    if args.int8 and not nncf_available():
+        emit("error", message=NNCF_MISSING)
+        return 2
 
     n_latency, train_steps, n_agree, n_batch = (10, 2, 16, 32) if args.quick else \
         (50, 6, None, 256)
@@ -229,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     loaded = load_model(path)
     emit("model_load", ms=round((time.perf_counter() - start) * 1000, 1), model=loaded.card.name)
+    if args.int8:
+        return _int8(loaded, args)
 
     images = _test_images(args)
     sample = images[0] if images else None
