@@ -310,19 +310,13 @@ def cmd_split(args: argparse.Namespace) -> int:
     if not records:
         raise BusError(f"There are no labelled images in {', '.join(args.data)} to split.")
     if args.merge:
-        split = merge_splits([load_split(path) for path in args.merge], records)
-        save_split(split, args.out)
-        print(f"Split saved to {args.out}: " + ", ".join(
-            f"{name} {len(split.subset(name))}" for name in ("train", "val", "test")))
-        return 0
+        return _save_split(merge_splits([load_split(path) for path in args.merge], records),
+                           args.out)
     if args.hold_out:
         if not args.base:
             raise BusError("--hold-out needs --base, the split file to derive the new one from.")
-        split = hold_out(load_split(args.base), records, _read_ids(args.hold_out))
-        save_split(split, args.out)
-        print(f"Split saved to {args.out}: " + ", ".join(
-            f"{name} {len(split.subset(name))}" for name in ("train", "val", "test")))
-        return 0
+        return _save_split(hold_out(load_split(args.base), records, _read_ids(args.hold_out)),
+                           args.out)
     groups = find_groups(records, progress=sys.stderr.isatty())
     print(describe_groups(groups, records))
     if args.kfold:
@@ -332,10 +326,17 @@ def cmd_split(args: argparse.Namespace) -> int:
             save_split(fold, path)
             print(f"Fold {k}: {path}")
         return 0
-    split = make_split(records, ratios=tuple(args.ratios), seed=args.seed, groups=groups)
-    save_split(split, args.out)
-    print(f"Split saved to {args.out}: " + ", ".join(
-        f"{name} {len(split.subset(name))}" for name in ("train", "val", "test")))
+    return _save_split(make_split(records, ratios=tuple(args.ratios), seed=args.seed,
+                                  groups=groups), args.out)
+
+
+def _save_split(split: Any, out: str) -> int:
+    """Save a split file and say how many images each subset got."""
+    from bus_core.splits import SUBSETS, save_split
+
+    save_split(split, out)
+    print(f"Split saved to {out}: " + ", ".join(
+        f"{name} {len(split.subset(name))}" for name in SUBSETS))
     return 0
 
 
