@@ -7,26 +7,34 @@ on a CPU where the `openvino` package is installed; anything that fails on that 
 missing, conversion or compilation error) falls back to PyTorch with a log line, never an
 error. The converted model (OpenVINO IR) is cached on disk per weights hash, input size and
 OpenVINO version under `<data dir>/cache/openvino/`, so a restart does not convert again; new
-weights get a new entry. Precision: bf16 where the CPU supports it (agreement with fp32 is
-measured by `python -m bus_core.bench`), else fp32. Grad-CAM always uses the PyTorch model (it
-needs gradients).
+weights get a new entry. Precision: fp32 on CPUs without native bf16; where the CPU has it,
+the faster of bf16 and fp32 for this model, timed once per model and CPU when it is first
+compiled and remembered in `precision.json` beside the cache (native bf16 is not always faster:
+on a 2-core Xeon with AVX512-BF16 but no AMX, OpenVINO bf16 was slower than fp32). Agreement of
+bf16 with fp32 is measured by `python -m bus_core.bench`. Grad-CAM always uses the PyTorch model
+(it needs gradients).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import platform
 import shutil
 import tempfile
 import threading
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Protocol, cast, get_args
+from typing import Any, Literal, Protocol, cast, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
+from bus_core.atomic import write_text
 from bus_core.cam import pools_into_linear
 from bus_core.device import DeviceConfig, autocast, cpu_supports_bf16, to_device
 from bus_core.models import DenseNetClassifier
@@ -38,6 +46,11 @@ Backend = Literal["auto", "torch", "openvino"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 BACKEND_ENV = "BUS_BACKEND"
 """Environment variable choosing the backend of the app and the CLI (default 'auto')."""
+PRECISION_FILE = "precision.json"
+"""In the OpenVINO cache folder: {"<IR entry> | <CPU model>": "bf16" or "f32"}, the measured
+faster precision of each model on each CPU (a data folder may be shared by several servers)."""
+TIMED_CALLS = 7
+"""Forward passes at batch 1 (after one warm-up) timed per precision; the median decides."""
 
 
 class Forward(Protocol):
@@ -85,7 +98,9 @@ class OpenVinoForward:
     """The model converted to OpenVINO and compiled for the CPU (one call at a time)."""
 
     def __init__(self, model: nn.Module, weights_sha256: str, input_hw: tuple[int, int],
-                 precision: str, cache_root: Path) -> None:
+                 precision: str | None, cache_root: Path) -> None:
+        """`precision`: 'bf16' or 'f32', or None for the faster one on this CPU
+        (`choose_precision`)."""
         import openvino as ov
 
         core = ov.Core()
@@ -93,8 +108,15 @@ class OpenVinoForward:
         xml = _cached_ir(model, weights_sha256, input_hw, self.returns_activations, cache_root,
                          ov)
         core.set_property({"CACHE_DIR": str(cache_root / "compiled")})
-        self._compiled = core.compile_model(str(xml), "CPU",
-                                            {"INFERENCE_PRECISION_HINT": precision})
+
+        def compile_for(chosen: str) -> Any:
+            return core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": chosen})
+
+        if precision is None:
+            precision, self._compiled = choose_precision(compile_for, xml.parent.name,
+                                                         input_hw, cache_root)
+        else:
+            self._compiled = compile_for(precision)
         self._lock = threading.Lock()  # a compiled model's default request is not re-entrant
         self.precision = precision
         self.description = f"OpenVINO {ov.get_version().split('-')[0]}, CPU, {precision}"
@@ -110,6 +132,60 @@ class OpenVinoForward:
         if not self.returns_activations:
             return logits, None
         return logits, np.asarray(result[1], dtype=np.float32)
+
+
+def cpu_name() -> str:
+    """This CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median_ms(compiled: Callable[[np.ndarray], Any], input_hw: tuple[int, int],
+              calls: int = TIMED_CALLS) -> float:
+    """Median wall time (ms) of `calls` forward passes of one zero image, after a warm-up."""
+    image = np.zeros((1, 3, *input_hw), dtype=np.float32)
+    compiled(image)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        compiled(image)
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))
+
+
+def choose_precision(compile_for: Callable[[str], Any], entry: str, input_hw: tuple[int, int],
+                     cache_root: Path) -> tuple[str, Any]:
+    """(precision, compiled model) for the IR entry `entry`: fp32 on CPUs without native bf16;
+    otherwise the precision remembered for this entry and CPU in `PRECISION_FILE`, or, the
+    first time, the faster of bf16 and fp32 by `median_ms` (then remembered; an unwritable
+    cache only costs the timing again next start)."""
+    if not cpu_supports_bf16():
+        return "f32", compile_for("f32")
+    path = cache_root / PRECISION_FILE
+    key = f"{entry} | {cpu_name()}"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if known.get(key) in ("bf16", "f32"):
+        return known[key], compile_for(known[key])
+    compiled = {p: compile_for(p) for p in ("bf16", "f32")}
+    timings = {p: median_ms(model, input_hw) for p, model in compiled.items()}
+    fastest = min(timings, key=lambda p: timings[p])
+    log.info("OpenVINO forward pass of %s: %s; using %s.", entry,
+             ", ".join(f"{p} {ms:.1f} ms" for p, ms in timings.items()), fastest)
+    try:
+        write_text(path, json.dumps({**known, key: fastest}, indent=1))
+    except OSError as exc:
+        log.warning("Could not remember the precision choice in %s (%s).", path, exc)
+    return fastest, compiled[fastest]
 
 
 def cache_dir() -> Path:
@@ -186,9 +262,8 @@ def choose_forward(model: nn.Module, device: DeviceConfig, weights_sha256: str,
         backend = "torch"
     wants_openvino = backend == "openvino" or (backend == "auto" and device.device.type == "cpu")
     if wants_openvino and openvino_available():
-        precision = "bf16" if cpu_supports_bf16() else "f32"
         try:
-            return OpenVinoForward(model, weights_sha256, input_hw, precision, cache_dir())
+            return OpenVinoForward(model, weights_sha256, input_hw, None, cache_dir())
         except Exception as exc:  # conversion / compilation problems: PyTorch still works
             log.warning("OpenVINO could not run this model (%s); using PyTorch.", exc)
     elif wants_openvino and backend == "openvino":

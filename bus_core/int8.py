@@ -226,7 +226,7 @@ def measure(loaded: LoadedModel, data: str | Path, split: str | Path, subset: st
         emit("bf16_agreement_with_fp32", subset=subset, n=len(checked),
              **agreement(logits["fp32"], logits["bf16"], truth, classes,
                          loaded.card.temperature).to_dict())
-    # int8 layers run in int8; what stays unquantised runs at the app's precision
+    # int8 layers run in int8; what stays unquantised runs in bf16 where the CPU has it
     rest = "bf16" if "bf16" in forwards else "f32"
     fp32_labels = [(x, int(label)) for x, label in zip(inputs, logits["fp32"].argmax(1))]
     met = False

@@ -111,3 +111,45 @@ def test_openvino_returns_the_cam_activations_in_the_same_pass(tiny_model_dir, m
         assert np.abs(fast.explain(prediction, target) - reference).max() < 1e-3
     assert Predictor(load_model(tiny_model_dir), "cpu-fp32", backend="torch").predict(
         image).activations is None
+
+
+def test_the_faster_precision_is_measured_once_and_remembered(tmp_path, monkeypatch):
+    compiled: list[str] = []
+    speed = {"bf16": 9.0, "f32": 4.0}
+
+    def compile_for(precision: str):
+        compiled.append(precision)
+        return precision
+
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(backends, "median_ms", lambda model, hw: speed[model])
+    assert backends.choose_precision(compile_for, "entry-a", (32, 32), tmp_path) == ("f32", "f32")
+    assert sorted(compiled) == ["bf16", "f32"]
+    saved = (tmp_path / backends.PRECISION_FILE).read_text()
+    assert "entry-a" in saved and '"f32"' in saved
+    compiled.clear()
+    speed.update(bf16=1.0)  # remembered: not timed again
+    assert backends.choose_precision(compile_for, "entry-a", (32, 32), tmp_path)[0] == "f32"
+    assert compiled == ["f32"]
+    assert backends.choose_precision(compile_for, "entry-b", (32, 32), tmp_path)[0] == "bf16"
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: False)  # never bf16 without it
+    compiled.clear()
+    assert backends.choose_precision(compile_for, "entry-b", (32, 32), tmp_path)[0] == "f32"
+    assert compiled == ["f32"]
+
+
+def test_a_broken_or_unwritable_precision_file_only_costs_a_timing(tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(backends, "median_ms", lambda model, hw: {"bf16": 1.0, "f32": 2.0}[model])
+    (tmp_path / backends.PRECISION_FILE).write_text("{not json")
+    assert backends.choose_precision(lambda p: p, "e", (32, 32), tmp_path)[0] == "bf16"
+    missing = tmp_path / "no" / "such" / "folder"
+    assert backends.choose_precision(lambda p: p, "e", (32, 32), missing)[0] == "bf16"
+
+
+def test_openvino_times_both_precisions_on_a_bf16_cpu(tiny, data_dir, monkeypatch):
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: True)
+    forward = choose_forward(tiny.model, CPU, "ef" * 32, (32, 32), "openvino")
+    assert isinstance(forward, OpenVinoForward) and forward.precision in ("bf16", "f32")
+    saved = (data_dir / "cache" / "openvino" / backends.PRECISION_FILE).read_text()
+    assert forward.precision in saved and backends.cpu_name() in saved
