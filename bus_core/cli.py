@@ -190,7 +190,8 @@ def _two_stage(args: argparse.Namespace, loaded: Any, records: list[Any],
     common = {"device": args.device, "batch_size": args.batch_size, "backend": args.backend}
     lesion = evaluate(loaded, outlined, **common)
     whole = evaluate(whole_model, records, **common)
-    result = two_stage(lesion, whole, found, {**data, "n": len(records), "masks": "automatic"})
+    result = two_stage(lesion, whole, found, {**data, "n": len(records), "masks": "automatic"},
+                       normal_from_whole=args.normal_from_whole)
     metrics = result.metrics
     if args.malignant_threshold is not None:
         metrics["at_threshold"] = threshold_metrics(result.y_true, result.probs,
@@ -537,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whole-image-model",
                    help="with --masks auto, for a lesion model: the two-stage reading, this "
                         "whole-image model where the suggested outline finds no lesion")
+    p.add_argument("--normal-from-whole", action="store_true",
+                   help="with --whole-image-model: P(normal) from the whole-image model, the "
+                        "lesion model only splitting the rest where an outline was found")
     p.add_argument("--malignant-threshold", type=float,
                    help="with --whole-image-model: also report the rule P(malignant) >= this")
     p.add_argument("--outline-check", action="store_true",

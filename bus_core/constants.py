@@ -3,6 +3,7 @@
 CLASSES: tuple[str, ...] = ("normal", "benign", "malignant")
 """Class names in the order of model outputs."""
 
+NORMAL = "normal"
 MALIGNANT = "malignant"
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)

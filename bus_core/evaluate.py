@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bus_core.backends import Forward, TorchForward, choose_forward
+from bus_core.constants import NORMAL
 from bus_core.dataset import Record
 from bus_core.device import DeviceConfig, choose_device, prepare_model
 from bus_core.inputs import InputSpec
@@ -100,21 +101,34 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
 
 
 def two_stage(lesion: Evaluation, whole: Evaluation, found: Sequence[bool],
-              data: dict[str, Any] | None = None) -> Evaluation:
+              data: dict[str, Any] | None = None, *,
+              normal_from_whole: bool = False) -> Evaluation:
     """The two-stage reading of the same records: where the suggested outline found a lesion
     (`found`), the lesion model's probabilities (`lesion`, evaluated on those outlines);
-    elsewhere the whole-image model's (`whole`). Metrics over all records."""
+    elsewhere the whole-image model's (`whole`). With `normal_from_whole`, P(normal) always
+    comes from the whole-image model and, where a lesion was found, the lesion model only
+    splits the rest between the other classes in its own proportions. Metrics over all
+    records."""
     if lesion.ids != whole.ids or len(found) != len(lesion.ids):
         raise ValueError("The two evaluations must cover the same records in the same order.")
     if lesion.classes != whole.classes:
         raise ValueError("The lesion model and the whole-image model have different classes.")
     pick = np.asarray(found, dtype=bool)[:, None]
-    probs = np.where(pick, lesion.probs, whole.probs)
+    read = lesion.probs
+    if normal_from_whole and NORMAL in lesion.classes:
+        k = lesion.classes.index(NORMAL)
+        rest = np.delete(lesion.probs, k, axis=1)
+        rest = rest / np.clip(rest.sum(1, keepdims=True), 1e-12, None)
+        read = np.insert(rest * (1 - whole.probs[:, k:k + 1]), k, whole.probs[:, k], axis=1)
+    probs = np.where(pick, read, whole.probs)
     logits = np.log(np.clip(probs, 1e-12, None)).astype(np.float32)
     metrics = compute_metrics(lesion.y_true, probs, lesion.classes)
-    metrics |= {"model": f"{lesion.metrics.get('model')} on suggested outlines, else "
-                         f"{whole.metrics.get('model')}",
-                "outlined": int(pick.sum()), "data": data or {}}
+    how = (f"{whole.metrics.get('model')} for normal, {lesion.metrics.get('model')} for the "
+           "rest on suggested outlines" if normal_from_whole else
+           f"{lesion.metrics.get('model')} on suggested outlines")
+    metrics |= {"model": f"{how}, else {whole.metrics.get('model')}",
+                "outlined": int(pick.sum()), "normal_from_whole": normal_from_whole,
+                "data": data or {}}
     return Evaluation(metrics, lesion.ids, lesion.y_true, probs, logits, lesion.classes)
 
 
@@ -127,7 +141,7 @@ def outline_agreement(results: Mapping[str, Evaluation]) -> dict[str, Any]:
     if not names:
         raise ValueError("No evaluations to compare.")
     first = results[names[0]]
-    lesion = np.array([first.classes[y] != "normal" for y in first.y_true])
+    lesion = np.array([first.classes[y] != NORMAL for y in first.y_true])
     preds = {name: r.probs.argmax(1)[lesion] for name, r in results.items()}
     n = int(lesion.sum())
     agree = {name: float((preds[name] == preds[names[0]]).mean()) if n else None

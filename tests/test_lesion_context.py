@@ -222,6 +222,21 @@ def test_two_stage_takes_the_lesion_model_where_an_outline_was_found():
         two_stage(lesion, _evaluation([0, 0, 0], y[:3]), [True] * 4)
 
 
+def test_two_stage_can_take_normal_from_the_whole_image():
+    y = [0, 1, 2]
+    lesion = Evaluation({}, ["a", "b", "c"], np.asarray(y),
+                        np.array([[0.8, 0.1, 0.1], [0.5, 0.4, 0.1], [0.0, 0.2, 0.8]]),
+                        np.zeros((3, 3)), list(CLASSES))
+    whole = Evaluation({}, ["a", "b", "c"], np.asarray(y),
+                       np.array([[0.9, 0.05, 0.05], [0.2, 0.6, 0.2], [0.5, 0.25, 0.25]]),
+                       np.zeros((3, 3)), list(CLASSES))
+    result = two_stage(lesion, whole, [False, True, True], normal_from_whole=True)
+    np.testing.assert_allclose(result.probs, [[0.9, 0.05, 0.05], [0.2, 0.64, 0.16],
+                                              [0.5, 0.1, 0.4]])
+    assert result.metrics["normal_from_whole"] is True
+    assert result.probs.argmax(1).tolist() == [0, 1, 0]
+
+
 def test_two_stage_command(busi_dir, tiny_model_dir, tiny_segmenter_dir, tmp_path, monkeypatch,
                            capsys):
     from bus_core.segment import Segmenter
@@ -234,9 +249,10 @@ def test_two_stage_command(busi_dir, tiny_model_dir, tiny_segmenter_dir, tmp_pat
     assert main(["evaluate", "--model", str(lesion_model), "--data", str(busi_dir),
                  "--masks", "auto", "--segmenter", str(tiny_segmenter_dir),
                  "--whole-image-model", str(tiny_model_dir), "--malignant-threshold", "0.3",
-                 "--json", str(out), "--device", "cpu-fp32"]) == 0
+                 "--normal-from-whole", "--json", str(out), "--device", "cpu-fp32"]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["n"] == 18 and metrics["outlined"] == 18  # the stand-in always finds a disc
+    assert metrics["normal_from_whole"] is True
     assert metrics["at_threshold"]["threshold"] == 0.3 and "fitted_threshold" in metrics
     assert main(["evaluate", "--model", str(lesion_model), "--data", str(busi_dir),
                  "--whole-image-model", str(tiny_model_dir)]) == 2
