@@ -17,16 +17,19 @@ bf16 with fp32 is measured by `python -m bus_core.bench`. Grad-CAM always uses t
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast, get_args
 
@@ -51,6 +54,49 @@ PRECISION_FILE = "precision.json"
 faster precision of each model on each CPU (a data folder may be shared by several servers)."""
 TIMED_CALLS = 7
 """Forward passes at batch 1 (after one warm-up) timed per precision; the median decides."""
+
+
+class _SignalStack(ctypes.Structure):
+    """Linux's `stack_t`."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int),
+                ("ss_size", ctypes.c_size_t)]
+
+
+_SS_DISABLE = 2
+
+
+@contextlib.contextmanager
+def kept_signal_stack() -> Iterator[None]:
+    """Give the calling thread back its alternate signal stack after the block. OpenVINO's CPU
+    plugin installs its own on the thread that loads it and frees it when it unloads without
+    restoring the old one; the next signal handled on that stack (Python's handlers use it,
+    e.g. for SIGCHLD once PyTorch's DataLoader has set one) then kills the process with
+    SIGSEGV. Every OpenVINO call that may load the plugin runs inside this. Linux only."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    old = _SignalStack()
+    saved = libc.sigaltstack(None, ctypes.byref(old)) == 0
+    try:
+        yield
+    finally:
+        if saved:
+            old.ss_flags &= _SS_DISABLE  # SS_ONSTACK is a state, not a setting
+            libc.sigaltstack(ctypes.byref(old), None)
+
+
+def compile_on_cpu(model: Any, precision: str, cache: Path | None = None) -> Any:
+    """`model` (an `openvino.Model` or an IR path) compiled for the CPU under the inference
+    precision hint `precision` ('f32' or 'bf16'), compiled blobs kept in `cache` when given."""
+    import openvino as ov
+
+    with kept_signal_stack():
+        core = ov.Core()
+        if cache is not None:
+            core.set_property({"CACHE_DIR": str(cache)})
+        return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
 
 
 class Forward(Protocol):
@@ -103,14 +149,12 @@ class OpenVinoForward:
         (`choose_precision`)."""
         import openvino as ov
 
-        core = ov.Core()
         self.returns_activations = pools_into_linear(model)
         xml = _cached_ir(model, weights_sha256, input_hw, self.returns_activations, cache_root,
                          ov)
-        core.set_property({"CACHE_DIR": str(cache_root / "compiled")})
 
         def compile_for(chosen: str) -> Any:
-            return core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": chosen})
+            return compile_on_cpu(str(xml), chosen, cache_root / "compiled")
 
         if precision is None:
             precision, self._compiled = choose_precision(compile_for, xml.parent.name,

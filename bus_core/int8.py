@@ -108,16 +108,18 @@ def quantise(model: Any, calibration: Sequence[np.ndarray],
         raise QuantisationError(NNCF_MISSING)
     import nncf
 
+    from bus_core.backends import kept_signal_stack
+
     calibration_set = nncf.Dataset(list(calibration))
     if validation is None:
-        with _nncf_output_on_stderr():
+        with _nncf_output_on_stderr(), kept_signal_stack():
             return nncf.quantize(model, calibration_set, subset_size=len(calibration))
 
     def agreement(compiled: Any, items: Iterable[tuple[np.ndarray, int]]) -> float:
         pairs = [(int(np.argmax(compiled(x)[0])), label) for x, label in items]
         return sum(p == label for p, label in pairs) / len(pairs)
 
-    with _nncf_output_on_stderr():
+    with _nncf_output_on_stderr(), kept_signal_stack():
         return nncf.quantize_with_accuracy_control(
             model, calibration_set, nncf.Dataset(list(validation), lambda item: item[0]),
             agreement, max_drop=max_drop, subset_size=len(calibration))
@@ -126,9 +128,9 @@ def quantise(model: Any, calibration: Sequence[np.ndarray],
 def compile_for_cpu(model: Any, precision: str) -> Callable[[np.ndarray], np.ndarray]:
     """The CPU-compiled `model` (an `openvino.Model`) under the inference precision hint
     `precision` ('f32' or 'bf16'), as a function batch -> float32 logits."""
-    import openvino as ov
+    from bus_core.backends import compile_on_cpu
 
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    compiled = compile_on_cpu(model, precision)
     return lambda batch: np.asarray(compiled(batch)[0], dtype=np.float32)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +156,31 @@ def test_openvino_times_both_precisions_on_a_bf16_cpu(tiny, data_dir, monkeypatc
     assert isinstance(forward, OpenVinoForward) and forward.precision in ("bf16", "f32")
     saved = (data_dir / "cache" / "openvino" / backends.PRECISION_FILE).read_text()
     assert forward.precision in saved and backends.cpu_name() in saved
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack via Linux libc")
+def test_loading_openvino_keeps_the_threads_signal_stack(tmp_path):
+    # OpenVINO's CPU plugin puts its own alternate signal stack on the thread that loads it and
+    # frees it when it unloads; a Python signal handler run later on that stack was the
+    # SIGSEGV of the test suite. A fresh process, so that the plugin loads here.
+    script = textwrap.dedent("""
+        import ctypes, faulthandler
+        import numpy as np, openvino as ov, torch
+        from bus_core.backends import _SignalStack, compile_on_cpu
+        libc = ctypes.CDLL(None)
+        def stack():
+            s = _SignalStack()
+            libc.sigaltstack(None, ctypes.byref(s))
+            return s.ss_sp, s.ss_size
+        faulthandler.enable()
+        before = stack()
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+        compiled = compile_on_cpu(ov.convert_model(net, example_input=torch.zeros(1, 3, 16, 16)),
+                                  "f32")
+        compiled(np.zeros((1, 3, 16, 16), np.float32))
+        print(before == stack(), before != (None, 0))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]
