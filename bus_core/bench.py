@@ -10,6 +10,8 @@ Paths compared:
 - optimised: `predict.Predictor` with the automatically chosen backend (OpenVINO on CPUs where
   it is installed, see `backends`), the same code the app and CLI run.
 Both keep the model loaded between calls: model loading is measured separately.
+On a CPU with native bf16, `openvino_precisions` times the OpenVINO forward pass at batch 1 in
+fp32 and bf16 in turns (the choice `backends.choose_precision` makes at first compile).
 
 Training (`training_pipeline`): images/s of the real input pipeline (synthetic PNG files decoded
 once, `loader.PlanLoader` worker processes, copy to the device, `train.train_step`) against the
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bus_core.backends import OpenVinoForward, compile_on_cpu, openvino_ir
 from bus_core.batch import DEFAULT_BATCH_SIZE, default_workers, predict_to_csv
 from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from bus_core.dataset import Record
@@ -52,6 +55,7 @@ from bus_core.device import (
     DeviceConfig,
     autocast,
     choose_device,
+    cpu_supports_bf16,
     fp32_cpu,
     needs_grad_scaler,
     prepare_model,
@@ -59,7 +63,7 @@ from bus_core.device import (
 )
 from bus_core.errors import BusError
 from bus_core.inputs import InputSpec
-from bus_core.int8 import NNCF_MISSING, nncf_available
+from bus_core.int8 import NNCF_MISSING, interleaved_p50, nncf_available
 from bus_core.int8 import measure as measure_int8
 from bus_core.io import load_image
 from bus_core.loader import (
@@ -283,6 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     predictor = Predictor(loaded, fast)
     emit("backend", chosen=predictor.description,
          ready_ms=round((time.perf_counter() - start) * 1000, 1))
+    if isinstance(predictor.forward, OpenVinoForward) and cpu_supports_bf16():
+        xml = openvino_ir(predictor.model, loaded.weights_id, (size.crop, size.crop))
+        pair = {p: compile_on_cpu(str(xml), p) for p in ("f32", "bf16")}
+        image = np.zeros((1, 3, size.crop, size.crop), dtype=np.float32)
+        emit("openvino_precisions", forward_p50_ms=interleaved_p50(pair, image, n_latency),
+             chosen=predictor.forward.precision)
     optimised = percentiles(timed(lambda: predictor.predict(load_image(data)), n_latency))
     emit("latency_single_image", naive=naive, pytorch=pytorch_times, optimised=optimised,
          backend=predictor.description,
