@@ -49,6 +49,7 @@ from bus_core.errors import CompareError, storage
 from bus_core.evaluate import Evaluation, evaluate
 from bus_core.loader import BALANCE_MODES
 from bus_core.metrics import (
+    TARGET_SENSITIVITY,
     fit_malignant_threshold,
     fmt3,
     nll,
@@ -64,8 +65,6 @@ from bus_core.train import OPTIMIZERS, TrainConfig, clear_cancel, train
 DEFAULT_ROWS: tuple[str, ...] = ("densenet121", "vgg16", "resnet50", "inception_v3:adamw",
                                  "inception_v3:rmsprop")
 """The rows of the second seed document's table (and DenseNet121, this project's model)."""
-TARGET_SENSITIVITY = 0.90
-"""The malignant sensitivity the validation-chosen threshold must reach."""
 INCEPTION_MIN_CROP = 75
 """torchvision's InceptionV3 refuses inputs smaller than this (px)."""
 ROW_FILE = "compare-row.json"
@@ -89,7 +88,7 @@ COLUMN_TITLES: dict[str, str] = {
     "accuracy": "accuracy", "test_loss": "test loss", "malignant_sensitivity":
     "malignant sensitivity", "malignant_specificity": "malignant specificity",
     "macro_f1": "macro-F1", "auc_malignant": "AUC malignant", "ece": "ECE",
-    "threshold": "threshold (val, sens >= 0.90)",
+    "threshold": f"threshold (val, sens >= {TARGET_SENSITIVITY:.2f})",
     "sensitivity_at_threshold": "sensitivity at threshold",
     "specificity_at_threshold": "specificity at threshold", "training_time_s": "training s",
     "device": "device", "parameters": "parameters", "inference_ms": "inference ms / image",

@@ -184,9 +184,13 @@ def compute_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
     }
 
 
+TARGET_SENSITIVITY = 0.90
+"""The malignant sensitivity a sensitivity-first threshold must reach on validation."""
+
+
 def fit_malignant_threshold(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
                             classes: Sequence[str] = CLASSES, *,
-                            target_sensitivity: float = 0.90) -> float | None:
+                            target_sensitivity: float = TARGET_SENSITIVITY) -> float | None:
     """The highest threshold t such that "P(malignant) >= t" finds at least
     `target_sensitivity` of the malignant samples; None without malignant samples."""
     p, y = _check_scores(probs, y_true, name="probabilities", n_classes=len(classes))

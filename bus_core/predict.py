@@ -28,7 +28,7 @@ from bus_core.errors import ModelError
 from bus_core.inputs import InputSpec, model_input
 from bus_core.io import check_min_side, load_image, load_mask
 from bus_core.loader import RecordDataset
-from bus_core.metrics import percent_pair, softmax
+from bus_core.metrics import TARGET_SENSITIVITY, percent_pair, softmax
 from bus_core.models import LoadedModel, gradcam_layer, load_model
 from bus_core.registry import active_model_path, no_model_message
 from bus_core.transforms import denormalise, eval_transform
@@ -70,7 +70,8 @@ class Prediction:
             return ""
         shown, limit = percent_pair(self.probabilities[MALIGNANT], self.malignant_threshold)
         return (f"Malignant probability {shown}: at or above this model's sensitivity-first "
-                f"threshold ({limit}, set on validation to find 90% of cancers), whatever the "
+                f"threshold ({limit}, set on validation to find "
+                f"{TARGET_SENSITIVITY:.0%} of cancers), whatever the "
                 "top class.")
 
     def to_dict(self) -> dict[str, Any]:
