@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -99,6 +99,10 @@ OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULERS: tuple[str, ...] = ("none", "cosine", "step", "plateau")
 
 
+COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune")
+"""`--compile` choices: none (eager) or a `torch.compile` mode."""
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run (saved as train/config.json)."""
@@ -136,6 +140,7 @@ class TrainConfig:
     name: str | None = None
     nproc_per_node: int = 1
     workers: int | None = None
+    compile: str = "none"
 
     @property
     def size(self) -> InputSize:
@@ -232,6 +237,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="processes that crop and augment training batches ahead of the step "
                         f"(default here {default_train_workers()}: CPU cores - 1, at most 4; "
                         "0: none)")
+    p.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                   help="torch.compile the network of the training step in this mode (none: "
+                        "eager); compiling takes a minute or more once, then steps are faster, "
+                        "mostly on GPUs; validation and the saved weights use the eager model")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with every setting "
                         "it was started with")
@@ -505,6 +514,8 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
     if ranks.distributed:
         net = DistributedDataParallel(
             model, device_ids=[device.device.index] if device.device.type == "cuda" else None)
+    if config.compile != "none":
+        net = cast(nn.Module, torch.compile(net, mode=config.compile))
     log.write("start", resumed=saved is not None, epoch=state["epoch"], step=state["step"],
               device=device.to_dict(), n_train=len(train_ds), n_val=len(val_ds),
               n_test=len(test_ds), config=dataclasses.asdict(config),

@@ -156,3 +156,23 @@ def test_a_new_run_needs_data(tmp_path, capsys):
 
     assert main(["train", "--out", str(tmp_path / "m")]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_compile_wraps_the_training_network_only(busi_dir, tmp_path, monkeypatch):
+    import torch
+
+    modes = []
+
+    def fake_compile(net, mode):  # a real compile takes minutes on a small CPU
+        modes.append((type(net).__name__, mode))
+        return net
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    args = get_args_parser().parse_args(["--data", "d", "--out", "o", "--compile", "default"])
+    assert config_from_args(args).compile == "default"
+    result = train(tiny_config(busi_dir, tmp_path / "m", compile="reduce-overhead"))
+    assert result.status == "done" and modes == [("DenseNetClassifier", "reduce-overhead")]
+    assert load_model(tmp_path / "m").card.name == "m"  # weights saved from the eager model
+    modes.clear()
+    train(tiny_config(busi_dir, tmp_path / "n"))
+    assert modes == []
