@@ -149,7 +149,7 @@ def model_card(entry: ModelEntry, active: bool, who: Identity) -> None:
         left, right = st.columns(2)
         task = "lesion outline" if card.task == "segmentation" else f"input `{card.input_mode}`"
         left.markdown(f"**Architecture** {card.arch} · {task} · {card.size.crop} px "
-                      f"({'whole image' if card.size.fit == 'pad' else 'centre crop'})  \n"
+                      f"({'padded to a square' if card.size.fit == 'pad' else 'centre crop'})  \n"
                       f"**Data** {data_line(entry)}  \n"
                       f"**Split** {split_line(entry)}")
         right.markdown(f"**Test** {test_line(entry)}  \n**Created** "
