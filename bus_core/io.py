@@ -294,6 +294,8 @@ def _frame_message(label: str, frame: int, count: int) -> str:
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode in _HIGH_DEPTH_MODES:
         return _gray_to_rgb(_to_uint8(np.asarray(image)))
+    if image.mode == "L":  # most ultrasound files: cheaper than PIL's convert and a copy
+        return _gray_to_rgb(np.asarray(image))
     if image.mode in ("P", "PA") and "transparency" in image.info:
         image = image.convert("RGBA")
     return np.asarray(image.convert("RGB")).copy()
