@@ -144,7 +144,8 @@ def render_sidebar() -> None:
                 st.markdown(model_summary(read_card(path)))
             except BusError as exc:
                 st.error(md_escape(exc))
-        st.caption(f"Device: {choose_device().description}")
+        st.caption(f"PyTorch device (training, Grad-CAM++): {choose_device().description}; "
+                   "each reading names where it ran.")
         st.caption("Research software: not a medical device. Predictions support, never "
                    "replace, a radiologist's reading.")
 
