@@ -54,6 +54,8 @@ PRECISION_FILE = "precision.json"
 faster precision of each model on each CPU (a data folder may be shared by several servers)."""
 TIMED_CALLS = 7
 """Forward passes at batch 1 (after one warm-up) timed per precision; the median decides."""
+PRECISIONS: tuple[str, ...] = ("bf16", "f32")
+"""OpenVINO inference precision hints a CPU with native bf16 chooses between."""
 
 
 class _SignalStack(ctypes.Structure):
@@ -144,9 +146,8 @@ class OpenVinoForward:
     """The model converted to OpenVINO and compiled for the CPU (one call at a time)."""
 
     def __init__(self, model: nn.Module, weights_sha256: str, input_hw: tuple[int, int],
-                 precision: str | None, cache_root: Path) -> None:
-        """`precision`: 'bf16' or 'f32', or None for the faster one on this CPU
-        (`choose_precision`)."""
+                 cache_root: Path) -> None:
+        """Compiled at the faster precision for this CPU (`choose_precision`)."""
         import openvino as ov
 
         self.returns_activations = pools_into_linear(model)
@@ -156,11 +157,8 @@ class OpenVinoForward:
         def compile_for(chosen: str) -> Any:
             return compile_on_cpu(str(xml), chosen, cache_root / "compiled")
 
-        if precision is None:
-            precision, self._compiled = choose_precision(compile_for, xml.parent.name,
-                                                         input_hw, cache_root)
-        else:
-            self._compiled = compile_for(precision)
+        precision, self._compiled = choose_precision(compile_for, xml.parent.name, input_hw,
+                                                     cache_root)
         self._lock = threading.Lock()  # a compiled model's default request is not re-entrant
         self.precision = precision
         self.description = f"OpenVINO {ov.get_version().split('-')[0]}, CPU, {precision}"
@@ -189,24 +187,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def median_ms(compiled: Callable[[np.ndarray], Any], input_hw: tuple[int, int],
-              calls: int = TIMED_CALLS) -> float:
-    """Median wall time (ms) of `calls` forward passes of one zero image, after a warm-up."""
-    image = np.zeros((1, 3, *input_hw), dtype=np.float32)
-    compiled(image)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        compiled(image)
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
+def interleaved_p50(forwards: dict[str, Callable[[np.ndarray], np.ndarray]], batch: np.ndarray,
+                    n: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms of each forward on `batch`, timed in turns (round i times every forward once),
+    so that a noisy machine slows them alike."""
+    for forward in forwards.values():
+        for _ in range(warmup):
+            forward(batch)
+    times: dict[str, list[float]] = {name: [] for name in forwards}
+    for _ in range(n):
+        for name, forward in forwards.items():
+            start = time.perf_counter()
+            forward(batch)
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: round(float(np.median(t)), 2) for name, t in times.items()}
 
 
 def choose_precision(compile_for: Callable[[str], Any], entry: str, input_hw: tuple[int, int],
                      cache_root: Path) -> tuple[str, Any]:
     """(precision, compiled model) for the IR entry `entry`: fp32 on CPUs without native bf16;
     otherwise the precision remembered for this entry and CPU in `PRECISION_FILE`, or, the
-    first time, the faster of bf16 and fp32 by `median_ms` (then remembered; an unwritable
+    first time, the faster of bf16 and fp32 timed in turns by `interleaved_p50` (then
+    remembered; an unwritable
     cache only costs the timing again next start)."""
     if not cpu_supports_bf16():
         return "f32", compile_for("f32")
@@ -218,10 +220,11 @@ def choose_precision(compile_for: Callable[[str], Any], entry: str, input_hw: tu
         known = {}
     if not isinstance(known, dict):
         known = {}
-    if known.get(key) in ("bf16", "f32"):
+    if known.get(key) in PRECISIONS:
         return known[key], compile_for(known[key])
-    compiled = {p: compile_for(p) for p in ("bf16", "f32")}
-    timings = {p: median_ms(model, input_hw) for p, model in compiled.items()}
+    compiled = {p: compile_for(p) for p in PRECISIONS}
+    image = np.zeros((1, 3, *input_hw), dtype=np.float32)
+    timings = interleaved_p50(compiled, image, TIMED_CALLS, warmup=1)
     fastest = min(timings, key=lambda p: timings[p])
     log.info("OpenVINO forward pass of %s: %s; using %s.", entry,
              ", ".join(f"{p} {ms:.1f} ms" for p, ms in timings.items()), fastest)
@@ -307,7 +310,7 @@ def choose_forward(model: nn.Module, device: DeviceConfig, weights_sha256: str,
     wants_openvino = backend == "openvino" or (backend == "auto" and device.device.type == "cpu")
     if wants_openvino and openvino_available():
         try:
-            return OpenVinoForward(model, weights_sha256, input_hw, None, cache_dir())
+            return OpenVinoForward(model, weights_sha256, input_hw, cache_dir())
         except Exception as exc:  # conversion / compilation problems: PyTorch still works
             log.warning("OpenVINO could not run this model (%s); using PyTorch.", exc)
     elif wants_openvino and backend == "openvino":

@@ -47,7 +47,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bus_core.backends import OpenVinoForward, compile_on_cpu, openvino_ir
+from bus_core.backends import (
+    PRECISIONS,
+    OpenVinoForward,
+    compile_on_cpu,
+    interleaved_p50,
+    openvino_ir,
+)
 from bus_core.batch import DEFAULT_BATCH_SIZE, default_workers, predict_to_csv
 from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from bus_core.dataset import Record
@@ -63,7 +69,7 @@ from bus_core.device import (
 )
 from bus_core.errors import BusError
 from bus_core.inputs import InputSpec
-from bus_core.int8 import NNCF_MISSING, interleaved_p50, nncf_available
+from bus_core.int8 import NNCF_MISSING, nncf_available
 from bus_core.int8 import measure as measure_int8
 from bus_core.io import load_image
 from bus_core.loader import (
@@ -289,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
          ready_ms=round((time.perf_counter() - start) * 1000, 1))
     if isinstance(predictor.forward, OpenVinoForward) and cpu_supports_bf16():
         xml = openvino_ir(predictor.model, loaded.weights_id, (size.crop, size.crop))
-        pair = {p: compile_on_cpu(str(xml), p) for p in ("f32", "bf16")}
+        pair = {p: compile_on_cpu(str(xml), p) for p in PRECISIONS}
         image = np.zeros((1, 3, size.crop, size.crop), dtype=np.float32)
         emit("openvino_precisions", forward_p50_ms=interleaved_p50(pair, image, n_latency),
              chosen=predictor.forward.precision)

@@ -182,22 +182,6 @@ def agreement(reference: np.ndarray, other: np.ndarray, truth: Sequence[int],
                      accuracy=float((y_other == y).mean()))
 
 
-def interleaved_p50(forwards: dict[str, Callable[[np.ndarray], np.ndarray]], batch: np.ndarray,
-                    n: int, warmup: int = 3) -> dict[str, float]:
-    """Median ms of each forward on `batch`, timed in turns (round i times every forward once),
-    so that a noisy machine slows them alike."""
-    for forward in forwards.values():
-        for _ in range(warmup):
-            forward(batch)
-    times: dict[str, list[float]] = {name: [] for name in forwards}
-    for _ in range(n):
-        for name, forward in forwards.items():
-            start = time.perf_counter()
-            forward(batch)
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: round(float(np.median(t)), 2) for name, t in times.items()}
-
-
 def measure(loaded: LoadedModel, data: str | Path, split: str | Path, subset: str = "val",
             n_calibration: int = 120, n_latency: int = 30,
             emit: Callable[..., Any] = lambda figure, **values: None) -> bool:
@@ -210,7 +194,7 @@ def measure(loaded: LoadedModel, data: str | Path, split: str | Path, subset: st
         raise QuantisationError(NNCF_MISSING)
     import openvino as ov
 
-    from bus_core.backends import openvino_ir
+    from bus_core.backends import interleaved_p50, openvino_ir
 
     spec = InputSpec.from_card(loaded.card)
     classes = list(loaded.card.classes)

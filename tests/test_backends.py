@@ -125,7 +125,8 @@ def test_the_faster_precision_is_measured_once_and_remembered(tmp_path, monkeypa
         return precision
 
     monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: True)
-    monkeypatch.setattr(backends, "median_ms", lambda model, hw: speed[model])
+    monkeypatch.setattr(backends, "interleaved_p50",
+                        lambda models, image, n, warmup: {p: speed[p] for p in models})
     assert backends.choose_precision(compile_for, "entry-a", (32, 32), tmp_path) == ("f32", "f32")
     assert sorted(compiled) == ["bf16", "f32"]
     saved = (tmp_path / backends.PRECISION_FILE).read_text()
@@ -143,7 +144,8 @@ def test_the_faster_precision_is_measured_once_and_remembered(tmp_path, monkeypa
 
 def test_a_broken_or_unwritable_precision_file_only_costs_a_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: True)
-    monkeypatch.setattr(backends, "median_ms", lambda model, hw: {"bf16": 1.0, "f32": 2.0}[model])
+    monkeypatch.setattr(backends, "interleaved_p50",
+                        lambda models, image, n, warmup: {"bf16": 1.0, "f32": 2.0})
     (tmp_path / backends.PRECISION_FILE).write_text("{not json")
     assert backends.choose_precision(lambda p: p, "e", (32, 32), tmp_path)[0] == "bf16"
     missing = tmp_path / "no" / "such" / "folder"
