@@ -5,6 +5,9 @@
            --DataLoader worker processes: io.load_image, Predictor.prepare--> tensors
            --Predictor.predict_batch (batched, on the predictor's device)--> rows appended
 
+A two-stage predictor (`predict.Predictor.two_stage`) needs each image itself (its outline
+model runs first): the workers only decode, and `Predictor.predict` reads the images one by one.
+
 Inputs are image / DICOM files, folders (searched recursively: files with an image suffix, lesion
 masks `<name>_mask*` left out, and files without a suffix whose content is an image) and CSV
 manifests (`dataset.load_records`: their label is kept as `true_label`, their masks feed lesion
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -144,18 +148,22 @@ def _frames(file: Path) -> list[BatchItem]:
 
 
 class _Decoded(NamedTuple):
-    """One item after its worker: the tensor and scope warnings, or the error message."""
+    """One item after its worker: the tensor and scope warnings (or, for a two-stage
+    predictor, the image and its masks), or the error message."""
 
     position: int
     tensor: torch.Tensor | None
     warnings: list[str]
     error: str
+    image: np.ndarray | None = None
+    masks: tuple[np.ndarray, ...] = ()
 
 
 class _Images(Dataset):
-    """The items read and prepared for the model (run in the DataLoader's workers)."""
+    """The items read and prepared for the model (run in the DataLoader's workers); with
+    `prepare` None (a two-stage predictor), read only."""
 
-    def __init__(self, items: Sequence[BatchItem], prepare: Prepare) -> None:
+    def __init__(self, items: Sequence[BatchItem], prepare: Prepare | None) -> None:
         self.items, self.prepare = list(items), prepare
 
     def __len__(self) -> int:
@@ -165,8 +173,11 @@ class _Images(Dataset):
         item = self.items[index]
         try:
             image = load_image(item.file, frame=item.frame or 0)
-            masks = [load_mask(m, shape=image.shape[:2]) for m in item.masks] \
-                if self.prepare.spec.uses_masks else []
+            if self.prepare is None:
+                masks = tuple(load_mask(m, shape=image.shape[:2]) for m in item.masks)
+                return _Decoded(index, None, [], "", image, masks)
+            masks = tuple(load_mask(m, shape=image.shape[:2]) for m in item.masks) \
+                if self.prepare.spec.uses_masks else ()
             tensor, warnings = self.prepare(image, masks)
         except BusError as exc:
             return _Decoded(index, None, [], str(exc))
@@ -195,7 +206,8 @@ def predict_to_csv(inputs: Sequence[str | Path], out: str | Path, predictor: Pre
     report = BatchReport(already_done=len(items) - len(todo))
     if not todo:
         return report
-    loader = DataLoader(_Images(todo, predictor.prepare), batch_size=max(1, batch_size),
+    loader = DataLoader(_Images(todo, None if predictor.two_stage else predictor.prepare),
+                        batch_size=max(1, batch_size),
                         num_workers=default_workers() if workers is None else workers,
                         collate_fn=_collate)
     start = time.perf_counter()
@@ -208,8 +220,7 @@ def predict_to_csv(inputs: Sequence[str | Path], out: str | Path, predictor: Pre
             writer.writerow(columns)
         for decoded, tensors in loader:
             readable = [d for d in decoded if not d.error]
-            predictions = iter(predictor.predict_batch(tensors, [d.warnings for d in readable])
-                               if tensors is not None else [])
+            predictions = iter(_predictions(predictor, readable, tensors))
             for d in decoded:
                 row = _row(todo[d.position], None if d.error else next(predictions), d.error,
                            predictor)
@@ -220,6 +231,15 @@ def predict_to_csv(inputs: Sequence[str | Path], out: str | Path, predictor: Pre
             bar.update(len(decoded))
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _predictions(predictor: Predictor, readable: list[_Decoded],
+                 tensors: torch.Tensor | None) -> list[Prediction]:
+    """The predictions of a batch's readable items, in order."""
+    if predictor.two_stage:
+        return [predictor.predict(d.image, d.masks) for d in readable if d.image is not None]
+    return predictor.predict_batch(tensors, [d.warnings for d in readable]) \
+        if tensors is not None else []
 
 
 def _row(item: BatchItem, prediction: Prediction | None, error: str,

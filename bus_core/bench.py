@@ -10,6 +10,10 @@ Paths compared:
 - optimised: `predict.Predictor` with the automatically chosen backend (OpenVINO on CPUs where
   it is installed, see `backends`), the same code the app and CLI run.
 Both keep the model loaded between calls: model loading is measured separately.
+For a two-stage model (`ModelCard.two_stage`, see `predict`), these figures are its
+whole-image model's, which reads every image; `two_stage_latency` times the whole reading
+(outline model, whole-image model, lesion model) with PyTorch and with the chosen backends, and
+batch prediction serves the two-stage model.
 On a CPU with native bf16, `openvino_precisions` times the OpenVINO forward pass at batch 1 in
 fp32 and bf16 in turns (the choice `backends.choose_precision` makes at first compile).
 
@@ -82,7 +86,7 @@ from bus_core.loader import (
 from bus_core.metrics import softmax
 from bus_core.models import LoadedModel, build_model, load_model
 from bus_core.predict import Predictor
-from bus_core.registry import active_model_path, active_segmenter_path
+from bus_core.registry import active_model_path, active_segmenter_path, two_stage_folders
 from bus_core.segment import Segmenter
 from bus_core.settings import PROJECT_ROOT, default_dataset_dir
 from bus_core.train import train_step
@@ -270,6 +274,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     loaded = load_model(path)
     emit("model_load", ms=round((time.perf_counter() - start) * 1000, 1), model=loaded.card.name)
+    served = Predictor(loaded, fast) if loaded.card.two_stage else None
+    if served is not None:  # the figures below are the whole-image model's, which reads all
+        path = two_stage_folders(loaded.path, loaded.card)[0]
+        loaded = load_model(path)
+        emit("two_stage", served=served.card.name, whole_image_model=loaded.card.name,
+             outline_model=served.outliner.card.name if served.outliner else None)
     if args.int8:
         return _int8(loaded, args)
 
@@ -305,6 +315,15 @@ def main(argv: Sequence[str] | None = None) -> int:
          ratio_p50=round(naive["p50_ms"] / optimised["p50_ms"], 2),
          pytorch_ratio_p50=round(naive["p50_ms"] / pytorch_times["p50_ms"], 2),
          image=str(sample.name) if sample else "synthetic 600x500")
+
+    if served is not None:
+        pytorch_served = Predictor(load_model(served.loaded.path), fast, backend="torch")
+        slow = percentiles(timed(lambda: pytorch_served.predict(load_image(data)), n_latency))
+        quick = percentiles(timed(lambda: served.predict(load_image(data)), n_latency))
+        emit("two_stage_latency", pytorch=slow, optimised=quick, backend=served.description,
+             outline_backend=served.outliner.forward.description if served.outliner else None,
+             ratio_p50=round(slow["p50_ms"] / quick["p50_ms"], 2),
+             image=str(sample.name) if sample else "synthetic 600x500")
 
     prediction = predictor.predict(load_image(data))
     cam_times = timed(lambda: predictor.explain(prediction), max(3, n_latency // 5), warmup=1)
@@ -342,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         image = load_image(data)
         seg_times = timed(lambda: segmenter.segment(image), max(3, n_latency // 2), warmup=1)
         emit("segmentation_latency", model=segmenter.card.name, **percentiles(seg_times),
+             backend=segmenter.forward.description,
              image=str(sample.name) if sample else "synthetic 600x500")
     else:
         emit("segmentation_latency", skipped="no segmentation model installed")
@@ -349,15 +369,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bus-bench-") as tmp:
         files = write_synthetic_images(Path(tmp) / "images", n_batch)
         start = time.perf_counter()
+        reader = served or predictor  # the batch command serves the card as it is
         for file in files:
-            predictor.predict(load_image(file))
+            reader.predict(load_image(file))
         one_by_one = n_batch / (time.perf_counter() - start)
         start = time.perf_counter()
-        predict_to_csv([Path(tmp) / "images"], Path(tmp) / "results.csv", predictor,
+        predict_to_csv([Path(tmp) / "images"], Path(tmp) / "results.csv", reader,
                        batch_size=DEFAULT_BATCH_SIZE)
         batched = n_batch / (time.perf_counter() - start)
     emit("batch_prediction_throughput", n=n_batch, image="synthetic 600x500 PNG files",
-         backend=predictor.description, batch_size=DEFAULT_BATCH_SIZE, workers=default_workers(),
+         model=reader.card.name, backend=reader.description, batch_size=DEFAULT_BATCH_SIZE,
+         workers=default_workers(),
          one_by_one_images_per_s=round(one_by_one, 2), batch_images_per_s=round(batched, 2),
          ratio=round(batched / one_by_one, 2))
     return 0

@@ -102,17 +102,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_segmenter(args, loaded)
     records, data = _records_for(args)
     reads_masks = InputSpec.from_card(loaded.card).uses_masks
-    if (args.masks != "expert" or args.outline_check) and not reads_masks:
+    if (args.masks not in (None, "expert") or args.outline_check) and not reads_masks:
         raise BusError(f"--masks {args.masks} and --outline-check are for models that read a "
                        "lesion mask; this model uses the whole image.")
+    # a two-stage model is scored as the app reads an image: on its suggested outlines
+    args.masks = args.masks or ("auto" if loaded.card.two_stage and not args.input_mode
+                                else "expert")
     if args.outline_check:
         return _outline_check(args, loaded, records, data)
     if args.whole_image_model:
         return _two_stage(args, loaded, records, data)
     if args.masks == "auto":
-        from bus_core.segment import Segmenter, with_automatic_masks
+        from bus_core.segment import with_automatic_masks
 
-        records = with_automatic_masks(records, Segmenter.from_path(args.segmenter),
+        records = with_automatic_masks(records, _segmenter(args, loaded),
                                        Path(args.mask_dir) if args.mask_dir else None,
                                        progress=sys.stderr.isatty())
         data = {**data, "masks": "automatic"}
@@ -124,9 +127,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(loaded, records, device=args.device, batch_size=args.batch_size,
                       progress=sys.stderr.isatty(), data={**data, "n": len(records)},
                       tta=args.tta, input_mode=args.input_mode, backend=args.backend)
+    if args.malignant_threshold is not None:
+        from bus_core.metrics import threshold_metrics
+
+        result.metrics["at_threshold"] = threshold_metrics(
+            result.y_true, result.probs, args.malignant_threshold, result.classes)
     masks = " with automatic masks" if args.masks == "auto" else ""
     print(f"Model {result.metrics['model']} on {len(records)} images ({data['subset']}){masks}:")
+    if result.metrics.get("reading"):
+        print(f"  reading: {result.metrics['reading']}")
     print(format_metrics(result.metrics))
+    _fitted_threshold(result)
     if args.json:
         out = {**result.metrics, "misclassified": [
             {"id": i, "true": t, "predicted": p, "probability": q}
@@ -134,6 +145,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _write_output(args.json, json.dumps(out, indent=2, allow_nan=False))
         print(f"Metrics written to {args.json}")
     return 0
+
+
+def _fitted_threshold(result: Any) -> None:
+    """Store in `result.metrics` and print the sensitivity-first threshold these images give
+    (`metrics.fit_malignant_threshold`): on a validation subset, the one to put in a card."""
+    from bus_core.constants import MALIGNANT
+    from bus_core.metrics import fit_malignant_threshold
+
+    if MALIGNANT not in result.classes:
+        return
+    fitted = fit_malignant_threshold(result.y_true, result.probs, result.classes)
+    result.metrics["fitted_threshold"] = fitted
+    print(f"Sensitivity-first threshold fitted on these images: {fitted}")
+
+
+def _segmenter(args: argparse.Namespace, loaded: Any) -> Any:
+    """The outline model for --masks auto: --segmenter, else a two-stage model's own outline
+    model, else the bundled one."""
+    from bus_core.registry import two_stage_folders
+    from bus_core.segment import Segmenter
+
+    if args.segmenter is None and loaded.card.two_stage:
+        return Segmenter.from_path(two_stage_folders(loaded.path, loaded.card)[1])
+    return Segmenter.from_path(args.segmenter)
 
 
 def _outline_check(args: argparse.Namespace, loaded: Any, records: list[Any],
@@ -172,9 +207,9 @@ def _two_stage(args: argparse.Namespace, loaded: Any, records: list[Any],
     model where none is found."""
     from bus_core.evaluate import evaluate, two_stage
     from bus_core.inputs import InputSpec
-    from bus_core.metrics import fit_malignant_threshold, format_metrics, threshold_metrics
+    from bus_core.metrics import format_metrics, threshold_metrics
     from bus_core.models import load_model
-    from bus_core.segment import Segmenter, with_automatic_masks
+    from bus_core.segment import with_automatic_masks
 
     if args.masks != "auto":
         raise BusError("--whole-image-model reads the images where the suggested outline finds "
@@ -183,12 +218,12 @@ def _two_stage(args: argparse.Namespace, loaded: Any, records: list[Any],
     if InputSpec.from_card(whole_model.card).uses_masks:
         raise BusError(f"{whole_model.card.name} reads lesion masks; --whole-image-model needs "
                        "a model of the whole image.")
-    outlined = with_automatic_masks(records, Segmenter.from_path(args.segmenter),
+    outlined = with_automatic_masks(records, _segmenter(args, loaded),
                                     Path(args.mask_dir) if args.mask_dir else None,
                                     progress=sys.stderr.isatty())
     found = [bool(r.masks) for r in outlined]
     common = {"device": args.device, "batch_size": args.batch_size, "backend": args.backend}
-    lesion = evaluate(loaded, outlined, **common)
+    lesion = evaluate(loaded, outlined, input_mode=loaded.card.input_mode, **common)
     whole = evaluate(whole_model, records, **common)
     result = two_stage(lesion, whole, found, {**data, "n": len(records), "masks": "automatic"},
                        normal_from_whole=args.normal_from_whole)
@@ -196,12 +231,10 @@ def _two_stage(args: argparse.Namespace, loaded: Any, records: list[Any],
     if args.malignant_threshold is not None:
         metrics["at_threshold"] = threshold_metrics(result.y_true, result.probs,
                                                     args.malignant_threshold, result.classes)
-    metrics["fitted_threshold"] = fit_malignant_threshold(result.y_true, result.probs,
-                                                          result.classes)
     print(f"{metrics['model']} on {len(records)} images ({data['subset']}); outlined "
           f"{metrics['outlined']}:")
     print(format_metrics(metrics))
-    print(f"Sensitivity-first threshold fitted on these images: {metrics['fitted_threshold']}")
+    _fitted_threshold(result)
     if args.json:
         _write_output(args.json, json.dumps(metrics, indent=2, allow_nan=False))
         print(f"Metrics written to {args.json}")
@@ -223,7 +256,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     image_path = args.inputs[0]
     predictor = Predictor.from_path(args.model, device=args.device, backend=args.backend)
     mask_note = ""
-    if predictor.spec.uses_masks and not args.mask:
+    if predictor.spec.uses_masks and not args.mask and not predictor.two_stage:
         from bus_core.io import load_image
         from bus_core.segment import Segmenter
 
@@ -252,6 +285,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{prediction.label}{flag}  [{prediction.model}]")
     if mask_note:
         print(f"  mask: {mask_note}")
+    if prediction.reading:
+        print(f"  {prediction.reading}")
     for name, p in prediction.probabilities.items():
         print(f"  {name:<10} {p:6.1%}")
     if prediction.malignant_flag:
@@ -531,10 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-mode", choices=INPUT_MODES,
                    help="replace the card's input mode (e.g. show a mask-mode model leak-free "
                         "inputs to measure the mask leak)")
-    p.add_argument("--masks", default="expert", choices=("auto", *OUTLINE_VARIANTS),
+    p.add_argument("--masks", choices=("auto", *OUTLINE_VARIANTS),
                    help="for a lesion (mask) model: the data's expert masks, the outlines the "
                         "segmentation model suggests (auto), or the expert masks dilated or "
-                        "replaced by their bounding box")
+                        "replaced by their bounding box (default: auto for a two-stage model, "
+                        "else expert)")
     p.add_argument("--whole-image-model",
                    help="with --masks auto, for a lesion model: the two-stage reading, this "
                         "whole-image model where the suggested outline finds no lesion")
@@ -542,11 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --whole-image-model: P(normal) from the whole-image model, the "
                         "lesion model only splitting the rest where an outline was found")
     p.add_argument("--malignant-threshold", type=float,
-                   help="with --whole-image-model: also report the rule P(malignant) >= this")
+                   help="report the rule P(malignant) >= this instead of the card's threshold")
     p.add_argument("--outline-check", action="store_true",
                    help="for a lesion model: evaluate with expert, dilated and box outlines and "
                         "report how often the class stays the same")
-    p.add_argument("--segmenter", help="segmentation model for --masks auto (default: bundled)")
+    p.add_argument("--segmenter", help="segmentation model for --masks auto (default: a "
+                                       "two-stage model's own, else the bundled one)")
     p.add_argument("--mask-dir", help="keep the automatic masks in this folder")
     p.set_defaults(func=cmd_evaluate)
 

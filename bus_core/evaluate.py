@@ -11,14 +11,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bus_core import metrics as metrics_lib
 from bus_core.backends import Forward, TorchForward, choose_forward
 from bus_core.constants import NORMAL
 from bus_core.dataset import Record
 from bus_core.device import DeviceConfig, choose_device, prepare_model
-from bus_core.inputs import InputSpec
+from bus_core.inputs import InputSpec, record_has_lesion
 from bus_core.loader import RecordDataset, eval_batches
 from bus_core.metrics import compute_metrics, softmax, threshold_metrics
-from bus_core.models import LoadedModel
+from bus_core.models import LoadedModel, load_model
+from bus_core.registry import two_stage_folders
 
 
 @dataclass
@@ -74,9 +76,29 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
     metrics so every figure says which images it came from. `tta` averages each image with its
     mirror (the card's temperature is kept as fitted without it). `input_mode` replaces the
     card's, e.g. to show a `mask` model the leak-free inputs and so measure the mask leak.
+
+    A two-stage card (`ModelCard.two_stage`) is read as `predict.Predictor` reads it: records
+    with a lesion in their masks by `two_stage(..., normal_from_whole=True)`, the others by the
+    whole-image model alone (give records the suggested outlines, `segment.with_automatic_masks`,
+    to score what the app shows without an expert outline). With `input_mode`, the lesion
+    model is scored alone.
     """
     config = device if isinstance(device, DeviceConfig) else choose_device(device)
     card = loaded.card
+    if card.two_stage and input_mode is None:
+        whole_dir, _ = two_stage_folders(loaded.path, card)
+        common: dict[str, Any] = {"device": config, "batch_size": batch_size, "progress": progress,
+                                  "data": data, "tta": tta, "backend": backend}
+        lesion = evaluate(loaded, records, input_mode=card.input_mode, **common)
+        whole = evaluate(load_model(whole_dir), records, **common)
+        found = [record_has_lesion(r) for r in records]
+        result = two_stage(lesion, whole, found, data, normal_from_whole=True)
+        if card.malignant_threshold is not None and len(records):
+            result.metrics["at_threshold"] = threshold_metrics(
+                result.y_true, result.probs, card.malignant_threshold, card.classes)
+        result.metrics |= {"model": card.name, "reading": result.metrics["model"], "tta": tta,
+                           "input_mode": card.input_mode}
+        return result
     spec = InputSpec.from_card(card)
     if input_mode is not None:
         spec = InputSpec.of(input_mode, spec.combine, spec.threshold, spec.margin, spec.size)
@@ -114,18 +136,14 @@ def two_stage(lesion: Evaluation, whole: Evaluation, found: Sequence[bool],
     if lesion.classes != whole.classes:
         raise ValueError("The lesion model and the whole-image model have different classes.")
     pick = np.asarray(found, dtype=bool)[:, None]
-    read = lesion.probs
-    if normal_from_whole and NORMAL in lesion.classes:
-        k = lesion.classes.index(NORMAL)
-        rest = np.delete(lesion.probs, k, axis=1)
-        rest = rest / np.clip(rest.sum(1, keepdims=True), 1e-12, None)
-        read = np.insert(rest * (1 - whole.probs[:, k:k + 1]), k, whole.probs[:, k], axis=1)
+    read = (metrics_lib.normal_from_whole(lesion.probs, whole.probs, lesion.classes)
+            if normal_from_whole else lesion.probs)
     probs = np.where(pick, read, whole.probs)
     logits = np.log(np.clip(probs, 1e-12, None)).astype(np.float32)
     metrics = compute_metrics(lesion.y_true, probs, lesion.classes)
     how = (f"{whole.metrics.get('model')} for normal, {lesion.metrics.get('model')} for the "
-           "rest on suggested outlines" if normal_from_whole else
-           f"{lesion.metrics.get('model')} on suggested outlines")
+           "rest on the lesion outline" if normal_from_whole else
+           f"{lesion.metrics.get('model')} on the lesion outline")
     metrics |= {"model": f"{how}, else {whole.metrics.get('model')}",
                 "outlined": int(pick.sum()), "normal_from_whole": normal_from_whole,
                 "data": data or {}}

@@ -126,6 +126,12 @@ def record_lesion_mask(record: Record, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def record_has_lesion(record: Record) -> bool:
+    """True when one of a record's mask files marks a lesion (a two-stage model then reads the
+    lesion; without one, the whole image)."""
+    return any(load_mask(path).any() for path in record.masks)
+
+
 def record_rng(record_id: str, epoch: int = 0) -> np.random.Generator:
     """A generator seeded by a record id (and epoch): the same crop on every machine."""
     seed = int.from_bytes(hashlib.sha256(f"{record_id}|{epoch}".encode()).digest()[:8], "little")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bus_core.constants import CLASSES, MALIGNANT
+from bus_core.constants import CLASSES, MALIGNANT, NORMAL
 
 METRIC_LABELS: dict[str, str] = {
     "accuracy": "Accuracy",
@@ -182,6 +182,25 @@ def compute_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
     }
+
+
+def normal_from_whole(lesion_probs: np.ndarray, whole_probs: np.ndarray,
+                      classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """The two-stage reading's probabilities (N x K): P(normal) from the whole-image model
+    (`whole_probs`), the rest split between the other classes in the lesion model's
+    proportions (`lesion_probs`); both N x K over the same `classes`. Without a 'normal' class,
+    the lesion model's probabilities unchanged. Rows sum to 1."""
+    lesion = np.asarray(lesion_probs, dtype=np.float64)
+    whole = np.asarray(whole_probs, dtype=np.float64)
+    if lesion.shape != whole.shape or lesion.ndim != 2 or lesion.shape[1] != len(classes):
+        raise ValueError(f"Both readings must be N x {len(classes)} arrays; got {lesion.shape} "
+                         f"and {whole.shape}.")
+    if NORMAL not in classes:
+        return lesion
+    k = list(classes).index(NORMAL)
+    rest = np.delete(lesion, k, axis=1)
+    rest = rest / np.clip(rest.sum(1, keepdims=True), 1e-12, None)
+    return np.insert(rest * (1 - whole[:, k:k + 1]), k, whole[:, k], axis=1)
 
 
 TARGET_SENSITIVITY = 0.90

@@ -172,6 +172,11 @@ class ModelCard:
     uncertain_below: float = 0.6
     malignant_threshold: float | None = None
     postprocess: dict[str, Any] = field(default_factory=dict)
+    two_stage: dict[str, str] = field(default_factory=dict)
+    """For a lesion model read as the second stage of a two-stage reading: the folder names
+    (beside this model's folder, or bundled) of its `whole_image_model`, which gives P(normal)
+    and reads images without an outline, and its `outline_model`, which suggests the outline
+    when none is given (see `predict.Predictor`). Empty: the model reads alone."""
     init: str = "random"
     training_data: dict[str, Any] = field(default_factory=dict)
     split: dict[str, Any] = field(default_factory=dict)
@@ -208,6 +213,8 @@ class ModelCard:
         return card
 
 
+TWO_STAGE_KEYS: tuple[str, str] = ("whole_image_model", "outline_model")
+"""The keys of a card's `two_stage` field."""
 MAX_INPUT_SIZE = 1024
 """Largest input side a card may ask for (a bigger one would only exhaust memory)."""
 
@@ -230,7 +237,7 @@ def _problem(card: ModelCard) -> str | None:
         if not isinstance(getattr(card, name), str):
             return f"'{name}' must be text"
     for name in ("metrics", "training_data", "split", "hyperparameters", "postprocess",
-                 "normalisation", "software", "input_size"):
+                 "normalisation", "software", "input_size", "two_stage"):
         if not isinstance(getattr(card, name), dict):
             return f"'{name}' must be an object"
     if any(not isinstance(card.metrics.get(k, {}), dict) for k in ("val", "test")):
@@ -274,6 +281,13 @@ def _problem(card: ModelCard) -> str | None:
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
         return f"'{bad[0]}' is out of range or not a number"
+    if card.two_stage and (set(card.two_stage) != set(TWO_STAGE_KEYS) or not all(
+            isinstance(v, str) and v.strip(". ") and not set(v) & set("/\\:")
+            for v in card.two_stage.values())):
+        return (f"'two_stage' needs the folder names {' and '.join(TWO_STAGE_KEYS)} (names, "
+                "not paths)")
+    if card.two_stage and card.input_mode == "full":
+        return "'two_stage' is for a model that reads a lesion outline"
     post = card.postprocess
     if post and (set(post) - {"threshold", "min_area", "fill_holes"}
                  or not number(post.get("threshold", 0.5), 0.0, 1.0)

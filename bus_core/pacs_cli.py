@@ -27,7 +27,7 @@ def _predictor(args: argparse.Namespace):
     from bus_core.predict import Predictor
 
     predictor = Predictor.from_path(args.model, device=args.device, backend=args.backend)
-    if predictor.spec.uses_masks:
+    if predictor.spec.uses_masks and not predictor.two_stage:
         raise BusError(f"{predictor.card.name} reads only an outlined lesion; images from the "
                        "PACS are read whole: choose a whole-image model with --model.")
     return predictor

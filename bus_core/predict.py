@@ -5,6 +5,11 @@ the CLI, the app and the benchmark alike:
          --backends.Forward (OpenVINO on CPUs, else PyTorch)--> logits
          --/ temperature, softmax--> probabilities
          --cam.compute_cam (PyTorch)--> map --cam.overlay--> overlay on what the model saw
+
+A lesion model whose card names a `two_stage` pair reads in two stages: its outline model
+suggests the lesion outline when none is given; the whole-image model gives P(normal) and reads
+images without an outline; this model splits the rest between benign and malignant from the
+crop around the outline (`metrics.normal_from_whole`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,12 +30,13 @@ from bus_core.constants import MALIGNANT
 from bus_core.dataset import Record
 from bus_core.device import DeviceConfig, choose_device, prepare_model
 from bus_core.errors import ModelError
-from bus_core.inputs import InputSpec, model_input
+from bus_core.inputs import InputSpec, model_input, record_has_lesion
 from bus_core.io import check_min_side, load_image, load_mask
 from bus_core.loader import RecordDataset
-from bus_core.metrics import TARGET_SENSITIVITY, percent_pair, softmax
+from bus_core.metrics import TARGET_SENSITIVITY, normal_from_whole, percent_pair, softmax
 from bus_core.models import LoadedModel, gradcam_layer, load_model
-from bus_core.registry import active_model_path, no_model_message
+from bus_core.registry import active_model_path, no_model_message, two_stage_folders
+from bus_core.segment import Segmenter
 from bus_core.transforms import denormalise, eval_transform
 
 SCOPE_GRID = 128
@@ -55,6 +61,14 @@ class Prediction:
     activations: np.ndarray | None = field(default=None, repr=False)
     """The Grad-CAM layer's fp32 activations (K x h x w) when the backend returned them with
     the logits (then the CAM needs no second pass)."""
+    read_by: str = ""
+    """The model whose input `model_view` is (and whose CAM explains it): '' for `model`
+    itself; a two-stage reading names its whole-image model when it had no outline."""
+    reading: str = ""
+    """How a two-stage reading was made, in one sentence ('' for a single model)."""
+    outline: np.ndarray | None = field(default=None, repr=False)
+    """The outline (HxW bool) the predictor's outline model suggested and the reading used;
+    None when the outline was given or there was none."""
 
     @property
     def malignant_flag(self) -> bool | None:
@@ -79,6 +93,7 @@ class Prediction:
         return {"label": self.label, "probabilities": self.probabilities,
                 "uncertain": self.uncertain, "malignant_flag": self.malignant_flag,
                 "malignant_threshold": self.malignant_threshold, "model": self.model,
+                **({"reading": self.reading} if self.reading else {}),
                 "warnings": self.warnings, "elapsed_ms": round(self.elapsed_ms, 1)}
 
 
@@ -134,6 +149,21 @@ class Predictor:
         side = self.spec.size.crop  # both fits ('crop', 'pad') give a crop x crop tensor
         self.forward = choose_forward(self.model, self.device, loaded.weights_id, (side, side),
                                       backend)
+        self.whole: Predictor | None = None
+        """The whole-image model of a two-stage reading (None: this model reads alone)."""
+        self.outliner: Segmenter | None = None
+        """The outline model of a two-stage reading."""
+        if self.card.two_stage:
+            whole_dir, outline_dir = two_stage_folders(loaded.path, self.card)
+            self.whole = Predictor(load_model(whole_dir), self.device, backend)
+            if self.whole.spec.uses_masks or self.whole.classes != self.classes or \
+                    self.whole.card.name == self.card.name:
+                raise ModelError(f"{self.card.name} names {self.whole.card.name} as its "
+                                 "whole-image model, but that model does not read the whole "
+                                 "image with the same classes.")
+            self.outliner = Segmenter(load_model(outline_dir), "cpu-fp32"
+                                      if self.device.device.type == "cpu" else self.device,
+                                      backend)
 
     @classmethod
     def from_path(cls, path: str | Path | None = None, device: str = "auto",
@@ -159,19 +189,65 @@ class Predictor:
         """(tensor, scope warnings) of an image (+ masks): what `predict` feeds the model."""
         return Prepare(self.spec)
 
-    def predict(self, image: np.ndarray, masks: Sequence[np.ndarray] = ()) -> Prediction:
+    @property
+    def two_stage(self) -> bool:
+        """True when this predictor reads in two stages (see the module docstring)."""
+        return self.whole is not None
+
+    def predict(self, image: np.ndarray, masks: Sequence[np.ndarray] = (), *,
+                suggest: bool = True) -> Prediction:
         """Calibrated probabilities for one RGB uint8 image (and its lesion masks); an image
-        with a side under `io.MIN_SIDE` raises `InvalidImageError`."""
+        with a side under `io.MIN_SIDE` raises `InvalidImageError`. A two-stage predictor
+        given no mask outlines the lesion itself when `suggest`, and reads with its
+        whole-image model when there is no outline."""
         start = time.perf_counter()
-        tensor, warnings = self.prepare(image, masks)
-        prediction = self.predict_batch(tensor.unsqueeze(0), [warnings])[0]
+        if self.whole is not None:
+            prediction = self._two_stage(image, [m for m in masks if m.any()], suggest)
+        else:
+            tensor, warnings = self.prepare(image, masks)
+            prediction = self.predict_batch(tensor.unsqueeze(0), [warnings])[0]
         prediction.elapsed_ms = (time.perf_counter() - start) * 1000
         return prediction
+
+    def _two_stage(self, image: np.ndarray, masks: list[np.ndarray],
+                   suggest: bool) -> Prediction:
+        """The two-stage reading of one image (see the module docstring)."""
+        assert self.whole is not None and self.outliner is not None
+        whole = self.whole.predict(image)
+        suggested = None
+        if not masks and suggest:
+            suggested = self.outliner.segment(image)
+            masks = [suggested] if suggested.any() else []
+        if not masks:
+            top = max(whole.probabilities, key=whole.probabilities.__getitem__)
+            return replace(whole, model=self.card.name, read_by=self.whole.card.name,
+                           uncertain=whole.probabilities[top] < self.card.uncertain_below,
+                           malignant_threshold=self.card.malignant_threshold,
+                           reading=f"No lesion outline{' found' if suggest else ''}: the "
+                                   f"reading of {self.whole.card.name} on the whole image.")
+        tensor, warnings = self.prepare(image, masks)
+        with self._lock:
+            logits, activations = self.forward.run(tensor.unsqueeze(0))
+        lesion = softmax(logits, self.card.temperature)
+        whole_probs = np.array([[whole.probabilities[c] for c in self.classes]])
+        probs = normal_from_whole(lesion, whole_probs, self.classes)[0]
+        made = (f" (outline suggested by {self.outliner.card.name})" if suggested is not None
+                else "")
+        return replace(self._prediction(probs, tensor, warnings,
+                                        None if activations is None else activations[0]),
+                       outline=suggested,
+                       reading=f"Two-stage reading: P(normal) from {self.whole.card.name} on "
+                               f"the whole image; benign vs malignant from {self.card.name} "
+                               f"on the lesion and its surroundings{made}.")
 
     def predict_batch(self, batch: torch.Tensor,
                       warnings: Sequence[list[str]] | None = None) -> list[Prediction]:
         """Calibrated predictions for a batch (N x 3 x H x W) of tensors made by `prepare`,
-        with each image's scope warnings (default none); the same figures as `predict`."""
+        with each image's scope warnings (default none); the same figures as `predict`. Not for
+        a two-stage predictor (its reading needs the image itself: use `predict`)."""
+        if self.whole is not None:
+            raise ModelError(f"{self.card.name} reads in two stages: predict images one by "
+                             "one with Predictor.predict.")
         with self._lock:
             logits, activations = self.forward.run(batch)
         probs = softmax(logits, self.card.temperature)
@@ -195,6 +271,8 @@ class Predictor:
                 method: str = "gradcam") -> np.ndarray:
         """The CAM (HxW in [0, 1], over `prediction.model_view`) for class `target`
         (default: the predicted class)."""
+        if self.whole is not None and prediction.read_by == self.whole.card.name:
+            return self.whole.explain(prediction, target, method)
         target_class = self.classes.index(target or prediction.label)
         if method == "gradcam" and prediction.activations is not None and \
                 cam_lib.pools_into_linear(self.model):
@@ -210,7 +288,11 @@ def explain_record(predictor: Predictor, record: Record, probabilities: Sequence
                    target: str) -> tuple[np.ndarray, np.ndarray]:
     """(what the model saw, its CAM for class `target`) for a dataset record, over exactly the
     input an evaluation gives the model (for mask models: the masked crop of its masks, or the
-    leak-free crop of a lesion-free image); `probabilities` are the evaluation's for it."""
+    leak-free crop of a lesion-free image; for a two-stage model without a lesion in the
+    record's masks: its whole-image model on the whole image); `probabilities` are the
+    evaluation's for it."""
+    if predictor.whole is not None and not record_has_lesion(record):
+        predictor = predictor.whole
     tensor, _ = RecordDataset([record], predictor.spec, classes=predictor.classes)[0]
     top = int(np.argmax(probabilities))
     prediction = Prediction(label=predictor.classes[top], model=predictor.card.name,

@@ -26,7 +26,14 @@ from pathlib import Path, PurePosixPath
 
 from bus_core import atomic
 from bus_core.errors import ModelError, storage
-from bus_core.models import CARD_FILE, WEIGHTS_FILE, ModelCard, load_model, read_card
+from bus_core.models import (
+    CARD_FILE,
+    TWO_STAGE_KEYS,
+    WEIGHTS_FILE,
+    ModelCard,
+    load_model,
+    read_card,
+)
 from bus_core.roles import Identity, require
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, data_dir, user_models_dir
 from bus_core.store import shared_lock
@@ -114,6 +121,25 @@ def active_segmenter_path(bundled_dir: Path = BUNDLED_WEIGHTS_DIR) -> Path | Non
         if (folder / CARD_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
             return folder
     return None
+
+
+def two_stage_folders(folder: Path, card: ModelCard,
+                      bundled_dir: Path = BUNDLED_WEIGHTS_DIR) -> tuple[Path, Path]:
+    """(whole-image model, outline model) folders of a two-stage card (`ModelCard.two_stage`)
+    of the model in `folder`: each found beside `folder`, else among the bundled models;
+    ModelError naming the missing one."""
+    found = []
+    for key in TWO_STAGE_KEYS:
+        name = card.two_stage[key]
+        places = [folder.parent / name, bundled_dir / name]
+        place = next((p for p in places
+                      if (p / CARD_FILE).is_file() and (p / WEIGHTS_FILE).is_file()), None)
+        if place is None:
+            raise ModelError(f"{card.name} reads in two stages with the "
+                             f"{key.replace('_', ' ')} '{name}', which is installed neither "
+                             "beside it nor among the bundled models.")
+        found.append(place)
+    return found[0], found[1]
 
 
 def set_active_model(path: str | Path, *, who: Identity) -> None:

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 
 from bus_core import atomic
 from bus_core.augment import eval_batch
+from bus_core.backends import choose_forward
 from bus_core.constants import IMAGE_SUFFIXES
 from bus_core.dataset import Record, load_records, mask_owner
-from bus_core.device import DeviceConfig, autocast, choose_device, prepare_model, to_device
+from bus_core.device import DeviceConfig, choose_device, prepare_model
 from bus_core.errors import BusError, DataError, ModelError, storage
 from bus_core.inputs import record_lesion_mask
 from bus_core.io import load_image
@@ -42,7 +43,9 @@ from bus_core.transforms import fit_square, unfit_square
 class Segmenter:
     """A loaded segmentation model ready to outline lesions; safe to share between threads."""
 
-    def __init__(self, loaded: LoadedModel, device: str | DeviceConfig = "cpu-fp32") -> None:
+    def __init__(self, loaded: LoadedModel, device: str | DeviceConfig = "cpu-fp32",
+                 backend: str | None = None) -> None:
+        """`backend`: see `backends.choose_forward` (OpenVINO on CPUs where installed)."""
         if loaded.card.task != "segmentation":
             raise ModelError(f"{loaded.card.name} is a {loaded.card.task} model, not a "
                              "segmentation model.")
@@ -52,25 +55,26 @@ class Segmenter:
         self.model = prepare_model(loaded.model, self.device)
         self.size = self.card.size.crop
         self.params = PostProcess(**self.card.postprocess)
+        self.forward = choose_forward(self.model, self.device, loaded.weights_id,
+                                      (self.size, self.size), backend)
         self._lock = threading.Lock()
 
     @classmethod
-    def from_path(cls, path: str | Path | None = None,
-                  device: str | DeviceConfig = "cpu-fp32") -> Segmenter:
+    def from_path(cls, path: str | Path | None = None, device: str | DeviceConfig = "cpu-fp32",
+                  backend: str | None = None) -> Segmenter:
         """A segmenter for the model folder `path` (default: `registry.active_segmenter_path`)."""
         folder = path or active_segmenter_path()
         if folder is None:
             raise ModelError("No segmentation model is installed: pass one with --model or put "
                              "one in the weights/ folder.")
-        return cls(load_model(folder), device)
+        return cls(load_model(folder), device, backend)
 
     def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Lesion probability maps (HxW float32 in [0, 1]) over each RGB uint8 image's pixels."""
         squares, fits = zip(*(fit_square(image, self.size) for image in images))
-        x = to_device(eval_batch(torch.from_numpy(np.stack(squares))), self.device)
-        with self._lock, torch.inference_mode(), autocast(self.device):
-            logits = self.model(x)
-        probs = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+        with self._lock:
+            logits = self.forward(eval_batch(torch.from_numpy(np.stack(squares))))
+        probs = (1 / (1 + np.exp(-logits[:, 0].astype(np.float64)))).astype(np.float32)
         return [unfit_square(p, fit, image.shape[:2])
                 for p, fit, image in zip(probs, fits, images)]
 

@@ -41,8 +41,17 @@ def predict(predictor: Predictor, upload: Upload, choice: MaskChoice) -> Predict
 
 def input_note(predictor: Predictor, choice: MaskChoice) -> str:
     """What the model looks at, in one line."""
+    automatic = " (outlined automatically)" if choice.origin == "suggested" else ""
+    if predictor.whole is not None:
+        whole = md_escape(predictor.whole.card.name)
+        if choice.mask is None:
+            return (f"No lesion outline, so the whole-image model ({whole}) reads the whole "
+                    "image. Accept the suggested outline or paint one to read the lesion itself.")
+        made = ", outlined automatically" if choice.origin == "suggested" else ""
+        return (f"Two-stage reading: the whole image ({whole}) tells normal from lesion; the "
+                f"lesion and the tissue around it (the box around the outline{made}) tell "
+                "benign from malignant.")
     if predictor.spec.uses_masks:
-        automatic = " (outlined automatically)" if choice.origin == "suggested" else ""
         if predictor.spec.mode == "lesion-context":
             return ("This model looks at the lesion and the tissue around it: the box around "
                     f"the outline{automatic}.")
@@ -59,7 +68,9 @@ def mask_note(choice: MaskChoice, predictor: Predictor) -> str:
     made = {"suggested": "suggested automatically by the outline model",
             "suggested, edited": "suggested automatically, then edited by the user"}.get(
         choice.origin or "", choice.origin or "given")
-    use = ("the model read the lesion and its surroundings"
+    use = ("the model read the lesion and its surroundings, and the whole image for normal "
+           "vs lesion" if predictor.two_stage
+           else "the model read the lesion and its surroundings"
            if predictor.spec.mode == "lesion-context"
            else "the model read the masked lesion" if predictor.spec.uses_masks
            else "shown for reference; the model read the whole image")

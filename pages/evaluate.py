@@ -159,6 +159,9 @@ def describe(result: Result) -> str:
     if data.get("split_file"):
         text += (f" · {data['subset']} subset of {md_escape(Path(data['split_file']).name)} "
                  f"(data hash {str(data.get('data_hash'))[:12]})")
+    reading = result.evaluation.metrics.get("reading")
+    if reading:  # a two-stage model, read on the data's own lesion masks
+        return text + f" · two-stage reading on the data's lesion masks: {md_escape(reading)}"
     return text + f" · temperature {result.evaluation.metrics.get('temperature', 1.0):.3f}"
 
 

@@ -155,6 +155,12 @@ def model_card(entry: ModelEntry, active: bool, who: Identity) -> None:
         right.markdown(f"**Test** {test_line(entry)}  \n**Created** "
                        f"{md_escape(card.created[:10])} · **Size** "
                        f"{entry.size_bytes / 1e6:.1f} MB · init {md_escape(card.init)}")
+        if card.two_stage:
+            st.caption(md_escape(
+                f"Reads in two stages: {card.two_stage['whole_image_model']} on the whole "
+                f"image tells normal from lesion (and reads images without an outline); this "
+                f"model tells benign from malignant around the outline, which "
+                f"{card.two_stage['outline_model']} suggests when none is given."))
         st.caption(md_escape(entry.path))
         if st.session_state.get(CONFIRM_KEY) == str(entry.path):
             confirm_delete(entry, who)

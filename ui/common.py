@@ -116,8 +116,11 @@ def model_summary(card: ModelCard) -> str:
     """A few markdown lines: name, date, and test metrics with their data."""
     test = card.metrics.get("test") or {}
     data = test.get("data") or {}
+    kind = (f"two-stage: {card.two_stage['whole_image_model']} on the whole image, then "
+            f"{card.input_mode} on the lesion outline" if card.two_stage
+            else f"{card.input_mode} input")
     lines = [f"**{md_escape(card.name)}**",
-             md_escape(f"{card.arch}, {card.input_mode} input, created {card.created[:10]}")]
+             md_escape(f"{card.arch}, {kind}, created {card.created[:10]}")]
     if test:
         sources = md_escape(", ".join(source_name(x) for x in data.get("sources", [])) or "?")
         split = md_escape(Path(str(data.get("split_file", ""))).name or "?")

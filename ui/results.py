@@ -24,10 +24,12 @@ def model_key(predictor: Predictor) -> tuple[str, str]:
 def predict_cached(predictor: Predictor, key: Hashable, image: np.ndarray,
                    masks: Sequence[np.ndarray] = ()) -> Prediction:
     """`predictor.predict(image, masks)`, computed once (with a spinner) per (model, key) in
-    this session; `key` must identify the image and the masks. Raises what `predict` raises."""
+    this session; `key` must identify the image and the masks. The page's mask panel owns the
+    outline, so a two-stage predictor does not suggest one itself: without masks it reads the
+    whole image. Raises what `predict` raises."""
     def compute() -> Prediction:
         with st.spinner("Reading the image…"):
-            return predictor.predict(image, masks)
+            return predictor.predict(image, masks, suggest=False)
 
     return memo("prediction", (model_key(predictor), key), compute, max_entries=24)
 

@@ -1,0 +1,191 @@
+"""The two-stage reading served as one model: a lesion model whose card names a whole-image model
+(P(normal), images without an outline) and an outline model (suggests the outline), in
+`predict.Predictor`, `evaluate.evaluate`, batch prediction and the command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bus_core.batch import predict_to_csv
+from bus_core.cli import main
+from bus_core.constants import CLASSES
+from bus_core.dataset import load_records
+from bus_core.errors import ModelError
+from bus_core.evaluate import evaluate
+from bus_core.metrics import normal_from_whole
+from bus_core.models import ModelCard, load_model
+from bus_core.predict import Predictor
+from bus_core.segment import Segmenter
+from tests.conftest import blob_probabilities, copy_model, synthetic_image
+
+PAIR = {"whole_image_model": "whole", "outline_model": "outline"}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir: Path, tiny_segmenter_dir: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights folder with a two-stage lesion model ('lesion') beside its whole-image model
+    ('whole') and its outline model ('outline'), and 'alone': the lesion model without the
+    pair."""
+    root = tmp_path_factory.mktemp("weights")
+    copy_model(tiny_model_dir, root / "whole", name="tiny-whole")
+    copy_model(tiny_segmenter_dir, root / "outline")
+    lesion = {"input_mode": "lesion-context", "crop_margin": 0.5, "malignant_threshold": 0.3}
+    copy_model(tiny_model_dir, root / "lesion", name="tiny-lesion", two_stage=PAIR, **lesion)
+    copy_model(tiny_model_dir, root / "alone", name="tiny-alone", **lesion)
+    return root
+
+
+@pytest.fixture
+def blobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outline model finds a disc in every image, none in images with a white corner."""
+    monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)
+
+
+def _predictor(folder: Path) -> Predictor:
+    return Predictor(load_model(folder), "cpu-fp32", backend="torch")
+
+
+def _image(white_corner: bool = False) -> np.ndarray:
+    image, _ = synthetic_image("benign", np.random.default_rng(3))
+    if white_corner:
+        image[0, 0] = 255
+    return image
+
+
+def _probs(prediction) -> np.ndarray:
+    return np.array([prediction.probabilities[c] for c in CLASSES])
+
+
+def test_normal_from_whole_keeps_the_whole_images_normal_and_the_lesion_models_ratio():
+    lesion = np.array([[0.6, 0.1, 0.3], [0.0, 0.5, 0.5]])
+    whole = np.array([[0.2, 0.4, 0.4], [0.9, 0.05, 0.05]])
+    out = normal_from_whole(lesion, whole)
+    np.testing.assert_allclose(out, [[0.2, 0.2, 0.6], [0.9, 0.05, 0.05]])
+    np.testing.assert_allclose(out.sum(1), 1.0)
+    np.testing.assert_allclose(normal_from_whole(lesion[:, 1:], whole[:, 1:],
+                                                 ["benign", "malignant"]), lesion[:, 1:])
+    with pytest.raises(ValueError):
+        normal_from_whole(lesion, whole[:1])
+
+
+@pytest.mark.parametrize("pair, mode", [({"whole_image_model": "w"}, "lesion-context"),
+                                        ({**PAIR, "outline_model": "../up"}, "lesion-context"),
+                                        ({**PAIR, "outline_model": ".."}, "lesion-context"),
+                                        (PAIR, "full")])
+def test_a_card_refuses_a_broken_pair(pair, mode):
+    with pytest.raises(ModelError, match="two_stage"):
+        ModelCard.from_dict({"name": "x", "arch": "densenet121", "input_mode": mode,
+                             "two_stage": pair})
+
+
+def test_missing_pair_model_is_named(models, tmp_path):
+    lonely = copy_model(models / "lesion", tmp_path / "lesion")
+    with pytest.raises(ModelError, match="whole image model 'whole'"):
+        _predictor(lonely)
+
+
+def test_outlined_image_takes_normal_from_the_whole_image_and_the_rest_from_the_lesion(
+        models, blobs):
+    two, alone, whole = (_predictor(models / n) for n in ("lesion", "alone", "whole"))
+    assert two.two_stage and not alone.two_stage
+    image = _image()
+    prediction = two.predict(image)
+    assert prediction.outline is not None and prediction.outline.any()
+    assert "outline suggested by tiny-seg" in prediction.reading
+    expected = normal_from_whole(_probs(alone.predict(image, [prediction.outline]))[None],
+                                 _probs(whole.predict(image))[None])[0]
+    np.testing.assert_allclose(_probs(prediction), expected, atol=1e-6)
+    assert prediction.model == "tiny-lesion" and prediction.read_by == ""
+    assert prediction.malignant_threshold == 0.3
+    assert two.explain(prediction).shape == prediction.model_view.shape[:2]
+    given = two.predict(image, [prediction.outline])  # the same outline, given
+    assert given.outline is None and "suggested" not in given.reading
+    np.testing.assert_allclose(_probs(given), expected, atol=1e-6)
+
+
+def test_without_an_outline_the_whole_image_model_reads(models, blobs):
+    two, whole = _predictor(models / "lesion"), _predictor(models / "whole")
+    for prediction, image in ((two.predict(_image(white_corner=True)), _image(True)),
+                              (two.predict(_image(), suggest=False), _image()),
+                              (two.predict(_image(), [np.zeros((72, 88), bool)],
+                                           suggest=False), _image())):
+        np.testing.assert_allclose(_probs(prediction), _probs(whole.predict(image)), atol=1e-6)
+        assert prediction.read_by == "tiny-whole" and prediction.outline is None
+        assert prediction.model == "tiny-lesion" and "tiny-whole" in prediction.reading
+        cam = two.explain(prediction)  # the whole-image model's CAM over the whole image
+        assert cam.shape == prediction.model_view.shape[:2] == (32, 32)
+    with pytest.raises(ModelError, match="one by one"):
+        two.predict_batch(prediction.tensor[None])
+
+
+def test_evaluate_reads_two_stage_cards_like_the_predictor(models, busi_dir):
+    records = load_records(busi_dir)
+    loaded = load_model(models / "lesion")
+    result = evaluate(loaded, records, device="cpu-fp32", backend="torch")
+    alone = evaluate(load_model(models / "alone"), records, device="cpu-fp32", backend="torch")
+    whole = evaluate(load_model(models / "whole"), records, device="cpu-fp32", backend="torch")
+    lesion = np.array([r.label != "normal" for r in records])  # normals: empty mask files
+    np.testing.assert_allclose(result.probs[~lesion], whole.probs[~lesion], atol=1e-6)
+    np.testing.assert_allclose(result.probs[lesion],
+                               normal_from_whole(alone.probs, whole.probs)[lesion], atol=1e-6)
+    assert result.metrics["model"] == "tiny-lesion" and "tiny-whole" in result.metrics["reading"]
+    assert result.metrics["at_threshold"]["threshold"] == 0.3
+    # with an input mode, the lesion model alone
+    only = evaluate(loaded, records, device="cpu-fp32", backend="torch",
+                    input_mode="lesion-context")
+    np.testing.assert_allclose(only.probs, alone.probs, atol=1e-6)
+    # the predictor gives the same figures for a lesion image with its expert mask
+    record = next(r for r in records if r.label == "malignant")
+    from bus_core.io import load_image, load_mask
+    from bus_core.predict import explain_record
+
+    image = load_image(record.path)
+    two = _predictor(models / "lesion")
+    prediction = two.predict(image, [load_mask(record.masks[0])])
+    np.testing.assert_allclose(_probs(prediction), result.probs[records.index(record)],
+                               atol=1e-5)
+    # the gallery's CAM of a lesion-free image is the whole-image model's, as its reading was
+    normal = next(r for r in records if r.label == "normal")
+    _, cam = explain_record(two, normal, result.probs[records.index(normal)], "normal")
+    reference = two.whole.predict(load_image(normal.path))
+    np.testing.assert_allclose(cam, two.whole.explain(reference, "normal"), atol=1e-5)
+
+
+def test_batch_prediction_of_a_two_stage_model_equals_predict(models, blobs, busi_dir,
+                                                              tmp_path):
+    two = _predictor(models / "lesion")
+    files = sorted((busi_dir / "benign").glob("benign (?).png"))[:3]
+    out = tmp_path / "results.csv"
+    report = predict_to_csv(files, out, two, workers=0)
+    assert report.predicted == 3 and report.errors == 0
+    rows = list(csv.DictReader(out.open()))
+    from bus_core.io import load_image
+
+    for row, file in zip(rows, files):
+        expected = two.predict(load_image(file)).probabilities
+        assert all(abs(float(row[f"p_{c}"]) - expected[c]) < 1e-5 for c in CLASSES)
+        assert row["model"] == "tiny-lesion"
+
+
+def test_command_line_scores_a_two_stage_model_on_suggested_outlines(models, blobs, busi_dir,
+                                                                     tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--model", str(models / "lesion"), "--data", str(busi_dir),
+                 "--json", str(out), "--device", "cpu-fp32", "--backend", "torch"]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["data"]["masks"] == "automatic" and metrics["outlined"] == 18
+    assert "reading: " in capsys.readouterr().out
+    image = tmp_path / "scan.png"
+    from PIL import Image
+
+    Image.fromarray(_image()).save(image)
+    assert main(["predict", str(image), "--model", str(models / "lesion"), "--json",
+                 "--device", "cpu-fp32", "--backend", "torch"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert "outline suggested by tiny-seg" in printed["reading"]
