@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import subprocess
@@ -55,8 +56,8 @@ from bus_core.device import (
     to_device,
 )
 from bus_core.distributed import Ranks
-from bus_core.errors import BusError, DataError, storage
-from bus_core.evaluate import collect_logits
+from bus_core.errors import BusError, DataError, ModelError, storage
+from bus_core.evaluate import collect_logits, evaluate
 from bus_core.inputs import INPUT_MODES, InputSpec, default_margin
 from bus_core.loader import (
     BALANCE_MODES,
@@ -81,6 +82,8 @@ from bus_core.metrics import (
 )
 from bus_core.models import (
     ARCHS,
+    CARD_FILE,
+    LoadedModel,
     ModelCard,
     build_model,
     file_sha256,
@@ -91,6 +94,8 @@ from bus_core.models import (
 from bus_core.progress import EtaClock, ProgressLog, RunFiles, read_progress, run_state
 from bus_core.splits import Split, find_groups, load_split, make_split, save_split, split_records
 from bus_core.transforms import FITS, InputSize, input_size_for
+
+log = logging.getLogger(__name__)
 
 BACKGROUND_ENV = "BUS_BACKGROUND_JOB"
 """Set (to "1") in the environment of a run that `jobs` starts in the background."""
@@ -710,7 +715,54 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
     model_cpu = build_model(config.arch, len(CLASSES))
     model_cpu.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
     save_model(model_cpu, card, config.out, dtype=dtype)
+    pair = _inherited_pair(config)
+    if pair and len(val_ds):
+        card = _as_two_stage(LoadedModel(model_cpu.eval(), card, Path(config.out)), pair,
+                             device, config.batch_size, val_ds, test_ds)
+        save_model(model_cpu, card, config.out, dtype=dtype)
     return card
+
+
+def _inherited_pair(config: TrainConfig) -> dict[str, str]:
+    """The `two_stage` pair of the model this one starts from (`config.init`), kept when the
+    new model reads the same input and the pair is found from its folder; else none."""
+    from bus_core.registry import two_stage_folders
+
+    init = Path(config.init)
+    if not (init / CARD_FILE).is_file():
+        return {}
+    source = read_card(init)
+    if not source.two_stage or source.input_mode != config.input_mode:
+        return {}
+    try:
+        two_stage_folders(Path(config.out), source)
+    except ModelError as exc:
+        log.warning("The new model reads alone: %s", exc)
+        return {}
+    return dict(source.two_stage)
+
+
+def _as_two_stage(loaded: LoadedModel, pair: dict[str, str], device: DeviceConfig,
+                  batch_size: int, val_ds: RecordDataset, test_ds: RecordDataset) -> ModelCard:
+    """The card of the lesion model `loaded` read in two stages with `pair`: val and test
+    figures of that reading (on the data's lesion masks), its threshold fitted on val; the
+    lesion model's own figures kept under `lesion_model_alone`."""
+    card = dataclasses.replace(loaded.card, two_stage=pair)
+    loaded = dataclasses.replace(loaded, card=card)
+    metrics = dict(card.metrics)
+    metrics["lesion_model_alone"] = {
+        **{k: metrics[k] for k in ("val", "test") if k in metrics},
+        "malignant_threshold": card.malignant_threshold}
+    results = {subset: evaluate(loaded, dataset.records, device=device, batch_size=batch_size,
+                                data=metrics[subset]["data"], backend="torch")
+               for subset, dataset in (("val", val_ds), ("test", test_ds)) if len(dataset)}
+    threshold = fit_malignant_threshold(results["val"].y_true, results["val"].probs)
+    for subset, result in results.items():
+        if threshold is not None:
+            result.metrics["at_threshold"] = threshold_metrics(result.y_true, result.probs,
+                                                               threshold)
+        metrics[subset] = result.metrics
+    return dataclasses.replace(card, malignant_threshold=threshold, metrics=metrics)
 
 
 def run(argv: Sequence[str] | None = None) -> TrainResult:

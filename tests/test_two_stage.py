@@ -189,3 +189,22 @@ def test_command_line_scores_a_two_stage_model_on_suggested_outlines(models, blo
                  "--device", "cpu-fp32", "--backend", "torch"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert "outline suggested by tiny-seg" in printed["reading"]
+
+
+def test_fine_tuning_a_two_stage_model_keeps_its_pair(models, busi_dir, tmp_path):
+    from bus_core.train import TrainConfig, train
+
+    common = {"data": [str(busi_dir)], "init": str(models / "lesion"),
+              "input_mode": "lesion-context", "fit": "pad", "resize": 40, "crop": 32,
+              "crop_margin": 0.5, "batch_size": 4, "epochs": 1, "device": "cpu-fp32",
+              "workers": 0, "checkpoint_every": 0}
+    card = train(TrainConfig(out=str(models / "fine"), **common)).card
+    assert card.two_stage == PAIR
+    alone = card.metrics["lesion_model_alone"]
+    assert set(alone) == {"val", "test", "malignant_threshold"}
+    assert card.metrics["val"]["at_threshold"]["threshold"] == card.malignant_threshold
+    assert "tiny-whole" in card.metrics["val"]["reading"]
+    assert load_model(models / "fine").card.two_stage == PAIR  # saved as such
+    # where the pair cannot be found from the new model's folder, the model reads alone
+    lonely = train(TrainConfig(out=str(tmp_path / "lonely"), **common)).card
+    assert lonely.two_stage == {} and "lesion_model_alone" not in lonely.metrics
