@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bus_core.constants import CLASSES
+from bus_core.constants import CLASSES, NORMAL
 from bus_core.dataset import Record
 from bus_core.inputs import (
     InputSpec,
@@ -65,7 +65,7 @@ class RecordDataset(Dataset):
         self.spec = spec
         self.train = train
         self.labels = [classes.index(r.label) for r in self.records]
-        self.normal = classes.index("normal") if "normal" in classes else None
+        self.normal = classes.index(NORMAL) if NORMAL in classes else None
         self._eval = eval_transform(spec.size)
         self._weak = train_transform(spec.size)
         self._strong = train_transform(spec.size, strong=True)
@@ -135,7 +135,7 @@ def _has_lesion(record: Record, image: np.ndarray) -> bool:
 
 def epoch_plan(labels: Sequence[int], balance: str, epoch: int, seed: int, *,
                tissue_pool: Sequence[int] = (), tissue_share: float = 0.0,
-               normal: int = CLASSES.index("normal")) -> list[Item]:
+               normal: int = CLASSES.index(NORMAL)) -> list[Item]:
     """The shuffled draws of one training epoch, reproducible from (seed, epoch).
 
     First every image once, plus `tissue_share` times as many lesion-free windows (label

@@ -15,11 +15,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from bus_core.cam import CAM_LABELS, colour_scale
-from bus_core.constants import MALIGNANT
+from bus_core.constants import MALIGNANT, NORMAL
 
 WIDTH, MARGIN, PANEL = 1000, 40, 440
 INK, MUTED, RULE, TRACK = (27, 39, 51), (96, 108, 120), (214, 221, 228), (232, 237, 241)
-BAR_COLOURS = {"normal": (46, 139, 87), "benign": (15, 110, 140), MALIGNANT: (192, 57, 43)}
+BAR_COLOURS = {NORMAL: (46, 139, 87), "benign": (15, 110, 140), MALIGNANT: (192, 57, 43)}
 DEFAULT_BAR = (110, 110, 110)
 NOTE = ("Research use only. This software is not a medical device: the prediction supports, "
         "and never replaces, the reading of a qualified radiologist.")

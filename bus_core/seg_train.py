@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from bus_core import atomic
 from bus_core.augment import FULL, Window, augment_batch, eval_batch
-from bus_core.constants import CLASSES
+from bus_core.constants import CLASSES, NORMAL
 from bus_core.dataset import Record, load_records
 from bus_core.device import DEVICE_CHOICES, autocast, choose_device, prepare_model, to_device
 from bus_core.errors import DataError, storage
@@ -205,7 +205,7 @@ def epoch_plan(packed: Packed, windows: dict[int, Window], epoch_size: int,
     """`epoch_size` draws, each source equally likely; in sources without normal images a share
     `normal_crops` of the draws (from images with a lesion-free window) become normal crops."""
     rng = np.random.default_rng([seed, epoch])
-    normal = CLASSES.index("normal")
+    normal = CLASSES.index(NORMAL)
     pools = []
     for s in range(len(packed.source_names)):
         ix = np.flatnonzero(packed.sources == s)
@@ -226,7 +226,7 @@ def class_weights_for(packed: Packed, windows: dict[int, Window], config: SegTra
                       ) -> torch.Tensor:
     """`loader.class_weights` of the expected epoch composition (normal crops included)."""
     plan = epoch_plan(packed, windows, 4000, config.normal_crops, config.seed, 10**6)
-    return class_weights([CLASSES.index("normal") if d.normal_crop else int(packed.labels[d.index])
+    return class_weights([CLASSES.index(NORMAL) if d.normal_crop else int(packed.labels[d.index])
                           for d in plan])
 
 
@@ -285,7 +285,7 @@ def cls_summary(logits: np.ndarray, packed: Packed) -> dict[str, Any]:
     """Per source: accuracy, malignant AUC, macro-F1 (`metrics.compute_metrics`) and the share
     of lesion images called normal (argmax)."""
     probs = softmax(logits)
-    normal = CLASSES.index("normal")
+    normal = CLASSES.index(NORMAL)
     out: dict[str, Any] = {}
     for s, name in enumerate(packed.source_names):
         rows = packed.sources == s
@@ -451,7 +451,7 @@ def main(args: argparse.Namespace) -> Path:
             for k, d in enumerate(draws):
                 if d.normal_crop:
                     masks[k] = 0
-                    labels[k] = CLASSES.index("normal")
+                    labels[k] = CLASSES.index(NORMAL)
                     wins.append(windows[d.index])
                 else:
                     wins.append(FULL)
