@@ -155,7 +155,8 @@ st.caption("Upload a breast-ultrasound image to see the model's reading and wher
 predictor = active_predictor()
 if predictor is None:
     st.stop()
-segmenter, _ = active_segmenter()
+# a two-stage model suggests outlines with its own outline model, as its figures were made
+segmenter = predictor.outliner or active_segmenter()[0]
 
 if "diagnose_path" in st.session_state:  # a case opened from the Evaluate page
     st.session_state["diagnose_opened"] = (st.session_state.pop("diagnose_path"),

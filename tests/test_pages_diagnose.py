@@ -319,3 +319,24 @@ def test_the_sensitivity_first_flag_is_shown(monkeypatch, tmp_path, tiny_model_d
     at = start(monkeypatch, tmp_path, folder)
     upload(at, ("scan.png", ultrasound_png()[0], "image/png"))
     assert "sensitivity-first threshold" in messages(at.error)
+
+
+def test_a_two_stage_model_reads_the_outline_and_the_whole_image(monkeypatch, tmp_path,
+                                                                  tiny_model_dir,
+                                                                  tiny_segmenter_dir,
+                                                                  blob_segmenter):
+    weights = tmp_path / "weights"
+    copy_model(tiny_model_dir, weights / "whole", name="tiny-whole")
+    copy_model(tiny_segmenter_dir, weights / "outline", name="tiny-outline")
+    two = copy_model(tiny_model_dir, weights / "two", name="tiny-two",
+                     input_mode="lesion-context", crop_margin=0.5,
+                     two_stage={"whole_image_model": "whole", "outline_model": "outline"})
+    at = start(monkeypatch, tmp_path, two)  # no app-wide outline model: the pair's is used
+    upload(at, ("scan.png", ultrasound_png(size=(200, 240))[0], "image/png"))
+    assert segmented(at, "Lesion mask").value == "Suggest outline"
+    assert "Automatic outline by tiny-outline" in messages(at.caption)
+    assert "Two-stage reading: the whole image (tiny-whole)" in messages(at.caption)
+    assert not at.error and at.metric[0].label == "Model's reading"
+    segmented(at, "Lesion mask").set_value("No mask").run()
+    assert not at.exception and not at.error
+    assert "the whole-image model (tiny-whole) reads the whole image" in messages(at.caption)
