@@ -86,6 +86,19 @@ def test_predictor_uses_the_backend_and_keeps_torch_for_grad_cam(tiny_model_dir)
     assert fast.explain(a).shape == a.model_view.shape[:2]
 
 
+def test_the_outline_model_runs_through_openvino_too(tiny_segmenter_dir):
+    from bus_core.segment import Segmenter
+    from tests.conftest import synthetic_image
+
+    image, _ = synthetic_image("benign", np.random.default_rng(0), size=(120, 150))
+    fast = Segmenter(load_model(tiny_segmenter_dir), "cpu-fp32", backend="openvino")
+    slow = Segmenter(load_model(tiny_segmenter_dir), "cpu-fp32", backend="torch")
+    assert fast.forward.description.startswith("OpenVINO")
+    assert slow.forward.description.startswith("PyTorch")
+    a, b = fast.probabilities([image])[0], slow.probabilities([image])[0]
+    assert a.shape == b.shape == image.shape[:2] and np.abs(a - b).max() < 1e-3
+
+
 def test_evaluate_through_openvino_matches_torch(tiny_model_dir, busi_dir):
     from bus_core.dataset import load_records
     from bus_core.evaluate import evaluate
