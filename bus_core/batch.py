@@ -173,11 +173,11 @@ class _Images(Dataset):
         item = self.items[index]
         try:
             image = load_image(item.file, frame=item.frame or 0)
-            if self.prepare is None:
-                masks = tuple(load_mask(m, shape=image.shape[:2]) for m in item.masks)
-                return _Decoded(index, None, [], "", image, masks)
+            reads_masks = self.prepare is None or self.prepare.spec.uses_masks
             masks = tuple(load_mask(m, shape=image.shape[:2]) for m in item.masks) \
-                if self.prepare.spec.uses_masks else ()
+                if reads_masks else ()
+            if self.prepare is None:
+                return _Decoded(index, None, [], "", image, masks)
             tensor, warnings = self.prepare(image, masks)
         except BusError as exc:
             return _Decoded(index, None, [], str(exc))
