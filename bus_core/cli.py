@@ -127,11 +127,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(loaded, records, device=args.device, batch_size=args.batch_size,
                       progress=sys.stderr.isatty(), data={**data, "n": len(records)},
                       tta=args.tta, input_mode=args.input_mode, backend=args.backend)
-    if args.malignant_threshold is not None:
-        from bus_core.metrics import threshold_metrics
-
-        result.metrics["at_threshold"] = threshold_metrics(
-            result.y_true, result.probs, args.malignant_threshold, result.classes)
+    _given_threshold(args, result)
     masks = " with automatic masks" if args.masks == "auto" else ""
     print(f"Model {result.metrics['model']} on {len(records)} images ({data['subset']}){masks}:")
     if result.metrics.get("reading"):
@@ -145,6 +141,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _write_output(args.json, json.dumps(out, indent=2, allow_nan=False))
         print(f"Metrics written to {args.json}")
     return 0
+
+
+def _given_threshold(args: argparse.Namespace, result: Any) -> None:
+    """With --malignant-threshold T, `result`'s figures at the rule P(malignant) >= T in place
+    of the card's."""
+    from bus_core.metrics import threshold_metrics
+
+    if args.malignant_threshold is not None:
+        result.metrics["at_threshold"] = threshold_metrics(
+            result.y_true, result.probs, args.malignant_threshold, result.classes)
 
 
 def _fitted_threshold(result: Any) -> None:
@@ -207,7 +213,7 @@ def _two_stage(args: argparse.Namespace, loaded: Any, records: list[Any],
     model where none is found."""
     from bus_core.evaluate import evaluate, two_stage
     from bus_core.inputs import InputSpec
-    from bus_core.metrics import format_metrics, threshold_metrics
+    from bus_core.metrics import format_metrics
     from bus_core.models import load_model
     from bus_core.segment import with_automatic_masks
 
@@ -228,9 +234,7 @@ def _two_stage(args: argparse.Namespace, loaded: Any, records: list[Any],
     result = two_stage(lesion, whole, found, {**data, "n": len(records), "masks": "automatic"},
                        normal_from_whole=args.normal_from_whole)
     metrics = result.metrics
-    if args.malignant_threshold is not None:
-        metrics["at_threshold"] = threshold_metrics(result.y_true, result.probs,
-                                                    args.malignant_threshold, result.classes)
+    _given_threshold(args, result)
     print(f"{metrics['model']} on {len(records)} images ({data['subset']}); outlined "
           f"{metrics['outlined']}:")
     print(format_metrics(metrics))

@@ -41,7 +41,6 @@ def predict(predictor: Predictor, upload: Upload, choice: MaskChoice) -> Predict
 
 def input_note(predictor: Predictor, choice: MaskChoice) -> str:
     """What the model looks at, in one line."""
-    automatic = " (outlined automatically)" if choice.origin == "suggested" else ""
     if predictor.whole is not None:
         whole = md_escape(predictor.whole.card.name)
         if choice.mask is None:
@@ -52,6 +51,7 @@ def input_note(predictor: Predictor, choice: MaskChoice) -> str:
                 f"lesion and the tissue around it (the box around the outline{made}) tell "
                 "benign from malignant.")
     if predictor.spec.uses_masks:
+        automatic = " (outlined automatically)" if choice.origin == "suggested" else ""
         if predictor.spec.mode == "lesion-context":
             return ("This model looks at the lesion and the tissue around it: the box around "
                     f"the outline{automatic}.")
