@@ -8,8 +8,10 @@ images N x 3 x R x R and float masks N x 1 x R x R.
 Geometry (one affine warp for image and mask): the window, zoomed 0.85-1.25x with an aspect
 change of up to 15%, rotated up to 10 degrees, shifted up to 8%, mirrored with p = 0.5.
 Intensity (per image): gain, gamma and contrast; speckle (multiplicative noise); blur;
-a resolution change (down- then up-sampling); a few burned-in caliper crosses. All randomness
-comes from one `torch.Generator`, so a batch is reproducible from its seed.
+a resolution change (down- then up-sampling); a few burned-in caliper crosses. With `style`,
+also what differs between scanners and their settings: a time-gain-compensation curve (a smooth
+random gain over depth), a colour tint, and a lateral gain band. All randomness comes from one
+`torch.Generator`, so a batch is reproducible from its seed.
 """
 
 from __future__ import annotations
@@ -87,10 +89,38 @@ def _calipers(x: torch.Tensor, gen: torch.Generator) -> None:
         x[:, yy - arm:yy + arm + 1, xx] = 1.0
 
 
-def intensity(x: torch.Tensor, gen: torch.Generator, *, strength: float = 1.0) -> torch.Tensor:
-    """Random gain, gamma, contrast, speckle, blur, resolution change and calipers on one
-    C x H x W image in [0, 1]; returns a new tensor in [0, 1]."""
+TGC_KNOTS = 5
+"""Control points of a random time-gain-compensation curve (depth = image rows)."""
+
+
+def scanner_style(x: torch.Tensor, gen: torch.Generator, *, strength: float = 1.0
+                  ) -> torch.Tensor:
+    """What changes with the scanner and its settings, on one C x H x W image in [0, 1]: a
+    smooth random gain over depth (TGC, +-35%), a colour tint (+-8% per channel, the same for
+    grey images turned RGB) and, half the time, a lateral gain band (+-20%)."""
     s = strength
+    c, h, w = x.shape
+    knots = 1 + _uniform(TGC_KNOTS, -0.35 * s, 0.35 * s, gen)
+    curve = F.interpolate(knots.view(1, 1, -1), size=h, mode="linear", align_corners=True)
+    x = x * curve.view(1, h, 1).to(x.device)
+    tint = 1 + _uniform(c, -0.08 * s, 0.08 * s, gen)
+    x = x * tint.view(c, 1, 1).to(x.device)
+    if _chance(1, 0.5, gen):
+        centre, width = float(_uniform(1, 0.1, 0.9, gen)), float(_uniform(1, 0.1, 0.4, gen))
+        gain = float(_uniform(1, -0.2 * s, 0.2 * s, gen))
+        cols = torch.linspace(0, 1, w, device=x.device)
+        x = x * (1 + gain * torch.exp(-((cols - centre) / width) ** 2)).view(1, 1, w)
+    return x.clamp(0, 1)
+
+
+def intensity(x: torch.Tensor, gen: torch.Generator, *, strength: float = 1.0,
+              style: bool = False) -> torch.Tensor:
+    """Random gain, gamma, contrast, speckle, blur, resolution change and calipers on one
+    C x H x W image in [0, 1], and `scanner_style` first with `style`; returns a new tensor in
+    [0, 1]."""
+    s = strength
+    if style:
+        x = scanner_style(x, gen, strength=s)
     x = x * float(_uniform(1, 1 - 0.25 * s, 1 + 0.3 * s, gen))
     x = x.clamp(0, 1) ** float(torch.exp(_uniform(1, math.log(0.7), math.log(1.5), gen) * s))
     mean = x.mean()
@@ -114,9 +144,10 @@ def intensity(x: torch.Tensor, gen: torch.Generator, *, strength: float = 1.0) -
 
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, windows: list[Window],
-                  out_size: int, gen: torch.Generator, *, strength: float = 1.0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Warp and colour a batch (see module docstring); returns (normalised images, masks)."""
+                  out_size: int, gen: torch.Generator, *, strength: float = 1.0,
+                  style: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warp and colour a batch (see module docstring) on the device the images are on;
+    returns (normalised images, masks)."""
     x = images.permute(0, 3, 1, 2).float() / 255
     m = masks.unsqueeze(1).float()
     theta = affine_thetas(windows, gen, strength=strength).to(x.device)
@@ -124,7 +155,7 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, windows: list[Windo
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     m = (F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
          > 0.5).float()
-    x = torch.stack([intensity(xi, gen, strength=strength) for xi in x])
+    x = torch.stack([intensity(xi, gen, strength=strength, style=style) for xi in x])
     return NORMALISE(x), m
 
 

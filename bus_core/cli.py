@@ -14,6 +14,7 @@ from typing import Any
 
 from bus_core import atomic
 from bus_core.errors import BusError, storage, storage_message
+from bus_core.splits import EVALUATION_SUBSETS
 
 
 def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -560,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the active model)")
     _add_data(p)
     p.add_argument("--split", help="split JSON; evaluate only --subset of it")
-    p.add_argument("--subset", default="test", choices=("train", "val", "test"))
+    p.add_argument("--subset", default="test", choices=EVALUATION_SUBSETS)
     p.add_argument("--json", help="write the metrics as JSON to this file")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--batch-size", type=int, default=32)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from bus_core.augment import intensity
 from bus_core.constants import CLASSES, NORMAL
 from bus_core.dataset import Record
 from bus_core.inputs import (
@@ -60,15 +61,17 @@ class RecordDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[Record], spec: InputSpec, *, train: bool = False,
-                 classes: Sequence[str] = CLASSES) -> None:
+                 classes: Sequence[str] = CLASSES, ultrasound: float = 0.0,
+                 style: bool = False) -> None:
         self.records = list(records)
         self.spec = spec
         self.train = train
         self.labels = [classes.index(r.label) for r in self.records]
         self.normal = classes.index(NORMAL) if NORMAL in classes else None
         self._eval = eval_transform(spec.size)
-        self._weak = train_transform(spec.size)
-        self._strong = train_transform(spec.size, strong=True)
+        colour = _ultrasound_colour(ultrasound, style) if ultrasound > 0 or style else None
+        self._weak = train_transform(spec.size, colour=colour)
+        self._strong = train_transform(spec.size, strong=True, colour=colour)
         self._cache: dict[int, _Cached] = {}
         self.epoch = 0
 
@@ -127,6 +130,17 @@ class RecordDataset(Dataset):
         else:
             transform = self._strong if item.strong else self._weak
         return transform(image), self.label_of(item)
+
+
+def _ultrasound_colour(strength: float, style: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`augment.intensity` at `strength` (with `scanner_style` when `style`), its randomness
+    drawn from torch's random state (seeded per batch by `_Batches`)."""
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        return intensity(x, gen, strength=strength, style=style)
+
+    return apply
 
 
 def _has_lesion(record: Record, image: np.ndarray) -> bool:

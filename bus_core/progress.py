@@ -165,3 +165,11 @@ def run_state(events: list[dict[str, Any]]) -> RunState:
     last = events[-1]["event"]
     ended: dict[str, RunState] = {"done": "done", "cancelled": "cancelled", "error": "failed"}
     return ended.get(last, "running")
+
+
+def next_epoch_fits(limit_minutes: float, train_time_s: float, epochs_done: int) -> bool:
+    """Whether one more epoch, as long as the mean epoch so far, ends within a training-time
+    limit (`limit_minutes` > 0; none when 0)."""
+    if limit_minutes <= 0 or epochs_done == 0:
+        return True
+    return train_time_s * (epochs_done + 1) / epochs_done <= limit_minutes * 60

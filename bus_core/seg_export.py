@@ -99,7 +99,7 @@ def export_segmenter(config: SegTrainConfig, device: DeviceConfig, state: dict[s
         split=_provenance(config),
         hyperparameters={k: getattr(config, k) for k in (
             "size", "epochs", "epoch_size", "batch_size", "lr", "encoder_lr", "weight_decay",
-            "cls_weight", "freeze_stem", "normal_crops", "seed")}
+            "cls_weight", "freeze_stem", "normal_crops", "seed", "style_augment", "ema")}
         | {"best_epoch": state["best_seg"]["epoch"]},
         metrics={"val": val_figures, "val_frame": "padded square at the input size"},
         training_time_s=round(state["train_time_s"], 1),
@@ -151,7 +151,8 @@ def export_classifier(config: SegTrainConfig, device: DeviceConfig, state: dict[
     card.training_data = {"sources": config.data, "subset": "train",
                           "normal_crops": config.normal_crops}
     card.split = _provenance(config)
-    card.hyperparameters = {"best_epoch": state["best_cls"]["epoch"], "trained_with":
+    card.hyperparameters = {"best_epoch": state["best_cls"]["epoch"],
+                            "epochs_trained": state["epoch"], "trained_with":
                             "train-seg (multi-task)", "cls_weight": config.cls_weight}
     card.training_time_s = round(state["train_time_s"], 1)
     card.notes = (f"Encoder shared with {config.name} (multi-task training); whole image padded "

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from bus_core import atomic
 from bus_core.augment import FULL, Window, augment_batch, eval_batch
+from bus_core.averaging import WeightAverage
 from bus_core.constants import CLASSES, NORMAL
 from bus_core.dataset import Record, load_records
 from bus_core.device import DEVICE_CHOICES, autocast, choose_device, prepare_model, to_device
@@ -54,7 +55,7 @@ from bus_core.loader import class_weights
 from bus_core.masks import lesion_free_box
 from bus_core.metrics import compute_metrics, softmax
 from bus_core.models import load_model
-from bus_core.progress import ProgressLog, RunFiles
+from bus_core.progress import ProgressLog, RunFiles, next_epoch_fits
 from bus_core.segmentation import DenseNetUNet, PostProcess, dice_iou, postprocess
 from bus_core.splits import load_split, split_records
 from bus_core.train import atomic_torch_save, save_weights
@@ -90,6 +91,9 @@ class SegTrainConfig:
     save_dtype: str = "float16"
     name: str = "densenet121-unet-lesion-v1"
     classifier_name: str = "densenet121-multitask-v1"
+    style_augment: bool = False
+    ema: float = 0.0
+    time_limit: float = 0.0
 
     @property
     def run_dir(self) -> Path:
@@ -118,6 +122,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--train-stem", dest="freeze_stem", action="store_false",
                    help="also train the encoder's stem (conv0 .. transition1; frozen by default)")
+    p.add_argument("--style-augment", action="store_true",
+                   help="also randomise what differs between scanners (depth gain curve, tint, "
+                        "lateral gain band)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="validate and keep an exponential moving average of the weights with "
+                        "this decay per step (e.g. 0.998; 0: off)")
+    p.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
+                   help="start no epoch that would end past this much training time; the best "
+                        "epochs so far are then exported as usual (0: no limit)")
     p.add_argument("--name", default="densenet121-unet-lesion-v1")
     p.add_argument("--classifier-name", default="densenet121-multitask-v1")
     p.add_argument("--resume", action="store_true",
@@ -408,6 +421,7 @@ def main(args: argparse.Namespace) -> Path:
         optimizer, max_lr=[config.encoder_lr, config.lr], total_steps=config.epochs * steps,
         pct_start=0.1)
     weights = class_weights_for(train_packed, windows, config).to(device.device)
+    average = WeightAverage(model, config.ema)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_seg": None, "best_cls": None,
                              "history": [], "train_time_s": 0.0}
     ckpt_path = files.checkpoint
@@ -417,6 +431,7 @@ def main(args: argparse.Namespace) -> Path:
         prepare_model(model, device)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        average.load_state_dict(saved.get("average"))
         state = saved["state"]
     log.write("start", resumed=bool(args.resume), epoch=state["epoch"], step=state["step"],
               device=device.to_dict(), n_train=len(train_packed), n_val=len(val_packed),
@@ -425,7 +440,8 @@ def main(args: argparse.Namespace) -> Path:
 
     def save_checkpoint() -> None:
         atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "state": state}, ckpt_path)
+                            "scheduler": scheduler.state_dict(), "state": state,
+                            "average": average.state_dict()}, ckpt_path)
 
     last_save = time.monotonic()
     while state["epoch"] < config.epochs:
@@ -444,19 +460,20 @@ def main(args: argparse.Namespace) -> Path:
                 continue
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 10_007 + step)
             index = [d.index for d in draws]
-            images = torch.from_numpy(train_packed.images[index])
-            masks = torch.from_numpy(train_packed.masks[index]).clone()
+            images = torch.from_numpy(train_packed.images[index]).to(device.device)
+            masks = torch.from_numpy(train_packed.masks[index]).to(device.device)
             labels = torch.from_numpy(train_packed.labels[index]).clone()
             wins = []
             for k, d in enumerate(draws):
                 if d.normal_crop:
-                    masks[k] = 0
+                    masks[k] = 0  # a copy: indexing the packed array copied it
                     labels[k] = CLASSES.index(NORMAL)
                     wins.append(windows[d.index])
                 else:
                     wins.append(FULL)
-            x, m = augment_batch(images, masks, wins, config.size, gen)
-            x, m = to_device(x, device), m.to(device.device)
+            x, m = augment_batch(images, masks, wins, config.size, gen,
+                                 style=config.style_augment)
+            x = to_device(x, device)
             optimizer.zero_grad(set_to_none=True)
             with autocast(device):
                 seg, cls = model.forward_both(x)
@@ -468,6 +485,7 @@ def main(args: argparse.Namespace) -> Path:
             loss.backward()
             optimizer.step()
             scheduler.step()
+            average.update()
             state["step"] = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -479,7 +497,7 @@ def main(args: argparse.Namespace) -> Path:
                 save_checkpoint()
         bar.close()
         state["train_time_s"] += time.monotonic() - mark
-        probs, logits = forward_packed(model, val_packed, device)
+        probs, logits = forward_packed(average.module, val_packed, device)
         seg_val = square_figures(probs, val_packed)
         record: dict[str, Any] = {"epoch": epoch + 1, "seg": seg_val,
                                   "seg_score": seg_score(seg_val)}
@@ -491,12 +509,16 @@ def main(args: argparse.Namespace) -> Path:
             if value is not None and (state[f"best_{kind}"] is None
                                       or value > state[f"best_{kind}"]["score"]):
                 state[f"best_{kind}"] = {"score": value, "epoch": epoch + 1}
-                save_weights(model, run_dir / f"best-{kind}.safetensors")
+                save_weights(average.module, run_dir / f"best-{kind}.safetensors")
         state["history"].append(record)
         state.update(epoch=epoch + 1, step=0)
         save_checkpoint()
         last_save = time.monotonic()
         log.write("epoch", **record, train_time_s=state["train_time_s"])
+        if state["epoch"] < config.epochs and not next_epoch_fits(
+                config.time_limit, state["train_time_s"], state["epoch"]):
+            log.write("time_limit", epoch=state["epoch"])
+            break
     export_run(config, device, state, val_packed, log)
     return Path(config.out)
 

@@ -50,6 +50,9 @@ from bus_core.dataset import Record
 from bus_core.errors import DataError, storage
 
 SUBSETS: tuple[str, ...] = ("train", "val", "test")
+EVALUATION_SUBSETS: tuple[str, ...] = (*SUBSETS, "val+test")
+"""Subsets an evaluation may read: one subset, or val and test together (a data set left out
+of training)."""
 HASH_METHOD = "phash+dhash+dhash_vertical"
 DEFAULT_MAX_DISTANCE = 44
 """Tolerance in bits of the combined hash for hash_size 8 (see the module docstring)."""
@@ -80,10 +83,14 @@ class Split:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def subset(self, name: str) -> list[str]:
-        """The ids of subset `name` ('train', 'val' or 'test')."""
-        if name not in SUBSETS:
-            raise DataError(f"Unknown subset {name!r}: choose one of {', '.join(SUBSETS)}.")
-        return list(getattr(self, name))
+        """The ids of subset `name` ('train', 'val' or 'test'), or of several joined by '+'
+        (e.g. 'val+test': every image of a data set that a model trained on its train subset,
+        or on other data sets, has not seen)."""
+        parts = name.split("+")
+        if not all(part in SUBSETS for part in parts):
+            raise DataError(f"Unknown subset {name!r}: choose one of {', '.join(SUBSETS)}, or "
+                            "several joined by '+'.")
+        return [i for part in parts for i in getattr(self, part)]
 
     def ids(self) -> list[str]:
         """Every id the split covers."""

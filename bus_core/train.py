@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from bus_core import atomic, distributed
+from bus_core.averaging import WeightAverage
 from bus_core.constants import CLASSES
 from bus_core.dataset import Record, load_many
 from bus_core.device import (
@@ -91,7 +92,14 @@ from bus_core.models import (
     read_card,
     save_model,
 )
-from bus_core.progress import EtaClock, ProgressLog, RunFiles, read_progress, run_state
+from bus_core.progress import (
+    EtaClock,
+    ProgressLog,
+    RunFiles,
+    next_epoch_fits,
+    read_progress,
+    run_state,
+)
 from bus_core.splits import Split, find_groups, load_split, make_split, save_split, split_records
 from bus_core.transforms import FITS, InputSize, input_size_for
 
@@ -146,6 +154,10 @@ class TrainConfig:
     nproc_per_node: int = 1
     workers: int | None = None
     compile: str = "none"
+    ultrasound_augment: float = 0.0
+    style_augment: bool = False
+    ema: float = 0.0
+    time_limit: float = 0.0
 
     @property
     def size(self) -> InputSize:
@@ -246,6 +258,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="torch.compile the network of the training step in this mode (none: "
                         "eager); compiling takes a minute or more once, then steps are faster, "
                         "mostly on GPUs; validation and the saved weights use the eager model")
+    p.add_argument("--ultrasound-augment", type=float, default=0.0, metavar="STRENGTH",
+                   help="also change gain, gamma, contrast, speckle, blur and resolution of "
+                        "training inputs at this strength (1: as train-seg; 0: off)")
+    p.add_argument("--style-augment", action="store_true",
+                   help="also randomise what differs between scanners (depth gain curve, tint, "
+                        "lateral gain band)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="validate and keep an exponential moving average of the weights with "
+                        "this decay per step (e.g. 0.998; 0: off)")
+    p.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
+                   help="start no epoch that would end past this much training time; the best "
+                        "epoch so far is then kept as usual (0: no limit)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with every setting "
                         "it was started with")
@@ -414,11 +438,12 @@ class _Checkpoint:
         self.path = path
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+             scaler: torch.amp.GradScaler, state: dict[str, Any], average: WeightAverage
+             ) -> None:
         atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict() if scheduler else None,
                             "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
-                            "state": state}, self.path)
+                            "state": state, "average": average.state_dict()}, self.path)
 
     def load(self) -> dict[str, Any] | None:
         if not self.path.is_file():
@@ -480,7 +505,8 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
     spec = InputSpec.of(config.input_mode, config.combine_mode, config.combine_threshold,
                         config.margin, config.size)
     train_records = split_records(records, split, "train") + load_many(config.extra_train)
-    train_ds = RecordDataset(train_records, spec, train=True)
+    train_ds = RecordDataset(train_records, spec, train=True,
+                             ultrasound=config.ultrasound_augment, style=config.style_augment)
     val_ds = RecordDataset(split_records(records, split, "val"), spec)
     test_ds = RecordDataset(split_records(records, split, "test"), spec)
     if len(train_ds) < 2 or len(val_ds) == 0:
@@ -492,6 +518,7 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
     optimizer = make_optimizer(config, model.parameters())
     scheduler = make_scheduler(config, optimizer)
     scaler = torch.amp.GradScaler(device.device.type, enabled=needs_grad_scaler(device))
+    average = WeightAverage(model, config.ema)
     weights = class_weights(train_ds.labels) if config.balance == "weights" else None
     criterion = nn.CrossEntropyLoss(weight=weights.to(device.device) if weights is not None
                                     else None, label_smoothing=config.label_smoothing)
@@ -507,6 +534,7 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
         if scheduler and saved["scheduler"]:
             scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
+        average.load_state_dict(saved.get("average"))
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"] | {"n_train": len(train_ds)}
     if state.get("world_size", ranks.world_size) != ranks.world_size:
@@ -552,6 +580,7 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
             images = to_device(images, device)
             labels = labels.to(device.device, non_blocking=True)
             logits, loss = train_step(net, images, labels, optimizer, scaler, criterion, device)
+            average.update()
             asked = ranks.is_main and ((should_stop and should_stop())
                                        or config.files.cancel.exists())
             n, right, losses, stops = distributed.sum_over_ranks(
@@ -575,7 +604,7 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
                       eta_s=clock.eta(remaining, config.epochs - epoch))
             if ranks.is_main and (stop or time.monotonic() - last_save > config.checkpoint_every):
                 state["train_time_s"] += time.monotonic() - time_mark
-                checkpoint.save(model, optimizer, scheduler, scaler, state)
+                checkpoint.save(model, optimizer, scheduler, scaler, state, average)
                 time_mark = last_save = time.monotonic()
             if stop:
                 bar.close()
@@ -585,14 +614,15 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
         bar.close()
         val_start = time.monotonic()
         distributed.share_buffers(model, ranks)
-        val_metrics, _ = validate(model, val_ds, device, config.batch_size, ranks, val_share)
+        val_metrics, _ = validate(average.module, val_ds, device, config.batch_size, ranks,
+                                  val_share)
         clock.evaluated(len(val_ds), time.monotonic() - val_start)
         value = score(val_metrics, config.monitor)
         improved = value is not None and (state["best"] is None or value > state["best"])
         if improved:
             state.update(best=value, best_epoch=epoch + 1, bad_epochs=0)
             if ranks.is_main:
-                save_weights(model, config.files.best)
+                save_weights(average.module, config.files.best)
         else:
             state["bad_epochs"] += 1
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -606,7 +636,7 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
                                  "train_accuracy": correct / max(seen, 1), "val": summary})
         state.update(epoch=epoch + 1, step=0)
         if ranks.is_main:
-            checkpoint.save(model, optimizer, scheduler, scaler, state)
+            checkpoint.save(model, optimizer, scheduler, scaler, state, average)
         last_save = time.monotonic()
         log.write("epoch", epoch=epoch + 1, epochs=config.epochs,
                   train_loss=loss_sum / max(seen, 1), train_accuracy=correct / max(seen, 1),
@@ -614,6 +644,10 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
                   best_epoch=state["best_epoch"], train_time_s=state["train_time_s"])
         if config.patience and state["bad_epochs"] >= config.patience:
             log.write("early_stop", epoch=epoch + 1, best_epoch=state["best_epoch"])
+            break
+        if state["epoch"] < config.epochs and not next_epoch_fits(
+                config.time_limit, state["train_time_s"], state["epoch"]):
+            log.write("time_limit", epoch=epoch + 1, best_epoch=state["best_epoch"])
             break
 
     if not ranks.is_main:  # rank 0 calibrates, tests and saves the model
@@ -695,7 +729,10 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
                  "sources": config.data, "n": len(dataset)})
     hyper = {k: getattr(config, k) for k in ("optimizer", "lr", "weight_decay", "batch_size",
                                              "epochs", "scheduler", "balance", "monitor",
-                                             "patience", "seed", "label_smoothing")}
+                                             "patience", "seed", "label_smoothing",
+                                             "ultrasound_augment", "style_augment", "ema",
+                                             "time_limit")}
+    hyper["epochs_trained"] = len(state["history"])
     hyper["best_epoch"] = state["best_epoch"]
     world = state["world_size"]
     hyper |= {"world_size": world, "global_batch_size": config.batch_size * world}

@@ -126,8 +126,10 @@ def eval_transform(size: InputSize = InputSize()) -> Transform:
     return apply
 
 
-def train_transform(size: InputSize = InputSize(), *, strong: bool = False) -> Transform:
-    """Random preset for training; `strong` is the balancing augmentation (+-70 degrees, crop)."""
+def train_transform(size: InputSize = InputSize(), *, strong: bool = False,
+                    colour: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Transform:
+    """Random preset for training; `strong` is the balancing augmentation (+-70 degrees, crop);
+    `colour` changes the float image in [0, 1] after the geometry (e.g. `augment.intensity`)."""
     if strong:
         geometry = v2.Compose([
             v2.RandomRotation(70),
@@ -142,7 +144,10 @@ def train_transform(size: InputSize = InputSize(), *, strong: bool = False) -> T
         ])
 
     def apply(image: np.ndarray) -> torch.Tensor:
-        return _NORMALISE(geometry(_to_tensor(base_image(image, size))))
+        x = geometry(_to_tensor(base_image(image, size)))
+        if colour is None:
+            return _NORMALISE(x)
+        return NORMALISE(colour(x.float() / 255))
 
     return apply
 

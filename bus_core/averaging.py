@@ -1,0 +1,41 @@
+"""Weight averaging for training: an exponential moving average (EMA) of a network's weights
+and batch-norm statistics, which validation and the saved model use instead of the last
+step's weights (it generalises better to scanners not seen in training at no extra cost per
+step). Built on `torch.optim.swa_utils.AveragedModel`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class WeightAverage:
+    """The EMA of `model` with `decay` per step (0: none, `module` is `model` itself)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0 <= decay < 1:
+            raise ValueError(f"The EMA decay must be in [0, 1), not {decay}.")
+        self.model = model
+        self._ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay),
+                                   use_buffers=True) if decay > 0 else None)
+
+    @property
+    def module(self) -> nn.Module:
+        """The network to validate and save: the average, or the trained model without one."""
+        return self.model if self._ema is None else self._ema.module
+
+    def update(self) -> None:
+        """Fold the model's current weights into the average (after each optimiser step)."""
+        if self._ema is not None:
+            self._ema.update_parameters(self.model)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The average's state for a checkpoint (None without one)."""
+        return None if self._ema is None else self._ema.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore the average from a checkpoint (nothing without one)."""
+        if self._ema is not None and state is not None:
+            self._ema.load_state_dict(state)

@@ -1,0 +1,32 @@
+# Shared settings of the three-source recipe (sourced by the other scripts).
+# DATA: the folder holding BUSI/, BUSBRA/ and BUSUCLM/ (the data sets, or their compact copy
+# made by recipes/compact_copy.py); RUNS: where the runs go; DEVICE: cuda, cpu, ...
+DATA=${DATA:-../shared/data}
+RUNS=${RUNS:-runs/three-sources}
+DEVICE=${DEVICE:-auto}
+PY=${PY:-python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the recipes import bus_core
+BUSI="--data $DATA/BUSI --split splits/busi.json"
+BUSBRA="--data $DATA/BUSBRA/labels.csv --split splits/busbra.json"
+BUSUCLM="--data $DATA/BUSUCLM/labels.csv --split splits/busuclm.json"
+# Each run by the sources it trains on: all three (the released models) or two, leaving one out.
+declare -A TRAIN_ON=(
+    [all]="$BUSI $BUSBRA $BUSUCLM"
+    [without-busi]="$BUSBRA $BUSUCLM"
+    [without-busbra]="$BUSI $BUSUCLM"
+    [without-busuclm]="$BUSI $BUSBRA"
+)
+# train (one merged split for the lesion model): the data and the merged split of each run
+declare -A MERGED=(
+    [all]="--data $DATA/BUSI --data $DATA/BUSBRA/labels.csv --data $DATA/BUSUCLM/labels.csv --split splits/busi+busbra+busuclm.json"
+    [without-busi]="--data $DATA/BUSBRA/labels.csv --data $DATA/BUSUCLM/labels.csv --split splits/busbra+busuclm.json"
+    [without-busbra]="--data $DATA/BUSI --data $DATA/BUSUCLM/labels.csv --split splits/busi+busuclm.json"
+    [without-busuclm]="--data $DATA/BUSI --data $DATA/BUSBRA/labels.csv --split splits/busi+busbra.json"
+)
+# The left-out source of each leave-one-source-out run, with its own split file.
+declare -A HELD_OUT=(
+    [without-busi]="$BUSI"
+    [without-busbra]="$BUSBRA"
+    [without-busuclm]="$BUSUCLM"
+)
+RUN_NAMES="all without-busi without-busbra without-busuclm"
