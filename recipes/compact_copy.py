@@ -5,7 +5,7 @@ as JPEG (the file keeps its name; images are read by content, not by extension) 
 as a 1-bit PNG of the same size.
 
     PYTHONPATH=. python recipes/compact_copy.py --data $DATA/BUSI --data $DATA/BUSBRA/labels.csv \
-        --data $DATA/BUSUCLM/labels.csv --out compact --max-side 320 --quality 85
+        --data $DATA/BUSUCLM/labels.csv --out compact --max-side 320 --quality 80
 
 Models trained on the copy read full-size images later exactly as they read the copy: the
 input is scaled to the model's input size (224 px or less) first.

@@ -13,7 +13,7 @@ for run in ${RUNS_TO_TRAIN:-$RUN_NAMES}; do
     $PY -m bus_core train-seg ${TRAIN_ON[$run]} --out "$RUNS/$run" --init random --train-stem \
         --size "$SIZE" --cache-size $((SIZE * 8 / 7)) --epochs "$EPOCHS" --epoch-size "$EPOCH_SIZE" \
         --batch-size 32 --lr 1e-3 --encoder-lr 1e-3 --cls-weight 2 --normal-crops 0.2 \
-        --style-augment --ema 0.998 --device "$DEVICE" --seed 0 \
+        --style-augment --ema 0.998 --time-limit "${TIME_LIMIT:-0}" --device "$DEVICE" --seed 0 \
         --name densenet121-unet-lesion-v2 --classifier-name densenet121-multitask-v3 \
         > "$RUNS/$run-first-stage.log" 2>&1 &
 done

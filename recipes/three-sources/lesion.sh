@@ -20,7 +20,7 @@ for run in ${RUNS_TO_TRAIN:-$RUN_NAMES}; do
             --input-mode lesion-context --fit pad --resize "$SIZE" --crop "$SIZE" \
             --tissue-share 0.1 --balance sampler --monitor auc_malignant --epochs "$EPOCHS" \
             --batch-size 64 --lr 2e-4 --scheduler cosine ${VARIANT[$variant]} \
-            --workers "${WORKERS:-2}" --device "$DEVICE" --seed 0 \
+            --workers "${WORKERS:-2}" --time-limit "${TIME_LIMIT:-0}" --device "$DEVICE" --seed 0 \
             > "$RUNS/$run-lesion-$variant.log" 2>&1 &
     done
 done
