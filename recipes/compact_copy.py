@@ -64,7 +64,7 @@ def main() -> None:
                    help="BUSI-layout folder or CSV manifest (repeat)")
     p.add_argument("--out", required=True, help="folder of the copy (one subfolder per data set)")
     p.add_argument("--max-side", type=int, default=320)
-    p.add_argument("--quality", type=int, default=85)
+    p.add_argument("--quality", type=int, default=80)
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     jobs = []
