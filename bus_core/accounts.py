@@ -9,7 +9,8 @@ Rules:
 - A password has at least `MIN_PASSWORD_LENGTH` characters and is not the user's name.
 - `LOCK_AFTER` failed sign-ins in a row lock the account for `LOCK_MINUTES`; a new password
   set by an administrator unlocks it.
-- A wrong password, an unknown user and a disabled user get the same message.
+- A wrong password, an unknown, disabled or locked user get the same message; the failure
+  count is raised in one statement, so simultaneous guesses cannot outrun the lock.
 - A session ends after `idle_minutes()` without activity or `MAX_SESSION_HOURS` in all.
 """
 
@@ -38,6 +39,13 @@ MAX_NAME_LENGTH = 64
 _HASHER = PasswordHasher()
 _DUMMY_HASH = _HASHER.hash("not a password of anyone")
 """Checked against for unknown users, so their sign-in takes as long as a real one."""
+
+
+WRONG_SIGN_IN = (f"Wrong username or password. After {LOCK_AFTER} failed sign-ins in a row an "
+                 f"account is locked for {LOCK_MINUTES} minutes; an administrator can unlock "
+                 "it by setting a new password.")
+"""The one answer to every refused sign-in: unknown, disabled or locked users and wrong
+passwords alike, so it tells nobody which user names exist."""
 
 
 class AccountError(BusError):
@@ -139,45 +147,46 @@ class Accounts:
 
     def sign_in(self, name: str, password: str, now: datetime | None = None) -> Identity:
         """The identity of a correct name and password (the failure count is reset); else
-        `SignInError`, the failure counted and logged, the account locked after
+        `SignInError` with `WRONG_SIGN_IN` whatever the reason (only the log tells a locked
+        account apart), the failure counted and logged, the account locked after
         `LOCK_AFTER` failures in a row."""
         now = now or _utcnow()
         name = name.strip()
-        user = self.get(name)
-        stored = self._password_hash(name) if user is not None else None
+        stored = self._password_hash(name)
         correct = _verify(stored or _DUMMY_HASH, password) and stored is not None
-        if user is not None and user.locked(now):
-            self.record(name[:MAX_NAME_LENGTH], "sign-in refused (locked)", name, now=now)
-            minutes = max(1, round((datetime.fromisoformat(user.locked_until or "")
-                                    - now).total_seconds() / 60))
-            raise SignInError(f"Too many failed sign-ins: this account is locked for {minutes} "
-                              "more minutes. An administrator can unlock it by setting a new "
-                              "password.")
-        if user is None or user.disabled or not correct:
-            self._failed(user, name, now)
-            raise SignInError("Wrong username or password.")
         with self.store.transaction(write=True) as conn:
-            conn.execute(update(users).where(users.c.name == name).values(
-                failed_signins=0, locked_until=None, last_signin=_iso(now)))
-            if stored is not None and _HASHER.check_needs_rehash(stored):
+            row = conn.execute(select(users).where(users.c.name == name)).mappings().first()
+            user = None if row is None else _user(row)
+            if user is None or user.disabled:
+                _log(conn, name[:MAX_NAME_LENGTH], "sign-in failed", name[:MAX_NAME_LENGTH],
+                     None, now)
+            elif user.locked(now):
+                _log(conn, name, "sign-in refused (locked)", name, None, now)
+            elif not correct:
+                self._count_failure(conn, name, now)
+            else:
                 conn.execute(update(users).where(users.c.name == name).values(
-                    password_hash=_HASHER.hash(password)))
-            _log(conn, name, "signed in", name, None, now)
-        return user.identity()
+                    failed_signins=0, locked_until=None, last_signin=_iso(now)))
+                if stored is not None and _HASHER.check_needs_rehash(stored):
+                    conn.execute(update(users).where(users.c.name == name).values(
+                        password_hash=_HASHER.hash(password)))
+                _log(conn, name, "signed in", name, None, now)
+                return user.identity()
+        raise SignInError(WRONG_SIGN_IN)
 
-    def _failed(self, user: User | None, name: str, now: datetime) -> None:
-        with self.store.transaction(write=True) as conn:
-            detail = None
-            if user is not None and not user.disabled:
-                failures = user.failed_signins + 1
-                locked = _iso(now + timedelta(minutes=LOCK_MINUTES)) \
-                    if failures >= LOCK_AFTER else None
-                conn.execute(update(users).where(users.c.name == user.name).values(
-                    failed_signins=0 if locked else failures, locked_until=locked))
-                detail = f"locked for {LOCK_MINUTES} minutes" if locked else \
-                    f"failure {failures} of {LOCK_AFTER}"
-            _log(conn, name[:MAX_NAME_LENGTH], "sign-in failed", name[:MAX_NAME_LENGTH], detail,
-                 now)
+    @staticmethod
+    def _count_failure(conn: Connection, name: str, now: datetime) -> None:
+        """One more failure of `name`, counted in one statement; the lock follows from the
+        count it returns."""
+        failures = conn.execute(update(users).where(users.c.name == name).values(
+            failed_signins=users.c.failed_signins + 1).returning(
+            users.c.failed_signins)).scalar_one()
+        detail = f"failure {failures} of {LOCK_AFTER}"
+        if failures >= LOCK_AFTER:
+            conn.execute(update(users).where(users.c.name == name).values(
+                failed_signins=0, locked_until=_iso(now + timedelta(minutes=LOCK_MINUTES))))
+            detail = f"locked for {LOCK_MINUTES} minutes"
+        _log(conn, name, "sign-in failed", name, detail, now)
 
     def refresh(self, identity: Identity) -> Identity | None:
         """The identity with its current roles, or None when the local user was disabled or
