@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+import urllib3
 from PIL import Image
 
 from bus_core import cli
@@ -186,7 +191,8 @@ def test_requests_carry_the_sign_in_and_the_tls_setting(monkeypatch: pytest.Monk
     def send(session, request, **kwargs):
         sent.append((request, kwargs.get("verify")))
         response = requests.Response()
-        response.status_code, response._content = 200, b"[]"
+        response.status_code = 200
+        response.raw = urllib3.HTTPResponse(io.BytesIO(b"[]"), preload_content=False)
         response.headers["content-type"] = "application/dicom+json"
         response.request, response.url = request, request.url
         return response
@@ -203,6 +209,66 @@ def test_requests_carry_the_sign_in_and_the_tls_setting(monkeypatch: pytest.Monk
         assert request.headers["Authorization"] == f"Basic {token}"
     else:
         assert "Authorization" not in request.headers
+
+
+class Misbehaving(BaseHTTPRequestHandler):
+    """A DICOMweb server gone wrong: GET /<kind>/studies answers as `ANSWERS[kind]` says."""
+
+    def do_GET(self) -> None:
+        kind = self.path.strip("/").split("/")[0]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.end_headers()
+        if kind == "trickle":  # one byte at a time, for far longer than the deadline
+            for byte in b'[{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}]':
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+            return
+        self.wfile.write(ANSWERS[kind])
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+ANSWERS = {
+    "huge": b"[" + b",".join([b"{}"] * 100_000) + b"]",
+    "text": b'"studies"',
+    "null": b"null",
+    "numbers": b"[1, 2, 3]",
+    "no-uid": b'[{"00080020": {"vr": "DA", "Value": ["20260101"]}}]',
+    "not-dicom": b'[{"hello": "world"}]',
+}
+
+
+@pytest.fixture(scope="module")
+def misbehaving() -> Iterator[str]:
+    """The base URL of a `Misbehaving` server on 127.0.0.1."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_huge_answer_is_cut_off_at_its_cap(misbehaving: str) -> None:
+    pacs = Pacs(Endpoint("huge", f"{misbehaving}/huge"), max_json_bytes=64 << 10)
+    with pytest.raises(PacsError, match="larger than 65,536 bytes"):
+        pacs.find_studies()
+
+
+def test_a_trickling_answer_is_cut_off_at_its_deadline(misbehaving: str) -> None:
+    pacs = Pacs(Endpoint("trickle", f"{misbehaving}/trickle"), timeout=2, deadline=0.5)
+    with pytest.raises(PacsError, match="did not finish answering about studies within 0.5 s"):
+        pacs.find_studies()
+
+
+@pytest.mark.parametrize("kind", ["text", "null", "numbers", "no-uid", "not-dicom"])
+def test_an_answer_of_the_wrong_shape_is_a_sentence(misbehaving: str, kind: str) -> None:
+    with pytest.raises(PacsError, match="about studies could not be read"):
+        Pacs(Endpoint(kind, f"{misbehaving}/{kind}")).find_studies()
 
 
 def test_a_malformed_address_is_a_sentence() -> None:
