@@ -6,7 +6,11 @@ bus_core.store). Single sign-on users (bus_core.roles source 'oidc') may have a 
 password: it gives them their roles when the provider sends none.
 
 Rules:
-- A password has at least `MIN_PASSWORD_LENGTH` characters and is not the user's name.
+- A password has at least `MIN_PASSWORD_LENGTH` characters besides spaces at its ends and is
+  not the user's name.
+- A new user name may not look like an existing one: the same after Unicode compatibility
+  normalisation (NFKC) and case folding, or confusable with it (Unicode's confusables, e.g. a
+  Cyrillic 'а' for a Latin 'a').
 - `LOCK_AFTER` failed sign-ins in a row lock the account for `LOCK_MINUTES`; a new password
   set by an administrator unlocks it.
 - A wrong password, an unknown, disabled or locked user get the same message; the failure
@@ -17,12 +21,14 @@ Rules:
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from confusables import is_confusable
 from sqlalchemy import Connection, RowMapping, func, insert, select, update
 
 from bus_core.errors import BusError
@@ -223,8 +229,12 @@ class Accounts:
         hashed = None if password is None else _HASHER.hash(check_password(password, name))
         now = _iso(_utcnow())
         with self.store.transaction(write=True) as conn:
-            if conn.execute(select(users.c.name).where(users.c.name == name)).first():
-                raise AccountError(f"A user called {name!r} already exists.")
+            for (existing,) in conn.execute(select(users.c.name)):
+                if existing == name:
+                    raise AccountError(f"A user called {name!r} already exists.")
+                if looks_alike(existing, name):
+                    raise AccountError(f"{name!r} looks too much like the existing user "
+                                       f"{existing!r}: choose a name nobody can mistake for it.")
             conn.execute(insert(users).values(
                 name=name, roles=",".join(sorted(roles)), password_hash=hashed, disabled=False,
                 failed_signins=0, locked_until=None, created_at=now, updated_at=now,
@@ -298,10 +308,18 @@ def check_name(name: str) -> str:
     return clean
 
 
+def looks_alike(first: str, second: str) -> bool:
+    """Whether two user names could be taken for each other: equal after NFKC and case
+    folding, or confusable (Unicode's confusables list) after that."""
+    first, second = (unicodedata.normalize("NFKC", n).casefold() for n in (first, second))
+    return first == second or bool(is_confusable(first, second))
+
+
 def check_password(password: str, name: str) -> str:
     """The password when it is acceptable; else `AccountError` saying why."""
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise AccountError(f"A password has at least {MIN_PASSWORD_LENGTH} characters.")
+    if len(password.strip()) < MIN_PASSWORD_LENGTH:
+        raise AccountError(f"A password has at least {MIN_PASSWORD_LENGTH} characters, not "
+                           "counting spaces at its start and end.")
     if password.strip().lower() == name.strip().lower():
         raise AccountError("The password cannot be the user name.")
     return password

@@ -197,6 +197,22 @@ def test_change_own_password_needs_the_current_one(accounts):
         accounts.set_password(ann, "bob", "taken over by ann")
 
 
+@pytest.mark.parametrize("password", [" " * 12, "\t" * 12, "  short   ", "\u3000" * 12])
+def test_a_password_of_spaces_is_refused(accounts, password):
+    with pytest.raises(AccountError, match="not counting spaces"):
+        accounts.add(operator(), "bob", ["clinician"], password)
+    with pytest.raises(AccountError, match="not counting spaces"):
+        accounts.set_password(operator(), "ann", password)
+
+
+@pytest.mark.parametrize("name", ["Ann", "ANN", "\u0430nn", "\uff41nn", "a\u0578n"])
+def test_a_name_that_looks_like_an_existing_one_is_refused(accounts, name):
+    with pytest.raises(AccountError, match="looks too much like the existing user 'ann'"):
+        accounts.add(operator(), name, ["clinician"], PASSWORD)
+    assert [user.name for user in accounts.list_users()] == ["ann"]
+    accounts.add(operator(), "anne", ["clinician"], PASSWORD)  # different names still pass
+
+
 def test_user_management_needs_admin_and_every_change_is_logged(accounts):
     ann = accounts.sign_in("ann", PASSWORD)
     with pytest.raises(PermissionDeniedError, match="admin"):
