@@ -20,6 +20,7 @@ Rules:
 
 from __future__ import annotations
 
+import logging
 import os
 import unicodedata
 from collections.abc import Iterable
@@ -33,7 +34,9 @@ from sqlalchemy import Connection, RowMapping, func, insert, select, update
 
 from bus_core.errors import BusError
 from bus_core.roles import Identity, check_roles, require
-from bus_core.store import CaseStore, account_log, users
+from bus_core.store import CaseStore, StoreError, account_log, users
+
+logger = logging.getLogger(__name__)
 
 MIN_PASSWORD_LENGTH = 10
 LOCK_AFTER = 5
@@ -52,6 +55,10 @@ WRONG_SIGN_IN = (f"Wrong username or password. After {LOCK_AFTER} failed sign-in
                  "it by setting a new password.")
 """The one answer to every refused sign-in: unknown, disabled or locked users and wrong
 passwords alike, so it tells nobody which user names exist."""
+CANNOT_RECORD_SIGN_IN = ("Nobody can sign in right now: the server cannot write to its database "
+                         "(its disk may be full), and every sign-in is recorded. Ask whoever "
+                         "runs the server to free space, then try again.")
+"""The answer to every sign-in while the database cannot be written."""
 
 
 class AccountError(BusError):
@@ -155,11 +162,22 @@ class Accounts:
         """The identity of a correct name and password (the failure count is reset); else
         `SignInError` with `WRONG_SIGN_IN` whatever the reason (only the log tells a locked
         account apart), the failure counted and logged, the account locked after
-        `LOCK_AFTER` failures in a row."""
+        `LOCK_AFTER` failures in a row; `CANNOT_RECORD_SIGN_IN` to everyone while the database
+        cannot be written."""
         now = now or _utcnow()
         name = name.strip()
         stored = self._password_hash(name)
         correct = _verify(stored or _DUMMY_HASH, password) and stored is not None
+        try:
+            return self._record_sign_in(name, password, stored, correct, now)
+        except StoreError as exc:
+            logger.error("A sign-in could not be recorded: %s", exc)
+            raise SignInError(CANNOT_RECORD_SIGN_IN) from exc
+
+    def _record_sign_in(self, name: str, password: str, stored: str | None, correct: bool,
+                        now: datetime) -> Identity:
+        """Count and log a sign-in whose password check gave `correct`; the identity when it
+        succeeds, else `SignInError`."""
         with self.store.transaction(write=True) as conn:
             row = conn.execute(select(users).where(users.c.name == name)).mappings().first()
             user = None if row is None else _user(row)

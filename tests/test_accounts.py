@@ -12,10 +12,12 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from sqlalchemy import event
 from sqlalchemy.exc import DatabaseError
 
 from bus_core import accounts as accounts_module
 from bus_core.accounts import (
+    CANNOT_RECORD_SIGN_IN,
     LOCK_AFTER,
     LOCK_MINUTES,
     MAX_SESSION_HOURS,
@@ -30,7 +32,7 @@ from bus_core.gate import activate_if_passed, compare
 from bus_core.jobs import start_training
 from bus_core.registry import delete_model, import_model, set_active_model
 from bus_core.roles import ACTIONS, DEMO, ROLES, Identity, PermissionDeniedError, operator
-from bus_core.store import CaseStore, default_db_path, open_store
+from bus_core.store import CaseStore, StoreError, default_db_path, open_store
 from bus_core.train import TrainConfig
 from tests.conftest import person
 
@@ -171,6 +173,22 @@ def test_wrong_guesses_from_two_processes_cannot_outrun_the_lock(tmp_path):
     assert [guesser.exitcode for guesser in guessers] == [0, 0]
     with open_store(path) as store:
         _assert_locked_after_exactly(Accounts(store), 2 * LOCK_AFTER)
+
+
+def test_a_full_database_is_said_plainly_at_sign_in(accounts, store):
+    def fill_up(connection, _record) -> None:
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    event.listen(store.engine, "connect", fill_up)
+    store.engine.dispose()
+    with pytest.raises(StoreError, match="full"):
+        for _ in range(10_000):  # until the last page is full too
+            accounts.record("test", "filling the database", "x" * 500)
+    for password in (PASSWORD, "not the password"):
+        with pytest.raises(SignInError) as refused:
+            accounts.sign_in("ann", password)
+        assert str(refused.value) == CANNOT_RECORD_SIGN_IN
 
 
 def test_sessions_expire_when_idle_or_too_old(monkeypatch):
