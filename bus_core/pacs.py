@@ -13,9 +13,9 @@ the data folder (readable by the server's user only).
 
 Every failure of the server or the network raises `PacsError`, a sentence without the
 patient's data. The patient's name is never read from a query answer. Answers are read with a
-size cap (`MAX_JSON_BYTES` for query answers, `MAX_ANSWER_BYTES` for anything else) and an
-overall deadline per request (`DEADLINE_SECONDS`), and a query answer of the wrong shape is a
-`PacsError` too.
+size cap (`MAX_JSON_BYTES` for query answers, `MAX_ANSWER_BYTES` for anything else, and
+`io.MAX_INFLATED_BYTES` for a deflated DICOM file once inflated) and an overall deadline per
+request (`DEADLINE_SECONDS`), and a query answer of the wrong shape is a `PacsError` too.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
 
 from bus_core import atomic, roles
-from bus_core.errors import BusError
+from bus_core import io as image_io
+from bus_core.errors import BusError, InvalidImageError
 from bus_core.roles import Identity
 from bus_core.settings import data_dir
 
@@ -435,8 +436,22 @@ def _read_bounded(response: Any, limit: int, until: float, deadline: float) -> N
             raise AnswerTooLarge(limit)
         if time.monotonic() > until:
             raise AnswerTooSlow(deadline)
+    if DeflatedExplicitVRLittleEndian.encode() in body:
+        _check_deflated_files(body)
     response._content, response._content_consumed = bytes(body), True
     response.raw.release_conn()
+
+
+def _check_deflated_files(body: bytes | bytearray) -> None:
+    """Refuse an answer holding a deflated DICOM file that inflates past
+    `io.MAX_INFLATED_BYTES` (dicomweb-client has pydicom inflate it whole)."""
+    start = body.find(b"DICM", 128)
+    while start != -1:
+        try:
+            image_io.check_inflated_size(io.BytesIO(body[start - 128:]), "An image")
+        except InvalidImageError as exc:
+            raise AnswerTooLarge(image_io.MAX_INFLATED_BYTES) from exc
+        start = body.find(b"DICM", start + 4)
 
 
 class Pacs:

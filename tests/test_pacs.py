@@ -9,6 +9,7 @@ import io
 import json
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +20,7 @@ import urllib3
 from PIL import Image
 
 from bus_core import cli
+from bus_core import io as image_io
 from bus_core.errors import InvalidImageError
 from bus_core.io import load_image
 from bus_core.pacs import (
@@ -31,6 +33,7 @@ from bus_core.pacs import (
     VERIFY_ENV,
     Endpoint,
     Finding,
+    InstanceRef,
     Pacs,
     PacsError,
     delete_endpoint,
@@ -57,6 +60,7 @@ from tests.orthanc import (  # noqa: F401 - the fixture
     undecodable_study,
     us_study,
 )
+from tests.test_io import deflated_dicom_bomb
 
 
 @pytest.fixture(scope="module")
@@ -214,9 +218,18 @@ def test_requests_carry_the_sign_in_and_the_tls_setting(monkeypatch: pytest.Monk
 class Misbehaving(BaseHTTPRequestHandler):
     """A DICOMweb server gone wrong: GET /<kind>/studies answers as `ANSWERS[kind]` says."""
 
+    bomb = b""
+
     def do_GET(self) -> None:
         kind = self.path.strip("/").split("/")[0]
         self.send_response(200)
+        if kind == "bomb":  # WADO-RS: one deflated DICOM file that inflates to 64 MiB
+            self.send_header("Content-Type",
+                             'multipart/related; type="application/dicom"; boundary=part')
+            self.end_headers()
+            self.wfile.write(b"--part\r\nContent-Type: application/dicom\r\n\r\n" + self.bomb
+                             + b"\r\n--part--\r\n")
+            return
         self.send_header("Content-Type", "application/dicom+json")
         self.end_headers()
         if kind == "trickle":  # one byte at a time, for far longer than the deadline
@@ -242,8 +255,10 @@ ANSWERS = {
 
 
 @pytest.fixture(scope="module")
-def misbehaving() -> Iterator[str]:
+def misbehaving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The base URL of a `Misbehaving` server on 127.0.0.1."""
+    Misbehaving.bomb = deflated_dicom_bomb(tmp_path_factory.mktemp("bomb") / "bomb.dcm",
+                                           64 << 20).read_bytes()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -257,6 +272,20 @@ def test_a_huge_answer_is_cut_off_at_its_cap(misbehaving: str) -> None:
     pacs = Pacs(Endpoint("huge", f"{misbehaving}/huge"), max_json_bytes=64 << 10)
     with pytest.raises(PacsError, match="larger than 65,536 bytes"):
         pacs.find_studies()
+
+
+def test_a_deflated_dicom_bomb_is_refused_before_it_inflates(
+        misbehaving: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(image_io, "MAX_INFLATED_BYTES", 16 << 20)
+    pacs = Pacs(Endpoint("bomb", f"{misbehaving}/bomb"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(PacsError, match="larger than 16,777,216 bytes"):
+            pacs.fetch(InstanceRef("1.2", "1.2.3", "1.2.3.4"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20
 
 
 def test_a_trickling_answer_is_cut_off_at_its_deadline(misbehaving: str) -> None:
