@@ -6,27 +6,37 @@ bus_core.store). Single sign-on users (bus_core.roles source 'oidc') may have a 
 password: it gives them their roles when the provider sends none.
 
 Rules:
-- A password has at least `MIN_PASSWORD_LENGTH` characters and is not the user's name.
+- A password has at least `MIN_PASSWORD_LENGTH` characters besides spaces at its ends and is
+  not the user's name.
+- A new user name may not look like an existing one: the same after Unicode compatibility
+  normalisation (NFKC) and case folding, or confusable with it (Unicode's confusables, e.g. a
+  Cyrillic 'а' for a Latin 'a').
 - `LOCK_AFTER` failed sign-ins in a row lock the account for `LOCK_MINUTES`; a new password
   set by an administrator unlocks it.
-- A wrong password, an unknown user and a disabled user get the same message.
+- A wrong password, an unknown, disabled or locked user get the same message; the failure
+  count is raised in one statement, so simultaneous guesses cannot outrun the lock.
 - A session ends after `idle_minutes()` without activity or `MAX_SESSION_HOURS` in all.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from confusables import is_confusable
 from sqlalchemy import Connection, RowMapping, func, insert, select, update
 
 from bus_core.errors import BusError
 from bus_core.roles import Identity, check_roles, require
-from bus_core.store import CaseStore, account_log, users
+from bus_core.store import CaseStore, StoreError, account_log, users
+
+logger = logging.getLogger(__name__)
 
 MIN_PASSWORD_LENGTH = 10
 LOCK_AFTER = 5
@@ -38,6 +48,17 @@ MAX_NAME_LENGTH = 64
 _HASHER = PasswordHasher()
 _DUMMY_HASH = _HASHER.hash("not a password of anyone")
 """Checked against for unknown users, so their sign-in takes as long as a real one."""
+
+
+WRONG_SIGN_IN = (f"Wrong username or password. After {LOCK_AFTER} failed sign-ins in a row an "
+                 f"account is locked for {LOCK_MINUTES} minutes; an administrator can unlock "
+                 "it by setting a new password.")
+"""The one answer to every refused sign-in: unknown, disabled or locked users and wrong
+passwords alike, so it tells nobody which user names exist."""
+CANNOT_RECORD_SIGN_IN = ("Nobody can sign in right now: the server cannot write to its database "
+                         "(its disk may be full), and every sign-in is recorded. Ask whoever "
+                         "runs the server to free space, then try again.")
+"""The answer to every sign-in while the database cannot be written."""
 
 
 class AccountError(BusError):
@@ -139,45 +160,57 @@ class Accounts:
 
     def sign_in(self, name: str, password: str, now: datetime | None = None) -> Identity:
         """The identity of a correct name and password (the failure count is reset); else
-        `SignInError`, the failure counted and logged, the account locked after
-        `LOCK_AFTER` failures in a row."""
+        `SignInError` with `WRONG_SIGN_IN` whatever the reason (only the log tells a locked
+        account apart), the failure counted and logged, the account locked after
+        `LOCK_AFTER` failures in a row; `CANNOT_RECORD_SIGN_IN` to everyone while the database
+        cannot be written."""
         now = now or _utcnow()
         name = name.strip()
-        user = self.get(name)
-        stored = self._password_hash(name) if user is not None else None
+        stored = self._password_hash(name)
         correct = _verify(stored or _DUMMY_HASH, password) and stored is not None
-        if user is not None and user.locked(now):
-            self.record(name[:MAX_NAME_LENGTH], "sign-in refused (locked)", name, now=now)
-            minutes = max(1, round((datetime.fromisoformat(user.locked_until or "")
-                                    - now).total_seconds() / 60))
-            raise SignInError(f"Too many failed sign-ins: this account is locked for {minutes} "
-                              "more minutes. An administrator can unlock it by setting a new "
-                              "password.")
-        if user is None or user.disabled or not correct:
-            self._failed(user, name, now)
-            raise SignInError("Wrong username or password.")
-        with self.store.transaction(write=True) as conn:
-            conn.execute(update(users).where(users.c.name == name).values(
-                failed_signins=0, locked_until=None, last_signin=_iso(now)))
-            if stored is not None and _HASHER.check_needs_rehash(stored):
-                conn.execute(update(users).where(users.c.name == name).values(
-                    password_hash=_HASHER.hash(password)))
-            _log(conn, name, "signed in", name, None, now)
-        return user.identity()
+        try:
+            return self._record_sign_in(name, password, stored, correct, now)
+        except StoreError as exc:
+            logger.error("A sign-in could not be recorded: %s", exc)
+            raise SignInError(CANNOT_RECORD_SIGN_IN) from exc
 
-    def _failed(self, user: User | None, name: str, now: datetime) -> None:
+    def _record_sign_in(self, name: str, password: str, stored: str | None, correct: bool,
+                        now: datetime) -> Identity:
+        """Count and log a sign-in whose password check gave `correct`; the identity when it
+        succeeds, else `SignInError`."""
         with self.store.transaction(write=True) as conn:
-            detail = None
-            if user is not None and not user.disabled:
-                failures = user.failed_signins + 1
-                locked = _iso(now + timedelta(minutes=LOCK_MINUTES)) \
-                    if failures >= LOCK_AFTER else None
-                conn.execute(update(users).where(users.c.name == user.name).values(
-                    failed_signins=0 if locked else failures, locked_until=locked))
-                detail = f"locked for {LOCK_MINUTES} minutes" if locked else \
-                    f"failure {failures} of {LOCK_AFTER}"
-            _log(conn, name[:MAX_NAME_LENGTH], "sign-in failed", name[:MAX_NAME_LENGTH], detail,
-                 now)
+            row = conn.execute(select(users).where(users.c.name == name)).mappings().first()
+            user = None if row is None else _user(row)
+            if user is None or user.disabled:
+                _log(conn, name[:MAX_NAME_LENGTH], "sign-in failed", name[:MAX_NAME_LENGTH],
+                     None, now)
+            elif user.locked(now):
+                _log(conn, name, "sign-in refused (locked)", name, None, now)
+            elif not correct:
+                self._count_failure(conn, name, now)
+            else:
+                conn.execute(update(users).where(users.c.name == name).values(
+                    failed_signins=0, locked_until=None, last_signin=_iso(now)))
+                if stored is not None and _HASHER.check_needs_rehash(stored):
+                    conn.execute(update(users).where(users.c.name == name).values(
+                        password_hash=_HASHER.hash(password)))
+                _log(conn, name, "signed in", name, None, now)
+                return user.identity()
+        raise SignInError(WRONG_SIGN_IN)
+
+    @staticmethod
+    def _count_failure(conn: Connection, name: str, now: datetime) -> None:
+        """One more failure of `name`, counted in one statement; the lock follows from the
+        count it returns."""
+        failures = conn.execute(update(users).where(users.c.name == name).values(
+            failed_signins=users.c.failed_signins + 1).returning(
+            users.c.failed_signins)).scalar_one()
+        detail = f"failure {failures} of {LOCK_AFTER}"
+        if failures >= LOCK_AFTER:
+            conn.execute(update(users).where(users.c.name == name).values(
+                failed_signins=0, locked_until=_iso(now + timedelta(minutes=LOCK_MINUTES))))
+            detail = f"locked for {LOCK_MINUTES} minutes"
+        _log(conn, name, "sign-in failed", name, detail, now)
 
     def refresh(self, identity: Identity) -> Identity | None:
         """The identity with its current roles, or None when the local user was disabled or
@@ -214,8 +247,12 @@ class Accounts:
         hashed = None if password is None else _HASHER.hash(check_password(password, name))
         now = _iso(_utcnow())
         with self.store.transaction(write=True) as conn:
-            if conn.execute(select(users.c.name).where(users.c.name == name)).first():
-                raise AccountError(f"A user called {name!r} already exists.")
+            for (existing,) in conn.execute(select(users.c.name)):
+                if existing == name:
+                    raise AccountError(f"A user called {name!r} already exists.")
+                if looks_alike(existing, name):
+                    raise AccountError(f"{name!r} looks too much like the existing user "
+                                       f"{existing!r}: choose a name nobody can mistake for it.")
             conn.execute(insert(users).values(
                 name=name, roles=",".join(sorted(roles)), password_hash=hashed, disabled=False,
                 failed_signins=0, locked_until=None, created_at=now, updated_at=now,
@@ -289,10 +326,18 @@ def check_name(name: str) -> str:
     return clean
 
 
+def looks_alike(first: str, second: str) -> bool:
+    """Whether two user names could be taken for each other: equal after NFKC and case
+    folding, or confusable (Unicode's confusables list) after that."""
+    first, second = (unicodedata.normalize("NFKC", n).casefold() for n in (first, second))
+    return first == second or bool(is_confusable(first, second))
+
+
 def check_password(password: str, name: str) -> str:
     """The password when it is acceptable; else `AccountError` saying why."""
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise AccountError(f"A password has at least {MIN_PASSWORD_LENGTH} characters.")
+    if len(password.strip()) < MIN_PASSWORD_LENGTH:
+        raise AccountError(f"A password has at least {MIN_PASSWORD_LENGTH} characters, not "
+                           "counting spaces at its start and end.")
     if password.strip().lower() == name.strip().lower():
         raise AccountError("The password cannot be the user name.")
     return password

@@ -4,7 +4,8 @@ is written (or that a killed process may leave half-written) goes through here.
 A write goes to a temporary file `.<name>.<random>.tmp` beside the target, is flushed to disk
 (fsync) and then renamed over the target, which is atomic on POSIX and Windows file systems.
 If the write fails the temporary file is removed; if the process is killed, it stays behind
-and `remove_partial_writes` (called when a run starts again) removes it.
+and `remove_partial_writes` (called when a run starts again, and when the case store opens)
+removes it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,14 +53,17 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
-def remove_partial_writes(folder: str | Path) -> list[Path]:
-    """Remove the temporary files that killed writes left in `folder`; returns them. Call it
-    only where no other process is writing (e.g. when a run in that folder starts)."""
+def remove_partial_writes(folder: str | Path, *, older_than_s: float = 0) -> list[Path]:
+    """Remove the temporary files that killed writes left in `folder`, those last changed more
+    than `older_than_s` seconds ago; returns them. With the default 0, call it only where no
+    other process is writing (e.g. when a run in that folder starts)."""
     removed = []
     root = Path(folder)
+    cutoff = time.time() - older_than_s
     if root.is_dir():
         for path in root.glob(f".*{TEMP_SUFFIX}"):
-            if path.is_file():
-                path.unlink(missing_ok=True)
-                removed.append(path)
+            with contextlib.suppress(FileNotFoundError):  # another process removed it
+                if path.is_file() and path.stat().st_mtime <= cutoff:
+                    path.unlink()
+                    removed.append(path)
     return removed

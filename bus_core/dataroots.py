@@ -4,7 +4,8 @@ on the Train, Evaluate, Teaching and Review pages must lie under one of them.
 An administrator lists them in $BUS_DATA_ROOTS (folders separated by `os.pathsep`: ':' on Linux
 and macOS, ';' on Windows). Without it they are the project's splits/, ../shared/data beside the
 project when it exists, the Teaching dataset folder ($BUS_DATASET) when it exists, and the user's
-data folder ($BUS_DATA_DIR). A manifest may name only files in its own folder and below.
+data folder ($BUS_DATA_DIR). A manifest may name only files in its own folder and below, and a
+data folder may hold no symbolic link that leads out of it.
 
 The refusals never say whether a path exists, so the app cannot be used to probe the server's
 disks. The command line is not restricted: whoever has a shell on the machine can read those
@@ -14,6 +15,7 @@ files already.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from bus_core.dataset import manifest_paths
@@ -63,11 +65,28 @@ def is_allowed(path: str | Path) -> bool:
     return _resolved_within(Path(path), data_roots()) is not None
 
 
+def _links(folder: Path) -> Iterator[Path]:
+    """The symbolic links in `folder` and its subfolders (linked folders are not entered)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_symlink():
+                yield Path(entry.path)
+            elif entry.is_dir():
+                yield from _links(Path(entry.path))
+
+
 def check_data_source(path: str | Path) -> Path:
     """A data folder or CSV manifest, resolved, as `check_allowed`; a manifest that names an
-    image or mask outside its own folder raises PathNotAllowedError (naming the line, not the
-    path). Other problems of the manifest are left to `dataset.load_records`."""
+    image or mask outside its own folder, or a folder holding a symbolic link that leads out of
+    it, raises PathNotAllowedError (naming the line or the link, not where it leads). Other
+    problems of the data are left to `dataset.load_records`."""
     resolved = check_allowed(path)
+    if resolved.is_dir():
+        for link in _links(resolved):
+            if _resolved_within(link, [resolved]) is None:
+                raise PathNotAllowedError(
+                    f"'{link.relative_to(resolved)}' in this folder is a link to a place "
+                    "outside it: the app reads only files in a data folder and below.")
     if resolved.suffix.lower() == ".csv" and resolved.is_file():
         for line, written in manifest_paths(resolved):
             if _resolved_within(resolved.parent / written, [resolved.parent]) is None:

@@ -15,7 +15,9 @@ Conversion rules (the same for every source, so the app, the CLI and training ag
   PALETTE COLOR goes through its lookup table. When the file has a
   SequenceOfUltrasoundRegions the image is cropped to its largest region.
 - Multi-frame files (DICOM, multi-page TIFF): `frame` picks one, counting from 0.
-- Image size is checked from the file header before any pixel is decoded.
+- Image size is checked from the file header before any pixel is decoded; a deflated DICOM
+  data set is inflated by pydicom only after a streamed count shows it stays within
+  `MAX_INFLATED_BYTES`.
 - EXIF orientation is not applied: pixels are returned as stored, so masks drawn on the same
   file line up.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import io
 import logging
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -37,6 +40,11 @@ log = logging.getLogger(__name__)
 MAX_PIXELS: int = 4096 * 4096
 """Largest image (width x height) we decode, from its header; larger files are refused as unsafe.
 Far below PIL's decompression-bomb limit: ultrasound frames are about 1000 px per side."""
+
+MAX_INFLATED_BYTES: int = 256 * 2**20
+"""Largest data set a deflated DICOM file (transfer syntax Deflated Explicit VR Little Endian)
+may inflate to: 256 MiB, about 80 RGB frames of 1024 x 1024. pydicom inflates such a file
+whole in memory, so a small file can otherwise claim gigabytes."""
 
 MIN_SIDE: int = 32
 """Smallest image side we accept: a smaller picture carries nothing for a model to read."""
@@ -112,7 +120,9 @@ def frame_count(path: str | Path) -> int:
             import pydicom
             from pydicom.pixels.utils import get_nr_frames
 
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            with open(path, "rb") as fh:
+                check_inflated_size(fh, _label(Path(path).name))
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
             return max(1, get_nr_frames(ds, warn=False))
         if sniff_kind(head) == "tiff":
             with Image.open(path, formats=("TIFF",)) as image:
@@ -328,6 +338,7 @@ def _load_dicom(data: bytes, label: str, frame: int, max_pixels: int) -> np.ndar
     import pydicom
     from pydicom.pixels.utils import get_nr_frames
 
+    check_inflated_size(io.BytesIO(data), label)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
         rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
@@ -344,6 +355,39 @@ def _load_dicom(data: bytes, label: str, frame: int, max_pixels: int) -> np.ndar
     except Exception as exc:  # decoder / LUT errors on damaged or unsupported pixel data
         raise _undecodable_dicom(ds, label, exc) from exc
     return _crop_ultrasound_region(rgb, ds)
+
+
+def check_inflated_size(fh: BinaryIO, label: str, limit: int | None = None) -> None:
+    """Refuse (`InvalidImageError`) a deflated DICOM file in `fh` whose data set inflates to
+    more than `limit` bytes (default `MAX_INFLATED_BYTES`), counted in bounded chunks before
+    pydicom inflates it whole. Other files pass; `fh` is left at its start."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    limit = MAX_INFLATED_BYTES if limit is None else limit
+    start = fh.tell()
+    try:
+        read_preamble(fh, force=True)
+        meta = _read_file_meta_info(fh)
+    except Exception:  # a damaged header: the reader that follows says what is wrong
+        meta = None
+    try:
+        if meta is None or meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = 0
+        while chunk := inflater.unconsumed_tail or fh.read(2**20):
+            inflated += len(inflater.decompress(chunk, 2**20))
+            if inflated > limit:
+                raise InvalidImageError(
+                    f"{label} is a deflated DICOM file that unpacks to more than "
+                    f"{limit // 2**20} MB, which is too large to open safely.")
+            if inflater.eof:
+                return
+    except zlib.error:
+        return  # damaged compressed data: pydicom's own error describes the file
+    finally:
+        fh.seek(start)
 
 
 def _undecodable_dicom(ds, label: str, exc: Exception) -> InvalidImageError:

@@ -157,15 +157,17 @@ class Job:
         return read_progress(self.progress_path())
 
     def cancel_requested(self) -> bool:
-        """True once `cancel()` was called."""
+        """True once `cancel` was called."""
         return (self.run_dir / CANCEL_MARKER).is_file()
 
-    def cancel(self) -> None:
-        """Ask the job to stop cleanly after the current step (it keeps a resumable checkpoint).
+    def cancel(self, *, who: Identity) -> None:
+        """Ask the job to stop cleanly after the current step (it keeps a resumable checkpoint);
+        `who` needs the researcher role.
 
         Safe to call again: while the job still runs, a repeated call reaches a training run
         that started meanwhile (the next run of a grid search, or a run that was loading).
         """
+        require(who, "train")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CANCEL_MARKER).touch()
         if self.kind == "train":

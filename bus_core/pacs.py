@@ -12,7 +12,10 @@ administrator adds in the app (`save_endpoint`), kept in the same format in `SAV
 the data folder (readable by the server's user only).
 
 Every failure of the server or the network raises `PacsError`, a sentence without the
-patient's data. The patient's name is never read from a query answer.
+patient's data. The patient's name is never read from a query answer. Answers are read with a
+size cap (`MAX_JSON_BYTES` for query answers, `MAX_ANSWER_BYTES` for anything else, and
+`io.MAX_INFLATED_BYTES` for a deflated DICOM file once inflated) and an overall deadline per
+request (`DEADLINE_SECONDS`), and a query answer of the wrong shape is a `PacsError` too.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import datetime as dt
 import io
 import json
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,10 +36,11 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
 
 from bus_core import atomic, roles
-from bus_core.errors import BusError
+from bus_core import io as image_io
+from bus_core.errors import BusError, InvalidImageError
 from bus_core.roles import Identity
 from bus_core.settings import data_dir
 
@@ -50,6 +55,12 @@ SAVED_FILE = "pacs_endpoints.json"
 """The endpoints administrators add in the app, in the data folder."""
 AUTH_KINDS: tuple[str, ...] = ("none", "basic", "bearer")
 """How the app signs in to a PACS: not at all, HTTP basic (user + password), a bearer token."""
+MAX_JSON_BYTES = 16 << 20
+"""Largest query answer (JSON) read from a PACS: 16 MiB, thousands of studies."""
+MAX_ANSWER_BYTES = 512 << 20
+"""Largest answer of any other kind (an instance, a rendered thumbnail): 512 MiB."""
+DEADLINE_SECONDS = 120.0
+"""Longest one request may take from sending it to the last byte of its answer."""
 SENT_ACTION = "sent to PACS"
 """The case audit action of a confirmed label sent to the case's PACS study."""
 
@@ -361,8 +372,18 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _datasets(answer: Sequence[Mapping[str, Any]]) -> list[Dataset]:
-    return [Dataset.from_json(dict(item)) for item in answer]
+def _datasets(answer: Any, *required: str) -> list[Dataset]:
+    """The datasets of a QIDO-RS answer; `ValueError` unless it is a list of DICOM JSON objects
+    that each have the `required` attributes."""
+    if not isinstance(answer, list) or not all(isinstance(item, Mapping) for item in answer):
+        raise ValueError("a QIDO-RS answer is a list of DICOM JSON objects")
+    try:
+        found = [Dataset.from_json(dict(item)) for item in answer]
+    except (TypeError, AttributeError, KeyError) as exc:
+        raise ValueError(f"not DICOM JSON: {exc}") from exc
+    if any(not ds.get(keyword) for ds in found for keyword in required):
+        raise ValueError(f"an answer item lacks one of {', '.join(required)}")
+    return found
 
 
 def _date(value: dt.date | None) -> str:
@@ -371,16 +392,80 @@ def _date(value: dt.date | None) -> str:
 
 # --- the client ----------------------------------------------------------------------------
 
+class AnswerTooLarge(Exception):
+    """A PACS answer passed its size cap (the cap in bytes is the argument)."""
+
+
+class AnswerTooSlow(Exception):
+    """A PACS answer did not end within its deadline (the deadline in seconds is the argument)."""
+
+
+def _bounded_session(max_json_bytes: int, max_bytes: int, deadline: float) -> Any:
+    """A requests session that reads each answer itself: at most `max_json_bytes` of JSON and
+    `max_bytes` of anything else, done within `deadline` seconds of sending the request (each
+    read waits at most the request's timeout, so a trickling server is cut off soon after)."""
+    import requests
+
+    class BoundedSession(requests.Session):
+        def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+            started = time.monotonic()
+            kwargs["stream"] = True
+            response = super().send(request, **kwargs)
+            try:
+                is_json = "json" in response.headers.get("Content-Type", "")
+                _read_bounded(response, max_json_bytes if is_json else max_bytes,
+                              started + deadline, deadline)
+            except BaseException:
+                response.close()
+                raise
+            return response
+
+    return BoundedSession()
+
+
+def _read_bounded(response: Any, limit: int, until: float, deadline: float) -> None:
+    """Read the body of a streamed `response` into its content, up to `limit` bytes and
+    `until` (a time.monotonic() value)."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise AnswerTooLarge(limit)
+    body = bytearray()
+    while chunk := response.raw.read1(1 << 16, decode_content=True):
+        body += chunk
+        if len(body) > limit:
+            raise AnswerTooLarge(limit)
+        if time.monotonic() > until:
+            raise AnswerTooSlow(deadline)
+    if DeflatedExplicitVRLittleEndian.encode() in body:
+        _check_deflated_files(body)
+    response._content, response._content_consumed = bytes(body), True
+    response.raw.release_conn()
+
+
+def _check_deflated_files(body: bytes | bytearray) -> None:
+    """Refuse an answer holding a deflated DICOM file that inflates past
+    `io.MAX_INFLATED_BYTES` (dicomweb-client has pydicom inflate it whole)."""
+    start = body.find(b"DICM", 128)
+    while start != -1:
+        try:
+            image_io.check_inflated_size(io.BytesIO(body[start - 128:]), "An image")
+        except InvalidImageError as exc:
+            raise AnswerTooLarge(image_io.MAX_INFLATED_BYTES) from exc
+        start = body.find(b"DICM", start + 4)
+
+
 class Pacs:
     """A DICOMweb client for one endpoint (dicomweb-client over a requests session)."""
 
-    def __init__(self, target: Endpoint, timeout: float = 20) -> None:
+    def __init__(self, target: Endpoint, timeout: float = 20, *,
+                 max_json_bytes: int = MAX_JSON_BYTES, max_answer_bytes: int = MAX_ANSWER_BYTES,
+                 deadline: float = DEADLINE_SECONDS) -> None:
         import requests
         from dicomweb_client.api import DICOMwebClient
         from requests.auth import HTTPBasicAuth
 
         self.endpoint = target
-        session = requests.Session()
+        session = _bounded_session(max_json_bytes, max_answer_bytes, deadline)
         if target.user:
             session.auth = HTTPBasicAuth(target.user, target.password or "")
         session.verify = target.verify
@@ -408,6 +493,13 @@ class Pacs:
         where = f"the PACS '{self.endpoint.name}' ({self.endpoint.url})"
         try:
             yield
+        except AnswerTooLarge as exc:
+            raise PacsError(f"The answer of {where} about {what} is larger than "
+                            f"{exc.args[0]:,} bytes, more than this app reads: narrow the "
+                            "search, or ask an administrator to check the PACS.") from exc
+        except AnswerTooSlow as exc:
+            raise PacsError(f"{where[0].upper()}{where[1:]} did not finish answering about "
+                            f"{what} within {exc.args[0]:g} seconds: try again later.") from exc
         except requests.exceptions.SSLError as exc:
             raise PacsError(f"The TLS certificate of {where} could not be verified: ask an "
                             f"administrator to set {VERIFY_ENV} to the hospital's CA bundle."
@@ -445,26 +537,27 @@ class Pacs:
         fields = ["StudyDescription", "NumberOfStudyRelatedSeries",
                   "NumberOfStudyRelatedInstances", "ModalitiesInStudy"]
         with self._asking("studies"):
-            answer = self.client.search_for_studies(search_filters=filters, fields=fields,
-                                                    limit=limit)
+            found = _datasets(self.client.search_for_studies(
+                search_filters=filters, fields=fields, limit=limit), "StudyInstanceUID")
         studies = [StudyInfo(str(ds.StudyInstanceUID), str(_value(ds, "PatientID")),
                              str(_value(ds, "AccessionNumber")), str(_value(ds, "StudyDate")),
                              str(_value(ds, "StudyDescription")),
                              tuple(str(m) for m in _modalities(ds)),
                              _int(ds, "NumberOfStudyRelatedSeries") or 0,
                              _int(ds, "NumberOfStudyRelatedInstances") or 0)
-                   for ds in _datasets(answer)]
+                   for ds in found]
         return sorted(studies, key=lambda s: s.date, reverse=True)
 
     def series(self, study_uid: str) -> list[SeriesInfo]:
         """The series of a study, by series number."""
         with self._asking("this study"):
-            answer = self.client.search_for_series(
-                study_uid, fields=["SeriesDescription", "NumberOfSeriesRelatedInstances"])
+            answer = _datasets(self.client.search_for_series(
+                study_uid, fields=["SeriesDescription", "NumberOfSeriesRelatedInstances"]),
+                "SeriesInstanceUID")
         found = [SeriesInfo(study_uid, str(ds.SeriesInstanceUID), str(_value(ds, "Modality")),
                             _int(ds, "SeriesNumber"), str(_value(ds, "SeriesDescription")),
                             _int(ds, "NumberOfSeriesRelatedInstances") or 0)
-                 for ds in _datasets(answer)]
+                 for ds in answer]
         return sorted(found, key=lambda s: (s.number is None, s.number or 0))
 
     def instances(self, study_uid: str, series: SeriesInfo | str) -> list[InstanceRef]:
@@ -472,12 +565,12 @@ class Pacs:
         series_uid = series if isinstance(series, str) else series.series_uid
         number = None if isinstance(series, str) else series.number
         with self._asking("this series"):
-            answer = self.client.search_for_instances(study_uid, series_uid,
-                                                      fields=["NumberOfFrames"])
+            answer = _datasets(self.client.search_for_instances(
+                study_uid, series_uid, fields=["NumberOfFrames"]), "SOPInstanceUID")
         found = [InstanceRef(study_uid, series_uid, str(ds.SOPInstanceUID),
                              str(_value(ds, "SOPClassUID")), _int(ds, "InstanceNumber"),
                              _int(ds, "NumberOfFrames") or 1, number)
-                 for ds in _datasets(answer)]
+                 for ds in answer]
         return sorted(found, key=lambda i: (i.number is None, i.number or 0))
 
     def ultrasound_instances(self, study_uid: str) -> list[InstanceRef]:

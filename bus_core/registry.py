@@ -6,7 +6,8 @@ $BUS_MODEL, else the one chosen in `<data dir>/active_model.json`, else the bund
 named in `weights/DEFAULT` (or the only bundled model).
 
 User models can be renamed, deleted, exported as a zip and imported from uploaded files; bundled
-ones are read-only. Imports accept only safetensors weights with a JSON card (never pickles) and
+ones are read-only. Imports accept only safetensors weights with a JSON card (never pickles), each
+under its size cap (a zip is checked from its declared sizes, then while it is read), and
 keep a model only once it loads. The active model and the user's models change one at a time
 among the app servers sharing the data folder (`store.shared_lock`).
 """
@@ -20,6 +21,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -43,7 +45,13 @@ MODELS_LOCK = "models"
 """The `shared_lock` held while the active model or the user's model folders change."""
 PICKLE_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar",
                                     ".joblib")
-MAX_IMPORT_BYTES = 2 << 30  # a zip that unpacks to more than this is refused
+MAX_WEIGHTS_BYTES = 1 << 30
+"""Largest weights file an import accepts (1 GiB; the backbones of this app need far less)."""
+MAX_CARD_BYTES = 1 << 20
+"""Largest model card an import accepts (1 MiB; a card is a few kilobytes of JSON)."""
+MAX_ZIP_RATIO = 20
+"""A zip member over `MAX_CARD_BYTES` that claims to unpack to more than this many times its
+packed size is refused before it is read: weights barely compress, zip bombs do."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -252,7 +260,35 @@ def _refuse_unsafe(name: str) -> None:
                          f"model as {WEIGHTS_FILE} (safetensors) plus its {CARD_FILE}.")
 
 
+def _cap(name: str) -> int:
+    """The most bytes the file `name` of an upload may hold."""
+    return MAX_WEIGHTS_BYTES if name.lower().endswith(".safetensors") else MAX_CARD_BYTES
+
+
+def _check_size(name: str, size: int) -> None:
+    if size > _cap(name):
+        raise ModelError(f"{name} is larger than the {_cap(name):,} bytes a model upload may "
+                         "hold: this is not a model of this app.")
+
+
+def _check_names(names: list[str]) -> tuple[str, str]:
+    """The (weights, card) names of an upload's files; `ModelError` unless they are exactly
+    one .safetensors and one .json file (pickles named as such)."""
+    for name in names:
+        _refuse_unsafe(name)
+    weights = [n for n in names if n.lower().endswith(".safetensors")]
+    cards = [n for n in names if n.lower().endswith(".json")]
+    if len(weights) != 1 or len(cards) != 1 or len(names) != 2:
+        found = ", ".join(sorted(PurePosixPath(n).name for n in names)) or "nothing"
+        raise ModelError(f"A model upload is exactly two files, {WEIGHTS_FILE} (weights, "
+                         f"safetensors) and {CARD_FILE} (its model card), or a zip holding only "
+                         f"those two; got {found}.")
+    return weights[0], cards[0]
+
+
 def _unzip(name: str, data: bytes) -> dict[str, bytes]:
+    """The weights and card in the zip `data`, each checked against its cap from the sizes
+    the zip declares and again while it is read."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as exc:
@@ -260,30 +296,41 @@ def _unzip(name: str, data: bytes) -> dict[str, bytes]:
     with archive:
         members = [m for m in archive.infolist() if not m.is_dir()
                    and not m.filename.startswith("__MACOSX/")]
+        _check_names([m.filename for m in members])
         for member in members:
-            _refuse_unsafe(member.filename)
-        if sum(m.file_size for m in members) > MAX_IMPORT_BYTES:
-            raise ModelError(f"{name} unpacks to more than {MAX_IMPORT_BYTES >> 30} GiB: this "
-                             "is not a model of this app.")
-        return {PurePosixPath(m.filename).name: archive.read(m) for m in members}
+            _check_size(member.filename, member.file_size)
+            if member.file_size > MAX_CARD_BYTES and \
+                    member.file_size > MAX_ZIP_RATIO * max(member.compress_size, 1):
+                raise ModelError(f"{member.filename} in {name} claims to unpack to "
+                                 f"{member.file_size:,} bytes from {member.compress_size:,}: "
+                                 "this is not a model of this app.")
+        return {PurePosixPath(m.filename).name: _read_member(archive, m, name)
+                for m in members}
+
+
+def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, name: str) -> bytes:
+    """A member's bytes, read in chunks and refused as soon as they pass its cap."""
+    content = bytearray()
+    try:
+        with archive.open(member) as fh:
+            while chunk := fh.read(1 << 20):
+                content += chunk
+                _check_size(member.filename, len(content))
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise ModelError(f"{member.filename} in {name} is damaged or does not match the sizes "
+                         "its zip declares, so it was not imported.") from exc
+    return bytes(content)
 
 
 def _model_files(files: Mapping[str, bytes]) -> tuple[bytes, bytes]:
     """The (weights, card) bytes of an upload: a .safetensors and a .json, or a zip of both."""
-    for name in files:
-        _refuse_unsafe(name)
     if len(files) == 1 and next(iter(files)).lower().endswith(".zip"):
         name, data = next(iter(files.items()))
         files = _unzip(name, data)
-    weights = [n for n in files if n.lower().endswith(".safetensors")]
-    cards = [n for n in files if n.lower().endswith(".json")]
-    others = sorted(set(files) - set(weights) - set(cards))
-    if len(weights) != 1 or len(cards) != 1 or others:
-        found = ", ".join(sorted(files)) or "nothing"
-        raise ModelError(f"A model upload is exactly two files, {WEIGHTS_FILE} (weights, "
-                         f"safetensors) and {CARD_FILE} (its model card), or a zip holding only "
-                         f"those two; got {found}.")
-    return files[weights[0]], files[cards[0]]
+    weights, card = _check_names(list(files))
+    for file_name, data in files.items():
+        _check_size(file_name, len(data))
+    return files[weights], files[card]
 
 
 def _free_folder(root: Path, name: str) -> Path:

@@ -11,8 +11,10 @@ Storage:
 - Images and masks are PNG files stored once per content, under
   `<images dir>/<hash[:2]>/<hash>.png`, where the hash is the sha256 of the pixel array (dtype,
   shape and bytes); the database holds only hashes, so servers sharing a database share the
-  images folder too. Files are written atomically and before the database row that names them,
-  so a crash can leave an unused file but never a case without its image.
+  images folder too. A case's new files are encoded first and written (atomically) inside its
+  transaction, after its rows and just before the commit: a process killed before then leaves
+  at most temporary files, which opening the store removes once `PARTIAL_WRITE_AGE_S` old, and
+  never a case without its image.
 - Every change (a case and its audit entries) is one transaction. Writers take the write lock at
   the start of their transaction (SQLite: BEGIN IMMEDIATE, in WAL mode with a 30 s busy timeout
   and foreign keys on; PostgreSQL: an advisory transaction lock), so several threads and
@@ -85,6 +87,8 @@ except ImportError:  # Windows: shared_lock relies on the database alone
 DB_FILE = "cases.sqlite"
 IMAGES_DIR = "images"
 BUSY_TIMEOUT_MS = 30_000
+PARTIAL_WRITE_AGE_S = 60.0
+"""Temporary files of the images folder this old are left by killed writes and removed."""
 
 CaseStatus = Literal["unreviewed", "confirmed", "corrected", "labelled"]
 """'confirmed' / 'corrected': the reviewer's label equals / differs from the model's reading;
@@ -438,6 +442,7 @@ def open_store(url_or_path: str | Path | None = None, *,
     store = CaseStore(engine, images)
     try:
         store.migrate()
+        store.remove_partial_writes()
     except BaseException:
         engine.dispose()
         raise
@@ -595,6 +600,18 @@ class CaseStore:
                 MIGRATIONS[version](conn)
                 conn.execute(update(schema_version).values(version=version + 1))
 
+    def remove_partial_writes(self) -> list[Path]:
+        """Remove the temporary files that killed writes left in the images folder (those older
+        than `PARTIAL_WRITE_AGE_S`, so writes under way elsewhere are left alone); returns
+        them."""
+        try:
+            return [path for folder in [self.images_dir, *self.images_dir.glob("*/")]
+                    for path in atomic.remove_partial_writes(
+                        folder, older_than_s=PARTIAL_WRITE_AGE_S)]
+        except OSError as exc:
+            raise StoreError(f"Cannot clean the images folder {self.images_dir}: "
+                             f"{exc.strerror or exc}.") from exc
+
     # -- writing --
 
     def save_case(self, image: np.ndarray, *, image_name: str, masks: Sequence[np.ndarray] = (),
@@ -618,8 +635,10 @@ class CaseStore:
         probabilities = _check_probabilities(probabilities)
         pixels = _check_image(image)
         lesions = [_check_mask(m, pixels.shape[:2], i) for i, m in enumerate(masks, start=1)]
-        image_hash = self._put_array(pixels)
-        mask_hashes = [self._put_array(m) for m in lesions]
+        image_hash, *mask_hashes = [_array_hash(a) for a in (pixels, *lesions)]
+        new_files = {content_hash: image_to_png_bytes(array) for content_hash, array
+                     in zip((image_hash, *mask_hashes), (pixels, *lesions))
+                     if not self.image_path(content_hash).exists()}
         now = _now()
         if not keep_file_names():
             image_name = pseudonym(image_hash, image_name)
@@ -638,7 +657,9 @@ class CaseStore:
             case_id = key[0]
             _audit(conn, case_id, who.name, "created", "predicted_label", None,
                    predicted_label, at=now)
-            return _fetch(conn, case_id)
+            case = _fetch(conn, case_id)
+            self._write_images(new_files)  # last, so a kill before the commit leaves none
+            return case
 
     def review_case(self, case_id: int, *, label: str, who: Identity,
                     notes: str | None = None) -> Case:
@@ -835,17 +856,17 @@ class CaseStore:
     def _where(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
 
-    def _put_array(self, array: np.ndarray) -> str:
-        """Store an array as PNG under its content hash (once); returns the hash."""
-        content_hash = _array_hash(array)
-        target = self.image_path(content_hash)
-        if not target.exists():
-            try:
-                _atomic_write(target, image_to_png_bytes(array))
-            except OSError as exc:
-                raise StoreError(f"Cannot write to {target.parent}: {exc.strerror or exc}. "
-                                 "Set BUS_DATA_DIR to a writable folder.") from exc
-        return content_hash
+    def _write_images(self, encoded: Mapping[str, bytes]) -> None:
+        """Write PNG bytes under their content hashes, each file once."""
+        for content_hash, data in encoded.items():
+            target = self.image_path(content_hash)
+            if not target.exists():
+                try:
+                    _atomic_write(target, data)
+                except OSError as exc:
+                    raise StoreError(f"Cannot write to {target.parent}: "
+                                     f"{exc.strerror or exc}. Set BUS_DATA_DIR to a writable "
+                                     "folder.") from exc
 
     def _existing(self, content_hash: str, case: Case) -> Path:
         path = self.image_path(content_hash)

@@ -394,9 +394,9 @@ def live_view(job: Job) -> None:
             results_view(job)
         if not job.cancel_requested() and st.button("Cancel", icon=":material/stop:",
                                                     key="job_cancel"):
-            job.cancel()
+            job.cancel(who=WHO)
         if job.cancel_requested():
-            job.cancel()  # reaches a run that started meanwhile; harmless otherwise
+            job.cancel(who=WHO)  # reaches a run that started meanwhile; harmless otherwise
             st.info("Stopping after the current step…", icon=":material/hourglass_top:")
         log_view(job)
 

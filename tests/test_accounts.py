@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
+from unittest import mock
 
 import numpy as np
 import pytest
+from sqlalchemy import event
 from sqlalchemy.exc import DatabaseError
 
+from bus_core import accounts as accounts_module
 from bus_core.accounts import (
+    CANNOT_RECORD_SIGN_IN,
     LOCK_AFTER,
     LOCK_MINUTES,
     MAX_SESSION_HOURS,
+    WRONG_SIGN_IN,
     AccountError,
     Accounts,
     SignInError,
@@ -24,7 +32,7 @@ from bus_core.gate import activate_if_passed, compare
 from bus_core.jobs import start_training
 from bus_core.registry import delete_model, import_model, set_active_model
 from bus_core.roles import ACTIONS, DEMO, ROLES, Identity, PermissionDeniedError, operator
-from bus_core.store import CaseStore, default_db_path, open_store
+from bus_core.store import CaseStore, StoreError, default_db_path, open_store
 from bus_core.train import TrainConfig
 from tests.conftest import person
 
@@ -62,23 +70,33 @@ def test_password_is_stored_only_as_a_salted_argon2_hash(accounts, store, tmp_pa
     assert accounts.get("ann").last_signin is not None
 
 
-def test_wrong_password_unknown_and_disabled_users_get_the_same_message(accounts):
+def test_wrong_password_unknown_disabled_and_locked_users_get_the_same_message(accounts):
     accounts.add(operator(), "cid", ["educator"], PASSWORD)
     accounts.set_disabled(operator(), "cid")
-    for name, password in (("ann", "wrong password!"), ("nobody", PASSWORD), ("cid", PASSWORD)):
-        with pytest.raises(SignInError, match="^Wrong username or password.$"):
-            accounts.sign_in(name, password)
+    accounts.add(operator(), "dan", ["educator"], PASSWORD)
+    for _ in range(LOCK_AFTER):
+        with pytest.raises(SignInError):
+            accounts.sign_in("dan", "not the password", now=NOW)
+    answers = set()
+    for name, password in (("ann", "wrong password!"), ("nobody", PASSWORD), ("cid", PASSWORD),
+                           ("dan", "not the password"), ("dan", PASSWORD)):
+        with pytest.raises(SignInError) as refused:
+            accounts.sign_in(name, password, now=NOW)
+        answers.add(str(refused.value))
+    assert answers == {WRONG_SIGN_IN}
     actions = [(e["action"], e["subject"]) for e in accounts.log()]
-    assert actions[:3] == [("sign-in failed", "cid"), ("sign-in failed", "nobody"),
-                           ("sign-in failed", "ann")]
+    assert actions[:5] == [("sign-in refused (locked)", "dan"),
+                           ("sign-in refused (locked)", "dan"), ("sign-in failed", "cid"),
+                           ("sign-in failed", "nobody"), ("sign-in failed", "ann")]
 
 
 def test_lock_out_after_repeated_failures_until_it_expires_or_an_admin_resets(accounts):
     for _ in range(LOCK_AFTER):
         with pytest.raises(SignInError, match="Wrong"):
             accounts.sign_in("ann", "not the password", now=NOW)
-    with pytest.raises(SignInError, match="locked for 15 more minutes"):
+    with pytest.raises(SignInError):
         accounts.sign_in("ann", PASSWORD, now=NOW + timedelta(seconds=1))  # even when right
+    assert accounts.log(1)[0]["action"] == "sign-in refused (locked)"
     later = NOW + timedelta(minutes=LOCK_MINUTES, seconds=1)
     assert accounts.sign_in("ann", PASSWORD, now=later).name == "ann"
     for _ in range(LOCK_AFTER):
@@ -89,6 +107,88 @@ def test_lock_out_after_repeated_failures_until_it_expires_or_an_admin_resets(ac
     assert not accounts.get("ann").locked(later)
     assert accounts.sign_in("ann", "a brand new password", now=later).name == "ann"
     assert "locked for 15 minutes" in [e["detail"] for e in accounts.log()]
+
+
+def _verify_then_wait(barrier):
+    """accounts._verify that then waits at `barrier`, so every guesser has read what it reads
+    before any of them writes."""
+    real_verify = accounts_module._verify
+
+    def verify(hashed: str, password: str) -> bool:
+        result = real_verify(hashed, password)
+        barrier.wait(timeout=60)
+        return result
+    return verify
+
+
+def _guess_wrong(store: CaseStore, times: int) -> set[str]:
+    answers = set()
+    for _ in range(times):
+        with pytest.raises(SignInError) as refused:
+            Accounts(store).sign_in("ann", "not the password", now=NOW)
+        answers.add(str(refused.value))
+    return answers
+
+
+def _guess_wrong_in_a_process(path: str, barrier, times: int) -> None:
+    with open_store(path) as store, \
+            mock.patch.object(accounts_module, "_verify", _verify_then_wait(barrier)):
+        assert _guess_wrong(store, times) == {WRONG_SIGN_IN}
+
+
+def _assert_locked_after_exactly(accounts: Accounts, guesses: int) -> None:
+    details = [e["detail"] for e in accounts.log() if e["subject"] == "ann"
+               and e["action"].startswith("sign-in")]
+    counted = [d for d in details if d is not None]
+    expected = [f"failure {i} of {LOCK_AFTER}" for i in range(1, LOCK_AFTER)]
+    assert sorted(counted) == sorted([*expected, f"locked for {LOCK_MINUTES} minutes"])
+    assert len(details) == guesses
+    assert accounts.get("ann").locked(NOW)
+
+
+def test_simultaneous_wrong_guesses_cannot_outrun_the_lock(both_stores, monkeypatch):
+    accounts = Accounts(both_stores)
+    accounts.add(operator(), "ann", ["clinician"], PASSWORD)
+    threads, rounds = 10, 3
+    monkeypatch.setattr(accounts_module, "_verify",
+                        _verify_then_wait(threading.Barrier(threads)))
+    with ThreadPoolExecutor(threads) as pool:
+        answers = list(pool.map(lambda _: _guess_wrong(both_stores, rounds), range(threads)))
+    assert set().union(*answers) == {WRONG_SIGN_IN}
+    _assert_locked_after_exactly(accounts, threads * rounds)
+
+
+def test_wrong_guesses_from_two_processes_cannot_outrun_the_lock(tmp_path):
+    path = str(tmp_path / "cases.sqlite")
+    with open_store(path) as store:
+        Accounts(store).add(operator(), "ann", ["clinician"], PASSWORD)
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(2)
+    guessers = [context.Process(target=_guess_wrong_in_a_process,
+                                args=(path, barrier, LOCK_AFTER)) for _ in range(2)]
+    for guesser in guessers:
+        guesser.start()
+    for guesser in guessers:
+        guesser.join(timeout=120)
+    assert [guesser.exitcode for guesser in guessers] == [0, 0]
+    with open_store(path) as store:
+        _assert_locked_after_exactly(Accounts(store), 2 * LOCK_AFTER)
+
+
+def test_a_full_database_is_said_plainly_at_sign_in(accounts, store):
+    def fill_up(connection, _record) -> None:
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    event.listen(store.engine, "connect", fill_up)
+    store.engine.dispose()
+    with pytest.raises(StoreError, match="full"):
+        for _ in range(10_000):  # until the last page is full too
+            accounts.record("test", "filling the database", "x" * 500)
+    for password in (PASSWORD, "not the password"):
+        with pytest.raises(SignInError) as refused:
+            accounts.sign_in("ann", password)
+        assert str(refused.value) == CANNOT_RECORD_SIGN_IN
 
 
 def test_sessions_expire_when_idle_or_too_old(monkeypatch):
@@ -113,6 +213,22 @@ def test_change_own_password_needs_the_current_one(accounts):
     accounts.add(operator(), "bob", ["clinician"], PASSWORD)
     with pytest.raises(PermissionDeniedError):
         accounts.set_password(ann, "bob", "taken over by ann")
+
+
+@pytest.mark.parametrize("password", [" " * 12, "\t" * 12, "  short   ", "\u3000" * 12])
+def test_a_password_of_spaces_is_refused(accounts, password):
+    with pytest.raises(AccountError, match="not counting spaces"):
+        accounts.add(operator(), "bob", ["clinician"], password)
+    with pytest.raises(AccountError, match="not counting spaces"):
+        accounts.set_password(operator(), "ann", password)
+
+
+@pytest.mark.parametrize("name", ["Ann", "ANN", "\u0430nn", "\uff41nn", "a\u0578n"])
+def test_a_name_that_looks_like_an_existing_one_is_refused(accounts, name):
+    with pytest.raises(AccountError, match="looks too much like the existing user 'ann'"):
+        accounts.add(operator(), name, ["clinician"], PASSWORD)
+    assert [user.name for user in accounts.list_users()] == ["ann"]
+    accounts.add(operator(), "anne", ["clinician"], PASSWORD)  # different names still pass
 
 
 def test_user_management_needs_admin_and_every_change_is_logged(accounts):

@@ -128,6 +128,23 @@ def test_a_manifest_row_linking_out_of_its_folder_is_refused(roots):
         check_data_source(write_manifest(data, "set/b.png,benign,"))
 
 
+def test_a_folder_holding_a_link_out_of_it_is_refused(roots):
+    data, outside = roots
+    (data / "set" / "benign").mkdir()
+    try:
+        (data / "set" / "benign" / "x.png").symlink_to(outside / "secret.txt")
+        (data / "set" / "inner.png").symlink_to(data / "set" / "a.png")  # inside: fine
+    except OSError:
+        pytest.skip("symbolic links cannot be made here")
+    with pytest.raises(PathNotAllowedError) as caught:
+        check_data_source(data / "set")
+    assert str(caught.value).startswith("'benign/x.png' in this folder is a link to a place")
+    assert "secret" not in str(caught.value)
+    (data / "set" / "benign" / "x.png").unlink()
+    (data / "set" / "benign" / "y.png").symlink_to("../a.png")
+    assert check_data_source(data / "set") == (data / "set").resolve()
+
+
 def test_a_manifest_outside_the_roots_is_refused_before_it_is_read(roots):
     _, outside = roots
     manifest = write_manifest(outside, "../../etc/passwd,benign,")

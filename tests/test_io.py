@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -12,8 +13,14 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import convert_color_space, set_pixel_data
-from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    UltrasoundImageStorage,
+    generate_uid,
+)
 
 from bus_core import io as bio
 from bus_core.errors import InvalidImageError, MaskError
@@ -64,6 +71,36 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str, bits_stored: i
     for key, value in attributes.items():
         setattr(ds, key, value)
     ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def deflate_dicom(path: Path) -> Path:
+    """The DICOM file at `path` rewritten as Deflated Explicit VR Little Endian."""
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def deflated_dicom_bomb(path: Path, pixel_bytes: int) -> Path:
+    """A small deflated DICOM file whose pixel data inflates to `pixel_bytes` zeros."""
+    deflate_dicom(write_dicom(path, gray_pattern(), "MONOCHROME2"))
+    data = path.read_bytes()
+    fh = io.BytesIO(data)
+    read_preamble(fh, force=False)
+    _read_file_meta_info(fh)
+    start = fh.tell()
+    dataset = zlib.decompress(data[start:], -zlib.MAX_WBITS)
+    dataset = dataset[:dataset.rindex(b"\xe0\x7f\x10\x00")]  # up to the real pixel data
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with path.open("wb") as out:
+        out.write(data[:start])
+        out.write(packer.compress(dataset + b"\xe0\x7f\x10\x00OB\0\0"
+                                  + struct.pack("<I", pixel_bytes)))
+        zeros = bytes(2**24)
+        for _ in range(pixel_bytes // len(zeros)):
+            out.write(packer.compress(zeros))
+        out.write(packer.flush())
     return path
 
 
@@ -308,6 +345,28 @@ def test_dicom_monochrome2_8bit(tmp_path: Path) -> None:
     check_rgb(out)
     np.testing.assert_array_equal(out[..., 0], gray)
     np.testing.assert_array_equal(out[..., 2], gray)
+
+
+def test_deflated_dicom_is_read(tmp_path: Path) -> None:
+    gray = gray_pattern()
+    path = deflate_dicom(write_dicom(tmp_path / "a.dcm", gray, "MONOCHROME2"))
+    assert np.array_equal(load_image(path)[..., 0], gray)
+
+
+def test_deflated_dicom_bomb_is_refused_before_it_inflates(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bio, "MAX_INFLATED_BYTES", 64 * 2**20)
+    path = deflated_dicom_bomb(tmp_path / "bomb.dcm", 256 * 2**20)
+    assert path.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidImageError, match="unpacks to more than 64 MB"):
+            load_image(path)
+        assert bio.frame_count(path) == 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20
 
 
 def test_dicom_detected_by_preamble_without_suffix(tmp_path: Path) -> None:

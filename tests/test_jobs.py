@@ -21,8 +21,9 @@ from bus_core.jobs import (
     start_tuning,
 )
 from bus_core.models import load_model
+from bus_core.roles import PermissionDeniedError
 from bus_core.train import TrainConfig, config_from_args, get_args_parser
-from tests.conftest import ADMIN
+from tests.conftest import ADMIN, person
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +44,7 @@ def wait_for(job: Job, predicate: Callable[[], bool], timeout: float = 300) -> N
         if predicate():
             return
         time.sleep(0.2)
-    job.cancel()
+    job.cancel(who=ADMIN)
     pytest.fail(f"timed out; job output:\n{job.log_tail()}")
 
 
@@ -90,12 +91,21 @@ def test_run_to_the_end_with_one_job_at_a_time(busi_dir, tmp_path, data_dir):
     assert job.log_path.is_file()
 
 
+def test_cancelling_needs_the_researcher_role(tmp_path):
+    job = Job(pid=0, out=str(tmp_path / "run"), kind="train", started=0.0, command=[])
+    with pytest.raises(PermissionDeniedError, match="needs the researcher role"):
+        job.cancel(who=person("c", "clinician"))
+    assert not job.cancel_requested() and not job.files.cancel.exists()
+    job.cancel(who=person("r", "researcher"))
+    assert job.cancel_requested() and job.files.cancel.exists()
+
+
 def test_kill_then_resume_then_cancel_then_resume(busi_dir, tmp_path):
     """Each request is made while the job loads (or is held still), so none can come too late:
     a cancel made before the first step stops the run after that step."""
     config = tiny_config(busi_dir, tmp_path / "m", epochs=2, batch_size=2, checkpoint_every=0.0)
     job = start_training(config, who=ADMIN)
-    job.cancel()  # lands before the first step: the run stops after one step, checkpointed
+    job.cancel(who=ADMIN)  # lands before the first step: the run stops after one step, checkpointed
     assert finished(job) == "cancelled", job.log_tail()
     assert steps(job) == 1
     checkpoint = tmp_path / "m" / "train" / "checkpoint.pt"
@@ -106,7 +116,7 @@ def test_kill_then_resume_then_cancel_then_resume(busi_dir, tmp_path):
     assert finished(job) == "killed"
 
     job = resume_job(job, who=ADMIN)
-    job.cancel()
+    job.cancel(who=ADMIN)
     assert job.cancel_requested()
     assert finished(job) == "cancelled", job.log_tail()
     assert job.events()[-1]["event"] == "cancelled"

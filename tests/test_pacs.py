@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+import urllib3
 from PIL import Image
 
 from bus_core import cli
+from bus_core import io as image_io
 from bus_core.errors import InvalidImageError
 from bus_core.io import load_image
 from bus_core.pacs import (
@@ -26,6 +33,7 @@ from bus_core.pacs import (
     VERIFY_ENV,
     Endpoint,
     Finding,
+    InstanceRef,
     Pacs,
     PacsError,
     delete_endpoint,
@@ -52,6 +60,7 @@ from tests.orthanc import (  # noqa: F401 - the fixture
     undecodable_study,
     us_study,
 )
+from tests.test_io import deflated_dicom_bomb
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +195,8 @@ def test_requests_carry_the_sign_in_and_the_tls_setting(monkeypatch: pytest.Monk
     def send(session, request, **kwargs):
         sent.append((request, kwargs.get("verify")))
         response = requests.Response()
-        response.status_code, response._content = 200, b"[]"
+        response.status_code = 200
+        response.raw = urllib3.HTTPResponse(io.BytesIO(b"[]"), preload_content=False)
         response.headers["content-type"] = "application/dicom+json"
         response.request, response.url = request, request.url
         return response
@@ -203,6 +213,91 @@ def test_requests_carry_the_sign_in_and_the_tls_setting(monkeypatch: pytest.Monk
         assert request.headers["Authorization"] == f"Basic {token}"
     else:
         assert "Authorization" not in request.headers
+
+
+class Misbehaving(BaseHTTPRequestHandler):
+    """A DICOMweb server gone wrong: GET /<kind>/studies answers as `ANSWERS[kind]` says."""
+
+    bomb = b""
+
+    def do_GET(self) -> None:
+        kind = self.path.strip("/").split("/")[0]
+        self.send_response(200)
+        if kind == "bomb":  # WADO-RS: one deflated DICOM file that inflates to 64 MiB
+            self.send_header("Content-Type",
+                             'multipart/related; type="application/dicom"; boundary=part')
+            self.end_headers()
+            self.wfile.write(b"--part\r\nContent-Type: application/dicom\r\n\r\n" + self.bomb
+                             + b"\r\n--part--\r\n")
+            return
+        self.send_header("Content-Type", "application/dicom+json")
+        self.end_headers()
+        if kind == "trickle":  # one byte at a time, for far longer than the deadline
+            for byte in b'[{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}]':
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+            return
+        self.wfile.write(ANSWERS[kind])
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+ANSWERS = {
+    "huge": b"[" + b",".join([b"{}"] * 100_000) + b"]",
+    "text": b'"studies"',
+    "null": b"null",
+    "numbers": b"[1, 2, 3]",
+    "no-uid": b'[{"00080020": {"vr": "DA", "Value": ["20260101"]}}]',
+    "not-dicom": b'[{"hello": "world"}]',
+}
+
+
+@pytest.fixture(scope="module")
+def misbehaving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The base URL of a `Misbehaving` server on 127.0.0.1."""
+    Misbehaving.bomb = deflated_dicom_bomb(tmp_path_factory.mktemp("bomb") / "bomb.dcm",
+                                           64 << 20).read_bytes()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_huge_answer_is_cut_off_at_its_cap(misbehaving: str) -> None:
+    pacs = Pacs(Endpoint("huge", f"{misbehaving}/huge"), max_json_bytes=64 << 10)
+    with pytest.raises(PacsError, match="larger than 65,536 bytes"):
+        pacs.find_studies()
+
+
+def test_a_deflated_dicom_bomb_is_refused_before_it_inflates(
+        misbehaving: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(image_io, "MAX_INFLATED_BYTES", 16 << 20)
+    pacs = Pacs(Endpoint("bomb", f"{misbehaving}/bomb"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(PacsError, match="larger than 16,777,216 bytes"):
+            pacs.fetch(InstanceRef("1.2", "1.2.3", "1.2.3.4"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20
+
+
+def test_a_trickling_answer_is_cut_off_at_its_deadline(misbehaving: str) -> None:
+    pacs = Pacs(Endpoint("trickle", f"{misbehaving}/trickle"), timeout=2, deadline=0.5)
+    with pytest.raises(PacsError, match="did not finish answering about studies within 0.5 s"):
+        pacs.find_studies()
+
+
+@pytest.mark.parametrize("kind", ["text", "null", "numbers", "no-uid", "not-dicom"])
+def test_an_answer_of_the_wrong_shape_is_a_sentence(misbehaving: str, kind: str) -> None:
+    with pytest.raises(PacsError, match="about studies could not be read"):
+        Pacs(Endpoint(kind, f"{misbehaving}/{kind}")).find_studies()
 
 
 def test_a_malformed_address_is_a_sentence() -> None:

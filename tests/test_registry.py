@@ -1,14 +1,18 @@
 import io
 import json
 import shutil
+import struct
+import tracemalloc
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from bus_core import registry
 from bus_core.errors import ModelError, StorageError
 from bus_core.models import CARD_FILE, WEIGHTS_FILE, load_model, read_card
 from bus_core.registry import (
+    MAX_CARD_BYTES,
     active_model_path,
     delete_model,
     export_model_zip,
@@ -46,9 +50,9 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in (WEIGHTS_FILE, CARD_FILE)}
 
 
-def zip_of(entries: dict[str, bytes]) -> bytes:
+def zip_of(entries: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
         for name, data in entries.items():
             archive.writestr(name, data)
     return buffer.getvalue()
@@ -130,6 +134,49 @@ def test_zips_with_pickles_or_extra_files_are_refused(data_dir, tiny_model_dir):
         import_model({CARD_FILE: files[CARD_FILE]}, who=ADMIN)
     with pytest.raises(ModelError, match="not a readable zip"):
         import_model({"m.zip": b"garbage"}, who=ADMIN)
+
+
+def test_a_zip_bomb_is_refused_before_it_is_unpacked(data_dir, tiny_model_dir):
+    files = files_of(tiny_model_dir)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(CARD_FILE, files[CARD_FILE])
+        with archive.open(WEIGHTS_FILE, "w", force_zip64=True) as member:
+            for _ in range(256):
+                member.write(bytes(1 << 20))
+    bomb = buffer.getvalue()
+    assert len(bomb) < (1 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelError, match="claims to unpack to 268,435,456 bytes"):
+            import_model({"bomb.zip": bomb}, who=ADMIN)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < (16 << 20)
+    assert not any(user_models_dir().glob("*/*"))
+
+
+def test_each_file_of_an_upload_has_a_size_cap(data_dir, tiny_model_dir, monkeypatch):
+    files = files_of(tiny_model_dir)
+    big_card = files[CARD_FILE] + b" " * MAX_CARD_BYTES
+    with pytest.raises(ModelError, match=f"larger than the {MAX_CARD_BYTES:,} bytes"):
+        import_model({WEIGHTS_FILE: files[WEIGHTS_FILE], CARD_FILE: big_card}, who=ADMIN)
+    with pytest.raises(ModelError, match=f"larger than the {MAX_CARD_BYTES:,} bytes"):
+        import_model({"m.zip": zip_of({**files, CARD_FILE: big_card})}, who=ADMIN)
+    monkeypatch.setattr(registry, "MAX_WEIGHTS_BYTES", len(files[WEIGHTS_FILE]) - 1)
+    with pytest.raises(ModelError, match="model.safetensors is larger than"):
+        import_model({"m.zip": zip_of(files)}, who=ADMIN)
+
+
+def test_a_zip_that_understates_a_size_is_a_clear_error(data_dir, tiny_model_dir):
+    files = files_of(tiny_model_dir)
+    honest = zip_of(files, zipfile.ZIP_DEFLATED)
+    true_size = struct.pack("<I", len(files[WEIGHTS_FILE]))
+    assert honest.count(true_size) == 2  # the local and the central header
+    lying = honest.replace(true_size, struct.pack("<I", 1000))
+    with pytest.raises(ModelError, match="does not match the sizes its zip declares"):
+        import_model({"m.zip": lying}, who=ADMIN)
 
 
 def test_mismatched_card_and_weights_are_refused_and_nothing_is_kept(data_dir, tiny_model_dir):

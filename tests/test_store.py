@@ -5,6 +5,7 @@ Tests taking `store` or `store_url` run on SQLite and on PostgreSQL (tests/conft
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
 import signal
 import sqlite3
@@ -22,6 +23,7 @@ from bus_core.dataset import load_records
 from bus_core.errors import BusError, InvalidImageError, MaskError
 from bus_core.store import (
     CURRENT_SCHEMA_VERSION,
+    PARTIAL_WRITE_AGE_S,
     Case,
     CaseNotFoundError,
     CaseStore,
@@ -282,6 +284,45 @@ def test_failed_write_leaves_no_partial_case(store: CaseStore,
     monkeypatch.undo()
     assert store.list_cases() == []
     assert save(store).id >= 1
+
+
+def _save_then_die(db: str, moment: str) -> None:
+    """Save a case in a process killed (SIGKILL) at `moment`: 'rows' (the case's rows written,
+    not committed) or 'file' (an image's temporary file written, not yet renamed)."""
+    import bus_core.atomic as atomic_module
+    import bus_core.store as store_module
+
+    def die(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    with open_store(db) as opened:
+        if moment == "rows":
+            store_module._audit = die
+        else:
+            atomic_module.os.replace = die
+        save(opened, 7, masks=[np.ones((16, 20), bool)])
+
+
+@pytest.mark.parametrize("moment", ["rows", "file"])
+def test_a_save_killed_before_its_commit_leaves_no_image_after_a_restart(
+        store: CaseStore, store_url: str, moment: str) -> None:
+    db = store_url
+    saved = save(store, 1)
+    killed = multiprocessing.get_context("fork").Process(target=_save_then_die, args=(db, moment))
+    killed.start()
+    killed.join(timeout=60)
+    assert killed.exitcode == -signal.SIGKILL
+    files = [p for p in store.images_dir.rglob("*") if p.is_file()]
+    assert [p for p in files if p.suffix == ".png"] == [store.image_path(saved.image_hash)]
+    old = time.time() - PARTIAL_WRITE_AGE_S - 1
+    for path in files:
+        os.utime(path, (old, old))
+    (store.images_dir / ".fresh.png.abc.tmp").write_bytes(b"being written elsewhere")
+    with open_store(db) as reopened:
+        left = sorted(p.name for p in reopened.images_dir.rglob("*") if p.is_file())
+        assert left == sorted([".fresh.png.abc.tmp", f"{saved.image_hash}.png"])
+        assert [c.id for c in reopened.list_cases()] == [saved.id]
+        assert reopened.load_image(saved).shape == make_image(1).shape
 
 
 # --- export ----------------------------------------------------------------------------------
