@@ -6,6 +6,7 @@ from bus_core.bench import main as bench
 from bus_core.cli import main as cli
 
 
+@pytest.mark.slow
 def test_quick_bench_prints_every_figure_as_json(tiny_model_dir, tiny_segmenter_dir, busi_dir,
                                                  tmp_path, capsys):
     split = tmp_path / "split.json"

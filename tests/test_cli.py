@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from bus_core.cli import main
@@ -66,6 +67,7 @@ def test_split_hold_out_from_a_base_split(busi_dir, tmp_path, capsys):
     assert "--hold-out needs --base" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tune_small_grid(busi_dir, tmp_path, capsys):
     out = tmp_path / "tune"
     assert main(["tune", "--data", str(busi_dir), "--out", str(out), "--epochs", "1",

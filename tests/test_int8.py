@@ -48,6 +48,7 @@ def test_the_rule_needs_agreement_and_the_same_malignant_sensitivity():
     assert (result.malignant_sensitivity, result.fp32_malignant_sensitivity) == (0.5, 1.0)
 
 
+@pytest.mark.slow
 def test_tiny_quantisation_round_trip(tiny_model_dir, busi_dir, tmp_path, capsys):
     pytest.importorskip("nncf")
     split = tmp_path / "split.json"
@@ -75,6 +76,7 @@ def test_tiny_quantisation_round_trip(tiny_model_dir, busi_dir, tmp_path, capsys
         latency["fp32"] / latency["int8"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_accuracy_aware_quantisation_keeps_the_labels(tiny_model_dir):
     pytest.importorskip("nncf")
     import openvino as ov
