@@ -66,7 +66,7 @@ def test_the_table_has_every_column_for_every_row(finished):
     assert "| malignant sensitivity | sensitivity at threshold |" in markdown
     assert markdown.count("\n| densenet121-adam |") == 1 and "| resnet50-sgd |" in markdown
     saved = compare.read_results(finished)
-    assert saved["settings"]["balance"] == "weights"  # the seed document's class weights
+    assert saved["settings"]["balance"] == "weights"  # the published comparison's class weights
     assert all(r["roc"]["fpr"][0] == 0 and r["roc"]["tpr"][-1] == 1 for r in saved["rows"])
 
 

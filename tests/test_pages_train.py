@@ -82,7 +82,7 @@ def test_settings_show_device_counts_and_the_mask_leak_note(app, busi_dir):
     app.text_input(key="train_split_file").set_value("no/such/split.json").run()  # not allowed
     assert "outside the folders the administrator allows" in " ".join(e.value for e in app.error)
     assert app.button(key="train_start").disabled
-    assert "18 runs × 5 epochs" in texts(app)  # the default grid of the seed document
+    assert "18 runs × 5 epochs" in texts(app)  # the default grid of the published method
     app.text_area(key="train_data").set_value("/etc").run()  # not an allowed data folder
     assert not app.exception
     assert "outside the folders the administrator allows" in " ".join(e.value for e in app.error)
