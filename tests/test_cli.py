@@ -170,6 +170,7 @@ def test_unavailable_device_is_one_line_error(busi_dir, tmp_path, capsys, monkey
     _one_line_error(capsys, "No CUDA GPU")
 
 
+@pytest.mark.slow
 def test_predict_and_evaluate_take_a_backend(tiny_model_dir, busi_dir, capsys, tmp_path):
     image = busi_dir / "benign" / "benign (1).png"
     labels = []
