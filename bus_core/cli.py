@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hyper-parameter grid search", conflict_handler="resolve")
     p.add_argument("--grid", action="append",
                    help="NAME=V1,V2 (repeatable); default: lr x batch_size x optimizer of the "
-                        "first seed document")
+                        "published intersection-masking method")
     p.add_argument("--epochs", type=int, default=5)
     p.set_defaults(func=cmd_tune)
 

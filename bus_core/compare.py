@@ -1,4 +1,4 @@
-"""Architecture comparison: the second seed document's table, re-run on one split.
+"""Architecture comparison: a published three-network table on BUSI, re-run on one split.
 
 `python -m bus_core compare --data BUSI --split splits/busi.json --out runs/compare` trains one
 model per row (default: DenseNet121, VGG16, ResNet50, InceptionV3 with AdamW and with RMSprop)
@@ -64,7 +64,7 @@ from bus_core.train import OPTIMIZERS, TrainConfig, clear_cancel, train
 
 DEFAULT_ROWS: tuple[str, ...] = ("densenet121", "vgg16", "resnet50", "inception_v3:adamw",
                                  "inception_v3:rmsprop")
-"""The rows of the second seed document's table (and DenseNet121, this project's model)."""
+"""The rows of the published comparison (and DenseNet121, this project's model)."""
 INCEPTION_MIN_CROP = 75
 """torchvision's InceptionV3 refuses inputs smaller than this (px)."""
 ROW_FILE = "compare-row.json"
@@ -159,7 +159,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--balance", default="weights", choices=BALANCE_MODES,
-                   help="class balance (default: class-weighted loss, as the seed document)")
+                   help="class balance (default: class-weighted loss, as published)")
     p.add_argument("--monitor", default="macro_f1",
                    help="validation metric that picks each row's best epoch")
     p.add_argument("--resize", type=int,

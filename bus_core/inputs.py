@@ -3,8 +3,8 @@ cropped ("intersection masking").
 
 Input modes:
 - `full`: the whole image; masks are ignored.
-- `mask`: the first seed document's method. Where the chosen combination is empty but some mask
-  is not (two separate lesions have no intersection), the union is used. An image with no
+- `mask`: the published intersection-masking method. Where the chosen combination is empty but
+  some mask is not (two separate lesions have no intersection), the union is used. An image with no
   lesion (every BUSI "normal" image) becomes a black image. This LEAKS the label: a model
   learns "black = normal"
   and its normal-class figures say nothing about ultrasound. Kept only to measure that leak.

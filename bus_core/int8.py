@@ -5,7 +5,7 @@ against fp32 (`python -m bus_core.bench --int8`); the app does not use it.
         (--nncf.quantize_with_accuracy_control, validation: a split subset, when the plain
          quantisation breaks the precision rule)
 
-The rule (issue #15): a precision qualifies when its labels agree with fp32 on >= 99% of the
+The rule: a precision qualifies when its labels agree with fp32 on >= 99% of the
 validation images and its malignant sensitivity is the same as fp32's. Every image goes through
 the evaluation's preprocessing (`inputs.record_input` + `transforms.eval_transform`, for a
 full-image model exactly what `predict.Prepare` does in the app). NNCF is optional
@@ -40,7 +40,7 @@ NNCF_VERSION = "3.4.0"
 NNCF_MISSING = (f"The int8 measurement needs NNCF, which is not installed: run "
                 f"`pip install nncf=={NNCF_VERSION}` and try again.")
 MIN_AGREEMENT = 0.99
-"""Share of validation labels a precision must keep equal to fp32's (issue #15)."""
+"""Share of validation labels a precision must keep equal to fp32's."""
 
 
 class QuantisationError(BusError):

@@ -1,7 +1,7 @@
 """Preprocessing presets: an RGB uint8 array in, a normalised CHW float tensor out.
 
 Two fits (`InputSize.fit`):
-- `crop` (the seed preset): resize the shorter side to `resize` (256) keeping the aspect ratio,
+- `crop` (the classic preset): resize the shorter side to `resize` (256) keeping the aspect ratio,
   centre-crop `crop` (224; 299 for InceptionV3). The sides of wide images are cut off.
 - `pad`: the whole image, padded to a square and resized to `crop` (`fit_square`); nothing is
   cut off. `resize` is the size of the square that the strong training preset crops from.

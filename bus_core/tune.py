@@ -1,8 +1,8 @@
 """Hyper-parameter grid search: one training run per combination, ranked on validation.
 
-The default grid is the first seed document's: lr {1e-3, 5e-4, 1e-4} x batch size {16, 32, 64}
-x optimiser {Adam, SGD}. Runs are ranked by the monitored validation metric only; their test
-figures are recorded but never used for choosing.
+The default grid is that of the published intersection-masking method: lr {1e-3, 5e-4, 1e-4} x
+batch size {16, 32, 64} x optimiser {Adam, SGD}. Runs are ranked by the monitored validation
+metric only; their test figures are recorded but never used for choosing.
 """
 
 from __future__ import annotations

@@ -273,7 +273,7 @@ def parse_values(text: str, kind: type) -> list[Any]:
 
 
 def grid_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
-    """The grid (default: the first seed document's) and its results once run."""
+    """The grid (default: the published method's) and its results once run."""
     st.caption("One training run per combination, ranked on the validation subset only; test "
                "figures are recorded but never used to choose.")
     c1, c2, c3 = st.columns(3)

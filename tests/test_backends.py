@@ -72,6 +72,7 @@ def test_openvino_agrees_with_torch_and_is_cached_per_weights(tiny, data_dir, mo
     assert len(list((data_dir / "cache" / "openvino").glob("*-32x32-act-ov*"))) == 2
 
 
+@pytest.mark.slow
 def test_predictor_uses_the_backend_and_keeps_torch_for_grad_cam(tiny_model_dir):
     from bus_core.predict import Predictor
     from tests.conftest import synthetic_image
@@ -86,6 +87,7 @@ def test_predictor_uses_the_backend_and_keeps_torch_for_grad_cam(tiny_model_dir)
     assert fast.explain(a).shape == a.model_view.shape[:2]
 
 
+@pytest.mark.slow
 def test_the_outline_model_runs_through_openvino_too(tiny_segmenter_dir):
     from bus_core.segment import Segmenter
     from tests.conftest import synthetic_image
@@ -99,6 +101,7 @@ def test_the_outline_model_runs_through_openvino_too(tiny_segmenter_dir):
     assert a.shape == b.shape == image.shape[:2] and np.abs(a - b).max() < 1e-3
 
 
+@pytest.mark.slow
 def test_evaluate_through_openvino_matches_torch(tiny_model_dir, busi_dir):
     from bus_core.dataset import load_records
     from bus_core.evaluate import evaluate
@@ -110,6 +113,7 @@ def test_evaluate_through_openvino_matches_torch(tiny_model_dir, busi_dir):
     assert np.abs(a.probs - b.probs).max() < 0.02
 
 
+@pytest.mark.slow
 def test_openvino_returns_the_cam_activations_in_the_same_pass(tiny_model_dir, monkeypatch):
     from bus_core import cam
     from bus_core.models import gradcam_layer
@@ -165,6 +169,7 @@ def test_a_broken_or_unwritable_precision_file_only_costs_a_timing(tmp_path, mon
     assert backends.choose_precision(lambda p: p, "e", (32, 32), missing)[0] == "bf16"
 
 
+@pytest.mark.slow
 def test_openvino_times_both_precisions_on_a_bf16_cpu(tiny, data_dir, monkeypatch):
     monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: True)
     forward = choose_forward(tiny.model, CPU, "ef" * 32, (32, 32), "openvino")
@@ -173,6 +178,7 @@ def test_openvino_times_both_precisions_on_a_bf16_cpu(tiny, data_dir, monkeypatc
     assert forward.precision in saved and backends.cpu_name() in saved
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack via Linux libc")
 def test_loading_openvino_keeps_the_threads_signal_stack(tmp_path):
     # OpenVINO's CPU plugin puts its own alternate signal stack on the thread that loads it and

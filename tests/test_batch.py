@@ -148,6 +148,7 @@ def test_lesion_models_read_manifest_masks_and_refuse_images_without(tiny_model_
     assert "lesion mask" in without["error"] and without["label"] == ""
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_csv(predictor, folder, tmp_path):
     serial, parallel = tmp_path / "serial.csv", tmp_path / "parallel.csv"
     predict_to_csv([folder], serial, predictor, workers=0, batch_size=2)

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from bus_core.cli import main
@@ -66,6 +67,7 @@ def test_split_hold_out_from_a_base_split(busi_dir, tmp_path, capsys):
     assert "--hold-out needs --base" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tune_small_grid(busi_dir, tmp_path, capsys):
     out = tmp_path / "tune"
     assert main(["tune", "--data", str(busi_dir), "--out", str(out), "--epochs", "1",
@@ -168,6 +170,7 @@ def test_unavailable_device_is_one_line_error(busi_dir, tmp_path, capsys, monkey
     _one_line_error(capsys, "No CUDA GPU")
 
 
+@pytest.mark.slow
 def test_predict_and_evaluate_take_a_backend(tiny_model_dir, busi_dir, capsys, tmp_path):
     image = busi_dir / "benign" / "benign (1).png"
     labels = []

@@ -48,6 +48,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_the_table_has_every_column_for_every_row(finished):
     with open(finished / "results.csv", newline="") as fh:
         assert next(csv.reader(fh)) == list(compare.ROW_COLUMNS)
@@ -65,10 +66,11 @@ def test_the_table_has_every_column_for_every_row(finished):
     assert "| malignant sensitivity | sensitivity at threshold |" in markdown
     assert markdown.count("\n| densenet121-adam |") == 1 and "| resnet50-sgd |" in markdown
     saved = compare.read_results(finished)
-    assert saved["settings"]["balance"] == "weights"  # the seed document's class weights
+    assert saved["settings"]["balance"] == "weights"  # the published comparison's class weights
     assert all(r["roc"]["fpr"][0] == 0 and r["roc"]["tpr"][-1] == 1 for r in saved["rows"])
 
 
+@pytest.mark.slow
 def test_threshold_is_chosen_on_validation_and_scored_on_test(finished, busi_dir):
     row = compare.read_results(finished)["rows"][0]
     model = load_model(row["model"])
@@ -84,6 +86,7 @@ def test_threshold_is_chosen_on_validation_and_scored_on_test(finished, busi_dir
     assert row["accuracy"] == test.metrics["accuracy"] and row["n_test"] == len(test.y_true)
 
 
+@pytest.mark.slow
 def test_a_second_call_skips_finished_rows(finished, busi_dir, split_file, monkeypatch, capsys):
     before = {p: p.stat().st_mtime_ns for p in finished.glob("*/model.safetensors")}
 
@@ -98,6 +101,7 @@ def test_a_second_call_skips_finished_rows(finished, busi_dir, split_file, monke
     assert len(read_csv(finished / "results.csv")) == 2
 
 
+@pytest.mark.slow
 def test_a_stopped_comparison_resumes_its_unfinished_row(busi_dir, split_file, tmp_path):
     args = compare.get_args_parser().parse_args(
         argv(busi_dir, split_file, tmp_path, "densenet121", "densenet121:sgd")[1:])
@@ -119,6 +123,7 @@ def test_a_stopped_comparison_resumes_its_unfinished_row(busi_dir, split_file, t
     assert len(read_csv(tmp_path / "results.csv")) == 2
 
 
+@pytest.mark.slow
 def test_a_row_trained_with_other_settings_is_refused(finished, busi_dir, split_file, capsys):
     code = cli.main(argv(busi_dir, split_file, finished, "densenet121",
                          extra=("--epochs", "2")))
@@ -153,6 +158,7 @@ def test_initialisation_policy_per_row(busi_dir, split_file, tmp_path, monkeypat
         compare.row_configs(args)
 
 
+@pytest.mark.slow
 def test_the_evaluate_page_shows_a_comparison_run(finished, monkeypatch, tmp_path):
     monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
     # the project's own runs/ may hold real comparisons: look only where this test writes

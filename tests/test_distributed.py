@@ -83,6 +83,7 @@ def _kill_tree(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux's /proc")
 def test_torchrun_trains_one_model_and_resumes_after_a_kill(busi_dir, tmp_path):
     """`--nproc-per-node 2` starts torchrun itself; each rank trains on half of every epoch;

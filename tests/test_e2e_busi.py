@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -13,6 +15,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_train_evaluate_predict_on_busi(busi_or_skip, tmp_path):
     out = tmp_path / "model"
     r = run("train", "--data", str(busi_or_skip), "--out", str(out), "--max-per-class", "8",

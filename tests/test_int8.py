@@ -48,6 +48,7 @@ def test_the_rule_needs_agreement_and_the_same_malignant_sensitivity():
     assert (result.malignant_sensitivity, result.fp32_malignant_sensitivity) == (0.5, 1.0)
 
 
+@pytest.mark.slow
 def test_tiny_quantisation_round_trip(tiny_model_dir, busi_dir, tmp_path, capsys):
     pytest.importorskip("nncf")
     split = tmp_path / "split.json"
@@ -59,11 +60,23 @@ def test_tiny_quantisation_round_trip(tiny_model_dir, busi_dir, tmp_path, capsys
                for line in map(json.loads, capsys.readouterr().out.splitlines())}
     ptq = figures["int8_agreement_with_fp32"]
     assert ptq["n"] == len(json.loads(split.read_text())["val"]) and ptq["subset"] == "val"
-    assert 0 <= ptq["label_agreement"] <= 1 and ptq["max_probability_diff"] >= 0
-    latency = figures["forward_latency_batch1"]["p50_ms"]
-    assert latency["fp32"] > 0 and latency["int8"] > 0
+    # a share of the n validation images, and the verdict is the rule applied to the figures
+    assert ptq["label_agreement"] * ptq["n"] == pytest.approx(round(ptq["label_agreement"]
+                                                                    * ptq["n"]), abs=0.01)
+    assert ptq["meets_rule"] == (ptq["label_agreement"] >= int8.MIN_AGREEMENT
+                                 and ptq["malignant_sensitivity"]
+                                 == ptq["fp32_malignant_sensitivity"])
+    assert 0 <= ptq["max_probability_diff"] <= 1
+    # every precision compared is timed in the same run, and the speed-ups are those times' ratios
+    timing = figures["forward_latency_batch1"]
+    latency = timing["p50_ms"]
+    assert {"fp32", "int8"} <= set(latency) and min(latency.values()) > 0
+    assert set(timing["speedup_over_fp32"]) == set(latency) - {"fp32"}
+    assert timing["speedup_over_fp32"]["int8"] == pytest.approx(
+        latency["fp32"] / latency["int8"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_accuracy_aware_quantisation_keeps_the_labels(tiny_model_dir):
     pytest.importorskip("nncf")
     import openvino as ov

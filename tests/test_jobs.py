@@ -75,6 +75,7 @@ def test_stale_job_file_is_cleared(tmp_path):
     assert not (jobs_dir() / "current.json").exists()
 
 
+@pytest.mark.slow
 def test_run_to_the_end_with_one_job_at_a_time(busi_dir, tmp_path, data_dir):
     job = start_training(tiny_config(busi_dir, tmp_path / "m"), who=ADMIN)
     assert current_job() == job and last_job() == job
@@ -100,6 +101,7 @@ def test_cancelling_needs_the_researcher_role(tmp_path):
     assert job.cancel_requested() and job.files.cancel.exists()
 
 
+@pytest.mark.slow
 def test_kill_then_resume_then_cancel_then_resume(busi_dir, tmp_path):
     """Each request is made while the job loads (or is held still), so none can come too late:
     a cancel made before the first step stops the run after that step."""
@@ -128,6 +130,7 @@ def test_kill_then_resume_then_cancel_then_resume(busi_dir, tmp_path):
     assert load_model(tmp_path / "m").card.metrics["history"][-1]["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_grid_search_job_writes_its_results_table(busi_dir, tmp_path):
     grid = {"lr": [1e-3, 1e-4], "optimizer": ["sgd"]}
     job = start_tuning(tiny_config(busi_dir, tmp_path / "grid"), grid, who=ADMIN)

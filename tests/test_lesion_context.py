@@ -187,6 +187,7 @@ def test_merge_splits_joins_data_sets_and_refuses_overlap(busi_dir, tmp_path):
     assert load_split(out).ids() == merged.ids()
 
 
+@pytest.mark.slow
 def test_train_a_lesion_context_model_and_check_its_outlines(busi_dir, tmp_path, capsys):
     manifest = _one_source_without_normals(tmp_path)
     config = TrainConfig(data=[str(busi_dir), str(manifest)], out=str(tmp_path / "m"),

@@ -1,6 +1,7 @@
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 
 from bus_core.dataset import load_records
@@ -75,6 +76,7 @@ def test_plan_batches_cut_steps_drop_a_batch_of_one_and_resume_alike():
     assert plan_batches(plan, 4, seed=0, epoch=0, rank=1)[0].seed != batches[0].seed
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_batches_of_the_training_process(busi_dir):
     dataset = _train_set(busi_dir)
     plan = epoch_plan(dataset.labels, "augment", epoch=0, seed=0)

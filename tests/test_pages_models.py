@@ -39,7 +39,8 @@ def test_lists_models_with_their_cards(app):
     assert md_escape(user_models_dir() / "alpha") in text
     assert md_escape(user_models_dir() / "beta") in text
     assert "densenet121" in text and "MB" in text
-    assert app.button(key="models_activate_user_alpha") is not None
+    activate = app.button(key="models_activate_user_alpha")
+    assert activate.label == "Make active" and not activate.disabled  # an admin, not active
     assert app.get("download_button")
 
 

@@ -82,13 +82,14 @@ def test_settings_show_device_counts_and_the_mask_leak_note(app, busi_dir):
     app.text_input(key="train_split_file").set_value("no/such/split.json").run()  # not allowed
     assert "outside the folders the administrator allows" in " ".join(e.value for e in app.error)
     assert app.button(key="train_start").disabled
-    assert "18 runs × 5 epochs" in texts(app)  # the default grid of the seed document
+    assert "18 runs × 5 epochs" in texts(app)  # the default grid of the published method
     app.text_area(key="train_data").set_value("/etc").run()  # not an allowed data folder
     assert not app.exception
     assert "outside the folders the administrator allows" in " ".join(e.value for e in app.error)
     assert app.button(key="train_start").disabled
 
 
+@pytest.mark.slow
 def test_a_tiny_run_reaches_the_end_and_becomes_the_active_model(app, busi_dir):
     configure(app, busi_dir, "tiny-run")
     app.button(key="train_start").click().run()
@@ -121,6 +122,7 @@ def poll_until(at: AppTest, done, what: str, timeout: float = 240) -> None:
                 f"{job.log_tail() if job else ''}")
 
 
+@pytest.mark.slow
 def test_cancel_a_run_then_resume_it(app, busi_dir):
     """Cancel is asked for while the run is held still (SIGSTOP), so it always lands before
     the run could end: the outcome does not depend on how fast the machine trains."""
@@ -156,6 +158,7 @@ def test_cancel_a_run_then_resume_it(app, busi_dir):
     assert "Cancelled at epoch" in texts(app)
 
 
+@pytest.mark.slow
 def test_a_killed_grid_search_shows_its_results_and_offers_resume(app, tmp_path):
     out = tmp_path / "grid"
     (out / "train").mkdir(parents=True)

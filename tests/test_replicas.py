@@ -54,6 +54,7 @@ def shared_env(request: pytest.FixtureRequest, tmp_path: Path,
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow
 def test_two_processes_starting_a_job_at_once_start_one(shared_env, busi_dir, tmp_path):
     go = tmp_path / "go"
     starters = []
@@ -93,6 +94,7 @@ def start_app(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_two_app_servers_share_one_folder_and_database(shared_env, tmp_path):
     """Both servers answer while a user and a case are added through the library and the
     command line; both see the same store (the one BUS_DATA_DIR / BUS_DATABASE_URL name)."""

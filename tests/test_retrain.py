@@ -136,6 +136,7 @@ def test_refusals(store, active, busi_dir, base_split, tmp_path, monkeypatch):
         prepare_retraining(store, **options, who=ADMIN)
 
 
+@pytest.mark.slow
 def test_retrain_end_to_end_then_gate(store, active, busi_dir, base_split, tmp_path,
                                       tiny_model_dir):
     add_reviewed(store, 6, seed=6)

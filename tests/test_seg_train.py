@@ -131,6 +131,7 @@ def tiny_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_tiny_run_exports_a_segmenter_and_a_classifier(tiny_run):
     seg = read_card(tiny_run / "segmenter")
     assert seg.task == "segmentation" and seg.input_size["fit"] == "pad"
@@ -144,6 +145,7 @@ def test_tiny_run_exports_a_segmenter_and_a_classifier(tiny_run):
     assert set(clf.card.metrics["by_source"]) == {"BUSI", "OTHER"}
 
 
+@pytest.mark.slow
 def test_resume_takes_every_setting_from_the_run(tiny_run):
     config = json.loads((tiny_run / "train" / "config.json").read_text())
     args = get_args_parser().parse_args(["--out", str(tiny_run), "--resume", "--epochs", "50"])

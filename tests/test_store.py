@@ -381,6 +381,7 @@ def test_two_threads_save_at_once(store: CaseStore) -> None:
     assert len({c.id for c in store.list_cases()}) == 40
 
 
+@pytest.mark.slow
 def test_two_processes_save_at_once(store_url: str) -> None:
     """Two processes open a new database at once (both migrate it) and save cases."""
     db = store_url
@@ -393,6 +394,7 @@ def test_two_processes_save_at_once(store_url: str) -> None:
         assert len(s.list_cases(owner="worker 1")) == 20
 
 
+@pytest.mark.slow
 def test_killed_writer_leaves_database_consistent(store_url: str) -> None:
     """Writers killed at different moments of a save; each next one carries on."""
     db = store_url
@@ -423,6 +425,7 @@ with open_store(sys.argv[1]) as store, store.locked("test"):
 """
 
 
+@pytest.mark.slow
 def test_database_lock_makes_other_processes_wait(store: CaseStore, store_url: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with store.locked("test"):

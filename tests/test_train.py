@@ -30,6 +30,7 @@ def test_parser_maps_to_config():
     assert config_from_args(args).worker_count == 0
 
 
+@pytest.mark.slow
 def test_one_epoch_writes_model_card_progress_and_split(busi_dir, tmp_path):
     result = train(tiny_config(busi_dir, tmp_path / "m"))
     assert result.status == "done"
@@ -48,6 +49,7 @@ def test_one_epoch_writes_model_card_progress_and_split(busi_dir, tmp_path):
     assert run_state(events) == "done"
 
 
+@pytest.mark.slow
 def test_card_figures_describe_the_saved_float16_weights(busi_dir, tmp_path):
     from bus_core.dataset import load_records
     from bus_core.evaluate import evaluate
@@ -62,6 +64,7 @@ def test_card_figures_describe_the_saved_float16_weights(busi_dir, tmp_path):
     assert again["ece"] == pytest.approx(saved["ece"], abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,balance,mode,workers", [("sgd", "weights", "mask-leakfree", 2),
                                                              ("rmsprop", "sampler", "mask", 1),
                                                              ("adamw", "none", "full", 0)])
@@ -71,6 +74,7 @@ def test_options_run(busi_dir, tmp_path, optimizer, balance, mode, workers):
     assert train(config).card.input_mode == mode
 
 
+@pytest.mark.slow
 def test_cancel_then_resume(busi_dir, tmp_path):
     out = tmp_path / "m"
     calls = {"n": 0}
@@ -91,6 +95,7 @@ def test_cancel_then_resume(busi_dir, tmp_path):
     assert epochs == [1, 2]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9(busi_dir, tmp_path):
     """A run killed with SIGKILL mid-epoch resumes from its last checkpoint and finishes."""
     out = tmp_path / "m"
@@ -133,6 +138,7 @@ def test_lower_ece_and_loss_score_higher():
     assert score({"macro_f1": 0.8}, "macro_f1") > score({"macro_f1": 0.7}, "macro_f1")
 
 
+@pytest.mark.slow
 def test_resume_takes_every_setting_from_the_run(busi_dir, tmp_path):
     from bus_core.cli import main
 
@@ -158,6 +164,7 @@ def test_a_new_run_needs_data(tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compile_wraps_the_training_network_only(busi_dir, tmp_path, monkeypatch):
     import torch
 

@@ -191,6 +191,7 @@ def test_command_line_scores_a_two_stage_model_on_suggested_outlines(models, blo
     assert "outline suggested by tiny-seg" in printed["reading"]
 
 
+@pytest.mark.slow
 def test_fine_tuning_a_two_stage_model_keeps_its_pair(models, busi_dir, tmp_path):
     from bus_core.train import TrainConfig, train
 
