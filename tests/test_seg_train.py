@@ -126,7 +126,8 @@ def tiny_run(tmp_path_factory):
     for d, s in zip(data, splits):
         argv += ["--data", str(d), "--split", str(s)]
     argv += ["--out", str(root / "run"), "--size", "64", "--cache-size", "72", "--epochs", "1",
-             "--epoch-size", "8", "--batch-size", "4", "--device", "cpu-fp32"]
+             "--epoch-size", "8", "--batch-size", "4", "--device", "cpu-fp32", "--ema", "0.5",
+             "--style-augment"]
     out = main(get_args_parser().parse_args(argv))
     return out
 
@@ -138,6 +139,8 @@ def test_tiny_run_exports_a_segmenter_and_a_classifier(tiny_run):
     assert set(seg.postprocess) == {"threshold", "min_area", "fill_holes"}
     assert set(seg.metrics["test"]) == {"BUSI", "OTHER"}
     assert seg.split["files"][0]["file_sha256"]
+    assert seg.hyperparameters["ema"] == 0.5 and seg.hyperparameters["style_augment"]
+    assert seg.hyperparameters["epochs_trained"] == 1
     clf = load_model(tiny_run / "classifier")
     assert clf.card.task == "classification" and clf.card.size.fit == "pad"
     assert clf.card.malignant_threshold is not None

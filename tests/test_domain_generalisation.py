@@ -1,0 +1,114 @@
+"""What training does for scanners it has not seen: scanner-style and ultrasound augmentation,
+weight averaging, the training-time limit, and scoring a left-out source (val+test)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bus_core.augment import intensity, scanner_style
+from bus_core.averaging import WeightAverage
+from bus_core.dataset import load_records
+from bus_core.errors import DataError
+from bus_core.inputs import InputSpec
+from bus_core.loader import RecordDataset
+from bus_core.progress import next_epoch_fits
+from bus_core.splits import make_split, split_records
+from bus_core.train import train
+from bus_core.transforms import InputSize
+from tests.test_train import tiny_config
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_scanner_style_is_seeded_and_changes_depth_and_colour():
+    x = torch.full((3, 40, 30), 0.5)
+    a, b = scanner_style(x, _gen(1)), scanner_style(x, _gen(1))
+    assert torch.equal(a, b) and not torch.equal(a, scanner_style(x, _gen(2)))
+    assert 0 <= float(a.min()) and float(a.max()) <= 1
+    rows = a.mean(dim=(0, 2))
+    assert float(rows.max() - rows.min()) > 0.01  # a gain curve over depth
+    channels = a.mean(dim=(1, 2))
+    assert float(channels.max() - channels.min()) > 0.001  # a tint
+    assert torch.equal(scanner_style(torch.zeros(3, 8, 8), _gen(3)), torch.zeros(3, 8, 8))
+
+
+def test_intensity_adds_the_style_only_when_asked():
+    x = torch.rand(3, 32, 32, generator=_gen(0))
+    plain, styled = intensity(x, _gen(5)), intensity(x, _gen(5), style=True)
+    assert torch.equal(plain, intensity(x, _gen(5)))
+    assert not torch.equal(plain, styled)
+
+
+def test_ultrasound_augmentation_of_training_inputs(busi_dir):
+    records = load_records(busi_dir)[:2]
+    spec = InputSpec(size=InputSize(40, 32, "pad"))
+    plain = RecordDataset(records, spec, train=True)
+    strong = RecordDataset(records, spec, train=True, ultrasound=1.0, style=True)
+
+    def item(dataset: RecordDataset, seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return dataset[0][0]
+
+    assert torch.equal(item(strong, 4), item(strong, 4))  # seeded by the batch's seed
+    assert not torch.equal(item(strong, 4), item(strong, 5))
+    assert not torch.equal(item(strong, 4), item(plain, 4))
+    assert item(strong, 4).shape == item(plain, 4).shape == (3, 32, 32)
+
+
+def test_weight_average_follows_the_closed_form():
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = WeightAverage(model, decay=0.9)
+    assert average.module is not model
+    for value in (1.0, 1.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update()
+    # the first update copies the weights; each later one keeps 0.9 of the average
+    assert torch.allclose(average.module.weight, torch.ones(1, 2))
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    average.update()
+    assert torch.allclose(average.module.weight, torch.full((1, 2), 0.9 * 1 + 0.1 * 2))
+    restored = WeightAverage(model, decay=0.9)
+    restored.load_state_dict(average.state_dict())
+    assert torch.allclose(restored.module.weight, average.module.weight)
+    assert WeightAverage(model, decay=0).module is model
+    with pytest.raises(ValueError):
+        WeightAverage(model, decay=1.0)
+
+
+@pytest.mark.parametrize("limit,done,spent,fits", [
+    (0, 3, 1e9, True),  # no limit
+    (1, 0, 0, True),  # nothing measured yet
+    (1, 2, 40, True),  # 20 s an epoch: the third ends at 60 s
+    (1, 2, 41, False),  # the third would end at 61.5 s
+])
+def test_next_epoch_fits(limit, done, spent, fits):
+    assert next_epoch_fits(limit, spent, done) is fits
+
+
+def test_val_plus_test_is_the_images_a_model_has_not_seen(busi_dir):
+    records = load_records(busi_dir)
+    split = make_split(records, seed=0)
+    both = split_records(records, split, "val+test")
+    assert [r.id for r in both] == split.val + split.test
+    with pytest.raises(DataError, match="several joined by"):
+        split.subset("val+nothing")
+
+
+@pytest.mark.slow
+def test_a_run_with_averaging_augmentation_and_a_time_limit(busi_dir, tmp_path):
+    config = tiny_config(busi_dir, tmp_path / "m", epochs=3, ema=0.9, ultrasound_augment=1.0,
+                         style_augment=True, time_limit=1e-9)
+    result = train(config)
+    hyper = result.card.hyperparameters
+    assert result.status == "done" and hyper["epochs_trained"] == 1  # stopped by the limit
+    assert hyper["ema"] == 0.9 and hyper["style_augment"] and hyper["ultrasound_augment"] == 1
+    assert np.isfinite(result.card.temperature)
