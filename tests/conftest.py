@@ -259,7 +259,8 @@ def busi_or_skip() -> Path:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark tests on the real data sets ('realdata') and in Chromium ('browser'), so a quick
     loop can leave them out with the tests marked 'slow' (training, torchrun, benchmark, int8,
-    several processes, most OpenVINO compiles): `pytest -m 'not slow and not realdata and not browser'`."""
+    several processes, most OpenVINO compiles):
+    `pytest -m 'not slow and not realdata and not browser'`."""
     for item in items:
         if "busi_or_skip" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.realdata)
