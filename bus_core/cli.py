@@ -165,6 +165,9 @@ def _fitted_threshold(result: Any) -> None:
     fitted = fit_malignant_threshold(result.y_true, result.probs, result.classes)
     result.metrics["fitted_threshold"] = fitted
     print(f"Sensitivity-first threshold fitted on these images: {fitted}")
+    if "fitted_normal_odds" in result.metrics:
+        print("Factor on P(normal)'s odds where an outline is found, fitted on these images "
+              f"(at most 5% of lesions called normal): {result.metrics['fitted_normal_odds']}")
 
 
 def _segmenter(args: argparse.Namespace, loaded: Any) -> Any:

@@ -92,7 +92,8 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
         lesion = evaluate(loaded, records, input_mode=card.input_mode, **common)
         whole = evaluate(load_model(whole_dir), records, **common)
         found = [record_has_lesion(r) for r in records]
-        result = two_stage(lesion, whole, found, data, normal_from_whole=True)
+        result = two_stage(lesion, whole, found, data, normal_from_whole=True,
+                           normal_odds=card.normal_odds_with_outline)
         if card.malignant_threshold is not None and len(records):
             result.metrics["at_threshold"] = threshold_metrics(
                 result.y_true, result.probs, card.malignant_threshold, card.classes)
@@ -124,19 +125,21 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
 
 def two_stage(lesion: Evaluation, whole: Evaluation, found: Sequence[bool],
               data: dict[str, Any] | None = None, *,
-              normal_from_whole: bool = False) -> Evaluation:
+              normal_from_whole: bool = False, normal_odds: float = 1.0) -> Evaluation:
     """The two-stage reading of the same records: where the suggested outline found a lesion
     (`found`), the lesion model's probabilities (`lesion`, evaluated on those outlines);
     elsewhere the whole-image model's (`whole`). With `normal_from_whole`, P(normal) always
     comes from the whole-image model and, where a lesion was found, the lesion model only
-    splits the rest between the other classes in its own proportions. Metrics over all
-    records."""
+    splits the rest between the other classes in its own proportions, P(normal)'s odds times
+    `normal_odds`. Metrics over all records, with the factor these records would give
+    (`metrics.fit_normal_odds`: on a validation subset, the one to put in a card)."""
     if lesion.ids != whole.ids or len(found) != len(lesion.ids):
         raise ValueError("The two evaluations must cover the same records in the same order.")
     if lesion.classes != whole.classes:
         raise ValueError("The lesion model and the whole-image model have different classes.")
     pick = np.asarray(found, dtype=bool)[:, None]
-    read = (metrics_lib.normal_from_whole(lesion.probs, whole.probs, lesion.classes)
+    read = (metrics_lib.normal_from_whole(lesion.probs, whole.probs, lesion.classes,
+                                          normal_odds=normal_odds)
             if normal_from_whole else lesion.probs)
     probs = np.where(pick, read, whole.probs)
     logits = np.log(np.clip(probs, 1e-12, None)).astype(np.float32)
@@ -147,6 +150,10 @@ def two_stage(lesion: Evaluation, whole: Evaluation, found: Sequence[bool],
     metrics |= {"model": f"{how}, else {whole.metrics.get('model')}",
                 "outlined": int(pick.sum()), "normal_from_whole": normal_from_whole,
                 "data": data or {}}
+    if normal_from_whole:
+        metrics |= {"normal_odds_with_outline": normal_odds,
+                    "fitted_normal_odds": metrics_lib.fit_normal_odds(
+                        lesion.y_true, lesion.probs, whole.probs, found, lesion.classes)}
     return Evaluation(metrics, lesion.ids, lesion.y_true, probs, logits, lesion.classes)
 
 

@@ -185,11 +185,14 @@ def compute_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
 
 
 def normal_from_whole(lesion_probs: np.ndarray, whole_probs: np.ndarray,
-                      classes: Sequence[str] = CLASSES) -> np.ndarray:
-    """The two-stage reading's probabilities (N x K): P(normal) from the whole-image model
-    (`whole_probs`), the rest split between the other classes in the lesion model's
-    proportions (`lesion_probs`); both N x K over the same `classes`. Without a 'normal' class,
-    the lesion model's probabilities unchanged. Rows sum to 1."""
+                      classes: Sequence[str] = CLASSES, *, normal_odds: float = 1.0
+                      ) -> np.ndarray:
+    """The two-stage reading's probabilities (N x K) of images with a lesion outline: P(normal)
+    from the whole-image model (`whole_probs`), its odds multiplied by `normal_odds` (the
+    outline found is evidence of a lesion; see `fit_normal_odds`), the rest split between the
+    other classes in the lesion model's proportions (`lesion_probs`); both N x K over the same
+    `classes`. Without a 'normal' class, the lesion model's probabilities unchanged. Rows sum
+    to 1."""
     lesion = np.asarray(lesion_probs, dtype=np.float64)
     whole = np.asarray(whole_probs, dtype=np.float64)
     if lesion.shape != whole.shape or lesion.ndim != 2 or lesion.shape[1] != len(classes):
@@ -198,9 +201,41 @@ def normal_from_whole(lesion_probs: np.ndarray, whole_probs: np.ndarray,
     if NORMAL not in classes:
         return lesion
     k = list(classes).index(NORMAL)
+    normal = whole[:, k:k + 1]
+    normal = normal_odds * normal / np.clip(normal_odds * normal + 1 - normal, 1e-12, None)
     rest = np.delete(lesion, k, axis=1)
     rest = rest / np.clip(rest.sum(1, keepdims=True), 1e-12, None)
-    return np.insert(rest * (1 - whole[:, k:k + 1]), k, whole[:, k], axis=1)
+    return np.insert(rest * (1 - normal), k, normal[:, 0], axis=1)
+
+
+LESION_TARGET = 0.95
+"""The share of validation lesion images a two-stage reading must not call normal."""
+NORMAL_ODDS_GRID = np.geomspace(1.0, 1e-3, 61)
+"""The factors on P(normal)'s odds that `fit_normal_odds` tries, largest first."""
+
+
+def fit_normal_odds(y_true: Sequence[int] | np.ndarray, lesion_probs: np.ndarray,
+                    whole_probs: np.ndarray, outlined: Sequence[bool],
+                    classes: Sequence[str] = CLASSES, *, target: float = LESION_TARGET) -> float:
+    """The largest factor on the odds of P(normal) of outlined images (`normal_from_whole`)
+    with which at least `target` of the lesion images (true class not normal) are not called
+    normal (argmax) in the two-stage reading; the smallest tried when none reaches it; 1.0
+    without lesion images or a 'normal' class."""
+    y = np.asarray(y_true)
+    if NORMAL not in classes:
+        return 1.0
+    k = list(classes).index(NORMAL)
+    lesion = y != k
+    if not lesion.any():
+        return 1.0
+    pick = np.asarray(outlined, dtype=bool)[:, None]
+    whole = np.asarray(whole_probs, dtype=np.float64)
+    for odds in NORMAL_ODDS_GRID:
+        probs = np.where(pick, normal_from_whole(lesion_probs, whole, classes,
+                                                 normal_odds=float(odds)), whole)
+        if (probs[lesion].argmax(1) != k).mean() >= target:
+            return float(odds)
+    return float(NORMAL_ODDS_GRID[-1])
 
 
 TARGET_SENSITIVITY = 0.90

@@ -177,6 +177,10 @@ class ModelCard:
     (beside this model's folder, or bundled) of its `whole_image_model`, which gives P(normal)
     and reads images without an outline, and its `outline_model`, which suggests the outline
     when none is given (see `predict.Predictor`). Empty: the model reads alone."""
+    normal_odds_with_outline: float = 1.0
+    """For a two-stage card: the factor on the odds of the whole-image model's P(normal) when an
+    outline was found (`metrics.normal_from_whole`), fitted on validation so that no more than
+    5% of lesion images are called normal (`metrics.fit_normal_odds`); 1.0 keeps P(normal)."""
     init: str = "random"
     training_data: dict[str, Any] = field(default_factory=dict)
     split: dict[str, Any] = field(default_factory=dict)
@@ -275,6 +279,7 @@ def _problem(card: ModelCard) -> str | None:
               "crop_margin": number(card.crop_margin, 0.0, 1.0),
               "malignant_threshold": card.malignant_threshold is None
               or number(card.malignant_threshold, 0.0, 1.0),
+              "normal_odds_with_outline": number(card.normal_odds_with_outline, 1e-6, 1.0),
               "training_time_s": card.training_time_s is None
               or number(card.training_time_s, 0.0, float("inf")),
               "card_version": isinstance(card.card_version, int)}

@@ -230,7 +230,8 @@ class Predictor:
             logits, activations = self.forward.run(tensor.unsqueeze(0))
         lesion = softmax(logits, self.card.temperature)
         whole_probs = np.array([[whole.probabilities[c] for c in self.classes]])
-        probs = normal_from_whole(lesion, whole_probs, self.classes)[0]
+        probs = normal_from_whole(lesion, whole_probs, self.classes,
+                                  normal_odds=self.card.normal_odds_with_outline)[0]
         made = (f" (outline suggested by {self.outliner.card.name})" if suggested is not None
                 else "")
         return replace(self._prediction(probs, tensor, warnings,

@@ -17,7 +17,7 @@ from bus_core.constants import CLASSES
 from bus_core.dataset import load_records
 from bus_core.errors import ModelError
 from bus_core.evaluate import evaluate
-from bus_core.metrics import normal_from_whole
+from bus_core.metrics import NORMAL_ODDS_GRID, fit_normal_odds, normal_from_whole
 from bus_core.models import ModelCard, load_model
 from bus_core.predict import Predictor
 from bus_core.segment import Segmenter
@@ -209,3 +209,45 @@ def test_fine_tuning_a_two_stage_model_keeps_its_pair(models, busi_dir, tmp_path
     # where the pair cannot be found from the new model's folder, the model reads alone
     lonely = train(TrainConfig(out=str(tmp_path / "lonely"), **common)).card
     assert lonely.two_stage == {} and "lesion_model_alone" not in lonely.metrics
+
+
+def test_normal_odds_scale_the_odds_of_normal_and_keep_the_lesion_ratio():
+    lesion = np.array([[0.1, 0.6, 0.3]])
+    whole = np.array([[0.8, 0.1, 0.1]])
+    out = normal_from_whole(lesion, whole, normal_odds=0.25)
+    assert out[0, 0] == pytest.approx(0.25 * 4 / (0.25 * 4 + 1))  # odds 4 -> 1: P 0.5
+    assert out[0, 1] / out[0, 2] == pytest.approx(2.0) and out.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(normal_from_whole(lesion, whole, normal_odds=1.0),
+                               normal_from_whole(lesion, whole))
+
+
+def test_fit_normal_odds_is_the_largest_factor_that_keeps_lesions_out_of_normal():
+    y = np.array([1, 1, 2, 0])  # three lesions and a normal
+    lesion = np.tile([0.0, 0.5, 0.5], (4, 1))
+    whole = np.array([[0.9, 0.05, 0.05], [0.2, 0.4, 0.4], [0.6, 0.2, 0.2], [0.95, 0.03, 0.02]])
+    outlined = [True, True, True, False]
+    odds = fit_normal_odds(y, lesion, whole, outlined, target=1.0)
+    called = normal_from_whole(lesion, whole, normal_odds=odds)[:3].argmax(1)
+    assert (called != 0).all()  # every lesion read as a lesion with the factor
+    bigger = NORMAL_ODDS_GRID[list(NORMAL_ODDS_GRID).index(odds) - 1]
+    assert (normal_from_whole(lesion, whole, normal_odds=bigger)[:3].argmax(1) == 0).any()
+    assert fit_normal_odds(y, lesion, whole, outlined, target=1 / 3) == 1.0  # met already
+    assert fit_normal_odds(np.zeros(4, int), lesion, whole, outlined) == 1.0  # no lesions
+    with pytest.raises(ModelError, match="normal_odds_with_outline"):
+        ModelCard.from_dict({"name": "x", "arch": "densenet121", "normal_odds_with_outline": 0})
+
+
+def test_the_cards_normal_odds_reach_the_predictor_and_evaluate(models, blobs, busi_dir,
+                                                               tmp_path):
+    odds = copy_model(models / "lesion", tmp_path / "lesion", normal_odds_with_outline=0.1)
+    for name in ("whole", "outline"):
+        copy_model(models / name, tmp_path / name)
+    image = _image()
+    plain, scaled = _predictor(models / "lesion").predict(image), _predictor(odds).predict(image)
+    np.testing.assert_allclose(
+        _probs(scaled), normal_from_whole(_probs(plain)[None], _probs(plain)[None],
+                                          normal_odds=0.1)[0], atol=1e-6)
+    records = load_records(busi_dir)
+    result = evaluate(load_model(odds), records, device="cpu-fp32", backend="torch")
+    assert result.metrics["normal_odds_with_outline"] == 0.1
+    assert 0 < result.metrics["fitted_normal_odds"] <= 1
