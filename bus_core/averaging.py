@@ -5,10 +5,25 @@ step). Built on `torch.optim.swa_utils.AveragedModel`."""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+def add_shared_training_options(p: argparse.ArgumentParser) -> None:
+    """The options `train` and `train-seg` share for reading unseen scanners and for time-boxed
+    runs: scanner-style augmentation, weight averaging, a training-time limit."""
+    p.add_argument("--style-augment", action="store_true",
+                   help="also randomise what differs between scanners (depth gain curve, tint, "
+                        "lateral gain band)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="validate and keep an exponential moving average of the weights with "
+                        "this decay per step (e.g. 0.998; 0: off)")
+    p.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
+                   help="start no epoch that would end past this much training time; the run "
+                        "then ends as after its last epoch (0: no limit)")
 
 
 class WeightAverage:

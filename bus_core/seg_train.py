@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from bus_core import atomic
 from bus_core.augment import FULL, Window, augment_batch, eval_batch
-from bus_core.averaging import WeightAverage
+from bus_core.averaging import WeightAverage, add_shared_training_options
 from bus_core.constants import CLASSES, NORMAL
 from bus_core.dataset import Record, load_records
 from bus_core.device import DEVICE_CHOICES, autocast, choose_device, prepare_model, to_device
@@ -122,15 +122,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--train-stem", dest="freeze_stem", action="store_false",
                    help="also train the encoder's stem (conv0 .. transition1; frozen by default)")
-    p.add_argument("--style-augment", action="store_true",
-                   help="also randomise what differs between scanners (depth gain curve, tint, "
-                        "lateral gain band)")
-    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
-                   help="validate and keep an exponential moving average of the weights with "
-                        "this decay per step (e.g. 0.998; 0: off)")
-    p.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
-                   help="start no epoch that would end past this much training time; the best "
-                        "epochs so far are then exported as usual (0: no limit)")
+    add_shared_training_options(p)
     p.add_argument("--name", default="densenet121-unet-lesion-v1")
     p.add_argument("--classifier-name", default="densenet121-multitask-v1")
     p.add_argument("--resume", action="store_true",

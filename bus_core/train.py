@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from bus_core import atomic, distributed
-from bus_core.averaging import WeightAverage
+from bus_core.averaging import WeightAverage, add_shared_training_options
 from bus_core.constants import CLASSES
 from bus_core.dataset import Record, load_many
 from bus_core.device import (
@@ -261,15 +261,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--ultrasound-augment", type=float, default=0.0, metavar="STRENGTH",
                    help="also change gain, gamma, contrast, speckle, blur and resolution of "
                         "training inputs at this strength (1: as train-seg; 0: off)")
-    p.add_argument("--style-augment", action="store_true",
-                   help="also randomise what differs between scanners (depth gain curve, tint, "
-                        "lateral gain band)")
-    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
-                   help="validate and keep an exponential moving average of the weights with "
-                        "this decay per step (e.g. 0.998; 0: off)")
-    p.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
-                   help="start no epoch that would end past this much training time; the best "
-                        "epoch so far is then kept as usual (0: no limit)")
+    add_shared_training_options(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with every setting "
                         "it was started with")
