@@ -163,7 +163,7 @@ def paired_difference(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
                       seed: int = SEED) -> dict[str, list[float] | None]:
     """The 95% interval of `figure(probs) - figure(reference_probs)` for each headline figure
     in `keys`, both models scored on the same resampled images (a paired bootstrap); None
-    where the figure does not exist for either model."""
+    where it is not a headline figure or does not exist on these images."""
     y = np.asarray(y_true, dtype=np.int64)
     weights = bootstrap_weights(y, resamples, seed)
     new = figure_samples(y, probs, weights, classes)
