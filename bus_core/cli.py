@@ -147,11 +147,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _given_threshold(args: argparse.Namespace, result: Any) -> None:
     """With --malignant-threshold T, `result`'s figures at the rule P(malignant) >= T in place
     of the card's."""
-    from bus_core.metrics import threshold_metrics
-
     if args.malignant_threshold is not None:
-        result.metrics["at_threshold"] = threshold_metrics(
-            result.y_true, result.probs, args.malignant_threshold, result.classes)
+        result.rescore(args.malignant_threshold)
 
 
 def _fitted_threshold(result: Any) -> None:

@@ -17,15 +17,17 @@ from bus_core.constants import NORMAL
 from bus_core.dataset import Record
 from bus_core.device import DeviceConfig, choose_device, prepare_model
 from bus_core.inputs import InputSpec, record_has_lesion
+from bus_core.intervals import score
 from bus_core.loader import RecordDataset, eval_batches
-from bus_core.metrics import compute_metrics, softmax, threshold_metrics
+from bus_core.metrics import softmax
 from bus_core.models import LoadedModel, load_model
 from bus_core.registry import two_stage_folders
 
 
 @dataclass
 class Evaluation:
-    """Metrics plus the per-image results they came from (for galleries and ROC curves)."""
+    """Metrics plus the per-image results they came from (for galleries and ROC curves);
+    `sources`: each image's data source (`Record.source`)."""
 
     metrics: dict[str, Any]
     ids: list[str]
@@ -33,6 +35,14 @@ class Evaluation:
     probs: np.ndarray
     logits: np.ndarray
     classes: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    def rescore(self, threshold: float | None) -> None:
+        """Replace the figures of `metrics` (`intervals.score`) by those with the malignant
+        threshold `threshold` (None: no figures at a threshold)."""
+        self.metrics.pop("at_threshold", None)
+        self.metrics |= score(self.y_true, self.probs, self.classes, threshold=threshold,
+                              sources=self.sources)
 
     def misclassified(self) -> list[tuple[str, str, str, float]]:
         """(id, true class, predicted class, its probability) of every wrong prediction."""
@@ -93,10 +103,8 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
         whole = evaluate(load_model(whole_dir), records, **common)
         found = [record_has_lesion(r) for r in records]
         result = two_stage(lesion, whole, found, data, normal_from_whole=True,
-                           normal_odds=card.normal_odds_with_outline)
-        if card.malignant_threshold is not None and len(records):
-            result.metrics["at_threshold"] = threshold_metrics(
-                result.y_true, result.probs, card.malignant_threshold, card.classes)
+                           normal_odds=card.normal_odds_with_outline,
+                           threshold=card.malignant_threshold)
         result.metrics |= {"model": card.name, "reading": result.metrics["model"], "tta": tta,
                            "input_mode": card.input_mode}
         return result
@@ -111,27 +119,27 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
     t = card.temperature if temperature is None else temperature
     y = np.asarray(dataset.labels)
     probs = softmax(logits, t) if len(logits) else np.zeros((0, len(card.classes)))
-    metrics = compute_metrics(y, probs, card.classes)
-    if card.malignant_threshold is not None and len(y):
-        metrics["at_threshold"] = threshold_metrics(y, probs, card.malignant_threshold,
-                                                    card.classes)
+    sources = [r.source for r in records]
+    metrics = score(y, probs, card.classes, threshold=card.malignant_threshold, sources=sources)
     metrics["temperature"] = t
     metrics["model"] = card.name
     metrics["tta"] = tta
     metrics["input_mode"] = spec.mode
     metrics["data"] = data or {}
-    return Evaluation(metrics, [r.id for r in records], y, probs, logits, list(card.classes))
+    return Evaluation(metrics, [r.id for r in records], y, probs, logits, list(card.classes),
+                      sources)
 
 
 def two_stage(lesion: Evaluation, whole: Evaluation, found: Sequence[bool],
-              data: dict[str, Any] | None = None, *,
-              normal_from_whole: bool = False, normal_odds: float = 1.0) -> Evaluation:
+              data: dict[str, Any] | None = None, *, normal_from_whole: bool = False,
+              normal_odds: float = 1.0, threshold: float | None = None) -> Evaluation:
     """The two-stage reading of the same records: where the suggested outline found a lesion
     (`found`), the lesion model's probabilities (`lesion`, evaluated on those outlines);
     elsewhere the whole-image model's (`whole`). With `normal_from_whole`, P(normal) always
     comes from the whole-image model and, where a lesion was found, the lesion model only
     splits the rest between the other classes in its own proportions, P(normal)'s odds times
-    `normal_odds`. Metrics over all records, with the factor these records would give
+    `normal_odds`. Metrics over all records (`intervals.score`; with `threshold`, the figures
+    at that malignant threshold), with the factor on the odds these records would give
     (`metrics.fit_normal_odds`: on a validation subset, the one to put in a card)."""
     if lesion.ids != whole.ids or len(found) != len(lesion.ids):
         raise ValueError("The two evaluations must cover the same records in the same order.")
@@ -143,7 +151,8 @@ def two_stage(lesion: Evaluation, whole: Evaluation, found: Sequence[bool],
             if normal_from_whole else lesion.probs)
     probs = np.where(pick, read, whole.probs)
     logits = np.log(np.clip(probs, 1e-12, None)).astype(np.float32)
-    metrics = compute_metrics(lesion.y_true, probs, lesion.classes)
+    metrics = score(lesion.y_true, probs, lesion.classes, threshold=threshold,
+                    sources=lesion.sources)
     how = (f"{whole.metrics.get('model')} for normal, {lesion.metrics.get('model')} for the "
            "rest on the lesion outline" if normal_from_whole else
            f"{lesion.metrics.get('model')} on the lesion outline")
@@ -154,7 +163,8 @@ def two_stage(lesion: Evaluation, whole: Evaluation, found: Sequence[bool],
         metrics |= {"normal_odds_with_outline": normal_odds,
                     "fitted_normal_odds": metrics_lib.fit_normal_odds(
                         lesion.y_true, lesion.probs, whole.probs, found, lesion.classes)}
-    return Evaluation(metrics, lesion.ids, lesion.y_true, probs, logits, lesion.classes)
+    return Evaluation(metrics, lesion.ids, lesion.y_true, probs, logits, lesion.classes,
+                      lesion.sources)
 
 
 def outline_agreement(results: Mapping[str, Evaluation]) -> dict[str, Any]:

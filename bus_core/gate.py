@@ -3,9 +3,12 @@ model only if it is not worse, and every decision is written down.
 
 A candidate passes when, for each gated metric (malignant sensitivity and accuracy by default),
 it is not worse than the active model by more than `tolerance`, both on the fixed test split
-(the same images every time) and on the held-out share of the radiologists' new cases. A metric
-that does not exist for either model on a subset (e.g. no malignant case among the new ones) is
-skipped; one that exists for the active model but not for the candidate fails.
+(the same images every time) and on the held-out share of the radiologists' new cases. Not
+worse means the whole 95% interval of the difference (candidate - active, a paired bootstrap:
+both models scored on the same resampled images, `intervals.paired_difference`) lies within the
+tolerance, so a difference the images cannot rule out counts, not only the one observed. A
+metric that does not exist for either model on a subset (e.g. no malignant case among the new
+ones) is skipped; one that exists for the active model but not for the candidate fails.
 
 Decisions (activation, override, refusal, rejection, roll back) are appended as JSON lines to
 `<data dir>/model_decisions.jsonl`, which is never rewritten. Models are never deleted here: a roll
@@ -24,7 +27,8 @@ from typing import Any
 from bus_core import atomic
 from bus_core.dataset import Record
 from bus_core.errors import BusError, storage
-from bus_core.evaluate import evaluate
+from bus_core.evaluate import Evaluation, evaluate
+from bus_core.intervals import paired_difference
 from bus_core.metrics import HEADLINE_KEYS, LOWER_IS_BETTER
 from bus_core.models import CARD_FILE, load_model
 from bus_core.progress import read_json_lines
@@ -59,7 +63,9 @@ class GateError(BusError):
 @dataclass
 class GateResult:
     """The gate's verdict: `candidate` and `active` map each subset (FIXED_TEST, NEW_CASES) to
-    the models' metrics there; `reasons` are sentences, one per failed or skipped check."""
+    the models' metrics there; `differences` map it to the 95% interval [low, high] of
+    candidate - active of each gated metric (where there were per-image results to resample);
+    `reasons` are sentences, one per failed or skipped check."""
 
     passed: bool
     reasons: list[str]
@@ -70,18 +76,22 @@ class GateResult:
     candidate_path: str | None = None
     active_path: str | None = None
     created: str = field(default_factory=_now)
+    differences: dict[str, dict[str, list[float] | None]] = field(default_factory=dict)
 
     def rows(self) -> list[dict[str, Any]]:
         """The comparison table: one row per subset and gated metric (candidate, active,
-        difference, and whether it is within the tolerance; None where skipped)."""
+        difference, its 95% interval, and whether it is within the tolerance; None where
+        skipped)."""
         rows = []
         for subset in GATE_SUBSETS:
             for key in self.keys:
                 new = self.candidate.get(subset, {}).get(key)
                 old = self.active.get(subset, {}).get(key)
+                spread = self.differences.get(subset, {}).get(key)
                 rows.append({"subset": subset, "metric": key, "candidate": new, "active": old,
                              "difference": None if new is None or old is None else new - old,
-                             "ok": _check(key, new, old, self.tolerance)})
+                             "difference_ci95": spread,
+                             "ok": _check(key, new, old, self.tolerance, spread)})
         return rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,15 +122,17 @@ class GateResult:
             return None
 
 
-def _check(key: str, candidate: float | None, active: float | None,
-           tolerance: float) -> bool | None:
-    """True if `candidate` is within the tolerance of `active`, False if worse or missing,
-    None when neither model has the metric (skipped)."""
+def _check(key: str, candidate: float | None, active: float | None, tolerance: float,
+           spread: Sequence[float] | None = None) -> bool | None:
+    """True if `candidate` is within the tolerance of `active` at the worse end of `spread`
+    (the interval of candidate - active; without one, the difference itself), False if worse
+    or missing, None when neither model has the metric (skipped)."""
     if candidate is None:
         return None if active is None else False
     if active is None:
         return True
-    worse_by = candidate - active if key in LOWER_IS_BETTER else active - candidate
+    low, high = spread or (candidate - active, candidate - active)
+    worse_by = high if key in LOWER_IS_BETTER else -low
     return worse_by <= tolerance + 1e-12
 
 
@@ -129,7 +141,7 @@ def _summary(metrics: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
 
 
 def _reason(subset: str, key: str, candidate: float | None, active: float | None,
-            tolerance: float, ok: bool | None) -> str | None:
+            tolerance: float, ok: bool | None, spread: Sequence[float] | None) -> str | None:
     where, name = GATE_SUBSETS[subset], key.replace("_", " ")
     if ok is None:
         return f"{name.capitalize()} is not defined on {where} for either model: not compared."
@@ -138,35 +150,46 @@ def _reason(subset: str, key: str, candidate: float | None, active: float | None
     if candidate is None:
         return (f"The new model has no {name} on {where}, while the active model has "
                 f"{active:.3f}.")
+    if spread is None:
+        return (f"{name.capitalize()} on {where} is {candidate:.3f} for the new model against "
+                f"{active:.3f} for the active one: worse by more than the allowed "
+                f"{tolerance:.3f}.")
     return (f"{name.capitalize()} on {where} is {candidate:.3f} for the new model against "
-            f"{active:.3f} for the active one: worse by more than the allowed {tolerance:.3f}.")
+            f"{active:.3f} for the active one; the 95% interval of the difference is "
+            f"[{spread[0]:+.3f}, {spread[1]:+.3f}]: it may be worse by more than the allowed "
+            f"{tolerance:.3f}.")
 
 
 def compare(candidate_metrics: Mapping[str, Mapping[str, Any]],
             active_metrics: Mapping[str, Mapping[str, Any]], *,
             tolerance: float = DEFAULT_TOLERANCE,
-            keys: Sequence[str] = DEFAULT_KEYS) -> GateResult:
+            keys: Sequence[str] = DEFAULT_KEYS,
+            differences: Mapping[str, Mapping[str, list[float] | None]] | None = None
+            ) -> GateResult:
     """Judge a candidate against the active model. Both arguments map a subset name
     (FIXED_TEST, NEW_CASES) to a metrics dict (as `evaluate` gives); a subset missing on both
-    sides is skipped. The candidate passes when no gated metric fails on any subset and at least
-    one was compared."""
+    sides is skipped. `differences` maps a subset to the 95% interval of candidate - active of
+    each key (`intervals.paired_difference`); a metric without one is judged by its difference
+    alone. The candidate passes when no gated metric fails on any subset and at least one was
+    compared."""
     if tolerance < 0:
         raise ValueError("The tolerance cannot be negative.")
     candidate = {s: _summary(candidate_metrics.get(s) or {}, keys) for s in GATE_SUBSETS}
     active = {s: _summary(active_metrics.get(s) or {}, keys) for s in GATE_SUBSETS}
+    spreads = {s: {k: (differences or {}).get(s, {}).get(k) for k in keys} for s in GATE_SUBSETS}
     reasons, checks = [], []
     for subset in GATE_SUBSETS:
         for key in keys:
-            new, old = candidate[subset][key], active[subset][key]
-            checks.append(ok := _check(key, new, old, tolerance))
-            reason = _reason(subset, key, new, old, tolerance, ok)
+            new, old, spread = candidate[subset][key], active[subset][key], spreads[subset][key]
+            checks.append(ok := _check(key, new, old, tolerance, spread))
+            reason = _reason(subset, key, new, old, tolerance, ok, spread)
             if reason:
                 reasons.append(reason)
     compared = [ok for ok in checks if ok is not None]
     if not compared:
         reasons.append("No metric could be compared: the new model is not accepted blindly.")
     return GateResult(bool(compared) and all(compared), reasons, candidate, active, tolerance,
-                      tuple(keys))
+                      tuple(keys), differences=spreads)
 
 
 def evaluate_candidate(candidate_path: str | Path, active_path: str | Path | None,
@@ -175,13 +198,20 @@ def evaluate_candidate(candidate_path: str | Path, active_path: str | Path | Non
                        keys: Sequence[str] = DEFAULT_KEYS, device: str = "auto",
                        batch_size: int = 32) -> GateResult:
     """Evaluate the candidate and the active model (default: the current one) on the fixed test
-    records and the held-out new cases, and `compare` them. With no active model at all the
-    candidate passes (there is nothing to be worse than)."""
+    records and the held-out new cases, and `compare` them, each difference with its paired
+    bootstrap interval. With no active model at all the candidate passes (there is nothing to
+    be worse than)."""
     active_path = active_path or active_model_path()
     subsets = {FIXED_TEST: list(fixed_records), NEW_CASES: list(new_heldout_records)}
-    candidate = _metrics(candidate_path, subsets, device, batch_size)
-    active = _metrics(active_path, subsets, device, batch_size) if active_path else {}
-    result = compare(candidate, active, tolerance=tolerance, keys=keys)
+    candidate = _evaluations(candidate_path, subsets, device, batch_size)
+    active = _evaluations(active_path, subsets, device, batch_size) if active_path else {}
+    differences = {name: paired_difference(new.y_true, new.probs, active[name].probs, keys,
+                                           new.classes)
+                   for name, new in candidate.items()
+                   if name in active and new.classes == active[name].classes}
+    result = compare({name: e.metrics for name, e in candidate.items()},
+                     {name: e.metrics for name, e in active.items()}, tolerance=tolerance,
+                     keys=keys, differences=differences)
     result.candidate_path = str(Path(candidate_path).resolve())
     result.active_path = str(Path(active_path).resolve()) if active_path else None
     if not active_path:
@@ -192,11 +222,11 @@ def evaluate_candidate(candidate_path: str | Path, active_path: str | Path | Non
     return result
 
 
-def _metrics(path: str | Path, subsets: Mapping[str, list[Record]], device: str,
-             batch_size: int) -> dict[str, dict[str, Any]]:
+def _evaluations(path: str | Path, subsets: Mapping[str, list[Record]], device: str,
+                 batch_size: int) -> dict[str, Evaluation]:
     loaded = load_model(path)
     return {name: evaluate(loaded, records, device=device, batch_size=batch_size,
-                           data={"subset": name, "n": len(records)}).metrics
+                           data={"subset": name, "n": len(records)})
             for name, records in subsets.items() if records}
 
 
@@ -233,7 +263,8 @@ def _entry(action: str, who: str, candidate: str | Path | None, previous: Path |
             "tolerance": None if result is None else result.tolerance,
             "reasons": [] if result is None else result.reasons,
             "metrics": None if result is None else {"candidate": result.candidate,
-                                                    "active": result.active}}
+                                                    "active": result.active,
+                                                    "differences_ci95": result.differences}}
 
 
 def activate_if_passed(result: GateResult, candidate_path: str | Path, *,

@@ -66,12 +66,16 @@ def jobs_dir() -> Path:
 
 def config_to_argv(config: TrainConfig) -> list[str]:
     """The command-line options of `python -m bus_core train` that rebuild `config` exactly
-    (`None` fields are left out; list fields repeat their option)."""
+    (`None` and false fields are left out, true ones are switches; list fields repeat their
+    option)."""
     argv: list[str] = []
     for f in dataclasses.fields(TrainConfig):
         value = getattr(config, f.name)
         option = "--" + f.name.replace("_", "-")
-        if value is None:
+        if value is None or value is False:
+            continue
+        if value is True:  # a switch (store_true)
+            argv.append(option)
             continue
         for item in value if isinstance(value, list) else [value]:
             argv += [option, repr(item) if isinstance(item, float) else str(item)]

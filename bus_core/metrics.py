@@ -40,9 +40,14 @@ METRIC_LABELS: dict[str, str] = {
 }
 """The headline figures of `compute_metrics`, in display order, with their display names."""
 HEADLINE_KEYS: tuple[str, ...] = tuple(METRIC_LABELS)
+CI_SUFFIX = "_ci95"
+"""A figure's 95% interval [low, high] is stored beside it under its key plus this suffix:
+`auc_malignant_ci95` (see `intervals.score`)."""
 LOWER_IS_BETTER: frozenset[str] = frozenset({"ece", "loss"})
 """Metrics (and the validation 'loss') where a smaller value is the better one."""
 
+ECE_BINS = 15
+"""Equal-width confidence bins of the expected calibration error."""
 MIN_CALIBRATION_SAMPLES = 5
 """Below this many validation samples `fit_temperature` keeps T = 1."""
 
@@ -97,7 +102,7 @@ def fit_temperature(logits: np.ndarray, y_true: Sequence[int] | np.ndarray, *,
 
 
 def expected_calibration_error(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
-                               n_bins: int = 15) -> float:
+                               n_bins: int = ECE_BINS) -> float:
     """Top-label ECE: the count-weighted mean |accuracy - confidence| over equal-width bins.
 
     Confidence is the largest probability of a row; bins are [i/n, (i+1)/n), the last one
@@ -270,25 +275,15 @@ def threshold_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, thr
 
 
 def format_metrics(m: dict[str, Any]) -> str:
-    """A short plain-text summary of a `compute_metrics` dict for the terminal."""
+    """A short plain-text summary of a `compute_metrics` dict for the terminal: the figures
+    with their 95% intervals where it has them, the confusion matrix, then each source's
+    figures (`by_source`)."""
     labels = list(m.get("labels") or CLASSES)
-    counts = m.get("n_per_class") or {}
-    lines = [
-        f"n = {m.get('n', 'n/a')}  (" + ", ".join(f"{c} {counts.get(c, 0)}" for c in labels) + ")",
-        f"  accuracy            {_terminal(m.get('accuracy'))}",
-        f"  balanced accuracy   {_terminal(m.get('balanced_accuracy'))}",
-        f"  macro-F1            {_terminal(m.get('macro_f1'))}",
-        f"  malignant           sensitivity {_terminal(m.get('malignant_sensitivity'))}"
-        f"   specificity {_terminal(m.get('malignant_specificity'))}",
-        f"  AUC                 malignant {_terminal(m.get('auc_malignant'))}"
-        f"   macro one-vs-rest {_terminal(m.get('auc_macro_ovr'))}",
-        f"  ECE                 {_terminal(m.get('ece'))}",
-    ]
-    at = m.get("at_threshold")
-    if at:
-        lines.append(f"  at the malignant threshold {at['threshold']:.3f}: sensitivity "
-                     f"{_terminal(at.get('sensitivity'))}   "
-                     f"specificity {_terminal(at.get('specificity'))}")
+    lines = [_counts_line(m, labels), *_figure_lines(m)]
+    method = m.get("ci95")
+    if method:
+        lines.append(f"  [low, high]: {method['level']:.0%} intervals, {method['method']} "
+                     f"({method['resamples']} resamples, seed {method['seed']})")
     cm = m.get("confusion_matrix")
     if cm:
         width = max(9, *(len(c) for c in labels)) + 2
@@ -296,7 +291,40 @@ def format_metrics(m: dict[str, Any]) -> str:
         lines.append("  " + " " * width + "".join(c.rjust(width) for c in labels))
         for name, row in zip(labels, cm):
             lines.append("  " + name.ljust(width) + "".join(str(v).rjust(width) for v in row))
+    for source, part in (m.get("by_source") or {}).items():
+        lines.append(f"source {source}: {_counts_line(part, labels)}")
+        lines += _figure_lines(part)
     return "\n".join(lines)
+
+
+def _counts_line(m: dict[str, Any], labels: list[str]) -> str:
+    counts = m.get("n_per_class") or {}
+    return (f"n = {m.get('n', 'n/a')}  ("
+            + ", ".join(f"{c} {counts.get(c, 0)}" for c in labels) + ")")
+
+
+def _figure_lines(m: dict[str, Any]) -> list[str]:
+    """The headline figures of a metrics dict, each with its interval when it has one."""
+    def shown(figures: dict[str, Any], key: str) -> str:
+        interval = figures.get(key + CI_SUFFIX)
+        text = _terminal(figures.get(key))
+        return f"{text} {fmt_interval(interval)}" if interval else text
+
+    lines = [
+        f"  accuracy            {shown(m, 'accuracy')}",
+        f"  balanced accuracy   {shown(m, 'balanced_accuracy')}",
+        f"  macro-F1            {shown(m, 'macro_f1')}",
+        f"  malignant           sensitivity {shown(m, 'malignant_sensitivity')}"
+        f"   specificity {shown(m, 'malignant_specificity')}",
+        f"  AUC                 malignant {shown(m, 'auc_malignant')}"
+        f"   macro one-vs-rest {shown(m, 'auc_macro_ovr')}",
+        f"  ECE                 {shown(m, 'ece')}",
+    ]
+    at = m.get("at_threshold")
+    if at:
+        lines.append(f"  at the malignant threshold {at['threshold']:.3f}: sensitivity "
+                     f"{shown(at, 'sensitivity')}   specificity {shown(at, 'specificity')}")
+    return lines
 
 
 def format_segmentation(m: dict[str, Any]) -> str:
@@ -410,6 +438,11 @@ def _terminal(value: Any) -> str:
 def fmt3(value: Any, missing: str = "–") -> str:
     """A metric for display: three decimals, or `missing` when it does not exist."""
     return missing if value is None else f"{float(value):.3f}"
+
+
+def fmt_interval(value: Sequence[float] | None, missing: str = "") -> str:
+    """An interval for display: '[0.812, 0.884]', or `missing` when there is none."""
+    return missing if value is None else f"[{value[0]:.3f}, {value[1]:.3f}]"
 
 
 def percent_pair(value: float, reference: float) -> tuple[str, str]:

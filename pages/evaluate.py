@@ -32,11 +32,13 @@ from ui.evaluation import (
     comparison_table,
     confusion_figure,
     evaluation_json,
+    interval_note,
     metrics_csv,
     metrics_table,
     per_class_table,
     reliability_figure,
     roc_figure,
+    source_table,
 )
 from ui.state import memo
 
@@ -173,6 +175,11 @@ def metrics_tab(result: Result) -> None:
                     width="stretch")
     right.caption("Sensitivity = recall of the class; specificity = how often other classes "
                   "are not called this class; AUC is one-vs-rest.")
+    left.caption(interval_note(result.evaluation.metrics))
+    sources = source_table(result.evaluation.metrics)
+    if not sources.empty:
+        st.markdown("##### By data source")
+        st.dataframe(sources, hide_index=True, width="stretch")
     stem = f"evaluation-{result.label}".replace(" ", "_").replace("/", "_")
     c1, c2, _ = st.columns([1, 1, 3])
     c1.download_button("Metrics (JSON)", evaluation_json(result.evaluation),

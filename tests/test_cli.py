@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -37,6 +38,29 @@ def test_evaluate_json_keys(tiny_model_dir, busi_dir, tmp_path, capsys):
             "confusion_matrix"} <= set(metrics)
     assert metrics["n"] == 18
     assert np.array(metrics["confusion_matrix"]).sum() == 18
+    for key in ("accuracy", "macro_f1", "malignant_sensitivity", "malignant_specificity",
+                "auc_malignant", "auc_macro_ovr"):
+        low, high = metrics[f"{key}_ci95"]
+        assert low <= metrics[key] <= high, key
+    assert metrics["ci95"]["resamples"] == 2000
+    assert "by_source" not in metrics  # one data folder, one source
+
+
+def test_evaluate_several_sources_with_a_threshold(tiny_model_dir, busi_dir, tmp_path, capsys):
+    other = tmp_path / "Other"
+    shutil.copytree(busi_dir, other)
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(busi_dir),
+                 "--data", str(other), "--malignant-threshold", "0.3", "--json", str(out),
+                 "--device", "cpu-fp32"]) == 0
+    text = capsys.readouterr().out
+    metrics = json.loads(out.read_text())
+    assert set(metrics["by_source"]) == {busi_dir.name, "Other"}
+    for part in metrics["by_source"].values():
+        assert part["n"] == 18 and part["at_threshold"]["threshold"] == 0.3
+        assert len(part["accuracy_ci95"]) == 2 and "sensitivity_ci95" in part["at_threshold"]
+    assert len(metrics["at_threshold"]["specificity_ci95"]) == 2
+    assert f"source {busi_dir.name}: n = 18" in text and "source Other: n = 18" in text
 
 
 def test_split_then_evaluate_subset(tiny_model_dir, busi_dir, tmp_path):

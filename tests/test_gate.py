@@ -116,13 +116,37 @@ def test_custom_keys_and_table_rows():
     assert rows[0]["difference"] == pytest.approx(-0.1)
 
 
+def test_the_worse_end_of_the_difference_interval_must_be_within_the_tolerance():
+    spread = {FIXED_TEST: {"accuracy": [-0.06, 0.02]}}
+    result = compare(both(0.8, 0.7), both(0.8, 0.7), differences=spread)
+    assert not result.passed  # the same point figures, but 0.06 worse cannot be ruled out
+    assert len(result.reasons) == 1 and "fixed test split" in result.reasons[0]
+    assert "[-0.060, +0.020]" in result.reasons[0]
+    rows = {(r["subset"], r["metric"]): r for r in result.rows()}
+    assert rows[FIXED_TEST, "accuracy"]["difference_ci95"] == [-0.06, 0.02]
+    assert rows[FIXED_TEST, "accuracy"]["ok"] is False
+    assert rows[NEW_CASES, "accuracy"]["difference_ci95"] is None  # judged by its difference
+    narrow = {FIXED_TEST: {"accuracy": [-0.015, 0.03]}}
+    assert compare(both(0.8, 0.7), both(0.8, 0.7), differences=narrow).passed
+    # a lower-is-better figure: the upper end is the worse one
+    calibration = ({FIXED_TEST: {"ece": 0.05}}, {FIXED_TEST: {"ece": 0.05}})
+    assert not compare(*calibration, keys=("ece",),
+                       differences={FIXED_TEST: {"ece": [-0.01, 0.03]}}).passed
+    assert compare(*calibration, keys=("ece",),
+                   differences={FIXED_TEST: {"ece": [-0.03, 0.01]}}).passed
+
+
 def test_result_round_trips_through_json(tmp_path):
-    result = compare(both(0.9, 0.7), both(0.8, 0.7))
+    result = compare(both(0.9, 0.7), both(0.8, 0.7),
+                     differences={FIXED_TEST: {"accuracy": [-0.01, 0.02]}})
     result.candidate_path = "/models/new"
     path = result.save(tmp_path / "gate.json")
     again = GateResult.load(path)
     assert again == result
     assert GateResult.load(tmp_path / "missing.json") is None
+    earlier = result.to_dict()
+    del earlier["differences"]  # saved before the intervals
+    assert GateResult.from_dict(earlier).differences == {}
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -138,8 +162,12 @@ def test_evaluate_candidate_blocks_a_model_that_never_says_malignant(busi_dir, t
     assert blocked.candidate[FIXED_TEST]["malignant_sensitivity"] == 0.0
     assert blocked.active[NEW_CASES]["malignant_sensitivity"] == 1.0
     assert blocked.candidate_path == str(bad.resolve())
+    assert blocked.differences[FIXED_TEST]["malignant_sensitivity"] == [-1.0, -1.0]
+    assert "[-1.000, -1.000]" in " ".join(blocked.reasons)
     same = evaluate_candidate(good, good, fixed, [], device="cpu-fp32")
     assert same.passed and any("no held-out new cases" in r for r in same.reasons)
+    assert same.differences[FIXED_TEST] == {"malignant_sensitivity": [0.0, 0.0],
+                                            "accuracy": [0.0, 0.0]}
     assert same.candidate[NEW_CASES]["n"] is None
 
 
@@ -166,9 +194,12 @@ def test_activation_only_when_passed_or_overridden(data_dir, tiny_model_dir, tmp
     assert log[-1]["override_reason"] == "new probe" and log[-1]["who"] == "Dr B"
     assert log[-1]["active"] == str(old.resolve()) and log[-1]["candidate"] == str(new.resolve())
     assert log[-1]["passed"] is False and log[-1]["metrics"]["candidate"][FIXED_TEST]
-    passed = compare(both(0.8, 0.7), both(0.8, 0.7))
+    passed = compare(both(0.8, 0.7), both(0.8, 0.7),
+                     differences={FIXED_TEST: {"accuracy": [-0.01, 0.02]}})
     assert activate_if_passed(passed, old, who=admin("Dr A")) is True
     assert decision_log()[-1]["action"] == "activated"
+    assert decision_log()[-1]["metrics"]["differences_ci95"][FIXED_TEST]["accuracy"] == [
+        -0.01, 0.02]
 
 
 def test_log_is_append_only_and_keeps_the_earlier_file(data_dir, tiny_model_dir, tmp_path):

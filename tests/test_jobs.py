@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -63,6 +64,8 @@ def test_config_to_argv_round_trips_through_the_cli_parser(tmp_path):
                          input_mode="mask-leakfree", checkpoint_every=0.5, name="run 1")
     args = get_args_parser().parse_args(config_to_argv(config))
     assert config_from_args(args) == config
+    switched = dataclasses.replace(config, style_augment=True, ema=0.99)
+    assert config_from_args(get_args_parser().parse_args(config_to_argv(switched))) == switched
     assert "--max-per-class" not in config_to_argv(TrainConfig(data=["a"], out="o"))
 
 

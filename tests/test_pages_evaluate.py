@@ -54,6 +54,8 @@ def test_metrics_charts_and_exports_of_one_model(app):
     values = table_values(app, "Value")
     assert values["Images (n)"] == "18"
     assert len(values["Accuracy"]) == 5 and values["Accuracy"].startswith("0.")  # 3 decimals
+    low, high = table_values(app, "95% interval")["Accuracy"].strip("[]").split(", ")
+    assert float(low) <= float(values["Accuracy"]) <= float(high)
     assert {"Malignant sensitivity", "Malignant specificity", "Macro-F1", "AUC, malignant vs rest",
             "ECE (calibration error, lower is better)", "Images: malignant"} <= set(values)
     assert len(app.get("plotly_chart")) == 3  # confusion matrix, ROC, reliability

@@ -17,6 +17,7 @@ from bus_core.constants import CLASSES
 from bus_core.dataset import load_records
 from bus_core.errors import ModelError
 from bus_core.evaluate import evaluate
+from bus_core.intervals import score
 from bus_core.metrics import NORMAL_ODDS_GRID, fit_normal_odds, normal_from_whole
 from bus_core.models import ModelCard, load_model
 from bus_core.predict import Predictor
@@ -136,6 +137,11 @@ def test_evaluate_reads_two_stage_cards_like_the_predictor(models, busi_dir):
                                normal_from_whole(alone.probs, whole.probs)[lesion], atol=1e-6)
     assert result.metrics["model"] == "tiny-lesion" and "tiny-whole" in result.metrics["reading"]
     assert result.metrics["at_threshold"]["threshold"] == 0.3
+    # the intervals are those of the two-stage reading's probabilities
+    reading = score(result.y_true, result.probs, threshold=0.3)
+    assert result.metrics["auc_malignant_ci95"] == reading["auc_malignant_ci95"]
+    assert result.metrics["at_threshold"]["sensitivity_ci95"] == \
+        reading["at_threshold"]["sensitivity_ci95"]
     # with an input mode, the lesion model alone
     only = evaluate(loaded, records, device="cpu-fp32", backend="torch",
                     input_mode="lesion-context")

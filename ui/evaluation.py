@@ -13,7 +13,8 @@ import plotly.graph_objects as go
 
 from bus_core.compare import COLUMN_TITLES, DISPLAY_COLUMNS, display_value
 from bus_core.evaluate import Evaluation
-from bus_core.metrics import HEADLINE_KEYS, METRIC_LABELS, fmt3
+from bus_core.intervals import THRESHOLD_KEYS
+from bus_core.metrics import CI_SUFFIX, HEADLINE_KEYS, METRIC_LABELS, fmt3, fmt_interval
 from bus_core.report import BAR_COLOURS, DEFAULT_BAR
 from bus_core.store import csv_safe
 
@@ -26,10 +27,18 @@ def metric_rows(metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """(label, raw value) of the headline metrics, then n and n per class."""
     rows: list[tuple[str, Any]] = [(label, metrics.get(key))
                                    for key, label in METRIC_LABELS.items()]
-    rows.append(("Images (n)", metrics.get("n")))
-    rows += [(f"Images: {name}", count)
-             for name, count in (metrics.get("n_per_class") or {}).items()]
-    return rows
+    return rows + _count_rows(metrics)
+
+
+def _count_rows(metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(label, count) of the images and of each class's images."""
+    return [("Images (n)", metrics.get("n")),
+            *((f"Images: {name}", count)
+              for name, count in (metrics.get("n_per_class") or {}).items())]
+
+
+def _threshold_label(key: str, threshold: float) -> str:
+    return f"Malignant {key} at the threshold {threshold:.3f}"
 
 
 def _display(value: Any) -> str:
@@ -37,9 +46,46 @@ def _display(value: Any) -> str:
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
-    """The headline metrics as a two-column display table (values as text, 3 decimals)."""
-    return pd.DataFrame([{"Metric": label, "Value": _display(value)}
-                         for label, value in metric_rows(metrics)])
+    """The headline metrics with their 95% intervals, the figures at the malignant threshold
+    (when there is one), then the image counts, as a display table (3 decimals)."""
+    rows = [(label, metrics.get(key), metrics.get(key + CI_SUFFIX))
+            for key, label in METRIC_LABELS.items()]
+    at = metrics.get("at_threshold")
+    if at:
+        rows += [(_threshold_label(key, at["threshold"]), at.get(key), at.get(key + CI_SUFFIX))
+                 for key in THRESHOLD_KEYS]
+    rows += [(label, count, None) for label, count in _count_rows(metrics)]
+    return pd.DataFrame([{"Metric": label, "Value": _display(value),
+                          "95% interval": fmt_interval(interval)}
+                         for label, value, interval in rows])
+
+
+def source_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per data source (`by_source`; empty with one source): n and each headline
+    figure (and those at the malignant threshold) with its 95% interval."""
+    rows = []
+    for source, part in (metrics.get("by_source") or {}).items():
+        row = {"Source": source, "Images (n)": str(part.get("n"))}
+        row |= {label: _with_interval(part, key) for key, label in METRIC_LABELS.items()}
+        at = part.get("at_threshold")
+        if at:
+            row |= {_threshold_label(key, at["threshold"]): _with_interval(at, key)
+                    for key in THRESHOLD_KEYS}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def interval_note(metrics: Mapping[str, Any]) -> str:
+    """How the 95% intervals of `metrics` were made, for a caption ('' without intervals)."""
+    method = metrics.get("ci95")
+    if not method:
+        return ""
+    return (f"[low, high]: {method['level']:.0%} intervals, {method['method']}, "
+            f"{method['resamples']:,} resamples of these images (seed {method['seed']}).")
+
+
+def _with_interval(figures: Mapping[str, Any], key: str) -> str:
+    return f"{fmt3(figures.get(key))} {fmt_interval(figures.get(key + CI_SUFFIX))}".strip()
 
 
 def per_class_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
@@ -69,6 +115,9 @@ def comparison_run_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 def metrics_csv(metrics: Mapping[str, Any]) -> str:
     """The scalar metrics and per-class figures as CSV (metric,value; full precision)."""
     rows = [(key, metrics.get(key)) for key in HEADLINE_KEYS]
+    for key in HEADLINE_KEYS:
+        low, high = metrics.get(key + CI_SUFFIX) or (None, None)
+        rows += [(f"{key}{CI_SUFFIX}_low", low), (f"{key}{CI_SUFFIX}_high", high)]
     rows.append(("n", metrics.get("n")))
     rows += [(f"n_{name}", n) for name, n in (metrics.get("n_per_class") or {}).items()]
     for name, figures in (metrics.get("per_class") or {}).items():
