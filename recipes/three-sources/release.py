@@ -1,9 +1,14 @@
-"""Release the three-source run as bundled models: copy the first stage and the chosen lesion
-model into weights/ under their names, pair them, and write into the lesion model's card the
-threshold and figures of the two-stage reading on the full-size data sets (score.sh's JSON).
+"""Release a chosen two-stage candidate as bundled models: its lesion model and its run's
+first-stage classifier (and the run's outline model when the candidate reads with it) go into
+weights/ under their names, paired by those names, and the lesion model's card gets the figures
+of the two-stage reading on the full-size data sets.
 
-    python recipes/three-sources/release.py RUN LESION_VARIANT SCORES WEIGHTS
-    e.g. python recipes/three-sources/release.py runs/three-sources/all plain runs/release weights
+    python recipes/three-sources/release.py CANDIDATE SCORES WEIGHTS
+
+CANDIDATE: a lesion model folder beside its run's `classifier` (and `segmenter`), whose card
+names the pair (pair.py) and holds the fitted threshold and factor on P(normal)'s odds; SCORES:
+the folder with `pooled-val.json` and `pooled-test.json` (`evaluate --json` of the candidate on
+`splits/busi+busbra+busuclm.json`).
 """
 
 from __future__ import annotations
@@ -16,14 +21,11 @@ from typing import Any
 
 from bus_core.models import CARD_FILE, read_card
 
-SOURCES = {"busi": ("BUSI", "$DATA/BUSI"), "busbra": ("BUSBRA", "$DATA/BUSBRA/labels.csv"),
-           "busuclm": ("BUSUCLM", "$DATA/BUSUCLM/labels.csv")}
 TRAINING_DATA = {
-    "sources": [place for _, place in SOURCES.values()],
+    "sources": ["$DATA/BUSI", "$DATA/BUSBRA/labels.csv", "$DATA/BUSUCLM/labels.csv"],
     "subset": "train",
     "copy": "trained on the compact copy of recipes/compact_copy.py (longest side 320 px, "
-            "JPEG quality 80); every figure in this card's 'val', 'test' and 'by_source' is "
-            "on the full-size images",
+            "JPEG quality 80)",
     "licences": "BUSI: see its Kaggle page; BUS-BRA: see its LICENSE.txt; BUS-UCLM: CC BY-NC "
                 "4.0 (non-commercial research use; cite Vallez et al., Scientific Data 2025)",
 }
@@ -50,45 +52,45 @@ def _copy(source: Path, target: Path) -> dict[str, Any]:
     return _card(target)
 
 
-def _json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+def _release_first_stage(run: Path, part: str, weights: Path) -> str:
+    """Copy the run's `part` (classifier or segmenter) into weights/ under its name."""
+    card = _copy(run / part, weights / NAMES[part])
+    card.update(training_data=TRAINING_DATA, notes=f"{card['notes']} {RECIPE}")
+    card["metrics"]["computed_on"] = "the compact copy (see training_data.copy)"
+    _write(weights / NAMES[part], card)
+    return NAMES[part]
 
 
 def main() -> None:
     """Copy, pair and write the cards."""
-    run, variant, scores, weights = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), \
-        Path(sys.argv[4])
-    for part in ("segmenter", "classifier"):
-        card = _copy(run / part, weights / NAMES[part])
-        card["training_data"] = TRAINING_DATA
-        card["notes"] = f"{card['notes']} {RECIPE}"
-        card["metrics"]["computed_on"] = "the compact copy (see training_data.copy)"
-        _write(weights / NAMES[part], card)
-    target = weights / NAMES["lesion"]
-    card = _copy(run / f"lesion-{variant}", target)
-    pooled_val = _json(scores / "pooled-val.json")
-    threshold = pooled_val["fitted_threshold"]
+    candidate, scores, weights = (Path(a) for a in sys.argv[1:4])
+    card = _card(candidate)
+    pair = {key: _release_first_stage(candidate.parent, name, weights)
+            if name in ("classifier", "segmenter") else name
+            for key, name in card["two_stage"].items()}
     alone = {k: card["metrics"][k] for k in ("val", "test") if k in card["metrics"]}
+    val, test = (json.loads((scores / f"pooled-{s}.json").read_text()) for s in ("val", "test"))
     card["metrics"] = {
-        "val": pooled_val, "test": _json(scores / "pooled-test.json"),
-        "by_source": {name: {subset: _json(scores / subset / f"lesion-{variant}-{key}-"
-                                           f"{subset}.json") for subset in ("val", "test")}
-                      for key, (name, _) in SOURCES.items()},
+        "val": val, "test": test,
         "threshold_rule": "highest P(malignant) threshold with malignant sensitivity >= 0.90 "
                           "on the pooled validation subsets, two-stage reading on suggested "
                           "outlines",
+        "normal_odds_rule": "largest factor on P(normal)'s odds where an outline is found with "
+                            "which at most 5% of the pooled validation lesion images are "
+                            "called normal",
         "history": card["metrics"].get("history", []),
-        "lesion_model_alone": {"note": "the lesion model alone on the experts' outlines, on the "
-                                       "compact copy", "malignant_threshold":
-                               card["malignant_threshold"], **alone},
+        "lesion_model_alone": {"note": "the lesion model alone on the experts' outlines, on "
+                                       "the compact copy", **alone},
     }
-    card.update(name=NAMES["lesion"], malignant_threshold=threshold,
-                two_stage={"whole_image_model": NAMES["classifier"],
-                           "outline_model": NAMES["segmenter"]},
+    card.update(name=NAMES["lesion"], two_stage=pair, training_data=TRAINING_DATA,
                 init=f"{NAMES['classifier']} (the first stage of the same run)",
-                training_data=TRAINING_DATA, notes=f"{card['notes']} {RECIPE}")
+                notes=f"{card['notes']} {RECIPE}")
+    target = weights / NAMES["lesion"]
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(candidate, target)
     _write(target, card)
-    print(f"Released {', '.join(NAMES.values())} into {weights}; threshold {threshold:.4f}")
+    print(f"Released {NAMES['lesion']} (with {', '.join(pair.values())}) into {weights}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The table of score.sh's JSON files (markdown), and each model's selection score: the mean over
-sources of malignant AUC, macro-F1 and the share of lesion images not called normal.
+sources of malignant AUC, macro-F1 and the share of lesion images not called normal; or, given
+one `evaluate --json` file of several sources, its figures per source with 95% intervals.
 
     python recipes/three-sources/score_table.py runs/three-sources/val
+    python recipes/three-sources/score_table.py runs/release/pooled-test.json
 """
 
 from __future__ import annotations
@@ -30,9 +32,35 @@ def _f(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _ci(m: dict, key: str) -> str:
+    low, high = m.get(f"{key}_ci95") or (None, None)
+    return f"{_f(m.get(key))} [{_f(low)}, {_f(high)}]"
+
+
+def per_source(path: Path) -> None:
+    """Print one row per source of a pooled evaluation, and the pooled row."""
+    m = json.loads(path.read_text())
+    print("| data (n: normal / benign / malignant) | accuracy | AUC malignant | sensitivity / "
+          "specificity at the threshold | lesion images called normal |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, part in [*m.get("by_source", {}).items(), ("all", m)]:
+        called = "-"
+        if "confusion_matrix" in part:
+            k, n = lesions_called_normal(part)
+            called = f"{k} / {n} ({k / n:.1%})"
+        at = part.get("at_threshold") or {}
+        counts = " / ".join(str(part["n_per_class"].get(c, 0)) for c in CLASSES)
+        print(f"| {name} ({part['n']}: {counts}) | {_ci(part, 'accuracy')} | "
+              f"{_ci(part, 'auc_malignant')} | {_ci(at, 'sensitivity')} / "
+              f"{_ci(at, 'specificity')} | {called} |")
+
+
 def main() -> None:
     """Print the table, then the scores."""
     folder = Path(sys.argv[1])
+    if folder.is_file():
+        per_source(folder)
+        return
     scores: dict[str, list[float]] = defaultdict(list)
     print("| model | data (n) | accuracy | macro-F1 | AUC malignant | lesion images called "
           "normal | at the threshold: sensitivity / specificity |")
