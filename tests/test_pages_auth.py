@@ -209,3 +209,15 @@ def test_single_sign_on_ignores_an_unverified_email_and_obeys_disabling(monkeypa
         Accounts(store).set_disabled(operator(), "dr@example.org")
     at.run()
     assert "disabled in this app" in texts(at) and not at.title
+
+
+def test_the_only_admin_cannot_remove_their_own_admin_role_on_the_account_page():
+    at = signed_in_app("admin", name="root").run()
+    at.switch_page("pages/account.py").run()
+    at.selectbox(key="account_user").set_value("root").run()
+    at.multiselect(key="account_roles_root").set_value(["clinician"])
+    at.button(key="account_save_roles").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "only active administrator" in " ".join(e.value for e in at.error)
+    with open_store(default_db_path()) as store:
+        assert Accounts(store).get("root").roles == {"admin"}
