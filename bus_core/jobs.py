@@ -258,6 +258,32 @@ def last_job() -> Job | None:
     return _read_job(jobs_dir() / LAST_FILE)
 
 
+CONFIRM_LONGER_THAN_S = 3600.0
+"""A job expected to run longer than this starts only once its user has confirmed it."""
+
+TRAIN_SHARE = 0.7
+"""The share of the images a run trains on (a new split's training subset)."""
+
+
+def expected_duration(config: TrainConfig, images: int, previous: Job | None,
+                      runs: int = 1) -> float | None:
+    """Seconds `runs` runs of `config` over `images` images are expected to train, at the
+    speed the `previous` job measured with the same architecture, input size and device; None
+    without such a measurement."""
+    if previous is None:
+        return None
+    before = previous.train_config()
+    if (before.arch, before.size, before.device) != (config.arch, config.size, config.device):
+        return None
+    speeds = [e["images_per_s"] for e in previous.events()
+              if e["event"] == "step" and e.get("images_per_s")]
+    if not speeds:
+        return None
+    if config.max_per_class:
+        images = min(images, 3 * config.max_per_class)
+    return runs * config.epochs * images * TRAIN_SHARE / speeds[-1]
+
+
 def _starting(out: str | Path) -> contextlib.AbstractContextManager[None]:
     """Turns file errors while a job starts into a `StorageError` naming its run folder."""
     return storage(f"start the job (its run folder is {out})")

@@ -16,9 +16,11 @@ from bus_core.distributed import local_gpus
 from bus_core.errors import BusError, ModelError
 from bus_core.inputs import INPUT_MODES
 from bus_core.jobs import (
+    CONFIRM_LONGER_THAN_S,
     Job,
     current_job,
     delete_failed_run,
+    expected_duration,
     is_failed_run,
     last_job,
     resume_job,
@@ -41,7 +43,13 @@ from bus_core.transforms import input_size_for
 from bus_core.tune import DEFAULT_GRID, combinations, run_name
 from ui.auth import require_page
 from ui.common import md_escape, show_error, start_job
-from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
+from ui.data_inputs import (
+    data_summary,
+    image_count,
+    matching_split,
+    resolve_path,
+    sources_from_text,
+)
 from ui.state import keep_widget_state
 from ui.training import (
     epoch_figure,
@@ -65,15 +73,57 @@ INIT_LABELS = {"imagenet": "ImageNet (pretrained)", "checkpoint": "A model from 
                "random": "Random"}
 STATE_ICONS = {"done": ":material/check_circle:", "cancelled": ":material/cancel:",
                "killed": ":material/warning:", "failed": ":material/error:"}
-# Widget keys of the form (kept while a job hides it) and the buttons among them.
+# Widget keys of the form (kept while a job hides it), and those never kept: the buttons and
+# the confirmation of a long job.
 FORM_PREFIXES = ("train_", "grid_")
-ACTION_KEYS = ("train_start", "grid_start", "grid_keep")
+ACTION_KEYS = ("train_start", "grid_start", "grid_keep", "train_long_ok", "grid_long_ok")
 # The test figures shown when a run ends (labels: `metrics.METRIC_LABELS`).
 TEST_KEYS = ("accuracy", "macro_f1", "malignant_sensitivity", "malignant_specificity",
              "auc_malignant", "ece")
 
 
 # --- settings ---------------------------------------------------------------------------------
+
+def form_values(job: Job) -> dict[str, Any]:
+    """The form's widget values that describe `job`'s settings (a grid search: its grid too)."""
+    config = job.train_config()
+    init_kind = config.init if config.init in ("imagenet", "random") else "checkpoint"
+    values: dict[str, Any] = {
+        "train_data": "\n".join(config.data), "train_arch": config.arch,
+        "train_mode": config.input_mode, "train_init": init_kind,
+        "train_split_kind": "Saved split file" if config.split else "New group-disjoint split",
+        f"train_resize_{config.arch}": config.size.resize,
+        f"train_crop_{config.arch}": config.size.crop, "train_device": config.device,
+        "train_seed": config.seed, "train_scheduler": config.scheduler,
+        "train_wd": config.weight_decay, "train_monitor": config.monitor,
+        "train_patience": config.patience, "train_max_per_class": config.max_per_class or 0}
+    if config.split:
+        values["train_split_file"] = config.split
+    if job.kind == "train":
+        values.update({"train_optimizer": config.optimizer, "train_lr": config.lr,
+                       "train_batch": config.batch_size, "train_epochs": config.epochs,
+                       "train_balance": config.balance, "train_name": Path(job.out).name,
+                       "train_all_gpus": config.nproc_per_node > 1})
+    else:
+        grid = job.grid or DEFAULT_GRID
+        values.update({"grid_lrs": ", ".join(f"{v:g}" for v in grid.get("lr", [])),
+                       "grid_batches": ", ".join(map(str, grid.get("batch_size", []))),
+                       "grid_optimizers": list(grid.get("optimizer", [])),
+                       "grid_epochs": config.epochs, "grid_balance": config.balance,
+                       "grid_name": Path(job.out).name})
+    return values
+
+
+def show_settings_of(job: Job) -> None:
+    """Once per job in a browser session: the form shows that job's settings, so what is
+    drawn (and started next) is what ran last, not the defaults."""
+    if st.session_state.get("_train_form_of") == job.started:
+        return
+    st.session_state["_train_form_of"] = job.started
+    values = form_values(job)
+    st.session_state.setdefault("_train_form", {}).update(values)
+    st.session_state.update(values)
+
 
 def data_settings() -> list[str]:
     """Data folders / manifests, with their class counts (or why they cannot be read)."""
@@ -229,6 +279,23 @@ def output_folder(label: str, root: Path, default: str, key: str) -> Path | None
     return folder
 
 
+def long_run_confirmed(config: TrainConfig, runs: int, key: str) -> bool:
+    """States the expected training time when the last job measured the speed; a job expected
+    to take longer than an hour needs a tick first. False until then."""
+    try:
+        images = image_count(tuple(config.data))
+    except BusError:
+        return True  # the data's own message is shown above
+    seconds = expected_duration(config, images, last_job(), runs)
+    if seconds is None:
+        return True
+    text = f"Expected to take about {fmt_duration(seconds)} (at the speed of the last run here)."
+    if seconds <= CONFIRM_LONGER_THAN_S:
+        st.caption(text)
+        return True
+    return st.checkbox(f"{text} Start it anyway", key=key)
+
+
 def launch(start: Any, force: bool) -> None:
     """Start a job (`start(force)`), then show it; a busy machine or bad settings are shown."""
     if start_job(lambda: start(force), "The job could not start"):
@@ -262,8 +329,9 @@ def single_run_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
                          optimizer=optimizer, lr=float(lr), batch_size=int(batch),
                          epochs=int(epochs), balance=balance,
                          nproc_per_node=gpus if all_gpus else 1)
+    confirmed = ready and long_run_confirmed(config, 1, "train_long_ok")
     if st.button("Start training", type="primary", icon=":material/play_arrow:",
-                 disabled=not ready or folder is None, key="train_start"):
+                 disabled=not ready or folder is None or not confirmed, key="train_start"):
         launch(lambda f: start_training(config, who=WHO, force=f), force)
 
 
@@ -303,8 +371,10 @@ def grid_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
         st.caption(f"Each run is saved under {md_escape(folder)}; the best can then be added "
                    "to the registry.")
     config = TrainConfig(**base, out=str(folder), epochs=int(epochs), balance=balance)
+    confirmed = ready and long_run_confirmed(config, n_runs, "grid_long_ok")
     if st.button("Start grid search", type="primary", icon=":material/grid_view:",
-                 disabled=not ready or folder is None or n_runs == 0, key="grid_start"):
+                 disabled=not ready or folder is None or n_runs == 0 or not confirmed,
+                 key="grid_start"):
         launch(lambda f: start_tuning(config, grid, who=WHO, force=f), force)
 
 
@@ -505,13 +575,15 @@ def job_panel(job: Job) -> None:
             finished_view(job, status)
 
 
+running = current_job()
+latest = running or last_job()
+if latest is not None:
+    show_settings_of(latest)
 keep_widget_state("_train_form", FORM_PREFIXES, ACTION_KEYS)
 st.title("Train")
 st.caption("Training runs in the background on this machine: you can leave this page or reload "
            "it and come back. One job runs at a time.")
 
-running = current_job()
-latest = running or last_job()
 if latest is not None and st.session_state.get("train_dismissed") != latest.started:
     job_panel(latest)
 
