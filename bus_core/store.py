@@ -72,7 +72,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bus_core import atomic
 from bus_core.constants import CLASSES
-from bus_core.errors import BusError, InvalidImageError, MaskError, storage
+from bus_core.errors import (
+    InvalidImageError,
+    MaskError,
+    StorageError,
+    plain_storage_message,
+    storage,
+)
 from bus_core.io import image_to_png_bytes
 from bus_core.roles import Identity, require
 from bus_core.settings import data_dir, database_url, keep_file_names
@@ -104,7 +110,7 @@ _CSV_COLUMNS = ("id", "path", "label", "mask", "mask_source", "predicted", "unce
                 "owner", "created_at", "updated_at")
 
 
-class StoreError(BusError):
+class StoreError(StorageError):
     """The case store cannot be used: folder not writable, database damaged, busy or too new,
     or an image file missing."""
 
@@ -466,7 +472,8 @@ def _ensure_writable(folder: Path, advice: str = "Set BUS_DATA_DIR to a writable
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise StoreError(f"Cannot write to {folder}: {exc.strerror or exc}. {advice}") from exc
+        raise StoreError(f"Cannot write to {folder}: {exc.strerror or exc}. {advice}",
+                         plain=plain_storage_message(exc)) from exc
 
 
 def _enable_wal(cursor: Any) -> None:
@@ -844,7 +851,8 @@ class CaseStore:
                 _atomic_write(target, image_to_png_bytes(array))
             except OSError as exc:
                 raise StoreError(f"Cannot write to {target.parent}: {exc.strerror or exc}. "
-                                 "Set BUS_DATA_DIR to a writable folder.") from exc
+                                 "Set BUS_DATA_DIR to a writable folder.",
+                                 plain=plain_storage_message(exc)) from exc
         return content_hash
 
     def _existing(self, content_hash: str, case: Case) -> Path:

@@ -43,6 +43,7 @@ from ui.cases import as_rgb, case_store, export_cases_zip
 from ui.charts import probability_chart
 from ui.common import md_escape, optional_predictor, show_error, start_job
 from ui.data_inputs import resolve_path, resolve_source
+from ui.decisions import ACTION_LABELS, decisions_table, local_time
 from ui.masking import outlined
 from ui.pacs import case_from_pacs
 from ui.results import cam_cached, predict_cached
@@ -60,18 +61,10 @@ SORT_LABELS = {"created_at": "Date saved", "updated_at": "Last change", "id": "C
                "status": "Status", "predicted_label": "Model's reading",
                "confirmed_label": "Confirmed label", "reviewer": "Reviewer",
                "model_name": "Model"}
-ACTION_LABELS = {"activated": "activated", "overridden": "activated by override",
-                 "blocked": "blocked by the gate", "rejected": "rejected",
-                 "rolled back": "rolled back"}
 DEFAULT_SPLIT = PROJECT_ROOT / "splits" / "busi.json"
 
 
 # --- the case table ----------------------------------------------------------------------------
-
-def local_time(stamp: str) -> str:
-    """A stored UTC time as local 'YYYY-MM-DD HH:MM'."""
-    return dt.datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
-
 
 def choice(value: str) -> str | None:
     """A filter's value, None for 'All'."""
@@ -443,16 +436,7 @@ def retrain_settings(store: CaseStore, who: Identity) -> None:
 def decision_history(who: Identity, log: list[dict[str, Any]]) -> None:
     """Every model decision, newest first, and roll back to an earlier model."""
     st.markdown("##### Model decisions")
-    if log:
-        st.dataframe(pd.DataFrame([{
-            "When": local_time(e["time"]), "Decision": ACTION_LABELS.get(e["action"], e["action"]),
-            "Who": e["who"], "Model": Path(e["candidate"] or "").name,
-            "Previously active": Path(e["active"] or "").name or "–",
-            "Gate": {True: "passed", False: "failed"}.get(e.get("passed"), "–"),
-            "Reason": e.get("override_reason") or ""} for e in reversed(log)]),
-            hide_index=True, width="stretch", key="review_decisions")
-    else:
-        st.caption("No model decision recorded yet.")
+    decisions_table(log, "review_decisions")
     targets = earlier_models(log)
     if not targets:
         return

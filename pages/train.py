@@ -35,7 +35,6 @@ from bus_core.registry import (
     check_model_name,
     import_model,
     list_models,
-    set_active_model,
 )
 from bus_core.settings import data_dir, default_dataset_dir, user_models_dir
 from bus_core.train import OPTIMIZERS, SCHEDULERS, TrainConfig, check_config
@@ -319,7 +318,7 @@ def single_run_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
         folder = output_folder("Model name", user_models_dir(), f"{base['arch']}-{stamp}",
                                "train_name")
     if folder is not None:
-        st.caption(f"Saved to {md_escape(folder)}")
+        st.caption(f"Saved among your models as '{md_escape(folder.name)}'.")
     gpus = local_gpus(base["device"])
     all_gpus = gpus > 1 and st.checkbox(
         f"All {gpus} GPUs of this machine", key="train_all_gpus",
@@ -368,8 +367,8 @@ def grid_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
     folder = output_folder("Search name", data_dir() / "grid-search", f"grid-{stamp}",
                            "grid_name")
     if folder is not None:
-        st.caption(f"Each run is saved under {md_escape(folder)}; the best can then be added "
-                   "to the registry.")
+        st.caption(f"Each run is saved in the search '{md_escape(folder.name)}'; the best can "
+                   "then be added to the registry.")
     config = TrainConfig(**base, out=str(folder), epochs=int(epochs), balance=balance)
     confirmed = ready and long_run_confirmed(config, n_runs, "grid_long_ok")
     if st.button("Start grid search", type="primary", icon=":material/grid_view:",
@@ -479,7 +478,8 @@ def outcome(job: Job, status: str, events: list[dict[str, Any]]) -> None:
     where = last_event(events, "step")
     at = f" at epoch {where['epoch']}, step {where['step']}" if where else ""
     if status == "done":
-        st.success(f"Finished. The model is saved in {md_escape(job.out)}.", icon=icon)
+        st.success(f"Finished. The model is saved among your models as "
+                   f"'{md_escape(Path(job.out).name)}'.", icon=icon)
     elif status == "cancelled":
         st.info(f"Cancelled{at}. Its checkpoint is kept: Resume continues from there.",
                 icon=icon)
@@ -539,20 +539,16 @@ def finished_view(job: Job, status: str) -> None:
     if status in ("cancelled", "killed") and c1.button(
             "Resume", type="primary", icon=":material/play_arrow:", key="job_resume"):
         launch(lambda f: resume_job(job, who=WHO, force=f), False)
-    if status == "done" and job.kind == "train" and WHO.can("manage_models") and c1.button(
-            "Make it the active model", icon=":material/star:", key="job_activate"):
-        try:
-            set_active_model(job.out, who=WHO)
-            st.rerun()
-        except BusError as exc:
-            show_error(exc)
+    if status == "done" and job.kind == "train" and WHO.can("manage_models"):
+        with c3:
+            st.page_link("pages/models.py", label="Make it the active model in the Model "
+                         "registry (compared with the active one first)", icon=":material/star:")
     if status == "done" and job.kind == "tune":
         with c3:
             keep_best(job)
     if status == "failed" and is_failed_run(job.out) and c1.button(
             "Delete the run folder", icon=":material/delete:", key="job_delete",
-            help=f"Removes {md_escape(job.out)} (its log and settings); its name is free "
-                 "again."):
+            help="Removes the run (its log and settings); its name is free again."):
         try:
             delete_failed_run(job.out, who=WHO)
             st.session_state["train_dismissed"] = job.started

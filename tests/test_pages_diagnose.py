@@ -340,3 +340,16 @@ def test_a_two_stage_model_reads_the_outline_and_the_whole_image(monkeypatch, tm
     segmented(at, "Lesion mask").set_value("No mask").run()
     assert not at.exception and not at.error
     assert "the whole-image model (tiny-whole) reads the whole image" in messages(at.caption)
+
+
+def test_a_storage_failure_is_told_in_plain_words_without_the_path(app, tmp_path):
+    images = tmp_path / "userdata" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for prefix in range(256):  # a file where each image folder should be
+        (images / f"{prefix:02x}").write_bytes(b"")
+    upload(app, ("case.png", ultrasound_png(seed=5)[0], "image/png"))
+    next(b for b in app.button if b.label == "Save as case").click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    shown = messages(app.error)
+    assert "could not store or read its files" in shown and str(images) not in shown
+    assert str(images) in " ".join(c.value for c in app.code)  # folded away, for the admin

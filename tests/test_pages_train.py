@@ -89,7 +89,7 @@ def test_settings_show_device_counts_and_the_mask_leak_note(app, busi_dir):
     assert app.button(key="train_start").disabled
 
 
-def test_a_tiny_run_reaches_the_end_and_becomes_the_active_model(app, busi_dir):
+def test_a_tiny_run_reaches_the_end_and_its_form_stays(app, busi_dir):
     configure(app, busi_dir, "tiny-run")
     app.button(key="train_start").click().run()
     assert not app.exception, [e.value for e in app.exception]
@@ -98,8 +98,8 @@ def test_a_tiny_run_reaches_the_end_and_becomes_the_active_model(app, busi_dir):
     assert any(m.label == "Accuracy" for m in app.metric)  # test-subset figures
     folder = user_models_dir() / "tiny-run"
     assert load_model(folder).card.input_size == {"resize": 40, "crop": 32, "fit": "crop"}
-    app.button(key="job_activate").click().run()
-    assert active_model_path() == folder.resolve()
+    assert str(folder) not in texts(app)  # named, not located, on the page
+    assert active_model_path() != folder.resolve()  # made active in the registry, not here
     app.button(key="job_dismiss").click().run()
     assert app.button(key="train_start") is not None
     # the form comes back with the settings of the run, not the defaults

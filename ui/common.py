@@ -3,6 +3,7 @@ display."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import streamlit as st
 from bus_core.accounts import Session
 from bus_core.dataset import source_name
 from bus_core.device import choose_device
-from bus_core.errors import BusError
+from bus_core.errors import BusError, StorageError
 from bus_core.jobs import JobBusyError
 from bus_core.metrics import fmt3
 from bus_core.models import ModelCard, read_card
@@ -21,6 +22,8 @@ from bus_core.predict import Predictor
 from bus_core.registry import active_model_path, active_segmenter_path, no_model_message
 from bus_core.roles import DEMO, Identity
 from bus_core.segment import Segmenter
+
+log = logging.getLogger(__name__)
 
 APP_TITLE = "Breast ultrasound classifier"
 """The app's name: the browser tab's title and the heading of the screens before signing in."""
@@ -163,8 +166,18 @@ def md_escape(text: object) -> str:
 
 
 def show_error(exc: BusError, what: str = "") -> None:
-    """A user-fixable problem as a red box with its message (never a traceback)."""
-    st.error(md_escape(f"{what}{': ' if what else ''}{exc}"), icon=":material/error:")
+    """A user-fixable problem as a red box with its message (never a traceback). A storage
+    problem is told in plain words; its path goes to the log (and, for administrators, into a
+    details box)."""
+    message = str(exc)
+    if isinstance(exc, StorageError):
+        log.warning("%s%s%s", what, ": " if what else "", exc)
+        message = exc.plain
+    st.error(md_escape(f"{what}{': ' if what else ''}{message}"), icon=":material/error:")
+    who = identity()
+    if isinstance(exc, StorageError) and who is not None and who.can("manage_users"):
+        with st.expander("Details (administrators)"):
+            st.code(str(exc), language=None)
 
 
 def start_job(start: Callable[[], Any], what: str) -> bool:
