@@ -34,7 +34,8 @@ navigation = st.navigation({
     section: [st.Page(f"pages/{name}.py", title=title, icon=icon, default=name == first)
               for name, title, icon in pages]
     for section, pages in allowed.items() if pages})
-open_requested_page(who)
+open_requested_page(who, {name: title for pages in PAGES.values()
+                                for name, title, _ in pages})
 show_who(who)
 render_sidebar()
 navigation.run()

@@ -23,7 +23,7 @@ from bus_core.predict import explain_record
 from bus_core.registry import ModelEntry, active_model_path, list_models, no_model_message
 from bus_core.settings import default_dataset_dir
 from bus_core.splits import SUBSETS, load_split, split_records
-from ui.auth import require_page
+from ui.auth import may_open, require_page
 from ui.common import load_predictor, md_escape, show_error
 from ui.comparison import architecture_comparison
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
@@ -40,7 +40,7 @@ from ui.evaluation import (
 )
 from ui.state import memo
 
-require_page("evaluate")
+WHO = require_page("evaluate")
 
 THUMB_PX = 256
 PAGE_SIZE = 12
@@ -229,8 +229,9 @@ def case_card(result: Result, index: int, case: tuple[str, str, str, float],
             show_error(exc)
         st.markdown(f"True **{true}** · predicted **{predicted}** ({probability:.0%})")
         st.caption(md_escape(record_id))
-        if st.button("Open in Diagnose", icon=":material/stethoscope:",
-                     key=f"eval_open_{index}"):
+        if may_open(WHO, "diagnose") and st.button("Open in Diagnose",
+                                                    icon=":material/stethoscope:",
+                                                    key=f"eval_open_{index}"):
             open_in_diagnose(record)
 
 

@@ -135,3 +135,16 @@ def test_data_and_splits_outside_the_allowed_folders_are_refused(app, busi_dir):
     app.text_area(key="eval_data").set_value(str(busi_dir))
     app.text_input(key="eval_split").set_value(str(busi_dir / "../../../../etc/split.json")).run()
     assert errors() == [OUTSIDE_ROOTS] and app.button(key="eval_run").disabled
+
+
+def test_a_researcher_is_not_offered_the_diagnose_page(monkeypatch, tmp_path, tiny_model_dir,
+                                                       busi_dir):
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.setenv("BUS_MODEL", str(tiny_model_dir))
+    at = signed_in_app("researcher", name="res", timeout=90).run()
+    at.switch_page("pages/evaluate.py").run()
+    at.text_area(key="eval_data").set_value(str(busi_dir))
+    at.text_input(key="eval_split").set_value("")
+    evaluate(at.run())
+    assert "misclassified" in " ".join(c.value for c in at.caption)
+    assert not [b for b in at.button if b.key and b.key.startswith("eval_open_")]
