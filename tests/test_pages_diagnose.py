@@ -353,3 +353,37 @@ def test_a_storage_failure_is_told_in_plain_words_without_the_path(app, tmp_path
     shown = messages(app.error)
     assert "could not store or read its files" in shown and str(images) not in shown
     assert str(images) in " ".join(c.value for c in app.code)  # folded away, for the admin
+
+
+def test_an_edited_outline_is_kept_when_accepted_and_edited_again(monkeypatch, tmp_path,
+                                                                  tiny_model_dir, blob_segmenter):
+    """The canvas is replaced by a stand-in that adds a square to the outline it is given."""
+    import ui.canvas
+    from bus_core.store import open_store
+
+    bases: list[np.ndarray] = []
+
+    def paint_square(image, key, base=None, background_image=None):
+        bases.append(base.copy())
+        edited = base.copy()
+        edited[:20, :20] = True
+        return edited
+
+    monkeypatch.setattr(ui.canvas, "paint_mask", paint_square)
+    at = start(monkeypatch, tmp_path, tiny_model_dir, blob_segmenter)
+    upload(at, ("scan.png", ultrasound_png(size=(200, 240))[0], "image/png"))
+    segmented(at, "Lesion mask").set_value("Suggest outline").run()
+    segmented(at, "Suggested outline (automatic)").set_value("Edit").run()
+    suggested = bases[-1]
+    segmented(at, "Suggested outline (automatic)").set_value("Accept").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "with your edits" in messages(at.caption)
+    segmented(at, "Suggested outline (automatic)").set_value("Edit").run()
+    assert bases[-1][:20, :20].all() and not suggested[:20, :20].all()  # starts from the edit
+    segmented(at, "Suggested outline (automatic)").set_value("Accept").run()
+    next(b for b in at.button if b.label == "Save as case").click().run()
+    with open_store(tmp_path / "userdata") as store:
+        (case,) = store.list_cases()
+        assert case.mask_source == "suggested, edited"
+        (mask,) = store.load_masks(case)
+        assert mask[:20, :20].all()
