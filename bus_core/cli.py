@@ -280,7 +280,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         out["mask"] = mask_note
     if args.cam:
         heat = predictor.explain(prediction, target=args.target, method=args.cam_method)
-        _write_output(args.cam, image_to_png_bytes(overlay(prediction.model_view, heat)))
+        seen = prediction.explained_by(args.target or prediction.label).model_view
+        _write_output(args.cam, image_to_png_bytes(overlay(seen, heat)))
         out["cam"] = args.cam
     if args.json:
         print(json.dumps(out, indent=2))

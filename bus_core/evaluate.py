@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,42 @@ class Evaluation:
         pred = self.probs.argmax(1)
         return [(self.ids[i], self.classes[self.y_true[i]], self.classes[pred[i]],
                  float(self.probs[i, pred[i]])) for i in np.flatnonzero(pred != self.y_true)]
+
+
+SERVED, EXPERT = "served", "expert"
+OUTLINE_POLICIES: dict[str, str] = {
+    SERVED: "as clinicians get it: on the outlines the outline model suggests",
+    EXPERT: "on the data's expert outlines"}
+"""How a model that reads a lesion outline is scored (a whole-image model reads the images
+alone either way): SERVED, the default, reads every image as the app and the command line's
+`predict` do; EXPERT gives it the data's own masks (a labelled option)."""
+
+
+def reads_outlines(loaded: LoadedModel) -> bool:
+    """Whether the outline policy changes `loaded`'s scores (it reads a lesion outline)."""
+    return InputSpec.from_card(loaded.card).uses_masks
+
+
+def with_policy_outlines(loaded: LoadedModel, records: Sequence[Record], policy: str = SERVED,
+                         *, segmenter: str | Path | None = None, mask_dir: Path | None = None,
+                         progress: bool = False) -> tuple[list[Record], str]:
+    """The records as `policy` scores `loaded`, and the name of their masks for the
+    evaluation's data note ('automatic', 'expert'; '' for a whole-image model). SERVED
+    replaces each record's masks by the suggested outline (none where no lesion is found) of a
+    two-stage model's own outline model, else of `segmenter`, else of the app's."""
+    if policy not in OUTLINE_POLICIES:
+        raise ValueError(f"Unknown outline policy {policy!r}.")
+    if not reads_outlines(loaded):
+        return list(records), ""
+    if policy == EXPERT:
+        return list(records), "expert"
+    from bus_core.segment import Segmenter, with_automatic_masks
+
+    if loaded.card.two_stage and segmenter is None:
+        segmenter = two_stage_folders(loaded.path, loaded.card)[1]
+    outliner = Segmenter.from_path(segmenter)
+    return with_automatic_masks(records, outliner, mask_dir,
+                                progress=progress and sys.stderr.isatty()), "automatic"
 
 
 @torch.inference_mode()
@@ -114,6 +152,10 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
     if card.malignant_threshold is not None and len(y):
         metrics["at_threshold"] = threshold_metrics(y, probs, card.malignant_threshold,
                                                     card.classes)
+    if spec.uses_masks:
+        found = [record_has_lesion(r) for r in records]
+        metrics["outlined_but_normal"] = int(
+            metrics_lib.outlined_but_normal(found, probs, card.classes).sum())
     metrics["temperature"] = t
     metrics["model"] = card.name
     metrics["tta"] = tta
@@ -141,11 +183,13 @@ def two_stage(lesion: Evaluation, whole: Evaluation, found: Sequence[bool],
     probs = np.where(pick, read, whole.probs)
     logits = np.log(np.clip(probs, 1e-12, None)).astype(np.float32)
     metrics = compute_metrics(lesion.y_true, probs, lesion.classes)
+    contradicted = metrics_lib.outlined_but_normal(pick[:, 0], probs, lesion.classes)
     how = (f"{whole.metrics.get('model')} for normal, {lesion.metrics.get('model')} for the "
            "rest on the lesion outline" if normal_from_whole else
            f"{lesion.metrics.get('model')} on the lesion outline")
     metrics |= {"model": f"{how}, else {whole.metrics.get('model')}",
                 "outlined": int(pick.sum()), "normal_from_whole": normal_from_whole,
+                "outlined_but_normal": int(contradicted.sum()),
                 "data": data or {}}
     return Evaluation(metrics, lesion.ids, lesion.y_true, probs, logits, lesion.classes)
 

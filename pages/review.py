@@ -156,7 +156,8 @@ def cam_view(predictor: Predictor | None, why_not: str, case: Case, image: np.nd
     except BusError as exc:
         show_error(exc, "The explanation cannot be redrawn")
         return
-    st.image(overlay(prediction.model_view, cam, float(settings.get("opacity", 0.45))),
+    seen = prediction.explained_by(target).model_view
+    st.image(overlay(seen, cam, float(settings.get("opacity", 0.45))),
              caption=f"Grad-CAM for '{target}' (recomputed with the active model)",
              alt=f"Grad-CAM heat map of case {case.id} for the class {target}",
              width="stretch")
