@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,8 +20,11 @@ from bus_core.device import DeviceConfig, choose_device, prepare_model
 from bus_core.inputs import InputSpec, record_has_lesion
 from bus_core.loader import RecordDataset, eval_batches
 from bus_core.metrics import compute_metrics, softmax, threshold_metrics
-from bus_core.models import LoadedModel, load_model
+from bus_core.models import LoadedModel, ModelCard, load_model
 from bus_core.registry import two_stage_folders
+
+if TYPE_CHECKING:
+    from bus_core.segment import Segmenter
 
 
 @dataclass
@@ -52,9 +54,19 @@ alone either way): SERVED, the default, reads every image as the app and the com
 `predict` do; EXPERT gives it the data's own masks (a labelled option)."""
 
 
-def reads_outlines(loaded: LoadedModel) -> bool:
-    """Whether the outline policy changes `loaded`'s scores (it reads a lesion outline)."""
-    return InputSpec.from_card(loaded.card).uses_masks
+def reads_outlines(card: ModelCard) -> bool:
+    """Whether the outline policy changes a model's scores (it reads a lesion outline)."""
+    return InputSpec.from_card(card).uses_masks
+
+
+def served_segmenter(loaded: LoadedModel, path: str | Path | None = None) -> Segmenter:
+    """The outline model whose suggestions `loaded` reads when served: the one at `path`, else
+    a two-stage model's own, else the app's (`registry.active_segmenter_path`)."""
+    from bus_core.segment import Segmenter
+
+    if path is None and loaded.card.two_stage:
+        path = two_stage_folders(loaded.path, loaded.card)[1]
+    return Segmenter.from_path(path)
 
 
 def with_policy_outlines(loaded: LoadedModel, records: Sequence[Record], policy: str = SERVED,
@@ -62,21 +74,18 @@ def with_policy_outlines(loaded: LoadedModel, records: Sequence[Record], policy:
                          progress: bool = False) -> tuple[list[Record], str]:
     """The records as `policy` scores `loaded`, and the name of their masks for the
     evaluation's data note ('automatic', 'expert'; '' for a whole-image model). SERVED
-    replaces each record's masks by the suggested outline (none where no lesion is found) of a
-    two-stage model's own outline model, else of `segmenter`, else of the app's."""
+    replaces each record's masks by the suggested outline of `served_segmenter(loaded,
+    segmenter)` (none where it finds no lesion)."""
     if policy not in OUTLINE_POLICIES:
         raise ValueError(f"Unknown outline policy {policy!r}.")
-    if not reads_outlines(loaded):
+    if not reads_outlines(loaded.card):
         return list(records), ""
     if policy == EXPERT:
         return list(records), "expert"
-    from bus_core.segment import Segmenter, with_automatic_masks
+    from bus_core.segment import with_automatic_masks
 
-    if loaded.card.two_stage and segmenter is None:
-        segmenter = two_stage_folders(loaded.path, loaded.card)[1]
-    outliner = Segmenter.from_path(segmenter)
-    return with_automatic_masks(records, outliner, mask_dir,
-                                progress=progress and sys.stderr.isatty()), "automatic"
+    return with_automatic_masks(records, served_segmenter(loaded, segmenter), mask_dir,
+                                progress=progress), "automatic"
 
 
 @torch.inference_mode()
