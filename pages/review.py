@@ -478,8 +478,10 @@ def retrain_tab(store: CaseStore, who: Identity) -> None:
 # --- the page ----------------------------------------------------------------------------------
 
 st.title("Review cases")
-st.caption("Confirm or correct the model's readings. Reviewed cases become training data; a "
-           "retrained model replaces the active one only after a safety check.")
+st.caption(" ".join(part for part, shown in (
+    ("Confirm or correct the model's readings.", who.can("review")),
+    ("Reviewed cases become training data; a retrained model replaces the active one only after "
+     "a safety check.", True)) if shown))
 
 store = case_store()
 if store is None:

@@ -115,6 +115,7 @@ def test_review_page_tabs_and_model_buttons_follow_the_roles(tiny_model_dir):
     at = signed_in_app("researcher", name="res").run()
     at.switch_page("pages/review.py").run()
     assert [t.label for t in at.tabs] == ["Retrain"]
+    assert "Confirm or correct" not in texts(at)  # a researcher does not review
     at = signed_in_app("clinician", name="clin").run()
     at.switch_page("pages/review.py").run()
     assert [t.label for t in at.tabs] == ["Cases", "Export"]

@@ -205,6 +205,7 @@ def test_save_as_case_stores_the_prediction_once(app, tmp_path):
     app.run()
     assert not app.exception
     assert "Saved as case" in messages(app.success)
+    assert not [b for b in app.button if b.label == "Save as case"]  # replaced by the message
     app.run()
     assert not [b for b in app.button if b.label == "Save as case"]
     with open_store(tmp_path / "userdata") as store:
