@@ -948,6 +948,12 @@ def _signer(who: Identity, action: str) -> str:
     return clean
 
 
+def shown_name(image: np.ndarray, name: str) -> str:
+    """The name an uploaded image goes by outside the screen it was opened on (its case, the
+    report): its `pseudonym`, unless the administrator keeps file names."""
+    return name if keep_file_names() else pseudonym(_array_hash(_check_image(image)), name)
+
+
 def pseudonym(image_hash: str, name: str) -> str:
     """The name a case's image goes by: 'image-' and the start of its content hash, with the
     original file's extension (the same for every name of the same pixels)."""

@@ -10,6 +10,7 @@ from bus_core.errors import BusError
 from bus_core.predict import Prediction, Predictor
 from bus_core.report import ReportContent, render_report, report_filename
 from bus_core.segment import Segmenter
+from bus_core.store import shown_name
 from ui.auth import require_page
 from ui.cases import save_case_button
 from ui.common import active_predictor, active_segmenter, md_escape, show_error
@@ -79,15 +80,17 @@ def mask_note(choice: MaskChoice, predictor: Predictor) -> str:
 
 def report(upload: Upload, choice: MaskChoice, predictor: Predictor, prediction: Prediction,
            shown: Explanation) -> tuple[str, bytes]:
-    """(file name, PNG bytes) of the downloadable report."""
+    """(file name, PNG bytes) of the downloadable report, which names the image by the name
+    the case store gives it (a pseudonym unless file names are kept)."""
+    name = shown_name(upload.image, upload.name)
     image = upload.image if choice.mask is None else outlined(upload.image, choice.mask)
     content = ReportContent(image=image, overlay=shown.overlay,
                             probabilities=prediction.probabilities, label=prediction.label,
                             model=prediction.model, explained=shown.target, method=shown.method,
-                            filename=upload.name, uncertain=prediction.uncertain,
+                            filename=name, uncertain=prediction.uncertain,
                             warnings=prediction.warnings, mask_note=mask_note(choice, predictor),
                             flag=prediction.flag_sentence())
-    return report_filename(upload.name, content.created), render_report(content)
+    return report_filename(name, content.created), render_report(content)
 
 
 def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None,

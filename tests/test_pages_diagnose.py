@@ -388,3 +388,18 @@ def test_an_edited_outline_is_kept_when_accepted_and_edited_again(monkeypatch, t
         assert case.mask_source == "suggested, edited"
         (mask,) = store.load_masks(case)
         assert mask[:20, :20].all()
+
+
+def test_the_report_names_the_image_by_its_pseudonym_not_the_uploaded_file_name(app,
+                                                                                 monkeypatch):
+    import bus_core.report
+
+    contents = []
+    original = bus_core.report.render_report
+    monkeypatch.setattr(bus_core.report, "render_report", lambda content: contents.append(
+        content) or original(content))
+    upload(app, ("Jane Doe 1961.png", ultrasound_png(seed=2)[0], "image/png"))
+    (content,) = contents
+    assert content.filename.startswith("image-") and "Jane" not in content.filename
+    download = app.get("download_button")[0]
+    assert "Jane" not in str(download.proto)
