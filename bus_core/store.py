@@ -106,8 +106,10 @@ _PACS_COLUMNS = ("pacs_endpoint", "study_uid", "series_uid", "sop_uid")
 """The columns of a case's `PacsSource`, in its fields' order."""
 _EXPORTED_FILE = re.compile(r"^case-\d+(?:_mask(?:_\d+)?)?\.png$")
 _CSV_COLUMNS = ("id", "path", "label", "mask", "mask_source", "predicted", "uncertain", "status",
-                "probabilities", "model", "model_hash", "reviewer", "notes", "image_name",
-                "owner", "created_at", "updated_at")
+                *(f"{c}_percent" for c in CLASSES), "model", "model_hash", "reviewer", "notes",
+                "image_name", "owner", "created_at", "updated_at")
+"""The columns of an export's cases.csv: a percentage (1 decimal) per class; times in local
+minutes (`display_time`)."""
 
 
 class StoreError(StorageError):
@@ -820,11 +822,13 @@ class CaseStore:
         return {"id": case.id, "path": paths[0], "label": case.label, "mask": ";".join(paths[1:]),
                 "mask_source": case.mask_source or "", "predicted": case.predicted_label,
                 "uncertain": "yes" if case.uncertain else "no", "status": case.status,
-                "probabilities": json.dumps(case.probabilities), "model": case.model_name,
+                **{f"{c}_percent": f"{100 * case.probabilities[c]:.1f}"
+                   if c in case.probabilities else "" for c in CLASSES},
+                "model": case.model_name,
                 "model_hash": case.model_hash, "reviewer": case.reviewer, "notes": case.notes,
                 "image_name": case.display_name, "owner": case.owner or "",
-                "created_at": case.created_at,
-                "updated_at": case.updated_at}
+                "created_at": display_time(case.created_at),
+                "updated_at": display_time(case.updated_at)}
 
     # -- internals --
 
@@ -918,6 +922,12 @@ def _audit(conn: Connection, case_id: int, who: str, action: str, field: str | N
            old: str | None, new: str | None, *, at: str) -> None:
     conn.execute(insert(audit_log).values(at=at, case_id=case_id, who=who, action=action,
                                           field=field, old_value=old, new_value=new))
+
+
+def display_time(stamp: str) -> str:
+    """A stored UTC time as this machine's local 'YYYY-MM-DD HH:MM', the one format the app
+    shows and exports."""
+    return datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
 
 
 def _now() -> str:

@@ -37,13 +37,13 @@ from bus_core.registry import active_model_path
 from bus_core.retrain import RetrainPlan, find_plans, prepare_retraining
 from bus_core.roles import Identity
 from bus_core.settings import PROJECT_ROOT, default_dataset_dir
-from bus_core.store import ORDERABLE, STATUSES, Case, CaseStore
+from bus_core.store import ORDERABLE, STATUSES, Case, CaseStore, display_time
 from ui.auth import require_page
 from ui.cases import as_rgb, case_store, export_cases_zip
 from ui.charts import probability_chart
 from ui.common import md_escape, optional_predictor, show_error, start_job
 from ui.data_inputs import resolve_path, resolve_source
-from ui.decisions import ACTION_LABELS, decisions_table, local_time
+from ui.decisions import ACTION_LABELS, decisions_table
 from ui.masking import outlined
 from ui.pacs import case_from_pacs
 from ui.results import cam_cached, predict_cached
@@ -106,7 +106,7 @@ def filters(everyone: list[Case]) -> dict[str, Any]:
 def case_table(cases: list[Case]) -> pd.DataFrame:
     """One row per case, newest or as sorted."""
     return pd.DataFrame([{
-        "Case": c.id, "Saved": local_time(c.created_at), "Image": c.display_name,
+        "Case": c.id, "Saved": display_time(c.created_at), "Image": c.display_name,
         "Model's reading": c.reading,
         "Probability": c.probabilities.get(c.predicted_label),
         "Confirmed": c.confirmed_label or "", "Agreement": AGREEMENT[c.status],
@@ -166,7 +166,7 @@ def cam_view(predictor: Predictor | None, why_not: str, case: Case, image: np.nd
 def history_table(store: CaseStore, case: Case) -> None:
     """The audit entries of a case, oldest first."""
     entries = store.history(case.id)
-    st.dataframe(pd.DataFrame([{"When": local_time(e.at), "Who": e.who or "–",
+    st.dataframe(pd.DataFrame([{"When": display_time(e.at), "Who": e.who or "–",
                                 "Action": e.action, "Field": e.field or "",
                                 "Before": e.old_value or "", "After": e.new_value or ""}
                                for e in entries]), hide_index=True, width="stretch",
@@ -371,7 +371,7 @@ def gate_view(plan: RetrainPlan, who: Identity, log: list[dict[str, Any]]) -> No
         st.caption(f"• {reason}")
     if done is not None:
         st.success(f"Decision: {ACTION_LABELS[done['action']]} by {md_escape(done['who'])} on "
-                   f"{local_time(done['time'])}.", icon=":material/gavel:")
+                   f"{display_time(done['time'])}.", icon=":material/gavel:")
     elif result.passed:
         st.success(f"The new model is not worse than the active one (tolerance "
                    f"{result.tolerance:.2f}).", icon=":material/verified:")

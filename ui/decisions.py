@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
+from bus_core.store import display_time
+
 ACTION_LABELS = {"activated": "activated", "overridden": "activated by override",
                  "blocked": "blocked by the gate", "rejected": "rejected",
                  "rolled back": "rolled back", "made active": "made active by hand"}
-
-
-def local_time(stamp: str) -> str:
-    """A stored UTC time as local 'YYYY-MM-DD HH:MM'."""
-    return dt.datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
 
 
 def decisions_table(log: list[dict[str, Any]], key: str) -> None:
@@ -25,7 +21,7 @@ def decisions_table(log: list[dict[str, Any]], key: str) -> None:
         st.caption("No model decision recorded yet.")
         return
     st.dataframe(pd.DataFrame([{
-        "When": local_time(e["time"]), "Decision": ACTION_LABELS.get(e["action"], e["action"]),
+        "When": display_time(e["time"]), "Decision": ACTION_LABELS.get(e["action"], e["action"]),
         "Who": e["who"], "Model": Path(e["candidate"] or "").name,
         "Previously active": Path(e["active"] or "").name or "–",
         "Gate": {True: "passed", False: "failed"}.get(e.get("passed"), "–"),
