@@ -102,7 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     path = args.model or active_model_path()
     if path is None:
-        raise BusError(no_model_message())
+        raise BusError(no_model_message(command_line=True))
     loaded = load_model(path)
     if loaded.card.task == "segmentation":
         return _evaluate_segmenter(args, loaded)

@@ -29,7 +29,7 @@ from bus_core.jobs import (
 )
 from bus_core.loader import BALANCE_MODES
 from bus_core.metrics import METRIC_LABELS, fmt3
-from bus_core.models import ARCHS, CARD_FILE, WEIGHTS_FILE, imagenet_cached
+from bus_core.models import ARCHS, CARD_FILE, MIN_INPUT_SIZE, WEIGHTS_FILE, imagenet_cached
 from bus_core.registry import (
     active_model_path,
     check_model_name,
@@ -209,8 +209,8 @@ def split_setting(sources: list[str]) -> str | None | bool:
         show_error(exc)
         return False
     if not Path(path).is_file():
-        st.error(f"The split file {md_escape(path)} does not exist: make one with `python -m "
-                 "bus_core split`, or choose a new split.", icon=":material/error:")
+        st.error(f"The split file {md_escape(Path(path).name)} does not exist: choose a new "
+                 "split, or another split file.", icon=":material/error:")
         return False
     return path
 
@@ -222,8 +222,10 @@ def advanced_settings(arch: str) -> dict[str, Any]:
         c1, c2, c3, c4 = st.columns(4)
         resize = c1.number_input("Resize (shorter side, px)", 16, 1024, std.resize,
                                  key=f"train_resize_{arch}")
-        crop = c2.number_input("Input size (crop, px)", 16, 1024, std.crop,
-                               key=f"train_crop_{arch}")
+        smallest = MIN_INPUT_SIZE[arch]
+        crop = c2.number_input(f"Input size (crop, px; at least {smallest})", smallest, 1024,
+                               std.crop, key=f"train_crop_{arch}",
+                               help=f"{arch} cannot take a smaller input.")
         device = c3.selectbox("Device", DEVICE_CHOICES, key="train_device")
         seed = c4.number_input("Seed", 0, 2**31 - 1, 0, key="train_seed")
         c1, c2, c3, c4 = st.columns(4)

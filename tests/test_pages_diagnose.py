@@ -183,6 +183,7 @@ def test_no_model_installed_shows_how_to_get_one(monkeypatch, tmp_path):
     monkeypatch.setattr("bus_core.registry.bundled_default", lambda *args, **kwargs: None)
     at = start(monkeypatch, tmp_path, None)
     assert "No model is installed" in messages(at.warning)
+    assert "python -m" not in messages(at.warning)  # plain words, no commands
     assert not at.get("file_uploader")
 
 

@@ -183,6 +183,7 @@ def test_refused_combinations_and_failed_run_names(app, busi_dir):
     app.radio(key="train_split_kind").set_value("Saved split file").run()
     app.number_input(key="train_max_per_class").set_value(3).run()
     assert "cannot be combined with a saved split file" in texts(app)
+    assert "--" not in texts(app)  # plain words, no command-line options
     assert app.button(key="train_start").disabled
     app.number_input(key="train_max_per_class").set_value(0)
     app.radio(key="train_split_kind").set_value("New group-disjoint split").run()
@@ -224,3 +225,10 @@ def test_the_form_shows_the_last_job_s_settings_and_a_long_job_needs_a_tick(app,
     at.checkbox(key="train_long_ok").check().run()
     assert "Expected to take about 1 h 03 min" in at.checkbox(key="train_long_ok").label
     assert not at.button(key="train_start").disabled
+
+
+def test_the_input_size_cannot_go_below_what_the_architecture_takes(app):
+    crop = app.number_input(key="train_crop_densenet121")
+    assert crop.min == 32 and "at least 32" in crop.label
+    app.selectbox(key="train_arch").set_value("inception_v3").run()
+    assert app.number_input(key="train_crop_inception_v3").min == 75
