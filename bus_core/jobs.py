@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,8 @@ CURRENT_FILE = "current.json"
 LAST_FILE = "last.json"
 CANCEL_MARKER = ".cancel-requested"
 
-# Processes started by this Python process, kept so they are reaped (no zombies) and polled.
+# Processes started by this Python process, polled through their Popen (each is reaped by a
+# thread waiting for it, so none stays a zombie).
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
@@ -312,6 +314,8 @@ def _spawn(kind: str, config: TrainConfig, argv: list[str],
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
     _CHILDREN[process.pid] = process
+    # reaped as soon as it ends, whether or not a page asks about it (no <defunct> process)
+    threading.Thread(target=process.wait, name=f"reap-{process.pid}", daemon=True).start()
     job = Job(pid=process.pid, out=str(config.out), kind=kind, started=time.time(),
               command=command, config=dataclasses.asdict(config), grid=grid)
     _write_json(jobs_dir() / CURRENT_FILE, job.to_dict())

@@ -416,9 +416,10 @@ def run_label(job: Job) -> str:
     return f"Grid search **{md_escape(name)}**, run {index} of {len(runs)}: `{current}`"
 
 
-def progress_view(job: Job, events: list[dict[str, Any]]) -> None:
-    """Progress bar with ETA, the latest figures, and the live curves."""
-    st.progress(progress_fraction(events), text=progress_text(events))
+def progress_view(job: Job, events: list[dict[str, Any]], running: bool) -> None:
+    """Progress bar (with the time left while `running`), the latest figures, and the live
+    curves."""
+    st.progress(progress_fraction(events), text=progress_text(events, running))
     step, epoch = last_event(events, "step"), last_event(events, "epoch")
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("Epoch", f"{step['epoch']}/{step['epochs']}" if step else "–")
@@ -460,7 +461,7 @@ def live_view(job: Job) -> None:
         if not job.is_alive():
             st.rerun()  # the whole page then shows how it ended
         st.markdown(run_label(job))
-        progress_view(job, job.events())
+        progress_view(job, job.events(), running=not job.cancel_requested())
         if job.kind == "tune":
             results_view(job)
         if not job.cancel_requested() and st.button("Cancel", icon=":material/stop:",
@@ -532,7 +533,7 @@ def finished_view(job: Job, status: str) -> None:
     st.markdown(run_label(job))
     outcome(job, status, events)
     if job.kind == "train":
-        progress_view(job, events)
+        progress_view(job, events, running=False)
         if status == "done":
             test_figures(events)
     else:
