@@ -56,7 +56,8 @@ def show_prediction(prediction: Prediction, threshold: float, key: str) -> None:
     else:
         st.metric("Model's reading", prediction.label.capitalize())
         st.caption(f"{top:.0%} calibrated probability")
-    st.plotly_chart(probability_chart(prediction.probabilities, prediction.label, threshold),
+    st.plotly_chart(probability_chart(prediction.probabilities, prediction.label, threshold,
+                                      prediction.malignant_threshold),
                     config={"displayModeBar": False, "staticPlot": True}, key=f"chart_{key}")
     if prediction.malignant_flag:
         st.error(prediction.flag_sentence(), icon=":material/flag:")
