@@ -8,11 +8,11 @@ import streamlit as st
 
 from bus_core.settings import configure_logging
 from ui.auth import may_open, open_requested_page, require_signed_in, show_who
-from ui.common import APP_TITLE, mark_entrypoint, render_sidebar
+from ui.common import APP_TITLE, app_icon, mark_entrypoint, render_sidebar
 
 configure_logging()
 
-st.set_page_config(page_title=APP_TITLE, page_icon=":material/radiology:", layout="wide")
+st.set_page_config(page_title=APP_TITLE, page_icon=app_icon(), layout="wide")
 
 PAGES = {
     "Clinic": [("diagnose", "Diagnose", ":material/stethoscope:"),

@@ -302,7 +302,7 @@ def test_a_bookmarked_page_opens_inside_the_app_after_a_server_start(browser, ti
         tab.set_default_timeout(60_000)
         sign_in(tab, f"{url}/review")
         tab.get_by_text("Review cases").first.wait_for()
-        tab.get_by_text("Active model", exact=False).first.wait_for()
+        tab.get_by_text("Model in use", exact=False).first.wait_for()
         settle(tab)
         sidebar = tab.locator("[data-testid=stSidebar]").inner_text()
         assert "Clinic" in sidebar and "Teaching" in sidebar and "review\n" not in sidebar
