@@ -120,8 +120,9 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
     name, data = memo("report", (key, choice.key, shown.target, digest(shown.overlay)),
                       lambda: report(upload, choice, predictor, prediction, shown),
                       max_entries=8)
-    column.download_button("Download report (PNG)", data=data, file_name=name,
+    column.download_button("Report (PNG)", data=data, file_name=name,
                            mime="image/png", icon=":material/download:",
+                           help="Download the reading, its map and the image as one picture.",
                            key=f"report_{upload.key}", on_click="ignore")
     with column:
         masks = [] if choice.mask is None else [choice.mask]

@@ -104,13 +104,14 @@ def filters(everyone: list[Case]) -> dict[str, Any]:
 
 
 def case_table(cases: list[Case]) -> pd.DataFrame:
-    """One row per case, newest or as sorted."""
+    """One row per case, newest or as sorted; what a reviewer needs first on the left (a
+    narrow window shows those)."""
     return pd.DataFrame([{
-        "Case": c.id, "Saved": display_time(c.created_at), "Image": c.display_name,
-        "Model's reading": c.reading,
+        "Case": c.id, "Agreement": AGREEMENT[c.status], "Model's reading": c.reading,
+        "Confirmed": c.confirmed_label or "", "Notes": c.notes,
         "Probability": c.probabilities.get(c.predicted_label),
-        "Confirmed": c.confirmed_label or "", "Agreement": AGREEMENT[c.status],
-        "Reviewer": c.reviewer, "Model": c.model_name, "Notes": c.notes} for c in cases])
+        "Saved": display_time(c.created_at), "Image": c.display_name, "Reviewer": c.reviewer,
+        "Model": c.model_name} for c in cases])
 
 
 def highlight_disagreements(row: pd.Series) -> list[str]:

@@ -404,3 +404,4 @@ def test_the_report_names_the_image_by_its_pseudonym_not_the_uploaded_file_name(
     assert content.filename.startswith("image-") and "Jane" not in content.filename
     download = app.get("download_button")[0]
     assert "Jane" not in str(download.proto)
+    assert download.proto.label == "Report (PNG)"  # short enough for a narrow column
