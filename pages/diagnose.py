@@ -40,17 +40,25 @@ def predict(predictor: Predictor, upload: Upload, choice: MaskChoice) -> Predict
         return None
 
 
+def model_details(predictor: Predictor, prediction: Prediction) -> None:
+    """Which models read the image, where and how fast: technical, so folded away."""
+    with st.expander("Model details"):
+        names = [predictor.card.name] + ([predictor.whole.card.name] if predictor.whole else [])
+        st.caption(md_escape(f"Model {' with '.join(names)}"
+                             + (f". {prediction.reading}" if prediction.reading else ".")))
+        st.caption(f"Read in {prediction.elapsed_ms:.0f} ms ({md_escape(predictor.description)}).")
+
+
 def input_note(predictor: Predictor, choice: MaskChoice) -> str:
     """What the model looks at, in one line."""
     if predictor.whole is not None:
-        whole = md_escape(predictor.whole.card.name)
         if choice.mask is None:
-            return (f"No lesion outline, so the whole-image model ({whole}) reads the whole "
-                    "image. Accept the suggested outline or paint one to read the lesion itself.")
+            return ("No lesion outline, so the whole-image model reads the whole image. Accept "
+                    "the suggested outline or paint one to read the lesion itself.")
         made = ", outlined automatically" if choice.origin == "suggested" else ""
-        return (f"Two-stage reading: the whole image ({whole}) tells normal from lesion; the "
-                f"lesion and the tissue around it (the box around the outline{made}) tell "
-                "benign from malignant.")
+        return ("Two-stage reading: the whole image tells normal from lesion; the lesion and "
+                f"the tissue around it (the box around the outline{made}) tell benign from "
+                "malignant.")
     if predictor.spec.uses_masks:
         automatic = " (outlined automatically)" if choice.origin == "suggested" else ""
         if predictor.spec.mode == "lesion-context":
@@ -112,7 +120,7 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
             show_prediction(prediction, predictor.card.uncertain_below, upload.key)
         st.caption(input_note(predictor, choice))
         if prediction is not None:
-            st.caption(f"Read in {prediction.elapsed_ms:.0f} ms ({predictor.description}).")
+            model_details(predictor, prediction)
     if prediction is None:
         return None
     key = prediction_key(predictor, upload, choice)

@@ -337,11 +337,16 @@ def test_a_two_stage_model_reads_the_outline_and_the_whole_image(monkeypatch, tm
     upload(at, ("scan.png", ultrasound_png(size=(200, 240))[0], "image/png"))
     assert segmented(at, "Lesion mask").value == "Suggest outline"
     assert "Automatic outline by tiny-outline" in messages(at.caption)
-    assert "Two-stage reading: the whole image (tiny-whole)" in messages(at.caption)
+    assert "Two-stage reading: the whole image tells normal from lesion" in messages(at.caption)
     assert not at.error and at.metric[0].label == "Model's reading"
+    details = next(e for e in at.expander if e.label == "Model details")
+    assert "tiny-two with tiny-whole" in messages(details.caption)  # names folded away
+    assert "Read in" in messages(details.caption)
+    outside = [c.value for c in at.caption if c not in details.caption]
+    assert not any("tiny-whole" in c or "Read in" in c for c in outside)
     segmented(at, "Lesion mask").set_value("No mask").run()
     assert not at.exception and not at.error
-    assert "the whole-image model (tiny-whole) reads the whole image" in messages(at.caption)
+    assert "the whole-image model reads the whole image" in messages(at.caption)
 
 
 def test_a_storage_failure_is_told_in_plain_words_without_the_path(app, tmp_path):
