@@ -245,9 +245,10 @@ def cases_tab(store: CaseStore, who: Identity) -> None:
     if st.session_state.get("review_case") not in ids:
         st.session_state["review_case"] = ids[0]
     by_id = {c.id: c for c in cases}
+    # no status in an option's text: a browser keeps showing the text it was chosen with, so a
+    # review would leave "to review" on screen (the status is shown with the case below)
     picked = st.selectbox("Case", ids, key="review_case",
-                          format_func=lambda i: f"Case {i} · {by_id[i].display_name} · "
-                                                f"{AGREEMENT[by_id[i].status]}")
+                          format_func=lambda i: f"Case {i} · {by_id[i].display_name}")
     case_detail(store, by_id[picked], who)
 
 
