@@ -85,19 +85,8 @@ def require_signed_in() -> Identity:
         st.stop()
     if found is None:
         _remember_requested_page()
-        _no_page_list()
         st.stop()
     return found
-
-
-def _signing_in() -> None:
-    """The one page of the navigation before signing in (the screens are drawn by app.py)."""
-
-
-def _no_page_list() -> None:
-    """Replace the page list a browser may show before anyone signs in (Streamlit's list of the
-    pages/ files when the first request of a server names a page) by a hidden navigation."""
-    st.navigation([st.Page(_signing_in, title=APP_TITLE, url_path="sign-in")], position="hidden")
 
 
 AFTER_SIGN_IN_KEY = "_bus_after_sign_in"

@@ -127,27 +127,3 @@ def test_the_case_selector_follows_a_review(walk_server, walk_data):
             page.get_by_text("Status: disagrees").wait_for()
         finally:
             browser.close()
-
-
-def test_the_sign_in_screen_lists_no_pages_even_for_a_bookmarked_page(tiny_model_dir,
-                                                                      tmp_path):
-    """The first request of a fresh server names a page (a bookmark): before signing in, the
-    screen shows the sign-in form only, no list of the app's page files."""
-    env = {**os.environ, "BUS_MODEL": str(tiny_model_dir), "BUS_DATA_DIR": str(tmp_path)}
-    subprocess.run([sys.executable, "-m", "bus_core", "users", "add", "admin", "--role",
-                    "admin", "--password-stdin"], input=PASSWORD + "\n", text=True, check=True,
-                   cwd=REPO, env=env, timeout=120)
-    with running_app(env, tmp_path / "streamlit.log") as url, \
-            sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
-            page.set_default_timeout(60_000)
-            page.goto(f"{url}/review")
-            page.get_by_label("Username", exact=True).wait_for()
-            settle(page)
-            WALK.mkdir(parents=True, exist_ok=True)
-            full_screenshot(page, WALK / "signin-bookmark.png")
-            assert not page.locator("[data-testid=stSidebarNav]").count()
-        finally:
-            browser.close()
