@@ -129,3 +129,21 @@ def test_a_segmentation_model_is_listed_but_not_offered_as_the_classifier(
     at.switch_page("pages/evaluate.py").run()
     assert not at.exception
     assert "outline" not in " ".join(str(o) for o in at.multiselect[0].options)
+
+
+def test_a_model_s_readme_is_shown_and_data_sets_are_named_by_name(monkeypatch, tmp_path,
+                                                                    tiny_model_dir):
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.delenv("BUS_MODEL", raising=False)
+    folder = copy_model(tiny_model_dir, user_models_dir() / "documented",
+                        training_data={"sources": ["/data/BUSI", "/data/BUSBRA/labels.csv"]})
+    (folder / "README.md").write_text("# Documented\n\nTrained on the Kaggle copy of BUSI.\n")
+    at = signed_in_app(timeout=60).run()
+    at.switch_page("pages/models.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    cards = [" ".join(m.value for m in e.markdown) for e in at.expander
+             if e.label == "Model card"]
+    assert any("Trained on the Kaggle copy of BUSI." in text for text in cards)
+    data_lines = [m.value for m in at.markdown if "**Data**" in m.value]
+    assert any("**Data** BUSI, BUSBRA" in m for m in data_lines)
+    assert not any("labels" in m for m in data_lines)
