@@ -199,7 +199,7 @@ def test_diagnose_in_a_browser(page, server, tmp_path):
     page.get_by_text("Model's reading").wait_for()
     page.get_by_text("Grad-CAM for", exact=False).first.wait_for()
     wait_for_images(page, 3)
-    page.get_by_text("Report (PNG)").wait_for()
+    page.get_by_role("button", name="Report (PNG)").wait_for()
     settle(page)
     ARTIFACTS.mkdir(exist_ok=True)
     full_screenshot(page, ARTIFACTS / "diagnose.png")
@@ -257,7 +257,7 @@ def test_paint_a_mask_in_a_browser(page, server, tmp_path):
     ring = [(0.5 + 0.12 * np.cos(a), 0.55 + 0.15 * np.sin(a)) for a in np.linspace(0, 6.3, 24)]
     draw(page, canvas, ring)
     page.get_by_text("Masked crop").wait_for()
-    page.get_by_text("Report (PNG)").wait_for()
+    page.get_by_role("button", name="Report (PNG)").wait_for()
     settle(page)
     full_screenshot(page, ARTIFACTS / "diagnose-paint.png")
     page.get_by_role("button", name="Clear").click()
