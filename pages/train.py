@@ -114,7 +114,7 @@ def form_values(job: Job) -> dict[str, Any]:
 
 
 def show_settings_of(job: Job) -> None:
-    """Once per job in a browser session: the form shows that job's settings, so what is
+    """Once per job for each visitor: the form shows that job's settings, so what is
     drawn (and started next) is what ran last, not the defaults."""
     if st.session_state.get("_train_form_of") == job.started:
         return

@@ -207,7 +207,7 @@ def test_the_form_shows_the_last_job_s_settings_and_a_long_job_needs_a_tick(app,
     ProgressLog(RunFiles(out).progress).write("step", epoch=1, epochs=3, step=1, steps=4,
                                               images_per_s=0.01, loss=1.0, mean_loss=1.0,
                                               accuracy=0.5, lr=0.001)  # a slow machine
-    at = signed_in_app(timeout=60).run()  # a new browser session (a reload)
+    at = signed_in_app(timeout=60).run()  # a new visit (a reload)
     at.switch_page("pages/train.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.number_input(key="train_epochs").value == 3
