@@ -8,11 +8,11 @@ import streamlit as st
 
 from bus_core.settings import configure_logging
 from ui.auth import may_open, open_requested_page, require_signed_in, show_who
-from ui.common import APP_TITLE, mark_entrypoint, render_sidebar
+from ui.common import APP_TITLE, app_icon, mark_entrypoint, render_sidebar
 
 configure_logging()
 
-st.set_page_config(page_title=APP_TITLE, page_icon=":material/radiology:", layout="wide")
+st.set_page_config(page_title=APP_TITLE, page_icon=app_icon(), layout="wide")
 
 PAGES = {
     "Clinic": [("diagnose", "Diagnose", ":material/stethoscope:"),
@@ -34,7 +34,8 @@ navigation = st.navigation({
     section: [st.Page(f"pages/{name}.py", title=title, icon=icon, default=name == first)
               for name, title, icon in pages]
     for section, pages in allowed.items() if pages})
-open_requested_page(who)
+open_requested_page(who, {name: title for pages in PAGES.values()
+                                for name, title, _ in pages})
 show_who(who)
 render_sidebar()
 navigation.run()

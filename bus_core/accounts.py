@@ -16,6 +16,7 @@ Rules:
 - A wrong password, an unknown, disabled or locked user get the same message; the failure
   count is raised in one statement, so simultaneous guesses cannot outrun the lock.
 - A session ends after `idle_minutes()` without activity or `MAX_SESSION_HOURS` in all.
+- The last active administrator can neither lose the admin role nor be disabled.
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ class Accounts:
         old = self._existing(name)
         self._change(by, name, "roles changed",
                      f"{', '.join(sorted(old.roles))} -> {', '.join(sorted(roles))}",
-                     roles=",".join(sorted(roles)))
+                     keeps_admin="admin" in roles, roles=",".join(sorted(roles)))
         return self._existing(name)
 
     def set_disabled(self, by: Identity, name: str, disabled: bool = True) -> User:
@@ -280,7 +281,8 @@ class Accounts:
         if disabled and name == by.name:
             raise AccountError("You cannot disable your own account.")
         self._existing(name)
-        self._change(by, name, "disabled" if disabled else "enabled", None, disabled=disabled)
+        self._change(by, name, "disabled" if disabled else "enabled", None,
+                     keeps_admin=not disabled, disabled=disabled)
         return self._existing(name)
 
     def set_password(self, by: Identity, name: str, password: str,
@@ -299,8 +301,10 @@ class Accounts:
                      failed_signins=0, locked_until=None)
 
     def _change(self, by: Identity, name: str, action: str, detail: str | None,
-                **values: object) -> None:
+                keeps_admin: bool = True, **values: object) -> None:
         with self.store.transaction(write=True) as conn:
+            if not keeps_admin:
+                _refuse_removing_last_admin(conn, name)
             conn.execute(update(users).where(users.c.name == name).values(
                 **values, updated_at=_iso(_utcnow())))
             _log(conn, by.name, action, name, detail, _utcnow())
@@ -315,6 +319,16 @@ class Accounts:
         with self.store.transaction() as conn:
             return conn.execute(select(users.c.password_hash).where(
                 users.c.name == name)).scalar()
+
+
+def _refuse_removing_last_admin(conn: Connection, name: str) -> None:
+    """AccountError when `name` is the only active administrator."""
+    active = [row.name for row in conn.execute(
+        select(users.c.name, users.c.roles).where(users.c.disabled.is_(False)))
+        if "admin" in row.roles.split(",")]
+    if active == [name]:
+        raise AccountError(f"{name} is the only active administrator: make another user an "
+                           "administrator first, or the app would have none.")
 
 
 def check_name(name: str) -> str:

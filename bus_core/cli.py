@@ -89,38 +89,44 @@ def _evaluate_segmenter(args: argparse.Namespace, loaded) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a model on data (optionally one subset of a split file)."""
-    from bus_core.evaluate import evaluate
-    from bus_core.inputs import InputSpec
+    from bus_core.evaluate import (
+        EXPERT,
+        OUTLINE_POLICIES,
+        SERVED,
+        evaluate,
+        reads_outlines,
+        with_policy_outlines,
+    )
     from bus_core.metrics import format_metrics
     from bus_core.models import load_model
     from bus_core.registry import active_model_path, no_model_message
 
     path = args.model or active_model_path()
     if path is None:
-        raise BusError(no_model_message())
+        raise BusError(no_model_message(command_line=True))
     loaded = load_model(path)
     if loaded.card.task == "segmentation":
         return _evaluate_segmenter(args, loaded)
     records, data = _records_for(args)
-    reads_masks = InputSpec.from_card(loaded.card).uses_masks
+    reads_masks = reads_outlines(loaded.card)
     if (args.masks not in (None, "expert") or args.outline_check) and not reads_masks:
         raise BusError(f"--masks {args.masks} and --outline-check are for models that read a "
                        "lesion mask; this model uses the whole image.")
-    # a two-stage model is scored as the app reads an image: on its suggested outlines
-    args.masks = args.masks or ("auto" if loaded.card.two_stage and not args.input_mode
-                                else "expert")
+    # the outline policy of bus_core.evaluate: by default a model that reads an outline is
+    # scored as clinicians get its reading, on the suggested outlines (not with --input-mode,
+    # which scores the lesion model alone)
+    args.masks = args.masks or ("auto" if reads_masks and not args.input_mode else "expert")
     if args.outline_check:
         return _outline_check(args, loaded, records, data)
     if args.whole_image_model:
         return _two_stage(args, loaded, records, data)
-    if args.masks == "auto":
-        from bus_core.segment import with_automatic_masks
-
-        records = with_automatic_masks(records, _segmenter(args, loaded),
-                                       Path(args.mask_dir) if args.mask_dir else None,
-                                       progress=sys.stderr.isatty())
-        data = {**data, "masks": "automatic"}
-    elif args.masks != "expert":
+    if args.masks in ("auto", "expert"):
+        records, kind = with_policy_outlines(
+            loaded, records, SERVED if args.masks == "auto" else EXPERT,
+            segmenter=args.segmenter, mask_dir=Path(args.mask_dir) if args.mask_dir else None,
+            progress=sys.stderr.isatty())
+        data = {**data, "masks": kind} if kind else data
+    else:
         from bus_core.segment import with_outline_variant
 
         records = with_outline_variant(records, args.masks)
@@ -129,7 +135,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       progress=sys.stderr.isatty(), data={**data, "n": len(records)},
                       tta=args.tta, input_mode=args.input_mode, backend=args.backend)
     _given_threshold(args, result)
-    masks = " with automatic masks" if args.masks == "auto" else ""
+    policy = {"automatic": SERVED, "expert": EXPERT}.get(data.get("masks", ""))
+    masks = f", scored {OUTLINE_POLICIES[policy]}" if policy else ""
     print(f"Model {result.metrics['model']} on {len(records)} images ({data['subset']}){masks}:")
     if result.metrics.get("reading"):
         print(f"  reading: {result.metrics['reading']}")
@@ -170,12 +177,9 @@ def _fitted_threshold(result: Any) -> None:
 def _segmenter(args: argparse.Namespace, loaded: Any) -> Any:
     """The outline model for --masks auto: --segmenter, else a two-stage model's own outline
     model, else the bundled one."""
-    from bus_core.registry import two_stage_folders
-    from bus_core.segment import Segmenter
+    from bus_core.evaluate import served_segmenter
 
-    if args.segmenter is None and loaded.card.two_stage:
-        return Segmenter.from_path(two_stage_folders(loaded.path, loaded.card)[1])
-    return Segmenter.from_path(args.segmenter)
+    return served_segmenter(loaded, args.segmenter)
 
 
 def _outline_check(args: argparse.Namespace, loaded: Any, records: list[Any],
@@ -281,7 +285,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         out["mask"] = mask_note
     if args.cam:
         heat = predictor.explain(prediction, target=args.target, method=args.cam_method)
-        _write_output(args.cam, image_to_png_bytes(overlay(prediction.model_view, heat)))
+        seen = prediction.explained_by(args.target or prediction.label).model_view
+        _write_output(args.cam, image_to_png_bytes(overlay(seen, heat)))
         out["cam"] = args.cam
     if args.json:
         print(json.dumps(out, indent=2))
@@ -574,8 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", choices=("auto", *OUTLINE_VARIANTS),
                    help="for a lesion (mask) model: the data's expert masks, the outlines the "
                         "segmentation model suggests (auto), or the expert masks dilated or "
-                        "replaced by their bounding box (default: auto for a two-stage model, "
-                        "else expert)")
+                        "replaced by their bounding box (default: auto, the reading clinicians "
+                        "get; expert with --input-mode)")
     p.add_argument("--whole-image-model",
                    help="with --masks auto, for a lesion model: the two-stage reading, this "
                         "whole-image model where the suggested outline finds no lesion")

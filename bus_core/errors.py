@@ -29,7 +29,12 @@ class ModelError(BusError):
 
 class StorageError(BusError):
     """A file or folder that cannot be written or read: no permission, a file where a folder
-    should be, a full disk."""
+    should be, a full disk. `str()` names the path (for the log and the command line);
+    `plain` says what went wrong without it (for the app's pages)."""
+
+    def __init__(self, message: str, plain: str | None = None) -> None:
+        super().__init__(message)
+        self.plain = plain or message
 
 
 class DeviceError(BusError, ValueError):
@@ -55,6 +60,13 @@ def storage_message(action: str, exc: OSError) -> str:
             "whoever runs this machine for access.")
 
 
+def plain_storage_message(exc: OSError) -> str:
+    """What an `OSError` means for the app's user, without the path."""
+    reason = exc.strerror or type(exc).__name__
+    return (f"The app could not store or read its files ({reason}). Ask whoever runs this "
+            "machine to free disk space or grant access.")
+
+
 @contextlib.contextmanager
 def storage(action: str) -> Iterator[None]:
     """Raise any `OSError` of the block as a `StorageError` that says what could not be done
@@ -62,4 +74,5 @@ def storage(action: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise StorageError(storage_message(action, exc)) from exc
+        raise StorageError(storage_message(action, exc), plain=plain_storage_message(exc)) \
+            from exc

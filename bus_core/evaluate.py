@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,8 +21,11 @@ from bus_core.inputs import InputSpec, record_has_lesion
 from bus_core.intervals import score
 from bus_core.loader import RecordDataset, eval_batches
 from bus_core.metrics import softmax
-from bus_core.models import LoadedModel, load_model
+from bus_core.models import LoadedModel, ModelCard, load_model
 from bus_core.registry import two_stage_folders
+
+if TYPE_CHECKING:
+    from bus_core.segment import Segmenter
 
 
 @dataclass
@@ -49,6 +53,49 @@ class Evaluation:
         pred = self.probs.argmax(1)
         return [(self.ids[i], self.classes[self.y_true[i]], self.classes[pred[i]],
                  float(self.probs[i, pred[i]])) for i in np.flatnonzero(pred != self.y_true)]
+
+
+SERVED, EXPERT = "served", "expert"
+OUTLINE_POLICIES: dict[str, str] = {
+    SERVED: "as clinicians get it: on the outlines the outline model suggests",
+    EXPERT: "on the data's expert outlines"}
+"""How a model that reads a lesion outline is scored (a whole-image model reads the images
+alone either way): SERVED, the default, reads every image as the app and the command line's
+`predict` do; EXPERT gives it the data's own masks (a labelled option)."""
+
+
+def reads_outlines(card: ModelCard) -> bool:
+    """Whether the outline policy changes a model's scores (it reads a lesion outline)."""
+    return InputSpec.from_card(card).uses_masks
+
+
+def served_segmenter(loaded: LoadedModel, path: str | Path | None = None) -> Segmenter:
+    """The outline model whose suggestions `loaded` reads when served: the one at `path`, else
+    a two-stage model's own, else the app's (`registry.active_segmenter_path`)."""
+    from bus_core.segment import Segmenter
+
+    if path is None and loaded.card.two_stage:
+        path = two_stage_folders(loaded.path, loaded.card)[1]
+    return Segmenter.from_path(path)
+
+
+def with_policy_outlines(loaded: LoadedModel, records: Sequence[Record], policy: str = SERVED,
+                         *, segmenter: str | Path | None = None, mask_dir: Path | None = None,
+                         progress: bool = False) -> tuple[list[Record], str]:
+    """The records as `policy` scores `loaded`, and the name of their masks for the
+    evaluation's data note ('automatic', 'expert'; '' for a whole-image model). SERVED
+    replaces each record's masks by the suggested outline of `served_segmenter(loaded,
+    segmenter)` (none where it finds no lesion)."""
+    if policy not in OUTLINE_POLICIES:
+        raise ValueError(f"Unknown outline policy {policy!r}.")
+    if not reads_outlines(loaded.card):
+        return list(records), ""
+    if policy == EXPERT:
+        return list(records), "expert"
+    from bus_core.segment import with_automatic_masks
+
+    return with_automatic_masks(records, served_segmenter(loaded, segmenter), mask_dir,
+                                progress=progress), "automatic"
 
 
 @torch.inference_mode()
@@ -121,6 +168,10 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
     probs = softmax(logits, t) if len(logits) else np.zeros((0, len(card.classes)))
     sources = [r.source for r in records]
     metrics = score(y, probs, card.classes, threshold=card.malignant_threshold, sources=sources)
+    if spec.uses_masks:
+        found = [record_has_lesion(r) for r in records]
+        metrics["outlined_but_normal"] = int(
+            metrics_lib.outlined_but_normal(found, probs, card.classes).sum())
     metrics["temperature"] = t
     metrics["model"] = card.name
     metrics["tta"] = tta
@@ -153,11 +204,13 @@ def two_stage(lesion: Evaluation, whole: Evaluation, found: Sequence[bool],
     logits = np.log(np.clip(probs, 1e-12, None)).astype(np.float32)
     metrics = score(lesion.y_true, probs, lesion.classes, threshold=threshold,
                     sources=lesion.sources)
+    contradicted = metrics_lib.outlined_but_normal(pick[:, 0], probs, lesion.classes)
     how = (f"{whole.metrics.get('model')} for normal, {lesion.metrics.get('model')} for the "
            "rest on the lesion outline" if normal_from_whole else
            f"{lesion.metrics.get('model')} on the lesion outline")
     metrics |= {"model": f"{how}, else {whole.metrics.get('model')}",
                 "outlined": int(pick.sum()), "normal_from_whole": normal_from_whole,
+                "outlined_but_normal": int(contradicted.sum()),
                 "data": data or {}}
     if normal_from_whole:
         metrics |= {"normal_odds_with_outline": normal_odds,

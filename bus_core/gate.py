@@ -10,7 +10,8 @@ tolerance, so a difference the images cannot rule out counts, not only the one o
 metric that does not exist for either model on a subset (e.g. no malignant case among the new
 ones) is skipped; one that exists for the active model but not for the candidate fails.
 
-Decisions (activation, override, refusal, rejection, roll back) are appended as JSON lines to
+Decisions (activation, override, refusal, rejection, roll back, and a model made active by hand
+in the model registry) are appended as JSON lines to
 `<data dir>/model_decisions.jsonl`, which is never rewritten. Models are never deleted here: a roll
 back makes an earlier model active again.
 """
@@ -29,8 +30,8 @@ from bus_core.dataset import Record
 from bus_core.errors import BusError, storage
 from bus_core.evaluate import Evaluation, evaluate
 from bus_core.intervals import paired_difference
-from bus_core.metrics import HEADLINE_KEYS, LOWER_IS_BETTER
-from bus_core.models import CARD_FILE, load_model
+from bus_core.metrics import HEADLINE_KEYS, LOWER_IS_BETTER, METRIC_LABELS
+from bus_core.models import CARD_FILE, ModelCard, load_model, read_card
 from bus_core.progress import read_json_lines
 from bus_core.registry import active_model_path, set_active_model
 from bus_core.roles import Identity, require
@@ -48,7 +49,8 @@ GATE_SUBSETS: dict[str, str] = {FIXED_TEST: "the fixed test split",
 """The subsets a candidate is judged on, with how they are named in sentences."""
 SUMMARY_KEYS: tuple[str, ...] = ("n", *HEADLINE_KEYS)
 """The metrics kept in a gate result and the decision log (besides the gated ones)."""
-MADE_ACTIVE: frozenset[str] = frozenset({"activated", "overridden", "rolled back"})
+MADE_ACTIVE: frozenset[str] = frozenset({"activated", "overridden", "rolled back",
+                                        "made active"})
 """The actions after which the decision's candidate is the active model."""
 
 
@@ -285,6 +287,56 @@ def activate_if_passed(result: GateResult, candidate_path: str | Path, *,
         action = "blocked"
     _append(_entry(action, name, candidate_path, previous, result, reason))
     return action != "blocked"
+
+
+SMALL_TEST_N = 100
+"""A test subset of fewer images gives figures too uncertain to choose the clinic's model by."""
+
+
+def activation_warnings(candidate: ModelCard, active: ModelCard | None) -> list[str]:
+    """What a person making `candidate` active by hand (without the gate) should read first:
+    its test subset is small or missing, its card's test figures are lower than the active
+    model's by more than the gate's tolerance, or the two were tested on different images."""
+    test = candidate.metrics.get("test") or {}
+    n = test.get("n")
+    warnings = []
+    if not test:
+        warnings.append("This model has no test figures.")
+    elif not n or n < SMALL_TEST_N:
+        warnings.append(f"This model was tested on only {n or 'an unknown number of'} images "
+                        f"(fewer than {SMALL_TEST_N}): its figures are uncertain.")
+    before = (active.metrics.get("test") or {}) if active else {}
+    if not test or not before:
+        return warnings
+    for key in DEFAULT_KEYS:
+        new, old = test.get(key), before.get(key)
+        if _check(key, new, old, DEFAULT_TOLERANCE) is False:
+            warnings.append(f"Its {METRIC_LABELS[key].lower()} on its test images is "
+                            f"{'–' if new is None else f'{new:.3f}'}, lower than the active "
+                            f"model's {old:.3f}.")
+    hashes = {(figures.get("data") or {}).get("data_hash") for figures in (test, before)}
+    if len(hashes) != 1 or None in hashes:
+        warnings.append("The two models were tested on different images (or the cards do not "
+                        "say which): their figures are not strictly comparable.")
+    return warnings
+
+
+def make_active(candidate_path: str | Path, *, who: Identity, reason: str) -> dict[str, Any]:
+    """Make a model the active one by hand, without the gate (role admin): `reason` is
+    required, and the decision is logged as 'made active' with who, when, why and the
+    warnings of `activation_warnings`. Returns the logged entry."""
+    name = _signed(who, "manage_models")
+    why = (reason or "").strip()
+    if not why:
+        raise GateError("Say why this model should become the clinic's model: the reason is "
+                        "kept in the model decision log.")
+    previous = active_model_path()
+    candidate = read_card(candidate_path)
+    warnings = activation_warnings(candidate, read_card(previous) if previous else None)
+    set_active_model(candidate_path, who=who)
+    entry = _entry("made active", name, candidate_path, previous, None, why)
+    entry["reasons"] = warnings
+    return _append(entry)
 
 
 def reject(result: GateResult | None, candidate_path: str | Path, *, who: Identity,

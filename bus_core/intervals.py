@@ -36,7 +36,8 @@ METHOD = "stratified bootstrap percentile"
 """How the intervals are made, as stored with them (the `ci95` key of a metrics dict)."""
 THRESHOLD_KEYS: tuple[str, ...] = ("sensitivity", "specificity")
 """The figures of `metrics.threshold_metrics` that get an interval."""
-SUBGROUP_KEYS: tuple[str, ...] = ("n", "n_per_class", *HEADLINE_KEYS)
+SUBGROUP_KEYS: tuple[str, ...] = ("n", "n_per_class", "labels", "confusion_matrix",
+                                   *HEADLINE_KEYS)
 """The figures (besides their intervals and the threshold's) of each source in `by_source`."""
 
 

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,8 @@ CURRENT_FILE = "current.json"
 LAST_FILE = "last.json"
 CANCEL_MARKER = ".cancel-requested"
 
-# Processes started by this Python process, kept so they are reaped (no zombies) and polled.
+# Processes started by this Python process, polled through their Popen (each is reaped by a
+# thread waiting for it, so none stays a zombie).
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
@@ -264,6 +266,32 @@ def last_job() -> Job | None:
     return _read_job(jobs_dir() / LAST_FILE)
 
 
+CONFIRM_LONGER_THAN_S = 3600.0
+"""A job expected to run longer than this starts only once its user has confirmed it."""
+
+TRAIN_SHARE = 0.7
+"""The share of the images a run trains on (a new split's training subset)."""
+
+
+def expected_duration(config: TrainConfig, images: int, previous: Job | None,
+                      runs: int = 1) -> float | None:
+    """Seconds `runs` runs of `config` over `images` images are expected to train, at the
+    speed the `previous` job measured with the same architecture, input size and device; None
+    without such a measurement."""
+    if previous is None:
+        return None
+    before = previous.train_config()
+    if (before.arch, before.size, before.device) != (config.arch, config.size, config.device):
+        return None
+    speeds = [e["images_per_s"] for e in previous.events()
+              if e["event"] == "step" and e.get("images_per_s")]
+    if not speeds:
+        return None
+    if config.max_per_class:
+        images = min(images, 3 * config.max_per_class)
+    return runs * config.epochs * images * TRAIN_SHARE / speeds[-1]
+
+
 def _starting(out: str | Path) -> contextlib.AbstractContextManager[None]:
     """Turns file errors while a job starts into a `StorageError` naming its run folder."""
     return storage(f"start the job (its run folder is {out})")
@@ -292,6 +320,8 @@ def _spawn(kind: str, config: TrainConfig, argv: list[str],
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
     _CHILDREN[process.pid] = process
+    # reaped as soon as it ends, whether or not a page asks about it (no <defunct> process)
+    threading.Thread(target=process.wait, name=f"reap-{process.pid}", daemon=True).start()
     job = Job(pid=process.pid, out=str(config.out), kind=kind, started=time.time(),
               command=command, config=dataclasses.asdict(config), grid=grid)
     _write_json(jobs_dir() / CURRENT_FILE, job.to_dict())

@@ -243,6 +243,20 @@ def fit_normal_odds(y_true: Sequence[int] | np.ndarray, lesion_probs: np.ndarray
     return float(NORMAL_ODDS_GRID[-1])
 
 
+def outlined_but_normal(outlined: Sequence[bool] | np.ndarray, probs: np.ndarray,
+                        classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """Per image (N bools): a lesion outline was found, yet the reading is 'normal' (the
+    contradiction that makes a reading uncertain and is counted in evaluations)."""
+    found = np.asarray(outlined, dtype=bool)
+    if NORMAL not in classes or not len(found):
+        return np.zeros(len(found), dtype=bool)
+    return found & (np.asarray(probs).argmax(1) == list(classes).index(NORMAL))
+
+
+OUTLINE_CONTRADICTION = ("A lesion outline was found, but the model reads the image as normal: "
+                         "check the outline and the image.")
+"""What a reading with `outlined_but_normal` says (it is also flagged as uncertain)."""
+
 TARGET_SENSITIVITY = 0.90
 """The malignant sensitivity a sensitivity-first threshold must reach on validation."""
 

@@ -31,6 +31,10 @@ from bus_core.transforms import InputSize, input_size_for
 log = logging.getLogger(__name__)
 
 ARCHS: tuple[str, ...] = ("densenet121", "vgg16", "resnet50", "inception_v3")
+MIN_INPUT_SIZE: dict[str, int] = {"densenet121": 32, "vgg16": 32, "resnet50": 32,
+                                  "inception_v3": 75}
+"""The smallest input side (px) each architecture can take: below it a layer's feature map
+would shrink to nothing."""
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 CARD_VERSION = 1

@@ -26,14 +26,21 @@ import torch
 
 from bus_core import cam as cam_lib
 from bus_core.backends import choose_forward
-from bus_core.constants import MALIGNANT
+from bus_core.constants import MALIGNANT, NORMAL
 from bus_core.dataset import Record
 from bus_core.device import DeviceConfig, choose_device, prepare_model
 from bus_core.errors import ModelError
 from bus_core.inputs import InputSpec, model_input, record_has_lesion
 from bus_core.io import check_min_side, load_image, load_mask
 from bus_core.loader import RecordDataset
-from bus_core.metrics import TARGET_SENSITIVITY, normal_from_whole, percent_pair, softmax
+from bus_core.metrics import (
+    OUTLINE_CONTRADICTION,
+    TARGET_SENSITIVITY,
+    normal_from_whole,
+    outlined_but_normal,
+    percent_pair,
+    softmax,
+)
 from bus_core.models import LoadedModel, gradcam_layer, load_model
 from bus_core.registry import active_model_path, no_model_message, two_stage_folders
 from bus_core.segment import Segmenter
@@ -69,6 +76,15 @@ class Prediction:
     outline: np.ndarray | None = field(default=None, repr=False)
     """The outline (HxW bool) the predictor's outline model suggested and the reading used;
     None when the outline was given or there was none."""
+    whole: Prediction | None = field(default=None, repr=False)
+    """A two-stage reading with an outline: the whole-image model's own prediction, which
+    gave P(normal) (None otherwise)."""
+
+    def explained_by(self, target: str) -> Prediction:
+        """The prediction whose model gave the probability of `target`, and so whose input a
+        map for `target` is drawn over: the whole-image model's for 'normal' in a two-stage
+        reading with an outline, else this one."""
+        return self.whole if self.whole is not None and target == NORMAL else self
 
     @property
     def malignant_flag(self) -> bool | None:
@@ -206,6 +222,12 @@ class Predictor:
         else:
             tensor, warnings = self.prepare(image, masks)
             prediction = self.predict_batch(tensor.unsqueeze(0), [warnings])[0]
+        outlined = self.spec.uses_masks and (prediction.outline is not None or any(
+            m.any() for m in masks)) and prediction.read_by == ""
+        probs = np.array([[prediction.probabilities[c] for c in self.classes]])
+        if outlined_but_normal([outlined], probs, self.classes)[0]:
+            prediction.uncertain = True
+            prediction.warnings = [*prediction.warnings, OUTLINE_CONTRADICTION]
         prediction.elapsed_ms = (time.perf_counter() - start) * 1000
         return prediction
 
@@ -236,7 +258,7 @@ class Predictor:
                 else "")
         return replace(self._prediction(probs, tensor, warnings,
                                         None if activations is None else activations[0]),
-                       outline=suggested,
+                       outline=suggested, whole=whole,
                        reading=f"Two-stage reading: P(normal) from {self.whole.card.name} on "
                                f"the whole image; benign vs malignant from {self.card.name} "
                                f"on the lesion and its surroundings{made}.")
@@ -274,6 +296,9 @@ class Predictor:
         (default: the predicted class)."""
         if self.whole is not None and prediction.read_by == self.whole.card.name:
             return self.whole.explain(prediction, target, method)
+        if prediction.explained_by(target or prediction.label) is not prediction:
+            assert self.whole is not None and prediction.whole is not None
+            return self.whole.explain(prediction.whole, target, method)
         target_class = self.classes.index(target or prediction.label)
         if method == "gradcam" and prediction.activations is not None and \
                 cam_lib.pools_into_linear(self.model):
@@ -290,9 +315,9 @@ def explain_record(predictor: Predictor, record: Record, probabilities: Sequence
     """(what the model saw, its CAM for class `target`) for a dataset record, over exactly the
     input an evaluation gives the model (for mask models: the masked crop of its masks, or the
     leak-free crop of a lesion-free image; for a two-stage model without a lesion in the
-    record's masks: its whole-image model on the whole image); `probabilities` are the
-    evaluation's for it."""
-    if predictor.whole is not None and not record_has_lesion(record):
+    record's masks, or for 'normal', whose probability it gives: its whole-image model on the
+    whole image); `probabilities` are the evaluation's for it."""
+    if predictor.whole is not None and (not record_has_lesion(record) or target == NORMAL):
         predictor = predictor.whole
     tensor, _ = RecordDataset([record], predictor.spec, classes=predictor.classes)[0]
     top = int(np.argmax(probabilities))

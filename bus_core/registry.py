@@ -168,8 +168,12 @@ def _write_active(folder: Path) -> None:
         atomic.write_text(target / ACTIVE_FILE, json.dumps({"path": str(folder)}))
 
 
-def no_model_message() -> str:
-    """What to tell a user who has no model installed."""
+def no_model_message(command_line: bool = False) -> str:
+    """What to tell a user who has no model installed: in plain words for the app's pages,
+    with the commands and settings for the command line."""
+    if not command_line:
+        return ("No model is installed. Ask whoever runs this app to add one (researchers train "
+                "or add models on the Train and Model registry pages).")
     return ("No model is installed. The project ships its released model in weights/; train one "
             "with `python -m bus_core train --data DIR --out weights/NAME`, or point BUS_MODEL "
             "at a model folder (model.safetensors + card.json).")

@@ -74,7 +74,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bus_core import atomic
 from bus_core.constants import CLASSES
-from bus_core.errors import BusError, InvalidImageError, MaskError, storage
+from bus_core.errors import (
+    InvalidImageError,
+    MaskError,
+    StorageError,
+    plain_storage_message,
+    storage,
+)
 from bus_core.io import image_to_png_bytes
 from bus_core.roles import Identity, require
 from bus_core.settings import data_dir, database_url, keep_file_names
@@ -104,11 +110,13 @@ _PACS_COLUMNS = ("pacs_endpoint", "study_uid", "series_uid", "sop_uid")
 """The columns of a case's `PacsSource`, in its fields' order."""
 _EXPORTED_FILE = re.compile(r"^case-\d+(?:_mask(?:_\d+)?)?\.png$")
 _CSV_COLUMNS = ("id", "path", "label", "mask", "mask_source", "predicted", "uncertain", "status",
-                "probabilities", "model", "model_hash", "reviewer", "notes", "image_name",
-                "owner", "created_at", "updated_at")
+                *(f"{c}_percent" for c in CLASSES), "model", "model_hash", "reviewer", "notes",
+                "image_name", "owner", "created_at", "updated_at")
+"""The columns of an export's cases.csv: a percentage (1 decimal) per class; times in local
+minutes (`display_time`)."""
 
 
-class StoreError(BusError):
+class StoreError(StorageError):
     """The case store cannot be used: folder not writable, database damaged, busy or too new,
     or an image file missing."""
 
@@ -471,7 +479,8 @@ def _ensure_writable(folder: Path, advice: str = "Set BUS_DATA_DIR to a writable
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise StoreError(f"Cannot write to {folder}: {exc.strerror or exc}. {advice}") from exc
+        raise StoreError(f"Cannot write to {folder}: {exc.strerror or exc}. {advice}",
+                         plain=plain_storage_message(exc)) from exc
 
 
 def _enable_wal(cursor: Any) -> None:
@@ -834,11 +843,13 @@ class CaseStore:
         return {"id": case.id, "path": paths[0], "label": case.label, "mask": ";".join(paths[1:]),
                 "mask_source": case.mask_source or "", "predicted": case.predicted_label,
                 "uncertain": "yes" if case.uncertain else "no", "status": case.status,
-                "probabilities": json.dumps(case.probabilities), "model": case.model_name,
+                **{f"{c}_percent": f"{100 * case.probabilities[c]:.1f}"
+                   if c in case.probabilities else "" for c in CLASSES},
+                "model": case.model_name,
                 "model_hash": case.model_hash, "reviewer": case.reviewer, "notes": case.notes,
                 "image_name": case.display_name, "owner": case.owner or "",
-                "created_at": case.created_at,
-                "updated_at": case.updated_at}
+                "created_at": display_time(case.created_at),
+                "updated_at": display_time(case.updated_at)}
 
     # -- internals --
 
@@ -866,7 +877,7 @@ class CaseStore:
                 except OSError as exc:
                     raise StoreError(f"Cannot write to {target.parent}: "
                                      f"{exc.strerror or exc}. Set BUS_DATA_DIR to a writable "
-                                     "folder.") from exc
+                                     "folder.", plain=plain_storage_message(exc)) from exc
 
     def _existing(self, content_hash: str, case: Case) -> Path:
         path = self.image_path(content_hash)
@@ -933,6 +944,12 @@ def _audit(conn: Connection, case_id: int, who: str, action: str, field: str | N
                                           field=field, old_value=old, new_value=new))
 
 
+def display_time(stamp: str) -> str:
+    """A stored UTC time as this machine's local 'YYYY-MM-DD HH:MM', the one format the app
+    shows and exports."""
+    return datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -959,6 +976,12 @@ def _signer(who: Identity, action: str) -> str:
     if not clean:
         raise InvalidCaseError("A review needs a signed-in user's name: every review is signed.")
     return clean
+
+
+def shown_name(image: np.ndarray, name: str) -> str:
+    """The name an uploaded image goes by outside the screen it was opened on (its case, the
+    report): its `pseudonym`, unless the administrator keeps file names."""
+    return name if keep_file_names() else pseudonym(_array_hash(_check_image(image)), name)
 
 
 def pseudonym(image_hash: str, name: str) -> str:

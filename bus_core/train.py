@@ -84,6 +84,7 @@ from bus_core.metrics import (
 from bus_core.models import (
     ARCHS,
     CARD_FILE,
+    MIN_INPUT_SIZE,
     LoadedModel,
     ModelCard,
     build_model,
@@ -343,11 +344,16 @@ def _limit_per_class(records: list[Record], n: int | None, seed: int) -> list[Re
 
 
 def check_config(config: TrainConfig) -> None:
-    """Refuse settings that cannot work together (`DataError`), before anything starts."""
+    """Refuse settings that cannot work together (`DataError`) or an input size the
+    architecture cannot take (`ModelError`), before anything starts."""
     if config.split and config.max_per_class:
-        raise DataError("At most N images per class makes a new split from fewer images; it "
-                        "cannot be combined with a saved split file (--max-per-class with "
-                        "--split). Choose a new split, or use all images.")
+        raise DataError("Using at most N images per class makes a new split from fewer images, "
+                        "so it cannot be combined with a saved split file. Choose a new split, "
+                        "or use all images.")
+    smallest = MIN_INPUT_SIZE.get(config.arch, 0)
+    if config.size.crop < smallest:
+        raise ModelError(f"{config.arch} needs an input size of at least {smallest} px; "
+                         f"{config.size.crop} px was asked for.")
 
 
 def prepare_split(config: TrainConfig) -> tuple[Split, list[Record]]:

@@ -10,6 +10,7 @@ from bus_core.errors import BusError
 from bus_core.predict import Prediction, Predictor
 from bus_core.report import ReportContent, render_report, report_filename
 from bus_core.segment import Segmenter
+from bus_core.store import shown_name
 from ui.auth import require_page
 from ui.cases import save_case_button
 from ui.common import active_predictor, active_segmenter, md_escape, show_error
@@ -39,17 +40,25 @@ def predict(predictor: Predictor, upload: Upload, choice: MaskChoice) -> Predict
         return None
 
 
+def model_details(predictor: Predictor, prediction: Prediction) -> None:
+    """Which models read the image, where and how fast: technical, so folded away."""
+    with st.expander("Model details"):
+        names = [predictor.card.name] + ([predictor.whole.card.name] if predictor.whole else [])
+        st.caption(md_escape(f"Model {' with '.join(names)}"
+                             + (f". {prediction.reading}" if prediction.reading else ".")))
+        st.caption(f"Read in {prediction.elapsed_ms:.0f} ms ({md_escape(predictor.description)}).")
+
+
 def input_note(predictor: Predictor, choice: MaskChoice) -> str:
     """What the model looks at, in one line."""
     if predictor.whole is not None:
-        whole = md_escape(predictor.whole.card.name)
         if choice.mask is None:
-            return (f"No lesion outline, so the whole-image model ({whole}) reads the whole "
-                    "image. Accept the suggested outline or paint one to read the lesion itself.")
+            return ("No lesion outline, so the whole-image model reads the whole image. Accept "
+                    "the suggested outline or paint one to read the lesion itself.")
         made = ", outlined automatically" if choice.origin == "suggested" else ""
-        return (f"Two-stage reading: the whole image ({whole}) tells normal from lesion; the "
-                f"lesion and the tissue around it (the box around the outline{made}) tell "
-                "benign from malignant.")
+        return ("Two-stage reading: the whole image tells normal from lesion; the lesion and "
+                f"the tissue around it (the box around the outline{made}) tell benign from "
+                "malignant.")
     if predictor.spec.uses_masks:
         automatic = " (outlined automatically)" if choice.origin == "suggested" else ""
         if predictor.spec.mode == "lesion-context":
@@ -79,15 +88,17 @@ def mask_note(choice: MaskChoice, predictor: Predictor) -> str:
 
 def report(upload: Upload, choice: MaskChoice, predictor: Predictor, prediction: Prediction,
            shown: Explanation) -> tuple[str, bytes]:
-    """(file name, PNG bytes) of the downloadable report."""
+    """(file name, PNG bytes) of the downloadable report, which names the image by the name
+    the case store gives it (a pseudonym unless file names are kept)."""
+    name = shown_name(upload.image, upload.name)
     image = upload.image if choice.mask is None else outlined(upload.image, choice.mask)
     content = ReportContent(image=image, overlay=shown.overlay,
                             probabilities=prediction.probabilities, label=prediction.label,
                             model=prediction.model, explained=shown.target, method=shown.method,
-                            filename=upload.name, uncertain=prediction.uncertain,
+                            filename=name, uncertain=prediction.uncertain,
                             warnings=prediction.warnings, mask_note=mask_note(choice, predictor),
                             flag=prediction.flag_sentence())
-    return report_filename(upload.name, content.created), render_report(content)
+    return report_filename(name, content.created), render_report(content)
 
 
 def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None,
@@ -109,7 +120,7 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
             show_prediction(prediction, predictor.card.uncertain_below, upload.key)
         st.caption(input_note(predictor, choice))
         if prediction is not None:
-            st.caption(f"Read in {prediction.elapsed_ms:.0f} ms ({predictor.description}).")
+            model_details(predictor, prediction)
     if prediction is None:
         return None
     key = prediction_key(predictor, upload, choice)
@@ -117,8 +128,9 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
     name, data = memo("report", (key, choice.key, shown.target, digest(shown.overlay)),
                       lambda: report(upload, choice, predictor, prediction, shown),
                       max_entries=8)
-    column.download_button("Download report (PNG)", data=data, file_name=name,
+    column.download_button("Report (PNG)", data=data, file_name=name,
                            mime="image/png", icon=":material/download:",
+                           help="Download the reading, its map and the image as one picture.",
                            key=f"report_{upload.key}", on_click="ignore")
     with column:
         masks = [] if choice.mask is None else [choice.mask]

@@ -16,14 +16,22 @@ from bus_core.cam import overlay
 from bus_core.dataroots import is_allowed
 from bus_core.dataset import Record, load_many
 from bus_core.errors import BusError
-from bus_core.evaluate import Evaluation, evaluate
+from bus_core.evaluate import (
+    EXPERT,
+    OUTLINE_POLICIES,
+    SERVED,
+    Evaluation,
+    evaluate,
+    reads_outlines,
+    with_policy_outlines,
+)
 from bus_core.io import load_image
 from bus_core.metrics import reliability_curve, roc_curves
 from bus_core.predict import explain_record
 from bus_core.registry import ModelEntry, active_model_path, list_models, no_model_message
 from bus_core.settings import default_dataset_dir
 from bus_core.splits import SUBSETS, load_split, split_records
-from ui.auth import require_page
+from ui.auth import may_open, require_page
 from ui.common import load_predictor, md_escape, show_error
 from ui.comparison import architecture_comparison
 from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
@@ -42,7 +50,7 @@ from ui.evaluation import (
 )
 from ui.state import memo
 
-require_page("evaluate")
+WHO = require_page("evaluate")
 
 THUMB_PX = 256
 PAGE_SIZE = 12
@@ -119,6 +127,20 @@ def choose_data(models: list[ModelEntry]) -> tuple[list[str], str, str]:
         return [], "", subset
 
 
+def choose_outlines(models: list[ModelEntry]) -> str:
+    """The outline policy (`bus_core.evaluate.OUTLINE_POLICIES`) for models that read a lesion
+    outline: the reading clinicians get by default, the data's expert outlines as an option."""
+    if not any(reads_outlines(m.card) for m in models):
+        return SERVED
+    return st.radio("Lesion outlines", list(OUTLINE_POLICIES), horizontal=True,
+                    format_func=lambda k: ("Suggested, as clinicians get the reading (default)"
+                                           if k == SERVED else "The data's expert outlines"),
+                    key="eval_outlines",
+                    help="For models that read the lesion outline: score them on the outlines "
+                         "the outline model suggests (what Diagnose shows), or on the outlines "
+                         "drawn by the data set's experts.") or SERVED
+
+
 def load_data(sources: list[str], split: str, subset: str) -> tuple[list[Record], dict]:
     """The records to evaluate and their description (sources, split file, subset, hash)."""
     records = load_many(sources)
@@ -131,24 +153,27 @@ def load_data(sources: list[str], split: str, subset: str) -> tuple[list[Record]
 
 
 def run_evaluations(models: list[ModelEntry], labels: dict[str, str], sources: list[str],
-                    split: str, subset: str) -> list[Result]:
-    """Each model's evaluation, computed once per (model version, data) in this session."""
+                    split: str, subset: str, outlines: str) -> list[Result]:
+    """Each model's evaluation under the outline policy `outlines`, computed once per (model
+    version, data, policy) in this session."""
     cache: dict[tuple, Result] = st.session_state.setdefault("eval_cache", {})
     records, data = load_data(sources, split, subset)
     if not records:
         raise BusError("There are no images to evaluate in this data / subset.")
     results = []
     for entry in models:
-        key = (str(entry.path), entry.card.weights_sha256, tuple(sources), split, subset)
+        key = (str(entry.path), entry.card.weights_sha256, tuple(sources), split, subset,
+               outlines)
         if key not in cache:
             with st.spinner(f"Evaluating {md_escape(labels[str(entry.path)])} on "
                             f"{len(records)} images…"):
                 predictor = load_predictor(str(entry.path.resolve()), entry.card.weights_sha256)
-                evaluation = evaluate(predictor.loaded, records, device=predictor.device,
-                                      data=data)
+                scored, masks = with_policy_outlines(predictor.loaded, records, outlines)
+                evaluation = evaluate(predictor.loaded, scored, device=predictor.device,
+                                      data={**data, "masks": masks} if masks else data)
             cache[key] = Result(labels[str(entry.path)], str(entry.path),
                                 entry.card.weights_sha256, evaluation,
-                                {r.id: r for r in records})
+                                {r.id: r for r in scored})
         results.append(cache[key])
     return results
 
@@ -161,9 +186,16 @@ def describe(result: Result) -> str:
     if data.get("split_file"):
         text += (f" · {data['subset']} subset of {md_escape(Path(data['split_file']).name)} "
                  f"(data hash {str(data.get('data_hash'))[:12]})")
+    policy = {"automatic": SERVED, "expert": EXPERT}.get(data.get("masks", ""))
+    if policy:
+        text += f" · lesion outlines {OUTLINE_POLICIES[policy]}"
+    contradicted = result.evaluation.metrics.get("outlined_but_normal")
+    if contradicted:
+        text += (f" · {contradicted} images with a lesion outline were read as normal "
+                 "(flagged uncertain in Diagnose)")
     reading = result.evaluation.metrics.get("reading")
-    if reading:  # a two-stage model, read on the data's own lesion masks
-        return text + f" · two-stage reading on the data's lesion masks: {md_escape(reading)}"
+    if reading:
+        return text + f" · two-stage reading: {md_escape(reading)}"
     return text + f" · temperature {result.evaluation.metrics.get('temperature', 1.0):.3f}"
 
 
@@ -236,8 +268,9 @@ def case_card(result: Result, index: int, case: tuple[str, str, str, float],
             show_error(exc)
         st.markdown(f"True **{true}** · predicted **{predicted}** ({probability:.0%})")
         st.caption(md_escape(record_id))
-        if st.button("Open in Diagnose", icon=":material/stethoscope:",
-                     key=f"eval_open_{index}"):
+        if may_open(WHO, "diagnose") and st.button("Open in Diagnose",
+                                                    icon=":material/stethoscope:",
+                                                    key=f"eval_open_{index}"):
             open_in_diagnose(record)
 
 
@@ -317,12 +350,13 @@ if not entries:
 labels = model_labels(entries)
 models = choose_models(entries, labels)
 sources, split, subset = choose_data(models)
+outlines = choose_outlines(models)
 
 if st.button("Evaluate", type="primary", icon=":material/analytics:",
              disabled=not models or not sources, key="eval_run"):
     try:
         st.session_state["eval_current"] = run_evaluations(models, labels, sources, split,
-                                                           subset)
+                                                           subset, outlines)
         st.session_state["eval_shown"] = PAGE_SIZE
     except BusError as exc:
         show_error(exc, "Evaluation failed")

@@ -1,16 +1,20 @@
-"""Model registry: every bundled and user model with its card; choose the app's active model,
-rename, delete, download, and add a model from its files."""
+"""Model registry: every bundled and user model with its card; choose the app's active model
+(after a comparison with the current one; the decision is logged), rename, delete, download,
+and add a model from its files."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
+from bus_core.dataset import source_name
 from bus_core.errors import BusError
-from bus_core.metrics import fmt3
-from bus_core.models import CARD_FILE, WEIGHTS_FILE
+from bus_core.gate import activation_warnings, decision_log, make_active
+from bus_core.metrics import METRIC_LABELS, fmt3
+from bus_core.models import CARD_FILE, WEIGHTS_FILE, ModelCard, read_card
 from bus_core.registry import (
     ModelEntry,
     active_model_path,
@@ -20,16 +24,21 @@ from bus_core.registry import (
     import_model,
     list_models,
     rename_model,
-    set_active_model,
 )
 from bus_core.roles import Identity
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, user_models_dir
 from ui.auth import require_page
 from ui.common import md_escape, show_error
+from ui.decisions import decisions_table
 
 who = require_page("models")
 
 CONFIRM_KEY = "models_confirm_delete"
+ACTIVATE_KEY = "models_confirm_activate"
+FLASH_KEY = "models_flash"
+# The test figures shown side by side before a model is made active.
+FIGURE_KEYS = ("accuracy", "malignant_sensitivity", "malignant_specificity", "auc_malignant")
+README_FILE = "README.md"
 
 
 def widget_key(action: str, entry: ModelEntry) -> str:
@@ -47,7 +56,7 @@ def is_active(entry: ModelEntry, active: Path | None) -> bool:
 def data_line(entry: ModelEntry) -> str:
     """Training data sources and size (Markdown: the card's text escaped)."""
     data = entry.card.training_data or {}
-    sources = ", ".join(md_escape(Path(s).name) for s in data.get("sources") or []) or "–"
+    sources = ", ".join(md_escape(source_name(s)) for s in data.get("sources") or []) or "–"
     n = data.get("n_train")
     return sources + (f" (n={n} for training)" if n else "")
 
@@ -87,11 +96,8 @@ def actions(entry: ModelEntry, active: bool, who: Identity) -> None:
                     icon=":material/star:", disabled=active or not admin,
                     type="secondary" if active else "primary",
                     help=None if admin else "Administrators choose the active model."):
-        try:
-            set_active_model(entry.path, who=who)
-            st.rerun()
-        except BusError as exc:
-            show_error(exc)
+        st.session_state[ACTIVATE_KEY] = str(entry.path)
+        st.rerun()
     row.download_button("Download", data=lambda: export_model_zip(entry.path),
                         file_name=f"{entry.path.name}.zip", mime="application/zip",
                         icon=":material/download:", on_click="ignore",
@@ -114,10 +120,63 @@ def actions(entry: ModelEntry, active: bool, who: Identity) -> None:
         st.rerun()
 
 
+def figures_table(entry: ModelEntry, active: ModelCard | None) -> None:
+    """This model's test figures beside the active model's (each on its own test images)."""
+    columns = {"This model": entry.card.metrics.get("test") or {}}
+    if active is not None:
+        columns[f"Active: {active.name}"] = active.metrics.get("test") or {}
+    rows = [{"Figure": "Test images", **{c: str(t.get("n") or "–") for c, t in columns.items()}}]
+    rows += [{"Figure": METRIC_LABELS[k], **{c: fmt3(t.get(k)) for c, t in columns.items()}}
+             for k in FIGURE_KEYS]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key=widget_key("figures", entry))
+
+
+def confirm_activate(entry: ModelEntry, who: Identity) -> None:
+    """The second step of 'Make active': the figures side by side, the warnings, a reason."""
+    active_path = active_model_path()
+    try:
+        active = read_card(active_path) if active_path else None
+    except BusError:
+        active = None
+    st.markdown(f"Make **{md_escape(entry.card.name)}** the clinic's model? Every page reads "
+                "images with it from now on. The retraining safety check does not run for a "
+                "model chosen here; the choice is kept in the model decision log.")
+    figures_table(entry, active)
+    for warning in activation_warnings(entry.card, active):
+        st.warning(md_escape(warning), icon=":material/warning:")
+    reason = st.text_input("Why this model (kept in the decision log)",
+                           key=widget_key("reason", entry))
+    row = st.container(horizontal=True)
+    if row.button("Make it the active model", type="primary", key=widget_key("activate_ok", entry),
+                  disabled=not reason.strip()):
+        try:
+            make_active(entry.path, who=who, reason=reason)
+        except BusError as exc:
+            show_error(exc)
+            return
+        st.session_state.pop(ACTIVATE_KEY, None)
+        st.session_state[FLASH_KEY] = (f"{entry.card.name} is now the active model; the decision "
+                                       "is in the model decision log.")
+        st.rerun()
+    if row.button("Keep the current model", key=widget_key("activate_no", entry)):
+        st.session_state.pop(ACTIVATE_KEY, None)
+        st.rerun()
+
+
+def details(entry: ModelEntry, admin: bool) -> None:
+    """The model's own description (its README), and for administrators where its files are."""
+    readme = entry.path / README_FILE
+    if readme.is_file():
+        with st.expander("Model card"):
+            st.markdown(readme.read_text(encoding="utf-8", errors="replace"))
+    if admin:
+        with st.expander("Files"):
+            st.code(str(entry.path), language=None)
+
+
 def confirm_delete(entry: ModelEntry, who: Identity) -> None:
     """The second step of a delete."""
-    st.warning(f"Delete **{md_escape(entry.card.name)}** and its files "
-               f"({md_escape(entry.path)})? This cannot be undone.",
+    st.warning(f"Delete **{md_escape(entry.card.name)}** and its files? This cannot be undone.",
                icon=":material/delete_forever:")
     row = st.container(horizontal=True)
     if row.button("Delete for good", type="primary", key=widget_key("confirm", entry)):
@@ -161,9 +220,11 @@ def model_card(entry: ModelEntry, active: bool, who: Identity) -> None:
                 f"image tells normal from lesion (and reads images without an outline); this "
                 f"model tells benign from malignant around the outline, which "
                 f"{card.two_stage['outline_model']} suggests when none is given."))
-        st.caption(md_escape(entry.path))
+        details(entry, who.can("manage_models"))
         if st.session_state.get(CONFIRM_KEY) == str(entry.path):
             confirm_delete(entry, who)
+        elif st.session_state.get(ACTIVATE_KEY) == str(entry.path) and not active:
+            confirm_activate(entry, who)
         else:
             actions(entry, active, who)
 
@@ -187,12 +248,19 @@ def upload_section(who: Identity) -> None:
 
 
 st.title("Model registry")
-st.caption(f"Bundled models ship with the app ({BUNDLED_WEIGHTS_DIR.name}/, read-only); yours are "
-           f"the ones you trained or added, in {user_models_dir()}. The active model is the one "
-           "every page uses.")
+st.caption("Bundled models ship with the app and cannot be changed; yours are the ones you "
+           "trained or added. The active model is the one every page uses.")
+flash = st.session_state.pop(FLASH_KEY, None)
+if flash:
+    st.success(md_escape(flash), icon=":material/check_circle:")
+if who.can("manage_models"):
+    with st.expander("Where the models are kept"):
+        st.code(f"bundled: {BUNDLED_WEIGHTS_DIR}\nyours:   {user_models_dir()}"
+                + (f"\nBUS_MODEL: {os.environ['BUS_MODEL']}" if os.environ.get("BUS_MODEL")
+                   else ""), language=None)
 if os.environ.get("BUS_MODEL"):
-    st.info(f"BUS_MODEL is set ({os.environ['BUS_MODEL']}): it overrides the choice made here.",
-            icon=":material/info:")
+    st.info("The server's settings name the model to use (BUS_MODEL): it overrides the choice "
+            "made here.", icon=":material/info:")
 
 entries = list_models()
 active_path = active_model_path()
@@ -203,3 +271,5 @@ for model in entries:
     model_card(model, is_active(model, active_path), who)
 if who.can("upload_model"):
     upload_section(who)
+st.subheader("Model decisions")
+decisions_table(decision_log(), "models_decisions")

@@ -37,12 +37,13 @@ from bus_core.registry import active_model_path
 from bus_core.retrain import RetrainPlan, find_plans, prepare_retraining
 from bus_core.roles import Identity
 from bus_core.settings import PROJECT_ROOT, default_dataset_dir
-from bus_core.store import ORDERABLE, STATUSES, Case, CaseStore
+from bus_core.store import ORDERABLE, STATUSES, Case, CaseStore, display_time
 from ui.auth import require_page
 from ui.cases import as_rgb, case_store, export_cases_zip
 from ui.charts import probability_chart
 from ui.common import md_escape, optional_predictor, show_error, start_job
 from ui.data_inputs import resolve_path, resolve_source
+from ui.decisions import ACTION_LABELS, decisions_table
 from ui.masking import outlined
 from ui.pacs import case_from_pacs
 from ui.results import cam_cached, predict_cached
@@ -60,18 +61,10 @@ SORT_LABELS = {"created_at": "Date saved", "updated_at": "Last change", "id": "C
                "status": "Status", "predicted_label": "Model's reading",
                "confirmed_label": "Confirmed label", "reviewer": "Reviewer",
                "model_name": "Model"}
-ACTION_LABELS = {"activated": "activated", "overridden": "activated by override",
-                 "blocked": "blocked by the gate", "rejected": "rejected",
-                 "rolled back": "rolled back"}
 DEFAULT_SPLIT = PROJECT_ROOT / "splits" / "busi.json"
 
 
 # --- the case table ----------------------------------------------------------------------------
-
-def local_time(stamp: str) -> str:
-    """A stored UTC time as local 'YYYY-MM-DD HH:MM'."""
-    return dt.datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
-
 
 def choice(value: str) -> str | None:
     """A filter's value, None for 'All'."""
@@ -111,13 +104,14 @@ def filters(everyone: list[Case]) -> dict[str, Any]:
 
 
 def case_table(cases: list[Case]) -> pd.DataFrame:
-    """One row per case, newest or as sorted."""
+    """One row per case, newest or as sorted; what a reviewer needs first on the left (a
+    narrow window shows those)."""
     return pd.DataFrame([{
-        "Case": c.id, "Saved": local_time(c.created_at), "Image": c.display_name,
-        "Model's reading": c.reading,
+        "Case": c.id, "Agreement": AGREEMENT[c.status], "Model's reading": c.reading,
+        "Confirmed": c.confirmed_label or "", "Notes": c.notes,
         "Probability": c.probabilities.get(c.predicted_label),
-        "Confirmed": c.confirmed_label or "", "Agreement": AGREEMENT[c.status],
-        "Reviewer": c.reviewer, "Model": c.model_name, "Notes": c.notes} for c in cases])
+        "Saved": display_time(c.created_at), "Image": c.display_name, "Reviewer": c.reviewer,
+        "Model": c.model_name} for c in cases])
 
 
 def highlight_disagreements(row: pd.Series) -> list[str]:
@@ -163,7 +157,8 @@ def cam_view(predictor: Predictor | None, why_not: str, case: Case, image: np.nd
     except BusError as exc:
         show_error(exc, "The explanation cannot be redrawn")
         return
-    st.image(overlay(prediction.model_view, cam, float(settings.get("opacity", 0.45))),
+    seen = prediction.explained_by(target).model_view
+    st.image(overlay(seen, cam, float(settings.get("opacity", 0.45))),
              caption=f"Grad-CAM for '{target}' (recomputed with the active model)",
              alt=f"Grad-CAM heat map of case {case.id} for the class {target}",
              width="stretch")
@@ -172,7 +167,7 @@ def cam_view(predictor: Predictor | None, why_not: str, case: Case, image: np.nd
 def history_table(store: CaseStore, case: Case) -> None:
     """The audit entries of a case, oldest first."""
     entries = store.history(case.id)
-    st.dataframe(pd.DataFrame([{"When": local_time(e.at), "Who": e.who or "–",
+    st.dataframe(pd.DataFrame([{"When": display_time(e.at), "Who": e.who or "–",
                                 "Action": e.action, "Field": e.field or "",
                                 "Before": e.old_value or "", "After": e.new_value or ""}
                                for e in entries]), hide_index=True, width="stretch",
@@ -250,9 +245,10 @@ def cases_tab(store: CaseStore, who: Identity) -> None:
     if st.session_state.get("review_case") not in ids:
         st.session_state["review_case"] = ids[0]
     by_id = {c.id: c for c in cases}
+    # no status in an option's text: a browser keeps showing the text it was chosen with, so a
+    # review would leave "to review" on screen (the status is shown with the case below)
     picked = st.selectbox("Case", ids, key="review_case",
-                          format_func=lambda i: f"Case {i} · {by_id[i].display_name} · "
-                                                f"{AGREEMENT[by_id[i].status]}")
+                          format_func=lambda i: f"Case {i} · {by_id[i].display_name}")
     case_detail(store, by_id[picked], who)
 
 
@@ -377,7 +373,7 @@ def gate_view(plan: RetrainPlan, who: Identity, log: list[dict[str, Any]]) -> No
         st.caption(f"• {reason}")
     if done is not None:
         st.success(f"Decision: {ACTION_LABELS[done['action']]} by {md_escape(done['who'])} on "
-                   f"{local_time(done['time'])}.", icon=":material/gavel:")
+                   f"{display_time(done['time'])}.", icon=":material/gavel:")
     elif result.passed:
         st.success(f"The new model is not worse than the active one (tolerance "
                    f"{result.tolerance:.2f}).", icon=":material/verified:")
@@ -443,16 +439,7 @@ def retrain_settings(store: CaseStore, who: Identity) -> None:
 def decision_history(who: Identity, log: list[dict[str, Any]]) -> None:
     """Every model decision, newest first, and roll back to an earlier model."""
     st.markdown("##### Model decisions")
-    if log:
-        st.dataframe(pd.DataFrame([{
-            "When": local_time(e["time"]), "Decision": ACTION_LABELS.get(e["action"], e["action"]),
-            "Who": e["who"], "Model": Path(e["candidate"] or "").name,
-            "Previously active": Path(e["active"] or "").name or "–",
-            "Gate": {True: "passed", False: "failed"}.get(e.get("passed"), "–"),
-            "Reason": e.get("override_reason") or ""} for e in reversed(log)]),
-            hide_index=True, width="stretch", key="review_decisions")
-    else:
-        st.caption("No model decision recorded yet.")
+    decisions_table(log, "review_decisions")
     targets = earlier_models(log)
     if not targets:
         return
@@ -493,8 +480,10 @@ def retrain_tab(store: CaseStore, who: Identity) -> None:
 # --- the page ----------------------------------------------------------------------------------
 
 st.title("Review cases")
-st.caption("Confirm or correct the model's readings. Reviewed cases become training data; a "
-           "retrained model replaces the active one only after a safety check.")
+st.caption(" ".join(part for part, shown in (
+    ("Confirm or correct the model's readings.", who.can("review")),
+    ("Reviewed cases become training data; a retrained model replaces the active one only after "
+     "a safety check.", True)) if shown))
 
 store = case_store()
 if store is None:

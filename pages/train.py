@@ -16,9 +16,11 @@ from bus_core.distributed import local_gpus
 from bus_core.errors import BusError, ModelError
 from bus_core.inputs import INPUT_MODES
 from bus_core.jobs import (
+    CONFIRM_LONGER_THAN_S,
     Job,
     current_job,
     delete_failed_run,
+    expected_duration,
     is_failed_run,
     last_job,
     resume_job,
@@ -27,13 +29,12 @@ from bus_core.jobs import (
 )
 from bus_core.loader import BALANCE_MODES
 from bus_core.metrics import METRIC_LABELS, fmt3
-from bus_core.models import ARCHS, CARD_FILE, WEIGHTS_FILE, imagenet_cached
+from bus_core.models import ARCHS, CARD_FILE, MIN_INPUT_SIZE, WEIGHTS_FILE, imagenet_cached
 from bus_core.registry import (
     active_model_path,
     check_model_name,
     import_model,
     list_models,
-    set_active_model,
 )
 from bus_core.settings import data_dir, default_dataset_dir, user_models_dir
 from bus_core.train import OPTIMIZERS, SCHEDULERS, TrainConfig, check_config
@@ -41,7 +42,13 @@ from bus_core.transforms import input_size_for
 from bus_core.tune import DEFAULT_GRID, combinations, run_name
 from ui.auth import require_page
 from ui.common import md_escape, show_error, start_job
-from ui.data_inputs import data_summary, matching_split, resolve_path, sources_from_text
+from ui.data_inputs import (
+    data_summary,
+    image_count,
+    matching_split,
+    resolve_path,
+    sources_from_text,
+)
 from ui.state import keep_widget_state
 from ui.training import (
     epoch_figure,
@@ -65,15 +72,57 @@ INIT_LABELS = {"imagenet": "ImageNet (pretrained)", "checkpoint": "A model from 
                "random": "Random"}
 STATE_ICONS = {"done": ":material/check_circle:", "cancelled": ":material/cancel:",
                "killed": ":material/warning:", "failed": ":material/error:"}
-# Widget keys of the form (kept while a job hides it) and the buttons among them.
+# Widget keys of the form (kept while a job hides it), and those never kept: the buttons and
+# the confirmation of a long job.
 FORM_PREFIXES = ("train_", "grid_")
-ACTION_KEYS = ("train_start", "grid_start", "grid_keep")
+ACTION_KEYS = ("train_start", "grid_start", "grid_keep", "train_long_ok", "grid_long_ok")
 # The test figures shown when a run ends (labels: `metrics.METRIC_LABELS`).
 TEST_KEYS = ("accuracy", "macro_f1", "malignant_sensitivity", "malignant_specificity",
              "auc_malignant", "ece")
 
 
 # --- settings ---------------------------------------------------------------------------------
+
+def form_values(job: Job) -> dict[str, Any]:
+    """The form's widget values that describe `job`'s settings (a grid search: its grid too)."""
+    config = job.train_config()
+    init_kind = config.init if config.init in ("imagenet", "random") else "checkpoint"
+    values: dict[str, Any] = {
+        "train_data": "\n".join(config.data), "train_arch": config.arch,
+        "train_mode": config.input_mode, "train_init": init_kind,
+        "train_split_kind": "Saved split file" if config.split else "New group-disjoint split",
+        f"train_resize_{config.arch}": config.size.resize,
+        f"train_crop_{config.arch}": config.size.crop, "train_device": config.device,
+        "train_seed": config.seed, "train_scheduler": config.scheduler,
+        "train_wd": config.weight_decay, "train_monitor": config.monitor,
+        "train_patience": config.patience, "train_max_per_class": config.max_per_class or 0}
+    if config.split:
+        values["train_split_file"] = config.split
+    if job.kind == "train":
+        values.update({"train_optimizer": config.optimizer, "train_lr": config.lr,
+                       "train_batch": config.batch_size, "train_epochs": config.epochs,
+                       "train_balance": config.balance, "train_name": Path(job.out).name,
+                       "train_all_gpus": config.nproc_per_node > 1})
+    else:
+        grid = job.grid or DEFAULT_GRID
+        values.update({"grid_lrs": ", ".join(f"{v:g}" for v in grid.get("lr", [])),
+                       "grid_batches": ", ".join(map(str, grid.get("batch_size", []))),
+                       "grid_optimizers": list(grid.get("optimizer", [])),
+                       "grid_epochs": config.epochs, "grid_balance": config.balance,
+                       "grid_name": Path(job.out).name})
+    return values
+
+
+def show_settings_of(job: Job) -> None:
+    """Once per job for each visitor: the form shows that job's settings, so what is
+    drawn (and started next) is what ran last, not the defaults."""
+    if st.session_state.get("_train_form_of") == job.started:
+        return
+    st.session_state["_train_form_of"] = job.started
+    values = form_values(job)
+    st.session_state.setdefault("_train_form", {}).update(values)
+    st.session_state.update(values)
+
 
 def data_settings() -> list[str]:
     """Data folders / manifests, with their class counts (or why they cannot be read)."""
@@ -160,8 +209,8 @@ def split_setting(sources: list[str]) -> str | None | bool:
         show_error(exc)
         return False
     if not Path(path).is_file():
-        st.error(f"The split file {md_escape(path)} does not exist: make one with `python -m "
-                 "bus_core split`, or choose a new split.", icon=":material/error:")
+        st.error(f"The split file {md_escape(Path(path).name)} does not exist: choose a new "
+                 "split, or another split file.", icon=":material/error:")
         return False
     return path
 
@@ -173,8 +222,10 @@ def advanced_settings(arch: str) -> dict[str, Any]:
         c1, c2, c3, c4 = st.columns(4)
         resize = c1.number_input("Resize (shorter side, px)", 16, 1024, std.resize,
                                  key=f"train_resize_{arch}")
-        crop = c2.number_input("Input size (crop, px)", 16, 1024, std.crop,
-                               key=f"train_crop_{arch}")
+        smallest = MIN_INPUT_SIZE[arch]
+        crop = c2.number_input(f"Input size (crop, px; at least {smallest})", smallest, 1024,
+                               std.crop, key=f"train_crop_{arch}",
+                               help=f"{arch} cannot take a smaller input.")
         device = c3.selectbox("Device", DEVICE_CHOICES, key="train_device")
         seed = c4.number_input("Seed", 0, 2**31 - 1, 0, key="train_seed")
         c1, c2, c3, c4 = st.columns(4)
@@ -229,6 +280,23 @@ def output_folder(label: str, root: Path, default: str, key: str) -> Path | None
     return folder
 
 
+def long_run_confirmed(config: TrainConfig, runs: int, key: str) -> bool:
+    """States the expected training time when the last job measured the speed; a job expected
+    to take longer than an hour needs a tick first. False until then."""
+    try:
+        images = image_count(tuple(config.data))
+    except BusError:
+        return True  # the data's own message is shown above
+    seconds = expected_duration(config, images, last_job(), runs)
+    if seconds is None:
+        return True
+    text = f"Expected to take about {fmt_duration(seconds)} (at the speed of the last run here)."
+    if seconds <= CONFIRM_LONGER_THAN_S:
+        st.caption(text)
+        return True
+    return st.checkbox(f"{text} Start it anyway", key=key)
+
+
 def launch(start: Any, force: bool) -> None:
     """Start a job (`start(force)`), then show it; a busy machine or bad settings are shown."""
     if start_job(lambda: start(force), "The job could not start"):
@@ -252,7 +320,7 @@ def single_run_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
         folder = output_folder("Model name", user_models_dir(), f"{base['arch']}-{stamp}",
                                "train_name")
     if folder is not None:
-        st.caption(f"Saved to {md_escape(folder)}")
+        st.caption(f"Saved among your models as '{md_escape(folder.name)}'.")
     gpus = local_gpus(base["device"])
     all_gpus = gpus > 1 and st.checkbox(
         f"All {gpus} GPUs of this machine", key="train_all_gpus",
@@ -262,8 +330,9 @@ def single_run_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
                          optimizer=optimizer, lr=float(lr), batch_size=int(batch),
                          epochs=int(epochs), balance=balance,
                          nproc_per_node=gpus if all_gpus else 1)
+    confirmed = ready and long_run_confirmed(config, 1, "train_long_ok")
     if st.button("Start training", type="primary", icon=":material/play_arrow:",
-                 disabled=not ready or folder is None, key="train_start"):
+                 disabled=not ready or folder is None or not confirmed, key="train_start"):
         launch(lambda f: start_training(config, who=WHO, force=f), force)
 
 
@@ -300,11 +369,13 @@ def grid_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
     folder = output_folder("Search name", data_dir() / "grid-search", f"grid-{stamp}",
                            "grid_name")
     if folder is not None:
-        st.caption(f"Each run is saved under {md_escape(folder)}; the best can then be added "
-                   "to the registry.")
+        st.caption(f"Each run is saved in the search '{md_escape(folder.name)}'; the best can "
+                   "then be added to the registry.")
     config = TrainConfig(**base, out=str(folder), epochs=int(epochs), balance=balance)
+    confirmed = ready and long_run_confirmed(config, n_runs, "grid_long_ok")
     if st.button("Start grid search", type="primary", icon=":material/grid_view:",
-                 disabled=not ready or folder is None or n_runs == 0, key="grid_start"):
+                 disabled=not ready or folder is None or n_runs == 0 or not confirmed,
+                 key="grid_start"):
         launch(lambda f: start_tuning(config, grid, who=WHO, force=f), force)
 
 
@@ -345,9 +416,10 @@ def run_label(job: Job) -> str:
     return f"Grid search **{md_escape(name)}**, run {index} of {len(runs)}: `{current}`"
 
 
-def progress_view(job: Job, events: list[dict[str, Any]]) -> None:
-    """Progress bar with ETA, the latest figures, and the live curves."""
-    st.progress(progress_fraction(events), text=progress_text(events))
+def progress_view(job: Job, events: list[dict[str, Any]], running: bool) -> None:
+    """Progress bar (with the time left while `running`), the latest figures, and the live
+    curves."""
+    st.progress(progress_fraction(events), text=progress_text(events, running))
     step, epoch = last_event(events, "step"), last_event(events, "epoch")
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("Epoch", f"{step['epoch']}/{step['epochs']}" if step else "–")
@@ -389,7 +461,7 @@ def live_view(job: Job) -> None:
         if not job.is_alive():
             st.rerun()  # the whole page then shows how it ended
         st.markdown(run_label(job))
-        progress_view(job, job.events())
+        progress_view(job, job.events(), running=not job.cancel_requested())
         if job.kind == "tune":
             results_view(job)
         if not job.cancel_requested() and st.button("Cancel", icon=":material/stop:",
@@ -409,7 +481,8 @@ def outcome(job: Job, status: str, events: list[dict[str, Any]]) -> None:
     where = last_event(events, "step")
     at = f" at epoch {where['epoch']}, step {where['step']}" if where else ""
     if status == "done":
-        st.success(f"Finished. The model is saved in {md_escape(job.out)}.", icon=icon)
+        st.success(f"Finished. The model is saved among your models as "
+                   f"'{md_escape(Path(job.out).name)}'.", icon=icon)
     elif status == "cancelled":
         st.info(f"Cancelled{at}. Its checkpoint is kept: Resume continues from there.",
                 icon=icon)
@@ -460,7 +533,7 @@ def finished_view(job: Job, status: str) -> None:
     st.markdown(run_label(job))
     outcome(job, status, events)
     if job.kind == "train":
-        progress_view(job, events)
+        progress_view(job, events, running=False)
         if status == "done":
             test_figures(events)
     else:
@@ -469,20 +542,16 @@ def finished_view(job: Job, status: str) -> None:
     if status in ("cancelled", "killed") and c1.button(
             "Resume", type="primary", icon=":material/play_arrow:", key="job_resume"):
         launch(lambda f: resume_job(job, who=WHO, force=f), False)
-    if status == "done" and job.kind == "train" and WHO.can("manage_models") and c1.button(
-            "Make it the active model", icon=":material/star:", key="job_activate"):
-        try:
-            set_active_model(job.out, who=WHO)
-            st.rerun()
-        except BusError as exc:
-            show_error(exc)
+    if status == "done" and job.kind == "train" and WHO.can("manage_models"):
+        with c3:
+            st.page_link("pages/models.py", label="Make it the active model in the Model "
+                         "registry (compared with the active one first)", icon=":material/star:")
     if status == "done" and job.kind == "tune":
         with c3:
             keep_best(job)
     if status == "failed" and is_failed_run(job.out) and c1.button(
             "Delete the run folder", icon=":material/delete:", key="job_delete",
-            help=f"Removes {md_escape(job.out)} (its log and settings); its name is free "
-                 "again."):
+            help="Removes the run (its log and settings); its name is free again."):
         try:
             delete_failed_run(job.out, who=WHO)
             st.session_state["train_dismissed"] = job.started
@@ -505,13 +574,15 @@ def job_panel(job: Job) -> None:
             finished_view(job, status)
 
 
+running = current_job()
+latest = running or last_job()
+if latest is not None:
+    show_settings_of(latest)
 keep_widget_state("_train_form", FORM_PREFIXES, ACTION_KEYS)
 st.title("Train")
 st.caption("Training runs in the background on this machine: you can leave this page or reload "
            "it and come back. One job runs at a time.")
 
-running = current_job()
-latest = running or last_job()
 if latest is not None and st.session_state.get("train_dismissed") != latest.started:
     job_panel(latest)
 

@@ -347,6 +347,8 @@ def test_users_command(tmp_path, monkeypatch, capsys):
             "password changed", "disabled", "roles changed", "user added", "user added"]
     assert main(["users", "set-role", "nobody", "clinician"]) == 2
     assert "no user called 'nobody'" in capsys.readouterr().err
+    assert main(["users", "set-role", "admin", "clinician"]) == 2  # the only administrator
+    assert "only active administrator" in capsys.readouterr().err
 
 
 def test_nothing_identifying_of_an_uploaded_dicom_is_stored(store, tmp_path):
@@ -365,3 +367,18 @@ def test_nothing_identifying_of_an_uploaded_dicom_is_stored(store, tmp_path):
     for secret in (b"Doe", b"Jane", b"MRN-99812", b"19700101", b"St Example"):
         assert secret not in stored
     assert case.display_name == f"image-{case.image_hash[:12]}.dcm"
+
+
+def test_the_last_active_admin_keeps_the_role_and_stays_enabled(accounts):
+    accounts.add(operator(), "root", ["admin"], PASSWORD)
+    root = accounts.sign_in("root", PASSWORD)
+    with pytest.raises(AccountError, match="only active administrator"):
+        accounts.set_roles(root, "root", ["clinician"])
+    with pytest.raises(AccountError, match="only active administrator"):
+        accounts.set_disabled(person("boss", "admin"), "root")
+    assert accounts.get("root").roles == {"admin"} and not accounts.get("root").disabled
+    accounts.add(root, "deputy", ["admin", "clinician"], PASSWORD)
+    accounts.set_roles(root, "root", ["clinician"])  # another admin remains
+    assert accounts.get("root").roles == {"clinician"}
+    with pytest.raises(AccountError, match="only active administrator"):
+        accounts.set_disabled(person("boss", "admin"), "deputy")

@@ -237,3 +237,21 @@ def test_predict_several_images_needs_out_and_out_takes_no_single_image_options(
     assert main(["predict", str(bad), "--out", str(tmp_path / "r.csv"), "--model",
                  str(tiny_model_dir), "--workers", "0"]) == 2
     assert capsys.readouterr().out.startswith("1 image predicted (1 error,")
+
+
+def test_evaluate_scores_an_outline_model_as_served_unless_expert_outlines_are_asked_for(
+        busi_dir, tiny_model_dir, tiny_segmenter_dir, tmp_path, monkeypatch, capsys):
+    from bus_core.segment import Segmenter
+    from tests.conftest import blob_probabilities, copy_model
+
+    monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)
+    monkeypatch.setenv("BUS_SEGMENTER", str(tiny_segmenter_dir))
+    lesion = copy_model(tiny_model_dir, tmp_path / "lesion", input_mode="lesion-context",
+                        crop_margin=0.5)
+    out = tmp_path / "m.json"
+    for extra, masks in (([], "automatic"), (["--masks", "expert"], "expert")):
+        assert main(["evaluate", "--model", str(lesion), "--data", str(busi_dir), "--json",
+                     str(out), "--device", "cpu-fp32", *extra]) == 0
+        assert json.loads(out.read_text())["data"]["masks"] == masks
+        assert "outlined_but_normal" in json.loads(out.read_text())
+    assert "scored on the data's expert outlines" in capsys.readouterr().out

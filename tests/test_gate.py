@@ -18,6 +18,7 @@ from bus_core.gate import (
     GateError,
     GateResult,
     activate_if_passed,
+    activation_warnings,
     compare,
     decision_log,
     decisions_path,
@@ -235,3 +236,31 @@ def test_rollback_restores_an_earlier_model_and_is_logged(data_dir, tiny_model_d
     assert second.is_dir() and first.is_dir()  # nothing is deleted
     with pytest.raises(GateError):
         rollback(second, admin(""))
+
+
+def test_a_model_made_active_by_hand_needs_a_reason_and_is_logged_with_its_warnings(
+        data_dir, tiny_model_dir, tmp_path):
+    from bus_core.gate import make_active
+    from bus_core.models import read_card
+    from tests.conftest import copy_model as copy_with_card
+
+    data = {"data_hash": "abc"}
+    old = copy_with_card(tiny_model_dir, tmp_path / "old", metrics={"test": {
+        "n": 400, "accuracy": 0.8, "malignant_sensitivity": 0.9, "data": data}})
+    new = copy_with_card(tiny_model_dir, tmp_path / "new", metrics={"test": {
+        "n": 40, "accuracy": 0.85, "malignant_sensitivity": 0.7, "data": data}})
+    set_active_model(old, who=ADMIN)
+    warnings = activation_warnings(read_card(new), read_card(old))
+    assert any("only 40 images" in w for w in warnings)
+    assert any("malignant sensitivity on its test images is 0.700" in w for w in warnings)
+    assert not any("accuracy" in w for w in warnings)  # higher: no warning
+    with pytest.raises(GateError, match="Say why"):
+        make_active(new, who=admin("ann"), reason="  ")
+    assert active_model_path() == old.resolve()
+    make_active(new, who=admin("ann"), reason="site validation")
+    assert active_model_path() == new.resolve()
+    entry = decision_log()[-1]
+    assert (entry["action"], entry["who"], entry["override_reason"]) == (
+        "made active", "ann", "site validation")
+    assert entry["active"] == str(old.resolve()) and len(entry["reasons"]) == 2
+    assert old.resolve() in earlier_models()  # a roll back can return to it

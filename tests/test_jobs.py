@@ -197,3 +197,16 @@ def test_max_per_class_with_a_saved_split_is_refused_before_starting(busi_dir, t
         start_training(tiny_config(busi_dir, tmp_path / "run", split="s.json", max_per_class=2),
                        who=ADMIN)
     assert current_job() is None and not (tmp_path / "run").exists()
+
+
+def test_a_finished_job_process_is_reaped_without_anyone_asking(tmp_path, monkeypatch):
+    """A page that never polls the job again must not leave a <defunct> process behind."""
+    from bus_core import jobs
+    from bus_core.train import TrainConfig
+
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    job = jobs._spawn("train", TrainConfig(data=[], out=str(tmp_path / "run")), ["--help"], None)
+    deadline = time.monotonic() + 120
+    while Path(f"/proc/{job.pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{job.pid}").exists(), "the ended process was never reaped"

@@ -256,5 +256,5 @@ def test_two_stage_command(busi_dir, tiny_model_dir, tiny_segmenter_dir, tmp_pat
     assert metrics["normal_from_whole"] is True
     assert metrics["at_threshold"]["threshold"] == 0.3 and "fitted_threshold" in metrics
     assert main(["evaluate", "--model", str(lesion_model), "--data", str(busi_dir),
-                 "--whole-image-model", str(tiny_model_dir)]) == 2
+                 "--masks", "expert", "--whole-image-model", str(tiny_model_dir)]) == 2
     assert "--masks auto" in capsys.readouterr().err

@@ -115,6 +115,7 @@ def test_review_page_tabs_and_model_buttons_follow_the_roles(tiny_model_dir):
     at = signed_in_app("researcher", name="res").run()
     at.switch_page("pages/review.py").run()
     assert [t.label for t in at.tabs] == ["Retrain"]
+    assert "Confirm or correct" not in texts(at)  # a researcher does not review
     at = signed_in_app("clinician", name="clin").run()
     at.switch_page("pages/review.py").run()
     assert [t.label for t in at.tabs] == ["Cases", "Export"]
@@ -209,3 +210,47 @@ def test_single_sign_on_ignores_an_unverified_email_and_obeys_disabling(monkeypa
         Accounts(store).set_disabled(operator(), "dr@example.org")
     at.run()
     assert "disabled in this app" in texts(at) and not at.title
+
+
+def test_the_only_admin_cannot_remove_their_own_admin_role_on_the_account_page():
+    at = signed_in_app("admin", name="root").run()
+    at.switch_page("pages/account.py").run()
+    at.selectbox(key="account_user").set_value("root").run()
+    at.multiselect(key="account_roles_root").set_value(["clinician"])
+    at.button(key="account_save_roles").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "only active administrator" in " ".join(e.value for e in at.error)
+    with open_store(default_db_path()) as store:
+        assert Accounts(store).get("root").roles == {"admin"}
+
+
+def test_a_page_the_role_does_not_open_is_said_to_be_unavailable():
+    from ui.auth import AFTER_SIGN_IN_KEY
+
+    at = signed_in_app("clinician", name="clin")
+    at.session_state[AFTER_SIGN_IN_KEY] = "train"  # the address named Train at sign-in
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Train is not available for your role" in " ".join(w.value for w in at.warning)
+
+
+def test_every_button_of_every_page_runs_without_a_crash_for_each_role(tiny_model_dir,
+                                                                        monkeypatch):
+    """Click each button each role sees on each page it opens: no exception anywhere."""
+    monkeypatch.setenv("BUS_MODEL", str(tiny_model_dir))
+    for role in ("clinician", "educator", "researcher", "admin"):
+        at = signed_in_app(role, name=role).run()
+        for page in sorted(pages_of(at)):
+            at.switch_page(f"pages/{page}.py").run()
+            assert not at.exception, (role, page, [e.value for e in at.exception])
+            keys = [b.key for b in at.button if b.key and not b.disabled]
+            for key in keys:
+                at.switch_page(f"pages/{page}.py").run()
+                try:
+                    button = at.button(key=key)
+                except KeyError:
+                    continue  # gone after an earlier click
+                if button.disabled:
+                    continue
+                button.click().run()
+                assert not at.exception, (role, page, key, [e.value for e in at.exception])

@@ -183,6 +183,7 @@ def test_no_model_installed_shows_how_to_get_one(monkeypatch, tmp_path):
     monkeypatch.setattr("bus_core.registry.bundled_default", lambda *args, **kwargs: None)
     at = start(monkeypatch, tmp_path, None)
     assert "No model is installed" in messages(at.warning)
+    assert "python -m" not in messages(at.warning)  # plain words, no commands
     assert not at.get("file_uploader")
 
 
@@ -205,6 +206,7 @@ def test_save_as_case_stores_the_prediction_once(app, tmp_path):
     app.run()
     assert not app.exception
     assert "Saved as case" in messages(app.success)
+    assert not [b for b in app.button if b.label == "Save as case"]  # replaced by the message
     app.run()
     assert not [b for b in app.button if b.label == "Save as case"]
     with open_store(tmp_path / "userdata") as store:
@@ -335,8 +337,76 @@ def test_a_two_stage_model_reads_the_outline_and_the_whole_image(monkeypatch, tm
     upload(at, ("scan.png", ultrasound_png(size=(200, 240))[0], "image/png"))
     assert segmented(at, "Lesion mask").value == "Suggest outline"
     assert "Automatic outline by tiny-outline" in messages(at.caption)
-    assert "Two-stage reading: the whole image (tiny-whole)" in messages(at.caption)
+    assert "Two-stage reading: the whole image tells normal from lesion" in messages(at.caption)
     assert not at.error and at.metric[0].label == "Model's reading"
+    details = next(e for e in at.expander if e.label == "Model details")
+    assert "tiny-two with tiny-whole" in messages(details.caption)  # names folded away
+    assert "Read in" in messages(details.caption)
+    outside = [c.value for c in at.caption if c not in details.caption]
+    assert not any("tiny-whole" in c or "Read in" in c for c in outside)
     segmented(at, "Lesion mask").set_value("No mask").run()
     assert not at.exception and not at.error
-    assert "the whole-image model (tiny-whole) reads the whole image" in messages(at.caption)
+    assert "the whole-image model reads the whole image" in messages(at.caption)
+
+
+def test_a_storage_failure_is_told_in_plain_words_without_the_path(app, tmp_path):
+    images = tmp_path / "userdata" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for prefix in range(256):  # a file where each image folder should be
+        (images / f"{prefix:02x}").write_bytes(b"")
+    upload(app, ("case.png", ultrasound_png(seed=5)[0], "image/png"))
+    next(b for b in app.button if b.label == "Save as case").click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    shown = messages(app.error)
+    assert "could not store or read its files" in shown and str(images) not in shown
+    assert str(images) in " ".join(c.value for c in app.code)  # folded away, for the admin
+
+
+def test_an_edited_outline_is_kept_when_accepted_and_edited_again(monkeypatch, tmp_path,
+                                                                  tiny_model_dir, blob_segmenter):
+    """The canvas is replaced by a stand-in that adds a square to the outline it is given."""
+    import ui.canvas
+    from bus_core.store import open_store
+
+    bases: list[np.ndarray] = []
+
+    def paint_square(image, key, base=None, background_image=None):
+        bases.append(base.copy())
+        edited = base.copy()
+        edited[:20, :20] = True
+        return edited
+
+    monkeypatch.setattr(ui.canvas, "paint_mask", paint_square)
+    at = start(monkeypatch, tmp_path, tiny_model_dir, blob_segmenter)
+    upload(at, ("scan.png", ultrasound_png(size=(200, 240))[0], "image/png"))
+    segmented(at, "Lesion mask").set_value("Suggest outline").run()
+    segmented(at, "Suggested outline (automatic)").set_value("Edit").run()
+    suggested = bases[-1]
+    segmented(at, "Suggested outline (automatic)").set_value("Accept").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "with your edits" in messages(at.caption)
+    segmented(at, "Suggested outline (automatic)").set_value("Edit").run()
+    assert bases[-1][:20, :20].all() and not suggested[:20, :20].all()  # starts from the edit
+    segmented(at, "Suggested outline (automatic)").set_value("Accept").run()
+    next(b for b in at.button if b.label == "Save as case").click().run()
+    with open_store(tmp_path / "userdata") as store:
+        (case,) = store.list_cases()
+        assert case.mask_source == "suggested, edited"
+        (mask,) = store.load_masks(case)
+        assert mask[:20, :20].all()
+
+
+def test_the_report_names_the_image_by_its_pseudonym_not_the_uploaded_file_name(app,
+                                                                                 monkeypatch):
+    import bus_core.report
+
+    contents = []
+    original = bus_core.report.render_report
+    monkeypatch.setattr(bus_core.report, "render_report", lambda content: contents.append(
+        content) or original(content))
+    upload(app, ("Jane Doe 1961.png", ultrasound_png(seed=2)[0], "image/png"))
+    (content,) = contents
+    assert content.filename.startswith("image-") and "Jane" not in content.filename
+    download = app.get("download_button")[0]
+    assert "Jane" not in str(download.proto)
+    assert download.proto.label == "Report (PNG)"  # short enough for a narrow column

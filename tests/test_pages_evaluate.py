@@ -137,3 +137,42 @@ def test_data_and_splits_outside_the_allowed_folders_are_refused(app, busi_dir):
     app.text_area(key="eval_data").set_value(str(busi_dir))
     app.text_input(key="eval_split").set_value(str(busi_dir / "../../../../etc/split.json")).run()
     assert errors() == [OUTSIDE_ROOTS] and app.button(key="eval_run").disabled
+
+
+def test_a_researcher_is_not_offered_the_diagnose_page(monkeypatch, tmp_path, tiny_model_dir,
+                                                       busi_dir):
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.setenv("BUS_MODEL", str(tiny_model_dir))
+    at = signed_in_app("researcher", name="res", timeout=90).run()
+    at.switch_page("pages/evaluate.py").run()
+    at.text_area(key="eval_data").set_value(str(busi_dir))
+    at.text_input(key="eval_split").set_value("")
+    evaluate(at.run())
+    assert "misclassified" in " ".join(c.value for c in at.caption)
+    assert not [b for b in at.button if b.key and b.key.startswith("eval_open_")]
+
+
+def test_an_outline_model_is_scored_as_served_by_default_and_on_expert_outlines_on_request(
+        monkeypatch, tmp_path, tiny_model_dir, tiny_segmenter_dir, busi_dir):
+    from bus_core.segment import Segmenter
+    from tests.conftest import blob_probabilities, copy_model
+
+    monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.setenv("BUS_SEGMENTER", str(tiny_segmenter_dir))
+    copy_model(tiny_model_dir, user_models_dir() / "lesion", name="tiny-lesion",
+               input_mode="lesion-context", crop_margin=0.5)
+    set_active_model(user_models_dir() / "lesion", who=ADMIN)
+    at = signed_in_app(timeout=90).run()
+    at.switch_page("pages/evaluate.py").run()
+    at.text_area(key="eval_data").set_value(str(busi_dir))
+    at.text_input(key="eval_split").set_value("")
+    at.run()
+    assert at.radio(key="eval_outlines").value == "served"
+    evaluate(at)
+    captions = " ".join(c.value for c in at.caption)
+    assert "as clinicians get it: on the outlines the outline model suggests" in captions
+    assert at.session_state["eval_current"][0].evaluation.metrics["data"]["masks"] == "automatic"
+    at.radio(key="eval_outlines").set_value("expert").run()
+    evaluate(at)
+    assert "on the data's expert outlines" in " ".join(c.value for c in at.caption)

@@ -34,10 +34,10 @@ def page_text(at: AppTest) -> str:
                     for e in at.get(kind))
 
 
-def test_lists_models_with_their_cards(app):
+def test_lists_models_with_their_cards_and_paths_only_in_the_admins_details(app):
     text = page_text(app)
-    assert md_escape(user_models_dir() / "alpha") in text
-    assert md_escape(user_models_dir() / "beta") in text
+    assert str(user_models_dir()) not in text  # plain words on the page...
+    assert str(user_models_dir() / "alpha") in [c.value for c in app.code]  # ...paths folded
     assert "densenet121" in text and "MB" in text
     activate = app.button(key="models_activate_user_alpha")
     assert activate.label == "Make active" and not activate.disabled  # an admin, not active
@@ -59,10 +59,25 @@ def test_card_text_is_shown_as_text(monkeypatch, tmp_path, tiny_model_dir):
     assert not any("**bold**" in m or "](" in m or "`x`" in m for m in markdown)
 
 
-def test_activate_a_model(app):
+def test_activate_a_model_after_comparing_it_and_giving_a_reason_which_is_logged(app):
+    from bus_core.gate import decision_log
+
     app.button(key="models_activate_user_beta").click().run()
     assert not app.exception
+    assert active_model_path() != (user_models_dir() / "beta").resolve()  # not yet
+    assert "Test images" in list(app.dataframe[0].value["Figure"])  # the figures side by side
+    assert "has no test figures" in page_text(app)  # the tiny model was never tested
+    assert app.button(key="models_activate_ok_user_beta").disabled  # no reason yet
+    app.text_input(key="models_reason_user_beta").set_value("validated on our own cases").run()
+    app.button(key="models_activate_ok_user_beta").click().run()
+    assert not app.exception, [e.value for e in app.exception]
     assert active_model_path() == (user_models_dir() / "beta").resolve()
+    assert "is now the active model" in page_text(app)
+    entry = decision_log()[-1]
+    assert (entry["action"], entry["who"], entry["override_reason"]) == (
+        "made active", "Dr Test", "validated on our own cases")
+    assert entry["candidate"] == str((user_models_dir() / "beta").resolve())
+    assert "made active by hand" in list(app.dataframe[-1].value["Decision"])
     activate = app.button(key="models_activate_user_beta")
     assert activate.disabled and activate.label == "Active"
     assert not app.button(key="models_activate_user_alpha").disabled
@@ -115,3 +130,21 @@ def test_a_segmentation_model_is_listed_but_not_offered_as_the_classifier(
     at.switch_page("pages/evaluate.py").run()
     assert not at.exception
     assert "outline" not in " ".join(str(o) for o in at.multiselect[0].options)
+
+
+def test_a_model_s_readme_is_shown_and_data_sets_are_named_by_name(monkeypatch, tmp_path,
+                                                                    tiny_model_dir):
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.delenv("BUS_MODEL", raising=False)
+    folder = copy_model(tiny_model_dir, user_models_dir() / "documented",
+                        training_data={"sources": ["/data/BUSI", "/data/BUSBRA/labels.csv"]})
+    (folder / "README.md").write_text("# Documented\n\nTrained on the Kaggle copy of BUSI.\n")
+    at = signed_in_app(timeout=60).run()
+    at.switch_page("pages/models.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    cards = [" ".join(m.value for m in e.markdown) for e in at.expander
+             if e.label == "Model card"]
+    assert any("Trained on the Kaggle copy of BUSI." in text for text in cards)
+    data_lines = [m.value for m in at.markdown if "**Data**" in m.value]
+    assert any("**Data** BUSI, BUSBRA" in m for m in data_lines)
+    assert not any("labels" in m for m in data_lines)

@@ -65,6 +65,8 @@ def test_lists_cases_and_highlights_disagreement(case_ids):
     at = open_page()
     table = at.dataframe[0].value
     assert sorted(table["Case"]) == sorted(case_ids)
+    assert list(table.columns)[:5] == ["Case", "Agreement", "Model's reading", "Confirmed",
+                                       "Notes"]  # what a narrow window still shows
     row = table[table["Case"] == case_ids[2]].iloc[0]
     assert row["Agreement"] == "disagrees" and row["Reviewer"] == "Dr Old"
     assert "1 where the reviewer disagreed" in texts(at)

@@ -90,7 +90,7 @@ def test_settings_show_device_counts_and_the_mask_leak_note(app, busi_dir):
 
 
 @pytest.mark.slow
-def test_a_tiny_run_reaches_the_end_and_becomes_the_active_model(app, busi_dir):
+def test_a_tiny_run_reaches_the_end_and_its_form_stays(app, busi_dir):
     configure(app, busi_dir, "tiny-run")
     app.button(key="train_start").click().run()
     assert not app.exception, [e.value for e in app.exception]
@@ -99,8 +99,8 @@ def test_a_tiny_run_reaches_the_end_and_becomes_the_active_model(app, busi_dir):
     assert any(m.label == "Accuracy" for m in app.metric)  # test-subset figures
     folder = user_models_dir() / "tiny-run"
     assert load_model(folder).card.input_size == {"resize": 40, "crop": 32, "fit": "crop"}
-    app.button(key="job_activate").click().run()
-    assert active_model_path() == folder.resolve()
+    assert str(folder) not in texts(app)  # named, not located, on the page
+    assert active_model_path() != folder.resolve()  # made active in the registry, not here
     app.button(key="job_dismiss").click().run()
     assert app.button(key="train_start") is not None
     # the form comes back with the settings of the run, not the defaults
@@ -186,6 +186,7 @@ def test_refused_combinations_and_failed_run_names(app, busi_dir):
     app.radio(key="train_split_kind").set_value("Saved split file").run()
     app.number_input(key="train_max_per_class").set_value(3).run()
     assert "cannot be combined with a saved split file" in texts(app)
+    assert "--" not in texts(app)  # plain words, no command-line options
     assert app.button(key="train_start").disabled
     app.number_input(key="train_max_per_class").set_value(0)
     app.radio(key="train_split_kind").set_value("New group-disjoint split").run()
@@ -193,3 +194,44 @@ def test_refused_combinations_and_failed_run_names(app, busi_dir):
     app.text_input(key="train_name").set_value("again").run()
     assert "'again' holds only a failed run: starting replaces it." in texts(app)
     assert not app.button(key="train_start").disabled
+
+
+def test_the_form_shows_the_last_job_s_settings_and_a_long_job_needs_a_tick(app, busi_dir):
+    from bus_core.progress import ProgressLog, RunFiles
+
+    out = user_models_dir() / "last-run"
+    job = Job(pid=2 ** 22 + 4322, out=str(out), kind="train", started=time.time(),
+              command=["python"], config={
+                  "data": [str(busi_dir)], "out": str(out), "init": "random", "resize": 40,
+                  "crop": 32, "epochs": 3, "batch_size": 4, "device": "cpu-fp32",
+                  "lr": 0.001, "name": "last-run"})
+    jobs_dir().mkdir(parents=True)
+    (jobs_dir() / "last.json").write_text(json.dumps(job.to_dict()))
+    ProgressLog(RunFiles(out).progress).write("step", epoch=1, epochs=3, step=1, steps=4,
+                                              images_per_s=0.01, loss=1.0, mean_loss=1.0,
+                                              accuracy=0.5, lr=0.001)  # a slow machine
+    at = signed_in_app(timeout=60).run()  # a new visit (a reload)
+    at.switch_page("pages/train.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.number_input(key="train_epochs").value == 3
+    assert at.number_input(key="train_batch").value == 4
+    assert at.number_input(key="train_lr").value == 0.001
+    assert at.number_input(key="train_crop_densenet121").value == 32
+    assert at.selectbox(key="train_init").value == "random"
+    assert at.radio(key="train_split_kind").value == "New group-disjoint split"
+    assert at.text_input(key="train_name").value == "last-run"
+    assert "18 images" in texts(at)  # the data caption describes the data shown
+    assert not at.warning or "Session State" not in " ".join(w.value for w in at.warning)
+    # 3 epochs x 18 x 0.7 images at 0.01 images/s: over an hour, so Start waits for a tick
+    at.text_input(key="train_name").set_value("next-run").run()
+    assert at.button(key="train_start").disabled
+    at.checkbox(key="train_long_ok").check().run()
+    assert "Expected to take about 1 h 03 min" in at.checkbox(key="train_long_ok").label
+    assert not at.button(key="train_start").disabled
+
+
+def test_the_input_size_cannot_go_below_what_the_architecture_takes(app):
+    crop = app.number_input(key="train_crop_densenet121")
+    assert crop.min == 32 and "at least 32" in crop.label
+    app.selectbox(key="train_arch").set_value("inception_v3").run()
+    assert app.number_input(key="train_crop_inception_v3").min == 75

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import multiprocessing
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -669,3 +670,16 @@ def test_pacs_source_is_kept_checked_and_not_exported(store: CaseStore, tmp_path
     store.review_case(case.id, label="benign", who=person("Dr A"))
     out = store.export_busi(tmp_path / "export", who=ADMIN)
     assert source.study_uid not in (out / "cases.csv").read_text()
+
+
+def test_the_export_has_one_percent_column_per_class_and_local_minutes(store, tmp_path):
+    case = save(store, 1, "benign")
+    store.review_case(case.id, label="benign", who=person("Dr A"))
+    out = store.export_busi(tmp_path / "export", who=ADMIN)
+    with open(out / "cases.csv", newline="", encoding="utf-8") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert "probabilities" not in row
+    assert [row[f"{c}_percent"] for c in ("normal", "benign", "malignant")] == [
+        "10.0", "70.0", "20.0"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", row["created_at"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", row["updated_at"])

@@ -183,3 +183,12 @@ def test_compile_wraps_the_training_network_only(busi_dir, tmp_path, monkeypatch
     modes.clear()
     train(tiny_config(busi_dir, tmp_path / "n"))
     assert modes == []
+
+
+def test_an_input_size_below_the_architecture_s_minimum_is_refused_before_the_run():
+    from bus_core.errors import ModelError
+    from bus_core.train import TrainConfig, check_config
+
+    with pytest.raises(ModelError, match="at least 32 px; 16 px"):
+        check_config(TrainConfig(data=["x"], out="", resize=16, crop=16))
+    check_config(TrainConfig(data=["x"], out="", resize=40, crop=32))

@@ -16,7 +16,7 @@ from bus_core.cli import main
 from bus_core.constants import CLASSES
 from bus_core.dataset import load_records
 from bus_core.errors import ModelError
-from bus_core.evaluate import evaluate
+from bus_core.evaluate import Evaluation, evaluate, two_stage
 from bus_core.intervals import score
 from bus_core.metrics import NORMAL_ODDS_GRID, fit_normal_odds, normal_from_whole
 from bus_core.models import ModelCard, load_model
@@ -257,3 +257,41 @@ def test_the_cards_normal_odds_reach_the_predictor_and_evaluate(models, blobs, b
     result = evaluate(load_model(odds), records, device="cpu-fp32", backend="torch")
     assert result.metrics["normal_odds_with_outline"] == 0.1
     assert 0 < result.metrics["fitted_normal_odds"] <= 1
+
+
+def test_the_map_for_normal_explains_the_whole_image_model_and_the_rest_the_lesion_model(
+        models, blobs):
+    two = _predictor(models / "lesion")
+    image = _image()
+    prediction = two.predict(image)
+    assert prediction.whole is not None and prediction.read_by == ""
+    whole = prediction.explained_by("normal")
+    assert whole is prediction.whole and prediction.explained_by("benign") is prediction
+    np.testing.assert_allclose(two.explain(prediction, "normal"),
+                               two.whole.explain(prediction.whole, "normal"), atol=1e-6)
+    np.testing.assert_allclose(whole.model_view, two.whole.predict(image).model_view)
+    lesion_map = two.explain(prediction, "benign")
+    assert lesion_map.shape == prediction.model_view.shape[:2]
+
+
+def test_an_outline_read_as_normal_is_flagged_as_uncertain_and_counted(models, blobs,
+                                                                       monkeypatch):
+    from bus_core.metrics import OUTLINE_CONTRADICTION
+
+    two = _predictor(models / "lesion")
+    sure_normal = np.array([[0.97, 0.02, 0.01]])
+    monkeypatch.setattr(two.whole, "predict_batch", lambda batch, warnings=None: [
+        two.whole._prediction(sure_normal[0], batch[0], [], None)])
+    prediction = two.predict(_image())
+    assert prediction.outline is not None and prediction.label == "normal"
+    assert prediction.uncertain and OUTLINE_CONTRADICTION in prediction.warnings
+    y = [0, 1]
+    lesion = _evaluation_of([[0.1, 0.6, 0.3], [0.1, 0.6, 0.3]], y)
+    whole = _evaluation_of([[0.9, 0.05, 0.05], [0.2, 0.4, 0.4]], y)
+    result = two_stage(lesion, whole, [True, True], normal_from_whole=True)
+    assert result.metrics["outlined_but_normal"] == 1
+
+
+def _evaluation_of(probs, y):
+    return Evaluation({}, [str(i) for i in range(len(y))], np.asarray(y), np.asarray(probs),
+                      np.zeros((len(y), 3)), list(CLASSES))

@@ -92,22 +92,36 @@ def require_signed_in() -> Identity:
 AFTER_SIGN_IN_KEY = "_bus_after_sign_in"
 
 
-def _remember_requested_page() -> None:
-    """Keep the page the address names (a bookmark, a reload), to open it once signed in."""
+def _addressed_page() -> str | None:
+    """The page the browser's address names (a bookmark, a reload, a typed address), if any."""
     try:
         name = urlsplit(st.context.url or "").path.rstrip("/").rsplit("/", 1)[-1]
     except (AttributeError, ValueError):
-        return
-    if name in PAGE_ACTIONS:
+        return None
+    return name if name in PAGE_ACTIONS else None
+
+
+def _remember_requested_page() -> None:
+    """Keep the page the address names, to open it once signed in."""
+    name = _addressed_page()
+    if name is not None:
         st.session_state[AFTER_SIGN_IN_KEY] = name
 
 
-def open_requested_page(who: Identity) -> None:
-    """Right after signing in, switch to the page the address named before (if `who` may
-    open it); call after st.navigation."""
-    name = st.session_state.pop(AFTER_SIGN_IN_KEY, None)
-    if name is not None and may_open(who, name):
-        st.switch_page(f"pages/{name}.py")
+def open_requested_page(who: Identity, titles: dict[str, str]) -> None:
+    """Right after signing in, switch to the page the address named before if `who` may open
+    it; otherwise (or when the address names such a page now) say that the page is not
+    available for their roles. `titles`: page -> its title. Call after st.navigation."""
+    requested = st.session_state.pop(AFTER_SIGN_IN_KEY, None)
+    name = requested or _addressed_page()
+    if name is None:
+        return
+    if may_open(who, name):
+        if requested:
+            st.switch_page(f"pages/{name}.py")
+        return
+    st.warning(f"{titles.get(name, name)} is not available for your role: you are on the first "
+               "page your roles open instead.", icon=":material/block:")
 
 
 def _local_identity() -> Identity | None:

@@ -18,21 +18,23 @@ from PIL import Image
 
 from bus_core.io import image_to_png_bytes
 from bus_core.masks import strokes_to_mask
-from ui.state import memo
+from ui.state import digest, memo
 
-CANVAS_WIDTH, MAX_CANVAS_HEIGHT = 440, 600
-"""About the main column's width in an 800 px window with the sidebar open (the canvas gets the
-page's width on the Diagnose page while it is shown)."""
+CANVAS_WIDTHS: dict[str, int] = {"Small": 440, "Large": 760}
+"""Canvas widths to choose from: about the main column's width in an 800 px window with the
+sidebar open, and in a 1440 px one."""
+MAX_CANVAS_HEIGHT = 760
 TOOLS: dict[str, str] = {"Brush": "freedraw", "Polygon": "polygon", "Rectangle": "rect",
                          "Circle": "circle", "Eraser": "freedraw"}
-PAINT, ERASE = "rgba(255, 196, 0, 0.55)", "rgba(235, 240, 245, 0.9)"
-"""Stroke colours: lesion paint, and the eraser (strokes of this colour remove paint)."""
+PAINT, ERASE = "rgba(255, 196, 0, 0.55)", "rgba(255, 255, 255, 0.25)"
+"""Stroke colours: lesion paint, and the eraser (strokes of this colour remove paint; a faint
+veil, so the anatomy under them stays visible)."""
 
 
-def canvas_size(image_shape: tuple[int, ...]) -> tuple[int, int]:
-    """(width, height) of a canvas about CANVAS_WIDTH px wide with the image's aspect ratio."""
+def canvas_size(image_shape: tuple[int, ...], width: int) -> tuple[int, int]:
+    """(width, height) of a canvas about `width` px wide with the image's aspect ratio."""
     h, w = image_shape[:2]
-    scale = min(CANVAS_WIDTH / w, MAX_CANVAS_HEIGHT / h)
+    scale = min(width / w, MAX_CANVAS_HEIGHT / h)
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
@@ -55,21 +57,25 @@ def paint_mask(image: np.ndarray, key: str, base: np.ndarray | None = None,
 
     tool = st.segmented_control("Tool", list(TOOLS), default="Brush", required=True,
                                 key=f"tool_{key}", wrap=True) or "Brush"
-    stroke = st.columns([3, 2])[0].slider("Brush size", 2, 60, 16, key=f"stroke_{key}")
+    stroke_col, size_col = st.columns([3, 2])
+    stroke = stroke_col.slider("Brush size", 2, 60, 16, key=f"stroke_{key}")
+    width = size_col.segmented_control(
+        "Canvas", list(CANVAS_WIDTHS), default="Small", required=True, key=f"canvas_width_{key}",
+        help="Choose before you paint: another size starts an empty canvas.") or "Small"
     version_key = f"canvas_version_{key}"
-    size = canvas_size(image.shape)
+    size = canvas_size(image.shape, CANVAS_WIDTHS[width])
     shown = image if background_image is None else background_image
-    background = memo("canvas_bg", (key, size, base is not None),
+    background = memo("canvas_bg", (key, size, digest(shown)),
                       lambda: _background(shown, size), 8)
     colour = ERASE if tool == "Eraser" else PAINT
     result = st_canvas(fill_color=colour, stroke_width=stroke, stroke_color=colour,
                        background_image=background, width=size[0], height=size[1],
                        drawing_mode=TOOLS[tool],
-                       key=f"canvas_{key}_{st.session_state.get(version_key, 0)}")
+                       key=f"canvas_{key}_{width}_{st.session_state.get(version_key, 0)}")
     note_col, clear_col = st.columns([5, 1], vertical_alignment="center")
-    note_col.caption("Paint over the lesion; eraser strokes (light grey) remove paint. "
-                     "Polygon: click the corners, then the first one again to close it. The "
-                     "toolbar above the canvas undoes, redoes and edits shapes.")
+    note_col.caption("Paint over the lesion; eraser strokes (a faint white veil) remove paint. "
+                     "Polygon: click the corners, then the first one again to close it. Point "
+                     "at the canvas to show its toolbar: undo, redo and edit shapes.")
     clear_col.button("Clear", key=f"clear_{key}", help="Remove everything painted.",
                      on_click=_clear, args=(version_key,))
     mask = strokes_to_mask(result.json_data, canvas_size=size, image_shape=image.shape[:2],

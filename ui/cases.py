@@ -93,7 +93,8 @@ def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndar
                    "new reading (another model or mask); otherwise review the saved case.",
                    icon=":material/content_copy:")
         label = "Save again as a new case"
-    if not st.button(label, key=f"save_case_{key}", icon=":material/save:"):
+    place = st.empty()  # the button, replaced by the message once saved
+    if not place.button(label, key=f"save_case_{key}", icon=":material/save:"):
         return None
     try:
         case = save_prediction_as_case(store, image, image_name, masks, combine_mode, predictor,
@@ -103,8 +104,8 @@ def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndar
         show_error(exc, "The case could not be saved")
         return None
     saved[key] = case.id
-    st.success(f"Saved as case {case.id}: review it on the Review cases page.",
-               icon=":material/check_circle:")
+    place.success(f"Saved as case {case.id}: review it on the Review cases page.",
+                  icon=":material/check_circle:")
     return case
 
 

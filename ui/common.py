@@ -3,24 +3,39 @@ display."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
+from PIL import Image, ImageDraw
 
 from bus_core.accounts import Session
 from bus_core.dataset import source_name
 from bus_core.device import choose_device
-from bus_core.errors import BusError
+from bus_core.errors import BusError, StorageError
 from bus_core.jobs import JobBusyError
-from bus_core.metrics import fmt3
+from bus_core.metrics import TARGET_SENSITIVITY, fmt3
 from bus_core.models import ModelCard, read_card
 from bus_core.predict import Predictor
 from bus_core.registry import active_model_path, active_segmenter_path, no_model_message
 from bus_core.roles import DEMO, Identity
 from bus_core.segment import Segmenter
+
+log = logging.getLogger(__name__)
+
+def app_icon() -> Image.Image:
+    """The browser tab's icon, drawn here: a named Material icon would make every page fetch
+    it from Google's servers (failing offline, and a request leaving the hospital)."""
+    icon = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(icon)
+    draw.rounded_rectangle((2, 2, 61, 61), radius=14, fill=(15, 110, 140, 255))
+    draw.pieslice((12, 14, 52, 54), 200, 340, fill=(255, 255, 255, 255))
+    draw.ellipse((27, 40, 37, 50), fill=(255, 196, 0, 255))
+    return icon
+
 
 APP_TITLE = "Breast ultrasound classifier"
 """The app's name: the browser tab's title and the heading of the screens before signing in."""
@@ -113,42 +128,69 @@ def active_segmenter() -> tuple[Segmenter | None, str]:
 
 
 def model_summary(card: ModelCard) -> str:
-    """A few markdown lines: name, date, and test metrics with their data."""
+    """A few markdown lines in plain words: the model's name and how it did on its test
+    images, the top reading and the malignant flag told apart."""
+    test = card.metrics.get("test") or {}
+    lines = [f"**{md_escape(card.name)}**"]
+    if not test:
+        return "  \n".join([*lines, "Not tested: its card has no test figures."])
+    sources = md_escape(", ".join(source_name(x) for x in (test.get("data") or {}).get(
+        "sources", [])) or "its test data")
+    lines.append(f"Tested on {test.get('n')} images ({sources}): its top reading was right "
+                 f"for {_percent(test.get('accuracy'))} of them and named "
+                 f"{_percent(test.get('malignant_sensitivity'))} of the cancers as malignant.")
+    flag = test.get("at_threshold") or {}
+    if flag.get("sensitivity") is not None:
+        lines.append(f"Its malignant flag, set on other images to find "
+                     f"{TARGET_SENSITIVITY:.0%} of cancers, found "
+                     f"{_percent(flag['sensitivity'])} of these.")
+    return "  \n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def model_details(card: ModelCard) -> str:
+    """The technical description of a model (markdown): architecture, input, data, split,
+    figures with their technical names."""
     test = card.metrics.get("test") or {}
     data = test.get("data") or {}
     kind = (f"two-stage: {card.two_stage['whole_image_model']} on the whole image, then "
             f"{card.input_mode} on the lesion outline" if card.two_stage
             else f"{card.input_mode} input")
-    lines = [f"**{md_escape(card.name)}**",
-             md_escape(f"{card.arch}, {kind}, created {card.created[:10]}")]
+    lines = [md_escape(f"{card.arch}, {kind}, {card.size.crop} px, created {card.created[:10]}")]
     if test:
-        sources = md_escape(", ".join(source_name(x) for x in data.get("sources", [])) or "?")
         split = md_escape(Path(str(data.get("split_file", ""))).name or "?")
+        digest = data.get("data_hash")
         lines.append(
-            f"{sources} {data.get('subset', 'test')} subset of {split}, n={test.get('n')}: "
-            f"accuracy "
-            f"{fmt3(test.get('accuracy'))}, malignant sensitivity "
-            f"{fmt3(test.get('malignant_sensitivity'))}, malignant AUC "
-            f"{fmt3(test.get('auc_malignant'))}")
-    else:
-        lines.append("No test metrics in its card.")
+            f"{md_escape(data.get('subset', 'test'))} subset of {split}"
+            f"{f' (data hash {md_escape(str(digest)[:8])})' if digest else ''}"
+            f", n={test.get('n')}: accuracy {fmt3(test.get('accuracy'))}, malignant sensitivity "
+            f"(top class) {fmt3(test.get('malignant_sensitivity'))}, malignant AUC "
+            f"{fmt3(test.get('auc_malignant'))}, ECE {fmt3(test.get('ece'))}")
     return "  \n".join(lines)
 
 
 def render_sidebar() -> None:
-    """Active model (name, date, test metrics from its card) and the compute device."""
+    """The model in use in plain words (technical details folded away) and a reminder of what
+    the app is."""
     with st.sidebar:
-        st.caption("ACTIVE MODEL")
+        st.caption("MODEL IN USE")
         path = active_model_path()
         if path is None:
             st.info("No model installed.", icon=":material/info:")
         else:
             try:
-                st.markdown(model_summary(read_card(path)))
+                card = read_card(path)
+                st.markdown(model_summary(card))
+                with st.expander("Model details"):
+                    st.markdown(model_details(card))
+                    st.caption(f"Training and explanation maps run on "
+                               f"{choose_device().description}; each reading names where it "
+                               "ran.")
             except BusError as exc:
                 st.error(md_escape(exc))
-        st.caption(f"PyTorch device (training, Grad-CAM++): {choose_device().description}; "
-                   "each reading names where it ran.")
         st.caption("Research software: not a medical device. Predictions support, never "
                    "replace, a radiologist's reading.")
 
@@ -163,8 +205,18 @@ def md_escape(text: object) -> str:
 
 
 def show_error(exc: BusError, what: str = "") -> None:
-    """A user-fixable problem as a red box with its message (never a traceback)."""
-    st.error(md_escape(f"{what}{': ' if what else ''}{exc}"), icon=":material/error:")
+    """A user-fixable problem as a red box with its message (never a traceback). A storage
+    problem is told in plain words; its path goes to the log (and, for administrators, into a
+    details box)."""
+    message = str(exc)
+    if isinstance(exc, StorageError):
+        log.warning("%s%s%s", what, ": " if what else "", exc)
+        message = exc.plain
+    st.error(md_escape(f"{what}{': ' if what else ''}{message}"), icon=":material/error:")
+    who = identity()
+    if isinstance(exc, StorageError) and who is not None and who.can("manage_users"):
+        with st.expander("Details (administrators)"):
+            st.code(str(exc), language=None)
 
 
 def start_job(start: Callable[[], Any], what: str) -> bool:

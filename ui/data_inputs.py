@@ -45,6 +45,12 @@ def data_summary(sources: tuple[str, ...]) -> str:
     return f"{len(records)} images: " + ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
+@st.cache_data(ttl=60, show_spinner=False)
+def image_count(sources: tuple[str, ...]) -> int:
+    """How many images the data sources hold (raises DataError for unusable data)."""
+    return len(load_many(sources))
+
+
 def split_files() -> list[Path]:
     """Split files in the project's splits/ and in the user's data folder (where allowed)."""
     found: list[Path] = []

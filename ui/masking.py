@@ -108,7 +108,8 @@ def suggested_mask(segmenter: Segmenter, image: np.ndarray, key: str) -> np.ndar
 def _suggestion(image: np.ndarray, key: str, segmenter: Segmenter
                 ) -> tuple[list[np.ndarray], str | None, bool]:
     """The suggested outline as accepted, edited or discarded: (masks, origin, whether the
-    canvas already shows the image)."""
+    canvas already shows the image). An edit is kept: Accept then uses the edited outline, and
+    Edit again starts from it."""
     suggested = suggested_mask(segmenter, image, key)
     if not suggested.any():
         st.info(f"No lesion found: the outline model ({md_escape(segmenter.card.name)}) marks "
@@ -118,20 +119,38 @@ def _suggestion(image: np.ndarray, key: str, segmenter: Segmenter
     action = st.segmented_control(
         "Suggested outline (automatic)", (ACCEPT, EDIT, DISCARD), default=ACCEPT, required=True,
         key=f"suggest_action_{key}", wrap=True,
-        help="Accept uses the outline as drawn by the model; Edit lets you add to it (brush, "
-             "shapes) or remove from it (eraser); Discard drops it.") or ACCEPT
+        help="Accept uses the outline (with your edits, if you made any); Edit lets you add to "
+             "it (brush, shapes) or remove from it (eraser); Discard drops it.") or ACCEPT
+    edited_key, base_key = f"_suggest_edited_{key}", f"_suggest_edit_base_{key}"
+    last_key = f"_suggest_last_{key}"
+    came_from = st.session_state.get(last_key)
+    st.session_state[last_key] = action
+    edit: np.ndarray | None = st.session_state.get(edited_key)
     if action == DISCARD:
         return [], None, False
     if action == EDIT:
         from ui.canvas import paint_mask
 
-        background = memo("suggest_bg", (key, digest(suggested)),
-                          lambda: outlined(image, suggested, SUGGESTED_COLOUR), max_entries=8)
-        edited = paint_mask(image, f"{key}_edit", base=suggested, background_image=background)
-        if edited is None:
+        if came_from != EDIT or base_key not in st.session_state:  # a new canvas
+            st.session_state[base_key] = suggested if edit is None else edit
+        base = st.session_state[base_key]
+        background = memo("suggest_bg", (key, digest(base)),
+                          lambda: outlined(image, base, SUGGESTED_COLOUR), max_entries=8)
+        painted = paint_mask(image, f"{key}_edit", base=base, background_image=background)
+        edit = np.zeros_like(suggested) if painted is None else painted
+        st.session_state[edited_key] = edit
+        if not edit.any():
             return [], None, True
-        same = bool(np.array_equal(edited, suggested))
-        return [edited], "suggested" if same else "suggested, edited", True
+        same = bool(np.array_equal(edit, suggested))
+        return [edit], "suggested" if same else "suggested, edited", True
+    if edit is not None and not np.array_equal(edit, suggested):
+        if not edit.any():
+            st.info("Your edit removed the whole automatic outline: no outline is used.",
+                    icon=":material/ink_eraser:")
+            return [], None, False
+        st.caption(f"Automatic outline by {md_escape(segmenter.card.name)}, with your edits: "
+                   "check that it covers the lesion before you rely on it.")
+        return [edit], "suggested, edited", False
     st.caption(f"Automatic outline by {md_escape(segmenter.card.name)}: check that it covers "
                "the lesion before you rely on it.")
     return [suggested], "suggested", False

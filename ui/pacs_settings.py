@@ -47,6 +47,14 @@ def _table(server: list[Endpoint], saved: list[Endpoint]) -> None:
 def _form(who: Identity, previous: Endpoint | None) -> None:
     """Add a PACS (`previous` None) or change `previous`; secrets left blank stay as they were."""
     key = previous.name if previous else NEW
+    # outside the form, so the fields below follow the choices at once
+    auth = st.radio("Sign-in", AUTH_KINDS, format_func=AUTH_LABELS.__getitem__,
+                    index=AUTH_KINDS.index(previous.auth) if previous else 0,
+                    horizontal=True, key=f"pacs_auth_{key}")
+    verify = previous.verify if previous else True
+    tls = st.radio("TLS certificates", TLS_CHOICES, horizontal=True, key=f"pacs_tls_{key}",
+                   index=0 if verify is True else 2 if verify is False else 1)
+    user, secret, bundle = "", "", ""
     with st.form(f"pacs_endpoint_{key}"):
         name = st.text_input("Name", value=previous.name if previous else "")
         qido = st.text_input("QIDO-RS base URL (search)",
@@ -59,22 +67,19 @@ def _form(who: Identity, previous: Endpoint | None) -> None:
         stow = right.text_input("STOW-RS base URL (store)",
                                 value=previous.service_url("stow") if previous else "",
                                 placeholder="empty: the QIDO-RS URL")
-        auth = st.radio("Sign-in", AUTH_KINDS, format_func=AUTH_LABELS.__getitem__,
-                        index=AUTH_KINDS.index(previous.auth) if previous else 0,
-                        horizontal=True)
         left, right = st.columns(2)
-        user = left.text_input("User (basic sign-in)", value=(previous.user or "") if previous
-                               else "")
-        kept = previous is not None and previous.auth != "none"
-        secret = right.text_input("Password or token", type="password",
-                                  placeholder="unchanged" if kept else "",
-                                  help="Never shown again; leave empty to keep the saved one.")
-        verify = previous.verify if previous else True
-        tls = st.radio("TLS certificates", TLS_CHOICES, horizontal=True,
-                       index=0 if verify is True else 2 if verify is False else 1)
-        bundle = st.text_input("CA bundle (a file on the server)",
-                               value=verify if isinstance(verify, str) else "",
-                               placeholder="/etc/ssl/certs/hospital-ca.pem")
+        if auth == "basic":
+            user = left.text_input("User", value=(previous.user or "") if previous else "")
+        if auth != "none":
+            kept = previous is not None and previous.auth == auth
+            secret = right.text_input("Password" if auth == "basic" else "Token",
+                                      type="password", placeholder="unchanged" if kept else "",
+                                      help="Never shown again; leave empty to keep the saved "
+                                           "one.")
+        if TLS_CHOICES.index(tls) == 1:
+            bundle = st.text_input("CA bundle (a file on the server)",
+                                   value=verify if isinstance(verify, str) else "",
+                                   placeholder="/etc/ssl/certs/hospital-ca.pem")
         if not st.form_submit_button("Save PACS", icon=":material/save:"):
             return
     choice = TLS_CHOICES.index(tls)

@@ -56,7 +56,8 @@ def show_prediction(prediction: Prediction, threshold: float, key: str) -> None:
     else:
         st.metric("Model's reading", prediction.label.capitalize())
         st.caption(f"{top:.0%} calibrated probability")
-    st.plotly_chart(probability_chart(prediction.probabilities, prediction.label, threshold),
+    st.plotly_chart(probability_chart(prediction.probabilities, prediction.label, threshold,
+                                      prediction.malignant_threshold),
                     config={"displayModeBar": False, "staticPlot": True}, key=f"chart_{key}")
     if prediction.malignant_flag:
         st.error(prediction.flag_sentence(), icon=":material/flag:")
@@ -87,6 +88,15 @@ def _controls(prediction: Prediction, classes: Sequence[str], key: str) -> tuple
     return target, method, opacity
 
 
+def which_model(prediction: Prediction, target: str) -> str:
+    """Which of a two-stage reading's models a map for `target` explains, in plain words."""
+    if prediction.explained_by(target) is not prediction:
+        return (f"Map of the whole-image model: the chance of '{target}' comes from it, reading "
+                "the whole image.")
+    return (f"Map of the lesion model: it splits the rest between benign and malignant, "
+            f"reading the lesion and its surroundings ('{target}' shown).")
+
+
 def explanation_section(predictor: Predictor, prediction: Prediction, key: str,
                         cache_key: Hashable) -> tuple[Explanation, DeltaGenerator]:
     """What the model saw beside its Grad-CAM overlay, with the controls in a third column
@@ -98,11 +108,14 @@ def explanation_section(predictor: Predictor, prediction: Prediction, key: str,
         st.caption("Warm colours mark the regions that raised the score of the chosen class: "
                    "where the model looked, not why. Maps can highlight artefacts.")
     cam = cam_cached(predictor, cache_key, prediction, target, method)
-    shown = Explanation(overlay(prediction.model_view, cam, opacity), target, method, opacity)
-    seen_col.image(prediction.model_view, caption="What the model saw", width="stretch",
+    basis = prediction.explained_by(target)
+    shown = Explanation(overlay(basis.model_view, cam, opacity), target, method, opacity)
+    seen_col.image(basis.model_view, caption="What the model saw", width="stretch",
                    alt="The image as the model received it (resized and padded)")
     cam_col.image(shown.overlay, caption=f"{CAM_LABELS[method]} for '{target}'", width="stretch",
                   alt=f"{CAM_LABELS[method]} heat map for the class {target} over the image")
+    if prediction.whole is not None:
+        cam_col.caption(which_model(prediction, target))
     cam_col.image(colour_scale(), width="stretch", caption="low ← influence on the score → high",
                   alt="Colour scale of the map: blue is low influence, red is high")
     return shown, controls_col

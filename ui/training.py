@@ -40,8 +40,9 @@ def progress_fraction(events: Sequence[dict[str, Any]]) -> float:
     return min(1.0, done / max(1, step["epochs"] * step["steps"]))
 
 
-def progress_text(events: Sequence[dict[str, Any]]) -> str:
-    """One line under the progress bar: epoch, step, speed and time left."""
+def progress_text(events: Sequence[dict[str, Any]], running: bool = True) -> str:
+    """One line under the progress bar: epoch, step, speed and, while the run goes on
+    (`running`: not finished and no cancel asked for), the time left."""
     if last_event(events, "done"):
         return "Finished"
     step = last_event(events, "step")
@@ -50,6 +51,8 @@ def progress_text(events: Sequence[dict[str, Any]]) -> str:
         return "Preparing the data and the model…" if start is None else "Starting the first step…"
     text = (f"Epoch {step['epoch']}/{step['epochs']} · step {step['step']}/{step['steps']} · "
             f"{step.get('images_per_s') or 0:.1f} images/s")
+    if not running:
+        return text
     if step["epoch"] == step["epochs"] and step["step"] == step["steps"]:
         return text + " · final validation and test…"
     return text + f" · about {fmt_duration(step.get('eta_s'))} left"

@@ -199,7 +199,7 @@ def test_diagnose_in_a_browser(page, server, tmp_path):
     page.get_by_text("Model's reading").wait_for()
     page.get_by_text("Grad-CAM for", exact=False).first.wait_for()
     wait_for_images(page, 3)
-    page.get_by_text("Download report (PNG)").wait_for()
+    page.get_by_role("button", name="Report (PNG)").wait_for()
     settle(page)
     ARTIFACTS.mkdir(exist_ok=True)
     full_screenshot(page, ARTIFACTS / "diagnose.png")
@@ -257,7 +257,7 @@ def test_paint_a_mask_in_a_browser(page, server, tmp_path):
     ring = [(0.5 + 0.12 * np.cos(a), 0.55 + 0.15 * np.sin(a)) for a in np.linspace(0, 6.3, 24)]
     draw(page, canvas, ring)
     page.get_by_text("Masked crop").wait_for()
-    page.get_by_text("Download report (PNG)").wait_for()
+    page.get_by_role("button", name="Report (PNG)").wait_for()
     settle(page)
     full_screenshot(page, ARTIFACTS / "diagnose-paint.png")
     page.get_by_role("button", name="Clear").click()
@@ -302,7 +302,7 @@ def test_a_bookmarked_page_opens_inside_the_app_after_a_server_start(browser, ti
         tab.set_default_timeout(60_000)
         sign_in(tab, f"{url}/review")
         tab.get_by_text("Review cases").first.wait_for()
-        tab.get_by_text("Active model", exact=False).first.wait_for()
+        tab.get_by_text("Model in use", exact=False).first.wait_for()
         settle(tab)
         sidebar = tab.locator("[data-testid=stSidebar]").inner_text()
         assert "Clinic" in sidebar and "Teaching" in sidebar and "review\n" not in sidebar

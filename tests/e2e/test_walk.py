@@ -1,0 +1,129 @@
+"""Every page each role opens, in Chromium at 1440 and 800 px: no exception box, no request to
+another host, and a screenshot of each page in test-artifacts/walk/ to look at.
+
+Skipped when Chromium or Playwright is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.e2e.test_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    PASSWORD,
+    REPO,
+    full_screenshot,
+    running_app,
+    settle,
+    sync_api,
+)
+
+WALK = REPO / "test-artifacts" / "walk"
+PAGES = {"admin": ["Diagnose", "Review cases", "Teaching", "Train", "Evaluate",
+                   "Model registry", "Account"],
+         "clinician": ["Diagnose", "Review cases", "Account"],
+         "educator": ["Teaching", "Account"],
+         "researcher": ["Review cases", "Train", "Evaluate", "Model registry", "Account"]}
+
+
+@pytest.fixture(scope="module")
+def walk_data(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("walk-data")
+
+
+@pytest.fixture(scope="module")
+def walk_server(tiny_model_dir, busi_dir, walk_data) -> Iterator[str]:
+    userdata = walk_data
+    for role in PAGES:
+        subprocess.run([sys.executable, "-m", "bus_core", "users", "add", role, "--role", role,
+                        "--password-stdin"], input=PASSWORD + "\n", text=True, check=True,
+                       cwd=REPO, env={**os.environ, "BUS_DATA_DIR": str(userdata)}, timeout=120)
+    env = {**os.environ, "BUS_MODEL": str(tiny_model_dir), "BUS_DATA_DIR": str(userdata),
+           "BUS_DATASET": str(busi_dir)}
+    with running_app(env, userdata / "streamlit.log") as url:
+        yield url
+
+
+@pytest.mark.parametrize("width", [1440, 800])
+@pytest.mark.parametrize("role", list(PAGES))
+def test_every_page_of_each_role_renders_without_an_error(walk_server, role, width):
+    WALK.mkdir(parents=True, exist_ok=True)
+    own_host = urlsplit(walk_server).netloc
+    elsewhere: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": width, "height": 900})
+            page = context.new_page()
+            page.set_default_timeout(60_000)
+            page.on("request", lambda r: elsewhere.append(r.url) if urlsplit(r.url).netloc
+                    not in (own_host, "") and not r.url.startswith("data:") else None)
+            page.goto(walk_server)
+            settle(page)
+            full_screenshot(page, WALK / f"signin-{width}.png")
+            page.get_by_label("Username", exact=True).fill(role)
+            page.get_by_label("Password", exact=True).fill(PASSWORD)
+            page.get_by_role("button", name="Sign in").click()
+            page.get_by_text("Signed in as").first.wait_for()
+            for title in PAGES[role]:
+                page.locator("[data-testid=stSidebarNav]").get_by_text(title, exact=True).click()
+                page.get_by_role("heading", name=title).first.wait_for()
+                settle(page)
+                assert not page.locator("[data-testid=stException]").count(), (role, title)
+                assert "encountered an error" not in page.inner_text("body"), (role, title)
+                full_screenshot(page, WALK / f"{role}-{width}-{title.replace(' ', '-')}.png")
+                page.set_viewport_size({"width": width, "height": 900})
+        finally:
+            browser.close()
+    assert not elsewhere, f"requests to other hosts: {sorted(set(elsewhere))[:5]}"
+
+
+def test_the_case_selector_follows_a_review(walk_server, walk_data):
+    import numpy as np
+
+    from bus_core.store import open_store
+    from tests.conftest import person, synthetic_image
+
+    with open_store(walk_data) as store:
+        image, _ = synthetic_image("benign", np.random.default_rng(9))
+        case = store.save_case(image, image_name="scan.png", masks=[], model_name="tiny",
+                               model_hash="0" * 64, probabilities={"benign": 0.9},
+                               predicted_label="benign", who=person("clinician"))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
+            page.set_default_timeout(60_000)
+            page.goto(walk_server)
+            page.get_by_label("Username", exact=True).fill("clinician")
+            page.get_by_label("Password", exact=True).fill(PASSWORD)
+            page.get_by_role("button", name="Sign in").click()
+            page.get_by_text("Signed in as").first.wait_for()
+            page.locator("[data-testid=stSidebarNav]").get_by_text("Review cases",
+                                                                    exact=True).click()
+            page.get_by_role("heading", name="Review cases").first.wait_for()
+            settle(page)
+            full_screenshot(page, WALK / "review-before-correction.png")
+            selector = page.locator("[data-testid=stSelectbox]").last
+            shown = ("e => e.textContent + ' ' + [...e.querySelectorAll('input')]"
+                     ".map(i => i.value + ' ' + (i.placeholder || '')).join(' ')")
+            assert f"Case {case.id}" in selector.evaluate(shown), selector.evaluate(shown)
+            page.get_by_text("Status: to review").wait_for()
+            page.get_by_text("Malignant", exact=True).first.click()
+            page.get_by_role("button", name="Save review").click()
+            page.get_by_text(f"Case {case.id} corrected as malignant").wait_for()
+            settle(page)
+            full_screenshot(page, WALK / "review-after-correction.png")
+            text = selector.evaluate(shown)
+            assert f"Case {case.id}" in text and "to review" not in text, text
+            page.get_by_text("Status: disagrees").wait_for()
+        finally:
+            browser.close()
