@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,28 @@ def test_fine_tuning_a_two_stage_model_keeps_its_pair(models, busi_dir, tmp_path
     # where the pair cannot be found from the new model's folder, the model reads alone
     lonely = train(TrainConfig(out=str(tmp_path / "lonely"), **common)).card
     assert lonely.two_stage == {} and "lesion_model_alone" not in lonely.metrics
+
+
+def test_side_by_side_and_the_shared_square_read_as_one_at_a_time(models, tmp_path):
+    square = copy_model(models / "whole", tmp_path / "whole",
+                        input_size={"resize": 64, "crop": 64, "fit": "pad"})
+    copy_model(models / "outline", tmp_path / "outline")
+    lesion = copy_model(models / "lesion", tmp_path / "lesion")
+    assert square.is_dir()  # beside the lesion model, which names it
+    image = _image()
+    readings = {}
+    for side_by_side in (True, False):
+        for shared in (True, False):
+            predictor = _predictor(lesion)
+            assert predictor._shared_square  # the whole-image model takes the 64 px square
+            predictor._shared_square = shared
+            predictor._side_by_side = ThreadPoolExecutor(1) if side_by_side else None
+            prediction = predictor.predict(image)
+            assert {"whole", "outline"} <= set(prediction.stages_ms)
+            readings[side_by_side, shared] = (_probs(prediction),
+                                              prediction.outline, prediction.reading)
+    first = readings[False, False]
+    for probs, outline, reading in readings.values():
+        np.testing.assert_allclose(probs, first[0], atol=1e-6)
+        np.testing.assert_array_equal(outline, first[1])
+        assert reading == first[2]
