@@ -344,7 +344,7 @@ def prune_cache(keep_weights: Collection[str], cache_root: Path | None = None) -
     if not root.is_dir():
         return CacheReport([], 0, 0)
     kept = {sha[:16] for sha in keep_weights}
-    version = _openvino_version()
+    version = openvino_version()
     removed, freed = [], 0
     with cache_lock(root):
         for entry in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -373,7 +373,7 @@ def _forget_precisions(path: Path, entries: set[str]) -> None:
             write_text(path, json.dumps(left, indent=1))
 
 
-def _openvino_version() -> str | None:
+def openvino_version() -> str | None:
     """The installed OpenVINO's version as the cache names it, or None without OpenVINO."""
     try:
         import openvino as ov

@@ -172,7 +172,9 @@ class Predictor:
         self.outliner: Segmenter | None = None
         """The outline model of a two-stage reading."""
         self._side_by_side: ThreadPoolExecutor | None = None
-        self._shared_square = False
+        self.shared_square = False
+        """True when the whole-image model takes the outline model's padded square (a
+        two-stage reading then fits the image once for both)."""
         if self.card.two_stage:
             whole_dir, outline_dir = two_stage_folders(loaded.path, self.card)
             self.whole = Predictor(load_model(whole_dir), self.device, backend,
@@ -190,7 +192,7 @@ class Predictor:
             if physical_cores() >= 2:
                 self._side_by_side = ThreadPoolExecutor(1, thread_name_prefix="outline")
             whole_spec = self.whole.spec
-            self._shared_square = whole_spec.mode == "full" and \
+            self.shared_square = whole_spec.mode == "full" and \
                 whole_spec.size.fit == "pad" and whole_spec.size.crop == self.outliner.size
 
     @classmethod
@@ -216,6 +218,12 @@ class Predictor:
     def prepare(self) -> Prepare:
         """(tensor, scope warnings) of an image (+ masks): what `predict` feeds the model."""
         return Prepare(self.spec)
+
+    @property
+    def side_by_side(self) -> bool:
+        """True when a two-stage reading runs its outline and whole-image models at the same
+        time (a CPU with at least two physical cores)."""
+        return self._side_by_side is not None
 
     @property
     def two_stage(self) -> bool:
@@ -276,7 +284,7 @@ class Predictor:
         assert self.whole is not None and self.outliner is not None
         whole_model, outliner = self.whole, self.outliner
         stages: dict[str, float] = {}
-        if self._shared_square:
+        if self.shared_square:
             check_min_side(image)
             square, fit = fit_square(image, outliner.size)
             batch = eval_batch(torch.from_numpy(square[None]))

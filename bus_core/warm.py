@@ -13,6 +13,7 @@ deployment scripts and keeps the OpenVINO cache to the installed models (`tidy_c
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -35,6 +36,8 @@ from bus_core.registry import (
 from bus_core.segment import Segmenter
 
 State = Literal["preparing", "ready", "failed"]
+log = logging.getLogger(__name__)
+
 KEEP = 3
 """Prepared models a process keeps (the oldest finished ones beyond this are let go)."""
 
@@ -118,8 +121,7 @@ class Warmup:
             if self._shares_outliner:
                 segmenter = predictor.outliner
             elif self.segmenter_dir is not None:
-                segmenter = Segmenter(load_model(self.segmenter_dir), backend=self._backend)
-                self._ready(segmenter.card.name)
+                segmenter = self._segmenter(self.segmenter_dir)
             result, state, error = Prepared(predictor, segmenter), "ready", ""
         except BaseException as exc:  # kept for `result`, which raises it in the caller
             result, state, error = None, "failed", str(exc)
@@ -130,6 +132,17 @@ class Warmup:
             done = old.total if state == "ready" else old.done
             self._progress = WarmProgress(old.model, done, old.total, state, old.last, error)
             self._changed.notify_all()
+
+    def _segmenter(self, folder: Path) -> Segmenter | None:
+        """The outline model at `folder`, or None after a log line when it cannot be used (the
+        classifier still can; the app says why when an outline is asked for)."""
+        try:
+            segmenter = Segmenter(load_model(folder), backend=self._backend)
+        except Exception as exc:  # a broken outline model leaves the classifier usable
+            log.warning("The outline model %s could not be prepared (%s).", folder, exc)
+            segmenter = None
+        self._ready(segmenter.card.name if segmenter else folder.name)
+        return segmenter
 
     def progress(self) -> WarmProgress:
         """Where the preparation stands now."""
@@ -168,15 +181,19 @@ def warm(model_dir: str | Path | None = None, segmenter_dir: str | Path | None =
     """The preparation of the model folder `model_dir` (default: the active model) and of the
     outline model `segmenter_dir` (None: none), started now unless this process already has
     one for the same folders, weights versions, device and backend. Returns at once; raises
-    `ModelError` when there is no model or a card cannot be read."""
+    `ModelError` when there is no model or its card cannot be read (an outline model whose
+    card cannot be read is left out)."""
     folder = Path(model_dir) if model_dir else active_model_path()
     if folder is None:
         raise ModelError(no_model_message())
     folder = folder.resolve()
     seg = Path(segmenter_dir).resolve() if segmenter_dir else None
+    try:
+        seg_weights = read_card(seg).weights_sha256 if seg else ""
+    except ModelError:
+        seg, seg_weights = None, ""
     config = device if isinstance(device, DeviceConfig) else choose_device(device)
-    key = (folder, read_card(folder).weights_sha256, seg,
-           read_card(seg).weights_sha256 if seg else "", config, backend)
+    key = (folder, read_card(folder).weights_sha256, seg, seg_weights, config, backend)
     with _lock:
         warmup = _warmups.get(key)
         if warmup is None:

@@ -223,8 +223,8 @@ def test_side_by_side_and_the_shared_square_read_as_one_at_a_time(models, tmp_pa
     for side_by_side in (True, False):
         for shared in (True, False):
             predictor = _predictor(lesion)
-            assert predictor._shared_square  # the whole-image model takes the 64 px square
-            predictor._shared_square = shared
+            assert predictor.shared_square  # the whole-image model takes the 64 px square
+            predictor.shared_square = shared
             predictor._side_by_side = ThreadPoolExecutor(1) if side_by_side else None
             prediction = predictor.predict(image)
             assert {"whole", "outline"} <= set(prediction.stages_ms)

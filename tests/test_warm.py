@@ -123,7 +123,7 @@ def test_warm_command_prepares_and_reports(gated, tiny_model_dir, tiny_segmenter
 
 
 def test_pruning_keeps_only_the_installed_models_of_this_openvino(tmp_path, monkeypatch):
-    monkeypatch.setattr(backends, "_openvino_version", lambda: "2026.4.1")
+    monkeypatch.setattr(backends, "openvino_version", lambda: "2026.4.1")
     keep, gone = "a" * 64, "b" * 64
     names = {"kept": f"{keep[:16]}-224x224-act-ov2026.4.1",
              "other weights": f"{gone[:16]}-224x224-act-ov2026.4.1",
@@ -149,3 +149,12 @@ def test_installed_weights_name_the_active_model(tiny_model_dir, monkeypatch, tm
     monkeypatch.setenv("BUS_MODEL", str(tiny_model_dir))
     card = json.loads((tiny_model_dir / "card.json").read_text())
     assert card["weights_sha256"] in warm.installed_weights()
+
+
+def test_an_unusable_outline_model_leaves_the_classifier_ready(gated, tiny_model_dir, tmp_path):
+    gated.gate.release(2)
+    missing = warm.warm(tiny_model_dir, tmp_path / "no-segmenter", device="cpu-fp32")
+    assert missing.progress().total == 1 and missing.result().segmenter is None
+    broken = copy_model(tiny_model_dir, tmp_path / "broken-seg")  # a classifier, not a segmenter
+    prepared = warm.warm(tiny_model_dir, broken, device="cpu-fp32").result()
+    assert prepared.segmenter is None and prepared.predictor.card.name == "tiny-test"
