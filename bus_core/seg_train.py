@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -497,7 +497,7 @@ def main(args: argparse.Namespace) -> Path:
                 save_checkpoint()
         bar.close()
         state["train_time_s"] += time.monotonic() - mark
-        probs, logits = forward_packed(average.module, val_packed, device)
+        probs, logits = forward_packed(cast(DenseNetUNet, average.module), val_packed, device)
         seg_val = square_figures(probs, val_packed)
         record: dict[str, Any] = {"epoch": epoch + 1, "seg": seg_val,
                                   "seg_score": seg_score(seg_val)}
