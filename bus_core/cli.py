@@ -483,7 +483,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
     computer, printing each network as it is ready; then keep the OpenVINO cache to the
     installed models."""
     from bus_core.registry import active_segmenter_path
-    from bus_core.warm import tidy_cache, warm
+    from bus_core.warm import warm
 
     start = time.perf_counter()
     warmup = warm(args.model, active_segmenter_path(), device=args.device,
@@ -498,10 +498,13 @@ def cmd_warm(args: argparse.Namespace) -> int:
                   flush=True)
     prepared = warmup.result()
     print(f"Ready in {time.perf_counter() - start:.1f} s: {prepared.predictor.description}.")
-    report = tidy_cache()
-    removed = (f"; removed {len(report.removed)} entries no installed model needs "
-               f"({report.freed_bytes / 1e6:.1f} MB)" if report.removed else "")
-    print(f"OpenVINO cache: {report.size_bytes / 1e6:.1f} MB{removed}.")
+    report = warmup.cache
+    if report is None:
+        print("OpenVINO cache: not tidied (see the log).")
+    else:
+        removed = (f"; removed {len(report.removed)} entries no installed model needs "
+                   f"({report.freed_bytes / 1e6:.1f} MB)" if report.removed else "")
+        print(f"OpenVINO cache: {report.size_bytes / 1e6:.1f} MB{removed}.")
     return 0
 
 

@@ -8,7 +8,8 @@ One preparation per model folder, weights version, outline model and device in a
 a reading asked for while the model is being prepared waits for that preparation
 (`Warmup.result`) instead of starting another. The app starts it when it starts and whenever the
 active model changes (activation, retraining, import); `python -m bus_core warm` does it for
-deployment scripts and keeps the OpenVINO cache to the installed models (`tidy_cache`).
+deployment scripts. Once a model is ready, the OpenVINO cache is kept to the installed models
+(`tidy_cache`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -95,6 +96,9 @@ class Warmup:
         self._progress = WarmProgress(card.name, 0, total)
         self._changed = threading.Condition()
         self._result: Prepared | None = None
+        self.cache: CacheReport | None = None
+        """What keeping the OpenVINO cache to the installed models did once the model was
+        ready (None before, or when it could not be tidied)."""
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"warm-{card.name}")
@@ -123,6 +127,7 @@ class Warmup:
             elif self.segmenter_dir is not None:
                 segmenter = self._segmenter(self.segmenter_dir)
             result, state, error = Prepared(predictor, segmenter), "ready", ""
+            self.cache = self._tidy(result)
         except BaseException as exc:  # kept for `result`, which raises it in the caller
             result, state, error = None, "failed", str(exc)
             self._error = exc
@@ -143,6 +148,18 @@ class Warmup:
             segmenter = None
         self._ready(segmenter.card.name if segmenter else folder.name)
         return segmenter
+
+    @staticmethod
+    def _tidy(prepared: Prepared) -> CacheReport | None:
+        """`tidy_cache`, keeping the networks of `prepared` whether installed or not; None
+        after a log line when the cache cannot be tidied."""
+        predictor = prepared.predictor
+        networks = [predictor, predictor.whole, predictor.outliner, prepared.segmenter]
+        try:
+            return tidy_cache({n.loaded.weights_id for n in networks if n is not None})
+        except (OSError, ModelError) as exc:
+            log.warning("The OpenVINO cache could not be tidied (%s).", exc)
+            return None
 
     def progress(self) -> WarmProgress:
         """Where the preparation stands now."""
@@ -225,6 +242,7 @@ def installed_weights() -> set[str]:
     return weights
 
 
-def tidy_cache() -> CacheReport:
-    """Remove from the OpenVINO cache what no installed model needs (`backends.prune_cache`)."""
-    return prune_cache(installed_weights())
+def tidy_cache(also_keep: Collection[str] = ()) -> CacheReport:
+    """Remove from the OpenVINO cache what no installed model needs, nor the weights
+    `also_keep` (`backends.prune_cache`)."""
+    return prune_cache(installed_weights() | set(also_keep))

@@ -158,3 +158,18 @@ def test_an_unusable_outline_model_leaves_the_classifier_ready(gated, tiny_model
     broken = copy_model(tiny_model_dir, tmp_path / "broken-seg")  # a classifier, not a segmenter
     prepared = warm.warm(tiny_model_dir, broken, device="cpu-fp32").result()
     assert prepared.segmenter is None and prepared.predictor.card.name == "tiny-test"
+
+
+def test_a_ready_model_keeps_its_cache_entry_and_drops_stale_ones(gated, tiny_model_dir,
+                                                                   tmp_path):
+    sha = json.loads((tiny_model_dir / "card.json").read_text())["weights_sha256"]
+    version = backends.openvino_version() or "none"
+    cache = backends.cache_dir()
+    ours, stale = cache / f"{sha[:16]}-32x32-act-ov{version}", cache / f"{'0' * 16}-32x32"
+    for entry in (ours, stale):
+        (entry / "compiled").mkdir(parents=True)
+    gated.gate.release()
+    warmup = warm.warm(tiny_model_dir, device="cpu-fp32")  # not an installed model
+    warmup.result()
+    assert ours.is_dir() and not stale.exists()
+    assert warmup.cache is not None and warmup.cache.removed == [stale.name]
