@@ -22,7 +22,8 @@ into FILE, and refuses when the machine is busy (1-minute load above the CPU cou
 For a two-stage model (`ModelCard.two_stage`, see `predict`), these figures are its
 whole-image model's, which reads every image; `two_stage_latency` times the whole reading
 (outline model, whole-image model, lesion model) with PyTorch and with the chosen backends, with
-each stage's p50 (the outline and whole-image models may run side by side), and batch
+each stage's p50 (the outline and whole-image models may run side by side; `one_at_a_time`
+and `side_by_side_ratio` compare with them run one after the other), and batch
 prediction serves the two-stage model.
 On a CPU with native bf16, `openvino_precisions` times the OpenVINO forward pass at batch 1 in
 fp32 and bf16 in turns (the choice `backends.choose_precision` makes at first compile).
@@ -432,11 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if served is not None:
         pytorch_served = Predictor(load_model(served.loaded.path), fast, backend="torch")
+        in_turn = Predictor(load_model(served.loaded.path), fast, side_by_side=False)
         stages: list[dict[str, float]] = []
         times = interleaved_times({
             "pytorch": lambda: pytorch_served.predict(load_image(data)),
-            "optimised": lambda: stages.append(served.predict(load_image(data)).stages_ms)},
-            n_latency, warmup=2)
+            "optimised": lambda: stages.append(served.predict(load_image(data)).stages_ms),
+            "one_at_a_time": lambda: in_turn.predict(load_image(data))}, n_latency, warmup=2)
         timed_stages = stages[-n_latency:]
         figures.append(emit(
             "two_stage_latency", **{name: ms_percentiles(ms) for name, ms in times.items()},
@@ -445,7 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             side_by_side=served.side_by_side, shared_square=served.shared_square,
             backend=served.description,
             outline_backend=served.outliner.forward.description if served.outliner else None,
-            ratio=ratio_stats(times["pytorch"], times["optimised"]), image=image_name))
+            ratio=ratio_stats(times["pytorch"], times["optimised"]),
+            side_by_side_ratio=ratio_stats(times["one_at_a_time"], times["optimised"]),
+            image=image_name))
 
     prediction = predictor.predict(load_image(data))
     cam_times = timed(lambda: predictor.explain(prediction), max(3, n_latency // 5), warmup=1)
@@ -557,6 +561,9 @@ def speed_table(figures: Sequence[dict[str, Any]]) -> str:
         rows.append(("two-stage reading p50: PyTorch / chosen",
                      f"{two['pytorch']['p50_ms']} / {two['optimised']['p50_ms']} ms ({stages})"))
         rows.append(("two-stage PyTorch / chosen, per pair", ratio(two["ratio"])))
+        if "side_by_side_ratio" in two:
+            rows.append(("two-stage one model at a time / side by side, per pair",
+                         ratio(two["side_by_side_ratio"])))
     if "training_throughput" in by_name:
         train = by_name["training_throughput"]
         rows.append(("training images/s: naive / chosen device",

@@ -153,9 +153,12 @@ class Predictor:
 
     def __init__(self, loaded: LoadedModel, device: str | DeviceConfig = "auto",
                  backend: str | None = None, *,
-                 on_network: Callable[[str], None] | None = None) -> None:
+                 on_network: Callable[[str], None] | None = None,
+                 side_by_side: bool | None = None) -> None:
         """`on_network` is called with each network's model name once it is ready to run
-        (`network_count` calls in all)."""
+        (`network_count` calls in all). `side_by_side`: whether a two-stage reading runs its
+        outline and whole-image models at the same time (default: where the CPU has at least
+        two physical cores)."""
         self.loaded = loaded
         self.card = loaded.card
         self.device = device if isinstance(device, DeviceConfig) else choose_device(device)
@@ -189,7 +192,7 @@ class Predictor:
                                       backend)
             if on_network is not None:
                 on_network(self.outliner.card.name)
-            if physical_cores() >= 2:
+            if physical_cores() >= 2 if side_by_side is None else side_by_side:
                 self._side_by_side = ThreadPoolExecutor(1, thread_name_prefix="outline")
             whole_spec = self.whole.spec
             self.shared_square = whole_spec.mode == "full" and \
@@ -222,7 +225,7 @@ class Predictor:
     @property
     def side_by_side(self) -> bool:
         """True when a two-stage reading runs its outline and whole-image models at the same
-        time (a CPU with at least two physical cores)."""
+        time."""
         return self._side_by_side is not None
 
     @property

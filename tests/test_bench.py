@@ -112,7 +112,8 @@ FIGURES = [
     {"figure": "cold_start", "first_reading_s": 50.1, "after_warmup_s": 8.7, "warm_s": 1.0},
     {"figure": "two_stage_latency", "pytorch": {"p50_ms": 200.0}, "optimised": {"p50_ms": 100.0},
      "stages_p50_ms": {"whole": 50.0, "outline": 60.0, "lesion": 20.0},
-     "ratio": {"median": 2.0, "iqr": [1.8, 2.2], "pairs": 10}},
+     "ratio": {"median": 2.0, "iqr": [1.8, 2.2], "pairs": 10},
+     "side_by_side_ratio": {"median": 1.1, "iqr": [1.0, 1.2], "pairs": 10}},
     {"figure": "openvino_cache", "mb": 120.5},
 ]
 
@@ -124,6 +125,7 @@ def test_the_speed_table_names_machine_flags_and_date_and_replaces_the_last(tmp_
     assert "| 50.1 s / 8.7 s (`warm` 1.0 s) |" in table
     assert "whole 50.0 ms, outline 60.0 ms, lesion 20.0 ms" in table
     assert "2.00 (IQR 1.80-2.20, 10 pairs)" in table and "120.5 MB" in table
+    assert "| two-stage one model at a time / side by side, per pair | 1.10 (IQR" in table
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Speed\n\n<!-- speed-table -->\nstale figures\n<!-- /speed-table -->\n"
                    "\nAfter.\n")

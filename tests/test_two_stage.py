@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -222,10 +221,11 @@ def test_side_by_side_and_the_shared_square_read_as_one_at_a_time(models, tmp_pa
     readings = {}
     for side_by_side in (True, False):
         for shared in (True, False):
-            predictor = _predictor(lesion)
+            predictor = Predictor(load_model(lesion), "cpu-fp32", backend="torch",
+                                  side_by_side=side_by_side)
             assert predictor.shared_square  # the whole-image model takes the 64 px square
+            assert predictor.side_by_side == side_by_side
             predictor.shared_square = shared
-            predictor._side_by_side = ThreadPoolExecutor(1) if side_by_side else None
             prediction = predictor.predict(image)
             assert {"whole", "outline"} <= set(prediction.stages_ms)
             readings[side_by_side, shared] = (_probs(prediction),
