@@ -537,7 +537,8 @@ def speed_table(figures: Sequence[dict[str, Any]]) -> str:
              f"({machine['physical_cores']} cores), load average "
              f"{machine['load_average'][0]:.2f}; torch {machine['torch']}, OpenVINO "
              f"{machine['openvino'] or 'not installed'}; "
-             f"{'--quick' if machine['quick'] else 'full run'}.", "",
+             f"{'--quick' if machine['quick'] else 'full run'}"
+             f"{' (machine busy: written with --force)' if machine['busy'] else ''}.", "",
              "| figure | value |", "| --- | --- |"]
 
     def ratio(r: dict[str, Any]) -> str:

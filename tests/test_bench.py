@@ -108,7 +108,7 @@ def test_a_busy_machine_gets_no_speed_table_unless_forced(monkeypatch, tmp_path,
 FIGURES = [
     {"figure": "machine", "cpu": "Intel Xeon", "cpu_flags": ["AMX", "AVX512-BF16"],
      "cpu_count": 2, "physical_cores": 2, "load_average": [0.4, 0.3, 0.2], "date": "2026-12-04",
-     "torch": "2.14.1", "openvino": "2026.4.1", "quick": True},
+     "busy": False, "torch": "2.14.1", "openvino": "2026.4.1", "quick": True},
     {"figure": "cold_start", "first_reading_s": 50.1, "after_warmup_s": 8.7, "warm_s": 1.0},
     {"figure": "two_stage_latency", "pytorch": {"p50_ms": 200.0}, "optimised": {"p50_ms": 100.0},
      "stages_p50_ms": {"whole": 50.0, "outline": 60.0, "lesion": 20.0},
@@ -122,6 +122,8 @@ def test_the_speed_table_names_machine_flags_and_date_and_replaces_the_last(tmp_
     table = speed_table(FIGURES)
     assert table.startswith("2026-12-04, Intel Xeon (AMX, AVX512-BF16), 2 CPUs (2 cores), "
                             "load average 0.40")
+    assert "busy" not in table and "busy" in speed_table(
+        [{**FIGURES[0], "busy": True, "load_average": [5.0, 5.0, 5.0]}])
     assert "| 50.1 s / 8.7 s (`warm` 1.0 s) |" in table
     assert "whole 50.0 ms, outline 60.0 ms, lesion 20.0 ms" in table
     assert "2.00 (IQR 1.80-2.20, 10 pairs)" in table and "120.5 MB" in table
