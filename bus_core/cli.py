@@ -480,8 +480,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_warm(args: argparse.Namespace) -> int:
     """Prepare a model (default: the active one) and the active outline model for this
-    computer, printing each network as it is ready; then keep the OpenVINO cache to the
-    installed models."""
+    computer, printing each network as it is ready, and what keeping the OpenVINO cache to the
+    installed models removed."""
     from bus_core.registry import active_segmenter_path
     from bus_core.warm import warm
 

@@ -197,7 +197,8 @@ def warm(model_dir: str | Path | None = None, segmenter_dir: str | Path | None =
          device: str | DeviceConfig = "auto", backend: str | None = None) -> Warmup:
     """The preparation of the model folder `model_dir` (default: the active model) and of the
     outline model `segmenter_dir` (None: none), started now unless this process already has
-    one for the same folders, weights versions, device and backend. Returns at once; raises
+    one for the same folders, weights versions, device and backend that has not failed.
+    Returns at once; raises
     `ModelError` when there is no model or its card cannot be read (an outline model whose
     card cannot be read is left out)."""
     folder = Path(model_dir) if model_dir else active_model_path()
@@ -213,7 +214,7 @@ def warm(model_dir: str | Path | None = None, segmenter_dir: str | Path | None =
     key = (folder, read_card(folder).weights_sha256, seg, seg_weights, config, backend)
     with _lock:
         warmup = _warmups.get(key)
-        if warmup is None:
+        if warmup is None or warmup.progress().state == "failed":  # a failure is tried again
             warmup = _warmups[key] = Warmup(folder, seg, config, backend).start()
             finished = [k for k, w in _warmups.items() if w.done()]
             for old in finished[:max(0, len(_warmups) - KEEP)]:

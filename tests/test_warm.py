@@ -107,6 +107,10 @@ def test_a_failed_preparation_raises_in_every_reader(gated, tiny_model_dir, monk
         warmup.result()
     assert warmup.progress().state == "failed"
     assert "could not be prepared: no memory left" in warmup.progress().sentence()
+    monkeypatch.setattr(predict, "choose_forward", gated)
+    gated.gate.release()
+    again = warm.warm(tiny_model_dir, device="cpu-fp32")  # tried again, not the failure kept
+    assert again is not warmup and again.result().predictor.card.name == "tiny-test"
 
 
 def test_warm_command_prepares_and_reports(gated, tiny_model_dir, tiny_segmenter_dir,
