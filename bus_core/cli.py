@@ -498,7 +498,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
                   flush=True)
     prepared = warmup.result()
     print(f"Ready in {time.perf_counter() - start:.1f} s: {prepared.predictor.description}.")
-    report = warmup.cache
+    report = warmup.cache_report()
     if report is None:
         print("OpenVINO cache: not tidied (see the log).")
     else:

@@ -96,9 +96,7 @@ class Warmup:
         self._progress = WarmProgress(card.name, 0, total)
         self._changed = threading.Condition()
         self._result: Prepared | None = None
-        self.cache: CacheReport | None = None
-        """What keeping the OpenVINO cache to the installed models did once the model was
-        ready (None before, or when it could not be tidied)."""
+        self._cache: CacheReport | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"warm-{card.name}")
@@ -127,7 +125,6 @@ class Warmup:
             elif self.segmenter_dir is not None:
                 segmenter = self._segmenter(self.segmenter_dir)
             result, state, error = Prepared(predictor, segmenter), "ready", ""
-            self.cache = self._tidy(result)
         except BaseException as exc:  # kept for `result`, which raises it in the caller
             result, state, error = None, "failed", str(exc)
             self._error = exc
@@ -137,6 +134,8 @@ class Warmup:
             done = old.total if state == "ready" else old.done
             self._progress = WarmProgress(old.model, done, old.total, state, old.last, error)
             self._changed.notify_all()
+        if result is not None:  # after the readers are served: it may wait for the cache's lock
+            self._cache = self._tidy(result)
 
     def _segmenter(self, folder: Path) -> Segmenter | None:
         """The outline model at `folder`, or None after a log line when it cannot be used (the
@@ -161,6 +160,13 @@ class Warmup:
             log.warning("The OpenVINO cache could not be tidied (%s).", exc)
             return None
 
+    def cache_report(self) -> CacheReport | None:
+        """What keeping the OpenVINO cache to the installed models (and this model) did once
+        the model was ready (waits for it); None when the preparation failed or the cache
+        could not be tidied."""
+        self._thread.join()
+        return self._cache
+
     def progress(self) -> WarmProgress:
         """Where the preparation stands now."""
         with self._changed:
@@ -182,7 +188,8 @@ class Warmup:
 
     def result(self) -> Prepared:
         """The prepared model, once ready (waits); raises the preparation's error."""
-        self._thread.join()
+        with self._changed:
+            self._changed.wait_for(lambda: self._progress.state != "preparing")
         if self._error is not None:
             raise self._error
         assert self._result is not None

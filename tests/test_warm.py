@@ -175,5 +175,6 @@ def test_a_ready_model_keeps_its_cache_entry_and_drops_stale_ones(gated, tiny_mo
     gated.gate.release()
     warmup = warm.warm(tiny_model_dir, device="cpu-fp32")  # not an installed model
     warmup.result()
+    report = warmup.cache_report()
     assert ours.is_dir() and not stale.exists()
-    assert warmup.cache is not None and warmup.cache.removed == [stale.name]
+    assert report is not None and report.removed == [stale.name]
