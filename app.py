@@ -8,7 +8,7 @@ import streamlit as st
 
 from bus_core.settings import configure_logging
 from ui.auth import may_open, open_requested_page, require_signed_in, show_who
-from ui.common import APP_TITLE, app_icon, mark_entrypoint, render_sidebar
+from ui.common import APP_TITLE, app_icon, mark_entrypoint, render_sidebar, start_warmup
 
 configure_logging()
 
@@ -26,6 +26,7 @@ PAGES = {
 # Section -> (page in pages/, title, icon); who may open which: ui.auth.PAGE_ACTIONS.
 
 mark_entrypoint()
+start_warmup()  # the active model gets ready while the user signs in
 who = require_signed_in()
 allowed = {section: [page for page in pages if may_open(who, page[0])]
            for section, pages in PAGES.items()}

@@ -7,18 +7,23 @@ on a CPU where the `openvino` package is installed; anything that fails on that 
 missing, conversion or compilation error) falls back to PyTorch with a log line, never an
 error. The converted model (OpenVINO IR) is cached on disk per weights hash, input size and
 OpenVINO version under `<data dir>/cache/openvino/`, so a restart does not convert again; new
-weights get a new entry. Precision: fp32 on CPUs without native bf16; where the CPU has it,
-the faster of bf16 and fp32 for this model, timed once per model and CPU when it is first
-compiled and remembered in `precision.json` beside the cache (native bf16 is not always faster:
-on a 2-core Xeon with AVX512-BF16 but no AMX, OpenVINO bf16 was slower than fp32). Agreement of
-bf16 with fp32 is measured by `python -m bus_core.bench`. Grad-CAM always uses the PyTorch model
-(it needs gradients).
+weights get a new entry, with its compiled blobs inside it. Processes sharing the data folder
+convert and compile one at a time (a lock file in the cache), so none reads a blob another is
+still writing; `prune_cache` removes the entries of weights no installed model has.
+Precision: fp32 on CPUs without native bf16; where the CPU has it, the faster of bf16 and fp32
+for this model, timed once per model and CPU when it is first compiled and remembered in
+`precision.json` beside the cache (native bf16 is not always faster: on a 2-core Xeon with
+AVX512-BF16 but no AMX, OpenVINO bf16 was slower than fp32). Agreement of bf16 with fp32 is
+measured by `python -m bus_core.bench`. Grad-CAM always uses the PyTorch model (it needs
+gradients).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -29,13 +34,18 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast, get_args
 
 import numpy as np
 import torch
 from torch import nn
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from bus_core.atomic import write_text
 from bus_core.cam import pools_into_linear
@@ -56,6 +66,10 @@ TIMED_CALLS = 7
 """Forward passes at batch 1 (after one warm-up) timed per precision; the median decides."""
 PRECISIONS: tuple[str, ...] = ("bf16", "f32")
 """OpenVINO inference precision hints a CPU with native bf16 chooses between."""
+COMPILED = "compiled"
+"""In each IR entry of the cache: OpenVINO's compiled blobs of that IR."""
+LOCK_FILE = ".lock"
+"""In the cache folder: held while a process converts or compiles (`cache_lock`)."""
 
 
 class _SignalStack(ctypes.Structure):
@@ -151,14 +165,15 @@ class OpenVinoForward:
         import openvino as ov
 
         self.returns_activations = pools_into_linear(model)
-        xml = _cached_ir(model, weights_sha256, input_hw, self.returns_activations, cache_root,
-                         ov)
+        with cache_lock(cache_root):
+            xml = _cached_ir(model, weights_sha256, input_hw, self.returns_activations,
+                             cache_root, ov)
 
-        def compile_for(chosen: str) -> Any:
-            return compile_on_cpu(str(xml), chosen, cache_root / "compiled")
+            def compile_for(chosen: str) -> Any:
+                return compile_on_cpu(str(xml), chosen, xml.parent / COMPILED)
 
-        precision, self._compiled = choose_precision(compile_for, xml.parent.name, input_hw,
-                                                     cache_root)
+            precision, self._compiled = choose_precision(compile_for, xml.parent.name, input_hw,
+                                                         cache_root)
         self._lock = threading.Lock()  # a compiled model's default request is not re-entrant
         self.precision = precision
         self.description = f"OpenVINO {ov.get_version().split('-')[0]}, CPU, {precision}"
@@ -176,6 +191,19 @@ class OpenVinoForward:
         return logits, np.asarray(result[1], dtype=np.float32)
 
 
+@contextlib.contextmanager
+def cache_lock(cache_root: Path) -> Iterator[None]:
+    """Hold the cache's lock while the block runs: one conversion or compilation at a time
+    among the threads and processes sharing `cache_root` (OpenVINO writes its compiled blobs in
+    place and maps them when reading, so a blob read while another process writes it crashes
+    the reader). Without fcntl (Windows) there is no lock."""
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with open(cache_root / LOCK_FILE, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def cpu_name() -> str:
     """This CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
@@ -187,20 +215,29 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def interleaved_p50(forwards: dict[str, Callable[[np.ndarray], np.ndarray]], batch: np.ndarray,
-                    n: int, warmup: int = 3) -> dict[str, float]:
-    """Median ms of each forward on `batch`, timed in turns (round i times every forward once),
-    so that a noisy machine slows them alike."""
-    for forward in forwards.values():
+def interleaved_times(calls: Mapping[str, Callable[[], object]], n: int,
+                      warmup: int = 3) -> dict[str, list[float]]:
+    """Wall times (ms) of `n` calls of each of `calls`, timed in turns (round i calls each once,
+    in order: A, B, A, B...), so that a noisy machine slows them alike; after `warmup` untimed
+    calls of each."""
+    for call in calls.values():
         for _ in range(warmup):
-            forward(batch)
-    times: dict[str, list[float]] = {name: [] for name in forwards}
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(n):
-        for name, forward in forwards.items():
+        for name, call in calls.items():
             start = time.perf_counter()
-            forward(batch)
+            call()
             times[name].append((time.perf_counter() - start) * 1000)
-    return {name: round(float(np.median(t)), 2) for name, t in times.items()}
+    return times
+
+
+def interleaved_p50(forwards: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+                    batch: np.ndarray, n: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms of each forward on `batch`, timed in turns (`interleaved_times`)."""
+    calls = {name: functools.partial(forward, batch) for name, forward in forwards.items()}
+    return {name: round(float(np.median(t)), 2)
+            for name, t in interleaved_times(calls, n, warmup).items()}
 
 
 def choose_precision(compile_for: Callable[[str], Any], entry: str, input_hw: tuple[int, int],
@@ -277,6 +314,72 @@ def _cached_ir(model: nn.Module, weights_sha256: str, input_hw: tuple[int, int],
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return xml
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheReport:
+    """What `prune_cache` removed (entry names), the bytes that freed and the cache's size
+    after it."""
+
+    removed: list[str]
+    freed_bytes: int
+    size_bytes: int
+
+
+def folder_bytes(folder: Path) -> int:
+    """The size of the files under `folder` (0 when there is none)."""
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):  # removed meanwhile
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_size
+    return total
+
+
+def prune_cache(keep_weights: Collection[str], cache_root: Path | None = None) -> CacheReport:
+    """Remove from the OpenVINO cache (default `cache_dir()`) the entries of weights not in
+    `keep_weights` (sha256s of the models installed), those of other OpenVINO versions, the
+    leftovers of interrupted conversions and their remembered precisions."""
+    root = cache_root or cache_dir()
+    if not root.is_dir():
+        return CacheReport([], 0, 0)
+    kept = {sha[:16] for sha in keep_weights}
+    version = openvino_version()
+    removed, freed = [], 0
+    with cache_lock(root):
+        for entry in sorted(p for p in root.iterdir() if p.is_dir()):
+            sha, _, rest = entry.name.partition("-")
+            current = sha in kept and (version is None or rest.endswith(f"-ov{version}"))
+            if not current:
+                freed += folder_bytes(entry)
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+        _forget_precisions(root / PRECISION_FILE, set(removed))
+    return CacheReport(removed, freed, folder_bytes(root))
+
+
+def _forget_precisions(path: Path, entries: set[str]) -> None:
+    """Remove the precision choices of the IR `entries` from the precision file."""
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(known, dict):
+        return
+    left = {key: value for key, value in known.items()
+            if key.split(" | ", 1)[0] not in entries}
+    if left != known:
+        with contextlib.suppress(OSError):
+            write_text(path, json.dumps(left, indent=1))
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version as the cache names it, or None without OpenVINO."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    return str(ov.get_version().split("-")[0])
 
 
 def _cpu_fp32_copy(model: nn.Module) -> nn.Module:

@@ -9,11 +9,22 @@ Paths compared:
   (bf16 autocast and channels_last on CPUs with native bf16);
 - optimised: `predict.Predictor` with the automatically chosen backend (OpenVINO on CPUs where
   it is installed, see `backends`), the same code the app and CLI run.
-Both keep the model loaded between calls: model loading is measured separately.
+Both keep the model loaded between calls: model loading is measured separately, and
+`cold_start` measures the first reading of `python -m bus_core predict` on an empty data folder
+(conversion, compilation and the precision timing included) and that of a fresh process once
+`python -m bus_core warm` has prepared the model, in subprocesses.
+
+Every ratio comes from repetitions timed in turns in one run (A, B, A, B...): the median of the
+per-pair ratios and its interquartile range (`ratio_stats`). The `machine` line gives the load
+average; `--table FILE` writes the figures as a markdown speed table (machine, CPU flags, date)
+into FILE, and refuses when the machine is busy (1-minute load above the CPU count) unless
+`--force`.
 For a two-stage model (`ModelCard.two_stage`, see `predict`), these figures are its
 whole-image model's, which reads every image; `two_stage_latency` times the whole reading
-(outline model, whole-image model, lesion model) with PyTorch and with the chosen backends, and
-batch prediction serves the two-stage model.
+(outline model, whole-image model, lesion model) with PyTorch and with the chosen backends, with
+each stage's p50 (the outline and whole-image models may run side by side; `one_at_a_time`
+and `side_by_side_ratio` compare with them run one after the other), and batch
+prediction serves the two-stage model.
 On a CPU with native bf16, `openvino_precisions` times the OpenVINO forward pass at batch 1 in
 fp32 and bf16 in turns (the choice `backends.choose_precision` makes at first compile).
 
@@ -36,11 +47,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import io as _io
 import json
 import os
-import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -51,12 +64,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bus_core import atomic
 from bus_core.backends import (
     PRECISIONS,
     OpenVinoForward,
+    cache_dir,
     compile_on_cpu,
+    cpu_name,
+    folder_bytes,
     interleaved_p50,
+    interleaved_times,
     openvino_ir,
+    openvino_version,
 )
 from bus_core.batch import DEFAULT_BATCH_SIZE, default_workers, predict_to_csv
 from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
@@ -68,6 +87,7 @@ from bus_core.device import (
     cpu_supports_bf16,
     fp32_cpu,
     needs_grad_scaler,
+    physical_cores,
     prepare_model,
     to_device,
 )
@@ -119,6 +139,44 @@ def timed(fn: Callable[[], Any], n: int, warmup: int = 2) -> list[float]:
     return times
 
 
+def ratio_stats(slow_ms: Sequence[float], fast_ms: Sequence[float]) -> dict[str, Any]:
+    """The ratios slow / fast of repetitions timed in turns (pair i: the i-th of each): their
+    median and interquartile range [q1, q3]."""
+    ratios = [a / b for a, b in zip(slow_ms, fast_ms, strict=True) if b > 0]
+    q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+    return {"median": round(float(median), 3), "iqr": [round(float(q1), 3), round(float(q3), 3)],
+            "pairs": len(ratios)}
+
+
+def ms_percentiles(ms: Sequence[float]) -> dict[str, float]:
+    """`percentiles` of samples already in milliseconds."""
+    return percentiles([m / 1000 for m in ms])
+
+
+def busy(cpus: int | None = None) -> tuple[bool, tuple[float, float, float]]:
+    """(whether the machine is busy: a 1-minute load average above its CPU count, the load
+    averages over 1, 5 and 15 minutes); never busy where there is no load average."""
+    try:
+        load = os.getloadavg()
+    except (AttributeError, OSError):
+        return False, (0.0, 0.0, 0.0)
+    return load[0] > (cpus or os.cpu_count() or 1), load
+
+
+def cpu_flags() -> list[str]:
+    """This CPU's flags that decide the speed of bf16: AMX and AVX512-BF16 (from /proc/cpuinfo
+    where there is one)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    names = {"amx_tile": "AMX", "amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16",
+             "avx512f": "AVX512"}
+    return [name for flag, name in names.items() if flag in flags]
+
+
 def naive_predict(model: torch.nn.Module, data: bytes, size: InputSize) -> np.ndarray:
     """Logits after decode + preprocess + forward the plain way: PIL at full size, fp32, NCHW
     (the card's fit: resize and centre-crop, or the whole image padded to a square)."""
@@ -152,8 +210,8 @@ def write_synthetic_images(folder: Path, n: int) -> list[Path]:
     return files
 
 
-def train_throughput(arch: str, config: DeviceConfig, batch: int, steps: int, crop: int) -> float:
-    """Training images/s of a fresh model on random batches (forward, backward, Adam step)."""
+def training_step(arch: str, config: DeviceConfig, batch: int, crop: int) -> Callable[[], None]:
+    """One training step (forward, backward, Adam step) of a fresh model on a random batch."""
     torch.manual_seed(0)
     model = prepare_model(build_model(arch), config).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -167,8 +225,34 @@ def train_throughput(arch: str, config: DeviceConfig, batch: int, steps: int, cr
         loss.backward()
         optimizer.step()
 
-    times = timed(step, steps, warmup=1)
-    return batch * len(times) / sum(times)
+    return step
+
+
+def cold_start(model: Path, image: bytes, folder: Path, *, quick: bool) -> dict[str, Any]:
+    """Seconds of `python -m bus_core predict IMAGE --json` in a new process on an empty data
+    folder (so an empty OpenVINO cache): `first_reading_s`; then of `python -m bus_core warm`
+    (`warm_s`: from an empty folder of its own, or with `quick` in the same folder after that
+    reading) and of the same reading in a new process after it (`after_warmup_s`); the
+    cache's size after."""
+    file = folder / "image.png"
+    folder.mkdir(parents=True, exist_ok=True)
+    file.write_bytes(image)
+
+    def run(data: Path, *command: str) -> float:
+        env = {**os.environ, "BUS_DATA_DIR": str(data), "BUS_MODEL": str(model)}
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "bus_core", *command], env=env, check=True,
+                       capture_output=True)
+        return time.perf_counter() - start
+
+    empty = folder / "empty"
+    first = run(empty, "predict", str(file), "--json")
+    warmed = empty if quick else folder / "warmed"
+    warm_s = run(warmed, "warm")
+    after = run(warmed, "predict", str(file), "--json")
+    return {"first_reading_s": round(first, 1), "warm_s": round(warm_s, 1),
+            "warm_from_empty_folder": not quick, "after_warmup_s": round(after, 1),
+            "cache_mb": round(folder_bytes(warmed / "cache" / "openvino") / 1e6, 1)}
 
 
 def pipeline_throughput(arch: str, config: DeviceConfig, size: InputSize, batch: int, steps: int,
@@ -243,43 +327,63 @@ def _int8(loaded: LoadedModel, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark and print its figures."""
+    """Run the benchmark and print its figures (and write the speed table with --table)."""
     parser = argparse.ArgumentParser(prog="python -m bus_core.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder (default: the active model)")
     parser.add_argument("--data", help="BUSI folder (default: ../shared/data/BUSI)")
     parser.add_argument("--split", default=str(PROJECT_ROOT / "splits" / "busi.json"))
     parser.add_argument("--segmenter", help="segmentation model folder (default: the bundled one)")
-    parser.add_argument("--quick", action="store_true", help="small counts, under a minute")
+    parser.add_argument("--quick", action="store_true", help="small counts")
     parser.add_argument("--int8", action="store_true",
                         help="measure NNCF int8 quantisation against fp32 (needs nncf)")
     parser.add_argument("--subset", default="val", choices=("train", "val", "test"),
                         help="split subset the int8 figures are measured on (default val)")
+    parser.add_argument("--no-cold-start", action="store_true",
+                        help="leave out the cold_start figure (minutes on a small CPU)")
+    parser.add_argument("--table", metavar="FILE",
+                        help="write the figures as a markdown speed table into FILE (between "
+                             f"{TABLE_START} and {TABLE_END}, else at its end)")
+    parser.add_argument("--force", action="store_true",
+                        help="write the --table even when the machine is busy")
     args = parser.parse_args(argv)
     if args.int8 and not nncf_available():
         emit("error", message=NNCF_MISSING)
         return 2
+    is_busy, load = busy()
+    if args.table and is_busy and not args.force:
+        emit("error", message=f"The machine is busy (load average {load[0]:.2f} over 1 minute, "
+                              f"{os.cpu_count()} CPUs): no speed table written; wait until it "
+                              "is quiet, or pass --force.")
+        return 3
 
     n_latency, train_steps, n_agree, n_batch = (10, 2, 16, 32) if args.quick else \
         (50, 6, None, 256)
     pipeline_counts = (4, 3) if args.quick else (16, 8)  # batch size, timed steps
     fast = choose_device()
-    emit("machine", cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-         torch=torch.__version__, optimised_device=fast.to_dict(), quick=args.quick,
-         cpu_count=os.cpu_count())
+    figures = [emit("machine", cpu=cpu_name(), cpu_flags=cpu_flags(),
+                    threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                    physical_cores=physical_cores(), load_average=[round(x, 2) for x in load],
+                    busy=is_busy, date=datetime.date.today().isoformat(),
+                    torch=torch.__version__, openvino=openvino_version(),
+                    optimised_device=fast.to_dict(), quick=args.quick)]
     path = args.model or active_model_path()
     if path is None:
         emit("error", message="no model installed; pass --model")
         return 2
     start = time.perf_counter()
     loaded = load_model(path)
-    emit("model_load", ms=round((time.perf_counter() - start) * 1000, 1), model=loaded.card.name)
+    served_path = Path(path)
+    figures.append(emit("model_load", ms=round((time.perf_counter() - start) * 1000, 1),
+                        model=loaded.card.name))
     served = Predictor(loaded, fast) if loaded.card.two_stage else None
     if served is not None:  # the figures below are the whole-image model's, which reads all
         path = two_stage_folders(loaded.path, loaded.card)[0]
         loaded = load_model(path)
-        emit("two_stage", served=served.card.name, whole_image_model=loaded.card.name,
-             outline_model=served.outliner.card.name if served.outliner else None)
+        figures.append(emit("two_stage", served=served.card.name,
+                            whole_image_model=loaded.card.name,
+                            outline_model=served.outliner.card.name if served.outliner
+                            else None))
     if args.int8:
         return _int8(loaded, args)
 
@@ -292,53 +396,80 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = buf.getvalue()
     else:
         data = sample.read_bytes()
+    image_name = str(sample.name) if sample else "synthetic 600x500"
     size = loaded.card.size
 
+    if not args.no_cold_start:
+        with tempfile.TemporaryDirectory(prefix="bus-bench-") as tmp:
+            try:
+                figures.append(emit("cold_start", model=served_path.name, image=image_name,
+                                    **cold_start(served_path, data, Path(tmp), quick=args.quick)))
+            except subprocess.CalledProcessError as exc:
+                emit("cold_start", skipped=(exc.stderr or b"").decode(errors="replace")[-300:])
+
     naive_model = copy.deepcopy(loaded.model).eval()
-    naive = percentiles(timed(lambda: naive_predict(naive_model, data, size),
-                              n_latency))
     pytorch = Predictor(load_model(path), fast, backend="torch")
-    pytorch_times = percentiles(timed(lambda: pytorch.predict(load_image(data)), n_latency))
     start = time.perf_counter()
     predictor = Predictor(loaded, fast)
-    emit("backend", chosen=predictor.description,
-         ready_ms=round((time.perf_counter() - start) * 1000, 1))
+    figures.append(emit("backend", chosen=predictor.description,
+                        ready_ms=round((time.perf_counter() - start) * 1000, 1)))
     if isinstance(predictor.forward, OpenVinoForward) and cpu_supports_bf16():
         xml = openvino_ir(predictor.model, loaded.weights_id, (size.crop, size.crop))
         pair = {p: compile_on_cpu(str(xml), p) for p in PRECISIONS}
         image = np.zeros((1, 3, size.crop, size.crop), dtype=np.float32)
-        emit("openvino_precisions", forward_p50_ms=interleaved_p50(pair, image, n_latency),
-             chosen=predictor.forward.precision)
-    optimised = percentiles(timed(lambda: predictor.predict(load_image(data)), n_latency))
-    emit("latency_single_image", naive=naive, pytorch=pytorch_times, optimised=optimised,
-         backend=predictor.description,
-         ratio_p50=round(naive["p50_ms"] / optimised["p50_ms"], 2),
-         pytorch_ratio_p50=round(naive["p50_ms"] / pytorch_times["p50_ms"], 2),
-         image=str(sample.name) if sample else "synthetic 600x500")
+        figures.append(emit("openvino_precisions",
+                            forward_p50_ms=interleaved_p50(pair, image, n_latency),
+                            chosen=predictor.forward.precision))
+    times = interleaved_times({
+        "naive": lambda: naive_predict(naive_model, data, size),
+        "pytorch": lambda: pytorch.predict(load_image(data)),
+        "optimised": lambda: predictor.predict(load_image(data))}, n_latency, warmup=2)
+    figures.append(emit("latency_single_image",
+                        **{name: ms_percentiles(ms) for name, ms in times.items()},
+                        backend=predictor.description,
+                        ratio=ratio_stats(times["naive"], times["optimised"]),
+                        pytorch_ratio=ratio_stats(times["naive"], times["pytorch"]),
+                        image=image_name))
 
     if served is not None:
         pytorch_served = Predictor(load_model(served.loaded.path), fast, backend="torch")
-        slow = percentiles(timed(lambda: pytorch_served.predict(load_image(data)), n_latency))
-        quick = percentiles(timed(lambda: served.predict(load_image(data)), n_latency))
-        emit("two_stage_latency", pytorch=slow, optimised=quick, backend=served.description,
-             outline_backend=served.outliner.forward.description if served.outliner else None,
-             ratio_p50=round(slow["p50_ms"] / quick["p50_ms"], 2),
-             image=str(sample.name) if sample else "synthetic 600x500")
+        in_turn = Predictor(load_model(served.loaded.path), fast, side_by_side=False)
+        stages: list[dict[str, float]] = []
+        times = interleaved_times({
+            "pytorch": lambda: pytorch_served.predict(load_image(data)),
+            "optimised": lambda: stages.append(served.predict(load_image(data)).stages_ms),
+            "one_at_a_time": lambda: in_turn.predict(load_image(data))}, n_latency, warmup=2)
+        timed_stages = stages[-n_latency:]
+        figures.append(emit(
+            "two_stage_latency", **{name: ms_percentiles(ms) for name, ms in times.items()},
+            stages_p50_ms={name: round(statistics.median(s[name] for s in timed_stages), 2)
+                           for name in timed_stages[0]},
+            side_by_side=served.side_by_side, shared_square=served.shared_square,
+            backend=served.description,
+            outline_backend=served.outliner.forward.description if served.outliner else None,
+            ratio=ratio_stats(times["pytorch"], times["optimised"]),
+            side_by_side_ratio=ratio_stats(times["one_at_a_time"], times["optimised"]),
+            image=image_name))
 
     prediction = predictor.predict(load_image(data))
     cam_times = timed(lambda: predictor.explain(prediction), max(3, n_latency // 5), warmup=1)
-    emit("gradcam_latency", **percentiles(cam_times))
+    figures.append(emit("gradcam_latency", **percentiles(cam_times)))
 
     crop = size.crop
-    naive_rate = train_throughput(loaded.card.arch, fp32_cpu(), 16, train_steps, crop)
-    fast_rate = train_throughput(loaded.card.arch, fast, 16, train_steps, crop)
-    emit("training_throughput", batch=16, naive_images_per_s=round(naive_rate, 2),
-         optimised_images_per_s=round(fast_rate, 2), ratio=round(fast_rate / naive_rate, 2))
+    steps = {"naive": training_step(loaded.card.arch, fp32_cpu(), 16, crop),
+             "optimised": training_step(loaded.card.arch, fast, 16, crop)}
+    times = interleaved_times(steps, train_steps, warmup=1)
+    rates = {name: 16 * len(ms) / (sum(ms) / 1000) for name, ms in times.items()}
+    figures.append(emit("training_throughput", batch=16,
+                        naive_images_per_s=round(rates["naive"], 2),
+                        optimised_images_per_s=round(rates["optimised"], 2),
+                        ratio=ratio_stats(times["naive"], times["optimised"])))
     with tempfile.TemporaryDirectory(prefix="bus-bench-") as tmp:
         pipeline_size = InputSize(72, 64) if args.quick else size
-        emit("training_pipeline", device=fast.to_dict(), image="synthetic 600x500 PNG files",
-             **pipeline_throughput(loaded.card.arch, fast, pipeline_size, *pipeline_counts,
-                                   Path(tmp) / "images"))
+        figures.append(emit(
+            "training_pipeline", device=fast.to_dict(), image="synthetic 600x500 PNG files",
+            **pipeline_throughput(loaded.card.arch, fast, pipeline_size, *pipeline_counts,
+                                  Path(tmp) / "images")))
 
     if images:
         chosen = images[:n_agree] if n_agree else images
@@ -350,8 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ref = dict(zip(loaded.card.classes, softmax(logits, loaded.card.temperature)[0]))
             same += max(p_fast, key=p_fast.__getitem__) == max(ref, key=ref.__getitem__)
             max_diff = max(max_diff, max(abs(p_fast[c] - ref[c]) for c in ref))
-        emit("agreement_with_fp32", n=len(chosen), subset="BUSI test split",
-             label_agreement=round(same / len(chosen), 4), max_probability_diff=round(max_diff, 4))
+        figures.append(emit("agreement_with_fp32", n=len(chosen), subset="BUSI test split",
+                            label_agreement=round(same / len(chosen), 4),
+                            max_probability_diff=round(max_diff, 4)))
     else:
         emit("agreement_with_fp32", skipped="no BUSI test split available")
 
@@ -360,9 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         segmenter = Segmenter.from_path(segmenter_path, device="cpu-fp32")
         image = load_image(data)
         seg_times = timed(lambda: segmenter.segment(image), max(3, n_latency // 2), warmup=1)
-        emit("segmentation_latency", model=segmenter.card.name, **percentiles(seg_times),
-             backend=segmenter.forward.description,
-             image=str(sample.name) if sample else "synthetic 600x500")
+        figures.append(emit("segmentation_latency", model=segmenter.card.name,
+                            **percentiles(seg_times), backend=segmenter.forward.description,
+                            image=image_name))
     else:
         emit("segmentation_latency", skipped="no segmentation model installed")
 
@@ -377,12 +509,84 @@ def main(argv: Sequence[str] | None = None) -> int:
         predict_to_csv([Path(tmp) / "images"], Path(tmp) / "results.csv", reader,
                        batch_size=DEFAULT_BATCH_SIZE)
         batched = n_batch / (time.perf_counter() - start)
-    emit("batch_prediction_throughput", n=n_batch, image="synthetic 600x500 PNG files",
-         model=reader.card.name, backend=reader.description, batch_size=DEFAULT_BATCH_SIZE,
-         workers=default_workers(),
-         one_by_one_images_per_s=round(one_by_one, 2), batch_images_per_s=round(batched, 2),
-         ratio=round(batched / one_by_one, 2))
+    figures.append(emit(
+        "batch_prediction_throughput", n=n_batch, image="synthetic 600x500 PNG files",
+        model=reader.card.name, backend=reader.description, batch_size=DEFAULT_BATCH_SIZE,
+        workers=default_workers(),
+        one_by_one_images_per_s=round(one_by_one, 2), batch_images_per_s=round(batched, 2),
+        ratio=round(batched / one_by_one, 2)))
+    figures.append(emit("openvino_cache", folder=str(cache_dir()),
+                        mb=round(folder_bytes(cache_dir()) / 1e6, 1)))
+    if args.table:
+        write_table(Path(args.table), speed_table(figures))
+        emit("table", written=args.table)
     return 0
+
+
+TABLE_START, TABLE_END = "<!-- speed-table -->", "<!-- /speed-table -->"
+"""The lines around the speed table `--table` writes into a file."""
+
+
+def speed_table(figures: Sequence[dict[str, Any]]) -> str:
+    """The figures of one run as markdown: the machine (CPU, its bf16 flags, cores, load) and
+    the date, then one row per figure."""
+    by_name = {line["figure"]: line for line in figures}
+    machine = by_name["machine"]
+    flags = ", ".join(machine["cpu_flags"]) or "no AVX512-BF16 or AMX"
+    lines = [f"{machine['date']}, {machine['cpu']} ({flags}), {machine['cpu_count']} CPUs "
+             f"({machine['physical_cores']} cores), load average "
+             f"{machine['load_average'][0]:.2f}; torch {machine['torch']}, OpenVINO "
+             f"{machine['openvino'] or 'not installed'}; "
+             f"{'--quick' if machine['quick'] else 'full run'}"
+             f"{' (machine busy: written with --force)' if machine['busy'] else ''}.", "",
+             "| figure | value |", "| --- | --- |"]
+
+    def ratio(r: dict[str, Any]) -> str:
+        return f"{r['median']:.2f} (IQR {r['iqr'][0]:.2f}-{r['iqr'][1]:.2f}, {r['pairs']} pairs)"
+
+    rows: list[tuple[str, str]] = []
+    if "cold_start" in by_name and "first_reading_s" in by_name["cold_start"]:
+        cold = by_name["cold_start"]
+        rows.append(("first reading on an empty data folder / after `warm` (new process)",
+                     f"{cold['first_reading_s']} s / {cold['after_warmup_s']} s "
+                     f"(`warm` {cold['warm_s']} s)"))
+    if "latency_single_image" in by_name:
+        single = by_name["latency_single_image"]
+        rows.append(("single image p50: naive / PyTorch / chosen backend",
+                     f"{single['naive']['p50_ms']} / {single['pytorch']['p50_ms']} / "
+                     f"{single['optimised']['p50_ms']} ms ({single['backend']})"))
+        rows.append(("naive / chosen, per pair", ratio(single["ratio"])))
+    if "two_stage_latency" in by_name:
+        two = by_name["two_stage_latency"]
+        stages = ", ".join(f"{k} {v} ms" for k, v in two["stages_p50_ms"].items())
+        rows.append(("two-stage reading p50: PyTorch / chosen",
+                     f"{two['pytorch']['p50_ms']} / {two['optimised']['p50_ms']} ms ({stages})"))
+        rows.append(("two-stage PyTorch / chosen, per pair", ratio(two["ratio"])))
+        if "side_by_side_ratio" in two:
+            rows.append(("two-stage one model at a time / side by side, per pair",
+                         ratio(two["side_by_side_ratio"])))
+    if "training_throughput" in by_name:
+        train = by_name["training_throughput"]
+        rows.append(("training images/s: naive / chosen device",
+                     f"{train['naive_images_per_s']} / {train['optimised_images_per_s']}, "
+                     f"ratio {ratio(train['ratio'])}"))
+    if "openvino_cache" in by_name:
+        rows.append(("OpenVINO cache", f"{by_name['openvino_cache']['mb']} MB"))
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(path: Path, table: str) -> None:
+    """Put `table` between `TABLE_START` and `TABLE_END` in the file at `path` (those lines
+    added at its end when it has none)."""
+    text = path.read_text() if path.is_file() else ""
+    block = f"{TABLE_START}\n{table}{TABLE_END}"
+    if TABLE_START in text and TABLE_END in text:
+        before, rest = text.split(TABLE_START, 1)
+        text = before + block + rest.split(TABLE_END, 1)[1]
+    else:
+        text = f"{text.rstrip()}\n\n{block}\n" if text.strip() else f"{block}\n"
+    atomic.write_text(path, text)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -482,6 +483,36 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_warm(args: argparse.Namespace) -> int:
+    """Prepare a model (default: the active one) and the active outline model for this
+    computer, printing each network as it is ready, and what keeping the OpenVINO cache to the
+    installed models removed."""
+    from bus_core.registry import active_segmenter_path
+    from bus_core.warm import warm
+
+    start = time.perf_counter()
+    warmup = warm(args.model, active_segmenter_path(), device=args.device,
+                  backend=args.backend)
+    progress = warmup.progress()
+    print(f"Preparing {progress.model} for this computer ({progress.total} networks).",
+          flush=True)
+    while not warmup.done():
+        progress = warmup.wait(progress)
+        if progress.last and progress.state == "preparing":
+            print(f"  {progress.done} of {progress.total} networks ready ({progress.last}).",
+                  flush=True)
+    prepared = warmup.result()
+    print(f"Ready in {time.perf_counter() - start:.1f} s: {prepared.predictor.description}.")
+    report = warmup.cache_report()
+    if report is None:
+        print("OpenVINO cache: not tidied (see the log).")
+    else:
+        removed = (f"; removed {len(report.removed)} entries no installed model needs "
+                   f"({report.freed_bytes / 1e6:.1f} MB)" if report.removed else "")
+        print(f"OpenVINO cache: {report.size_bytes / 1e6:.1f} MB{removed}.")
+    return 0
+
+
 def cmd_users(args: argparse.Namespace) -> int:
     """Manage the app's local accounts (as the command-line operator: every role)."""
     from bus_core.accounts import Accounts
@@ -671,6 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list models / choose the active one")
     p.add_argument("--activate", help="model folder to make the default")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("warm", help="prepare the active model (or --model) for this computer "
+                                    "before the first reading")
+    p.add_argument("--model", help="model folder (default: the active model)")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    _add_backend(p)
+    p.set_defaults(func=cmd_warm)
 
     from bus_core.roles import ROLES
 

@@ -4,8 +4,10 @@ channels_last where the CPU has native bf16, else plain fp32."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -51,6 +53,25 @@ def cpu_supports_bf16() -> bool:
         return any(bool(check()) for check in checks if check is not None)
     except RuntimeError:
         return False
+
+
+def physical_cores() -> int:
+    """The CPU cores (not hardware threads) this process may run on: distinct (package, core)
+    pairs of /proc/cpuinfo among the allowed CPUs where there is one, else the CPU count."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        blocks = Path("/proc/cpuinfo").read_text().split("\n\n")
+    except OSError:
+        blocks = []
+    cores = set()
+    for block in blocks:
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        if "processor" not in fields or "core id" not in fields:
+            continue
+        if allowed is None or int(fields["processor"]) in allowed:
+            cores.add((fields.get("physical id", "0"), fields["core id"]))
+    return len(cores) or len(allowed or ()) or os.cpu_count() or 1
 
 
 def _mps_available() -> bool:

@@ -9,14 +9,17 @@ the CLI, the app and the benchmark alike:
 A lesion model whose card names a `two_stage` pair reads in two stages: its outline model
 suggests the lesion outline when none is given; the whole-image model gives P(normal) and reads
 images without an outline; this model splits the rest between benign and malignant from the
-crop around the outline (`metrics.normal_from_whole`).
+crop around the outline (`metrics.normal_from_whole`). Where the CPU has at least two physical
+cores the outline model and the whole-image model run at the same time; where the whole-image
+model takes the same padded square as the outline model, the image is fitted to it once.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,10 +28,11 @@ import numpy as np
 import torch
 
 from bus_core import cam as cam_lib
+from bus_core.augment import eval_batch
 from bus_core.backends import choose_forward
 from bus_core.constants import MALIGNANT, NORMAL
 from bus_core.dataset import Record
-from bus_core.device import DeviceConfig, choose_device, prepare_model
+from bus_core.device import DeviceConfig, choose_device, physical_cores, prepare_model
 from bus_core.errors import ModelError
 from bus_core.inputs import InputSpec, model_input, record_has_lesion
 from bus_core.io import check_min_side, load_image, load_mask
@@ -41,10 +45,10 @@ from bus_core.metrics import (
     percent_pair,
     softmax,
 )
-from bus_core.models import LoadedModel, gradcam_layer, load_model
+from bus_core.models import LoadedModel, ModelCard, gradcam_layer, load_model
 from bus_core.registry import active_model_path, no_model_message, two_stage_folders
 from bus_core.segment import Segmenter
-from bus_core.transforms import denormalise, eval_transform
+from bus_core.transforms import denormalise, eval_transform, fit_square
 
 SCOPE_GRID = 128
 """The colour check looks at a grid of at least this many pixels per side."""
@@ -85,6 +89,9 @@ class Prediction:
         map for `target` is drawn over: the whole-image model's for 'normal' in a two-stage
         reading with an outline, else this one."""
         return self.whole if self.whole is not None and target == NORMAL else self
+    stages_ms: dict[str, float] = field(default_factory=dict)
+    """A two-stage reading's time in each of its networks ('whole', 'outline', 'lesion'; the
+    first two may overlap); empty for a single model."""
 
     @property
     def malignant_flag(self) -> bool | None:
@@ -151,11 +158,23 @@ class Prepare:
         return tensor, scope_warnings(image)
 
 
+def network_count(card: ModelCard) -> int:
+    """How many networks a `Predictor` of `card` prepares: three for a two-stage card (its
+    own, its whole-image model's and its outline model's), else one."""
+    return 3 if card.two_stage else 1
+
+
 class Predictor:
     """A loaded model ready to predict and explain; safe to share between threads."""
 
     def __init__(self, loaded: LoadedModel, device: str | DeviceConfig = "auto",
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, *,
+                 on_network: Callable[[str], None] | None = None,
+                 side_by_side: bool | None = None) -> None:
+        """`on_network` is called with each network's model name once it is ready to run
+        (`network_count` calls in all). `side_by_side`: whether a two-stage reading runs its
+        outline and whole-image models at the same time (default: where the CPU has at least
+        two physical cores)."""
         self.loaded = loaded
         self.card = loaded.card
         self.device = device if isinstance(device, DeviceConfig) else choose_device(device)
@@ -165,13 +184,20 @@ class Predictor:
         side = self.spec.size.crop  # both fits ('crop', 'pad') give a crop x crop tensor
         self.forward = choose_forward(self.model, self.device, loaded.weights_id, (side, side),
                                       backend)
+        if on_network is not None:
+            on_network(self.card.name)
         self.whole: Predictor | None = None
         """The whole-image model of a two-stage reading (None: this model reads alone)."""
         self.outliner: Segmenter | None = None
         """The outline model of a two-stage reading."""
+        self._side_by_side: ThreadPoolExecutor | None = None
+        self.shared_square = False
+        """True when the whole-image model takes the outline model's padded square (a
+        two-stage reading then fits the image once for both)."""
         if self.card.two_stage:
             whole_dir, outline_dir = two_stage_folders(loaded.path, self.card)
-            self.whole = Predictor(load_model(whole_dir), self.device, backend)
+            self.whole = Predictor(load_model(whole_dir), self.device, backend,
+                                   on_network=on_network)
             if self.whole.spec.uses_masks or self.whole.classes != self.classes or \
                     self.whole.card.name == self.card.name:
                 raise ModelError(f"{self.card.name} names {self.whole.card.name} as its "
@@ -180,6 +206,13 @@ class Predictor:
             self.outliner = Segmenter(load_model(outline_dir), "cpu-fp32"
                                       if self.device.device.type == "cpu" else self.device,
                                       backend)
+            if on_network is not None:
+                on_network(self.outliner.card.name)
+            if physical_cores() >= 2 if side_by_side is None else side_by_side:
+                self._side_by_side = ThreadPoolExecutor(1, thread_name_prefix="outline")
+            whole_spec = self.whole.spec
+            self.shared_square = whole_spec.mode == "full" and \
+                whole_spec.size.fit == "pad" and whole_spec.size.crop == self.outliner.size
 
     @classmethod
     def from_path(cls, path: str | Path | None = None, device: str = "auto",
@@ -204,6 +237,12 @@ class Predictor:
     def prepare(self) -> Prepare:
         """(tensor, scope warnings) of an image (+ masks): what `predict` feeds the model."""
         return Prepare(self.spec)
+
+    @property
+    def side_by_side(self) -> bool:
+        """True when a two-stage reading runs its outline and whole-image models at the same
+        time."""
+        return self._side_by_side is not None
 
     @property
     def two_stage(self) -> bool:
@@ -235,21 +274,22 @@ class Predictor:
                    suggest: bool) -> Prediction:
         """The two-stage reading of one image (see the module docstring)."""
         assert self.whole is not None and self.outliner is not None
-        whole = self.whole.predict(image)
-        suggested = None
-        if not masks and suggest:
-            suggested = self.outliner.segment(image)
-            masks = [suggested] if suggested.any() else []
+        whole, suggested, stages = self._whole_and_outline(image, not masks and suggest)
+        if suggested is not None and suggested.any():
+            masks = [suggested]
         if not masks:
             top = max(whole.probabilities, key=whole.probabilities.__getitem__)
             return replace(whole, model=self.card.name, read_by=self.whole.card.name,
+                           stages_ms=stages,
                            uncertain=whole.probabilities[top] < self.card.uncertain_below,
                            malignant_threshold=self.card.malignant_threshold,
                            reading=f"No lesion outline{' found' if suggest else ''}: the "
                                    f"reading of {self.whole.card.name} on the whole image.")
+        start = time.perf_counter()
         tensor, warnings = self.prepare(image, masks)
         with self._lock:
             logits, activations = self.forward.run(tensor.unsqueeze(0))
+        stages["lesion"] = (time.perf_counter() - start) * 1000
         lesion = softmax(logits, self.card.temperature)
         whole_probs = np.array([[whole.probabilities[c] for c in self.classes]])
         probs = normal_from_whole(lesion, whole_probs, self.classes,
@@ -258,10 +298,48 @@ class Predictor:
                 else "")
         return replace(self._prediction(probs, tensor, warnings,
                                         None if activations is None else activations[0]),
-                       outline=suggested, whole=whole,
+                       outline=suggested, whole=whole, stages_ms=stages,
                        reading=f"Two-stage reading: P(normal) from {self.whole.card.name} on "
                                f"the whole image; benign vs malignant from {self.card.name} "
                                f"on the lesion and its surroundings{made}.")
+
+    def _whole_and_outline(self, image: np.ndarray, outline: bool
+                           ) -> tuple[Prediction, np.ndarray | None, dict[str, float]]:
+        """(the whole-image model's reading, the outline model's suggestion when `outline`
+        else None, each one's ms), side by side where the CPU has the cores."""
+        assert self.whole is not None and self.outliner is not None
+        whole_model, outliner = self.whole, self.outliner
+        stages: dict[str, float] = {}
+        if self.shared_square:
+            check_min_side(image)
+            square, fit = fit_square(image, outliner.size)
+            batch = eval_batch(torch.from_numpy(square[None]))
+
+            def read_whole() -> Prediction:
+                return whole_model.predict_batch(batch, [scope_warnings(image)])[0]
+
+            def find_outline() -> np.ndarray:
+                return outliner.segment_squares(batch, [fit], [image.shape[:2]])[0]
+        else:
+            def read_whole() -> Prediction:
+                return whole_model.predict(image)
+
+            def find_outline() -> np.ndarray:
+                return outliner.segment(image)
+
+        def timed(name: str, run: Callable[[], Any]) -> Any:
+            start = time.perf_counter()
+            result = run()
+            stages[name] = (time.perf_counter() - start) * 1000
+            return result
+
+        if not outline:
+            return timed("whole", read_whole), None, stages
+        if self._side_by_side is None:
+            return timed("whole", read_whole), timed("outline", find_outline), stages
+        suggestion = self._side_by_side.submit(timed, "outline", find_outline)
+        whole = timed("whole", read_whole)
+        return whole, suggestion.result(), stages
 
     def predict_batch(self, batch: torch.Tensor,
                       warnings: Sequence[list[str]] | None = None) -> list[Prediction]:

@@ -37,7 +37,7 @@ from bus_core.masks import outline_variant
 from bus_core.models import LoadedModel, load_model
 from bus_core.registry import active_segmenter_path
 from bus_core.segmentation import PostProcess, postprocess
-from bus_core.transforms import fit_square, unfit_square
+from bus_core.transforms import SquareFit, fit_square, unfit_square
 
 
 class Segmenter:
@@ -72,15 +72,27 @@ class Segmenter:
     def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Lesion probability maps (HxW float32 in [0, 1]) over each RGB uint8 image's pixels."""
         squares, fits = zip(*(fit_square(image, self.size) for image in images))
+        return self.square_probabilities(eval_batch(torch.from_numpy(np.stack(squares))), fits,
+                                         [image.shape[:2] for image in images])
+
+    def square_probabilities(self, batch: torch.Tensor, fits: Sequence[SquareFit],
+                             shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """`probabilities` of images already fitted to the model's square (`fit_square`, then
+        `augment.eval_batch`): `fits` and `shapes` (H, W) say where each came from."""
         with self._lock:
-            logits = self.forward(eval_batch(torch.from_numpy(np.stack(squares))))
+            logits = self.forward(batch)
         probs = (1 / (1 + np.exp(-logits[:, 0].astype(np.float64)))).astype(np.float32)
-        return [unfit_square(p, fit, image.shape[:2])
-                for p, fit, image in zip(probs, fits, images)]
+        return [unfit_square(p, fit, shape) for p, fit, shape in zip(probs, fits, shapes)]
 
     def segment(self, image: np.ndarray) -> np.ndarray:
         """The suggested lesion mask of one RGB uint8 image (HxW bool; all False: none found)."""
         return postprocess(self.probabilities([image])[0], self.params)
+
+    def segment_squares(self, batch: torch.Tensor, fits: Sequence[SquareFit],
+                        shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """`segment` of images already fitted to the model's square (`square_probabilities`)."""
+        return [postprocess(p, self.params)
+                for p in self.square_probabilities(batch, fits, shapes)]
 
     def segment_many(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """`segment` for several images in one batch."""

@@ -65,6 +65,7 @@ def test_openvino_agrees_with_torch_and_is_cached_per_weights(tiny, data_dir, mo
     assert np.abs(ours - reference).max() < 1e-3
     entries = sorted((data_dir / "cache" / "openvino").glob("abababab*"))
     assert len(entries) == 1 and (entries[0] / "model.bin").is_file()
+    assert (entries[0] / backends.COMPILED).is_dir()  # its blobs go when the entry goes
     stamp = (entries[0] / "model.bin").stat().st_mtime_ns
     choose_forward(tiny.model, CPU, "ab" * 32, (32, 32), "openvino")  # reused, not converted
     assert (entries[0] / "model.bin").stat().st_mtime_ns == stamp

@@ -295,3 +295,29 @@ def test_an_outline_read_as_normal_is_flagged_as_uncertain_and_counted(models, b
 def _evaluation_of(probs, y):
     return Evaluation({}, [str(i) for i in range(len(y))], np.asarray(y), np.asarray(probs),
                       np.zeros((len(y), 3)), list(CLASSES))
+
+
+def test_side_by_side_and_the_shared_square_read_as_one_at_a_time(models, tmp_path):
+    square = copy_model(models / "whole", tmp_path / "whole",
+                        input_size={"resize": 64, "crop": 64, "fit": "pad"})
+    copy_model(models / "outline", tmp_path / "outline")
+    lesion = copy_model(models / "lesion", tmp_path / "lesion")
+    assert square.is_dir()  # beside the lesion model, which names it
+    image = _image()
+    readings = {}
+    for side_by_side in (True, False):
+        for shared in (True, False):
+            predictor = Predictor(load_model(lesion), "cpu-fp32", backend="torch",
+                                  side_by_side=side_by_side)
+            assert predictor.shared_square  # the whole-image model takes the 64 px square
+            assert predictor.side_by_side == side_by_side
+            predictor.shared_square = shared
+            prediction = predictor.predict(image)
+            assert {"whole", "outline"} <= set(prediction.stages_ms)
+            readings[side_by_side, shared] = (_probs(prediction),
+                                              prediction.outline, prediction.reading)
+    first = readings[False, False]
+    for probs, outline, reading in readings.values():
+        np.testing.assert_allclose(probs, first[0], atol=1e-6)
+        np.testing.assert_array_equal(outline, first[1])
+        assert reading == first[2]

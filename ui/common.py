@@ -23,6 +23,7 @@ from bus_core.predict import Predictor
 from bus_core.registry import active_model_path, active_segmenter_path, no_model_message
 from bus_core.roles import DEMO, Identity
 from bus_core.segment import Segmenter
+from bus_core.warm import Prepared, Warmup, warm_active
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ SESSION_KEY = "_bus_session"
 """session_state key of the signed-in `accounts.Session`."""
 
 MODES = ("local", "oidc", "demo")
+
+PROGRESS_POLL_S = 1.0
+"""Longest wait between two redraws of a model preparation's progress bar."""
 
 
 def auth_mode() -> str:
@@ -120,6 +124,10 @@ def active_segmenter() -> tuple[Segmenter | None, str]:
     path = active_segmenter_path()
     if path is None:
         return None, "No segmentation model is installed, so no outline can be suggested."
+    warmup = start_warmup()
+    if warmup is not None and warmup.progress().state == "ready" and \
+            warmup.result().segmenter is not None:
+        return warmup.result().segmenter, ""
     try:
         card = read_card(path)
         return load_segmenter(str(Path(path).resolve()), card.weights_sha256), ""
@@ -234,13 +242,36 @@ def start_job(start: Callable[[], Any], what: str) -> bool:
 
 
 def optional_predictor() -> tuple[Predictor | None, str]:
-    """The active model's predictor and '', or None and why there is none; shows nothing
-    (for pages where the model is optional)."""
+    """The active model's predictor and '', or None and why there is none; shows only how far
+    its preparation is while it waits for it (for pages where the model is optional)."""
     path = active_model_path()
     if path is None:
         return None, no_model_message()
     try:
-        card = read_card(path)
-        return load_predictor(str(Path(path).resolve()), card.weights_sha256), ""
+        return wait_for_model(warm_active()).predictor, ""
     except BusError as exc:
         return None, f"The active model cannot be used: {exc}"
+
+
+def start_warmup() -> Warmup | None:
+    """Start preparing the active model and outline model for this computer in the background
+    (once per model and server: `bus_core.warm`), or None when there is no usable model (the
+    pages that need one say why). app.py calls it on every run, so the preparation starts
+    when the server first serves anyone and whenever the active model changes."""
+    try:
+        return warm_active()
+    except BusError:
+        return None
+
+
+def wait_for_model(warmup: Warmup) -> Prepared:
+    """The prepared model; while it is being prepared, a progress bar says how far it is
+    ("Preparing the model for this computer: 2 of 3 networks")."""
+    seen = warmup.progress()
+    if seen.state == "preparing":
+        bar = st.progress(seen.fraction, text=seen.sentence())
+        while seen.state == "preparing":
+            seen = warmup.wait(seen, timeout=PROGRESS_POLL_S)
+            bar.progress(seen.fraction, text=seen.sentence())
+        bar.empty()
+    return warmup.result()
