@@ -8,10 +8,7 @@ set -euo pipefail
 DATA=${DATA:-../shared/data}
 source "$(dirname "$0")/_common.sh"
 
-[ -f runs/busbra-pretrain/model.safetensors ] ||
-  $PY -m bus_core train --data "$DATA/BUSBRA/labels.csv" --split splits/busbra.json \
-    --out runs/busbra-pretrain --epochs 5 --batch-size 32 --lr 1e-3 --monitor auc_malignant \
-    --save-dtype float32
+busbra_pretrain
 
 $PY -m bus_core train --data "$DATA/BUSI" --split splits/busi.json --init runs/busbra-pretrain \
   --out runs/densenet121-busi --epochs 15 --batch-size 16 --lr 2e-4 --monitor macro_f1 \
