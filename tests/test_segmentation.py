@@ -188,7 +188,7 @@ def test_lesion_model_reads_the_automatic_outline(mask_model_dir, tiny_segmenter
     assert main(["evaluate", "--model", str(mask_model_dir), "--data", str(busi_dir),
                  "--masks", "auto", "--segmenter", str(tiny_segmenter_dir),
                  "--mask-dir", str(tmp_path / "auto-masks"), "--json", str(metrics)]) == 0
-    assert "with automatic masks" in capsys.readouterr().out
+    assert "on the outlines the outline model suggests" in capsys.readouterr().out
     assert json.loads(metrics.read_text())["data"]["masks"] == "automatic"
     assert len(list((tmp_path / "auto-masks").iterdir())) == 18
 

@@ -47,6 +47,6 @@ def test_a_fresh_server_shows_the_preparation_then_reads(tiny_model_dir, tiny_se
             page.get_by_text("Ultrasound images").first.wait_for()
             page.locator("input[type=file]").first.set_input_files(str(upload_image(tmp_path)))
             page.get_by_text("Model's reading").wait_for()
-            page.get_by_text("Model details").first.click()  # the backend is named in there
-            page.get_by_text("OpenVINO", exact=False).first.wait_for()
+            # the backend is named under the folded "Model details"
+            page.get_by_text("OpenVINO", exact=False).first.wait_for(state="attached")
             chromium.close()
