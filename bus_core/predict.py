@@ -50,6 +50,10 @@ from bus_core.registry import active_model_path, no_model_message, two_stage_fol
 from bus_core.segment import Segmenter
 from bus_core.transforms import denormalise, eval_transform, fit_square
 
+SIDE_BY_SIDE_CORES = 4
+"""Physical cores from which a two-stage reading runs its outline and whole-image models at the
+same time: on 2 cores each OpenVINO model already uses both, and side by side was slower
+(`bench --quick`, 2-core Xeon with AMX, load 1.2: 150 ms against 115 ms one after the other)."""
 SCOPE_GRID = 128
 """The colour check looks at a grid of at least this many pixels per side."""
 USUAL_SIDES = (128, 5000)
@@ -174,7 +178,7 @@ class Predictor:
         """`on_network` is called with each network's model name once it is ready to run
         (`network_count` calls in all). `side_by_side`: whether a two-stage reading runs its
         outline and whole-image models at the same time (default: where the CPU has at least
-        two physical cores)."""
+        `SIDE_BY_SIDE_CORES` physical cores)."""
         self.loaded = loaded
         self.card = loaded.card
         self.device = device if isinstance(device, DeviceConfig) else choose_device(device)
@@ -208,7 +212,7 @@ class Predictor:
                                       backend)
             if on_network is not None:
                 on_network(self.outliner.card.name)
-            if physical_cores() >= 2 if side_by_side is None else side_by_side:
+            if physical_cores() >= SIDE_BY_SIDE_CORES if side_by_side is None else side_by_side:
                 self._side_by_side = ThreadPoolExecutor(1, thread_name_prefix="outline")
             whole_spec = self.whole.spec
             self.shared_square = whole_spec.mode == "full" and \
