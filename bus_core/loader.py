@@ -69,7 +69,7 @@ class RecordDataset(Dataset):
         self.labels = [classes.index(r.label) for r in self.records]
         self.normal = classes.index(NORMAL) if NORMAL in classes else None
         self._eval = eval_transform(spec.size)
-        colour = _ultrasound_colour(ultrasound, style) if ultrasound > 0 or style else None
+        colour = _ultrasound_colour(ultrasound, style) if ultrasound > 0 else None
         self._weak = train_transform(spec.size, colour=colour)
         self._strong = train_transform(spec.size, strong=True, colour=colour)
         self._cache: dict[int, _Cached] = {}

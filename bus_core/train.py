@@ -346,6 +346,10 @@ def _limit_per_class(records: list[Record], n: int | None, seed: int) -> list[Re
 def check_config(config: TrainConfig) -> None:
     """Refuse settings that cannot work together (`DataError`) or an input size the
     architecture cannot take (`ModelError`), before anything starts."""
+    if config.style_augment and config.ultrasound_augment <= 0:
+        raise DataError("The scanner-style augmentation of this training is applied at the "
+                        "ultrasound augmentation's strength: give --ultrasound-augment too "
+                        "(e.g. 1).")
     if config.split and config.max_per_class:
         raise DataError("Using at most N images per class makes a new split from fewer images, "
                         "so it cannot be combined with a saved split file. Choose a new split, "

@@ -16,7 +16,7 @@ from bus_core.inputs import InputSpec
 from bus_core.loader import RecordDataset
 from bus_core.progress import next_epoch_fits
 from bus_core.splits import make_split, split_records
-from bus_core.train import train
+from bus_core.train import check_config, train
 from bus_core.transforms import InputSize
 from tests.test_train import tiny_config
 
@@ -58,6 +58,13 @@ def test_ultrasound_augmentation_of_training_inputs(busi_dir):
     assert not torch.equal(item(strong, 4), item(strong, 5))
     assert not torch.equal(item(strong, 4), item(plain, 4))
     assert item(strong, 4).shape == item(plain, 4).shape == (3, 32, 32)
+
+
+def test_scanner_style_needs_a_strength_in_train(busi_dir, tmp_path):
+    with pytest.raises(DataError, match="--ultrasound-augment"):
+        check_config(tiny_config(busi_dir, tmp_path / "m", style_augment=True))
+    check_config(tiny_config(busi_dir, tmp_path / "m", style_augment=True,
+                             ultrasound_augment=1.0))
 
 
 def test_weight_average_follows_the_closed_form():
