@@ -28,13 +28,19 @@ def lesions_called_normal(metrics: dict) -> tuple[int, int]:
     return sum(row[normal] for row in rows), sum(sum(row) for row in rows)
 
 
-def _f(value: float | None) -> str:
+def called_normal_text(metrics: dict) -> str:
+    """'k / n (share)' of lesion images called normal, or '-' without lesion images."""
+    k, n = lesions_called_normal(metrics)
+    return f"{k} / {n} ({k / n:.1%})" if n else "-"
+
+
+def fmt3(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
 def _ci(m: dict, key: str) -> str:
     low, high = m.get(f"{key}_ci95") or (None, None)
-    return f"{_f(m.get(key))} [{_f(low)}, {_f(high)}]"
+    return f"{fmt3(m.get(key))} [{fmt3(low)}, {fmt3(high)}]"
 
 
 def per_source(path: Path) -> None:
@@ -44,10 +50,7 @@ def per_source(path: Path) -> None:
           "specificity at the threshold | lesion images called normal |")
     print("| --- | --- | --- | --- | --- |")
     for name, part in [*m.get("by_source", {}).items(), ("all", m)]:
-        called = "-"
-        if "confusion_matrix" in part:
-            k, n = lesions_called_normal(part)
-            called = f"{k} / {n} ({k / n:.1%})"
+        called = called_normal_text(part) if "confusion_matrix" in part else "-"
         at = part.get("at_threshold") or {}
         counts = " / ".join(str(part["n_per_class"].get(c, 0)) for c in CLASSES)
         print(f"| {name} ({part['n']}: {counts}) | {_ci(part, 'accuracy')} | "
@@ -70,10 +73,10 @@ def main() -> None:
         m = json.loads(path.read_text())
         k, n = lesions_called_normal(m)
         at = m.get("at_threshold") or {}
-        print(f"| {model} | {SOURCES[source]} {subset} ({m['n']}) | {_f(m['accuracy'])} | "
-              f"{_f(m['macro_f1'])} | {_f(m['auc_malignant'])} | {k} / {n} | "
-              f"{_f(at.get('sensitivity'))} / {_f(at.get('specificity'))} "
-              f"({_f(at.get('threshold'))}) |")
+        print(f"| {model} | {SOURCES[source]} {subset} ({m['n']}) | {fmt3(m['accuracy'])} | "
+              f"{fmt3(m['macro_f1'])} | {fmt3(m['auc_malignant'])} | {k} / {n} | "
+              f"{fmt3(at.get('sensitivity'))} / {fmt3(at.get('specificity'))} "
+              f"({fmt3(at.get('threshold'))}) |")
         scores[model] += [m["auc_malignant"], m["macro_f1"], 1 - k / n]
     for model, parts in scores.items():
         print(f"\n{model}: selection score {np.mean(parts):.3f} ({len(parts) // 3} sources)")
