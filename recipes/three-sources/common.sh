@@ -30,3 +30,10 @@ declare -A HELD_OUT=(
     [without-busuclm]="$BUSUCLM"
 )
 RUN_NAMES="all without-busi without-busbra without-busuclm"
+mkdir -p "$RUNS"
+# Wait for every background job; fail when any of them failed (plain `wait` reports success).
+wait_all() {
+    local failed=0 pid
+    for pid in $(jobs -p); do wait "$pid" || failed=1; done
+    return $failed
+}

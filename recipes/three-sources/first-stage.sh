@@ -17,4 +17,4 @@ for run in ${RUNS_TO_TRAIN:-$RUN_NAMES}; do
         --name densenet121-unet-lesion-v2 --classifier-name densenet121-multitask-v3 \
         > "$RUNS/$run-first-stage.log" 2>&1 &
 done
-wait
+wait_all

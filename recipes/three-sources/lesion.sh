@@ -24,7 +24,7 @@ for run in ${RUNS_TO_TRAIN:-$RUN_NAMES}; do
             > "$RUNS/$run-lesion-$variant.log" 2>&1 &
     done
 done
-wait
+wait_all
 for run in ${RUNS_TO_TRAIN:-$RUN_NAMES}; do
     for variant in ${VARIANTS:-dg plain}; do
         $PY recipes/three-sources/pair.py "$RUNS/$run/lesion-$variant" classifier segmenter
