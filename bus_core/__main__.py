@@ -1,5 +1,5 @@
 """Entry point of `python -m bus_core`."""
 
-from bus_core.cli import main
+from bus_core.cli.main import main
 
 raise SystemExit(main())

@@ -37,8 +37,8 @@ optimised path) is compared in images/s with the optimised path called one file 
 the same synthetic PNG files.
 
 int8 (`--int8`, needs `pip install nncf==3.4.0`): instead of the figures above, the default
-model's OpenVINO IR quantised with NNCF (`bus_core.int8`), compared with fp32 on a split subset
-(`--subset`, default val): labels equal to fp32, largest probability difference, malignant
+model's OpenVINO IR quantised with NNCF (`bus_core.runtime.int8`), compared with fp32 on a split
+subset (`--subset`, default val): labels equal to fp32, largest probability difference, malignant
 sensitivity, and the forward pass at batch 1 of fp32, bf16 (where the CPU has it) and int8
 timed in turns in the same run.
 """
@@ -65,7 +65,26 @@ import torch
 from PIL import Image
 
 from bus_core import atomic
-from bus_core.backends import (
+from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
+from bus_core.data.dataset import Record
+from bus_core.data.images import load_image
+from bus_core.data.inputs import InputSpec
+from bus_core.data.loader import (
+    PlanLoader,
+    RecordDataset,
+    default_train_workers,
+    epoch_plan,
+    plan_batches,
+)
+from bus_core.data.presets import InputSize
+from bus_core.errors import BusError
+from bus_core.inference.batch import DEFAULT_BATCH_SIZE, default_workers, predict_to_csv
+from bus_core.inference.outline import Segmenter
+from bus_core.inference.predict import Predictor
+from bus_core.metrics import softmax
+from bus_core.models.build import LoadedModel, build_model, load_model
+from bus_core.models.registry import active_model_path, active_segmenter_path, two_stage_folders
+from bus_core.runtime.backends import (
     PRECISIONS,
     OpenVinoForward,
     cache_dir,
@@ -77,10 +96,7 @@ from bus_core.backends import (
     openvino_ir,
     openvino_version,
 )
-from bus_core.batch import DEFAULT_BATCH_SIZE, default_workers, predict_to_csv
-from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
-from bus_core.dataset import Record
-from bus_core.device import (
+from bus_core.runtime.device import (
     DeviceConfig,
     autocast,
     choose_device,
@@ -91,26 +107,10 @@ from bus_core.device import (
     prepare_model,
     to_device,
 )
-from bus_core.errors import BusError
-from bus_core.inputs import InputSpec
-from bus_core.int8 import NNCF_MISSING, nncf_available
-from bus_core.int8 import measure as measure_int8
-from bus_core.io import load_image
-from bus_core.loader import (
-    PlanLoader,
-    RecordDataset,
-    default_train_workers,
-    epoch_plan,
-    plan_batches,
-)
-from bus_core.metrics import softmax
-from bus_core.models import LoadedModel, build_model, load_model
-from bus_core.predict import Predictor
-from bus_core.registry import active_model_path, active_segmenter_path, two_stage_folders
-from bus_core.segment import Segmenter
+from bus_core.runtime.int8 import NNCF_MISSING, nncf_available
+from bus_core.runtime.int8 import measure as measure_int8
 from bus_core.settings import PROJECT_ROOT, default_dataset_dir
-from bus_core.train import train_step
-from bus_core.transforms import InputSize
+from bus_core.training.train import train_step
 
 
 def emit(figure: str, **values: Any) -> dict[str, Any]:
@@ -304,8 +304,8 @@ def _test_images(args: argparse.Namespace) -> list[Path]:
     split = Path(args.split)
     if data is None or not split.is_file():
         return []
-    from bus_core.dataset import load_records
-    from bus_core.splits import load_split, split_records
+    from bus_core.data.dataset import load_records
+    from bus_core.data.splits import load_split, split_records
 
     records = split_records(load_records(data), load_split(split), "test")
     return [r.path for r in records]

@@ -43,7 +43,7 @@ class DeviceError(BusError, ValueError):
 
 class PathNotAllowedError(BusError):
     """A path typed in the app that lies outside the folders the administrator allows for data
-    (`bus_core.dataroots`), or a manifest that names files outside its own folder. The message
+    (`bus_core.data.roots`), or a manifest that names files outside its own folder. The message
     names neither the path nor whether it exists."""
 
 

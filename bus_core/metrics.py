@@ -15,7 +15,7 @@ Conventions shared by every function here:
 - The macro one-vs-rest AUC averages the per-class AUCs that exist.
 
 ROC / AUC are computed here with numpy (ties count one half, as in scikit-learn) rather than
-scikit-learn, which would add about two seconds to importing `bus_core.predict`.
+scikit-learn, which would add about two seconds to importing `bus_core.inference.predict`.
 """
 
 from __future__ import annotations

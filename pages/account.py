@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pandas as pd
 import streamlit as st
 
-from bus_core.accounts import Accounts, User
+from bus_core.clinic.accounts import Accounts, User
 from bus_core.errors import BusError
 from bus_core.roles import ROLES, Identity
 from ui.auth import accounts, require_page

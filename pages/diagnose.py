@@ -6,11 +6,11 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from bus_core.clinic.cases import shown_name
 from bus_core.errors import BusError
-from bus_core.predict import Prediction, Predictor
-from bus_core.report import ReportContent, render_report, report_filename
-from bus_core.segment import Segmenter
-from bus_core.store import shown_name
+from bus_core.inference.outline import Segmenter
+from bus_core.inference.predict import Prediction, Predictor
+from bus_core.inference.report import ReportContent, render_report, report_filename
 from ui.auth import require_page
 from ui.cases import save_case_button
 from ui.common import active_predictor, active_segmenter, md_escape, show_error

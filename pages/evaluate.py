@@ -12,11 +12,12 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from bus_core.cam import overlay
-from bus_core.dataroots import is_allowed
-from bus_core.dataset import Record, load_many
+from bus_core.data.dataset import Record, load_many
+from bus_core.data.images import load_image
+from bus_core.data.roots import is_allowed
+from bus_core.data.splits import SUBSETS, load_split, split_records
 from bus_core.errors import BusError
-from bus_core.evaluate import (
+from bus_core.evaluation.evaluate import (
     EXPERT,
     OUTLINE_POLICIES,
     SERVED,
@@ -25,12 +26,11 @@ from bus_core.evaluate import (
     reads_outlines,
     with_policy_outlines,
 )
-from bus_core.io import load_image
+from bus_core.inference.cam import overlay
+from bus_core.inference.predict import explain_record
 from bus_core.metrics import reliability_curve, roc_curves
-from bus_core.predict import explain_record
-from bus_core.registry import ModelEntry, active_model_path, list_models, no_model_message
+from bus_core.models.registry import ModelEntry, active_model_path, list_models, no_model_message
 from bus_core.settings import default_dataset_dir
-from bus_core.splits import SUBSETS, load_split, split_records
 from ui.auth import may_open, require_page
 from ui.common import load_predictor, md_escape, show_error
 from ui.comparison import architecture_comparison
@@ -128,8 +128,9 @@ def choose_data(models: list[ModelEntry]) -> tuple[list[str], str, str]:
 
 
 def choose_outlines(models: list[ModelEntry]) -> str:
-    """The outline policy (`bus_core.evaluate.OUTLINE_POLICIES`) for models that read a lesion
-    outline: the reading clinicians get by default, the data's expert outlines as an option."""
+    """The outline policy (`bus_core.evaluation.evaluate.OUTLINE_POLICIES`) for models that read a
+    lesion outline: the reading clinicians get by default, the data's expert outlines as an
+    option."""
     if not any(reads_outlines(m.card) for m in models):
         return SERVED
     return st.radio("Lesion outlines", list(OUTLINE_POLICIES), horizontal=True,

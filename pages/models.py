@@ -10,12 +10,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from bus_core.dataset import source_name
+from bus_core.clinic.gate import activation_warnings, decision_log, make_active
+from bus_core.data.dataset import source_name
 from bus_core.errors import BusError
-from bus_core.gate import activation_warnings, decision_log, make_active
 from bus_core.metrics import METRIC_LABELS, fmt3
-from bus_core.models import CARD_FILE, WEIGHTS_FILE, ModelCard, read_card
-from bus_core.registry import (
+from bus_core.models.build import CARD_FILE, WEIGHTS_FILE, ModelCard, read_card
+from bus_core.models.registry import (
     ModelEntry,
     active_model_path,
     active_segmenter_path,

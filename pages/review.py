@@ -12,11 +12,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from bus_core.cam import method_id, overlay
-from bus_core.constants import CLASSES
-from bus_core.dataset import class_counts
-from bus_core.errors import BusError
-from bus_core.gate import (
+from bus_core.clinic.cases import ORDERABLE, STATUSES, Case, CaseStore, display_time
+from bus_core.clinic.gate import (
     GATE_FILE,
     GATE_SUBSETS,
     GateResult,
@@ -29,15 +26,18 @@ from bus_core.gate import (
     reject,
     rollback,
 )
-from bus_core.jobs import current_job, start_training
+from bus_core.clinic.retraining import RetrainPlan, find_plans, prepare_retraining
+from bus_core.constants import CLASSES
+from bus_core.data.dataset import class_counts
+from bus_core.errors import BusError
+from bus_core.inference.cam import method_id, overlay
+from bus_core.inference.predict import Predictor
 from bus_core.metrics import fmt3
-from bus_core.predict import Predictor
-from bus_core.progress import read_progress
-from bus_core.registry import active_model_path
-from bus_core.retrain import RetrainPlan, find_plans, prepare_retraining
+from bus_core.models.registry import active_model_path
 from bus_core.roles import Identity
 from bus_core.settings import PROJECT_ROOT, default_dataset_dir
-from bus_core.store import ORDERABLE, STATUSES, Case, CaseStore, display_time
+from bus_core.training.jobs import current_job, start_training
+from bus_core.training.runs import read_progress
 from ui.auth import require_page
 from ui.cases import as_rgb, case_store, export_cases_zip
 from ui.charts import probability_chart

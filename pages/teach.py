@@ -12,15 +12,15 @@ import numpy as np
 import streamlit as st
 
 from bus_core.constants import CLASSES
-from bus_core.dataset import Record, load_records
+from bus_core.data.dataset import Record, load_records
+from bus_core.data.images import load_image, load_mask
+from bus_core.data.masks import combine_masks, draw_outline
+from bus_core.data.splits import SUBSETS, load_split, split_records
 from bus_core.errors import BusError, DataError
-from bus_core.io import load_image, load_mask
-from bus_core.masks import combine_masks, draw_outline
-from bus_core.predict import Prediction, Predictor
-from bus_core.segment import Segmenter
-from bus_core.segmentation import dice_iou
+from bus_core.inference.outline import Segmenter
+from bus_core.inference.predict import Prediction, Predictor
+from bus_core.models.unet import dice_iou
 from bus_core.settings import default_dataset_dir
-from bus_core.splits import SUBSETS, load_split, split_records
 from ui.auth import require_page
 from ui.common import active_segmenter, md_escape, optional_predictor, show_error
 from ui.data_inputs import matching_split, resolve_path, resolve_source

@@ -11,11 +11,22 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from bus_core.device import DEVICE_CHOICES, choose_device
-from bus_core.distributed import local_gpus
+from bus_core.data.inputs import INPUT_MODES
+from bus_core.data.loader import BALANCE_MODES
+from bus_core.data.presets import input_size_for
 from bus_core.errors import BusError, ModelError
-from bus_core.inputs import INPUT_MODES
-from bus_core.jobs import (
+from bus_core.metrics import METRIC_LABELS, fmt3
+from bus_core.models.build import ARCHS, CARD_FILE, MIN_INPUT_SIZE, WEIGHTS_FILE, imagenet_cached
+from bus_core.models.registry import (
+    active_model_path,
+    check_model_name,
+    import_model,
+    list_models,
+)
+from bus_core.runtime.device import DEVICE_CHOICES, choose_device
+from bus_core.runtime.distributed import local_gpus
+from bus_core.settings import data_dir, default_dataset_dir, user_models_dir
+from bus_core.training.jobs import (
     CONFIRM_LONGER_THAN_S,
     Job,
     current_job,
@@ -27,19 +38,8 @@ from bus_core.jobs import (
     start_training,
     start_tuning,
 )
-from bus_core.loader import BALANCE_MODES
-from bus_core.metrics import METRIC_LABELS, fmt3
-from bus_core.models import ARCHS, CARD_FILE, MIN_INPUT_SIZE, WEIGHTS_FILE, imagenet_cached
-from bus_core.registry import (
-    active_model_path,
-    check_model_name,
-    import_model,
-    list_models,
-)
-from bus_core.settings import data_dir, default_dataset_dir, user_models_dir
-from bus_core.train import OPTIMIZERS, SCHEDULERS, TrainConfig, check_config
-from bus_core.transforms import input_size_for
-from bus_core.tune import DEFAULT_GRID, combinations, run_name
+from bus_core.training.train import OPTIMIZERS, SCHEDULERS, TrainConfig, check_config
+from bus_core.training.tune import DEFAULT_GRID, combinations, run_name
 from ui.auth import require_page
 from ui.common import md_escape, show_error, start_job
 from ui.data_inputs import (

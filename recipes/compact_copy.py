@@ -21,8 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from bus_core.dataset import load_records
-from bus_core.io import load_image
+from bus_core.data.dataset import load_records
+from bus_core.data.images import load_image
 
 
 def _scaled(image: Image.Image, max_side: int, resample: Image.Resampling) -> Image.Image:

@@ -39,9 +39,9 @@ def person(name: str = "Dr Test", *roles: str) -> Identity:
 def signed_in_app(*roles: str, name: str = "Dr Test", timeout: float = 60) -> AppTest:
     """app.py as an AppTest whose session is signed in as the local user `name` with `roles`
     (default: every role), created without a password in the current data folder's store."""
-    from bus_core.accounts import Accounts, new_session
+    from bus_core.clinic.accounts import Accounts, new_session
+    from bus_core.clinic.cases import default_db_path, open_store
     from bus_core.roles import ROLES, operator
-    from bus_core.store import default_db_path, open_store
     from ui.common import SESSION_KEY
 
     with open_store(default_db_path()) as store:
@@ -102,7 +102,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained DenseNet121 model folder with a 32-px input size (fast on CPU)."""
     import torch
 
-    from bus_core.models import build_model, new_card, save_model
+    from bus_core.models.build import build_model, new_card, save_model
 
     torch.manual_seed(0)
     card = new_card("tiny-test", "densenet121", input_size={"resize": 40, "crop": 32})
@@ -114,8 +114,8 @@ def tiny_segmenter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained segmentation model folder (DenseNet121 U-Net) with a 64-px input."""
     import torch
 
-    from bus_core.models import ModelCard, save_model
-    from bus_core.segmentation import SEG_ARCH, DenseNetUNet
+    from bus_core.models.build import ModelCard, save_model
+    from bus_core.models.unet import SEG_ARCH, DenseNetUNet
 
     torch.manual_seed(0)
     card = ModelCard(name="tiny-seg", arch=SEG_ARCH, task="segmentation", classes=["lesion"],
@@ -152,8 +152,8 @@ def blob_probabilities(self, images):
 def data_roots_with_tmp(monkeypatch: pytest.MonkeyPatch,
                         tmp_path_factory: pytest.TempPathFactory) -> None:
     """The app accepts data under pytest's temporary folder (where tests write theirs) besides
-    its default folders (bus_core.dataroots)."""
-    from bus_core.dataroots import DATA_ROOTS_ENV, data_roots
+    its default folders (bus_core.data.roots)."""
+    from bus_core.data.roots import DATA_ROOTS_ENV, data_roots
 
     monkeypatch.delenv(DATA_ROOTS_ENV, raising=False)
     roots = [*data_roots(), tmp_path_factory.getbasetemp()]

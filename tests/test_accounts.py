@@ -1,4 +1,4 @@
-"""Local accounts (bus_core.accounts), roles (bus_core.roles) and the `users` command."""
+"""Local accounts (bus_core.clinic.accounts), roles (bus_core.roles) and the `users` command."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import DatabaseError
 
-from bus_core import accounts as accounts_module
-from bus_core.accounts import (
+from bus_core.cli.main import main
+from bus_core.clinic import accounts as accounts_module
+from bus_core.clinic.accounts import (
     CANNOT_RECORD_SIGN_IN,
     LOCK_AFTER,
     LOCK_MINUTES,
@@ -27,13 +28,12 @@ from bus_core.accounts import (
     SignInError,
     new_session,
 )
-from bus_core.cli import main
-from bus_core.gate import activate_if_passed, compare
-from bus_core.jobs import start_training
-from bus_core.registry import delete_model, import_model, set_active_model
+from bus_core.clinic.cases import CaseStore, StoreError, default_db_path, open_store
+from bus_core.clinic.gate import activate_if_passed, compare
+from bus_core.models.registry import delete_model, import_model, set_active_model
 from bus_core.roles import ACTIONS, DEMO, ROLES, Identity, PermissionDeniedError, operator
-from bus_core.store import CaseStore, StoreError, default_db_path, open_store
-from bus_core.train import TrainConfig
+from bus_core.training.jobs import start_training
+from bus_core.training.train import TrainConfig
 from tests.conftest import person
 
 PASSWORD = "correct horse battery"
@@ -352,7 +352,7 @@ def test_users_command(tmp_path, monkeypatch, capsys):
 
 
 def test_nothing_identifying_of_an_uploaded_dicom_is_stored(store, tmp_path):
-    from bus_core.io import load_image
+    from bus_core.data.images import load_image
     from tests.test_io import write_dicom
 
     pixels = np.random.default_rng(0).integers(0, 256, (48, 64), dtype=np.uint8)

@@ -35,7 +35,7 @@ def test_partial_writes_of_a_killed_process_are_removed(tmp_path):
 
 @pytest.mark.slow
 def test_a_new_run_clears_what_a_killed_checkpoint_write_left(busi_dir, tmp_path):
-    from bus_core.train import TrainConfig, train
+    from bus_core.training.train import TrainConfig, train
 
     run = tmp_path / "m" / "train"
     run.mkdir(parents=True)

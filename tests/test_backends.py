@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from bus_core import backends
-from bus_core.backends import OpenVinoForward, TorchForward, choose_forward
-from bus_core.device import choose_device
-from bus_core.models import load_model
+from bus_core.models.build import load_model
+from bus_core.runtime import backends
+from bus_core.runtime.backends import OpenVinoForward, TorchForward, choose_forward
+from bus_core.runtime.device import choose_device
 
 CPU = choose_device("cpu-fp32")
 
@@ -75,7 +75,7 @@ def test_openvino_agrees_with_torch_and_is_cached_per_weights(tiny, data_dir, mo
 
 @pytest.mark.slow
 def test_predictor_uses_the_backend_and_keeps_torch_for_grad_cam(tiny_model_dir):
-    from bus_core.predict import Predictor
+    from bus_core.inference.predict import Predictor
     from tests.conftest import synthetic_image
 
     image, _ = synthetic_image("benign", np.random.default_rng(0), size=(120, 150))
@@ -90,7 +90,7 @@ def test_predictor_uses_the_backend_and_keeps_torch_for_grad_cam(tiny_model_dir)
 
 @pytest.mark.slow
 def test_the_outline_model_runs_through_openvino_too(tiny_segmenter_dir):
-    from bus_core.segment import Segmenter
+    from bus_core.inference.outline import Segmenter
     from tests.conftest import synthetic_image
 
     image, _ = synthetic_image("benign", np.random.default_rng(0), size=(120, 150))
@@ -104,8 +104,8 @@ def test_the_outline_model_runs_through_openvino_too(tiny_segmenter_dir):
 
 @pytest.mark.slow
 def test_evaluate_through_openvino_matches_torch(tiny_model_dir, busi_dir):
-    from bus_core.dataset import load_records
-    from bus_core.evaluate import evaluate
+    from bus_core.data.dataset import load_records
+    from bus_core.evaluation.evaluate import evaluate
 
     records = load_records(busi_dir)
     a = evaluate(load_model(tiny_model_dir), records, device="cpu-fp32", backend="openvino")
@@ -116,9 +116,9 @@ def test_evaluate_through_openvino_matches_torch(tiny_model_dir, busi_dir):
 
 @pytest.mark.slow
 def test_openvino_returns_the_cam_activations_in_the_same_pass(tiny_model_dir, monkeypatch):
-    from bus_core import cam
-    from bus_core.models import gradcam_layer
-    from bus_core.predict import Predictor
+    from bus_core.inference import cam
+    from bus_core.inference.predict import Predictor
+    from bus_core.models.build import gradcam_layer
     from tests.conftest import synthetic_image
 
     monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: False)
@@ -188,7 +188,7 @@ def test_loading_openvino_keeps_the_threads_signal_stack(tmp_path):
     script = textwrap.dedent("""
         import ctypes, faulthandler
         import numpy as np, openvino as ov, torch
-        from bus_core.backends import _SignalStack, compile_on_cpu
+        from bus_core.runtime.backends import _SignalStack, compile_on_cpu
         libc = ctypes.CDLL(None)
         def stack():
             s = _SignalStack()

@@ -1,5 +1,5 @@
-"""Tests for bus_core.batch: batch prediction of files, folders, manifests and DICOM series into
-a resumable CSV file."""
+"""Tests for bus_core.inference.batch: batch prediction of files, folders, manifests and DICOM
+series into a resumable CSV file."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bus_core.batch import BatchItem, list_items, predict_to_csv, result_columns
-from bus_core.dataset import load_records, write_manifest
+from bus_core.data.dataset import load_records, write_manifest
+from bus_core.data.images import load_image, load_mask
 from bus_core.errors import BusError
-from bus_core.io import load_image, load_mask
-from bus_core.models import load_model
-from bus_core.predict import Predictor
+from bus_core.inference.batch import BatchItem, list_items, predict_to_csv, result_columns
+from bus_core.inference.predict import Predictor
+from bus_core.models.build import load_model
 from tests.conftest import copy_model, synthetic_image
 from tests.test_io import write_dicom
 

@@ -4,10 +4,10 @@ import os
 import pytest
 
 from bus_core import bench as bench_module
-from bus_core.backends import interleaved_times
 from bus_core.bench import main as bench
 from bus_core.bench import ratio_stats, speed_table, write_table
-from bus_core.cli import main as cli
+from bus_core.cli.main import main as cli
+from bus_core.runtime.backends import interleaved_times
 
 
 @pytest.mark.slow
@@ -62,8 +62,8 @@ def test_naive_path_fits_the_image_as_the_card_says(tiny_model_dir):
     from PIL import Image
 
     from bus_core.bench import naive_predict
-    from bus_core.models import load_model
-    from bus_core.transforms import InputSize, eval_transform
+    from bus_core.data.presets import InputSize, eval_transform
+    from bus_core.models.build import load_model
 
     model = load_model(tiny_model_dir).model
     image = np.random.default_rng(0).integers(0, 255, (50, 90, 3), dtype=np.uint8)

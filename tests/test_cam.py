@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from bus_core.cam import compute_cam, overlay
-from bus_core.models import build_model, gradcam_layer
+from bus_core.inference.cam import compute_cam, overlay
+from bus_core.models.build import build_model, gradcam_layer
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_overlay_blends():
 
 
 def test_method_ids_and_display_names():
-    from bus_core.cam import CAM_LABELS, method_id
+    from bus_core.inference.cam import CAM_LABELS, method_id
 
     assert method_id("Grad-CAM++") == "gradcam++" and method_id("gradcam") == "gradcam"
     assert method_id(None) == "gradcam" and method_id("nonsense") == "gradcam"

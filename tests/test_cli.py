@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bus_core.cli import main
-from bus_core.dataset import load_records
+from bus_core.cli.main import main
+from bus_core.data.dataset import load_records
 
 
 def test_predict_json(tiny_model_dir, busi_dir, capsys, tmp_path):
@@ -138,7 +138,7 @@ def test_log_level_comes_from_the_environment(monkeypatch):
 
 
 def test_a_header_only_manifest_is_refused(tmp_path, tiny_model_dir, capsys):
-    from bus_core.cli import main
+    from bus_core.cli.main import main
 
     manifest = tmp_path / "empty.csv"
     manifest.write_text("path,label\n")
@@ -241,7 +241,7 @@ def test_predict_several_images_needs_out_and_out_takes_no_single_image_options(
 
 def test_evaluate_scores_an_outline_model_as_served_unless_expert_outlines_are_asked_for(
         busi_dir, tiny_model_dir, tiny_segmenter_dir, tmp_path, monkeypatch, capsys):
-    from bus_core.segment import Segmenter
+    from bus_core.inference.outline import Segmenter
     from tests.conftest import blob_probabilities, copy_model
 
     monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from bus_core import cli, compare
-from bus_core.dataset import load_records
+import bus_core.cli.main as cli
+from bus_core.data.dataset import load_records
+from bus_core.data.splits import load_split, make_split, save_split, split_records
 from bus_core.errors import CompareError
-from bus_core.evaluate import evaluate
+from bus_core.evaluation.evaluate import evaluate
 from bus_core.metrics import fit_malignant_threshold, threshold_metrics
-from bus_core.models import load_model
-from bus_core.progress import read_progress
-from bus_core.splits import load_split, make_split, save_split, split_records
+from bus_core.models.build import load_model
+from bus_core.training import architectures as compare
+from bus_core.training.runs import read_progress
 from tests.conftest import signed_in_app
 
 TINY = ["--resize", "40", "--crop", "32", "--epochs", "1", "--batch-size", "4",

@@ -1,4 +1,4 @@
-"""Paths typed in the app only under the folders the administrator allows (bus_core.dataroots),
+"""Paths typed in the app only under the folders the administrator allows (bus_core.data.roots),
 with refusals that say nothing about the path. The pages' messages are tested with each page."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bus_core.dataroots import (
+from bus_core.data.roots import (
     DATA_ROOTS_ENV,
     OUTSIDE_ROOTS,
     check_allowed,

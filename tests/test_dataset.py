@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bus_core.dataset import Record, class_counts, load_many, load_records, write_manifest
+from bus_core.data.dataset import Record, class_counts, load_many, load_records, write_manifest
 from bus_core.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

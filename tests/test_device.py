@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from bus_core.device import (
+from bus_core.errors import DeviceError
+from bus_core.runtime.device import (
     DeviceConfig,
     autocast,
     choose_device,
@@ -11,7 +12,6 @@ from bus_core.device import (
     prepare_model,
     to_device,
 )
-from bus_core.errors import DeviceError
 
 
 def test_cpu_fp32_is_plain():
@@ -22,11 +22,11 @@ def test_cpu_fp32_is_plain():
 
 def test_cpu_uses_bf16_only_where_supported(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("bus_core.device._mps_available", lambda: False)
-    monkeypatch.setattr("bus_core.device.cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr("bus_core.runtime.device._mps_available", lambda: False)
+    monkeypatch.setattr("bus_core.runtime.device.cpu_supports_bf16", lambda: True)
     assert choose_device("auto").amp_dtype == torch.bfloat16
     assert choose_device("auto").channels_last
-    monkeypatch.setattr("bus_core.device.cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr("bus_core.runtime.device.cpu_supports_bf16", lambda: False)
     assert choose_device("auto") == fp32_cpu()
 
 

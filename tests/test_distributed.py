@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from bus_core.constants import CLASSES
-from bus_core.dataset import load_records
-from bus_core.distributed import Ranks, interleave, local_gpus, shard
-from bus_core.loader import epoch_plan
-from bus_core.models import load_model
-from bus_core.progress import read_progress
-from bus_core.splits import load_split, split_records
+from bus_core.data.dataset import load_records
+from bus_core.data.loader import epoch_plan
+from bus_core.data.splits import load_split, split_records
+from bus_core.models.build import load_model
+from bus_core.runtime.distributed import Ranks, interleave, local_gpus, shard
+from bus_core.training.runs import read_progress
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -134,21 +134,21 @@ def test_local_gpus_counts_cuda_devices_only(monkeypatch):
 
 
 def test_train_page_offers_all_gpus_when_there_are_several(monkeypatch, tmp_path, busi_dir):
-    import bus_core.distributed
-    import bus_core.jobs
+    import bus_core.runtime.distributed
+    import bus_core.training.jobs
     from tests.conftest import signed_in_app
     from tests.test_pages_train import configure
 
     monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path))
     started = []
-    monkeypatch.setattr(bus_core.jobs, "start_training",
+    monkeypatch.setattr(bus_core.training.jobs, "start_training",
                         lambda config, **kw: started.append(config))
-    monkeypatch.setattr(bus_core.distributed, "local_gpus", lambda choice: 1)
+    monkeypatch.setattr(bus_core.runtime.distributed, "local_gpus", lambda choice: 1)
     at = signed_in_app()
     at.run()
     at.switch_page("pages/train.py").run()
     assert not [c for c in at.checkbox if c.key == "train_all_gpus"]
-    monkeypatch.setattr(bus_core.distributed, "local_gpus", lambda choice: 2)
+    monkeypatch.setattr(bus_core.runtime.distributed, "local_gpus", lambda choice: 2)
     configure(at, busi_dir, "two-gpus")
     at.checkbox(key="train_all_gpus").check().run()
     assert at.checkbox(key="train_all_gpus").label == "All 2 GPUs of this machine"

@@ -8,16 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from bus_core.augment import intensity, scanner_style
-from bus_core.averaging import WeightAverage
-from bus_core.dataset import load_records
+from bus_core.data.augment import intensity, scanner_style
+from bus_core.data.dataset import load_records
+from bus_core.data.inputs import InputSpec
+from bus_core.data.loader import RecordDataset
+from bus_core.data.presets import InputSize
+from bus_core.data.splits import make_split, split_records
 from bus_core.errors import DataError
-from bus_core.inputs import InputSpec
-from bus_core.loader import RecordDataset
-from bus_core.progress import next_epoch_fits
-from bus_core.splits import make_split, split_records
-from bus_core.train import check_config, train
-from bus_core.transforms import InputSize
+from bus_core.training.averaging import WeightAverage
+from bus_core.training.runs import next_epoch_fits
+from bus_core.training.train import check_config, train
 from tests.test_train import tiny_config
 
 

@@ -1,12 +1,12 @@
 import numpy as np
 import torch
 
-from bus_core.dataset import load_records
-from bus_core.device import choose_device
-from bus_core.evaluate import collect_logits, evaluate
-from bus_core.inputs import InputSpec
-from bus_core.loader import RecordDataset
-from bus_core.models import load_model
+from bus_core.data.dataset import load_records
+from bus_core.data.inputs import InputSpec
+from bus_core.data.loader import RecordDataset
+from bus_core.evaluation.evaluate import collect_logits, evaluate
+from bus_core.models.build import load_model
+from bus_core.runtime.device import choose_device
 
 
 def test_tta_averages_each_image_with_its_mirror(tiny_model_dir, busi_dir):
@@ -33,7 +33,7 @@ def test_evaluate_records_whether_tta_was_used(tiny_model_dir, busi_dir):
 
 def test_input_mode_override_shows_a_mask_model_leak_free_normals(tiny_model_dir, busi_dir,
                                                                   tmp_path):
-    from bus_core.models import new_card, save_model
+    from bus_core.models.build import new_card, save_model
 
     loaded = load_model(tiny_model_dir)
     card = new_card("tiny-mask", "densenet121", input_size={"resize": 40, "crop": 32},

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bus_core.constants import CLASSES
-from bus_core.dataset import load_records
-from bus_core.gate import (
+from bus_core.clinic.cases import default_db_path
+from bus_core.clinic.gate import (
     FIXED_TEST,
     NEW_CASES,
     GateError,
@@ -27,9 +26,10 @@ from bus_core.gate import (
     reject,
     rollback,
 )
-from bus_core.models import load_model, save_model
-from bus_core.registry import active_model_path, set_active_model
-from bus_core.store import default_db_path
+from bus_core.constants import CLASSES
+from bus_core.data.dataset import load_records
+from bus_core.models.build import load_model, save_model
+from bus_core.models.registry import active_model_path, set_active_model
 from tests.conftest import ADMIN, person
 
 
@@ -240,8 +240,8 @@ def test_rollback_restores_an_earlier_model_and_is_logged(data_dir, tiny_model_d
 
 def test_a_model_made_active_by_hand_needs_a_reason_and_is_logged_with_its_warnings(
         data_dir, tiny_model_dir, tmp_path):
-    from bus_core.gate import make_active
-    from bus_core.models import read_card
+    from bus_core.clinic.gate import make_active
+    from bus_core.models.build import read_card
     from tests.conftest import copy_model as copy_with_card
 
     data = {"data_hash": "abc"}

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from bus_core import int8
 from bus_core.bench import main as bench
-from bus_core.cli import main as cli
+from bus_core.cli.main import main as cli
 from bus_core.errors import DataError
+from bus_core.runtime import int8
 
 
 @pytest.fixture(autouse=True)
@@ -81,8 +81,8 @@ def test_accuracy_aware_quantisation_keeps_the_labels(tiny_model_dir):
     pytest.importorskip("nncf")
     import openvino as ov
 
-    from bus_core.backends import openvino_ir
-    from bus_core.models import load_model
+    from bus_core.models.build import load_model
+    from bus_core.runtime.backends import openvino_ir
 
     loaded = load_model(tiny_model_dir)
     fp32 = ov.Core().read_model(openvino_ir(loaded.model, loaded.weights_id, (32, 32)))

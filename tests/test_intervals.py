@@ -1,5 +1,6 @@
-"""Tests for bus_core.intervals: the stratified bootstrap against closed forms, its seeding and
-strata, the figures of every resample against compute_metrics, and the keys it stores."""
+"""Tests for bus_core.evaluation.intervals: the stratified bootstrap against closed forms, its
+seeding and strata, the figures of every resample against compute_metrics, and the keys it
+stores."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from bus_core.intervals import (
+from bus_core.evaluation.intervals import (
     bootstrap_weights,
     figure_samples,
     paired_difference,

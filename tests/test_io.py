@@ -1,4 +1,4 @@
-"""Tests for bus_core.io: every supported format and mode, DICOM, bad files, masks."""
+"""Tests for bus_core.data.images: every supported format and mode, DICOM, bad files, masks."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from bus_core import io as bio
+from bus_core.data import images as bio
+from bus_core.data.images import image_to_png_bytes, load_image, load_mask, sniff_kind
 from bus_core.errors import InvalidImageError, MaskError
-from bus_core.io import image_to_png_bytes, load_image, load_mask, sniff_kind
 
 H, W = 32, 40
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from bus_core.errors import BusError, DataError, StorageError
-from bus_core.jobs import (
+from bus_core.models.build import load_model
+from bus_core.roles import PermissionDeniedError
+from bus_core.training.jobs import (
     Job,
     JobBusyError,
     config_to_argv,
@@ -21,9 +23,7 @@ from bus_core.jobs import (
     start_training,
     start_tuning,
 )
-from bus_core.models import load_model
-from bus_core.roles import PermissionDeniedError
-from bus_core.train import TrainConfig, config_from_args, get_args_parser
+from bus_core.training.train import TrainConfig, config_from_args, get_args_parser
 from tests.conftest import ADMIN, person
 
 
@@ -170,8 +170,8 @@ def test_an_unwritable_run_folder_is_a_clear_error(busi_dir, tmp_path):
 
 
 def test_a_failed_run_folder_can_be_deleted_and_nothing_else(tmp_path, busi_dir):
-    from bus_core.jobs import delete_failed_run, is_failed_run
-    from bus_core.progress import ProgressLog, RunFiles
+    from bus_core.training.jobs import delete_failed_run, is_failed_run
+    from bus_core.training.runs import ProgressLog, RunFiles
 
     failed = tmp_path / "failed"
     ProgressLog(RunFiles(failed).progress).write("error", message="no ImageNet weights")
@@ -201,8 +201,8 @@ def test_max_per_class_with_a_saved_split_is_refused_before_starting(busi_dir, t
 
 def test_a_finished_job_process_is_reaped_without_anyone_asking(tmp_path, monkeypatch):
     """A page that never polls the job again must not leave a <defunct> process behind."""
-    from bus_core import jobs
-    from bus_core.train import TrainConfig
+    from bus_core.training import jobs
+    from bus_core.training.train import TrainConfig
 
     monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
     job = jobs._spawn("train", TrainConfig(data=[], out=str(tmp_path / "run")), ["--help"], None)

@@ -9,24 +9,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bus_core.cli import main
+from bus_core.cli.main import main
 from bus_core.constants import CLASSES
-from bus_core.dataset import load_records
-from bus_core.errors import DataError, MaskError
-from bus_core.evaluate import Evaluation, outline_agreement, two_stage
-from bus_core.inputs import InputSpec, lesion_free_strip, model_input, record_input
-from bus_core.loader import Item, RecordDataset, epoch_plan, tissue_pool
-from bus_core.masks import (
+from bus_core.data.dataset import load_records
+from bus_core.data.inputs import InputSpec, lesion_free_strip, model_input, record_input
+from bus_core.data.loader import Item, RecordDataset, epoch_plan, tissue_pool
+from bus_core.data.masks import (
     box_of,
     jitter_box,
     lesion_free_box,
     outline_variant,
     tissue_window,
 )
-from bus_core.models import load_model
-from bus_core.splits import load_split, make_split, merge_splits, save_split
-from bus_core.train import TrainConfig, train
-from bus_core.transforms import InputSize
+from bus_core.data.presets import InputSize
+from bus_core.data.splits import load_split, make_split, merge_splits, save_split
+from bus_core.errors import DataError, MaskError
+from bus_core.evaluation.evaluate import Evaluation, outline_agreement, two_stage
+from bus_core.models.build import load_model
+from bus_core.training.train import TrainConfig, train
 from tests.conftest import synthetic_image
 
 SPEC = InputSpec(mode="lesion-context", margin=0.5, size=InputSize(40, 32, "pad"))
@@ -240,7 +240,7 @@ def test_two_stage_can_take_normal_from_the_whole_image():
 
 def test_two_stage_command(busi_dir, tiny_model_dir, tiny_segmenter_dir, tmp_path, monkeypatch,
                            capsys):
-    from bus_core.segment import Segmenter
+    from bus_core.inference.outline import Segmenter
     from tests.conftest import blob_probabilities, copy_model
 
     monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)

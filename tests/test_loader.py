@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from bus_core.dataset import load_records
-from bus_core.inputs import InputSpec
-from bus_core.loader import PlanLoader, RecordDataset, class_weights, epoch_plan, plan_batches
-from bus_core.transforms import InputSize
+from bus_core.data.dataset import load_records
+from bus_core.data.inputs import InputSpec
+from bus_core.data.loader import PlanLoader, RecordDataset, class_weights, epoch_plan, plan_batches
+from bus_core.data.presets import InputSize
 
 
 def test_augment_balances_classes_with_strong_copies():
@@ -93,11 +93,11 @@ def test_worker_processes_give_the_batches_of_the_training_process(busi_dir):
 
 
 def test_files_are_decoded_once_before_the_workers_start(busi_dir, monkeypatch):
-    import bus_core.loader
+    import bus_core.data.loader
 
     decoded = []
-    load = bus_core.loader.load_image
-    monkeypatch.setattr(bus_core.loader, "load_image", lambda p: decoded.append(p) or load(p))
+    load = bus_core.data.loader.load_image
+    monkeypatch.setattr(bus_core.data.loader, "load_image", lambda p: decoded.append(p) or load(p))
     dataset = _train_set(busi_dir)
     loader = PlanLoader(dataset, workers=1)
     assert sorted(decoded) == sorted(r.path for r in dataset.records)
@@ -105,7 +105,7 @@ def test_files_are_decoded_once_before_the_workers_start(busi_dir, monkeypatch):
     def no_decoding(path):
         raise AssertionError(f"{path} decoded again")
 
-    monkeypatch.setattr(bus_core.loader, "load_image", no_decoding)
+    monkeypatch.setattr(bus_core.data.loader, "load_image", no_decoding)
     for epoch in (0, 1):  # the worker forked after the patch: it must never decode
         plan = epoch_plan(dataset.labels, "augment", epoch=epoch, seed=0)
         assert len(_epoch(loader, plan_batches(plan, 4, seed=0, epoch=epoch))) > 1

@@ -1,4 +1,4 @@
-"""Tests for bus_core.masks: combining, bounding boxes, masked crops, the leak-free crop,
+"""Tests for bus_core.data.masks: combining, bounding boxes, masked crops, the leak-free crop,
 canvas drawings -> masks, outlines and overlays. All masks are tiny and made by hand."""
 
 from __future__ import annotations
@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bus_core.errors import MaskError
-from bus_core.masks import (
+from bus_core.data.masks import (
     COMBINE_MODES,
     apply_mask_crop,
     combination_note,
@@ -21,6 +20,7 @@ from bus_core.masks import (
     pseudo_lesion_mask,
     strokes_to_mask,
 )
+from bus_core.errors import MaskError
 
 
 def box(shape: tuple[int, int], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:

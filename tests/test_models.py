@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bus_core.errors import ModelError
-from bus_core.models import (
+from bus_core.models.build import (
     ARCHS,
     build_model,
     file_sha256,
@@ -110,7 +110,7 @@ def test_read_card_without_weights_loading(tiny_model_dir):
 def test_imagenet_cache_detection(tmp_path, monkeypatch):
     from torchvision import models as tvm
 
-    from bus_core.models import imagenet_cached
+    from bus_core.models.build import imagenet_cached
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     assert not imagenet_cached("densenet121")
@@ -164,7 +164,7 @@ HOSTILE_CARDS = [
 
 @pytest.mark.parametrize("change, message", HOSTILE_CARDS)
 def test_hostile_cards_are_refused_on_load_and_import(tiny_model_dir, tmp_path, change, message):
-    from bus_core.registry import import_model
+    from bus_core.models.registry import import_model
     from tests.conftest import copy_model
 
     folder = copy_model(tiny_model_dir, tmp_path / "bad", **change)
@@ -180,7 +180,7 @@ def test_hostile_cards_are_refused_on_load_and_import(tiny_model_dir, tmp_path, 
 def test_weights_id_of_saved_and_unsaved_models(tiny_model_dir, tmp_path):
     import dataclasses
 
-    from bus_core.models import LoadedModel
+    from bus_core.models.build import LoadedModel
 
     loaded = load_model(tiny_model_dir)
     assert loaded.weights_id == loaded.card.weights_sha256

@@ -1,6 +1,6 @@
-"""bus_core.pacs and `python -m bus_core pacs` against a real Orthanc (tests/orthanc.py):
-find -> fetch -> predict -> send SC + SR -> find them again -> read the SR back, and the
-messages for a wrong password, a server that is down, a study without ultrasound and a
+"""bus_core.integrations.pacs.client and `python -m bus_core pacs` against a real Orthanc
+(tests/orthanc.py): find -> fetch -> predict -> send SC + SR -> find them again -> read the SR back,
+and the messages for a wrong password, a server that is down, a study without ultrasound and a
 compression nothing here decodes."""
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ import pytest
 import urllib3
 from PIL import Image
 
-from bus_core import cli
-from bus_core import io as image_io
+import bus_core.cli.main as cli
+from bus_core.clinic.cases import PacsSource, open_store
+from bus_core.data import images as image_io
+from bus_core.data.images import load_image
 from bus_core.errors import InvalidImageError
-from bus_core.io import load_image
-from bus_core.pacs import (
+from bus_core.inference.predict import Predictor
+from bus_core.integrations.pacs.client import (
     CONFIG_ENV,
     PASSWORD_ENV,
     SAVED_FILE,
@@ -46,9 +48,7 @@ from bus_core.pacs import (
     send_result,
     send_review,
 )
-from bus_core.predict import Predictor
 from bus_core.roles import PermissionDeniedError
-from bus_core.store import PacsSource, open_store
 from tests.conftest import ADMIN, person
 from tests.orthanc import (  # noqa: F401 - the fixture
     PATIENT_ID,

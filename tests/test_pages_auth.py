@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from bus_core.accounts import Accounts
+from bus_core.clinic.accounts import Accounts
+from bus_core.clinic.cases import default_db_path, open_store
 from bus_core.roles import operator
-from bus_core.store import default_db_path, open_store
 from tests.conftest import signed_in_app
 from ui.common import SESSION_KEY
 

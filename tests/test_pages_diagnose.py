@@ -64,7 +64,7 @@ def app(monkeypatch, tmp_path, tiny_model_dir) -> AppTest:
 
 @pytest.fixture
 def count_cams(monkeypatch) -> list[tuple[str, str]]:
-    from bus_core.predict import Predictor
+    from bus_core.inference.predict import Predictor
 
     calls: list[tuple[str, str]] = []
     original = Predictor.explain
@@ -180,7 +180,7 @@ def test_mask_model_needs_a_mask(monkeypatch, tmp_path, mask_model_dir):
 
 
 def test_no_model_installed_shows_how_to_get_one(monkeypatch, tmp_path):
-    monkeypatch.setattr("bus_core.registry.bundled_default", lambda *args, **kwargs: None)
+    monkeypatch.setattr("bus_core.models.registry.bundled_default", lambda *args, **kwargs: None)
     at = start(monkeypatch, tmp_path, None)
     assert "No model is installed" in messages(at.warning)
     assert "python -m" not in messages(at.warning)  # plain words, no commands
@@ -197,7 +197,7 @@ def test_model_folder_without_a_model_is_explained(monkeypatch, tmp_path):
 
 
 def test_save_as_case_stores_the_prediction_once(app, tmp_path):
-    from bus_core.store import open_store
+    from bus_core.clinic.cases import open_store
 
     data, _ = ultrasound_png(seed=5)
     upload(app, ("case.png", data, "image/png"))
@@ -234,7 +234,7 @@ def test_case_opened_from_evaluate_page_uses_its_dataset_masks(monkeypatch, tmp_
 
 @pytest.fixture
 def blob_segmenter(monkeypatch, tiny_segmenter_dir) -> Path:
-    from bus_core.segment import Segmenter
+    from bus_core.inference.outline import Segmenter
 
     monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)
     return tiny_segmenter_dir
@@ -242,7 +242,7 @@ def blob_segmenter(monkeypatch, tiny_segmenter_dir) -> Path:
 
 def test_suggested_outline_is_accepted_and_saved_as_suggested(monkeypatch, tmp_path,
                                                               tiny_model_dir, blob_segmenter):
-    from bus_core.store import open_store
+    from bus_core.clinic.cases import open_store
 
     at = start(monkeypatch, tmp_path, tiny_model_dir, blob_segmenter)
     upload(at, ("scan.png", ultrasound_png(size=(200, 240))[0], "image/png"))
@@ -366,7 +366,7 @@ def test_an_edited_outline_is_kept_when_accepted_and_edited_again(monkeypatch, t
                                                                   tiny_model_dir, blob_segmenter):
     """The canvas is replaced by a stand-in that adds a square to the outline it is given."""
     import ui.canvas
-    from bus_core.store import open_store
+    from bus_core.clinic.cases import open_store
 
     bases: list[np.ndarray] = []
 
@@ -398,11 +398,11 @@ def test_an_edited_outline_is_kept_when_accepted_and_edited_again(monkeypatch, t
 
 def test_the_report_names_the_image_by_its_pseudonym_not_the_uploaded_file_name(app,
                                                                                  monkeypatch):
-    import bus_core.report
+    import bus_core.inference.report
 
     contents = []
-    original = bus_core.report.render_report
-    monkeypatch.setattr(bus_core.report, "render_report", lambda content: contents.append(
+    original = bus_core.inference.report.render_report
+    monkeypatch.setattr(bus_core.inference.report, "render_report", lambda content: contents.append(
         content) or original(content))
     upload(app, ("Jane Doe 1961.png", ultrasound_png(seed=2)[0], "image/png"))
     (content,) = contents

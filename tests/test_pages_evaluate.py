@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from bus_core.dataroots import OUTSIDE_ROOTS
-from bus_core.dataset import load_records
-from bus_core.registry import set_active_model
+from bus_core.data.dataset import load_records
+from bus_core.data.roots import OUTSIDE_ROOTS
+from bus_core.data.splits import make_split, save_split
+from bus_core.models.registry import set_active_model
 from bus_core.settings import user_models_dir
-from bus_core.splits import make_split, save_split
 from tests.conftest import ADMIN, signed_in_app
 from ui.common import md_escape
 
@@ -79,7 +79,7 @@ def test_a_split_subset_and_a_side_by_side_comparison(app, busi_dir, tmp_path):
 
 
 def test_misclassified_gallery_with_grad_cam_and_open_in_diagnose(app, busi_dir, monkeypatch):
-    from bus_core.predict import Predictor
+    from bus_core.inference.predict import Predictor
 
     explained: list[str] = []
     original = Predictor.explain
@@ -154,7 +154,7 @@ def test_a_researcher_is_not_offered_the_diagnose_page(monkeypatch, tmp_path, ti
 
 def test_an_outline_model_is_scored_as_served_by_default_and_on_expert_outlines_on_request(
         monkeypatch, tmp_path, tiny_model_dir, tiny_segmenter_dir, busi_dir):
-    from bus_core.segment import Segmenter
+    from bus_core.inference.outline import Segmenter
     from tests.conftest import blob_probabilities, copy_model
 
     monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from bus_core.registry import active_model_path, export_model_zip
+from bus_core.models.registry import active_model_path, export_model_zip
 from bus_core.settings import user_models_dir
 from tests.conftest import copy_model, signed_in_app  # noqa: E402
 from ui.common import md_escape
@@ -60,7 +60,7 @@ def test_card_text_is_shown_as_text(monkeypatch, tmp_path, tiny_model_dir):
 
 
 def test_activate_a_model_after_comparing_it_and_giving_a_reason_which_is_logged(app):
-    from bus_core.gate import decision_log
+    from bus_core.clinic.gate import decision_log
 
     app.button(key="models_activate_user_beta").click().run()
     assert not app.exception

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from bus_core.pacs import (
+from bus_core.clinic.cases import PacsSource, default_db_path, open_store
+from bus_core.integrations.pacs.client import (
     CONFIG_ENV,
     PASSWORD_ENV,
     SAVED_FILE,
@@ -24,7 +25,6 @@ from bus_core.pacs import (
     read_finding,
 )
 from bus_core.settings import data_dir
-from bus_core.store import PacsSource, default_db_path, open_store
 from tests.conftest import free_port, person, signed_in_app, synthetic_image
 from tests.orthanc import USER, orthanc_fixture, us_study  # noqa: F401 - the fixture
 from ui.pacs import OPENED, Opened

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from bus_core.accounts import new_session
-from bus_core.dataset import load_records
-from bus_core.gate import GATE_FILE, compare, decision_log
-from bus_core.predict import Predictor
-from bus_core.registry import active_model_path, set_active_model
-from bus_core.retrain import RetrainPlan
+from bus_core.clinic.accounts import new_session
+from bus_core.clinic.cases import default_db_path, open_store
+from bus_core.clinic.gate import GATE_FILE, compare, decision_log
+from bus_core.clinic.retraining import RetrainPlan
+from bus_core.data.dataset import load_records
+from bus_core.data.splits import make_split, save_split
+from bus_core.inference.predict import Predictor
+from bus_core.models.registry import active_model_path, set_active_model
 from bus_core.settings import user_models_dir
-from bus_core.splits import make_split, save_split
-from bus_core.store import default_db_path, open_store
-from bus_core.train import TrainConfig
+from bus_core.training.train import TrainConfig
 from tests.conftest import ADMIN, person, signed_in_app, synthetic_image
 from ui.cases import save_prediction_as_case
 from ui.common import SESSION_KEY
@@ -228,7 +228,7 @@ def _save_button_script() -> None:
 
     import numpy as np
 
-    from bus_core.predict import Predictor
+    from bus_core.inference.predict import Predictor
     from ui.cases import save_case_button
 
     predictor = Predictor.from_path(os.environ["TINY_MODEL"], device="cpu-fp32")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from bus_core.dataroots import OUTSIDE_ROOTS
-from bus_core.dataset import load_records
+from bus_core.data.dataset import load_records
+from bus_core.data.roots import OUTSIDE_ROOTS
 from tests.conftest import signed_in_app  # noqa: E402
 from ui.common import md_escape
 
@@ -20,7 +20,8 @@ def open_teaching(monkeypatch, tmp_path, dataset: Path | None, model: Path | Non
     monkeypatch.setenv("BUS_SEGMENTER", str(segmenter or tmp_path / "no-segmenter"))
     monkeypatch.setenv("BUS_DATASET", str(dataset or tmp_path / "no-such-folder"))
     if model is None:
-        monkeypatch.setattr("bus_core.registry.bundled_default", lambda *args, **kwargs: None)
+        monkeypatch.setattr("bus_core.models.registry.bundled_default",
+                            lambda *args, **kwargs: None)
         monkeypatch.delenv("BUS_MODEL", raising=False)
     else:
         monkeypatch.setenv("BUS_MODEL", str(model))
@@ -102,7 +103,7 @@ def test_paths_outside_the_allowed_folders_are_refused(monkeypatch, tmp_path):
 
 def test_after_the_reveal_the_suggested_outline_is_beside_the_dataset_one(
         monkeypatch, tmp_path, busi_dir, tiny_model_dir, tiny_segmenter_dir):
-    from bus_core.segment import Segmenter
+    from bus_core.inference.outline import Segmenter
     from tests.conftest import blob_probabilities
 
     monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)
@@ -120,7 +121,7 @@ def test_after_the_reveal_the_suggested_outline_is_beside_the_dataset_one(
 
 def test_cases_come_from_the_split_test_subset(monkeypatch, tmp_path, busi_dir,
                                                tiny_model_dir):
-    from bus_core.splits import make_split, save_split
+    from bus_core.data.splits import make_split, save_split
 
     split = make_split(load_records(busi_dir), seed=0)
     path = save_split(split, tmp_path / "small.json")

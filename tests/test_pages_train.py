@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from bus_core.jobs import Job, jobs_dir, last_job
-from bus_core.models import load_model
-from bus_core.registry import active_model_path
+from bus_core.models.build import load_model
+from bus_core.models.registry import active_model_path
 from bus_core.settings import user_models_dir
+from bus_core.training.jobs import Job, jobs_dir, last_job
 from tests.conftest import signed_in_app  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -180,7 +180,7 @@ def test_a_killed_grid_search_shows_its_results_and_offers_resume(app, tmp_path)
 
 
 def test_refused_combinations_and_failed_run_names(app, busi_dir):
-    from bus_core.progress import ProgressLog, RunFiles
+    from bus_core.training.runs import ProgressLog, RunFiles
 
     configure(app, busi_dir, "again")
     app.radio(key="train_split_kind").set_value("Saved split file").run()
@@ -197,7 +197,7 @@ def test_refused_combinations_and_failed_run_names(app, busi_dir):
 
 
 def test_the_form_shows_the_last_job_s_settings_and_a_long_job_needs_a_tick(app, busi_dir):
-    from bus_core.progress import ProgressLog, RunFiles
+    from bus_core.training.runs import ProgressLog, RunFiles
 
     out = user_models_dir() / "last-run"
     job = Job(pid=2 ** 22 + 4322, out=str(out), kind="train", started=time.time(),

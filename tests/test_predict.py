@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from bus_core.errors import InvalidImageError, MaskError, ModelError
-from bus_core.models import load_model
-from bus_core.predict import Predictor, predict_file, scope_warnings
+from bus_core.inference.predict import Predictor, predict_file, scope_warnings
+from bus_core.models.build import load_model
 from tests.conftest import synthetic_image
 
 
@@ -53,7 +53,7 @@ def test_predict_file_with_mask_files(tiny_model_dir, busi_dir):
 
 
 def test_no_model_installed_message(monkeypatch, tmp_path):
-    monkeypatch.setattr("bus_core.predict.active_model_path", lambda: None)
+    monkeypatch.setattr("bus_core.inference.predict.active_model_path", lambda: None)
     with pytest.raises(ModelError, match="No model is installed"):
         Predictor.from_path()
 
@@ -70,8 +70,8 @@ def test_scope_warnings():
 
 
 def test_explain_record_uses_the_evaluation_input(tiny_model_dir, busi_dir):
-    from bus_core.dataset import load_records
-    from bus_core.predict import Predictor, explain_record
+    from bus_core.data.dataset import load_records
+    from bus_core.inference.predict import Predictor, explain_record
 
     predictor = Predictor.from_path(tiny_model_dir, device="cpu-fp32")
     record = load_records(busi_dir)[0]
@@ -83,8 +83,8 @@ def test_explain_record_uses_the_evaluation_input(tiny_model_dir, busi_dir):
 def test_prediction_flags_malignant_above_the_card_threshold(tiny_model_dir):
     import numpy as np
 
-    from bus_core.models import load_model
-    from bus_core.predict import Predictor
+    from bus_core.inference.predict import Predictor
+    from bus_core.models.build import load_model
 
     loaded = load_model(tiny_model_dir)
     image = np.full((60, 80, 3), 90, np.uint8)

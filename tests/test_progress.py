@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bus_core.progress import EVAL_SPEEDUP, EtaClock
+from bus_core.training.runs import EVAL_SPEEDUP, EtaClock
 
 
 def test_eta_uses_the_whole_run_rate_and_counts_evaluations_left() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from bus_core import registry
 from bus_core.errors import ModelError, StorageError
-from bus_core.models import CARD_FILE, WEIGHTS_FILE, load_model, read_card
-from bus_core.registry import (
+from bus_core.models import registry
+from bus_core.models.build import CARD_FILE, WEIGHTS_FILE, load_model, read_card
+from bus_core.models.registry import (
     MAX_CARD_BYTES,
     active_model_path,
     delete_model,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from bus_core.accounts import Accounts
-from bus_core.jobs import config_to_argv, current_job
-from bus_core.store import open_store
-from bus_core.train import TrainConfig
+from bus_core.clinic.accounts import Accounts
+from bus_core.clinic.cases import open_store
+from bus_core.training.jobs import config_to_argv, current_job
+from bus_core.training.train import TrainConfig
 from tests.conftest import free_port, new_postgres_database, person, stop_process
 from tests.test_store import save
 
@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 STARTER = """
 import sys, time
 from pathlib import Path
-from bus_core.jobs import JobBusyError, start_training
-from bus_core.train import config_from_args, get_args_parser
+from bus_core.training.jobs import JobBusyError, start_training
+from bus_core.training.train import config_from_args, get_args_parser
 from tests.conftest import ADMIN
 
 go, argv = Path(sys.argv[1]), sys.argv[2:]

@@ -4,7 +4,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from bus_core.report import ReportContent, headline, render_report, report_filename
+from bus_core.inference.report import ReportContent, headline, render_report, report_filename
 
 PROBS = {"normal": 0.1, "benign": 0.2, "malignant": 0.7}
 WHEN = dt.datetime(2025, 3, 4, 9, 30, tzinfo=dt.timezone.utc)
@@ -57,7 +57,7 @@ def test_headline_and_filename():
 
 
 def test_report_shows_the_colour_scale_and_grows_with_a_flag():
-    from bus_core.cam import colour_scale
+    from bus_core.inference.cam import colour_scale
 
     page = _open(render_report(_content()))
     scale = colour_scale(440, 12)

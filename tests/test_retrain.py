@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bus_core.dataset import load_records
+from bus_core.clinic.cases import CaseStore, open_store
+from bus_core.clinic.gate import FIXED_TEST, NEW_CASES, compare, evaluate_candidate
+from bus_core.clinic.retraining import HELDOUT_FILE, load_plan, prepare_retraining
+from bus_core.data.dataset import load_records
+from bus_core.data.splits import find_groups, load_split, make_split, save_split
 from bus_core.errors import DataError, ModelError
-from bus_core.evaluate import evaluate
-from bus_core.gate import FIXED_TEST, NEW_CASES, compare, evaluate_candidate
-from bus_core.models import load_model
-from bus_core.retrain import HELDOUT_FILE, load_plan, prepare_retraining
+from bus_core.evaluation.evaluate import evaluate
+from bus_core.models.build import load_model
 from bus_core.settings import user_models_dir
-from bus_core.splits import find_groups, load_split, make_split, save_split
-from bus_core.store import CaseStore, open_store
-from bus_core.train import train
+from bus_core.training.train import train
 from tests.conftest import ADMIN, person, synthetic_image
 from tests.test_gate import always
 
@@ -131,7 +131,7 @@ def test_refusals(store, active, busi_dir, base_split, tmp_path, monkeypatch):
     (user_models_dir() / "taken").mkdir(parents=True)
     with pytest.raises(ModelError, match="already exists"):
         prepare_retraining(store, active=active, name="taken", **options, who=ADMIN)
-    monkeypatch.setattr("bus_core.retrain.active_model_path", lambda: None)
+    monkeypatch.setattr("bus_core.clinic.retraining.active_model_path", lambda: None)
     with pytest.raises(ModelError, match="No model is installed"):
         prepare_retraining(store, **options, who=ADMIN)
 
@@ -165,8 +165,8 @@ def test_retrain_end_to_end_then_gate(store, active, busi_dir, base_split, tmp_p
 
 
 def test_plan_status_without_a_run(tmp_path):
-    from bus_core.retrain import RetrainPlan
-    from bus_core.train import TrainConfig
+    from bus_core.clinic.retraining import RetrainPlan
+    from bus_core.training.train import TrainConfig
 
     plan = RetrainPlan(config=TrainConfig(data=["x"], out=str(tmp_path / "m")), active_model="a",
                        cases_dir="c", train_manifest="t", heldout_manifest="h", heldout_file="f",

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from bus_core.augment import FULL, Window, augment_batch
-from bus_core.dataset import load_records
-from bus_core.models import load_model, read_card
-from bus_core.seg_train import (
+from bus_core.data.augment import FULL, Window, augment_batch
+from bus_core.data.dataset import load_records
+from bus_core.data.splits import make_split, save_split
+from bus_core.models.build import load_model, read_card
+from bus_core.training.segmenter import (
     Packed,
     epoch_plan,
     get_args_parser,
@@ -23,7 +24,6 @@ from bus_core.seg_train import (
     pack,
     seg_loss,
 )
-from bus_core.splits import make_split, save_split
 from tests.conftest import synthetic_image
 
 
@@ -152,6 +152,6 @@ def test_tiny_run_exports_a_segmenter_and_a_classifier(tiny_run):
 def test_resume_takes_every_setting_from_the_run(tiny_run):
     config = json.loads((tiny_run / "train" / "config.json").read_text())
     args = get_args_parser().parse_args(["--out", str(tiny_run), "--resume", "--epochs", "50"])
-    from bus_core.seg_train import config_from_args
+    from bus_core.training.segmenter import config_from_args
 
     assert config_from_args(args).epochs == config["epochs"] == 1

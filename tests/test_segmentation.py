@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from bus_core.data.presets import fit_square, unfit_square
 from bus_core.errors import ModelError
-from bus_core.models import build_model, load_model, read_card
-from bus_core.segment import Segmenter, list_inputs, segment_inputs
-from bus_core.segmentation import DenseNetUNet, PostProcess, dice_iou, postprocess
-from bus_core.transforms import fit_square, unfit_square
+from bus_core.inference.outline import Segmenter, list_inputs, segment_inputs
+from bus_core.models.build import build_model, load_model, read_card
+from bus_core.models.unet import DenseNetUNet, PostProcess, dice_iou, postprocess
 from tests.conftest import ADMIN, blob_probabilities, copy_model, synthetic_image
 
 
@@ -97,7 +97,7 @@ def test_segmenter_returns_a_mask_of_the_image_size(tiny_segmenter_dir, monkeypa
 
 
 def test_set_active_model_refuses_a_segmenter(tiny_segmenter_dir, tmp_path, monkeypatch):
-    from bus_core.registry import set_active_model
+    from bus_core.models.registry import set_active_model
 
     monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path))
     with pytest.raises(ModelError, match="Only a classification model"):
@@ -133,7 +133,7 @@ def test_segment_inputs_skips_bad_files_and_writes_binary_masks(tiny_segmenter_d
 
 def test_segment_cli_on_a_busi_folder_and_a_corrupt_file(tiny_segmenter_dir, busi_dir, tmp_path,
                                                          capsys):
-    from bus_core.cli import main
+    from bus_core.cli.main import main
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nonsense")
@@ -153,7 +153,7 @@ def test_evaluate_cli_on_a_segmentation_model(tiny_segmenter_dir, busi_dir, tmp_
                                               monkeypatch):
     import json
 
-    from bus_core.cli import main
+    from bus_core.cli.main import main
 
     monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)
     out_json = tmp_path / "seg.json"
@@ -176,7 +176,7 @@ def test_lesion_model_reads_the_automatic_outline(mask_model_dir, tiny_segmenter
                                                   tmp_path, capsys, monkeypatch):
     import json
 
-    from bus_core.cli import main
+    from bus_core.cli.main import main
 
     monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)
     image = busi_dir / "malignant" / "malignant (1).png"
@@ -195,7 +195,7 @@ def test_lesion_model_reads_the_automatic_outline(mask_model_dir, tiny_segmenter
 
 def test_no_automatic_outline_is_a_clear_error(mask_model_dir, tiny_segmenter_dir, tmp_path,
                                                capsys, monkeypatch):
-    from bus_core.cli import main
+    from bus_core.cli.main import main
 
     monkeypatch.setattr(Segmenter, "probabilities", blob_probabilities)
     white_corner, _ = synthetic_image("normal", np.random.default_rng(0), size=(80, 90))

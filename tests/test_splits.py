@@ -8,9 +8,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from bus_core.constants import CLASSES
-from bus_core.dataset import Record, load_many, load_records
-from bus_core.errors import DataError
-from bus_core.splits import (
+from bus_core.data.dataset import Record, load_many, load_records
+from bus_core.data.splits import (
     Split,
     data_hash,
     describe_groups,
@@ -22,6 +21,7 @@ from bus_core.splits import (
     save_split,
     split_records,
 )
+from bus_core.errors import DataError
 
 
 def _texture(seed: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Tests for bus_core.store: cases, reviews, audit log, files, export, concurrency, migrations.
+"""Tests for bus_core.clinic.cases: cases, reviews, audit log, files, export, concurrency,
+migrations.
 
 Tests taking `store` or `store_url` run on SQLite and on PostgreSQL (tests/conftest.py)."""
 
@@ -20,9 +21,7 @@ import numpy as np
 import pytest
 from sqlalchemy.exc import DatabaseError
 
-from bus_core.dataset import load_records
-from bus_core.errors import BusError, InvalidImageError, MaskError
-from bus_core.store import (
+from bus_core.clinic.cases import (
     CURRENT_SCHEMA_VERSION,
     PARTIAL_WRITE_AGE_S,
     Case,
@@ -33,6 +32,8 @@ from bus_core.store import (
     StoreError,
     open_store,
 )
+from bus_core.data.dataset import load_records
+from bus_core.errors import BusError, InvalidImageError, MaskError
 from tests.conftest import ADMIN, new_postgres_database, person  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ PROBS = {"normal": 0.1, "benign": 0.7, "malignant": 0.2}
 WORKER = """
 import sys
 import numpy as np
-from bus_core.store import open_store
+from bus_core.clinic.cases import open_store
 from tests.conftest import person
 
 db, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -274,7 +275,7 @@ def test_sqlite_connections_use_wal_timeout_and_foreign_keys(tmp_path: Path) -> 
 
 def test_failed_write_leaves_no_partial_case(store: CaseStore,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import bus_core.store as store_module
+    import bus_core.clinic.cases as store_module
 
     def broken_audit(*args, **kwargs) -> None:
         raise RuntimeError("crash after the case row was inserted")
@@ -291,7 +292,7 @@ def _save_then_die(db: str, moment: str) -> None:
     """Save a case in a process killed (SIGKILL) at `moment`: 'rows' (the case's rows written,
     not committed) or 'file' (an image's temporary file written, not yet renamed)."""
     import bus_core.atomic as atomic_module
-    import bus_core.store as store_module
+    import bus_core.clinic.cases as store_module
 
     def die(*args: object, **kwargs: object) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -419,7 +420,7 @@ def test_killed_writer_leaves_database_consistent(store_url: str) -> None:
 
 LOCKER = """
 import sys
-from bus_core.store import open_store
+from bus_core.clinic.cases import open_store
 
 with open_store(sys.argv[1]) as store, store.locked("test"):
     print("locked", flush=True)
@@ -547,7 +548,7 @@ def make_v1_database(db: str) -> None:
     first migration step on PostgreSQL."""
     from sqlalchemy import create_engine, insert, text
 
-    from bus_core.store import MIGRATIONS, schema_version
+    from bus_core.clinic.cases import MIGRATIONS, schema_version
 
     if "://" not in db:
         with sqlite3.connect(db) as conn:
@@ -629,7 +630,7 @@ def test_newer_database_is_refused(store_url: str) -> None:
 
 
 def test_exported_csv_cells_are_not_formulas(store: CaseStore, tmp_path: Path) -> None:
-    from bus_core.store import csv_safe
+    from bus_core.clinic.cases import csv_safe
 
     case = save(store, 4, "benign")
     store.review_case(case.id, label="benign", who=person('=HYPERLINK("http://x")'),

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bus_core.models import load_model
-from bus_core.progress import read_progress, run_state
-from bus_core.train import TrainConfig, config_from_args, get_args_parser, train
+from bus_core.models.build import load_model
+from bus_core.training.runs import read_progress, run_state
+from bus_core.training.train import TrainConfig, config_from_args, get_args_parser, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,9 +51,9 @@ def test_one_epoch_writes_model_card_progress_and_split(busi_dir, tmp_path):
 
 @pytest.mark.slow
 def test_card_figures_describe_the_saved_float16_weights(busi_dir, tmp_path):
-    from bus_core.dataset import load_records
-    from bus_core.evaluate import evaluate
-    from bus_core.splits import load_split, split_records
+    from bus_core.data.dataset import load_records
+    from bus_core.data.splits import load_split, split_records
+    from bus_core.evaluation.evaluate import evaluate
 
     result = train(tiny_config(busi_dir, tmp_path / "m", save_dtype="float16", seed=3))
     saved = result.card.metrics["test"]
@@ -125,13 +125,13 @@ def test_resume_after_kill_9(busi_dir, tmp_path):
 
 
 def test_resume_without_run_is_clear(tmp_path):
-    from bus_core.cli import main
+    from bus_core.cli.main import main
 
     assert main(["train", "--data", "x", "--out", str(tmp_path / "none"), "--resume"]) == 2
 
 
 def test_lower_ece_and_loss_score_higher():
-    from bus_core.train import score
+    from bus_core.training.train import score
 
     assert score({"ece": 0.05}, "ece") > score({"ece": 0.2}, "ece")
     assert score({"loss": 0.3}, "loss") > score({"loss": 0.9}, "loss")
@@ -140,7 +140,7 @@ def test_lower_ece_and_loss_score_higher():
 
 @pytest.mark.slow
 def test_resume_takes_every_setting_from_the_run(busi_dir, tmp_path):
-    from bus_core.cli import main
+    from bus_core.cli.main import main
 
     out = tmp_path / "m"
     calls = {"n": 0}
@@ -158,7 +158,7 @@ def test_resume_takes_every_setting_from_the_run(busi_dir, tmp_path):
 
 
 def test_a_new_run_needs_data(tmp_path, capsys):
-    from bus_core.cli import main
+    from bus_core.cli.main import main
 
     assert main(["train", "--out", str(tmp_path / "m")]) == 2
     assert "--data" in capsys.readouterr().err
@@ -187,7 +187,7 @@ def test_compile_wraps_the_training_network_only(busi_dir, tmp_path, monkeypatch
 
 def test_an_input_size_below_the_architecture_s_minimum_is_refused_before_the_run():
     from bus_core.errors import ModelError
-    from bus_core.train import TrainConfig, check_config
+    from bus_core.training.train import TrainConfig, check_config
 
     with pytest.raises(ModelError, match="at least 32 px; 16 px"):
         check_config(TrainConfig(data=["x"], out="", resize=16, crop=16))

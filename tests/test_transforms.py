@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from bus_core.transforms import (
+from bus_core.data.presets import (
     InputSize,
     denormalise,
     eval_transform,

@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bus_core.batch import predict_to_csv
-from bus_core.cli import main
+from bus_core.cli.main import main
 from bus_core.constants import CLASSES
-from bus_core.dataset import load_records
+from bus_core.data.dataset import load_records
 from bus_core.errors import ModelError
-from bus_core.evaluate import Evaluation, evaluate, two_stage
-from bus_core.intervals import score
+from bus_core.evaluation.evaluate import Evaluation, evaluate, two_stage
+from bus_core.evaluation.intervals import score
+from bus_core.inference.batch import predict_to_csv
+from bus_core.inference.outline import Segmenter
+from bus_core.inference.predict import Predictor
 from bus_core.metrics import NORMAL_ODDS_GRID, fit_normal_odds, normal_from_whole
-from bus_core.models import ModelCard, load_model
-from bus_core.predict import Predictor
-from bus_core.segment import Segmenter
+from bus_core.models.build import ModelCard, load_model
 from tests.conftest import blob_probabilities, copy_model, synthetic_image
 
 PAIR = {"whole_image_model": "whole", "outline_model": "outline"}
@@ -148,8 +148,8 @@ def test_evaluate_reads_two_stage_cards_like_the_predictor(models, busi_dir):
     np.testing.assert_allclose(only.probs, alone.probs, atol=1e-6)
     # the predictor gives the same figures for a lesion image with its expert mask
     record = next(r for r in records if r.label == "malignant")
-    from bus_core.io import load_image, load_mask
-    from bus_core.predict import explain_record
+    from bus_core.data.images import load_image, load_mask
+    from bus_core.inference.predict import explain_record
 
     image = load_image(record.path)
     two = _predictor(models / "lesion")
@@ -171,7 +171,7 @@ def test_batch_prediction_of_a_two_stage_model_equals_predict(models, blobs, bus
     report = predict_to_csv(files, out, two, workers=0)
     assert report.predicted == 3 and report.errors == 0
     rows = list(csv.DictReader(out.open()))
-    from bus_core.io import load_image
+    from bus_core.data.images import load_image
 
     for row, file in zip(rows, files):
         expected = two.predict(load_image(file)).probabilities
@@ -199,7 +199,7 @@ def test_command_line_scores_a_two_stage_model_on_suggested_outlines(models, blo
 
 @pytest.mark.slow
 def test_fine_tuning_a_two_stage_model_keeps_its_pair(models, busi_dir, tmp_path):
-    from bus_core.train import TrainConfig, train
+    from bus_core.training.train import TrainConfig, train
 
     common = {"data": [str(busi_dir)], "init": str(models / "lesion"),
               "input_mode": "lesion-context", "fit": "pad", "resize": 40, "crop": 32,

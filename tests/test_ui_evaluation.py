@@ -1,5 +1,5 @@
 """The Evaluate page's tables show the 95% intervals; its CSV downloads hold no spreadsheet
-formulas (bus_core.store.csv_safe)."""
+formulas (bus_core.clinic.cases.csv_safe)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import io
 import numpy as np
 import pytest
 
-from bus_core.intervals import score
-from bus_core.store import csv_safe
+from bus_core.clinic.cases import csv_safe
+from bus_core.evaluation.intervals import score
 from ui.evaluation import (
     comparison_csv,
     comparison_table,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bus_core.io import WORKING_MAX_SIDE, image_to_png_bytes
+from bus_core.data.images import WORKING_MAX_SIDE, image_to_png_bytes
 from ui import state
 from ui.uploads import read_masks, read_uploads
 

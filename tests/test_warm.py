@@ -1,5 +1,5 @@
-"""Preparing a model before the first reading (`bus_core.warm`), the `warm` command and the
-OpenVINO cache's pruning (`backends.prune_cache`)."""
+"""Preparing a model before the first reading (`bus_core.inference.warm`), the `warm` command and
+the OpenVINO cache's pruning (`backends.prune_cache`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bus_core import backends, predict, segment, warm
-from bus_core.backends import TorchForward
-from bus_core.cli import main
+from bus_core.cli.main import main
+from bus_core.inference import outline as segment
+from bus_core.inference import predict, warm
+from bus_core.runtime import backends
+from bus_core.runtime.backends import TorchForward
 from tests.conftest import copy_model
 
 WAIT_S = 120

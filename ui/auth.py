@@ -3,7 +3,7 @@
 Modes (`auth_mode`): 'oidc' when `.streamlit/secrets.toml` has an `[auth]` section (single
 sign-on through Streamlit's `st.login`; roles from the ID token's claim named by
 $BUS_ROLES_CLAIM, default 'roles', else from the local user table), 'local' otherwise (the
-app's own accounts, bus_core.accounts), and 'demo' only when BUS_AUTH=demo (no sign-in,
+app's own accounts, bus_core.clinic.accounts), and 'demo' only when BUS_AUTH=demo (no sign-in,
 Diagnose and Teaching only, nothing saved). BUS_AUTH=local or oidc forces a mode.
 """
 
@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import streamlit as st
 
-from bus_core.accounts import Accounts, Session, new_session
+from bus_core.clinic.accounts import Accounts, Session, new_session
 from bus_core.errors import BusError
 from bus_core.roles import DEMO, ROLES, Identity, check_roles
 from ui.cases import case_store

@@ -1,5 +1,5 @@
 """The case store in the app: one store per process, saving a prediction as a case, and the
-export of cases as a zip. The store itself is bus_core.store."""
+export of cases as a zip. The store itself is bus_core.clinic.cases."""
 
 from __future__ import annotations
 
@@ -13,10 +13,17 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
+from bus_core.clinic.cases import (
+    Case,
+    CaseStore,
+    PacsSource,
+    StoreError,
+    default_database,
+    open_store,
+)
 from bus_core.errors import BusError
-from bus_core.predict import Prediction, Predictor
+from bus_core.inference.predict import Prediction, Predictor
 from bus_core.roles import Identity
-from bus_core.store import Case, CaseStore, PacsSource, StoreError, default_database, open_store
 from ui.common import identity, show_error
 
 EXPORT_FOLDER = "bus-cases"
@@ -49,7 +56,7 @@ def save_prediction_as_case(store: CaseStore, image: np.ndarray, image_name: str
 
     `cam_settings` describes the explanation shown, e.g. {"target": "benign", "method":
     "gradcam", "opacity": 0.45}; the Review page uses it to redraw the same overlay.
-    `mask_source` says who made the masks (`bus_core.store.MASK_SOURCES`); `pacs`, where in
+    `mask_source` says who made the masks (`bus_core.clinic.cases.MASK_SOURCES`); `pacs`, where in
     the hospital archive the image came from.
     Raises StoreError, InvalidImageError or MaskError (all BusError)."""
     return store.save_case(image, image_name=image_name, masks=list(masks),

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import plotly.graph_objects as go
 
 from bus_core.constants import MALIGNANT
-from bus_core.report import BAR_COLOURS, DEFAULT_BAR
+from bus_core.inference.report import BAR_COLOURS, DEFAULT_BAR
 
 
 def _rgb(colour: tuple[int, int, int], alpha: float = 1.0) -> str:

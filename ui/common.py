@@ -12,18 +12,18 @@ from typing import Any
 import streamlit as st
 from PIL import Image, ImageDraw
 
-from bus_core.accounts import Session
-from bus_core.dataset import source_name
-from bus_core.device import choose_device
+from bus_core.clinic.accounts import Session
+from bus_core.data.dataset import source_name
 from bus_core.errors import BusError, StorageError
-from bus_core.jobs import JobBusyError
+from bus_core.inference.outline import Segmenter
+from bus_core.inference.predict import Predictor
+from bus_core.inference.warm import Prepared, Warmup, warm_active
 from bus_core.metrics import TARGET_SENSITIVITY, fmt3
-from bus_core.models import ModelCard, read_card
-from bus_core.predict import Predictor
-from bus_core.registry import active_model_path, active_segmenter_path, no_model_message
+from bus_core.models.build import ModelCard, read_card
+from bus_core.models.registry import active_model_path, active_segmenter_path, no_model_message
 from bus_core.roles import DEMO, Identity
-from bus_core.segment import Segmenter
-from bus_core.warm import Prepared, Warmup, warm_active
+from bus_core.runtime.device import choose_device
+from bus_core.training.jobs import JobBusyError
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +255,8 @@ def optional_predictor() -> tuple[Predictor | None, str]:
 
 def start_warmup() -> Warmup | None:
     """Start preparing the active model and outline model for this computer in the background
-    (once per model and server: `bus_core.warm`), or None when there is no usable model (the
-    pages that need one say why). app.py calls it on every run, so the preparation starts
+    (once per model and server: `bus_core.inference.warm`), or None when there is no usable model
+    (the pages that need one say why). app.py calls it on every run, so the preparation starts
     when the server first serves anyone and whenever the active model changes."""
     try:
         return warm_active()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from bus_core.compare import find_comparisons, read_results
 from bus_core.errors import BusError
+from bus_core.training.architectures import find_comparisons, read_results
 from ui.common import md_escape, show_error
 from ui.evaluation import comparison_run_table, roc_comparison_figure
 

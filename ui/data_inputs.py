@@ -1,5 +1,5 @@
 """Choosing data on the Train, Evaluate, Teaching and Review pages: typed paths (only under the
-folders the administrator allows, `bus_core.dataroots`), dataset summaries, split files."""
+folders the administrator allows, `bus_core.data.roots`), dataset summaries, split files."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from bus_core.dataroots import check_allowed, check_data_source, is_allowed
-from bus_core.dataset import class_counts, load_many
+from bus_core.data.dataset import class_counts, load_many
+from bus_core.data.roots import check_allowed, check_data_source, is_allowed
 from bus_core.settings import PROJECT_ROOT, data_dir
 
 

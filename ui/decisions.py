@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from bus_core.store import display_time
+from bus_core.clinic.cases import display_time
 
 ACTION_LABELS = {"activated": "activated", "overridden": "activated by override",
                  "blocked": "blocked by the gate", "rejected": "rejected",

@@ -11,12 +11,12 @@ import pandas as pd
 import plotly.colors
 import plotly.graph_objects as go
 
-from bus_core.compare import COLUMN_TITLES, DISPLAY_COLUMNS, display_value
-from bus_core.evaluate import Evaluation
-from bus_core.intervals import THRESHOLD_KEYS
+from bus_core.clinic.cases import csv_safe
+from bus_core.evaluation.evaluate import Evaluation
+from bus_core.evaluation.intervals import THRESHOLD_KEYS
+from bus_core.inference.report import BAR_COLOURS, DEFAULT_BAR
 from bus_core.metrics import CI_SUFFIX, HEADLINE_KEYS, METRIC_LABELS, fmt3, fmt_interval
-from bus_core.report import BAR_COLOURS, DEFAULT_BAR
-from bus_core.store import csv_safe
+from bus_core.training.architectures import COLUMN_TITLES, DISPLAY_COLUMNS, display_value
 
 PER_CLASS: tuple[str, ...] = ("sensitivity", "specificity", "precision", "f1", "auc", "support")
 RUN_COLOURS: tuple[str, ...] = tuple(plotly.colors.qualitative.Safe)

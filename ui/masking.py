@@ -1,6 +1,6 @@
 """The lesion-mask panel of a case: no mask, the outline the segmentation model suggests
 (accepted, edited on the canvas, or discarded), a mask painted in the browser, or mask files;
-their combination; and a preview of the masked crop. The mask logic is bus_core.masks."""
+their combination; and a preview of the masked crop. The mask logic is bus_core.data.masks."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 
-from bus_core.errors import BusError
-from bus_core.inputs import InputSpec, model_input
-from bus_core.masks import (
+from bus_core.data.inputs import InputSpec, model_input
+from bus_core.data.masks import (
     COMBINE_MODES,
     combination_note,
     combine_masks,
@@ -19,7 +18,8 @@ from bus_core.masks import (
     mask_overlay,
     masked_input,
 )
-from bus_core.segment import Segmenter
+from bus_core.errors import BusError
+from bus_core.inference.outline import Segmenter
 from ui.common import md_escape, show_error
 from ui.state import digest, memo
 from ui.uploads import MASK_TYPES, read_masks
@@ -28,7 +28,7 @@ NO_MASK, SUGGEST, PAINT, UPLOAD, DATASET = ("No mask", "Suggest outline", "Paint
                                             "Dataset masks")
 MASK_SOURCES: tuple[str, ...] = (NO_MASK, PAINT, UPLOAD)
 ORIGINS = {PAINT: "painted", UPLOAD: "uploaded", DATASET: "dataset"}
-"""The case store's mask source (`bus_core.store.MASK_SOURCES`) of each panel choice."""
+"""The case store's mask source (`bus_core.clinic.cases.MASK_SOURCES`) of each panel choice."""
 ACCEPT, EDIT, DISCARD = "Accept", "Edit", "Discard"
 LESION_COLOUR = (255, 196, 0)
 SUGGESTED_COLOUR = (0, 200, 255)

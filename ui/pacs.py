@@ -1,7 +1,8 @@
 """The hospital archive in the app: on the Diagnose page "Open from PACS" (search studies, pick
 ultrasound images from their series, fetch them into the page as uploads) and "Send to PACS"
 (the report and the result back to the image's study); on the Review page, where a case's image
-came from and sending its confirmed label to that study. The archive itself is bus_core.pacs."""
+came from and sending its confirmed label to that study. The archive itself is
+bus_core.integrations.pacs.client."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from dataclasses import dataclass
 import streamlit as st
 from pydicom.dataset import Dataset
 
+from bus_core.clinic.cases import Case, CaseStore, PacsSource
 from bus_core.errors import BusError
-from bus_core.pacs import (
+from bus_core.inference.predict import Prediction, Predictor
+from bus_core.integrations.pacs.client import (
     SENT_ACTION,
     InstanceRef,
     Pacs,
@@ -25,9 +28,7 @@ from bus_core.pacs import (
     send_result,
     send_review,
 )
-from bus_core.predict import Prediction, Predictor
 from bus_core.roles import Identity
-from bus_core.store import Case, CaseStore, PacsSource
 from ui.common import md_escape, show_error
 from ui.state import memo
 from ui.uploads import Upload, decode_bytes

@@ -1,6 +1,6 @@
 """The administrators' settings of the hospital archives (on the Account page): the DICOMweb
 endpoints set on the server (read-only here) and those saved in the app (add, change, remove).
-Secrets are never shown back. The rules are bus_core.pacs's."""
+Secrets are never shown back. The rules are bus_core.integrations.pacs.client's."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from bus_core.errors import BusError
-from bus_core.pacs import (
+from bus_core.integrations.pacs.client import (
     AUTH_KINDS,
     CONFIG_ENV,
     URL_ENV,

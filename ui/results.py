@@ -9,9 +9,9 @@ import numpy as np
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
-from bus_core.cam import CAM_LABELS, colour_scale, overlay
+from bus_core.inference.cam import CAM_LABELS, colour_scale, overlay
+from bus_core.inference.predict import Prediction, Predictor
 from bus_core.metrics import percent_pair
-from bus_core.predict import Prediction, Predictor
 from ui.charts import probability_chart
 from ui.state import memo
 

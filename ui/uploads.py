@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from streamlit.runtime.uploaded_file_manager import UploadedFile
 
+from bus_core.data.images import WORKING_MAX_SIDE, load_image, load_mask
 from bus_core.errors import BusError
-from bus_core.io import WORKING_MAX_SIDE, load_image, load_mask
 from ui.state import digest, memo
 
 log = logging.getLogger("bus_core.ui.uploads")

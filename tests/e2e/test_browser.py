@@ -73,7 +73,7 @@ def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float = 90) 
 
 def screenshot_model(tiny_model_dir: Path) -> Path:
     if README_RUN:
-        from bus_core.registry import active_model_path
+        from bus_core.models.registry import active_model_path
 
         chosen = os.environ.get("BUS_MODEL") or active_model_path()
         if chosen:
@@ -92,8 +92,8 @@ def everywhere_segmenter(tmp_path_factory) -> Path:
     everywhere), so the page always has a suggestion to edit."""
     import torch
 
-    from bus_core.models import ModelCard, save_model
-    from bus_core.segmentation import SEG_ARCH, DenseNetUNet
+    from bus_core.models.build import ModelCard, save_model
+    from bus_core.models.unet import SEG_ARCH, DenseNetUNet
 
     net = DenseNetUNet()
     with torch.no_grad():
@@ -265,7 +265,7 @@ def test_paint_a_mask_in_a_browser(page, server, tmp_path):
 
 
 def test_suggest_edit_and_predict_in_a_browser(page, server, tmp_path, userdata):
-    from bus_core.store import open_store
+    from bus_core.clinic.cases import open_store
 
     sign_in(page, server)
     page.locator("input[type=file]").first.set_input_files(str(upload_image(tmp_path)))

@@ -89,7 +89,7 @@ def test_every_page_of_each_role_renders_without_an_error(walk_server, role, wid
 def test_the_case_selector_follows_a_review(walk_server, walk_data):
     import numpy as np
 
-    from bus_core.store import open_store
+    from bus_core.clinic.cases import open_store
     from tests.conftest import person, synthetic_image
 
     with open_store(walk_data) as store:

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from bus_core.backends import LOCK_FILE
+from bus_core.runtime.backends import LOCK_FILE
 from tests.e2e.test_browser import (
     ARTIFACTS,
     CHROMIUM,

@@ -1,0 +1,1 @@
+"""`python -m bus_core ...`: the command line, one module per command group."""

@@ -1,0 +1,1 @@
+"""Evaluation: scoring a model on records (figures, intervals, two-stage policy)."""

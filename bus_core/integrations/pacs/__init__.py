@@ -1,0 +1,1 @@
+"""The hospital archive (PACS) over DICOMweb."""

@@ -1,0 +1,2 @@
+"""Training: classifier and segmenter training, run folders, background jobs, grid
+search, architecture comparison."""
