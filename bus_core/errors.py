@@ -37,6 +37,11 @@ class StorageError(BusError):
         self.plain = plain or message
 
 
+class StoreError(StorageError):
+    """The case store cannot be used: folder not writable, database damaged, busy or too new,
+    or an image file missing."""
+
+
 class DeviceError(BusError, ValueError):
     """A compute device that was asked for but is not available on this machine."""
 

@@ -40,7 +40,8 @@ def signed_in_app(*roles: str, name: str = "Dr Test", timeout: float = 60) -> Ap
     """app.py as an AppTest whose session is signed in as the local user `name` with `roles`
     (default: every role), created without a password in the current data folder's store."""
     from bus_core.clinic.accounts import Accounts, new_session
-    from bus_core.clinic.cases import default_db_path, open_store
+    from bus_core.clinic.cases import open_store
+    from bus_core.db import default_db_path
     from bus_core.roles import ROLES, operator
     from ui.common import SESSION_KEY
 

@@ -28,8 +28,11 @@ from bus_core.clinic.accounts import (
     SignInError,
     new_session,
 )
-from bus_core.clinic.cases import CaseStore, StoreError, default_db_path, open_store
+from bus_core.clinic.cases import CaseStore, open_store
+from bus_core.clinic.export import export_busi
 from bus_core.clinic.gate import activate_if_passed, compare
+from bus_core.db import default_db_path
+from bus_core.errors import StoreError
 from bus_core.models.registry import delete_model, import_model, set_active_model
 from bus_core.roles import ACTIONS, DEMO, ROLES, Identity, PermissionDeniedError, operator
 from bus_core.training.jobs import start_training
@@ -281,7 +284,7 @@ def test_library_actions_refuse_a_user_without_the_role(store, tiny_model_dir, t
         lambda: store.save_case(image, image_name="x.png", model_name="m", model_hash="h",
                                 probabilities={"benign": 1.0}, predicted_label="benign",
                                 who=educator),
-        lambda: store.export_busi(tmp_path / "out", who=educator),
+        lambda: export_busi(store, tmp_path / "out", who=educator),
         lambda: set_active_model(tiny_model_dir, who=person("r", "researcher")),
         lambda: delete_model(tiny_model_dir, who=person("c", "clinician")),
         lambda: import_model({}, who=person("c", "clinician")),
@@ -304,8 +307,8 @@ def test_a_clinician_exports_only_their_own_cases(store, tmp_path):
                                model_hash="h", probabilities={"benign": 1.0},
                                predicted_label="benign", who=person(owner))
         store.review_case(case.id, label="benign", who=person(owner))
-    mine = store.export_busi(tmp_path / "ann", who=person("ann"))
-    everyone = store.export_busi(tmp_path / "all", who=person("root", "admin"))
+    mine = export_busi(store, tmp_path / "ann", who=person("ann"))
+    everyone = export_busi(store, tmp_path / "all", who=person("root", "admin"))
     assert len(list(mine.rglob("case-*.png"))) == 2 and len(list(everyone.rglob("*.png"))) == 3
     text = (everyone / "cases.csv").read_text()
     assert "patient name" not in text and "image-" in text  # pseudonyms, not file names

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from bus_core.clinic.cases import default_db_path
 from bus_core.clinic.gate import (
     FIXED_TEST,
     NEW_CASES,
@@ -28,6 +27,7 @@ from bus_core.clinic.gate import (
 )
 from bus_core.constants import CLASSES
 from bus_core.data.dataset import load_records
+from bus_core.db import default_db_path
 from bus_core.models.build import load_model, save_model
 from bus_core.models.registry import active_model_path, set_active_model
 from tests.conftest import ADMIN, person

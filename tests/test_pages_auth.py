@@ -10,7 +10,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from bus_core.clinic.accounts import Accounts
-from bus_core.clinic.cases import default_db_path, open_store
+from bus_core.clinic.cases import open_store
+from bus_core.db import default_db_path
 from bus_core.roles import operator
 from tests.conftest import signed_in_app
 from ui.common import SESSION_KEY

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from bus_core.clinic.cases import PacsSource, default_db_path, open_store
+from bus_core.clinic.cases import PacsSource, open_store
+from bus_core.db import default_db_path
 from bus_core.integrations.pacs.client import (
     CONFIG_ENV,
     PASSWORD_ENV,

@@ -13,11 +13,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from bus_core.clinic.accounts import new_session
-from bus_core.clinic.cases import default_db_path, open_store
+from bus_core.clinic.cases import open_store
 from bus_core.clinic.gate import GATE_FILE, compare, decision_log
 from bus_core.clinic.retraining import RetrainPlan
 from bus_core.data.dataset import load_records
 from bus_core.data.splits import make_split, save_split
+from bus_core.db import default_db_path
 from bus_core.inference.predict import Predictor
 from bus_core.models.registry import active_model_path, set_active_model
 from bus_core.settings import user_models_dir

@@ -22,18 +22,18 @@ import pytest
 from sqlalchemy.exc import DatabaseError
 
 from bus_core.clinic.cases import (
-    CURRENT_SCHEMA_VERSION,
     PARTIAL_WRITE_AGE_S,
     Case,
     CaseNotFoundError,
     CaseStore,
     InvalidCaseError,
     PacsSource,
-    StoreError,
     open_store,
 )
+from bus_core.clinic.export import export_busi
+from bus_core.clinic.schema import CURRENT_SCHEMA_VERSION
 from bus_core.data.dataset import load_records
-from bus_core.errors import BusError, InvalidImageError, MaskError
+from bus_core.errors import BusError, InvalidImageError, MaskError, StoreError
 from tests.conftest import ADMIN, new_postgres_database, person  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -338,7 +338,7 @@ def test_export_busi_layout_is_readable(store: CaseStore, tmp_path: Path) -> Non
     store.review_case(a.id, label="benign", who=person("Dr A"), notes="oval, circumscribed")
     store.review_case(b.id, label="normal", who=person("Dr B"))
 
-    out = store.export_busi(tmp_path / "export", who=ADMIN)
+    out = export_busi(store, tmp_path / "export", who=ADMIN)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         "benign/case-1.png", "benign/case-1_mask.png", "benign/case-1_mask_1.png",
         "cases.csv", "normal/case-2.png"]
@@ -355,7 +355,7 @@ def test_export_busi_layout_is_readable(store: CaseStore, tmp_path: Path) -> Non
         ("case-1.png", "benign"), ("case-2.png", "normal")]
 
     store.review_case(b.id, label="malignant", who=person("Dr C"))
-    store.export_busi(out, only_confirmed=False, who=ADMIN)
+    export_busi(store, out, only_confirmed=False, who=ADMIN)
     assert [(r.path.name, r.label) for r in load_records(out)] == [
         ("case-1.png", "benign"), ("case-2.png", "malignant"), (f"case-{c.id}.png", "normal")]
 
@@ -548,7 +548,7 @@ def make_v1_database(db: str) -> None:
     first migration step on PostgreSQL."""
     from sqlalchemy import create_engine, insert, text
 
-    from bus_core.clinic.cases import MIGRATIONS, schema_version
+    from bus_core.clinic.schema import MIGRATIONS, schema_version
 
     if "://" not in db:
         with sqlite3.connect(db) as conn:
@@ -617,7 +617,7 @@ def test_mask_source_is_stored_and_checked(store: CaseStore, tmp_path: Path) -> 
     with pytest.raises(InvalidCaseError, match="Unknown mask source"):
         store.save_case(image, masks=[mask], mask_source="guessed", **kwargs)
     store.review_case(case.id, label="benign", who=person("Dr A"))
-    folder = store.export_busi(tmp_path / "out", who=ADMIN)
+    folder = export_busi(store, tmp_path / "out", who=ADMIN)
     rows = list(csv.DictReader(open(folder / "cases.csv")))
     assert rows[0]["mask_source"] == "suggested, edited"
 
@@ -630,12 +630,12 @@ def test_newer_database_is_refused(store_url: str) -> None:
 
 
 def test_exported_csv_cells_are_not_formulas(store: CaseStore, tmp_path: Path) -> None:
-    from bus_core.clinic.cases import csv_safe
+    from bus_core.data.dataset import csv_safe
 
     case = save(store, 4, "benign")
     store.review_case(case.id, label="benign", who=person('=HYPERLINK("http://x")'),
                       notes="+1 agree; -2 no; @SUM(A1)")
-    out = store.export_busi(tmp_path / "export", who=ADMIN)
+    out = export_busi(store, tmp_path / "export", who=ADMIN)
     with open(out / "cases.csv", newline="", encoding="utf-8") as fh:
         (row,) = list(csv.DictReader(fh))
     assert row["reviewer"].startswith("'=") and row["notes"].startswith("'+1")
@@ -651,7 +651,7 @@ def test_uncertain_readings_are_stored_shown_and_not_disagreements(store: CaseSt
     assert labelled.status == "labelled"  # no answer to disagree with
     assert store.review_case(case.id, label="benign", who=person("Dr A")).status == "labelled"
     assert store.list_cases(status="labelled") == [store.get_case(case.id)]
-    out = store.export_busi(tmp_path / "export", who=ADMIN)
+    out = export_busi(store, tmp_path / "export", who=ADMIN)
     rows = list(csv.DictReader(open(out / "cases.csv", encoding="utf-8")))
     assert [(r["predicted"], r["uncertain"], r["status"]) for r in rows] == [
         ("benign", "yes", "labelled")]
@@ -669,14 +669,14 @@ def test_pacs_source_is_kept_checked_and_not_exported(store: CaseStore, tmp_path
         with pytest.raises(InvalidCaseError):
             save(store, seed=2, pacs=wrong)
     store.review_case(case.id, label="benign", who=person("Dr A"))
-    out = store.export_busi(tmp_path / "export", who=ADMIN)
+    out = export_busi(store, tmp_path / "export", who=ADMIN)
     assert source.study_uid not in (out / "cases.csv").read_text()
 
 
 def test_the_export_has_one_percent_column_per_class_and_local_minutes(store, tmp_path):
     case = save(store, 1, "benign")
     store.review_case(case.id, label="benign", who=person("Dr A"))
-    out = store.export_busi(tmp_path / "export", who=ADMIN)
+    out = export_busi(store, tmp_path / "export", who=ADMIN)
     with open(out / "cases.csv", newline="", encoding="utf-8") as fh:
         (row,) = list(csv.DictReader(fh))
     assert "probabilities" not in row

@@ -1,5 +1,5 @@
 """The Evaluate page's tables show the 95% intervals; its CSV downloads hold no spreadsheet
-formulas (bus_core.clinic.cases.csv_safe)."""
+formulas (bus_core.data.dataset.csv_safe)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import io
 import numpy as np
 import pytest
 
-from bus_core.clinic.cases import csv_safe
+from bus_core.data.dataset import csv_safe
 from bus_core.evaluation.intervals import score
 from ui.evaluation import (
     comparison_csv,

@@ -13,15 +13,10 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from bus_core.clinic.cases import (
-    Case,
-    CaseStore,
-    PacsSource,
-    StoreError,
-    default_database,
-    open_store,
-)
-from bus_core.errors import BusError
+from bus_core.clinic.cases import Case, CaseStore, PacsSource, open_store
+from bus_core.clinic.export import export_busi
+from bus_core.db import default_database
+from bus_core.errors import BusError, StoreError
 from bus_core.inference.predict import Prediction, Predictor
 from bus_core.roles import Identity
 from ui.common import identity, show_error
@@ -118,10 +113,10 @@ def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndar
 
 def export_cases_zip(store: CaseStore, *, who: Identity, only_confirmed: bool = True) -> bytes:
     """The cases `who` may export as a zip: `bus-cases/<label>/case-<id>.png` (+ masks) and
-    `bus-cases/cases.csv`, as `CaseStore.export_busi` writes them."""
+    `bus-cases/cases.csv`, as `export_busi` writes them."""
     buffer = BytesIO()
     with tempfile.TemporaryDirectory() as temp:
-        folder = store.export_busi(Path(temp) / EXPORT_FOLDER, who=who,
+        folder = export_busi(store, Path(temp) / EXPORT_FOLDER, who=who,
                                    only_confirmed=only_confirmed)
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(folder.rglob("*")):

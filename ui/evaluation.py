@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.colors
 import plotly.graph_objects as go
 
-from bus_core.clinic.cases import csv_safe
+from bus_core.data.dataset import csv_safe
 from bus_core.evaluation.evaluate import Evaluation
 from bus_core.evaluation.intervals import THRESHOLD_KEYS
 from bus_core.inference.report import BAR_COLOURS, DEFAULT_BAR

@@ -33,8 +33,9 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from confusables import is_confusable
 from sqlalchemy import Connection, RowMapping, func, insert, select, update
 
-from bus_core.clinic.cases import CaseStore, StoreError, account_log, users
-from bus_core.errors import BusError
+from bus_core.clinic.cases import CaseStore
+from bus_core.clinic.schema import account_log, users
+from bus_core.errors import BusError, StoreError
 from bus_core.roles import Identity, check_roles, require
 
 logger = logging.getLogger(__name__)

@@ -5,42 +5,28 @@ reviewed it, the confirmed label and notes. Confirmed cases become new training 
 exported as a BUSI-layout folder.
 
 Storage:
-- The database is SQLite by default (`<data dir>/cases.sqlite`, the data dir being $BUS_DATA_DIR
-  or ~/.bus_classifier), or PostgreSQL ($BUS_DATABASE_URL, shared by several app servers); any
-  SQLAlchemy URL can be given instead.
-- Images and masks are PNG files stored once per content, under
+- The database (bus_core.db: SQLite by default, or PostgreSQL) holds the cases' rows
+  (bus_core.clinic.schema); images and masks are PNG files stored once per content, under
   `<images dir>/<hash[:2]>/<hash>.png`, where the hash is the sha256 of the pixel array (dtype,
   shape and bytes); the database holds only hashes, so servers sharing a database share the
   images folder too. A case's new files are encoded first and written (atomically) inside its
   transaction, after its rows and just before the commit: a process killed before then leaves
   at most temporary files, which opening the store removes once `PARTIAL_WRITE_AGE_S` old, and
   never a case without its image.
-- Every change (a case and its audit entries) is one transaction. Writers take the write lock at
-  the start of their transaction (SQLite: BEGIN IMMEDIATE, in WAL mode with a 30 s busy timeout
-  and foreign keys on; PostgreSQL: an advisory transaction lock), so several threads and
-  processes can save cases at once.
+- Every change (a case and its audit entries) is one write transaction.
 - The audit logs have no update or delete API; triggers also refuse UPDATE and DELETE.
-- The schema is versioned (`schema_version` table) and upgraded on opening by the steps in
-  `MIGRATIONS`, each in its own write transaction (so two processes opening a new database at
-  once do not both upgrade it).
-- `shared_lock` serialises other work (starting a job, changing the model registry) between the
-  processes sharing the data folder and the database.
+- The schema is upgraded on opening (`schema.migrate`).
+- The BUSI-layout export is bus_core.clinic.export.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import re
-import shutil
-import sqlite3
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,51 +34,26 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import (
-    Boolean,
-    Column,
-    Connection,
-    Engine,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    create_engine,
-    event,
-    func,
-    insert,
-    inspect,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Connection, Engine, insert, select, update
 
 from bus_core import atomic
+from bus_core.clinic.schema import audit_log, cases, migrate, model_decisions, read_version, utc_now
 from bus_core.constants import CLASSES
 from bus_core.data.images import image_to_png_bytes
-from bus_core.errors import (
-    InvalidImageError,
-    MaskError,
-    StorageError,
-    plain_storage_message,
-    storage,
+from bus_core.db import (
+    ensure_writable,
+    locked,
+    open_engine,
+    resolve_url,
+    sqlite_folder,
+    transaction,
+    where,
 )
+from bus_core.errors import InvalidImageError, MaskError, StoreError, plain_storage_message
 from bus_core.roles import Identity, require
-from bus_core.settings import data_dir, database_url, keep_file_names
+from bus_core.settings import data_dir, keep_file_names
 
-try:
-    import fcntl
-except ImportError:  # Windows: shared_lock relies on the database alone
-    fcntl = None  # type: ignore[assignment]
-
-DB_FILE = "cases.sqlite"
 IMAGES_DIR = "images"
-BUSY_TIMEOUT_MS = 30_000
 PARTIAL_WRITE_AGE_S = 60.0
 """Temporary files of the images folder this old are left by killed writes and removed."""
 
@@ -104,23 +65,15 @@ ORDERABLE: tuple[str, ...] = ("created_at", "updated_at", "id", "status", "predi
                               "confirmed_label", "reviewer", "model_name")
 """Columns `list_cases` can sort by."""
 
+MaskSource = Literal["painted", "uploaded", "dataset", "suggested", "suggested, edited"]
+MASK_SOURCES: tuple[str, ...] = get_args(MaskSource)
+"""Who made a case's masks: painted by the user, uploaded files, a dataset's expert masks, the
+segmentation model's outline accepted as is, or that outline edited by the user."""
+
 _EXTENSION = re.compile(r"\.[a-z0-9]{1,5}")
 _DICOM_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _PACS_COLUMNS = ("pacs_endpoint", "study_uid", "series_uid", "sop_uid")
 """The columns of a case's `PacsSource`, in its fields' order."""
-_EXPORTED_FILE = re.compile(r"^case-\d+(?:_mask(?:_\d+)?)?\.png$")
-_CSV_COLUMNS = ("id", "path", "label", "mask", "mask_source", "predicted", "uncertain", "status",
-                *(f"{c}_percent" for c in CLASSES), "model", "model_hash", "reviewer", "notes",
-                "image_name", "owner", "created_at", "updated_at")
-"""The columns of an export's cases.csv: a percentage (1 decimal) per class; times in local
-minutes (`display_time`)."""
-
-
-class StoreError(StorageError):
-    """The case store cannot be used: folder not writable, database damaged, busy or too new,
-    or an image file missing."""
-
-
 class CaseNotFoundError(StoreError, LookupError):
     """No case has the given id."""
 
@@ -200,225 +153,6 @@ class AuditEntry:
     new_value: str | None
 
 
-# --- schema ----------------------------------------------------------------------------------
-
-MaskSource = Literal["painted", "uploaded", "dataset", "suggested", "suggested, edited"]
-MASK_SOURCES: tuple[str, ...] = get_args(MaskSource)
-"""Who made a case's masks: painted by the user, uploaded files, a dataset's expert masks, the
-segmentation model's outline accepted as is, or that outline edited by the user."""
-
-_metadata = MetaData()
-
-schema_version = Table("schema_version", _metadata, Column("version", Integer, nullable=False))
-
-cases = Table(
-    "cases", _metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("created_at", String(40), nullable=False),
-    Column("image_hash", String(64), nullable=False),
-    Column("image_name", Text, nullable=False),
-    Column("mask_hashes", Text, nullable=False),
-    Column("combine_mode", String(32)),
-    Column("model_name", Text, nullable=False),
-    Column("model_hash", String(64), nullable=False),
-    Column("probabilities", Text, nullable=False),
-    Column("predicted_label", String(32), nullable=False),
-    Column("confirmed_label", String(32)),
-    Column("cam_settings", Text),
-    Column("reviewer", Text, nullable=False),
-    Column("notes", Text, nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("updated_at", String(40), nullable=False),
-    Column("mask_source", String(32)),
-    Column("uncertain", Boolean),
-    Column("owner", Text),
-    Column("pacs_endpoint", Text),
-    Column("study_uid", String(64)),
-    Column("series_uid", String(64)),
-    Column("sop_uid", String(64)),
-)
-"""The cases table of the current schema (created by the migrations, never by create_all)."""
-
-users = Table(
-    "users", _metadata,
-    Column("name", String(128), primary_key=True),
-    Column("roles", Text, nullable=False),
-    Column("password_hash", Text),
-    Column("disabled", Boolean, nullable=False),
-    Column("failed_signins", Integer, nullable=False),
-    Column("locked_until", String(40)),
-    Column("created_at", String(40), nullable=False),
-    Column("updated_at", String(40), nullable=False),
-    Column("last_signin", String(40)),
-)
-"""Local accounts (bus_core.clinic.accounts): roles comma-separated; the password only as an argon2
-hash (NULL for a single-sign-on user whose roles are kept here)."""
-
-account_log = Table(
-    "account_log", _metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("at", String(40), nullable=False),
-    Column("who", Text, nullable=False),
-    Column("action", String(32), nullable=False),
-    Column("subject", Text),
-    Column("detail", Text),
-)
-"""The audit log of accounts (append-only): sign-ins, failed sign-ins, sign-outs, users added,
-role changes, disabling, password changes; `who` acted on `subject`."""
-
-model_decisions = Table(
-    "model_decisions", _metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("at", String(40), nullable=False),
-    Column("action", String(32), nullable=False),
-    Column("who", Text, nullable=False),
-    Column("entry", Text, nullable=False),
-)
-"""The model decision log (append-only; bus_core.clinic.gate): each activation, override, block,
-rejection and roll back, `entry` being the whole decision as JSON."""
-
-audit_log = Table(
-    "audit_log", _metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("at", String(40), nullable=False),
-    Column("case_id", Integer, ForeignKey("cases.id"), nullable=False, index=True),
-    Column("who", Text, nullable=False),
-    Column("action", String(16), nullable=False),
-    Column("field", String(32)),
-    Column("old_value", Text),
-    Column("new_value", Text),
-)
-
-_V2_CASE_INDEXES = (Index("ix_cases_created_at", cases.c.created_at),
-                    Index("ix_cases_status", cases.c.status))
-
-
-def _create_v1(conn: Connection) -> None:
-    """Schema 1: the cases table without review notes, reviewer, status, CAM settings."""
-    v1 = MetaData()
-    Table("cases", v1,
-          Column("id", Integer, primary_key=True, autoincrement=True),
-          Column("created_at", String(40), nullable=False),
-          Column("image_hash", String(64), nullable=False),
-          Column("image_name", Text, nullable=False),
-          Column("mask_hashes", Text, nullable=False),
-          Column("combine_mode", String(32)),
-          Column("model_name", Text, nullable=False),
-          Column("model_hash", String(64), nullable=False),
-          Column("probabilities", Text, nullable=False),
-          Column("predicted_label", String(32), nullable=False),
-          Column("confirmed_label", String(32)))
-    v1.create_all(conn)
-
-
-def _upgrade_v1_to_v2(conn: Connection) -> None:
-    """Schema 2: review columns on cases, the audit log (append-only), indexes; existing cases
-    get their status and a 'created' entry (plus their review, when they have one)."""
-    for column in ("cam_settings TEXT", "reviewer TEXT NOT NULL DEFAULT ''",
-                   "notes TEXT NOT NULL DEFAULT ''",
-                   "status VARCHAR(16) NOT NULL DEFAULT 'unreviewed'",
-                   "updated_at VARCHAR(40) NOT NULL DEFAULT ''"):
-        conn.execute(text(f"ALTER TABLE cases ADD COLUMN {column}"))
-    conn.execute(text(
-        "UPDATE cases SET updated_at = created_at, status = CASE "
-        "WHEN confirmed_label IS NULL THEN 'unreviewed' "
-        "WHEN confirmed_label = predicted_label THEN 'confirmed' ELSE 'corrected' END"))
-    audit_log.create(conn)
-    for index in _V2_CASE_INDEXES:
-        index.create(conn)
-    _append_only(conn, "audit_log")
-    _backfill_audit(conn)
-
-
-def _backfill_audit(conn: Connection) -> None:
-    rows = conn.execute(select(cases.c.id, cases.c.created_at, cases.c.predicted_label,
-                               cases.c.confirmed_label, cases.c.status)).all()
-    entries = [dict(at=r.created_at, case_id=r.id, who="", action="created",
-                    field="predicted_label", old_value=None, new_value=r.predicted_label)
-               for r in rows]
-    entries += [dict(at=_now(), case_id=r.id, who="", action=r.status, field="confirmed_label",
-                     old_value=None, new_value=r.confirmed_label)
-                for r in rows if r.confirmed_label is not None]
-    if entries:
-        conn.execute(insert(audit_log), entries)
-
-
-def _upgrade_v2_to_v3(conn: Connection) -> None:
-    """Schema 3: where a case's mask came from (`MASK_SOURCES`; NULL for older cases)."""
-    conn.execute(text("ALTER TABLE cases ADD COLUMN mask_source VARCHAR(32)"))
-
-
-def _upgrade_v3_to_v4(conn: Connection) -> None:
-    """Schema 4: whether the model was uncertain (below its card's certainty threshold: no
-    answer); NULL for older cases, read as not uncertain."""
-    conn.execute(text("ALTER TABLE cases ADD COLUMN uncertain BOOLEAN"))
-
-
-def _upgrade_v4_to_v5(conn: Connection) -> None:
-    """Schema 5: accounts (users, account_log, append-only) and who saved each case (`owner`;
-    NULL for older cases)."""
-    conn.execute(text("ALTER TABLE cases ADD COLUMN owner TEXT"))
-    users.create(conn)
-    account_log.create(conn)
-    _append_only(conn, "account_log")
-
-
-def _upgrade_v5_to_v6(conn: Connection) -> None:
-    """Schema 6: the model decision log in the database (append-only); decisions of earlier
-    versions stay in their JSON-lines file, which bus_core.clinic.gate still reads."""
-    model_decisions.create(conn)
-    _append_only(conn, "model_decisions")
-
-
-def _upgrade_v6_to_v7(conn: Connection) -> None:
-    """Schema 7: where in the hospital archive a case's image came from (`PacsSource`: the
-    PACS's name and the study, series and instance UIDs; NULL for other and older cases)."""
-    for column in ("pacs_endpoint TEXT", "study_uid VARCHAR(64)", "series_uid VARCHAR(64)",
-                   "sop_uid VARCHAR(64)"):
-        conn.execute(text(f"ALTER TABLE cases ADD COLUMN {column}"))
-
-
-def _append_only(conn: Connection, table: str) -> None:
-    """Triggers that refuse UPDATE and DELETE (and, on PostgreSQL, TRUNCATE) on `table`."""
-    message = f"the {table.replace('_', ' ')} is append-only"
-    if conn.dialect.name == "sqlite":
-        for verb in ("UPDATE", "DELETE"):
-            conn.execute(text(
-                f"CREATE TRIGGER {table}_no_{verb.lower()} BEFORE {verb} ON {table} "
-                f"BEGIN SELECT RAISE(ABORT, '{message}'); END"))
-    elif conn.dialect.name == "postgresql":
-        conn.execute(text(
-            f"CREATE FUNCTION {table}_refuse_change() RETURNS trigger LANGUAGE plpgsql AS "
-            f"$$ BEGIN RAISE EXCEPTION '{message}'; END $$"))
-        for verb, level in (("UPDATE OR DELETE", "ROW"), ("TRUNCATE", "STATEMENT")):
-            name = "no_truncate" if verb == "TRUNCATE" else "no_change"
-            conn.execute(text(
-                f"CREATE TRIGGER {table}_{name} BEFORE {verb} ON {table} "
-                f"FOR EACH {level} EXECUTE FUNCTION {table}_refuse_change()"))
-
-
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_create_v1, _upgrade_v1_to_v2,
-                                                        _upgrade_v2_to_v3, _upgrade_v3_to_v4,
-                                                        _upgrade_v4_to_v5, _upgrade_v5_to_v6,
-                                                        _upgrade_v6_to_v7)
-"""Step i upgrades a database from schema version i to i + 1."""
-
-CURRENT_SCHEMA_VERSION = len(MIGRATIONS)
-
-
-# --- opening ---------------------------------------------------------------------------------
-
-def default_db_path() -> Path:
-    """Where the case database lives without $BUS_DATABASE_URL: `<data dir>/cases.sqlite`."""
-    return data_dir() / DB_FILE
-
-
-def default_database() -> str:
-    """The database the app and the command line use: $BUS_DATABASE_URL, else
-    `default_db_path()`."""
-    return database_url() or str(default_db_path())
-
-
 def open_store(url_or_path: str | Path | None = None, *,
                images_dir: str | Path | None = None) -> CaseStore:
     """Open (creating and upgrading as needed) the case store.
@@ -428,25 +162,14 @@ def open_store(url_or_path: str | Path | None = None, *,
     `images_dir`, by default an `images` folder beside a SQLite file, else `<data dir>/images`.
     Raises `StoreError`.
     """
-    url = _resolve_url(url_or_path)
-    database = url.database if url.get_backend_name() == "sqlite" else None
-    on_disk = database is not None and database not in ("", ":memory:") and \
-        not database.startswith("file:")
-    folder = Path(database).parent if on_disk and database else None
+    url = resolve_url(url_or_path)
+    folder = sqlite_folder(url)
     if folder is not None:
-        _ensure_writable(folder)
+        ensure_writable(folder)
     images = Path(images_dir).expanduser() if images_dir is not None else (
         folder / IMAGES_DIR if folder is not None else data_dir() / IMAGES_DIR)
-    _ensure_writable(images)
-    try:
-        engine = create_engine(url)
-    except (SQLAlchemyError, ImportError) as exc:
-        raise StoreError(f"Cannot open the case database "
-                         f"{url.render_as_string(hide_password=True)}: {exc}.") from exc
-    if engine.dialect.name == "sqlite":
-        _configure_sqlite(engine)
-    elif engine.dialect.name == "postgresql":
-        _configure_postgresql(engine)
+    ensure_writable(images)
+    engine = open_engine(url)
     store = CaseStore(engine, images)
     try:
         store.migrate()
@@ -455,105 +178,6 @@ def open_store(url_or_path: str | Path | None = None, *,
         engine.dispose()
         raise
     return store
-
-
-def _resolve_url(url_or_path: str | Path | None) -> URL:
-    if url_or_path is None:
-        url_or_path = default_database()
-    if isinstance(url_or_path, str) and "://" in url_or_path:
-        try:
-            return make_url(url_or_path)
-        except SQLAlchemyError as exc:
-            raise StoreError(f"{url_or_path!r} is not a database address: {exc}.") from exc
-    else:
-        path = Path(url_or_path).expanduser()
-        if path.is_dir():
-            path = path / DB_FILE
-    return URL.create("sqlite", database=str(path.resolve()))
-
-
-def _ensure_writable(folder: Path, advice: str = "Set BUS_DATA_DIR to a writable folder.") -> None:
-    """Create `folder` if needed and check a file can be written in it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise StoreError(f"Cannot write to {folder}: {exc.strerror or exc}. {advice}",
-                         plain=plain_storage_message(exc)) from exc
-
-
-def _enable_wal(cursor: Any) -> None:
-    """Switch a new database to WAL. The switch needs an exclusive lock and SQLite may refuse it
-    at once, without waiting, while another process creates the same database: retry then,
-    within the busy timeout."""
-    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-    while True:
-        try:
-            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-                cursor.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def _configure_sqlite(engine: Engine) -> None:
-    """WAL, busy timeout and foreign keys on every connection; BEGIN IMMEDIATE for writers."""
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        _enable_wal(cursor)
-        cursor.execute("PRAGMA foreign_keys = ON")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        write = conn.get_execution_options().get("bus_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-
-def _configure_postgresql(engine: Engine) -> None:
-    """Writers take the advisory lock WRITE_LOCK at the start of their transaction."""
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        if conn.get_execution_options().get("bus_write", False):
-            _advisory_lock(conn, WRITE_LOCK)
-
-
-WRITE_LOCK = "writes"
-"""The name of the database lock every write transaction takes on PostgreSQL."""
-
-
-def _advisory_lock(conn: Connection, name: str) -> None:
-    """Wait for the PostgreSQL advisory lock `name`, held until the transaction ends."""
-    key = int.from_bytes(hashlib.sha256(f"bus_core:{name}".encode()).digest()[:8], "big",
-                         signed=True)
-    conn.execute(select(func.pg_advisory_xact_lock(key)))
-
-
-@contextmanager
-def shared_lock(name: str) -> Iterator[None]:
-    """Hold the lock `name` while the block runs: one process at a time among those sharing the
-    data folder (a lock file `<data dir>/.<name>.lock`) and, with $BUS_DATABASE_URL, among those
-    sharing that database (`CaseStore.locked`). Raises `StorageError` or `StoreError`."""
-    folder = data_dir()
-    with ExitStack() as stack:
-        with storage(f"use the data folder {folder}"):
-            folder.mkdir(parents=True, exist_ok=True)
-            handle = stack.enter_context(open(folder / f".{name}.lock", "a"))
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        url = database_url()
-        if url is not None:
-            store = stack.enter_context(open_store(url))
-            stack.enter_context(store.locked(name))
-        yield
 
 
 # --- the store -------------------------------------------------------------------------------
@@ -565,7 +189,6 @@ class CaseStore:
         """Use `open_store`; this wraps an engine already set up and migrated."""
         self.engine = engine
         self.images_dir = Path(images_dir)
-        self._writer = engine.execution_options(bus_write=True)
 
     def __enter__(self) -> CaseStore:
         return self
@@ -579,11 +202,8 @@ class CaseStore:
 
     @contextmanager
     def locked(self, name: str) -> Iterator[None]:
-        """Hold the database lock `name` while the block runs; other processes asking for it
-        wait (PostgreSQL: an advisory lock; SQLite: the write lock, as the file has no other)."""
-        with self.transaction(write=self.engine.dialect.name == "sqlite") as conn:
-            if conn.dialect.name == "postgresql":
-                _advisory_lock(conn, name)
+        """Hold the database lock `name` while the block runs (`db.locked`)."""
+        with locked(self.engine, name):
             yield
 
     # -- schema --
@@ -591,23 +211,12 @@ class CaseStore:
     def schema_version(self) -> int:
         """The database's schema version (0 for an empty database)."""
         with self.transaction() as conn:
-            return _read_version(conn)
+            return read_version(conn)
 
     def migrate(self) -> int:
-        """Bring the schema up to CURRENT_SCHEMA_VERSION, one step per transaction; returns
-        the version reached."""
-        while True:
-            with self.transaction(write=True) as conn:
-                version = _read_version(conn, create=True)
-                if version > CURRENT_SCHEMA_VERSION:
-                    raise StoreError(
-                        f"The case database {self._where()} was made by a newer version of this "
-                        f"app (schema {version}, this app knows up to {CURRENT_SCHEMA_VERSION}): "
-                        "update the app.")
-                if version == CURRENT_SCHEMA_VERSION:
-                    return version
-                MIGRATIONS[version](conn)
-                conn.execute(update(schema_version).values(version=version + 1))
+        """Bring the schema up to CURRENT_SCHEMA_VERSION (`schema.migrate`); returns the
+        version reached."""
+        return migrate(self.engine)
 
     def remove_partial_writes(self) -> list[Path]:
         """Remove the temporary files that killed writes left in the images folder (those older
@@ -648,7 +257,7 @@ class CaseStore:
         new_files = {content_hash: image_to_png_bytes(array) for content_hash, array
                      in zip((image_hash, *mask_hashes), (pixels, *lesions))
                      if not self.image_path(content_hash).exists()}
-        now = _now()
+        now = utc_now()
         if not keep_file_names():
             image_name = pseudonym(image_hash, image_name)
         row = dict(created_at=now, updated_at=now, image_hash=image_hash,
@@ -708,13 +317,13 @@ class CaseStore:
         signer = _signer(who, "review")
         with self.transaction(write=True) as conn:
             _fetch(conn, case_id)
-            _audit(conn, case_id, signer, action, field, None, value, at=_now())
+            _audit(conn, case_id, signer, action, field, None, value, at=utc_now())
 
     @staticmethod
     def _apply(conn: Connection, case: Case, who: str, action: str, changes: dict[str, str],
                always: Sequence[str] = ()) -> None:
         """Update `case` with `changes` and audit each changed field (and those in `always`)."""
-        now = _now()
+        now = utc_now()
         conn.execute(update(cases).where(cases.c.id == case.id).values(**changes, updated_at=now))
         for field, new in changes.items():
             old = getattr(case, field)
@@ -803,69 +412,17 @@ class CaseStore:
 
     # -- export --
 
-    def export_busi(self, out_dir: str | Path, *, who: Identity,
-                    only_confirmed: bool = True) -> Path:
-        """Write cases as a BUSI-layout folder: `<out>/<label>/case-<id>.png` with its masks
-        `case-<id>_mask.png`, `case-<id>_mask_1.png`, ... and `<out>/cases.csv` (one row per
-        case; its path, label and mask columns make it a manifest too). The label is the
-        confirmed one; with only_confirmed=False unreviewed cases go under their prediction.
-        Files of an earlier export into the same folder are replaced. An admin exports every
-        case; a clinician only those they saved. Returns the folder."""
-        selected = self.confirmed_cases() if only_confirmed else self.list_cases(
-            order_by="id", descending=False)
-        if not who.can("export_all"):
-            require(who, "export_own")
-            selected = [case for case in selected if case.owner == who.name]
-        return self.write_busi(selected, out_dir)
-
-    def write_busi(self, selected: Sequence[Case], out_dir: str | Path) -> Path:
-        """Write `selected` as `export_busi` does (no role check: for the server's own use,
-        such as retraining). Returns the folder."""
-        out = Path(out_dir).expanduser()
-        _ensure_writable(out, "Choose a folder you can write to.")
-        try:
-            _remove_previous_export(out)
-            rows = [self._export_case(case, out) for case in selected]
-            _write_csv(out / "cases.csv", rows)
-        except OSError as exc:
-            raise StoreError(f"Cannot export the cases to {out}: {exc.strerror or exc}.") from exc
-        return out
-
-    def _export_case(self, case: Case, out: Path) -> dict[str, Any]:
-        folder = out / case.label
-        folder.mkdir(exist_ok=True)
-        stem = f"case-{case.id}"
-        names = [f"{stem}.png"] + [f"{stem}_mask.png" if i == 0 else f"{stem}_mask_{i}.png"
-                                   for i in range(len(case.mask_hashes))]
-        for name, content_hash in zip(names, (case.image_hash, *case.mask_hashes)):
-            shutil.copyfile(self._existing(content_hash, case), folder / name)
-        paths = [f"{case.label}/{name}" for name in names]
-        return {"id": case.id, "path": paths[0], "label": case.label, "mask": ";".join(paths[1:]),
-                "mask_source": case.mask_source or "", "predicted": case.predicted_label,
-                "uncertain": "yes" if case.uncertain else "no", "status": case.status,
-                **{f"{c}_percent": f"{100 * case.probabilities[c]:.1f}"
-                   if c in case.probabilities else "" for c in CLASSES},
-                "model": case.model_name,
-                "model_hash": case.model_hash, "reviewer": case.reviewer, "notes": case.notes,
-                "image_name": case.display_name, "owner": case.owner or "",
-                "created_at": display_time(case.created_at),
-                "updated_at": display_time(case.updated_at)}
-
     # -- internals --
 
     @contextmanager
     def transaction(self, write: bool = False) -> Iterator[Connection]:
         """A transaction (holding the write lock from its start when `write`); database
         failures become `StoreError`."""
-        try:
-            with (self._writer if write else self.engine).begin() as conn:
-                yield conn
-        except SQLAlchemyError as exc:
-            cause = getattr(exc, "orig", None) or exc
-            raise StoreError(f"The case database {self._where()} cannot be used: {cause}.") from exc
+        with transaction(self.engine, write) as conn:
+            yield conn
 
     def _where(self) -> str:
-        return self.engine.url.render_as_string(hide_password=True)
+        return where(self.engine)
 
     def _write_images(self, encoded: Mapping[str, bytes]) -> None:
         """Write PNG bytes under their content hashes, each file once."""
@@ -879,7 +436,7 @@ class CaseStore:
                                      f"{exc.strerror or exc}. Set BUS_DATA_DIR to a writable "
                                      "folder.", plain=plain_storage_message(exc)) from exc
 
-    def _existing(self, content_hash: str, case: Case) -> Path:
+    def existing_file(self, content_hash: str, case: Case) -> Path:
         path = self.image_path(content_hash)
         if not path.is_file():
             raise StoreError(f"An image of case {case.id} ({case.display_name}) is missing: "
@@ -887,36 +444,14 @@ class CaseStore:
         return path
 
     def _open(self, content_hash: str, case: Case) -> Image.Image:
-        with Image.open(self._existing(content_hash, case)) as image:
+        with Image.open(self.existing_file(content_hash, case)) as image:
             image.load()
             return image
 
 
 # --- helpers ---------------------------------------------------------------------------------
 
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
-
-def csv_safe(value: Any) -> Any:
-    """A CSV cell a spreadsheet will not run as a formula: text starting with =, +, -, @, tab
-    or carriage return gets a leading apostrophe; other values are kept."""
-    if isinstance(value, str) and value.startswith(FORMULA_START):
-        return "'" + value
-    return value
-
-
-def _read_version(conn: Connection, create: bool = False) -> int:
-    """The schema version; with `create`, make the version table of an empty database."""
-    if create:
-        schema_version.create(conn, checkfirst=True)
-    elif not inspect(conn).has_table("schema_version"):
-        return 0
-    version = conn.execute(select(schema_version.c.version)).scalar()
-    if version is None:
-        version = 0
-        if create:
-            conn.execute(insert(schema_version).values(version=0))
-    return int(version)
 
 
 def _fetch(conn: Connection, case_id: int) -> Case:
@@ -949,9 +484,6 @@ def display_time(stamp: str) -> str:
     shows and exports."""
     return datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def _iso(moment: datetime | str) -> str:
@@ -1046,20 +578,3 @@ def _atomic_write(path: Path, data: bytes) -> None:
     """Write a file so that it appears whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(path, data)
-
-
-def _remove_previous_export(out: Path) -> None:
-    for label in CLASSES:
-        folder = out / label
-        if folder.is_dir():
-            for path in folder.iterdir():
-                if _EXPORTED_FILE.match(path.name):
-                    path.unlink()
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: csv_safe(v) for k, v in row.items()} for row in rows)
-    _atomic_write(path, buffer.getvalue().encode("utf-8"))

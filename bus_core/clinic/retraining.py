@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from bus_core import atomic
 from bus_core.clinic.cases import CaseStore
+from bus_core.clinic.export import write_busi
 from bus_core.data.dataset import Record, load_many, load_records
 from bus_core.data.splits import find_groups, load_split, make_split, split_records
 from bus_core.errors import DataError, ModelError, storage
@@ -170,7 +171,7 @@ def prepare_retraining(store: CaseStore, *, who: Identity, base_data: Sequence[s
     if model_dir.exists():
         raise ModelError(f"A model named {name} already exists: choose another name.")
     work = Path(out_dir or default_work_dir()).expanduser().resolve()
-    cases_dir = store.write_busi(store.confirmed_cases(), work / name / "cases")
+    cases_dir = write_busi(store, store.confirmed_cases(), work / name / "cases")
     cases = _exported_cases(cases_dir)
     if not cases:
         raise DataError("There are no reviewed cases yet: confirm or correct some cases first.")

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from bus_core import atomic
 from bus_core.constants import CLASSES, IMAGE_SUFFIXES
@@ -228,3 +229,13 @@ def _csv_record(manifest: Path, line: int, row: dict[str, str | None]) -> Record
 def _clean_path(value: str | None) -> str:
     """A manifest path with '/' separators (manifests written on Windows use '\\')."""
     return (value or "").strip().replace("\\", "/")
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+def csv_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run as a formula: text starting with =, +, -, @, tab
+    or carriage return gets a leading apostrophe; other values are kept."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value

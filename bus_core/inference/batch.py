@@ -37,9 +37,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from bus_core.clinic.cases import csv_safe
 from bus_core.constants import IMAGE_SUFFIXES
-from bus_core.data.dataset import load_records, mask_owner
+from bus_core.data.dataset import csv_safe, load_records, mask_owner
 from bus_core.data.images import RASTER_FORMATS, frame_count, load_image, load_mask, sniff_kind
 from bus_core.errors import BusError, storage
 from bus_core.inference.predict import Prediction, Predictor, Prepare

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from bus_core import atomic
-from bus_core.clinic.cases import shared_lock
+from bus_core.db import shared_lock
 from bus_core.errors import ModelError, storage
 from bus_core.models.build import (
     CARD_FILE,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bus_core import atomic
-from bus_core.clinic.cases import shared_lock
+from bus_core.db import shared_lock
 from bus_core.errors import BusError, storage
 from bus_core.roles import Identity, require
 from bus_core.settings import PROJECT_ROOT, data_dir
