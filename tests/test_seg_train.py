@@ -16,7 +16,6 @@ from bus_core.data.dataset import load_records
 from bus_core.data.splits import make_split, save_split
 from bus_core.models.build import load_model, read_card
 from bus_core.training.segmenter import (
-    Packed,
     epoch_plan,
     get_args_parser,
     lesion_free_window,
@@ -24,6 +23,7 @@ from bus_core.training.segmenter import (
     pack,
     seg_loss,
 )
+from bus_core.training.segmenter_common import Packed
 from tests.conftest import synthetic_image
 
 

@@ -13,14 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bus_core import atomic
+from bus_core.cli.common import add_backend, add_data, write_output
 from bus_core.data.splits import EVALUATION_SUBSETS
-from bus_core.errors import BusError, storage, storage_message
-
-
-def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", action="append", required=required,
-                   help="BUSI-layout folder or CSV manifest (repeat to combine)")
+from bus_core.errors import BusError, storage_message
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -83,7 +78,7 @@ def _evaluate_segmenter(args: argparse.Namespace, loaded) -> int:
     print(f"Segmentation model {result['model']} on {len(records)} images ({data['subset']}):")
     print(format_segmentation(result))
     if args.json:
-        _write_output(args.json, json.dumps(result, indent=2, allow_nan=False))
+        write_output(args.json, json.dumps(result, indent=2, allow_nan=False))
         print(f"Metrics written to {args.json}")
     return 0
 
@@ -147,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out = {**result.metrics, "misclassified": [
             {"id": i, "true": t, "predicted": p, "probability": q}
             for i, t, p, q in result.misclassified()]}
-        _write_output(args.json, json.dumps(out, indent=2, allow_nan=False))
+        write_output(args.json, json.dumps(out, indent=2, allow_nan=False))
         print(f"Metrics written to {args.json}")
     return 0
 
@@ -208,7 +203,7 @@ def _outline_check(args: argparse.Namespace, loaded: Any, records: list[Any],
     if args.json:
         out = {"outline_agreement": summary,
                "metrics": {k: r.metrics for k, r in results.items()}}
-        _write_output(args.json, json.dumps(out, indent=2, allow_nan=False))
+        write_output(args.json, json.dumps(out, indent=2, allow_nan=False))
         print(f"Metrics written to {args.json}")
     return 0
 
@@ -246,7 +241,7 @@ def _two_stage(args: argparse.Namespace, loaded: Any, records: list[Any],
     print(format_metrics(metrics))
     _fitted_threshold(result)
     if args.json:
-        _write_output(args.json, json.dumps(metrics, indent=2, allow_nan=False))
+        write_output(args.json, json.dumps(metrics, indent=2, allow_nan=False))
         print(f"Metrics written to {args.json}")
     return 0
 
@@ -287,7 +282,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.cam:
         heat = predictor.explain(prediction, target=args.target, method=args.cam_method)
         seen = prediction.explained_by(args.target or prediction.label).model_view
-        _write_output(args.cam, image_to_png_bytes(overlay(seen, heat)))
+        write_output(args.cam, image_to_png_bytes(overlay(seen, heat)))
         out["cam"] = args.cam
     if args.json:
         print(json.dumps(out, indent=2))
@@ -448,7 +443,7 @@ def cmd_leak(args: argparse.Namespace) -> int:
         print(f"  {mode:<14} " + "  ".join(
             f"{label} {v['black_share']:.2f} (n={v['n']})" for label, v in per_class.items()))
     if args.json:
-        _write_output(args.json, json.dumps({"data": data, "n": len(records),
+        write_output(args.json, json.dumps({"data": data, "n": len(records),
                                                "black_share": result}, indent=2))
     return 0
 
@@ -596,13 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a model on data")
     p.add_argument("--model", help="model folder (default: the active model)")
-    _add_data(p)
+    add_data(p)
     p.add_argument("--split", help="split JSON; evaluate only --subset of it")
     p.add_argument("--subset", default="test", choices=EVALUATION_SUBSETS)
     p.add_argument("--json", help="write the metrics as JSON to this file")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--batch-size", type=int, default=32)
-    _add_backend(p)
+    add_backend(p)
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average each image with its mirror")
     p.add_argument("--input-mode", choices=INPUT_MODES,
@@ -651,11 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="class to explain (default: the predicted one)")
     p.add_argument("--cam-method", default="gradcam", choices=("gradcam", "gradcam++"))
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    _add_backend(p)
+    add_backend(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("split", help="make a leakage-safe split file")
-    _add_data(p)
+    add_data(p)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ratios", type=float, nargs=3, default=[0.7, 0.15, 0.15],
@@ -686,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(func=cmd_compare)
 
     p = sub.add_parser("leak", help="measure the mask leak: black inputs per class and mode")
-    _add_data(p)
+    add_data(p)
     p.add_argument("--split", help="split JSON; measure only --subset of it")
     p.add_argument("--subset", default="test", choices=("train", "val", "test"))
     p.add_argument("--json", help="write the shares as JSON to this file")
@@ -694,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("manifest", help="write data (or one split subset) as a CSV manifest, "
                                         "e.g. to add only the training patients with --extra-train")
-    _add_data(p)
+    add_data(p)
     p.add_argument("--split", help="split JSON; write only --subset of it")
     p.add_argument("--subset", default="train", choices=("train", "val", "test"))
     p.add_argument("--out", required=True, help="CSV file to write")
@@ -708,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "before the first reading")
     p.add_argument("--model", help="model folder (default: the active model)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    _add_backend(p)
+    add_backend(p)
     p.set_defaults(func=cmd_warm)
 
     from bus_core.roles import ROLES
@@ -744,22 +739,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pacs_parser(sub)
     return parser
-
-
-def _add_backend(p: argparse.ArgumentParser) -> None:
-    from bus_core.runtime.backends import BACKEND_ENV, BACKENDS
-
-    p.add_argument("--backend", choices=BACKENDS,
-                   help=f"forward pass: OpenVINO on CPUs where installed ('auto'), 'openvino' or "
-                        f"'torch' (default: ${BACKEND_ENV}, else auto)")
-
-
-def _write_output(path: str, content: str | bytes) -> None:
-    """Write an output file named on the command line (--json, --cam), making its folder."""
-    target = Path(path)
-    with storage(f"write {target}"):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_bytes(target, content.encode() if isinstance(content, str) else content)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import argparse
 import datetime as dt
 import json
 
+from bus_core.cli.common import add_backend, write_output
 from bus_core.errors import BusError
 
 
@@ -70,9 +71,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{ref.label:<16} not read: {exc}")
         rows.append(row)
     if args.json:
-        from bus_core.cli.main import _write_output
 
-        _write_output(args.json, json.dumps({"study_uid": args.study, "model":
+        write_output(args.json, json.dumps({"study_uid": args.study, "model":
                                              predictor.card.name, "images": rows}, indent=2))
         print(f"Results written to {args.json}")
     return 0 if any("error" not in row for row in rows) else 2
@@ -113,7 +113,6 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """The `pacs` command and its actions."""
-    from bus_core.cli.main import _add_backend
     from bus_core.runtime.device import DEVICE_CHOICES
 
     p = sub.add_parser("pacs", help="the hospital archive over DICOMweb: find, predict, send")
@@ -135,7 +134,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--model", help="model folder (default: the active model)")
         q.add_argument("--frame", type=int, default=0, help="frame of multi-frame images")
         q.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-        _add_backend(q)
+        add_backend(q)
         q.set_defaults(func=func)
         if name == "predict":
             q.add_argument("--json", help="also write the results to this JSON file")

@@ -7,8 +7,6 @@ computed in fp32 on the model's device.
 
 from __future__ import annotations
 
-from typing import TypeGuard
-
 import cv2
 import numpy as np
 import torch
@@ -17,7 +15,7 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from bus_core.models.build import DenseNetClassifier
+from bus_core.models.build import DenseNetClassifier, pools_into_linear
 
 CAM_LABELS: dict[str, str] = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
 """CAM method ids (what cases and the CLI use) and their display names."""
@@ -47,13 +45,6 @@ def compute_cam(model: nn.Module, layer: nn.Module, input_tensor: torch.Tensor,
                    targets=[ClassifierOutputTarget(target_class)] * len(batch))
     return np.nan_to_num(maps[0].astype(np.float32))
 
-
-def pools_into_linear(model: nn.Module, layer: nn.Module | None = None
-                      ) -> TypeGuard[DenseNetClassifier]:
-    """True for a `models.DenseNetClassifier` (with `layer`: when it is its `final_relu`):
-    that layer feeds only global average pooling and a linear classifier, so its Grad-CAM has
-    a closed form (`gradcam_from_activations`)."""
-    return isinstance(model, DenseNetClassifier) and (layer is None or layer is model.final_relu)
 
 
 def head_weights(model: DenseNetClassifier, target_class: int) -> np.ndarray:

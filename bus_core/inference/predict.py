@@ -45,7 +45,13 @@ from bus_core.metrics import (
     percent_pair,
     softmax,
 )
-from bus_core.models.build import LoadedModel, ModelCard, gradcam_layer, load_model
+from bus_core.models.build import (
+    LoadedModel,
+    ModelCard,
+    gradcam_layer,
+    load_model,
+    pools_into_linear,
+)
 from bus_core.models.registry import active_model_path, no_model_message, two_stage_folders
 from bus_core.runtime.backends import choose_forward
 from bus_core.runtime.device import DeviceConfig, choose_device, physical_cores, prepare_model
@@ -383,7 +389,7 @@ class Predictor:
             return self.whole.explain(prediction.whole, target, method)
         target_class = self.classes.index(target or prediction.label)
         if method == "gradcam" and prediction.activations is not None and \
-                cam_lib.pools_into_linear(self.model):
+                pools_into_linear(self.model):
             return cam_lib.gradcam_from_activations(
                 prediction.activations, cam_lib.head_weights(self.model, target_class),
                 (prediction.tensor.shape[-2], prediction.tensor.shape[-1]))

@@ -14,7 +14,7 @@ import math
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +129,14 @@ def build_model(arch: str = "densenet121", num_classes: int = len(CLASSES),
                       if k in own and own[k].shape == v.shape}
         model.load_state_dict(compatible, strict=False)
     return model
+
+
+def pools_into_linear(model: nn.Module, layer: nn.Module | None = None
+                      ) -> TypeGuard[DenseNetClassifier]:
+    """True for a `DenseNetClassifier` (with `layer`: when it is its `final_relu`):
+    that layer feeds only global average pooling and a linear classifier, so its Grad-CAM has
+    a closed form (`gradcam_from_activations`)."""
+    return isinstance(model, DenseNetClassifier) and (layer is None or layer is model.final_relu)
 
 
 def gradcam_layer(model: nn.Module, arch: str) -> nn.Module:

@@ -48,8 +48,7 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 from bus_core.atomic import write_text
-from bus_core.inference.cam import pools_into_linear
-from bus_core.models.build import DenseNetClassifier
+from bus_core.models.build import DenseNetClassifier, pools_into_linear
 from bus_core.runtime.device import DeviceConfig, autocast, cpu_supports_bf16, to_device
 from bus_core.settings import data_dir
 

@@ -43,19 +43,17 @@ from tqdm.auto import tqdm
 
 from bus_core import atomic
 from bus_core.constants import CLASSES, NORMAL
-from bus_core.data.augment import FULL, Window, augment_batch, eval_batch
-from bus_core.data.dataset import Record, load_records
+from bus_core.data.augment import FULL, Window, augment_batch
+from bus_core.data.dataset import Record
 from bus_core.data.images import load_image
 from bus_core.data.inputs import record_lesion_mask
 from bus_core.data.loader import class_weights
 from bus_core.data.masks import lesion_free_box
 from bus_core.data.presets import fit_square
-from bus_core.data.splits import load_split, split_records
 from bus_core.errors import DataError, storage
-from bus_core.evaluation.evaluate import segmentation_summary
 from bus_core.metrics import compute_metrics, softmax
 from bus_core.models.build import load_model
-from bus_core.models.unet import DenseNetUNet, PostProcess, dice_iou, postprocess
+from bus_core.models.unet import DenseNetUNet
 from bus_core.runtime.device import (
     DEVICE_CHOICES,
     autocast,
@@ -65,46 +63,18 @@ from bus_core.runtime.device import (
 )
 from bus_core.training.averaging import WeightAverage, add_shared_training_options
 from bus_core.training.runs import ProgressLog, RunFiles, next_epoch_fits
+from bus_core.training.segmenter_common import (
+    Packed,
+    SegTrainConfig,
+    forward_packed,
+    source_subsets,
+    square_figures,
+)
+from bus_core.training.segmenter_release import export_run
 from bus_core.training.train import atomic_torch_save, save_weights
 
 MIN_WINDOW = 0.35
 """A lesion-free window is used only when both its sides are at least this share of the image."""
-
-
-@dataclass
-class SegTrainConfig:
-    """Every setting of a segmentation / multi-task run (saved as train/config.json)."""
-
-    data: list[str]
-    split: list[str]
-    out: str
-    init: str = "random"
-    size: int = 224
-    cache_size: int = 256
-    epochs: int = 30
-    epoch_size: int = 1200
-    batch_size: int = 16
-    lr: float = 1e-3
-    encoder_lr: float = 1e-4
-    weight_decay: float = 1e-4
-    cls_weight: float = 1.0
-    freeze_stem: bool = True
-    normal_crops: float = 0.2
-    label_smoothing: float = 0.05
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: float = 300.0
-    save_dtype: str = "float16"
-    name: str = "densenet121-unet-lesion-v1"
-    classifier_name: str = "densenet121-multitask-v1"
-    style_augment: bool = False
-    ema: float = 0.0
-    time_limit: float = 0.0
-
-    @property
-    def run_dir(self) -> Path:
-        """Progress, checkpoint and packed data of the run."""
-        return RunFiles(Path(self.out)).dir
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -137,22 +107,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 # --- data -----------------------------------------------------------------------------------
-
-@dataclass
-class Packed:
-    """Decoded records of one subset: square images, union masks and labels."""
-
-    ids: list[str]
-    images: np.ndarray  # N x S x S x 3 uint8
-    masks: np.ndarray  # N x S x S uint8 (0/1)
-    labels: np.ndarray  # N int (CLASSES index)
-    sources: np.ndarray  # N int (index into `source_names`)
-    content: np.ndarray  # N x 4 int: x0, y0, x1, y1 of the image inside the square
-    source_names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
 
 def pack(records: Sequence[Record], size: int, cache: Path | None = None,
          progress: bool = False) -> Packed:
@@ -255,43 +209,6 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + (1 - dice).mean()
 
 
-@torch.inference_mode()
-def forward_packed(model: DenseNetUNet, packed: Packed, device: Any, batch_size: int = 32
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(lesion probabilities N x S x S float16, class logits N x C or None) over a Packed."""
-    model.eval()
-    probs, logits = [], []
-    for start in range(0, len(packed), batch_size):
-        x = eval_batch(torch.from_numpy(packed.images[start:start + batch_size]))
-        with autocast(device):
-            seg, cls = model.forward_both(to_device(x, device))
-        probs.append(torch.sigmoid(seg.float())[:, 0].cpu().numpy().astype(np.float16))
-        if cls is not None:
-            logits.append(cls.float().cpu().numpy())
-    return np.concatenate(probs), (np.concatenate(logits) if logits else None)
-
-
-THRESHOLD_ONLY = PostProcess(threshold=0.5, min_area=0.0, fill_holes=False)
-"""The plain 0.5 threshold that validation scores each epoch with."""
-
-
-def square_figures(probs: np.ndarray, packed: Packed,
-                   params: PostProcess = THRESHOLD_ONLY) -> dict[str, Any]:
-    """Per source: `evaluate.segmentation_summary` (Dice / IoU / empty shares) of the masks
-    `params` makes of `probs`, in the packed square frame."""
-    out: dict[str, Any] = {}
-    for s, name in enumerate(packed.source_names):
-        rows: list[dict[str, Any]] = []
-        for i in np.flatnonzero(packed.sources == s):
-            pred = postprocess(probs[i].astype(np.float32), params)
-            truth = packed.masks[i] > 0
-            dice, iou = dice_iou(pred, truth)
-            rows.append({"lesion": bool(truth.any()), "dice": dice, "iou": iou,
-                         "empty": not pred.any()})
-        out[name] = segmentation_summary(rows)
-    return out
-
-
 def cls_summary(logits: np.ndarray, packed: Packed) -> dict[str, Any]:
     """Per source: accuracy, malignant AUC, macro-F1 (`metrics.compute_metrics`) and the share
     of lesion images called normal (argmax)."""
@@ -346,15 +263,6 @@ def config_from_args(args: argparse.Namespace) -> SegTrainConfig:
     return SegTrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def source_subsets(config: SegTrainConfig, subset: str) -> list[tuple[str, str, list[Record]]]:
-    """(source name, split file, records) of `subset` for every source, by its own split."""
-    out = []
-    for source, split_file in zip(config.data, config.split):
-        records = split_records(load_records(source), load_split(split_file), subset)
-        out.append((records[0].source if records else Path(source).name, split_file, records))
-    return out
-
-
 def subset_records(config: SegTrainConfig, subset: str) -> list[Record]:
     """The records of `subset` of every source together."""
     return [r for _, _, records in source_subsets(config, subset) for r in records]
@@ -386,9 +294,6 @@ def init_network(config: SegTrainConfig) -> DenseNetUNet:
 
 def main(args: argparse.Namespace) -> Path:
     """Train (or resume) and export; returns the run folder."""
-    from bus_core.training.segmenter_release import (
-        export_run,  # imports this module: import it at run time
-    )
 
     config = config_from_args(args)
     run_dir = config.run_dir

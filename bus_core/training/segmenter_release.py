@@ -36,7 +36,7 @@ from bus_core.models.build import (
 from bus_core.models.unet import SEG_ARCH, DenseNetUNet, PostProcess
 from bus_core.runtime.device import DeviceConfig, prepare_model
 from bus_core.training.runs import ProgressLog
-from bus_core.training.segmenter import (
+from bus_core.training.segmenter_common import (
     Packed,
     SegTrainConfig,
     forward_packed,
