@@ -66,7 +66,7 @@ from PIL import Image
 
 from bus_core import atomic
 from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
-from bus_core.data.dataset import Record
+from bus_core.data.dataset import Record, load_records
 from bus_core.data.images import load_image
 from bus_core.data.inputs import InputSpec
 from bus_core.data.loader import (
@@ -77,6 +77,7 @@ from bus_core.data.loader import (
     plan_batches,
 )
 from bus_core.data.presets import InputSize
+from bus_core.data.splits import load_split, split_records
 from bus_core.errors import BusError
 from bus_core.inference.batch import DEFAULT_BATCH_SIZE, default_workers, predict_to_csv
 from bus_core.inference.outline import Segmenter
@@ -304,8 +305,6 @@ def _test_images(args: argparse.Namespace) -> list[Path]:
     split = Path(args.split)
     if data is None or not split.is_file():
         return []
-    from bus_core.data.dataset import load_records
-    from bus_core.data.splits import load_split, split_records
 
     records = split_records(load_records(data), load_split(split), "test")
     return [r.path for r in records]

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
 from bus_core.constants import CLASSES, MALIGNANT, NORMAL
 
@@ -87,7 +88,6 @@ def fit_temperature(logits: np.ndarray, y_true: Sequence[int] | np.ndarray, *,
     if len(y) < MIN_CALIBRATION_SAMPLES or np.unique(y).size < 2:
         return 1.0
     # Imported here so that importing this module (done by predict.py) stays light.
-    from scipy.optimize import minimize_scalar
 
     def loss(log_t: float) -> float:
         return _nll(z, y, math.exp(log_t))

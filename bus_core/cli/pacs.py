@@ -8,7 +8,20 @@ import datetime as dt
 import json
 
 from bus_core.cli.common import add_backend, write_output
+from bus_core.data.images import load_image
 from bus_core.errors import BusError
+from bus_core.inference.cam import overlay
+from bus_core.inference.predict import Predictor
+from bus_core.inference.report import ReportContent, render_report
+from bus_core.integrations.pacs.client import (
+    Pacs,
+    PacsError,
+    endpoint,
+    prediction_finding,
+    send_result,
+)
+from bus_core.roles import operator
+from bus_core.runtime.device import DEVICE_CHOICES
 
 
 def _date(text: str) -> dt.date:
@@ -19,14 +32,10 @@ def _date(text: str) -> dt.date:
 
 
 def _pacs(args: argparse.Namespace):
-    from bus_core.integrations.pacs.client import Pacs, endpoint
-
     return Pacs(endpoint(args.endpoint))
 
 
 def _predictor(args: argparse.Namespace):
-    from bus_core.inference.predict import Predictor
-
     predictor = Predictor.from_path(args.model, device=args.device, backend=args.backend)
     if predictor.spec.uses_masks and not predictor.two_stage:
         raise BusError(f"{predictor.card.name} reads only an outlined lesion; images from the "
@@ -53,8 +62,6 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict every ultrasound image of a study; print the results (and save them as JSON)."""
-    from bus_core.data.images import load_image
-
     pacs, predictor = _pacs(args), _predictor(args)
     rows = []
     for ref in pacs.ultrasound_instances(args.study):
@@ -81,12 +88,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     """Predict one image of a study and store the report (Secondary Capture) and the result
     (structured report) in that study."""
-    from bus_core.data.images import load_image
-    from bus_core.inference.cam import overlay
-    from bus_core.inference.report import ReportContent, render_report
-    from bus_core.integrations.pacs.client import PacsError, prediction_finding, send_result
-    from bus_core.roles import operator
-
     pacs, predictor = _pacs(args), _predictor(args)
     matches = [ref for ref in pacs.ultrasound_instances(args.study)
                if ref.sop_uid == args.instance]
@@ -113,8 +114,6 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """The `pacs` command and its actions."""
-    from bus_core.runtime.device import DEVICE_CHOICES
-
     p = sub.add_parser("pacs", help="the hospital archive over DICOMweb: find, predict, send")
     p.add_argument("--endpoint", help="name of the PACS (default: the first configured)")
     actions = p.add_subparsers(dest="action", required=True)

@@ -31,7 +31,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import pydicom
 from PIL import Image, UnidentifiedImageError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder, pixel_array
+from pydicom.pixels.utils import get_nr_frames
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from bus_core.errors import BusError, InvalidImageError, MaskError
 
@@ -117,9 +122,6 @@ def frame_count(path: str | Path) -> int:
         with open(path, "rb") as fh:
             head = fh.read(132)
         if _is_dicom(head, Path(path).name):
-            import pydicom
-            from pydicom.pixels.utils import get_nr_frames
-
             with open(path, "rb") as fh:
                 check_inflated_size(fh, _label(Path(path).name))
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
@@ -335,9 +337,6 @@ def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
 # --- DICOM ---------------------------------------------------------------------------------
 
 def _load_dicom(data: bytes, label: str, frame: int, max_pixels: int) -> np.ndarray:
-    import pydicom
-    from pydicom.pixels.utils import get_nr_frames
-
     check_inflated_size(io.BytesIO(data), label)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -361,9 +360,6 @@ def check_inflated_size(fh: BinaryIO, label: str, limit: int | None = None) -> N
     """Refuse (`InvalidImageError`) a deflated DICOM file in `fh` whose data set inflates to
     more than `limit` bytes (default `MAX_INFLATED_BYTES`), counted in bounded chunks before
     pydicom inflates it whole. Other files pass; `fh` is left at its start."""
-    from pydicom.filereader import _read_file_meta_info, read_preamble
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
     limit = MAX_INFLATED_BYTES if limit is None else limit
     start = fh.tell()
     try:
@@ -392,9 +388,6 @@ def check_inflated_size(fh: BinaryIO, label: str, limit: int | None = None) -> N
 
 def _undecodable_dicom(ds, label: str, exc: Exception) -> InvalidImageError:
     """The error for DICOM pixel data that failed to decode, naming a compression we lack."""
-    from pydicom.pixels import get_decoder
-    from pydicom.uid import UID
-
     syntax = UID(str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or ""))
     known = syntax.is_valid and syntax.is_transfer_syntax
     try:
@@ -421,8 +414,6 @@ def _not_dicom(data: bytes, label: str, problem: str = "that is damaged") -> Inv
 
 def _dicom_frame_rgb(ds, frame: int) -> np.ndarray:
     """One frame of `ds` as HxWx3 uint8 RGB (YBR converted by pydicom, raw=False)."""
-    from pydicom.pixels import apply_color_lut, pixel_array
-
     pixels = pixel_array(ds, index=frame, raw=False, as_rgb=True)
     interpretation = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if interpretation == "PALETTE COLOR":
@@ -439,8 +430,6 @@ def _dicom_frame_rgb(ds, frame: int) -> np.ndarray:
 
 def _dicom_gray_to_uint8(pixels: np.ndarray, ds) -> np.ndarray:
     """Rescale (modality LUT), then the first window if the file has one, else `_to_uint8`."""
-    from pydicom.pixels import apply_modality_lut
-
     values = apply_modality_lut(pixels, ds)
     window = _first_window(ds)
     if window is None:

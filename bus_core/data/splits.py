@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 
 from bus_core import atomic
 from bus_core.constants import CLASSES
-from bus_core.data.dataset import Record
+from bus_core.data.dataset import Record, load_many
+from bus_core.data.images import load_image
 from bus_core.errors import DataError, storage
 
 SUBSETS: tuple[str, ...] = ("train", "val", "test")
@@ -145,8 +146,6 @@ def _cached_hash(path: str, mtime_ns: int, size: int, hash_size: int) -> np.ndar
 
 def _grayscale(path: Path) -> Image.Image:
     if path.suffix.lower() in _DICOM_SUFFIXES:
-        from bus_core.data.images import load_image
-
         return Image.fromarray(load_image(path)).convert("L")
     with Image.open(path) as image:
         if image.mode.startswith("I"):  # 16/32-bit grayscale: scale to 8 bits
@@ -445,3 +444,22 @@ def split_records(records: Sequence[Record], split: Split, subset: str) -> list[
         raise DataError("The data changed since this split was made (some labels differ from "
                         "the ones it was made with): make a new split, or restore the data.")
     return [by_id[i] for i in wanted]
+
+
+def select_records(sources: Sequence[str], split_file: str | None = None,
+                   subset: str = "test") -> tuple[list[Record], dict[str, Any]]:
+    """The labelled images of `sources` (folders or CSV manifests) or, with `split_file`, those
+    of its `subset`; with a description of that choice (sources, split file, subset, data hash)
+    for the figures computed on them. Raises `DataError` when nothing is chosen."""
+    records = load_many(sources)
+    if not records:
+        raise DataError(f"There are no labelled images in {', '.join(sources)}.")
+    if split_file:
+        split = load_split(split_file)
+        chosen = split_records(records, split, subset)
+        if not chosen:
+            raise DataError(f"None of these images is in the {subset} subset of "
+                            f"{split_file}: is it the split file of this data?")
+        return chosen, {"sources": sources, "split_file": split_file, "subset": subset,
+                        "data_hash": split.data_hash}
+    return records, {"sources": sources, "subset": "all"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,17 +15,17 @@ from tqdm.auto import tqdm
 from bus_core import metrics as metrics_lib
 from bus_core.constants import NORMAL
 from bus_core.data.dataset import Record
-from bus_core.data.inputs import InputSpec, record_has_lesion
+from bus_core.data.images import load_image
+from bus_core.data.inputs import InputSpec, record_has_lesion, record_lesion_mask
 from bus_core.data.loader import RecordDataset, eval_batches
 from bus_core.evaluation.intervals import score
+from bus_core.inference.outline import Segmenter, with_automatic_masks
 from bus_core.metrics import softmax
 from bus_core.models.build import LoadedModel, ModelCard, load_model
 from bus_core.models.registry import two_stage_folders
+from bus_core.models.unet import dice_iou
 from bus_core.runtime.backends import Forward, TorchForward, choose_forward
 from bus_core.runtime.device import DeviceConfig, choose_device, prepare_model
-
-if TYPE_CHECKING:
-    from bus_core.inference.outline import Segmenter
 
 
 @dataclass
@@ -69,11 +69,16 @@ def reads_outlines(card: ModelCard) -> bool:
     return InputSpec.from_card(card).uses_masks
 
 
+def default_policy(card: ModelCard, input_mode: str | None = None) -> str:
+    """The outline policy a model is scored under unless told otherwise: SERVED for a model that
+    reads an outline (its reading as clinicians get it), EXPERT when another input mode is asked
+    for (the lesion model alone) and for a whole-image model (which reads no outline)."""
+    return SERVED if reads_outlines(card) and not input_mode else EXPERT
+
+
 def served_segmenter(loaded: LoadedModel, path: str | Path | None = None) -> Segmenter:
     """The outline model whose suggestions `loaded` reads when served: the one at `path`, else
     a two-stage model's own, else the app's (`registry.active_segmenter_path`)."""
-    from bus_core.inference.outline import Segmenter
-
     if path is None and loaded.card.two_stage:
         path = two_stage_folders(loaded.path, loaded.card)[1]
     return Segmenter.from_path(path)
@@ -92,7 +97,6 @@ def with_policy_outlines(loaded: LoadedModel, records: Sequence[Record], policy:
         return list(records), ""
     if policy == EXPERT:
         return list(records), "expert"
-    from bus_core.inference.outline import with_automatic_masks
 
     return with_automatic_masks(records, served_segmenter(loaded, segmenter), mask_dir,
                                 progress=progress), "automatic"
@@ -259,10 +263,6 @@ def evaluate_segmentation(segmenter: Any, records: Sequence[Record], *, batch_si
     """Score a `segment.Segmenter` against the records' expert masks (union of each record's
     masks, at the image's own pixels): `segmentation_summary` plus `per_image` rows
     {id, lesion, dice, iou, empty} and `data` (what was evaluated)."""
-    from bus_core.data.images import load_image
-    from bus_core.data.inputs import record_lesion_mask
-    from bus_core.models.unet import dice_iou
-
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(records), disable=not progress, desc="segment", unit="img")
     for start in range(0, len(records), batch_size):

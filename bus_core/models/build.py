@@ -18,15 +18,19 @@ from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision import models as tvm
 
-from bus_core import atomic
+from bus_core import __version__, atomic
 from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
-from bus_core.data.presets import InputSize, input_size_for
+from bus_core.data.inputs import INPUT_MODES
+from bus_core.data.masks import COMBINE_MODES
+from bus_core.data.presets import FITS, InputSize, input_size_for
 from bus_core.errors import ModelError
+from bus_core.models.unet import SEG_ARCH, DenseNetUNet
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +153,6 @@ def gradcam_layer(model: nn.Module, arch: str) -> nn.Module:
 
 
 def _code_version() -> str:
-    from bus_core import __version__
-
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
@@ -160,8 +162,6 @@ def _code_version() -> str:
 
 
 def _software() -> dict[str, str]:
-    import torchvision
-
     return {"torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
@@ -238,11 +238,6 @@ MAX_INPUT_SIZE = 1024
 def _problem(card: ModelCard) -> str | None:
     """What makes a card unusable, or None: every field's type and range, and the classes,
     architectures, input modes and fits this app knows."""
-    from bus_core.data.inputs import INPUT_MODES
-    from bus_core.data.masks import COMBINE_MODES
-    from bus_core.data.presets import FITS
-    from bus_core.models.unet import SEG_ARCH
-
     def number(value: Any, low: float, high: float) -> bool:
         return (isinstance(value, (int, float)) and not isinstance(value, bool)
                 and math.isfinite(value) and low <= value <= high)
@@ -408,8 +403,6 @@ def read_card(path: str | Path, *, label: str | None = None) -> ModelCard:
 def _network_for(card: ModelCard) -> nn.Module:
     """An untrained network of the card's task and architecture."""
     if card.task == "segmentation":
-        from bus_core.models.unet import SEG_ARCH, DenseNetUNet
-
         if card.arch != SEG_ARCH:
             raise ModelError(f"A segmentation model must be a {SEG_ARCH}, not {card.arch!r}.")
         return DenseNetUNet(num_classes=0)

@@ -47,6 +47,8 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
+import copy
+
 from bus_core.atomic import write_text
 from bus_core.models.build import DenseNetClassifier, pools_into_linear
 from bus_core.runtime.device import DeviceConfig, autocast, cpu_supports_bf16, to_device
@@ -105,7 +107,7 @@ def kept_signal_stack() -> Iterator[None]:
 def compile_on_cpu(model: Any, precision: str, cache: Path | None = None) -> Any:
     """`model` (an `openvino.Model` or an IR path) compiled for the CPU under the inference
     precision hint `precision` ('f32' or 'bf16'), compiled blobs kept in `cache` when given."""
-    import openvino as ov
+    import openvino as ov  # optional (OpenVINO): imported where used
 
     with kept_signal_stack():
         core = ov.Core()
@@ -161,7 +163,7 @@ class OpenVinoForward:
     def __init__(self, model: nn.Module, weights_sha256: str, input_hw: tuple[int, int],
                  cache_root: Path) -> None:
         """Compiled at the faster precision for this CPU (`choose_precision`)."""
-        import openvino as ov
+        import openvino as ov  # optional (OpenVINO): imported where used
 
         self.returns_activations = pools_into_linear(model)
         with cache_lock(cache_root):
@@ -279,7 +281,7 @@ def cache_dir() -> Path:
 def openvino_ir(model: nn.Module, weights_sha256: str, input_hw: tuple[int, int]) -> Path:
     """The IR (.xml) that `OpenVinoForward` compiles for `model`, from the cache (converted
     now when missing)."""
-    import openvino as ov
+    import openvino as ov  # optional (OpenVINO): imported where used
 
     return _cached_ir(model, weights_sha256, input_hw, pools_into_linear(model), cache_dir(), ov)
 
@@ -383,8 +385,6 @@ def openvino_version() -> str | None:
 
 def _cpu_fp32_copy(model: nn.Module) -> nn.Module:
     """An fp32, contiguous-format CPU copy of `model` in eval mode (for conversion)."""
-    import copy
-
     copied = copy.deepcopy(model).to("cpu", dtype=torch.float32)
     copied.to(memory_format=torch.contiguous_format)
     return copied.eval()

@@ -34,6 +34,12 @@ from bus_core.data.splits import load_split, split_records
 from bus_core.errors import BusError, DataError
 from bus_core.metrics import softmax
 from bus_core.models.build import LoadedModel
+from bus_core.runtime.backends import (
+    compile_on_cpu,
+    interleaved_p50,
+    kept_signal_stack,
+    openvino_ir,
+)
 from bus_core.runtime.device import cpu_supports_bf16
 
 NNCF_VERSION = "3.4.0"
@@ -106,9 +112,7 @@ def quantise(model: Any, calibration: Sequence[np.ndarray],
     within `max_drop` of 1. Raises `QuantisationError` when NNCF is not installed."""
     if not nncf_available():
         raise QuantisationError(NNCF_MISSING)
-    import nncf
-
-    from bus_core.runtime.backends import kept_signal_stack
+    import nncf  # optional (NNCF): imported where used
 
     calibration_set = nncf.Dataset(list(calibration))
     if validation is None:
@@ -128,8 +132,6 @@ def quantise(model: Any, calibration: Sequence[np.ndarray],
 def compile_for_cpu(model: Any, precision: str) -> Callable[[np.ndarray], np.ndarray]:
     """The CPU-compiled `model` (an `openvino.Model`) under the inference precision hint
     `precision` ('f32' or 'bf16'), as a function batch -> float32 logits."""
-    from bus_core.runtime.backends import compile_on_cpu
-
     compiled = compile_on_cpu(model, precision)
     return lambda batch: np.asarray(compiled(batch)[0], dtype=np.float32)
 
@@ -192,9 +194,7 @@ def measure(loaded: LoadedModel, data: str | Path, split: str | Path, subset: st
     accuracy-aware one is tried too. True when an int8 model meets the rule."""
     if not nncf_available():
         raise QuantisationError(NNCF_MISSING)
-    import openvino as ov
-
-    from bus_core.runtime.backends import interleaved_p50, openvino_ir
+    import openvino as ov  # optional (OpenVINO): imported where used
 
     spec = InputSpec.from_card(loaded.card)
     classes = list(loaded.card.classes)

@@ -91,6 +91,7 @@ from bus_core.models.build import (
     read_card,
     save_model,
 )
+from bus_core.models.registry import two_stage_folders
 from bus_core.runtime import distributed
 from bus_core.runtime.device import (
     DEVICE_CHOICES,
@@ -773,8 +774,6 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
 def _inherited_pair(config: TrainConfig) -> dict[str, str]:
     """The `two_stage` pair of the model this one starts from (`config.init`), kept when the
     new model reads the same input and the pair is found from its folder; else none."""
-    from bus_core.models.registry import two_stage_folders
-
     init = Path(config.init)
     if not (init / CARD_FILE).is_file():
         return {}

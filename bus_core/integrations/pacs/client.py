@@ -34,9 +34,24 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from highdicom.sc import SCImage
+from highdicom.sr import (
+    CodeContentItem,
+    ComprehensiveSR,
+    ContainerContentItem,
+    ContentSequence,
+    ImageContentItem,
+    NumContentItem,
+    PnameContentItem,
+    TextContentItem,
+)
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
+from requests.auth import HTTPBasicAuth
 
 from bus_core import atomic, roles
 from bus_core.data import images as image_io
@@ -404,8 +419,6 @@ def _bounded_session(max_json_bytes: int, max_bytes: int, deadline: float) -> An
     """A requests session that reads each answer itself: at most `max_json_bytes` of JSON and
     `max_bytes` of anything else, done within `deadline` seconds of sending the request (each
     read waits at most the request's timeout, so a trickling server is cut off soon after)."""
-    import requests
-
     class BoundedSession(requests.Session):
         def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
             started = time.monotonic()
@@ -460,10 +473,6 @@ class Pacs:
     def __init__(self, target: Endpoint, timeout: float = 20, *,
                  max_json_bytes: int = MAX_JSON_BYTES, max_answer_bytes: int = MAX_ANSWER_BYTES,
                  deadline: float = DEADLINE_SECONDS) -> None:
-        import requests
-        from dicomweb_client.api import DICOMwebClient
-        from requests.auth import HTTPBasicAuth
-
         self.endpoint = target
         session = _bounded_session(max_json_bytes, max_answer_bytes, deadline)
         if target.user:
@@ -488,8 +497,6 @@ class Pacs:
     @contextlib.contextmanager
     def _asking(self, what: str) -> Iterator[None]:
         """Turn the errors of one request about `what` into `PacsError` sentences."""
-        import requests
-
         where = f"the PACS '{self.endpoint.name}' ({self.endpoint.url})"
         try:
             yield
@@ -641,9 +648,6 @@ def _series_number(source: Dataset, offset: int) -> int:
 def secondary_capture(source: Dataset, report_png: bytes) -> Dataset:
     """A Secondary Capture of the report image in a new series of `source`'s study, with the
     source image named as its source (SourceImageSequence)."""
-    from highdicom.sc import SCImage
-    from PIL import Image
-
     pixels = np.asarray(Image.open(io.BytesIO(report_png)).convert("RGB"))
     sc = SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB",
@@ -665,17 +669,6 @@ def structured_report(source: Dataset, finding: Finding) -> Dataset:
     """A Comprehensive SR in a new series of `source`'s study: the class (predicted, or
     confirmed by `finding.confirmed_by`), the calibrated probabilities, whether the model was
     uncertain, the model's name and version, the research-use note and the source image."""
-    from highdicom.sr import (
-        CodeContentItem,
-        ComprehensiveSR,
-        ContainerContentItem,
-        ContentSequence,
-        ImageContentItem,
-        NumContentItem,
-        PnameContentItem,
-        TextContentItem,
-    )
-
     contains = "CONTAINS"
     review = finding.confirmed_by is not None
     root = ContainerContentItem(REVIEW_TITLE if review else TITLE)
