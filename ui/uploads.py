@@ -1,5 +1,5 @@
 """Uploaded files -> decoded images and masks, read once per upload and kept in the session
-(images downscaled to `io.WORKING_MAX_SIDE`)."""
+(images downscaled to `images.WORKING_MAX_SIDE`)."""
 
 from __future__ import annotations
 

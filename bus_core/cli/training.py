@@ -7,9 +7,7 @@ import json
 
 from bus_core.metrics import fmt3, format_metrics
 from bus_core.runtime.distributed import Ranks
-from bus_core.training import architectures as compare
-from bus_core.training import segmenter as seg_train
-from bus_core.training import train
+from bus_core.training import architectures, segmenter, train
 from bus_core.training.architectures import get_args_parser as compare_args_parser
 from bus_core.training.segmenter import get_args_parser as seg_args_parser
 from bus_core.training.train import config_from_args, get_args_parser
@@ -33,7 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_train_seg(args: argparse.Namespace) -> int:
     """Train the lesion segmenter, optionally multi-task (see bus_core.training.segmenter)."""
-    out = seg_train.main(args)
+    out = segmenter.main(args)
     print(f"Segmentation model saved to {out / 'segmenter'}")
     if (out / "classifier").is_dir():
         print(f"Classifier sharing its encoder saved to {out / 'classifier'}")
@@ -66,7 +64,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
               f"{fmt3(row['sensitivity_at_threshold'])} / "
               f"{fmt3(row['specificity_at_threshold'])}", flush=True)
 
-    rows = compare.main(args, on_row=show)
+    rows = architectures.main(args, on_row=show)
     if rows is None:
         print(f"Comparison stopped; run the same command again to resume it in {args.out}.")
         return 1

@@ -1,6 +1,6 @@
 """Ultrasound-specific augmentation of whole batches, on the training device.
 
-Input: uint8 images N x S x S x 3 (already padded to a square by `transforms.fit_square`),
+Input: uint8 images N x S x S x 3 (already padded to a square by `presets.fit_square`),
 lesion masks N x S x S (0/1) and, per item, a sampling window in normalised coordinates
 (`Window`: centre and half-extent; the whole square is (0, 0, 1, 1)). Output: normalised float
 images N x 3 x R x R and float masks N x 1 x R x R.

@@ -140,7 +140,7 @@ def evaluate(loaded: LoadedModel, records: Sequence[Record], *, device: str | De
 
     A two-stage card (`ModelCard.two_stage`) is read as `predict.Predictor` reads it: records
     with a lesion in their masks by `two_stage(..., normal_from_whole=True)`, the others by the
-    whole-image model alone (give records the suggested outlines, `segment.with_automatic_masks`,
+    whole-image model alone (give records the suggested outlines, `outline.with_automatic_masks`,
     to score what the app shows without an expert outline). With `input_mode`, the lesion
     model is scored alone.
     """
@@ -260,7 +260,7 @@ def segmentation_summary(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def evaluate_segmentation(segmenter: Any, records: Sequence[Record], *, batch_size: int = 8,
                           progress: bool = False, data: dict[str, Any] | None = None
                           ) -> dict[str, Any]:
-    """Score a `segment.Segmenter` against the records' expert masks (union of each record's
+    """Score a `outline.Segmenter` against the records' expert masks (union of each record's
     masks, at the image's own pixels): `segmentation_summary` plus `per_image` rows
     {id, lesion, dice, iou, empty} and `data` (what was evaluated)."""
     rows: list[dict[str, Any]] = []

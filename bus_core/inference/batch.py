@@ -18,7 +18,7 @@ A file that cannot be read or used gives a row with its `error` (the `BusError` 
 prediction. Resumable: rows already in the CSV (by file and frame, error rows included) are
 skipped, new rows are appended and flushed after every batch, so a stopped run loses at most the
 batch in flight; a CSV written with another model is refused. Cells go through
-`store.csv_safe`.
+`dataset.csv_safe`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from bus_core.errors import BusError, storage
 from bus_core.inference.predict import Prediction, Predictor, Prepare
 
 READABLE_KINDS = frozenset({fmt.lower() for fmt in RASTER_FORMATS} | {"dicom"})
-"""What `io.sniff_kind` calls the files `io.load_image` reads (for files without a suffix)."""
+"""What `images.sniff_kind` calls the files `images.load_image` reads (for files without a
+suffix)."""
 DEFAULT_BATCH_SIZE = 16
 """Images per forward pass of `predict_to_csv` (and of the command)."""
 WARNING_SEPARATOR = " | "

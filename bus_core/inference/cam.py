@@ -1,7 +1,7 @@
 """Grad-CAM and Grad-CAM++ heat maps (pytorch-grad-cam) and their overlays.
 
 The target layer of every architecture is one whose output is never modified in place after
-the hook sees it (see `models.gradcam_layer`), so the map is the same on CPU and GPU. Maps are
+the hook sees it (see `build.gradcam_layer`), so the map is the same on CPU and GPU. Maps are
 computed in fp32 on the model's device.
 """
 

@@ -161,7 +161,7 @@ class Prepare:
     def __call__(self, image: np.ndarray,
                  masks: Sequence[np.ndarray] = ()) -> tuple[torch.Tensor, list[str]]:
         """(tensor, scope warnings) of one RGB uint8 image and its lesion masks; an image with
-        a side under `io.MIN_SIDE` raises `InvalidImageError`, a lesion model without a mask
+        a side under `images.MIN_SIDE` raises `InvalidImageError`, a lesion model without a mask
         `MaskError`."""
         check_min_side(image)
         tensor = eval_transform(self.spec.size)(model_input(image, masks, self.spec))
@@ -262,7 +262,7 @@ class Predictor:
     def predict(self, image: np.ndarray, masks: Sequence[np.ndarray] = (), *,
                 suggest: bool = True) -> Prediction:
         """Calibrated probabilities for one RGB uint8 image (and its lesion masks); an image
-        with a side under `io.MIN_SIDE` raises `InvalidImageError`. A two-stage predictor
+        with a side under `images.MIN_SIDE` raises `InvalidImageError`. A two-stage predictor
         given no mask outlines the lesion itself when `suggest`, and reads with its
         whole-image model when there is no outline."""
         start = time.perf_counter()

@@ -9,7 +9,7 @@ User models can be renamed, deleted, exported as a zip and imported from uploade
 ones are read-only. Imports accept only safetensors weights with a JSON card (never pickles), each
 under its size cap (a zip is checked from its declared sizes, then while it is read), and
 keep a model only once it loads. The active model and the user's models change one at a time
-among the app servers sharing the data folder (`store.shared_lock`).
+among the app servers sharing the data folder (`db.shared_lock`).
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ an encoder trained here and a classifier share weights), skip connections after
 `denseblock1` (1/4), `denseblock2` (1/8), `denseblock3` (1/16) and the final ReLU (1/32), a
 decoder of upsample + two conv-BN-ReLU blocks per level down to 1/4 scale, one output channel
 of lesion logits, upsampled bilinearly to the input resolution. With `num_classes > 0` it also
-has the classifier head of `models.DenseNetClassifier` (`classifier`, on the pooled final
+has the classifier head of `build.DenseNetClassifier` (`classifier`, on the pooled final
 ReLU): one encoder, two tasks.
 
-Geometry: the model sees the whole image, padded to a square and resized (`transforms.fit_square`);
+Geometry: the model sees the whole image, padded to a square and resized (`presets.fit_square`);
 `Segmenter.segment` maps the probability map back to the input image's pixels.
 
 Post-processing (`postprocess`): threshold, drop components smaller than `min_area` (a share of

@@ -7,7 +7,7 @@ against fp32 (`python -m bus_core.bench --int8`); the app does not use it.
 
 The rule: a precision qualifies when its labels agree with fp32 on >= 99% of the
 validation images and its malignant sensitivity is the same as fp32's. Every image goes through
-the evaluation's preprocessing (`inputs.record_input` + `transforms.eval_transform`, for a
+the evaluation's preprocessing (`inputs.record_input` + `presets.eval_transform`, for a
 full-image model exactly what `predict.Prepare` does in the app). NNCF is optional
 (`pip install nncf==3.4.0`, in requirements-dev.txt).
 """

@@ -3,7 +3,7 @@
 A job is `python -m bus_core train ...` (or `tune ...`) started in its own session, its output in
 `<out>/train/stdout.log`. One job runs at a time on a machine: the running job is recorded in
 `<data dir>/jobs/current.json` (a second caller gets `JobBusyError` with that job; app servers
-sharing the data folder check and start jobs one at a time, `store.shared_lock`), and the most
+sharing the data folder check and start jobs one at a time, `db.shared_lock`), and the most
 recent job, running or not, in `<data dir>/jobs/last.json` so the app can show how it ended.
 
 A job's state comes from its process and its progress file: a dead process whose progress has no

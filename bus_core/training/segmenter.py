@@ -4,7 +4,7 @@
 Data: one or more sources (a BUSI-layout folder, a CSV manifest such as BUS-BRA's labels.csv),
 each with its committed split file (`--data A --split SA --data B --split SB`); only their
 train subsets are trained on, val chooses the epoch and the post-processing, test is read once
-at the end. Every image is decoded once and kept padded to a square (`transforms.fit_square`).
+at the end. Every image is decoded once and kept padded to a square (`presets.fit_square`).
 An epoch draws `--epoch-size` items, each source equally often; a share `--normal-crops` of the
 draws from a source without normal images becomes a lesion-free window of one of its images
 (away from the mask) labelled normal with an empty mask, so "no lesion" is not learned as

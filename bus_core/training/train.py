@@ -9,7 +9,7 @@ A run writes into its output folder:
     <out>/train/split.json                     the split it used (a copy, or the one it made)
     <out>/train/checkpoint.pt                  everything needed to resume (weights_only-safe)
     <out>/train/best.safetensors               the best weights so far
-    (`progress.RunFiles` names these paths; every module finds them there.)
+    (`runs.RunFiles` names these paths; every module finds them there.)
 
 A run killed at any point resumes with `--resume` from its last checkpoint (written at every
 epoch end and every `--checkpoint-every` seconds, atomically). Creating `<out>/train/CANCEL`

@@ -1,5 +1,5 @@
 """The hospital archive over DICOMweb: find studies (QIDO-RS), fetch ultrasound instances
-(WADO-RS) as DICOM Part 10 bytes for `io.load_image`, and store results back (STOW-RS) as a
+(WADO-RS) as DICOM Part 10 bytes for `images.load_image`, and store results back (STOW-RS) as a
 Secondary Capture of the report image and a Comprehensive SR, each in a new series of the
 source study and linked to the source instance.
 
@@ -14,7 +14,7 @@ the data folder (readable by the server's user only).
 Every failure of the server or the network raises `PacsError`, a sentence without the
 patient's data. The patient's name is never read from a query answer. Answers are read with a
 size cap (`MAX_JSON_BYTES` for query answers, `MAX_ANSWER_BYTES` for anything else, and
-`io.MAX_INFLATED_BYTES` for a deflated DICOM file once inflated) and an overall deadline per
+`images.MAX_INFLATED_BYTES` for a deflated DICOM file once inflated) and an overall deadline per
 request (`DEADLINE_SECONDS`), and a query answer of the wrong shape is a `PacsError` too.
 """
 
@@ -345,7 +345,7 @@ class InstanceRef:
 
 @dataclass(frozen=True)
 class Fetched:
-    """A retrieved instance: its DICOM Part 10 bytes (for `io.load_image`) and its header."""
+    """A retrieved instance: its DICOM Part 10 bytes (for `images.load_image`) and its header."""
 
     ref: InstanceRef
     data: bytes
@@ -457,7 +457,7 @@ def _read_bounded(response: Any, limit: int, until: float, deadline: float) -> N
 
 def _check_deflated_files(body: bytes | bytearray) -> None:
     """Refuse an answer holding a deflated DICOM file that inflates past
-    `io.MAX_INFLATED_BYTES` (dicomweb-client has pydicom inflate it whole)."""
+    `images.MAX_INFLATED_BYTES` (dicomweb-client has pydicom inflate it whole)."""
     start = body.find(b"DICM", 128)
     while start != -1:
         try:
@@ -591,7 +591,7 @@ class Pacs:
 
     def fetch(self, ref: InstanceRef) -> Fetched:
         """The instance as stored (any transfer syntax), as DICOM Part 10 bytes; whether its
-        pixels can be decoded is `io.load_image`'s to say."""
+        pixels can be decoded is `images.load_image`'s to say."""
         with self._asking("this image"):
             dataset = self.client.retrieve_instance(ref.study_uid, ref.series_uid, ref.sop_uid)
         buffer = io.BytesIO()
