@@ -17,8 +17,8 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 os.environ.setdefault("BUS_DATA_DIR", str(Path("/tmp") / f"bus-tests-{os.getpid()}"))
-# The PyTorch forward pass unless a test asks for OpenVINO (tests/test_backends.py): converting
-# every tiny test model would only slow the suite down.
+# The PyTorch forward pass unless a test asks for OpenVINO (tests/runtime/test_backends.py):
+# converting every tiny test model would only slow the suite down.
 os.environ.setdefault("BUS_BACKEND", "torch")
 
 from bus_core.roles import Identity  # noqa: E402 - after the environment above

@@ -17,8 +17,8 @@ from bus_core.clinic.accounts import Accounts
 from bus_core.clinic.cases import open_store
 from bus_core.training.jobs import config_to_argv, current_job
 from bus_core.training.train import TrainConfig
+from tests.clinic.test_cases import save
 from tests.conftest import free_port, new_postgres_database, person, stop_process
-from tests.test_store import save
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -356,7 +356,7 @@ def test_users_command(tmp_path, monkeypatch, capsys):
 
 def test_nothing_identifying_of_an_uploaded_dicom_is_stored(store, tmp_path):
     from bus_core.data.images import load_image
-    from tests.test_io import write_dicom
+    from tests.data.test_images import write_dicom
 
     pixels = np.random.default_rng(0).integers(0, 256, (48, 64), dtype=np.uint8)
     path = write_dicom(tmp_path / "Doe_Jane_19700101.dcm", pixels, "MONOCHROME2",

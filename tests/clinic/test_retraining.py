@@ -20,8 +20,8 @@ from bus_core.evaluation.evaluate import evaluate
 from bus_core.models.build import load_model
 from bus_core.settings import user_models_dir
 from bus_core.training.train import train
+from tests.clinic.test_gate import always
 from tests.conftest import ADMIN, person, synthetic_image
-from tests.test_gate import always
 
 LABELS = ("normal", "benign", "malignant")
 TINY = {"epochs": 1, "batch_size": 4, "device": "cpu-fp32", "save_dtype": "float32"}

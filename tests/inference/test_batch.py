@@ -17,7 +17,7 @@ from bus_core.inference.batch import BatchItem, list_items, predict_to_csv, resu
 from bus_core.inference.predict import Predictor
 from bus_core.models.build import load_model
 from tests.conftest import copy_model, synthetic_image
-from tests.test_io import write_dicom
+from tests.data.test_images import write_dicom
 
 
 @pytest.fixture(scope="module")

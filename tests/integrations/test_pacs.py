@@ -50,6 +50,7 @@ from bus_core.integrations.pacs.client import (
 )
 from bus_core.roles import PermissionDeniedError
 from tests.conftest import ADMIN, person
+from tests.data.test_images import deflated_dicom_bomb
 from tests.orthanc import (  # noqa: F401 - the fixture
     PATIENT_ID,
     PATIENT_NAME,
@@ -60,7 +61,6 @@ from tests.orthanc import (  # noqa: F401 - the fixture
     undecodable_study,
     us_study,
 )
-from tests.test_io import deflated_dicom_bomb
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from bus_core.models.build import load_model
 from bus_core.runtime.distributed import Ranks, interleave, local_gpus, shard
 from bus_core.training.runs import read_progress
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 TINY = ["--resize", "40", "--crop", "32", "--batch-size", "2", "--device", "cpu-fp32",
         "--save-dtype", "float32"]

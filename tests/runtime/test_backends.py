@@ -203,6 +203,6 @@ def test_loading_openvino_keeps_the_threads_signal_stack(tmp_path):
         print(before == stack(), before != (None, 0))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True"]

@@ -7,7 +7,7 @@ from PIL import Image
 from bus_core.data.dataset import Record, class_counts, load_many, load_records, write_manifest
 from bus_core.errors import DataError
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def _png(path: Path, value: int = 100) -> Path:

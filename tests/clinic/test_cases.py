@@ -36,7 +36,7 @@ from bus_core.data.dataset import load_records
 from bus_core.errors import BusError, InvalidImageError, MaskError, StoreError
 from tests.conftest import ADMIN, new_postgres_database, person  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROBS = {"normal": 0.1, "benign": 0.7, "malignant": 0.2}
 
 WORKER = """

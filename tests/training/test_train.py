@@ -11,7 +11,7 @@ from bus_core.models.build import load_model
 from bus_core.training.runs import read_progress, run_state
 from bus_core.training.train import TrainConfig, config_from_args, get_args_parser, train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_config(busi_dir, out, **kw) -> TrainConfig:

@@ -18,7 +18,7 @@ from bus_core.errors import DataError
 from bus_core.training.averaging import WeightAverage
 from bus_core.training.runs import next_epoch_fits
 from bus_core.training.train import check_config, train
-from tests.test_train import tiny_config
+from tests.training.test_train import tiny_config
 
 
 def _gen(seed: int) -> torch.Generator:
