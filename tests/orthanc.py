@@ -20,7 +20,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from bus_core.integrations.pacs.client import Endpoint
+from bus_core.integrations.pacs.endpoints import Endpoint
 from tests.conftest import free_port, stop_process, synthetic_image
 
 PLUGIN_PLACES = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",

@@ -15,15 +15,14 @@ from streamlit.testing.v1 import AppTest
 
 from bus_core.clinic.cases import PacsSource, open_store
 from bus_core.db import default_db_path
-from bus_core.integrations.pacs.client import (
+from bus_core.integrations.pacs.client import SENT_ACTION, Pacs
+from bus_core.integrations.pacs.dicom import read_finding
+from bus_core.integrations.pacs.endpoints import (
     CONFIG_ENV,
     PASSWORD_ENV,
     SAVED_FILE,
-    SENT_ACTION,
     URL_ENV,
     USER_ENV,
-    Pacs,
-    read_finding,
 )
 from bus_core.settings import data_dir
 from tests.conftest import free_port, person, signed_in_app, synthetic_image

@@ -19,15 +19,14 @@ from bus_core.integrations.pacs.client import (
     SENT_ACTION,
     InstanceRef,
     Pacs,
-    PacsError,
     SeriesInfo,
     StudyInfo,
-    endpoints,
     is_ultrasound,
-    prediction_finding,
     send_result,
     send_review,
 )
+from bus_core.integrations.pacs.dicom import prediction_finding
+from bus_core.integrations.pacs.endpoints import PacsError, endpoints
 from bus_core.roles import Identity
 from ui.common import md_escape, show_error
 from ui.state import memo

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from bus_core.errors import BusError
-from bus_core.integrations.pacs.client import (
+from bus_core.integrations.pacs.endpoints import (
     AUTH_KINDS,
     CONFIG_ENV,
     URL_ENV,

@@ -13,13 +13,9 @@ from bus_core.errors import BusError
 from bus_core.inference.cam import overlay
 from bus_core.inference.predict import Predictor
 from bus_core.inference.report import ReportContent, render_report
-from bus_core.integrations.pacs.client import (
-    Pacs,
-    PacsError,
-    endpoint,
-    prediction_finding,
-    send_result,
-)
+from bus_core.integrations.pacs.client import Pacs, send_result
+from bus_core.integrations.pacs.dicom import prediction_finding
+from bus_core.integrations.pacs.endpoints import PacsError, endpoint
 from bus_core.roles import operator
 from bus_core.runtime.device import DEVICE_CHOICES
 

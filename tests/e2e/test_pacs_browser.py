@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from bus_core.integrations.pacs.client import PASSWORD_ENV, URL_ENV, USER_ENV, Pacs
+from bus_core.integrations.pacs.client import Pacs
+from bus_core.integrations.pacs.endpoints import PASSWORD_ENV, URL_ENV, USER_ENV
 from tests.e2e.test_browser import (
     ARTIFACTS,
     CHROMIUM,

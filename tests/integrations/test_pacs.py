@@ -26,27 +26,28 @@ from bus_core.data.images import load_image
 from bus_core.errors import InvalidImageError
 from bus_core.inference.predict import Predictor
 from bus_core.integrations.pacs.client import (
+    SENT_ACTION,
+    InstanceRef,
+    Pacs,
+    send_result,
+    send_review,
+)
+from bus_core.integrations.pacs.dicom import Finding, read_finding
+from bus_core.integrations.pacs.endpoints import (
     CONFIG_ENV,
     PASSWORD_ENV,
     SAVED_FILE,
-    SENT_ACTION,
     URL_ENV,
     USER_ENV,
     VERIFY_ENV,
     Endpoint,
-    Finding,
-    InstanceRef,
-    Pacs,
     PacsError,
     delete_endpoint,
     endpoint,
     endpoint_from_form,
     endpoints,
-    read_finding,
     save_endpoint,
     saved_endpoints,
-    send_result,
-    send_review,
 )
 from bus_core.roles import PermissionDeniedError
 from tests.conftest import ADMIN, person

@@ -3,7 +3,8 @@
 Secondary Capture of the report image and a Comprehensive SR, each in a new series of the
 source study and linked to the source instance.
 
-Endpoints are set by an administrator: one from the environment (`BUS_DICOMWEB_URL`,
+Endpoints (bus_core.integrations.pacs.endpoints) are set by an administrator: one from the
+environment (`BUS_DICOMWEB_URL`,
 `BUS_DICOMWEB_USER` + `BUS_DICOMWEB_PASSWORD` or `BUS_DICOMWEB_TOKEN`, `BUS_DICOMWEB_VERIFY`:
 '0' to skip TLS verification or the path of a CA bundle) and any number more from the JSON
 file named by `BUS_DICOMWEB_CONFIG` (`{"endpoints": [{"name", "url", "user", "password",
@@ -23,53 +24,35 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
-import json
-import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-import numpy as np
 import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
-from highdicom.sc import SCImage
-from highdicom.sr import (
-    CodeContentItem,
-    ComprehensiveSR,
-    ContainerContentItem,
-    ContentSequence,
-    ImageContentItem,
-    NumContentItem,
-    PnameContentItem,
-    TextContentItem,
-)
-from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.sr.coding import Code
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from requests.auth import HTTPBasicAuth
 
-from bus_core import atomic, roles
+from bus_core import roles
 from bus_core.data import images as image_io
-from bus_core.errors import BusError, InvalidImageError
+from bus_core.errors import InvalidImageError
+from bus_core.integrations.pacs.dicom import (
+    Finding,
+    int_of,
+    model_version,
+    secondary_capture,
+    structured_report,
+    value_of,
+)
+from bus_core.integrations.pacs.endpoints import VERIFY_ENV, Endpoint, PacsError
 from bus_core.roles import Identity
-from bus_core.settings import data_dir
 
 if TYPE_CHECKING:
     from bus_core.clinic.cases import Case, CaseStore
-    from bus_core.inference.predict import Prediction
 
-URL_ENV, USER_ENV = "BUS_DICOMWEB_URL", "BUS_DICOMWEB_USER"
-PASSWORD_ENV, TOKEN_ENV = "BUS_DICOMWEB_PASSWORD", "BUS_DICOMWEB_TOKEN"
-VERIFY_ENV, CONFIG_ENV = "BUS_DICOMWEB_VERIFY", "BUS_DICOMWEB_CONFIG"
-SAVED_FILE = "pacs_endpoints.json"
-"""The endpoints administrators add in the app, in the data folder."""
-AUTH_KINDS: tuple[str, ...] = ("none", "basic", "bearer")
-"""How the app signs in to a PACS: not at all, HTTP basic (user + password), a bearer token."""
 MAX_JSON_BYTES = 16 << 20
 """Largest query answer (JSON) read from a PACS: 16 MiB, thousands of studies."""
 MAX_ANSWER_BYTES = 512 << 20
@@ -83,216 +66,6 @@ ULTRASOUND = "US"
 US_IMAGE_STORAGE = ("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.3.1",
                     "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3")
 """Ultrasound Image and Ultrasound Multi-frame Image Storage (current and retired)."""
-MANUFACTURER = "bus-classifier (research use, not a medical device)"
-RESEARCH_NOTE = ("Research use only. This software is not a medical device: the result "
-                 "supports, and never replaces, the reading of a qualified radiologist.")
-SC_SERIES_DESCRIPTION = "AI report (research use)"
-SR_SERIES_DESCRIPTION = "AI result (research use)"
-REVIEW_SERIES_DESCRIPTION = "Confirmed label (research use)"
-
-SCHEME = "99BUSAI"
-"""The local coding scheme of the concepts below (DICOM has no codes for them)."""
-TITLE = Code("report", SCHEME, "Breast ultrasound AI classification")
-REVIEW_TITLE = Code("review", SCHEME, "Breast ultrasound confirmed label")
-PREDICTED = Code("predicted", SCHEME, "Predicted class")
-CONFIRMED = Code("confirmed", SCHEME, "Confirmed class")
-UNCERTAIN = Code("uncertain", SCHEME, "Below the model's certainty threshold")
-PROBABILITY = "p"
-ALGORITHM_NAME = Code("111001", "DCM", "Algorithm Name")
-ALGORITHM_VERSION = Code("111003", "DCM", "Algorithm Version")
-SOURCE = Code("121112", "DCM", "Source of Measurement")
-COMMENT = Code("121106", "DCM", "Comment")
-OBSERVER = Code("121008", "DCM", "Person Observer Name")
-NO_UNITS = Code("1", "UCUM", "no units")
-YES, NO = Code("373066001", "SCT", "Yes"), Code("373067005", "SCT", "No")
-
-
-class PacsError(BusError):
-    """The archive cannot be used: unreachable, credentials refused, nothing to read there, or
-    an answer that cannot be read."""
-
-
-# --- settings ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A DICOMweb service: base URL, optional QIDO / WADO / STOW path prefixes below it, HTTP
-    basic credentials or a bearer token, and TLS verification (True, False or a CA bundle)."""
-
-    name: str
-    url: str
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    token: str | None = field(default=None, repr=False)
-    verify: bool | str = True
-    qido_prefix: str | None = None
-    wado_prefix: str | None = None
-    stow_prefix: str | None = None
-
-    @property
-    def auth(self) -> str:
-        """How the app signs in (one of `AUTH_KINDS`)."""
-        return "bearer" if self.token else "basic" if self.user else "none"
-
-    def service_url(self, service: str) -> str:
-        """The base URL of the 'qido', 'wado' or 'stow' service (the URL and its prefix)."""
-        prefix = getattr(self, f"{service}_prefix")
-        return self.url.rstrip("/") + (f"/{prefix}" if prefix else "")
-
-
-def _verify(value: Any) -> bool | str:
-    """A verify setting: booleans and '0' / 'false' / 'no' / '1' ..., else a CA bundle path."""
-    if isinstance(value, bool) or value is None:
-        return value is not False
-    text = str(value).strip()
-    if text.lower() in ("", "1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    return text
-
-
-def _read_endpoints(path: Path, what: str) -> list[Endpoint]:
-    """The endpoints of a settings file (`{"endpoints": [...]}`); `PacsError` naming `what`
-    when it cannot be read."""
-    try:
-        entries = json.loads(path.read_text())["endpoints"]
-        return [Endpoint(**{**entry, "verify": _verify(entry.get("verify"))})
-                for entry in entries]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PacsError(f"The PACS settings file {what} cannot be read "
-                        f"({type(exc).__name__}): ask an administrator.") from exc
-
-
-def server_endpoints(env: Mapping[str, str] | None = None) -> list[Endpoint]:
-    """The endpoints set on the server: the environment's ('default') first, then those of
-    the file named by `CONFIG_ENV`. Raises `PacsError` for a file that cannot be read."""
-    env = os.environ if env is None else env
-    found = []
-    if env.get(URL_ENV, "").strip():
-        found.append(Endpoint("default", env[URL_ENV].strip(), env.get(USER_ENV) or None,
-                              env.get(PASSWORD_ENV) or None, env.get(TOKEN_ENV) or None,
-                              _verify(env.get(VERIFY_ENV))))
-    config = env.get(CONFIG_ENV, "").strip()
-    if config:
-        found += _read_endpoints(Path(config), f"named by {CONFIG_ENV}")
-    return found
-
-
-def saved_endpoints(folder: Path | None = None) -> list[Endpoint]:
-    """The endpoints administrators added in the app (`SAVED_FILE` of the data folder, or of
-    `folder`); `PacsError` when the file cannot be read."""
-    path = (data_dir() if folder is None else folder) / SAVED_FILE
-    return _read_endpoints(path, f"{path}") if path.exists() else []
-
-
-def endpoints(env: Mapping[str, str] | None = None,
-              folder: Path | None = None) -> list[Endpoint]:
-    """Every configured endpoint: the server's (`server_endpoints`), then those added in the
-    app (`saved_endpoints`). Raises `PacsError` for a settings file that cannot be read."""
-    return server_endpoints(env) + saved_endpoints(folder)
-
-
-def endpoint_from_form(name: str, qido_url: str, wado_url: str = "", stow_url: str = "", *,
-                       auth: str = "none", user: str = "", secret: str = "",
-                       verify: bool | str = True, previous: Endpoint | None = None) -> Endpoint:
-    """An endpoint from an administrator's form: the QIDO-RS, WADO-RS and STOW-RS base URLs
-    (blank WADO / STOW: the QIDO one), which must be on one server (scheme, host and port);
-    `auth` one of `AUTH_KINDS` with the user and the password or token in `secret` (blank: the
-    `previous` endpoint's secret of that kind, so that a form never shows it); `verify`: True,
-    False or the path of a CA bundle. Raises `PacsError` for a value that cannot work."""
-    name = name.strip()
-    if not name:
-        raise PacsError("Give the PACS a name.")
-    urls = [u.strip().rstrip("/") for u in (qido_url, wado_url or qido_url, stow_url or qido_url)]
-    parts = [urlsplit(u) for u in urls]
-    for url, part in zip(urls, parts):
-        if part.scheme not in ("http", "https") or not part.hostname or part.query \
-                or part.fragment or part.username:
-            raise PacsError(f"'{url}' is not a DICOMweb base URL: write it as "
-                            "https://host[:port]/path, without a query or credentials.")
-    if len({(p.scheme, p.netloc.lower()) for p in parts}) > 1:
-        raise PacsError("The QIDO-RS, WADO-RS and STOW-RS addresses must be on one server "
-                        "(the same scheme, host and port).")
-    paths = [[s for s in p.path.split("/") if s] for p in parts]
-    common = 0
-    while all(len(p) > common and p[common] == paths[0][common] for p in paths):
-        common += 1
-    base = f"{parts[0].scheme}://{parts[0].netloc}" + "".join(f"/{s}"
-                                                              for s in paths[0][:common])
-    qido, wado, stow = ("/".join(p[common:]) or None for p in paths)
-    if auth not in AUTH_KINDS:
-        raise PacsError(f"Unknown sign-in kind '{auth}': choose {', '.join(AUTH_KINDS)}.")
-    if not secret and previous is not None and previous.auth == auth:
-        secret = (previous.password if auth == "basic" else previous.token) or ""
-    if auth == "basic" and not user.strip():
-        raise PacsError("Basic sign-in needs a user name.")
-    if auth != "none" and not secret:
-        raise PacsError("Basic sign-in needs a password." if auth == "basic"
-                        else "Bearer sign-in needs a token.")
-    if isinstance(verify, str) and not Path(verify).is_file():
-        raise PacsError(f"There is no CA bundle file at '{verify}' on the server.")
-    return Endpoint(name, base, user.strip() if auth == "basic" else None,
-                    secret if auth == "basic" else None, secret if auth == "bearer" else None,
-                    verify, qido, wado, stow)
-
-
-def save_endpoint(new: Endpoint, *, who: Identity, replacing: str | None = None,
-                  folder: Path | None = None) -> list[Endpoint]:
-    """Add `new` to the endpoints saved in the app, or put it in place of the one called
-    `replacing`; needs the 'manage_pacs' action. The file is written atomically and readable
-    by the server's user only. Returns the saved endpoints."""
-    roles.require(who, "manage_pacs")
-    if new.name in {e.name for e in server_endpoints()}:
-        raise PacsError(f"'{new.name}' is the name of a PACS set on the server: choose another "
-                        "name.")
-    saved = saved_endpoints(folder)
-    if new.name != replacing and new.name in {e.name for e in saved}:
-        raise PacsError(f"There is already a PACS called '{new.name}'.")
-    names = [e.name for e in saved]
-    if replacing is not None and replacing not in names:
-        raise PacsError(f"There is no PACS called '{replacing}' saved in the app.")
-    if replacing is None:
-        saved.append(new)
-    else:
-        saved[names.index(replacing)] = new
-    return _write_saved(saved, folder)
-
-
-def delete_endpoint(name: str, *, who: Identity, folder: Path | None = None) -> list[Endpoint]:
-    """Remove the endpoint called `name` from those saved in the app ('manage_pacs')."""
-    roles.require(who, "manage_pacs")
-    saved = saved_endpoints(folder)
-    if name not in {e.name for e in saved}:
-        raise PacsError(f"There is no PACS called '{name}' saved in the app.")
-    return _write_saved([e for e in saved if e.name != name], folder)
-
-
-def _write_saved(saved: list[Endpoint], folder: Path | None) -> list[Endpoint]:
-    path = (data_dir() if folder is None else folder) / SAVED_FILE
-    entries = [{k: v for k, v in asdict(e).items() if v is not None} for e in saved]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():  # the secrets: created private, and replaced with that mode
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-        atomic.write_text(path, json.dumps({"endpoints": entries}, indent=2))
-    except OSError as exc:
-        raise PacsError(f"The PACS settings cannot be saved in {path.parent}: "
-                        f"{exc.strerror or exc}.") from exc
-    return saved
-
-
-def endpoint(name: str | None = None) -> Endpoint:
-    """The endpoint called `name` (default: the first configured); `PacsError` if none."""
-    configured = endpoints()
-    if not configured:
-        raise PacsError(f"No PACS is configured: an administrator sets {URL_ENV} (and "
-                        f"{USER_ENV} / {PASSWORD_ENV} or {TOKEN_ENV}) or {CONFIG_ENV}.")
-    for candidate in configured:
-        if name is None or candidate.name == name:
-            return candidate
-    names = ", ".join(e.name for e in configured)
-    raise PacsError(f"There is no PACS called '{name}'; configured: {names}.")
 
 
 # --- what the archive holds ----------------------------------------------------------------
@@ -353,38 +126,12 @@ class Fetched:
 
 
 @dataclass(frozen=True)
-class Finding:
-    """What is sent back or read back: a class, its calibrated probabilities (none for a
-    review), whether the model was uncertain, the model's name and version, and for a
-    confirmed review label the reviewer's name."""
-
-    label: str
-    probabilities: Mapping[str, float]
-    model: str
-    model_version: str
-    uncertain: bool = False
-    confirmed_by: str | None = None
-
-
-@dataclass(frozen=True)
 class Sent:
     """What STOW-RS stored: the SOP instance UIDs and series UIDs of the new objects."""
 
     study_uid: str
     sop_uids: tuple[str, ...]
     series_uids: tuple[str, ...]
-
-
-def _value(ds: Dataset, keyword: str, default: Any = "") -> Any:
-    value = ds.get(keyword)
-    return default if value is None or value == "" else value
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    try:
-        return int(ds.get(keyword))
-    except (TypeError, ValueError):
-        return None
 
 
 def _datasets(answer: Any, *required: str) -> list[Dataset]:
@@ -546,12 +293,12 @@ class Pacs:
         with self._asking("studies"):
             found = _datasets(self.client.search_for_studies(
                 search_filters=filters, fields=fields, limit=limit), "StudyInstanceUID")
-        studies = [StudyInfo(str(ds.StudyInstanceUID), str(_value(ds, "PatientID")),
-                             str(_value(ds, "AccessionNumber")), str(_value(ds, "StudyDate")),
-                             str(_value(ds, "StudyDescription")),
+        studies = [StudyInfo(str(ds.StudyInstanceUID), str(value_of(ds, "PatientID")),
+                             str(value_of(ds, "AccessionNumber")), str(value_of(ds, "StudyDate")),
+                             str(value_of(ds, "StudyDescription")),
                              tuple(str(m) for m in _modalities(ds)),
-                             _int(ds, "NumberOfStudyRelatedSeries") or 0,
-                             _int(ds, "NumberOfStudyRelatedInstances") or 0)
+                             int_of(ds, "NumberOfStudyRelatedSeries") or 0,
+                             int_of(ds, "NumberOfStudyRelatedInstances") or 0)
                    for ds in found]
         return sorted(studies, key=lambda s: s.date, reverse=True)
 
@@ -561,9 +308,9 @@ class Pacs:
             answer = _datasets(self.client.search_for_series(
                 study_uid, fields=["SeriesDescription", "NumberOfSeriesRelatedInstances"]),
                 "SeriesInstanceUID")
-        found = [SeriesInfo(study_uid, str(ds.SeriesInstanceUID), str(_value(ds, "Modality")),
-                            _int(ds, "SeriesNumber"), str(_value(ds, "SeriesDescription")),
-                            _int(ds, "NumberOfSeriesRelatedInstances") or 0)
+        found = [SeriesInfo(study_uid, str(ds.SeriesInstanceUID), str(value_of(ds, "Modality")),
+                            int_of(ds, "SeriesNumber"), str(value_of(ds, "SeriesDescription")),
+                            int_of(ds, "NumberOfSeriesRelatedInstances") or 0)
                  for ds in answer]
         return sorted(found, key=lambda s: (s.number is None, s.number or 0))
 
@@ -575,8 +322,8 @@ class Pacs:
             answer = _datasets(self.client.search_for_instances(
                 study_uid, series_uid, fields=["NumberOfFrames"]), "SOPInstanceUID")
         found = [InstanceRef(study_uid, series_uid, str(ds.SOPInstanceUID),
-                             str(_value(ds, "SOPClassUID")), _int(ds, "InstanceNumber"),
-                             _int(ds, "NumberOfFrames") or 1, number)
+                             str(value_of(ds, "SOPClassUID")), int_of(ds, "InstanceNumber"),
+                             int_of(ds, "NumberOfFrames") or 1, number)
                  for ds in answer]
         return sorted(found, key=lambda i: (i.number is None, i.number or 0))
 
@@ -640,119 +387,6 @@ def _modalities(ds: Dataset) -> list[str]:
 
 
 # --- what is sent back ---------------------------------------------------------------------
-
-def _series_number(source: Dataset, offset: int) -> int:
-    return 9000 + offset + (_int(source, "SeriesNumber") or 0) % 100
-
-
-def secondary_capture(source: Dataset, report_png: bytes) -> Dataset:
-    """A Secondary Capture of the report image in a new series of `source`'s study, with the
-    source image named as its source (SourceImageSequence)."""
-    pixels = np.asarray(Image.open(io.BytesIO(report_png)).convert("RGB"))
-    sc = SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB",
-        bits_allocated=8, coordinate_system="PATIENT", patient_orientation=("L", "F"),
-        series_instance_uid=generate_uid(), series_number=_series_number(source, 1),
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER)
-    del sc.PatientOrientation  # a report page has no anatomical orientation
-    sc.SeriesDescription = SC_SERIES_DESCRIPTION
-    sc.ImageComments = RESEARCH_NOTE
-    sc.BurnedInAnnotation = "NO"
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    sc.SourceImageSequence = [reference]
-    return sc
-
-
-def structured_report(source: Dataset, finding: Finding) -> Dataset:
-    """A Comprehensive SR in a new series of `source`'s study: the class (predicted, or
-    confirmed by `finding.confirmed_by`), the calibrated probabilities, whether the model was
-    uncertain, the model's name and version, the research-use note and the source image."""
-    contains = "CONTAINS"
-    review = finding.confirmed_by is not None
-    root = ContainerContentItem(REVIEW_TITLE if review else TITLE)
-    items: list[Any] = [
-        CodeContentItem(CONFIRMED if review else PREDICTED, _class_code(finding.label),
-                        relationship_type=contains)]
-    items += [NumContentItem(_probability_code(name), float(value), NO_UNITS,
-                             relationship_type=contains)
-              for name, value in finding.probabilities.items()]
-    if not review:
-        items.append(CodeContentItem(UNCERTAIN, YES if finding.uncertain else NO,
-                                     relationship_type=contains))
-    else:
-        items.append(PnameContentItem(OBSERVER, _person_name(finding.confirmed_by or ""),
-                                      relationship_type=contains))
-    items += [TextContentItem(ALGORITHM_NAME, finding.model, relationship_type=contains),
-              TextContentItem(ALGORITHM_VERSION, finding.model_version,
-                              relationship_type=contains),
-              TextContentItem(COMMENT, RESEARCH_NOTE, relationship_type=contains),
-              ImageContentItem(SOURCE, source.SOPClassUID, source.SOPInstanceUID,
-                               relationship_type=contains)]
-    root.ContentSequence = ContentSequence(items)
-    sr = ComprehensiveSR(evidence=[source], content=root, series_instance_uid=generate_uid(),
-                         series_number=_series_number(source, 3 if review else 2),
-                         sop_instance_uid=generate_uid(), instance_number=1,
-                         manufacturer=MANUFACTURER, is_complete=True)
-    sr.SeriesDescription = REVIEW_SERIES_DESCRIPTION if review else SR_SERIES_DESCRIPTION
-    return sr
-
-
-def _class_code(label: str) -> Code:
-    return Code(label, SCHEME, label)
-
-
-def _probability_code(label: str) -> Code:
-    return Code(f"{PROBABILITY}-{label}", SCHEME, f"Probability of {label}")
-
-
-def _person_name(name: str) -> str:
-    """A signer's name as a single-component DICOM person name (the trailing '^' says so)."""
-    return name.replace("^", " ").replace("=", " ")[:63] + "^"
-
-
-def read_finding(sr: Dataset) -> Finding:
-    """The finding of an SR made by `structured_report`; `PacsError` for any other SR."""
-    try:
-        title = sr.ConceptNameCodeSequence[0]
-        if title.CodingSchemeDesignator != SCHEME:
-            raise ValueError("not ours")
-        values: dict[str, Any] = {}
-        probabilities: dict[str, float] = {}
-        for item in sr.ContentSequence:
-            concept = item.ConceptNameCodeSequence[0]
-            code = str(concept.get("CodeValue") or concept.LongCodeValue)
-            if item.ValueType == "NUM":
-                value = float(item.MeasuredValueSequence[0].NumericValue)
-                probabilities[code.removeprefix(f"{PROBABILITY}-")] = value
-            elif item.ValueType == "CODE":
-                values[code] = str(item.ConceptCodeSequence[0].CodeValue)
-            elif item.ValueType in ("TEXT", "PNAME"):
-                values[code] = str(item.TextValue if item.ValueType == "TEXT"
-                                      else item.PersonName).rstrip("^")
-    except (AttributeError, IndexError, KeyError, ValueError) as exc:
-        raise PacsError("This structured report was not made by this app.") from exc
-    label = values.get(PREDICTED.value) or values.get(CONFIRMED.value)
-    if label is None:
-        raise PacsError("This structured report names no class.")
-    return Finding(label=label, probabilities=probabilities,
-                   model=values.get(ALGORITHM_NAME.value, ""),
-                   model_version=values.get(ALGORITHM_VERSION.value, ""),
-                   uncertain=values.get(UNCERTAIN.value) == YES.value,
-                   confirmed_by=values.get(OBSERVER.value))
-
-
-def model_version(weights_sha256: str) -> str:
-    """The version of a model named in what is sent: the start of its weights' hash."""
-    return f"sha256:{weights_sha256[:16]}"
-
-
-def prediction_finding(prediction: Prediction, weights_sha256: str) -> Finding:
-    """The finding to send for a prediction of the model whose weights hash is given."""
-    return Finding(label=prediction.label, probabilities=dict(prediction.probabilities),
-                   model=prediction.model, model_version=model_version(weights_sha256),
-                   uncertain=prediction.uncertain)
 
 
 def send_result(pacs: Pacs, source: Dataset, finding: Finding, report_png: bytes | None,
