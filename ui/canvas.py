@@ -16,8 +16,8 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
+from bus_core.data.canvas import strokes_to_mask
 from bus_core.data.images import image_to_png_bytes
-from bus_core.data.masks import strokes_to_mask
 from ui.state import digest, memo
 
 CANVAS_WIDTHS: dict[str, int] = {"Small": 440, "Large": 760}

@@ -14,13 +14,7 @@ from bus_core.constants import CLASSES
 from bus_core.data.dataset import load_records
 from bus_core.data.inputs import InputSpec, lesion_free_strip, model_input, record_input
 from bus_core.data.loader import Item, RecordDataset, epoch_plan, tissue_pool
-from bus_core.data.masks import (
-    box_of,
-    jitter_box,
-    lesion_free_box,
-    outline_variant,
-    tissue_window,
-)
+from bus_core.data.masks import box_of, jitter_box, lesion_free_box, outline_variant, tissue_window
 from bus_core.data.presets import InputSize
 from bus_core.data.splits import load_split, make_split, merge_splits, save_split
 from bus_core.errors import DataError, MaskError

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bus_core.data.canvas import strokes_to_mask
 from bus_core.data.masks import (
     COMBINE_MODES,
     apply_mask_crop,
@@ -18,7 +19,6 @@ from bus_core.data.masks import (
     mask_overlay,
     masked_input,
     pseudo_lesion_mask,
-    strokes_to_mask,
 )
 from bus_core.errors import MaskError
 
