@@ -170,8 +170,8 @@ def render_report(content: ReportContent) -> bytes:
     return page.png()
 
 
-def report_filename(filename: str, created: dt.datetime) -> str:
-    """A download name such as 'scan-report-20250101-0930.png'."""
+def report_filename(filename: str, created: dt.datetime, suffix: str = "png") -> str:
+    """A download name such as 'scan-report-20250101-0930.png' (or `suffix`)."""
     stem = filename.rsplit(".", 1)[0] if filename else "case"
     safe = re.sub(r"[^A-Za-z0-9_]+", "-", stem).strip("-") or "case"
-    return f"{safe}-report-{created:%Y%m%d-%H%M}.png"
+    return f"{safe}-report-{created:%Y%m%d-%H%M}.{suffix}"
