@@ -1,7 +1,7 @@
 """Per-image against per-study reading: each rule of `bus_core.study` on data with a patient
 column (BUS-BRA, BUS-UCLM), the model read as clinicians get it (suggested outlines).
 
-    python recipes/study-rule/compare.py --model weights/densenet121-context-v2 \\
+    PYTHONPATH=. python recipes/study-rule/compare.py --model weights/densenet121-context-v2 \\
         --data $DATA/BUSBRA/labels.csv --split splits/busbra.json \\
         --data $DATA/BUSUCLM/labels.csv --split splits/busuclm.json --subset val --out OUT
 
