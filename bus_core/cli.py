@@ -309,8 +309,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_many(args: argparse.Namespace) -> int:
     """`predict INPUT ... --out results.csv` (see bus_core.batch); prints a one-line summary."""
-    from bus_core.batch import predict_to_csv
+    from bus_core.batch import list_items, predict_to_csv, write_studies
     from bus_core.predict import Predictor
+    from bus_core.study import DEFAULT_RULE, RULES
 
     single = [flag for flag, value in (("--mask", args.mask), ("--cam", args.cam),
                                        ("--json", args.json), ("--target", args.target)) if value]
@@ -322,7 +323,31 @@ def _predict_many(args: argparse.Namespace) -> int:
     report = predict_to_csv(args.inputs, out, predictor, batch_size=args.batch_size,
                             workers=args.workers, progress=sys.stderr.isatty())
     print(report.summary(out))
+    items = list_items(args.inputs)
+    if any(item.study for item in items):
+        studies = out.with_name(f"{out.stem}-studies.csv")
+        count = write_studies(items, out, studies, predictor)
+        print(f"{count} studies (by the manifest's patient column) read as one each into "
+              f"{studies}: {RULES[DEFAULT_RULE]}.")
     return 2 if report.predicted and report.errors == report.predicted else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Read the images of one study and write its PDF report."""
+    from bus_core.io import load_image
+    from bus_core.pdf_report import read_study, render_study_pdf
+    from bus_core.predict import Predictor
+
+    predictor = Predictor.from_path(args.model, device=args.device, backend=args.backend)
+    images = [load_image(path) for path in args.images]
+    names = [Path(path).name for path in args.images] if args.file_names else []
+    report = read_study(predictor, images, names=names, name=args.name, rule=args.rule)
+    _write_output(args.out, render_study_pdf(report))
+    reading = (f"study reading {report.combined_label}" if report.combined is not None
+               else f"reading {report.images[0].label}")
+    print(f"Report of {len(images)} image{'s' if len(images) > 1 else ''} ({reading}) written "
+          f"to {args.out}.")
+    return 0
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -653,6 +678,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend(p)
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("report", help="the PDF report of one study (several images of it)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="the study's image files")
+    p.add_argument("--out", required=True, help="PDF file to write")
+    p.add_argument("--model", help="model folder (default: the active model)")
+    _add_rule(p)
+    p.add_argument("--name", default="",
+                   help="the study's name in the report (default: none; no patient names "
+                        "unless you choose to print one)")
+    p.add_argument("--file-names", action="store_true",
+                   help="print each image's file name (off by default: file names often "
+                        "hold a patient's name)")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    _add_backend(p)
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("split", help="make a leakage-safe split file")
     _add_data(p)
     p.add_argument("--out", required=True)
@@ -751,6 +791,15 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS,
                    help=f"forward pass: OpenVINO on CPUs where installed ('auto'), 'openvino' or "
                         f"'torch' (default: ${BACKEND_ENV}, else auto)")
+
+
+def _add_rule(p: argparse.ArgumentParser) -> None:
+    from bus_core.study import DEFAULT_RULE, RULES
+
+    p.add_argument("--rule", default=DEFAULT_RULE, choices=list(RULES),
+                   help="how the images' readings make the study's: "
+                        + "; ".join(f"{k}, {v}" for k, v in RULES.items())
+                        + " (default: %(default)s)")
 
 
 def _write_output(path: str, content: str | bytes) -> None:

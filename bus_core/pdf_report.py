@@ -18,8 +18,11 @@ import numpy as np
 from fpdf import FPDF
 from PIL import Image
 
-from bus_core.cam import CAM_LABELS, colour_scale
-from bus_core.report import NOTE, ReportContent, headline
+from bus_core.cam import CAM_LABELS, colour_scale, overlay
+from bus_core.predict import Predictor
+from bus_core.report import NOTE, ReportContent, headline, outlined
+from bus_core.segment import Segmenter
+from bus_core.study import DEFAULT_RULE, RULES, combine_predictions
 
 INK, MUTED, RED, AMBER = (27, 39, 51), (96, 108, 120), (192, 57, 43), (156, 87, 0)
 PAGE_WIDTH, MARGIN = 210.0, 15.0  # A4 portrait, millimetres
@@ -210,3 +213,46 @@ def render_study_pdf(report: StudyReport) -> bytes:
     pdf.write_text("Signature: ______________________________      "
                    "Date: ________________", 10, gap=2)
     return bytes(pdf.output())
+
+
+SUGGESTED_NOTE = "suggested automatically by the outline model"
+
+
+def read_study(predictor: Predictor, images: Sequence[np.ndarray], *,
+               names: Sequence[str] = (), name: str = "", rule: str = DEFAULT_RULE,
+               segmenter: Segmenter | None = None) -> StudyReport:
+    """Read each image of one study as the app does (the suggested outline where the model
+    reads one: a two-stage model's own, else `segmenter`'s, by default the bundled), explain
+    each reading with Grad-CAM over the network that gave its class, and combine the readings
+    by `rule` (for two or more images). `names` (one per image) and `name` appear in the
+    report only when given."""
+    contents, predictions = [], []
+    for number, image in enumerate(images):
+        masks = []
+        if predictor.spec.uses_masks and not predictor.two_stage:
+            segmenter = segmenter or Segmenter.from_path()
+            masks = [found] if (found := segmenter.segment(image)).any() else []
+        prediction = predictor.predict(image, masks)
+        target = prediction.label
+        heat = predictor.explain(prediction, target=target)
+        mask = prediction.outline if prediction.outline is not None else (
+            masks[0] if masks else None)
+        drawn = image if mask is None or not mask.any() else outlined(image, mask)
+        contents.append(ReportContent(
+            image=drawn, overlay=overlay(prediction.explained_by(target).model_view, heat),
+            probabilities=prediction.probabilities, label=target, model=prediction.model,
+            explained=target, filename=names[number] if number < len(names) else "",
+            uncertain=prediction.uncertain, warnings=prediction.warnings,
+            mask_note=SUGGESTED_NOTE if drawn is not image else "",
+            flag=prediction.flag_sentence()))
+        predictions.append(prediction)
+    card = predictor.card
+    combined = (combine_predictions(predictions, rule, card.uncertain_below)
+                if len(predictions) > 1 else None)
+    return StudyReport(
+        images=contents, model=card.name, name=name, version=card.code_version,
+        figures=published_figures(card.metrics),
+        combined=combined.probabilities if combined else None,
+        combined_label=combined.label if combined else "",
+        combined_uncertain=combined.uncertain if combined else False,
+        combined_flag=combined.flag if combined else "", rule=RULES[rule] if combined else "")

@@ -16,11 +16,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from bus_core.cam import CAM_LABELS, colour_scale
 from bus_core.constants import MALIGNANT, NORMAL
+from bus_core.masks import draw_outline, mask_overlay
 
 WIDTH, MARGIN, PANEL = 1000, 40, 440
 INK, MUTED, RULE, TRACK = (27, 39, 51), (96, 108, 120), (214, 221, 228), (232, 237, 241)
 BAR_COLOURS = {NORMAL: (46, 139, 87), "benign": (15, 110, 140), MALIGNANT: (192, 57, 43)}
 DEFAULT_BAR = (110, 110, 110)
+LESION_COLOUR = (255, 196, 0)
+"""The colour a lesion outline is drawn in."""
 NOTE = ("Research use only. This software is not a medical device: the prediction supports, "
         "and never replaces, the reading of a qualified radiologist.")
 
@@ -132,6 +135,14 @@ class _Page:
         buffer = io.BytesIO()
         self.image.crop((0, 0, WIDTH, self.y + MARGIN)).save(buffer, format="PNG")
         return buffer.getvalue()
+
+
+def outlined(image: np.ndarray, mask: np.ndarray,
+             colour: tuple[int, int, int] = LESION_COLOUR) -> np.ndarray:
+    """`image` with the lesion tinted and outlined in `colour`."""
+    tinted = mask_overlay(image, mask, color=colour, alpha=0.25)
+    return draw_outline(tinted, mask, color=colour,
+                        thickness=max(2, round(max(image.shape[:2]) / 250)))
 
 
 def headline(label: str, probabilities: Mapping[str, float], uncertain: bool) -> str:

@@ -5,12 +5,13 @@ lesion at least, often more frames, sometimes lesion-free views beside them); a 
 reports per study. A study is the images that share a key: the patient (or study) column of a
 manifest, a PACS study, or the images one user uploaded together; an image without a key is a
 study of its own. The study's true class is its most severe image's (malignant over benign over
-normal). Its reading combines its images' calibrated probabilities by one of `RULES`.
+normal). Its reading combines its images' calibrated probabilities by one of `RULES`; its
+malignant flag is raised when any image's is (sensitivity first).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,8 @@ RULES: dict[str, str] = {
 DEFAULT_RULE = LEAST_NORMAL
 """The rule the app and the command line use: on the validation patients of BUS-BRA and
 BUS-UCLM it called the fewest lesion studies normal (with `MOST_SUSPICIOUS`) and, of those
-two, kept the higher specificity at the flag (`recipes/study-rule/README.md`)."""
+two, had the higher AUC (`recipes/study-rule/README.md`). Whatever the rule, a study is
+flagged when any of its images is."""
 SEVERITY: tuple[str, ...] = (NORMAL, "benign", MALIGNANT)
 """Classes from least to most severe: a study's true class is its most severe image's."""
 
@@ -103,41 +105,62 @@ def by_study(keys: Sequence[str], y_true: Sequence[int] | np.ndarray, probs: np.
 def score_studies(keys: Sequence[str], y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
                   rules: Sequence[str] = tuple(RULES), classes: Sequence[str] = CLASSES, *,
                   threshold: float | None = None) -> dict[str, dict[str, Any]]:
-    """The study-level figures (`intervals.score`, with `threshold`: at that malignant
-    threshold) of each rule in `rules`, plus `n_images` and `n_studies`, from per-image results
-    (`keys`, `y_true`, `probs`, one entry per image)."""
+    """The study-level figures (`intervals.score`) of each rule in `rules`, plus `n_images`
+    and `n_studies`, from per-image results (`keys`, `y_true`, `probs`, one entry per image).
+    With `threshold`, `at_threshold` scores the study flag, raised when any image reaches it
+    (the same for every rule)."""
+    flagged = by_study(keys, y_true, probs, MOST_SUSPICIOUS, classes)
+    at = (score(flagged.y_true, flagged.probs, classes, threshold=threshold)["at_threshold"]
+          if threshold is not None and len(flagged.keys) else None)
     scored: dict[str, dict[str, Any]] = {}
     for rule in rules:
         studies = by_study(keys, y_true, probs, rule, classes)
-        scored[rule] = score(studies.y_true, studies.probs, classes, threshold=threshold) | {
+        scored[rule] = score(studies.y_true, studies.probs, classes) | {
             "rule": RULES[rule], "n_images": int(studies.sizes.sum()),
-            "n_studies": len(studies.keys)}
+            "n_studies": len(studies.keys)} | ({"at_threshold": at} if at else {})
     return scored
 
 
 @dataclass(frozen=True)
 class StudyReading:
     """The reading of a study of several images: its probabilities by `rule`, top class,
-    whether it is uncertain, and the malignant flag's sentence ('' when not raised)."""
+    whether it is uncertain, and the malignant flag's sentence ('' when not raised) with the
+    index of the image that raised it."""
 
     rule: str
     probabilities: dict[str, float]
     label: str
     uncertain: bool
     flag: str
+    flag_image: int | None = None
+
+
+def combine_readings(probabilities: Sequence[Mapping[str, float]], rule: str = DEFAULT_RULE, *,
+                     uncertain_below: float = 0.0, threshold: float | None = None
+                     ) -> StudyReading:
+    """One reading of a study from its images' class probabilities by `rule`; uncertain when
+    its top probability is below `uncertain_below`. The malignant flag is raised when any
+    image reaches the malignant `threshold` (`flag_image` says which: the most suspicious)."""
+    if not probabilities:
+        raise ValueError("A study needs the reading of at least one image.")
+    classes = list(probabilities[0])
+    rows = np.asarray([[p[c] for c in classes] for p in probabilities])
+    combined = combine(rows, rule, classes)
+    reading = {c: float(v) for c, v in zip(classes, combined, strict=True)}
+    label = classes[int(np.argmax(combined))]
+    suspicious = int(np.argmax(rows[:, classes.index(MALIGNANT)])) if MALIGNANT in classes else 0
+    flag = flag_sentence(probabilities[suspicious], threshold)
+    return StudyReading(rule=rule, probabilities=reading, label=label,
+                        uncertain=reading[label] < uncertain_below,
+                        flag=f"Image {suspicious + 1}: {flag}" if flag else "",
+                        flag_image=suspicious if flag else None)
 
 
 def combine_predictions(predictions: Sequence[Prediction], rule: str = DEFAULT_RULE,
                         uncertain_below: float = 0.0) -> StudyReading:
-    """One reading of the images' `predictions` (of one model) by `rule`; uncertain when its
-    top probability is below `uncertain_below`, flagged at the model's malignant threshold."""
+    """`combine_readings` of the `predictions` of one model's images, at its threshold."""
     if not predictions:
         raise ValueError("A study needs the reading of at least one image.")
-    classes = list(predictions[0].probabilities)
-    rows = np.asarray([[p.probabilities[c] for c in classes] for p in predictions])
-    combined = combine(rows, rule, classes)
-    probabilities = {c: float(v) for c, v in zip(classes, combined, strict=True)}
-    label = classes[int(np.argmax(combined))]
-    return StudyReading(rule=rule, probabilities=probabilities, label=label,
-                        uncertain=probabilities[label] < uncertain_below,
-                        flag=flag_sentence(probabilities, predictions[0].malignant_threshold))
+    return combine_readings([p.probabilities for p in predictions], rule,
+                            uncertain_below=uncertain_below,
+                            threshold=predictions[0].malignant_threshold)

@@ -84,7 +84,7 @@ def test_by_study_refuses_mismatched_lengths() -> None:
         by_study(["a"], [0, 1], IMAGES[:2])
 
 
-def test_study_scores_count_studies_and_differ_by_rule() -> None:
+def test_study_scores_count_studies_and_flag_a_study_when_any_image_is_flagged() -> None:
     # two lesion studies whose suspicious view is malignant-looking, one normal study
     keys = ["a", "a", "b", "b", "c", "c"]
     y = [2, 2, 1, 1, 0, 0]
@@ -94,10 +94,14 @@ def test_study_scores_count_studies_and_differ_by_rule() -> None:
     scored = score_studies(keys, y, probs, (MEAN, MOST_SUSPICIOUS), threshold=0.5)
     assert scored[MEAN]["n_studies"] == scored[MOST_SUSPICIOUS]["n_studies"] == 3
     assert scored[MEAN]["n_images"] == 6
-    # the mean dilutes the malignant view (0.40 < 0.5); the most suspicious image flags it
-    assert scored[MEAN]["at_threshold"]["sensitivity"] == 0.0
-    assert scored[MOST_SUSPICIOUS]["at_threshold"]["sensitivity"] == 1.0
+    # the mean dilutes the malignant view (P(malignant) 0.40) and misreads study a as normal;
+    # the flag still finds it, since one of its images is flagged
+    assert scored[MEAN]["accuracy"] == pytest.approx(2 / 3)
     assert scored[MOST_SUSPICIOUS]["accuracy"] == 1.0
+    for rule in (MEAN, MOST_SUSPICIOUS):
+        assert scored[rule]["at_threshold"]["sensitivity"] == 1.0
+        assert scored[rule]["at_threshold"]["specificity"] == 1.0
+    assert "at_threshold" not in score_studies(keys, y, probs, (MEAN,))[MEAN]
 
 
 def _prediction(normal: float, benign: float, malignant: float) -> Prediction:
@@ -112,8 +116,13 @@ def test_a_study_reading_combines_the_images_and_raises_the_flag_in_words() -> N
     reading = combine_predictions(views, MOST_SUSPICIOUS, uncertain_below=0.6)
     assert reading.label == "benign" and reading.uncertain
     assert reading.probabilities == views[1].probabilities
-    assert reading.flag.startswith("Malignant probability 35%")
+    assert reading.flag.startswith("Image 2: Malignant probability 35%")
+    assert reading.flag_image == 1
+    # the mean reads normal, but the study is flagged because its second image is
     mean = combine_predictions(views, MEAN, uncertain_below=0.4)
-    assert mean.label == "normal" and mean.flag == "" and not mean.uncertain
+    assert mean.label == "normal" and not mean.uncertain
+    assert mean.flag_image == 1 and mean.flag.startswith("Image 2:")
+    calm = combine_predictions([_prediction(0.70, 0.20, 0.10)] * 2, MEAN)
+    assert calm.flag == "" and calm.flag_image is None
     with pytest.raises(ValueError, match="at least one image"):
         combine_predictions([])
