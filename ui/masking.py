@@ -14,12 +14,11 @@ from bus_core.data.masks import (
     COMBINE_MODES,
     combination_note,
     combine_masks,
-    draw_outline,
-    mask_overlay,
     masked_input,
 )
 from bus_core.errors import BusError
 from bus_core.inference.outline import Segmenter
+from bus_core.inference.report import LESION_COLOUR, outlined
 from ui.common import md_escape, show_error
 from ui.state import digest, memo
 from ui.uploads import MASK_TYPES, read_masks
@@ -30,7 +29,6 @@ MASK_SOURCES: tuple[str, ...] = (NO_MASK, PAINT, UPLOAD)
 ORIGINS = {PAINT: "painted", UPLOAD: "uploaded", DATASET: "dataset"}
 """The case store's mask source (`bus_core.clinic.cases.MASK_SOURCES`) of each panel choice."""
 ACCEPT, EDIT, DISCARD = "Accept", "Edit", "Discard"
-LESION_COLOUR = (255, 196, 0)
 SUGGESTED_COLOUR = (0, 200, 255)
 
 
@@ -193,14 +191,6 @@ def mask_panel(image: np.ndarray, spec: InputSpec, key: str,
                  else None)
     return MaskChoice(mask, source, digest(mask) if mask is not None else "",
                       origin if mask is not None else None)
-
-
-def outlined(image: np.ndarray, mask: np.ndarray,
-             colour: tuple[int, int, int] = LESION_COLOUR) -> np.ndarray:
-    """`image` with the lesion tinted and outlined in `colour`."""
-    tinted = mask_overlay(image, mask, color=colour, alpha=0.25)
-    return draw_outline(tinted, mask, color=colour,
-                        thickness=max(2, round(max(image.shape[:2]) / 250)))
 
 
 def show_crop_preview(image: np.ndarray, choice: MaskChoice, spec: InputSpec) -> None:

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     reading.add_segment(sub)
     evaluation.add_evaluate(sub)
     reading.add_predict(sub)
+    reading.add_report(sub)
     data.add_split(sub)
     training.add_tune(sub)
     training.add_compare(sub)

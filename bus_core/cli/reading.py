@@ -1,5 +1,5 @@
-"""Readings from the command line: `predict` (one image, or many into a CSV file), `segment`,
-`warm`."""
+"""Readings from the command line: `predict` (one image, or many into a CSV file), `report`
+(a study's PDF), `segment`, `warm`."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from pathlib import Path
 from bus_core.cli.common import add_backend, write_output
 from bus_core.data.images import image_to_png_bytes, load_image
 from bus_core.errors import BusError
-from bus_core.inference.batch import DEFAULT_BATCH_SIZE, predict_to_csv
+from bus_core.inference.batch import DEFAULT_BATCH_SIZE, list_items, predict_to_csv, write_studies
 from bus_core.inference.cam import overlay
 from bus_core.inference.outline import Segmenter, segment_inputs
+from bus_core.inference.pdf_report import read_study, render_study_pdf
 from bus_core.inference.predict import Predictor, predict_file
+from bus_core.inference.study import DEFAULT_RULE, RULES
 from bus_core.inference.warm import warm
 from bus_core.models.registry import active_segmenter_path
 from bus_core.runtime.device import DEVICE_CHOICES
@@ -83,7 +85,27 @@ def _predict_many(args: argparse.Namespace) -> int:
     report = predict_to_csv(args.inputs, out, predictor, batch_size=args.batch_size,
                             workers=args.workers, progress=sys.stderr.isatty())
     print(report.summary(out))
+    items = list_items(args.inputs)
+    if any(item.study for item in items):
+        studies = out.with_name(f"{out.stem}-studies.csv")
+        count = write_studies(items, out, studies, predictor)
+        print(f"{count} studies (by the manifest's patient column) read as one each into "
+              f"{studies}: {RULES[DEFAULT_RULE]}.")
     return 2 if report.predicted and report.errors == report.predicted else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Read the images of one study and write its PDF report."""
+    predictor = Predictor.from_path(args.model, device=args.device, backend=args.backend)
+    images = [load_image(path) for path in args.images]
+    names = [Path(path).name for path in args.images] if args.file_names else []
+    report = read_study(predictor, images, names=names, name=args.name, rule=args.rule)
+    write_output(args.out, render_study_pdf(report))
+    reading = (f"study reading {report.combined_label}" if report.combined is not None
+               else f"reading {report.images[0].label}")
+    print(f"Report of {len(images)} image{'s' if len(images) > 1 else ''} ({reading}) written "
+          f"to {args.out}.")
+    return 0
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -173,3 +195,24 @@ def add_warm(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     add_backend(p)
     p.set_defaults(func=cmd_warm)
+
+
+def add_report(sub: argparse._SubParsersAction) -> None:
+    """The `report` command's options."""
+    p = sub.add_parser("report", help="the PDF report of one study (several images of it)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="the study's image files")
+    p.add_argument("--out", required=True, help="PDF file to write")
+    p.add_argument("--model", help="model folder (default: the active model)")
+    p.add_argument("--rule", default=DEFAULT_RULE, choices=list(RULES),
+                   help="how the images' readings make the study's: "
+                        + "; ".join(f"{k}, {v}" for k, v in RULES.items())
+                        + " (default: %(default)s)")
+    p.add_argument("--name", default="",
+                   help="the study's name in the report (default: none; no patient names "
+                        "unless you choose to print one)")
+    p.add_argument("--file-names", action="store_true",
+                   help="print each image's file name (off by default: file names often "
+                        "hold a patient's name)")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    add_backend(p)
+    p.set_defaults(func=cmd_report)

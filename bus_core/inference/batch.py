@@ -14,6 +14,9 @@ manifests (`dataset.load_records`: their label is kept as `true_label`, their ma
 models). A multi-frame DICOM or multi-page TIFF given as a file or found in a folder gives one
 row per frame; a folder of .dcm files gives one row per file.
 
+Images of a manifest with a patient column are also read per study (`study.DEFAULT_RULE`):
+`write_studies` writes one row per study beside the images' file.
+
 A file that cannot be read or used gives a row with its `error` (the `BusError` message) and no
 prediction. Resumable: rows already in the CSV (by file and frame, error rows included) are
 skipped, new rows are appended and flushed after every batch, so a stopped run loses at most the
@@ -37,11 +40,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from bus_core.atomic import write_text as atomic_write_text
 from bus_core.constants import IMAGE_SUFFIXES
 from bus_core.data.dataset import csv_safe, load_records, mask_owner
 from bus_core.data.images import RASTER_FORMATS, frame_count, load_image, load_mask, sniff_kind
 from bus_core.errors import BusError, storage
 from bus_core.inference.predict import Prediction, Predictor, Prepare
+from bus_core.inference.study import DEFAULT_RULE, combine_readings, most_severe
 
 READABLE_KINDS = frozenset({fmt.lower() for fmt in RASTER_FORMATS} | {"dicom"})
 """What `images.sniff_kind` calls the files `images.load_image` reads (for files without a
@@ -66,13 +71,15 @@ def result_columns(classes: Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One image to predict: a file, its frame (None: a single-frame file), its lesion mask
-    files and its known label ('' when unknown), both from a manifest."""
+    """One image to predict: a file, its frame (None: a single-frame file), and from a
+    manifest its lesion mask files, its known label and its study (the patient column; ''
+    when unknown)."""
 
     file: Path
     frame: int | None = None
     masks: tuple[Path, ...] = ()
     true_label: str = ""
+    study: str = ""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -110,8 +117,8 @@ def list_items(inputs: Sequence[str | Path]) -> list[BatchItem]:
         if path.is_dir():
             items += [item for file in _folder_images(path) for item in _frames(file)]
         elif path.suffix.lower() == ".csv":
-            items += [BatchItem(_absolute(r.path), masks=r.masks, true_label=r.label)
-                      for r in load_records(path)]
+            items += [BatchItem(_absolute(r.path), masks=r.masks, true_label=r.label,
+                                study=r.patient or "") for r in load_records(path)]
         else:
             items += _frames(path)
     unique: dict[tuple[str, str], BatchItem] = {}
@@ -284,3 +291,44 @@ def _rows_done(out: Path, columns: list[str], sha: str) -> set[tuple[str, str]]:
                            f"weights {row[sha_at]}): give another --out file, or that model.")
     return {(row[0], row[1]) for row in rows[1:] if len(row) == len(columns)}
 
+
+
+def study_columns(classes: Sequence[str]) -> list[str]:
+    """The header of the per-study CSV for a model with output classes `classes`."""
+    return ["study", "images", "true_label", "label", *(f"p_{c}" for c in classes),
+            "uncertain", "flag", "rule", "model"]
+
+
+def write_studies(items: Sequence[BatchItem], results: str | Path, out: str | Path,
+                  predictor: Predictor, rule: str = DEFAULT_RULE) -> int:
+    """From the images' rows in `results`, one row per study of `items` (those with a study)
+    into the CSV `out` (rewritten), by `rule`; images without a reading are left out. The
+    number of studies written."""
+    columns = result_columns(predictor.classes)
+    with storage(f"read the results file {results}"):
+        rows = list(csv.DictReader(Path(results).read_text(encoding="utf-8").splitlines()))
+    read = {(r["file"], r["frame"]): {c: float(r[f"p_{c}"]) for c in predictor.classes}
+            for r in rows if not r.get("error") and set(columns) <= set(r)}
+    studies: dict[str, list[BatchItem]] = {}
+    for item in items:
+        if item.study and item.key in read:
+            studies.setdefault(item.study, []).append(item)
+    lines = [study_columns(predictor.classes)]
+    for study, members in studies.items():
+        reading = combine_readings([read[m.key] for m in members], rule,
+                                   uncertain_below=predictor.card.uncertain_below,
+                                   threshold=predictor.card.malignant_threshold)
+        truths = [m.true_label for m in members if m.true_label in predictor.classes]
+        truth = predictor.classes[most_severe([predictor.classes.index(t) for t in truths],
+                                              predictor.classes)] if truths else ""
+        lines.append([study, str(len(members)), truth, reading.label,
+                      *(f"{reading.probabilities[c]:.6f}" for c in predictor.classes),
+                      str(reading.uncertain),
+                      "" if predictor.card.malignant_threshold is None else str(bool(reading.flag)),
+                      rule,
+                      predictor.card.name])
+    buffer = _io.StringIO()
+    csv.writer(buffer).writerows([[csv_safe(cell) for cell in line] for line in lines])
+    with storage(f"write the studies file {out}"):
+        atomic_write_text(Path(out), buffer.getvalue())
+    return len(studies)

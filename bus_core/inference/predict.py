@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -113,13 +113,7 @@ class Prediction:
 
     def flag_sentence(self) -> str:
         """The malignant flag as a sentence for the page and the report ('' when not raised)."""
-        if not self.malignant_flag or self.malignant_threshold is None:
-            return ""
-        shown, limit = percent_pair(self.probabilities[MALIGNANT], self.malignant_threshold)
-        return (f"Malignant probability {shown}: at or above this model's sensitivity-first "
-                f"threshold ({limit}, set on validation to find "
-                f"{TARGET_SENSITIVITY:.0%} of cancers), whatever the "
-                "top class.")
+        return flag_sentence(self.probabilities, self.malignant_threshold)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (no arrays)."""
@@ -128,6 +122,17 @@ class Prediction:
                 "malignant_threshold": self.malignant_threshold, "model": self.model,
                 **({"reading": self.reading} if self.reading else {}),
                 "warnings": self.warnings, "elapsed_ms": round(self.elapsed_ms, 1)}
+
+
+def flag_sentence(probabilities: Mapping[str, float], threshold: float | None) -> str:
+    """The sensitivity-first malignant flag as a sentence for pages and reports ('' when
+    P(malignant) is below `threshold`, or there is no threshold)."""
+    if threshold is None or probabilities.get(MALIGNANT, -1.0) < threshold:
+        return ""
+    shown, limit = percent_pair(probabilities[MALIGNANT], threshold)
+    return (f"Malignant probability {shown}: at or above this model's sensitivity-first "
+            f"threshold ({limit}, set on validation to find {TARGET_SENSITIVITY:.0%} of "
+            "cancers), whatever the top class.")
 
 
 def scope_warnings(image: np.ndarray) -> list[str]:

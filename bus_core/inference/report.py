@@ -15,12 +15,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from bus_core.constants import MALIGNANT, NORMAL
+from bus_core.data.masks import draw_outline, mask_overlay
 from bus_core.inference.cam import CAM_LABELS, colour_scale
 
 WIDTH, MARGIN, PANEL = 1000, 40, 440
 INK, MUTED, RULE, TRACK = (27, 39, 51), (96, 108, 120), (214, 221, 228), (232, 237, 241)
 BAR_COLOURS = {NORMAL: (46, 139, 87), "benign": (15, 110, 140), MALIGNANT: (192, 57, 43)}
 DEFAULT_BAR = (110, 110, 110)
+LESION_COLOUR = (255, 196, 0)
+"""The colour a lesion outline is drawn in."""
 NOTE = ("Research use only. This software is not a medical device: the prediction supports, "
         "and never replaces, the reading of a qualified radiologist.")
 
@@ -134,6 +137,14 @@ class _Page:
         return buffer.getvalue()
 
 
+def outlined(image: np.ndarray, mask: np.ndarray,
+             colour: tuple[int, int, int] = LESION_COLOUR) -> np.ndarray:
+    """`image` with the lesion tinted and outlined in `colour`."""
+    tinted = mask_overlay(image, mask, color=colour, alpha=0.25)
+    return draw_outline(tinted, mask, color=colour,
+                        thickness=max(2, round(max(image.shape[:2]) / 250)))
+
+
 def headline(label: str, probabilities: Mapping[str, float], uncertain: bool) -> str:
     """One line saying what the model predicts, e.g. 'Benign (72%)' or 'Uncertain ...'."""
     top = probabilities.get(label, 0.0)
@@ -170,8 +181,8 @@ def render_report(content: ReportContent) -> bytes:
     return page.png()
 
 
-def report_filename(filename: str, created: dt.datetime) -> str:
-    """A download name such as 'scan-report-20250101-0930.png'."""
+def report_filename(filename: str, created: dt.datetime, suffix: str = "png") -> str:
+    """A download name such as 'scan-report-20250101-0930.png' (or `suffix`)."""
     stem = filename.rsplit(".", 1)[0] if filename else "case"
     safe = re.sub(r"[^A-Za-z0-9_]+", "-", stem).strip("-") or "case"
-    return f"{safe}-report-{created:%Y%m%d-%H%M}.png"
+    return f"{safe}-report-{created:%Y%m%d-%H%M}.{suffix}"

@@ -13,7 +13,7 @@ from typing import Any
 from bus_core.constants import CLASSES
 
 sys.path.insert(0, str(Path(__file__).parent))
-from score_table import called_normal_text, fmt3  # noqa: E402  (this folder's table helpers)
+from score_table import called_normal_text, fmt3, with_ci  # noqa: E402  (this folder's table helpers)
 
 RUNS = {"without-busi": "BUSI", "without-busbra": "BUS-BRA", "without-busuclm": "BUS-UCLM"}
 
@@ -44,8 +44,8 @@ def main() -> None:
             name = f"{source} ({held['n']}: " + ", ".join(
                 f"{counts[c]} {c}" for c in CLASSES if counts.get(c)) + ")"
             print(f"| {name} | {variant} (threshold {fmt3(at.get('threshold'))}) | "
-                  f"{fmt3(held.get('auc_malignant'))} | {fmt3(held.get('accuracy'))} | "
-                  f"{fmt3(at.get('sensitivity'))} / {fmt3(at.get('specificity'))} | "
+                  f"{with_ci(held, 'auc_malignant')} | {with_ci(held, 'accuracy')} | "
+                  f"{with_ci(at, 'sensitivity')} / {with_ci(at, 'specificity')} | "
                   f"{called_normal_text(held)} | "
                   f"{fmt3(alone.get('auc_malignant') if alone else None)} | {dice} |")
 

@@ -38,7 +38,7 @@ def fmt3(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _ci(m: dict, key: str) -> str:
+def with_ci(m: dict, key: str) -> str:
     low, high = m.get(f"{key}_ci95") or (None, None)
     return f"{fmt3(m.get(key))} [{fmt3(low)}, {fmt3(high)}]"
 
@@ -53,9 +53,9 @@ def per_source(path: Path) -> None:
         called = called_normal_text(part) if "confusion_matrix" in part else "-"
         at = part.get("at_threshold") or {}
         counts = " / ".join(str(part["n_per_class"].get(c, 0)) for c in CLASSES)
-        print(f"| {name} ({part['n']}: {counts}) | {_ci(part, 'accuracy')} | "
-              f"{_ci(part, 'auc_malignant')} | {_ci(at, 'sensitivity')} / "
-              f"{_ci(at, 'specificity')} | {called} |")
+        print(f"| {name} ({part['n']}: {counts}) | {with_ci(part, 'accuracy')} | "
+              f"{with_ci(part, 'auc_malignant')} | {with_ci(at, 'sensitivity')} / "
+              f"{with_ci(at, 'specificity')} | {called} |")
 
 
 def main() -> None:

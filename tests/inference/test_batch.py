@@ -4,6 +4,7 @@ series into a resumable CSV file."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,16 @@ from PIL import Image
 from bus_core.data.dataset import load_records, write_manifest
 from bus_core.data.images import load_image, load_mask
 from bus_core.errors import BusError
-from bus_core.inference.batch import BatchItem, list_items, predict_to_csv, result_columns
+from bus_core.inference.batch import (
+    BatchItem,
+    list_items,
+    predict_to_csv,
+    result_columns,
+    study_columns,
+    write_studies,
+)
 from bus_core.inference.predict import Predictor
+from bus_core.inference.study import LEAST_NORMAL, combine
 from bus_core.models.build import load_model
 from tests.conftest import copy_model, synthetic_image
 from tests.data.test_images import write_dicom
@@ -131,6 +140,31 @@ def test_manifest_keeps_the_true_label(predictor, busi_dir, tmp_path):
     assert [(r["file"], r["true_label"]) for r in rows] == [(str(r.path), r.label)
                                                             for r in records]
     assert not any(r["error"] for r in rows)
+
+
+def test_a_manifest_with_patients_gives_one_row_per_study(predictor, busi_dir, tmp_path):
+    records = load_records(busi_dir)[:5]
+    patients = ["p1", "p1", "p2", "p2", ""]  # the last image has no patient: no study
+    manifest = write_manifest([dataclasses.replace(r, patient=p or None)
+                               for r, p in zip(records, patients, strict=True)],
+                              tmp_path / "studies.csv")
+    out = tmp_path / "results.csv"
+    predict_to_csv([manifest], out, predictor, workers=0)
+    items = list_items([manifest])
+    assert [item.study for item in items] == patients
+    assert write_studies(items, out, tmp_path / "results-studies.csv", predictor) == 2
+    rows = read_rows(tmp_path / "results-studies.csv")
+    assert list(rows[0]) == study_columns(predictor.classes)
+    images = read_rows(out)
+    for row, members in zip(rows, ([0, 1], [2, 3]), strict=True):
+        probs = np.array([[float(images[i][f"p_{c}"]) for c in predictor.classes]
+                          for i in members])
+        expected = combine(probs, LEAST_NORMAL, predictor.classes)
+        assert row["images"] == "2" and row["rule"] == LEAST_NORMAL
+        assert [float(row[f"p_{c}"]) for c in predictor.classes] == pytest.approx(expected)
+        labels = {records[i].label for i in members}
+        severest = max(labels, key=("normal", "benign", "malignant").index)
+        assert row["true_label"] == severest
 
 
 def test_lesion_models_read_manifest_masks_and_refuse_images_without(tiny_model_dir, busi_dir,

@@ -197,6 +197,40 @@ def test_command_line_scores_a_two_stage_model_on_suggested_outlines(models, blo
     assert "outline suggested by tiny-seg" in printed["reading"]
 
 
+def test_report_command_writes_a_study_pdf_without_file_names_unless_asked(models, blobs,
+                                                                          tmp_path, capsys):
+    import pypdfium2 as pdfium
+    from PIL import Image
+
+    paths = []
+    for i, corner in enumerate((False, True)):  # the second image: no outline found
+        paths.append(tmp_path / f"Doe_Jane_view{i}.png")
+        Image.fromarray(_image(white_corner=corner)).save(paths[-1])
+
+    def text(pdf: Path) -> str:
+        doc = pdfium.PdfDocument(pdf)
+        try:
+            return " ".join(" ".join(page.get_textpage().get_text_range() for page in doc).split())
+        finally:
+            doc.close()
+
+    out = tmp_path / "study.pdf"
+    assert main(["report", *map(str, paths), "--out", str(out), "--model",
+                 str(models / "lesion"), "--device", "cpu-fp32", "--backend", "torch"]) == 0
+    assert "Report of 2 images (study reading" in capsys.readouterr().out
+    printed = text(out)
+    assert "Study reading:" in printed and "Rule: the probabilities of its image" in printed
+    assert "Lesion mask: suggested automatically by the outline model" in printed
+    assert "Lesion mask: none" in printed
+    assert "Doe" not in printed and "Study " not in printed.replace("Study reading", "")
+    assert main(["report", str(paths[0]), "--out", str(out), "--model", str(models / "lesion"),
+                 "--device", "cpu-fp32", "--backend", "torch", "--file-names", "--name",
+                 "Case 7"]) == 0
+    printed = text(out)
+    assert "Image 1: Doe_Jane_view0.png" in printed and "Study Case 7" in printed
+    assert "Study reading" not in printed
+
+
 @pytest.mark.slow
 def test_fine_tuning_a_two_stage_model_keeps_its_pair(models, busi_dir, tmp_path):
     from bus_core.training.train import TrainConfig, train
