@@ -9,15 +9,13 @@ Diagnose and Teaching only, nothing saved). BUS_AUTH=local or oidc forces a mode
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 import streamlit as st
 
-from bus_core.clinic.accounts import Accounts, Session, new_session
+from bus_core.clinic.accounts import Accounts, Session, identity_from_claims, new_session
 from bus_core.errors import BusError
-from bus_core.roles import DEMO, ROLES, Identity, check_roles
+from bus_core.roles import DEMO, Identity
 from ui.cases import case_store
 from ui.common import (
     APP_TITLE,
@@ -28,8 +26,6 @@ from ui.common import (
     require_entrypoint,
     show_error,
 )
-
-ROLES_CLAIM_ENV = "BUS_ROLES_CLAIM"
 
 PAGE_ACTIONS: dict[str, tuple[str, ...]] = {
     "diagnose": ("diagnose",),
@@ -183,16 +179,9 @@ def _oidc_identity() -> Identity | None:
         st.button("Sign in with single sign-on", type="primary", on_click=st.login,
                   icon=":material/login:")
         return None
-    claims = st.user.to_dict()
-    # An address the provider says it has not verified could name another user's local row.
-    verified = str(claims.get("email_verified", True)).lower() != "false"
-    email = claims.get("email") if verified else None
-    name = str(email or claims.get("preferred_username") or claims.get("sub"))
     store = accounts()
-    roles = _claimed_roles(claims.get(os.environ.get(ROLES_CLAIM_ENV, "roles")))
-    if not roles:
-        roles = store.roles_of(name)
-    found = Identity(name=name, roles=roles, source="oidc")
+    found = identity_from_claims(st.user.to_dict(), store)
+    name = found.name
     if store.refresh(found) is None:
         st.session_state.pop(SESSION_KEY, None)
         st.error("Your account is disabled in this app: ask an administrator.")
@@ -215,19 +204,6 @@ def _oidc_identity() -> Identity | None:
         st.button("Sign out", on_click=st.logout)
         return None
     return found
-
-
-def _claimed_roles(value: object) -> frozenset[str]:
-    """The app's roles named by a claim (a list or a comma/space-separated string); names
-    that are not roles of this app are ignored."""
-    if isinstance(value, str):
-        names: Iterable[object] = value.replace(",", " ").split()
-    elif isinstance(value, (list, tuple)):
-        names = value
-    else:
-        return frozenset()
-    wanted = {str(n).strip().lower() for n in names}
-    return check_roles(wanted & set(ROLES))
 
 
 def sign_out() -> None:

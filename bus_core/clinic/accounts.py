@@ -24,9 +24,10 @@ from __future__ import annotations
 import logging
 import os
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -36,7 +37,7 @@ from sqlalchemy import Connection, RowMapping, func, insert, select, update
 from bus_core.clinic.cases import CaseStore
 from bus_core.clinic.schema import account_log, users
 from bus_core.errors import BusError, StoreError
-from bus_core.roles import Identity, check_roles, require
+from bus_core.roles import ROLES, Identity, check_roles, require
 
 logger = logging.getLogger(__name__)
 
@@ -386,3 +387,33 @@ def _utcnow() -> datetime:
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+ROLES_CLAIM_ENV = "BUS_ROLES_CLAIM"
+"""The single-sign-on claim that names a user's roles (default 'roles')."""
+
+
+def claimed_roles(value: object) -> frozenset[str]:
+    """The app's roles named by a claim (a list or a comma/space-separated string); names
+    that are not roles of this app are ignored."""
+    if isinstance(value, str):
+        names: Iterable[object] = value.replace(",", " ").split()
+    elif isinstance(value, (list, tuple)):
+        names = value
+    else:
+        return frozenset()
+    wanted = {str(n).strip().lower() for n in names}
+    return check_roles(wanted & set(ROLES))
+
+
+def identity_from_claims(claims: Mapping[str, Any], accounts: Accounts) -> Identity:
+    """The identity of a user signed in by single sign-on, from the provider's claims: named by
+    their e-mail address when the provider has verified it (an unverified one could name
+    another user's local account), else their preferred user name, else the subject; their
+    roles are those the claim $BUS_ROLES_CLAIM (default 'roles') names, else those an
+    administrator gave them here."""
+    verified = str(claims.get("email_verified", True)).lower() != "false"
+    email = claims.get("email") if verified else None
+    name = str(email or claims.get("preferred_username") or claims.get("sub"))
+    roles = claimed_roles(claims.get(os.environ.get(ROLES_CLAIM_ENV, "roles")))
+    return Identity(name=name, roles=roles or accounts.roles_of(name), source="oidc")

@@ -22,10 +22,13 @@ from bus_core.clinic.accounts import (
     LOCK_AFTER,
     LOCK_MINUTES,
     MAX_SESSION_HOURS,
+    ROLES_CLAIM_ENV,
     WRONG_SIGN_IN,
     AccountError,
     Accounts,
     SignInError,
+    claimed_roles,
+    identity_from_claims,
     new_session,
 )
 from bus_core.clinic.cases import CaseStore, open_store
@@ -385,3 +388,26 @@ def test_the_last_active_admin_keeps_the_role_and_stays_enabled(accounts):
     assert accounts.get("root").roles == {"clinician"}
     with pytest.raises(AccountError, match="only active administrator"):
         accounts.set_disabled(person("boss", "admin"), "deputy")
+
+
+def test_single_sign_on_claims_name_the_user_by_a_verified_address(accounts, monkeypatch):
+    monkeypatch.delenv(ROLES_CLAIM_ENV, raising=False)
+    claims = {"sub": "x1", "email": "ann@example.org", "preferred_username": "ann",
+              "roles": "Clinician, radiologist-in-chief"}
+    found = identity_from_claims(claims, accounts)
+    assert (found.name, found.roles, found.source) == ("ann@example.org",
+                                                       frozenset({"clinician"}), "oidc")
+    unverified = identity_from_claims({**claims, "email_verified": False}, accounts)
+    assert unverified.name == "ann"
+    assert identity_from_claims({"sub": "x1"}, accounts).name == "x1"
+
+
+def test_single_sign_on_roles_come_from_the_claim_named_else_from_the_app(accounts,
+                                                                         monkeypatch):
+    accounts.add(operator(), "bob@example.org", ["researcher"], None)
+    claims = {"sub": "x2", "email": "bob@example.org", "groups": ["admin", "unknown"]}
+    monkeypatch.delenv(ROLES_CLAIM_ENV, raising=False)
+    assert identity_from_claims(claims, accounts).roles == frozenset({"researcher"})
+    monkeypatch.setenv(ROLES_CLAIM_ENV, "groups")
+    assert identity_from_claims(claims, accounts).roles == frozenset({"admin"})
+    assert claimed_roles(None) == frozenset()
