@@ -39,7 +39,7 @@ from bus_core.training.jobs import (
     start_tuning,
 )
 from bus_core.training.train import OPTIMIZERS, SCHEDULERS, TrainConfig, check_config
-from bus_core.training.tune import DEFAULT_GRID, combinations, run_name
+from bus_core.training.tune import DEFAULT_GRID, combinations, grid_values, run_name
 from ui.auth import require_page
 from ui.common import md_escape, show_error, start_job
 from ui.data_inputs import (
@@ -336,11 +336,6 @@ def single_run_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
         launch(lambda f: start_training(config, who=WHO, force=f), force)
 
 
-def parse_values(text: str, kind: type) -> list[Any]:
-    """Comma-separated numbers; ValueError with the bad entry."""
-    return [kind(v) for v in text.replace(";", ",").split(",") if v.strip()]
-
-
 def grid_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
     """The grid (default: the published method's) and its results once run."""
     st.caption("One training run per combination, ranked on the validation subset only; test "
@@ -357,7 +352,7 @@ def grid_tab(base: dict[str, Any], ready: bool, force: bool) -> None:
     balance = c2.selectbox("Class balancing", BALANCE_MODES, format_func=BALANCE_LABELS.get,
                            key="grid_balance")
     try:
-        grid = {"lr": parse_values(lrs, float), "batch_size": parse_values(batches, int),
+        grid = {"lr": grid_values("lr", lrs), "batch_size": grid_values("batch_size", batches),
                 "optimizer": list(optimizers)}
     except ValueError:
         st.error("Learning rates and batch sizes are comma-separated numbers.",

@@ -26,18 +26,27 @@ DEFAULT_GRID: dict[str, list[Any]] = {"lr": [1e-3, 5e-4, 1e-4], "batch_size": [1
 _TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
+def grid_values(name: str, text: str) -> list[Any]:
+    """The values of the training option `name` in a grid from their text (separated by commas
+    or semicolons), typed as TrainConfig's field. Raises ValueError on an unknown option or a
+    value of the wrong type."""
+    name = name.strip().replace("-", "_")
+    if name not in _TYPES:
+        raise ValueError(f"Unknown training option {name!r} in the grid.")
+    kind = str(_TYPES[name])
+    caster = float if "float" in kind else int if "int" in kind else str
+    return [caster(v.strip()) for v in text.replace(";", ",").split(",") if v.strip()]
+
+
 def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
-    """A grid from 'name=v1,v2' strings, typed by TrainConfig's fields."""
+    """A grid from 'name=v1,v2' strings (`grid_values`)."""
     grid: dict[str, list[Any]] = {}
     for spec in specs:
         name, _, values = spec.partition("=")
-        name = name.strip().replace("-", "_")
-        if name not in _TYPES or not values:
+        if name.strip().replace("-", "_") not in _TYPES or not values:
             raise ValueError(f"Bad grid entry {spec!r}: use NAME=V1,V2 with a training option "
                              f"name such as lr, batch_size, optimizer, weight_decay.")
-        caster = float if "float" in str(_TYPES[name]) else int if "int" in str(_TYPES[name]) \
-            else str
-        grid[name] = [caster(v) for v in values.split(",")]
+        grid[name.strip().replace("-", "_")] = grid_values(name, values)
     return grid
 
 
