@@ -77,6 +77,7 @@ from bus_core.data.loader import (
     plan_batches,
 )
 from bus_core.data.presets import InputSize
+from bus_core.data.roots import DEFAULT_SPLIT
 from bus_core.data.splits import load_split, split_records
 from bus_core.errors import BusError
 from bus_core.inference.batch import DEFAULT_BATCH_SIZE, default_workers, predict_to_csv
@@ -110,7 +111,7 @@ from bus_core.runtime.device import (
 )
 from bus_core.runtime.int8 import NNCF_MISSING, nncf_available
 from bus_core.runtime.int8 import measure as measure_int8
-from bus_core.settings import PROJECT_ROOT, default_dataset_dir
+from bus_core.settings import default_dataset_dir
 from bus_core.training.train import train_step
 
 
@@ -331,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder (default: the active model)")
     parser.add_argument("--data", help="BUSI folder (default: ../shared/data/BUSI)")
-    parser.add_argument("--split", default=str(PROJECT_ROOT / "splits" / "busi.json"))
+    parser.add_argument("--split", default=str(DEFAULT_SPLIT))
     parser.add_argument("--segmenter", help="segmentation model folder (default: the bundled one)")
     parser.add_argument("--quick", action="store_true", help="small counts")
     parser.add_argument("--int8", action="store_true",

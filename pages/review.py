@@ -29,13 +29,14 @@ from bus_core.clinic.gate import (
 from bus_core.clinic.retraining import RetrainPlan, find_plans, prepare_retraining
 from bus_core.constants import CLASSES
 from bus_core.data.dataset import class_counts
+from bus_core.data.roots import default_split
 from bus_core.errors import BusError
 from bus_core.inference.cam import method_id, overlay
 from bus_core.inference.predict import Predictor
 from bus_core.metrics import fmt3
 from bus_core.models.registry import active_model_path
 from bus_core.roles import Identity
-from bus_core.settings import PROJECT_ROOT, default_dataset_dir
+from bus_core.settings import default_dataset_dir
 from bus_core.training.jobs import current_job, start_training
 from bus_core.training.runs import read_progress
 from ui.auth import require_page
@@ -61,7 +62,6 @@ SORT_LABELS = {"created_at": "Date saved", "updated_at": "Last change", "id": "C
                "status": "Status", "predicted_label": "Model's reading",
                "confirmed_label": "Confirmed label", "reviewer": "Reviewer",
                "model_name": "Model"}
-DEFAULT_SPLIT = PROJECT_ROOT / "splits" / "busi.json"
 
 
 # --- the case table ----------------------------------------------------------------------------
@@ -414,7 +414,7 @@ def retrain_settings(store: CaseStore, who: Identity) -> None:
                               key="review_rt_data", help="The folder or CSV manifest the active "
                                                          "model was trained on.")
     base_split = c2.text_input("Its split file (the fixed test subset is taken from it)",
-                               str(DEFAULT_SPLIT), key="review_rt_split")
+                               str(default_split()), key="review_rt_split")
     c3, c4, c5 = st.columns(3)
     epochs = c3.number_input("Epochs", 1, 100, 5, key="review_rt_epochs")
     share = c4.slider("Held-out share of new cases", 0.1, 0.5, 0.2, 0.05, key="review_rt_share")

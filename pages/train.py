@@ -44,6 +44,7 @@ from ui.auth import require_page
 from ui.common import md_escape, show_error, start_job
 from ui.data_inputs import (
     data_summary,
+    default_split_text,
     image_count,
     matching_split,
     resolve_path,
@@ -201,7 +202,7 @@ def split_setting(sources: list[str]) -> str | None | bool:
     if kind.startswith("New"):
         st.caption("A new 70/15/15 split is made and saved with the model (train/split.json).")
         return None
-    typed = st.text_input("Split file", value=default or "splits/busi.json",
+    typed = st.text_input("Split file", value=default or default_split_text(),
                           key="train_split_file")
     try:
         path = resolve_path(typed)

@@ -9,8 +9,9 @@ from pathlib import Path
 import streamlit as st
 
 from bus_core.data.dataset import class_counts, load_many
-from bus_core.data.roots import check_allowed, check_data_source, is_allowed
-from bus_core.settings import PROJECT_ROOT, data_dir
+from bus_core.data.roots import check_allowed, check_data_source, default_split
+from bus_core.data.roots import matching_split as find_matching_split
+from bus_core.settings import PROJECT_ROOT
 
 
 def _typed(text: str) -> Path:
@@ -51,23 +52,19 @@ def image_count(sources: tuple[str, ...]) -> int:
     return len(load_many(sources))
 
 
-def split_files() -> list[Path]:
-    """Split files in the project's splits/ and in the user's data folder (where allowed)."""
-    found: list[Path] = []
-    for root in (PROJECT_ROOT / "splits", data_dir() / "splits"):
-        if is_allowed(root) and root.is_dir():
-            found += sorted(root.glob("*.json"))
-    return found
-
-
 def matching_split(sources: Sequence[str]) -> str:
-    """The split file named after the single data folder (e.g. splits/busi.json for .../BUSI),
-    shown relative to the project when it lies there; '' when there is none."""
-    if len(sources) != 1:
-        return ""
-    stem = Path(sources[0]).stem.lower()
-    for path in split_files():
-        if path.stem.lower() == stem:
-            return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) \
-                else str(path)
-    return ""
+    """The split file named after the single data folder (`roots.matching_split`), shown
+    relative to the project when it lies there; '' when there is none."""
+    path = find_matching_split(sources)
+    return "" if path is None else shown_path(path)
+
+
+def default_split_text(sources: Sequence[str] = ()) -> str:
+    """The split file to offer for `sources` (`roots.default_split`), as `matching_split`
+    shows it."""
+    return shown_path(default_split(sources))
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the project when it lies there."""
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)

@@ -15,7 +15,7 @@ files already.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bus_core.data.dataset import manifest_paths
@@ -94,3 +94,30 @@ def check_data_source(path: str | Path) -> Path:
                     f"Line {line} of this manifest names a file outside the manifest's folder: "
                     "the app reads only files in a manifest's own folder and below.")
     return resolved
+
+
+DEFAULT_SPLIT = PROJECT_ROOT / "splits" / "busi.json"
+"""The committed split of BUSI: the split file offered where none is named after the data."""
+
+
+def split_files() -> list[Path]:
+    """Split files in the project's splits/ and in the user's data folder (where allowed)."""
+    found: list[Path] = []
+    for root in (PROJECT_ROOT / "splits", data_dir() / "splits"):
+        if is_allowed(root) and root.is_dir():
+            found += sorted(root.glob("*.json"))
+    return found
+
+
+def matching_split(sources: Sequence[str | Path]) -> Path | None:
+    """The split file named after the single data folder (e.g. splits/busi.json for .../BUSI);
+    None when there is none."""
+    if len(sources) != 1:
+        return None
+    stem = Path(sources[0]).stem.lower()
+    return next((path for path in split_files() if path.stem.lower() == stem), None)
+
+
+def default_split(sources: Sequence[str | Path] = ()) -> Path:
+    """The split file to offer for `sources`: the one named after them, else `DEFAULT_SPLIT`."""
+    return matching_split(sources) or DEFAULT_SPLIT

@@ -10,11 +10,14 @@ import pytest
 
 from bus_core.data.roots import (
     DATA_ROOTS_ENV,
+    DEFAULT_SPLIT,
     OUTSIDE_ROOTS,
     check_allowed,
     check_data_source,
     data_roots,
+    default_split,
     is_allowed,
+    matching_split,
 )
 from bus_core.errors import BusError, PathNotAllowedError
 from bus_core.settings import PROJECT_ROOT
@@ -170,3 +173,11 @@ def test_typed_paths_of_the_pages(roots, monkeypatch):
 
 def test_the_refusal_is_a_bus_error():
     assert issubclass(PathNotAllowedError, BusError)
+
+
+def test_the_split_offered_is_the_one_named_after_the_data_else_busi(tmp_path):
+    assert default_split() == DEFAULT_SPLIT == PROJECT_ROOT / "splits" / "busi.json"
+    assert matching_split([tmp_path / "BUSI"]) == DEFAULT_SPLIT
+    assert matching_split([tmp_path / "no-such-data"]) is None
+    assert matching_split([tmp_path / "BUSI", tmp_path / "other"]) is None
+    assert default_split([tmp_path / "no-such-data"]) == DEFAULT_SPLIT
