@@ -38,7 +38,7 @@ from bus_core.models.registry import active_model_path
 from bus_core.roles import Identity
 from bus_core.settings import default_dataset_dir
 from bus_core.training.jobs import current_job, start_training
-from bus_core.training.runs import read_progress
+from bus_core.training.runs import last_event, progress_fraction, progress_text, read_progress
 from ui.auth import require_page
 from ui.cases import as_rgb, case_store, export_cases_zip
 from ui.charts import probability_chart
@@ -48,7 +48,6 @@ from ui.decisions import ACTION_LABELS, decisions_table
 from ui.masking import outlined
 from ui.pacs import case_from_pacs
 from ui.results import cam_cached, predict_cached
-from ui.training import last_event, progress_fraction, progress_text
 
 who = require_page("review")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from bus_core.clinic.teaching import TeachingSession
 from bus_core.constants import CLASSES
 from bus_core.data.dataset import Record, load_records
 from bus_core.data.images import load_image, load_mask
@@ -27,7 +28,6 @@ from ui.data_inputs import matching_split, resolve_path, resolve_source
 from ui.masking import SUGGESTED_COLOUR, outlined, suggested_mask
 from ui.results import explanation_section, predict_cached, show_prediction
 from ui.state import memo
-from ui.teaching import TeachingSession
 
 require_page("teach")
 

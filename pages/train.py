@@ -38,6 +38,7 @@ from bus_core.training.jobs import (
     start_training,
     start_tuning,
 )
+from bus_core.training.runs import fmt_duration, last_event, progress_fraction, progress_text
 from bus_core.training.train import OPTIMIZERS, SCHEDULERS, TrainConfig, check_config
 from bus_core.training.tune import DEFAULT_GRID, combinations, grid_values, run_name
 from ui.auth import require_page
@@ -51,14 +52,7 @@ from ui.data_inputs import (
     sources_from_text,
 )
 from ui.state import keep_widget_state
-from ui.training import (
-    epoch_figure,
-    fmt_duration,
-    last_event,
-    progress_fraction,
-    progress_text,
-    step_figure,
-)
+from ui.training import epoch_figure, step_figure
 
 WHO = require_page("train")
 

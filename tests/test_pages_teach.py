@@ -153,7 +153,7 @@ def test_scores_survive_a_reload(monkeypatch, tmp_path, busi_dir, tiny_model_dir
 
 
 def test_an_uncertain_model_reading_is_no_answer():
-    from ui.teaching import TeachingSession
+    from bus_core.clinic.teaching import TeachingSession
 
     session = TeachingSession.new("x", 3, seed=1)
     session.check("benign", "benign", "benign", model_uncertain=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ui.training import progress_text
+from bus_core.training.runs import progress_text
 
 STEP = {"event": "step", "epoch": 2, "epochs": 5, "step": 3, "steps": 10, "images_per_s": 4.0,
         "eta_s": 600}

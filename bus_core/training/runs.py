@@ -1,5 +1,6 @@
 """Training runs on disk: the layout of a run folder (`RunFiles`), and its progress as JSON
-lines, written by the trainer and tailed by the app.
+lines, written by the trainer and tailed by the app, and what those events say (how far the run
+is, the time left, the curves of steps and epochs).
 
 Every line of the progress file is one event: {"event": "start" | "step" | "epoch" |
 "done" | "cancelled" | "error", "time": unix seconds, ...fields}. A reader tolerates a
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -173,3 +175,77 @@ def next_epoch_fits(limit_minutes: float, train_time_s: float, epochs_done: int)
     if limit_minutes <= 0 or epochs_done == 0:
         return True
     return train_time_s * (epochs_done + 1) / epochs_done <= limit_minutes * 60
+
+
+# --- reading the progress events ------------------------------------------------------------
+
+def fmt_duration(seconds: float | None) -> str:
+    """'1 h 05 min', '3 min 20 s', '12 s' or '–'."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "–"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    if s >= 60:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s} s"
+
+
+def last_event(events: Sequence[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+    """The latest event of `kind`, or None."""
+    return next((e for e in reversed(events) if e["event"] == kind), None)
+
+
+def progress_fraction(events: Sequence[dict[str, Any]]) -> float:
+    """How much of the run is done, 0..1 (1 once it is done)."""
+    if last_event(events, "done"):
+        return 1.0
+    step = last_event(events, "step")
+    if step is None:
+        return 0.0
+    done = (step["epoch"] - 1) * step["steps"] + step["step"]
+    return min(1.0, done / max(1, step["epochs"] * step["steps"]))
+
+
+def progress_text(events: Sequence[dict[str, Any]], running: bool = True) -> str:
+    """One line under the progress bar: epoch, step, speed and, while the run goes on
+    (`running`: not finished and no cancel asked for), the time left."""
+    if last_event(events, "done"):
+        return "Finished"
+    step = last_event(events, "step")
+    if step is None:
+        start = last_event(events, "start")
+        return "Preparing the data and the model…" if start is None else "Starting the first step…"
+    text = (f"Epoch {step['epoch']}/{step['epochs']} · step {step['step']}/{step['steps']} · "
+            f"{step.get('images_per_s') or 0:.1f} images/s")
+    if not running:
+        return text
+    if step["epoch"] == step["epochs"] and step["step"] == step["steps"]:
+        return text + " · final validation and test…"
+    return text + f" · about {fmt_duration(step.get('eta_s'))} left"
+
+
+def step_series(events: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per training step (x = steps since the start, a resumed step replacing its first try):
+    loss, the epoch's mean loss and running accuracy."""
+    by_x: dict[int, dict[str, Any]] = {}
+    for e in events:
+        if e["event"] == "step":
+            by_x[(e["epoch"] - 1) * e["steps"] + e["step"]] = e
+    xs = sorted(by_x)
+    return {"x": xs, "loss": [by_x[x]["loss"] for x in xs],
+            "mean_loss": [by_x[x]["mean_loss"] for x in xs],
+            "accuracy": [by_x[x]["accuracy"] for x in xs]}
+
+
+def epoch_rows(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per finished epoch: train loss / accuracy and the validation figures."""
+    rows: dict[int, dict[str, Any]] = {}
+    for e in events:
+        if e["event"] == "epoch":
+            val = e.get("val") or {}
+            rows[e["epoch"]] = {"epoch": e["epoch"], "train_loss": e.get("train_loss"),
+                                "train_accuracy": e.get("train_accuracy"),
+                                **{f"val_{k}": v for k, v in val.items()},
+                                "best": e.get("improved", False)}
+    return [rows[k] for k in sorted(rows)]

@@ -1,5 +1,5 @@
 """The state of a teaching session: the order of the cases, the current one, and the scores.
-Plain Python (no Streamlit) so the page keeps one in st.session_state, and as a short token (in
+Plain Python: the Teaching page keeps one in its state, and as a short token (in
 the page address) so a reload keeps the learner's place and scores."""
 
 from __future__ import annotations
