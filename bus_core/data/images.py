@@ -32,9 +32,10 @@ from typing import BinaryIO
 
 import numpy as np
 import pydicom
+import pydicom.pixels
 from PIL import Image, UnidentifiedImageError
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder, pixel_array
+from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from pydicom.pixels.utils import get_nr_frames
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -391,7 +392,7 @@ def _undecodable_dicom(ds, label: str, exc: Exception) -> InvalidImageError:
     syntax = UID(str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or ""))
     known = syntax.is_valid and syntax.is_transfer_syntax
     try:
-        decodable = known and get_decoder(syntax).is_available
+        decodable = known and pydicom.pixels.get_decoder(syntax).is_available
     except NotImplementedError:  # a transfer syntax pydicom has no decoder for at all
         decodable = False
     if known and syntax.is_compressed and not decodable:
