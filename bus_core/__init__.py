@@ -1,5 +1,7 @@
-"""bus_core: breast-ultrasound classification library (data, splits, masks, models, training,
-evaluation, Grad-CAM, storage). It never imports Streamlit; the app is a thin UI over it."""
+"""bus_core: breast-ultrasound classification library, one package per concern (data, models,
+runtime, inference, evaluation, training, clinic, integrations, cli) over a few shared modules
+at the root; ARCHITECTURE.md gives the layering. It never imports Streamlit; the app is a thin
+UI over it."""
 
 from bus_core.constants import CLASSES
 
