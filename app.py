@@ -20,7 +20,8 @@ PAGES = {
     "Learn": [("teach", "Teaching", ":material/school:")],
     "Models": [("train", "Train", ":material/model_training:"),
                ("evaluate", "Evaluate", ":material/analytics:"),
-               ("models", "Model registry", ":material/inventory_2:")],
+               ("models", "Model registry", ":material/inventory_2:"),
+               ("monitor", "Monitor", ":material/monitoring:")],
     "You": [("account", "Account", ":material/account_circle:")],
 }
 # Section -> (page in pages/, title, icon); who may open which: ui.auth.PAGE_ACTIONS.

@@ -17,7 +17,8 @@ from ui.common import SESSION_KEY
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PASSWORD = "a long enough password"
-EVERY_PAGE = ("diagnose", "review", "teach", "train", "evaluate", "models", "account")
+EVERY_PAGE = ("diagnose", "review", "teach", "train", "evaluate", "models", "monitor",
+              "account")
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +102,7 @@ def test_an_idle_session_ends_and_a_disabled_user_is_signed_out():
 @pytest.mark.parametrize("roles, pages", [
     (("clinician",), {"diagnose", "review", "account"}),
     (("educator",), {"teach", "account"}),
-    (("researcher",), {"review", "train", "evaluate", "models", "account"}),
+    (("researcher",), {"review", "train", "evaluate", "models", "monitor", "account"}),
     (("clinician", "educator"), {"diagnose", "review", "teach", "account"}),
     (("admin",), set(EVERY_PAGE)),
 ])

@@ -28,10 +28,11 @@ from tests.e2e.test_browser import (
 
 WALK = REPO / "test-artifacts" / "walk"
 PAGES = {"admin": ["Diagnose", "Review cases", "Teaching", "Train", "Evaluate",
-                   "Model registry", "Account"],
+                   "Model registry", "Monitor", "Account"],
          "clinician": ["Diagnose", "Review cases", "Account"],
          "educator": ["Teaching", "Account"],
-         "researcher": ["Review cases", "Train", "Evaluate", "Model registry", "Account"]}
+         "researcher": ["Review cases", "Train", "Evaluate", "Model registry", "Monitor",
+                        "Account"]}
 
 
 @pytest.fixture(scope="module")
