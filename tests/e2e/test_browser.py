@@ -173,10 +173,11 @@ def wait_for_images(page, at_least: int) -> None:
 
 
 def settle(page) -> None:
-    """Wait until the app has finished its script run (no stale or running elements)."""
+    """Wait until the app has finished its script run (no stale or running elements, none
+    still loading)."""
     page.wait_for_function(
         "() => !document.querySelector('[data-stale=true], [data-testid=stMain] "
-        "[data-testid=stSpinner]') && !/Running/i.test("
+        "[data-testid=stSpinner], [data-testid=stSkeleton]') && !/Running/i.test("
         "document.querySelector('[data-testid=stStatusWidget]')?.innerText || '')")
     page.wait_for_timeout(1000)
 
