@@ -199,7 +199,7 @@ NAVIGATION_KEY = "app_navigation"
 """Key of the sidebar's page list (its element has the class st-key-app_navigation)."""
 
 
-def sidebar_navigation(sections: dict[str, list[Any]]) -> None:
+def sidebar_navigation(sections: dict[str, list[st.Page]]) -> None:
     """The pages the user's roles open, by section (`st.Page`s), at the top of the sidebar.
     Streamlit's own page list is off in the shipped config: before anyone signs in it would
     list the app's page files."""
