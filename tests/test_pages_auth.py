@@ -43,6 +43,12 @@ def texts(at: AppTest) -> str:
                     for e in at.get(kind))
 
 
+TITLES = {"diagnose": "Diagnose", "review": "Review cases", "teach": "Teaching",
+          "train": "Train", "evaluate": "Evaluate", "models": "Model registry",
+          "account": "Account"}
+"""Page -> its title, in the order of the sidebar's page list."""
+
+
 def pages_of(at: AppTest) -> set[str]:
     """The pages the navigation offers (those AppTest can switch to)."""
     found = set()
@@ -110,6 +116,8 @@ def test_each_role_sees_its_pages(roles, pages):
     at = signed_in_app(*roles).run()
     assert not at.exception, [e.value for e in at.exception]
     assert pages_of(at) == pages
+    links = [link.proto.label for link in at.sidebar.get("page_link")]
+    assert links == [title for page, title in TITLES.items() if page in pages]
 
 
 def test_review_page_tabs_and_model_buttons_follow_the_roles(tiny_model_dir):
