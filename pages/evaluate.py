@@ -343,8 +343,8 @@ st.caption("Score models on labelled images, ideally the test subset of the spli
            "trained with. Evaluation runs here; about 100 images take 10–30 s on a CPU.")
 
 entries = list_models(task="classification")
-st.caption("Segmentation models are scored on the command line: `python -m bus_core evaluate "
-           "--model weights/<segmentation model> --data ... --split ... --subset test`.")
+st.caption("Outline (segmentation) models are scored outside the app, with the evaluate "
+           "command the README describes.")
 if not entries:
     st.warning(no_model_message(), icon=":material/warning:")
     st.stop()

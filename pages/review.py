@@ -299,6 +299,21 @@ def running_view(plan: RetrainPlan) -> None:
     refresh()
 
 
+def _signed(value: float) -> str:
+    """A difference with its sign, two decimals, a true minus sign: '−0.01', '+0.02'."""
+    return f"{value:+.2f}".replace("-", "\u2212")
+
+
+def difference_text(row: dict[str, Any]) -> str:
+    """A gate row's difference (new model minus active) with its 95% interval where one was
+    computed: '−0.01 [−0.04, +0.02]'; '' when not compared."""
+    if row["difference"] is None:
+        return ""
+    spread = row.get("difference_ci95")
+    interval = f" [{_signed(spread[0])}, {_signed(spread[1])}]" if spread else ""
+    return f"{_signed(row['difference'])}{interval}"
+
+
 def gate_rows(result: GateResult) -> pd.DataFrame:
     """The comparison table of a gate result."""
     verdict = {True: "ok", False: "worse", None: "not compared"}
@@ -306,8 +321,21 @@ def gate_rows(result: GateResult) -> pd.DataFrame:
                           "n": (result.candidate[r["subset"]].get("n") or 0),
                           "Metric": r["metric"].replace("_", " "),
                           "New model": fmt3(r["candidate"]), "Active model": fmt3(r["active"]),
-                          "Difference": fmt3(r["difference"]), "Verdict": verdict[r["ok"]]}
+                          "Difference [95% interval]": difference_text(r) or "–",
+                          "Verdict": verdict[r["ok"]]}
                          for r in result.rows()])
+
+
+def gate_differences(result: GateResult) -> None:
+    """Each compared difference in a sentence, and what 'not worse' means."""
+    for row in result.rows():
+        if text := difference_text(row):
+            st.caption(f"On {GATE_SUBSETS[row['subset']]}: "
+                       f"{row['metric'].replace('_', ' ')} difference {text}.")
+    st.caption(f"Difference: the new model's figure minus the active one's; in brackets, the "
+               f"range it lies in with 95% confidence (both models scored on the same "
+               f"resampled images). The new model counts as not worse when that whole range "
+               f"stays within {result.tolerance:.2f} of no difference.")
 
 
 def run_gate(plan: RetrainPlan) -> None:
@@ -368,6 +396,7 @@ def gate_view(plan: RetrainPlan, who: Identity, log: list[dict[str, Any]]) -> No
             run_gate(plan)
         return
     st.dataframe(gate_rows(result), hide_index=True, width="stretch", key="review_gate_table")
+    gate_differences(result)
     for reason in result.reasons:
         st.caption(f"• {reason}")
     if done is not None:

@@ -18,7 +18,8 @@ from ui.common import SESSION_KEY
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PASSWORD = "a long enough password"
-EVERY_PAGE = ("diagnose", "review", "teach", "train", "evaluate", "models", "account")
+EVERY_PAGE = ("diagnose", "review", "teach", "train", "evaluate", "models", "monitor",
+              "account")
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +42,13 @@ def texts(at: AppTest) -> str:
     return " ".join(str(e.value) for kind in ("markdown", "caption", "error", "success",
                                               "warning", "info", "code", "title", "subheader")
                     for e in at.get(kind))
+
+
+TITLES = {"diagnose": "Diagnose", "review": "Review cases", "teach": "Teaching",
+          "train": "Train", "evaluate": "Evaluate", "models": "Model registry",
+          "monitor": "Monitor",
+          "account": "Account"}
+"""Page -> its title, in the order of the sidebar's page list."""
 
 
 def pages_of(at: AppTest) -> set[str]:
@@ -102,7 +110,7 @@ def test_an_idle_session_ends_and_a_disabled_user_is_signed_out():
 @pytest.mark.parametrize("roles, pages", [
     (("clinician",), {"diagnose", "review", "account"}),
     (("educator",), {"teach", "account"}),
-    (("researcher",), {"review", "train", "evaluate", "models", "account"}),
+    (("researcher",), {"review", "train", "evaluate", "models", "monitor", "account"}),
     (("clinician", "educator"), {"diagnose", "review", "teach", "account"}),
     (("admin",), set(EVERY_PAGE)),
 ])
@@ -110,6 +118,8 @@ def test_each_role_sees_its_pages(roles, pages):
     at = signed_in_app(*roles).run()
     assert not at.exception, [e.value for e in at.exception]
     assert pages_of(at) == pages
+    links = [link.proto.label for link in at.sidebar.get("page_link")]
+    assert links == [title for page, title in TITLES.items() if page in pages]
 
 
 def test_review_page_tabs_and_model_buttons_follow_the_roles(tiny_model_dir):

@@ -176,3 +176,9 @@ def test_an_outline_model_is_scored_as_served_by_default_and_on_expert_outlines_
     at.radio(key="eval_outlines").set_value("expert").run()
     evaluate(at)
     assert "on the data's expert outlines" in " ".join(c.value for c in at.caption)
+
+
+def test_the_page_names_no_command_line_options(app):
+    shown = " ".join(str(e.value) for kind in ("markdown", "caption", "info", "warning")
+                     for e in app.get(kind))
+    assert "outside the app" in shown and "--" not in shown and "python -m" not in shown

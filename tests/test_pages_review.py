@@ -278,3 +278,26 @@ def test_saving_the_same_image_again_asks_first(monkeypatch, tmp_path, tiny_mode
     assert "Saved as case 2" in at.success[0].value
     with open_store(default_db_path()) as store:
         assert [c.id for c in store.list_cases(order_by="id", descending=False)] == [1, 2]
+
+
+def test_the_gate_states_each_difference_with_its_interval(case_ids, tiny_model_dir):
+    old, new = user_models_dir() / "old", user_models_dir() / "new"
+    for folder in (old, new):
+        shutil.copytree(tiny_model_dir, folder)
+    set_active_model(old, who=ADMIN)
+    RetrainPlan(config=TrainConfig(data=["busi"], out=str(new)), active_model=str(old),
+                cases_dir="", train_manifest="", heldout_manifest="", heldout_file="",
+                base_data=["busi"], base_split="split.json", train_cases=[case_ids[2]],
+                heldout_cases=[]).save()
+    result = compare({"fixed_test": {"malignant_sensitivity": 0.8, "accuracy": 0.85}},
+                     {"fixed_test": {"malignant_sensitivity": 0.8, "accuracy": 0.86}},
+                     differences={"fixed_test": {"accuracy": [-0.04, 0.02],
+                                                 "malignant_sensitivity": [-0.01, 0.01]}})
+    result.active_path = str(old.resolve())
+    result.save(new / GATE_FILE)
+    at = open_page()
+    assert "On the fixed test split: accuracy difference \u22120.01 [\u22120.04, +0.02]." in \
+        texts(at)
+    table = next(d.value for d in at.dataframe if "Verdict" in d.value.columns)
+    assert "\u22120.01 [\u22120.04, +0.02]" in set(table["Difference [95% interval]"])
+    assert "+0.00 [\u22120.01, +0.01]" in set(table["Difference [95% interval]"])

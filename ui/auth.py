@@ -34,6 +34,7 @@ PAGE_ACTIONS: dict[str, tuple[str, ...]] = {
     "train": ("train",),
     "evaluate": ("evaluate",),
     "models": ("read_models",),
+    "monitor": ("evaluate",),
     "account": (),
 }
 """Page (file stem in pages/) -> the actions that open it (any one; none: every signed-in user

@@ -20,9 +20,19 @@ from bus_core.data.canvas import strokes_to_mask
 from bus_core.data.images import image_to_png_bytes
 from ui.state import digest, memo
 
-CANVAS_WIDTHS: dict[str, int] = {"Small": 440, "Large": 760}
-"""Canvas widths to choose from: about the main column's width in an 800 px window with the
-sidebar open, and in a 1440 px one."""
+CANVAS_WIDTHS: dict[str, int | None] = {"Fit": None, "Small": 440, "Large": 760}
+"""Canvas widths to choose from: "Fit" (the default) is the width the page has for it in this
+browser window, measured once; Small and Large are fixed."""
+FIT_LIMITS = (280, 900)
+"""The narrowest and widest "Fit" canvas, in px."""
+_MEASURE_JS = """
+export default function(component) {
+  const { setStateValue, parentElement } = component;
+  const host = parentElement.host ?? parentElement;
+  const width = Math.floor(host.getBoundingClientRect().width);
+  if (width > 0) setStateValue("width", width);
+}
+"""
 MAX_CANVAS_HEIGHT = 760
 TOOLS: dict[str, str] = {"Brush": "freedraw", "Polygon": "polygon", "Rectangle": "rect",
                          "Circle": "circle", "Eraser": "freedraw"}
@@ -36,6 +46,27 @@ def canvas_size(image_shape: tuple[int, ...], width: int) -> tuple[int, int]:
     h, w = image_shape[:2]
     scale = min(width / w, MAX_CANVAS_HEIGHT / h)
     return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def fit_width(key: str) -> int:
+    """The width, in px, the page gives the canvas in this browser window (within
+    `FIT_LIMITS`), measured once per canvas; Small's until the browser has told it."""
+    kept = f"canvas_fit_{key}"
+    if kept not in st.session_state:
+        measure = st.components.v2.component("bus_available_width", js=_MEASURE_JS)
+        seen = measure(key=f"measure_{key}", default={"width": None},
+                       on_width_change=lambda: None, height="content").width
+        if not seen:
+            return fitted(None)
+        st.session_state[kept] = fitted(seen)
+    return st.session_state[kept]
+
+
+def fitted(available: float | None) -> int:
+    """The "Fit" canvas width for `available` px of page (None: not known yet, Small's)."""
+    if not available:
+        return CANVAS_WIDTHS["Small"] or FIT_LIMITS[0]
+    return min(max(int(available), FIT_LIMITS[0]), FIT_LIMITS[1])
 
 
 def _background(image: np.ndarray, size: tuple[int, int]) -> bytes:
@@ -59,11 +90,13 @@ def paint_mask(image: np.ndarray, key: str, base: np.ndarray | None = None,
                                 key=f"tool_{key}", wrap=True) or "Brush"
     stroke_col, size_col = st.columns([3, 2])
     stroke = stroke_col.slider("Brush size", 2, 60, 16, key=f"stroke_{key}")
-    width = size_col.segmented_control(
-        "Canvas", list(CANVAS_WIDTHS), default="Small", required=True, key=f"canvas_width_{key}",
-        help="Choose before you paint: another size starts an empty canvas.") or "Small"
+    choice = size_col.segmented_control(
+        "Canvas", list(CANVAS_WIDTHS), default="Fit", required=True, key=f"canvas_width_{key}",
+        help="Fit: as wide as the page allows in this window. Choose before you paint: "
+             "another size starts an empty canvas.") or "Fit"
     version_key = f"canvas_version_{key}"
-    size = canvas_size(image.shape, CANVAS_WIDTHS[width])
+    width = CANVAS_WIDTHS[choice] or fit_width(key)
+    size = canvas_size(image.shape, width)
     shown = image if background_image is None else background_image
     background = memo("canvas_bg", (key, size, digest(shown)),
                       lambda: _background(shown, size), 8)
@@ -75,7 +108,8 @@ def paint_mask(image: np.ndarray, key: str, base: np.ndarray | None = None,
     note_col, clear_col = st.columns([5, 1], vertical_alignment="center")
     note_col.caption("Paint over the lesion; eraser strokes (a faint white veil) remove paint. "
                      "Polygon: click the corners, then the first one again to close it. Point "
-                     "at the canvas to show its toolbar: undo, redo and edit shapes.")
+                     "at the canvas to show its toolbar, above its top right corner: undo, redo, "
+                     "the pencil to move, resize or delete shapes, the bin to start again.")
     clear_col.button("Clear", key=f"clear_{key}", help="Remove everything painted.",
                      on_click=_clear, args=(version_key,))
     mask = strokes_to_mask(result.json_data, canvas_size=size, image_shape=image.shape[:2],

@@ -38,6 +38,21 @@ def app_icon() -> Image.Image:
     return icon
 
 
+NARROW_WINDOW_CSS = """<style>
+@media (max-width: 1024px) {
+  section[data-testid="stSidebar"] {width: 200px !important; min-width: 200px !important;}
+  section[data-testid="stSidebar"] [data-testid="stSidebarUserContent"] {font-size: 0.9rem;}
+}
+</style>"""
+"""In windows up to 1024 px wide the sidebar is 200 px (Streamlit's is 300 px, over a third of
+an 800 px window); it folds away below 768 px as Streamlit's does."""
+
+
+def narrow_window_layout() -> None:
+    """Keep the sidebar narrow in narrow windows (`NARROW_WINDOW_CSS`); draws nothing."""
+    st.html(NARROW_WINDOW_CSS)
+
+
 APP_TITLE = "Breast ultrasound classifier"
 """The app's name: the browser tab's title and the heading of the screens before signing in."""
 
@@ -178,6 +193,22 @@ def model_details(card: ModelCard) -> str:
             f"(top class) {fmt3(test.get('malignant_sensitivity'))}, malignant AUC "
             f"{fmt3(test.get('auc_malignant'))}, ECE {fmt3(test.get('ece'))}")
     return "  \n".join(lines)
+
+
+NAVIGATION_KEY = "app_navigation"
+"""Key of the sidebar's page list (its element has the class st-key-app_navigation)."""
+
+
+def sidebar_navigation(sections: dict[str, list[st.Page]]) -> None:
+    """The pages the user's roles open, by section (`st.Page`s), at the top of the sidebar.
+    Streamlit's own page list is off in the shipped config: before anyone signs in it would
+    list the app's page files."""
+    with st.sidebar.container(key=NAVIGATION_KEY):
+        for section, pages in sections.items():
+            st.caption(section)
+            for page in pages:
+                st.page_link(page)
+        st.divider()
 
 
 def render_sidebar() -> None:

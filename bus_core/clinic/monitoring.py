@@ -11,11 +11,13 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from bus_core.clinic.cases import Case
 from bus_core.constants import CLASSES, MALIGNANT
@@ -184,3 +186,17 @@ def to_csv(windows: Sequence[WindowFigures], classes: Sequence[str] = CLASSES) -
                          ci(w.specificity_ci95, 0), ci(w.specificity_ci95, 1),
                          " ".join(w.warnings)])
     return out.getvalue()
+
+
+def image_widths(cases: Sequence[Case], image_path: Callable[[str], Path]) -> dict[int, int]:
+    """Each case's image width in pixels, read from the stored image's header
+    (`image_path(hash)`: `CaseStore.image_path`); cases whose image cannot be read are left
+    out."""
+    widths: dict[int, int] = {}
+    for case in cases:
+        try:
+            with Image.open(image_path(case.image_hash)) as image:
+                widths[case.id] = image.width
+        except (OSError, UnidentifiedImageError):
+            continue
+    return widths

@@ -173,10 +173,11 @@ def wait_for_images(page, at_least: int) -> None:
 
 
 def settle(page) -> None:
-    """Wait until the app has finished its script run (no stale or running elements)."""
+    """Wait until the app has finished its script run (no stale or running elements, none
+    still loading)."""
     page.wait_for_function(
         "() => !document.querySelector('[data-stale=true], [data-testid=stMain] "
-        "[data-testid=stSpinner]') && !/Running/i.test("
+        "[data-testid=stSpinner], [data-testid=stSkeleton]') && !/Running/i.test("
         "document.querySelector('[data-testid=stStatusWidget]')?.innerText || '')")
     page.wait_for_timeout(1000)
 
@@ -306,4 +307,32 @@ def test_a_bookmarked_page_opens_inside_the_app_after_a_server_start(browser, ti
         settle(tab)
         sidebar = tab.locator("[data-testid=stSidebar]").inner_text()
         assert "Clinic" in sidebar and "Teaching" in sidebar and "review\n" not in sidebar
+        context.close()
+
+
+@pytest.mark.parametrize("width", [1440, 800])
+def test_the_canvas_fits_the_window(browser, server, tmp_path, width):
+    """By default the canvas is as wide as the page allows: clearly wider than the small one
+    at 1440 px, inside the page at 800 px."""
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        sign_in(page, server)
+        page.locator("input[type=file]").first.set_input_files(str(upload_image(tmp_path)))
+        page.get_by_text("Model's reading").wait_for()
+        page.get_by_text("Paint", exact=True).click()
+        page.get_by_text("Brush size").wait_for()
+        canvas = page.locator("canvas").last
+        canvas.wait_for()
+        # the first canvas is the small one, until the browser has told the page's width
+        sync_api.expect(canvas).not_to_have_attribute("width", "440", timeout=60_000)
+        settle(page)
+        canvas = canvas.bounding_box()
+        main = page.locator("[data-testid=stMainBlockContainer]").bounding_box()
+        full_screenshot(page, ARTIFACTS / f"canvas-{width}.png")
+        assert canvas["x"] + canvas["width"] <= main["x"] + main["width"] + 1, (canvas, main)
+        if width == 1440:
+            assert canvas["width"] >= 700, canvas
+    finally:
         context.close()

@@ -94,11 +94,12 @@ def test_single_sign_on_with_roles_from_the_claim(provider: str, tiny_model_dir:
 
             sidebar = page.locator("[data-testid=stSidebar]")
             sidebar.get_by_text("Signed in as").wait_for()
-            page.locator("[data-testid=stSidebarNav]").wait_for()
+            page.locator(".st-key-app_navigation").wait_for()
             settle(page)
             assert f"Signed in as {SUBJECT} (clinician, educator)" in sidebar.inner_text()
-            navigation = page.locator("[data-testid=stSidebarNav]").inner_text()
-            assert page.locator("[data-testid=stSidebarNavLink]").count() == len(OPENED_PAGES)
+            navigation = page.locator(".st-key-app_navigation").inner_text()
+            links = page.locator(".st-key-app_navigation [data-testid=stPageLink]")
+            assert links.count() == len(OPENED_PAGES)
             for title in OPENED_PAGES:
                 assert title in navigation
             for title in CLOSED_PAGES:

@@ -28,10 +28,11 @@ from tests.e2e.test_browser import (
 
 WALK = REPO / "test-artifacts" / "walk"
 PAGES = {"admin": ["Diagnose", "Review cases", "Teaching", "Train", "Evaluate",
-                   "Model registry", "Account"],
+                   "Model registry", "Monitor", "Account"],
          "clinician": ["Diagnose", "Review cases", "Account"],
          "educator": ["Teaching", "Account"],
-         "researcher": ["Review cases", "Train", "Evaluate", "Model registry", "Account"]}
+         "researcher": ["Review cases", "Train", "Evaluate", "Model registry", "Monitor",
+                        "Account"]}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,10 @@ def test_every_page_of_each_role_renders_without_an_error(walk_server, role, wid
             page.get_by_label("Password", exact=True).fill(PASSWORD)
             page.get_by_role("button", name="Sign in").click()
             page.get_by_text("Signed in as").first.wait_for()
+            if width < 1024:  # a narrow window keeps most of its width for the page
+                assert page.locator("[data-testid=stSidebar]").bounding_box()["width"] <= 200
             for title in PAGES[role]:
-                page.locator("[data-testid=stSidebarNav]").get_by_text(title, exact=True).click()
+                page.locator(".st-key-app_navigation").get_by_text(title, exact=True).click()
                 page.get_by_role("heading", name=title).first.wait_for()
                 settle(page)
                 assert not page.locator("[data-testid=stException]").count(), (role, title)
@@ -107,8 +110,8 @@ def test_the_case_selector_follows_a_review(walk_server, walk_data):
             page.get_by_label("Password", exact=True).fill(PASSWORD)
             page.get_by_role("button", name="Sign in").click()
             page.get_by_text("Signed in as").first.wait_for()
-            page.locator("[data-testid=stSidebarNav]").get_by_text("Review cases",
-                                                                    exact=True).click()
+            page.locator(".st-key-app_navigation").get_by_text("Review cases",
+                                                               exact=True).click()
             page.get_by_role("heading", name="Review cases").first.wait_for()
             settle(page)
             full_screenshot(page, WALK / "review-before-correction.png")
@@ -125,5 +128,38 @@ def test_the_case_selector_follows_a_review(walk_server, walk_data):
             text = selector.evaluate(shown)
             assert f"Case {case.id}" in text and "to review" not in text, text
             page.get_by_text("Status: disagrees").wait_for()
+        finally:
+            browser.close()
+
+
+@pytest.mark.parametrize("address", ["", "/review"])
+def test_a_fresh_server_lists_no_page_files_before_signing_in(tiny_model_dir, tmp_path, address):
+    """The first request of a fresh server (the app's address, or a bookmarked page): the
+    sign-in form only, no sidebar list of the pages/ files; once signed in, the navigation of
+    the user's roles."""
+    env = {**os.environ, "BUS_MODEL": str(tiny_model_dir), "BUS_DATA_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-m", "bus_core", "users", "add", "clinician", "--role",
+                    "clinician", "--password-stdin"], input=PASSWORD + "\n", text=True,
+                   check=True, cwd=REPO, env=env, timeout=120)
+    with running_app(env, tmp_path / "streamlit.log") as url, \
+            sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
+            page.set_default_timeout(60_000)
+            page.goto(f"{url}{address}")
+            page.get_by_label("Username", exact=True).wait_for()
+            settle(page)
+            WALK.mkdir(parents=True, exist_ok=True)
+            full_screenshot(page, WALK / f"signin-fresh{address.replace('/', '-')}.png")
+            assert not page.locator(".st-key-app_navigation, [data-testid=stSidebarNav]").count()
+            assert not page.locator("[data-testid=stSidebar]").get_by_text(
+                "account", exact=True).count()
+            page.get_by_label("Password", exact=True).fill(PASSWORD)
+            page.get_by_label("Username", exact=True).fill("clinician")
+            page.get_by_role("button", name="Sign in").click()
+            nav = page.locator(".st-key-app_navigation")
+            nav.get_by_text("Diagnose", exact=True).wait_for()
+            assert not nav.get_by_text("Train", exact=True).count()
         finally:
             browser.close()
