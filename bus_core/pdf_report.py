@@ -19,7 +19,8 @@ from fpdf import FPDF
 from PIL import Image
 
 from bus_core.cam import CAM_LABELS, colour_scale, overlay
-from bus_core.predict import Predictor
+from bus_core.models import ModelCard
+from bus_core.predict import Prediction, Predictor
 from bus_core.report import NOTE, ReportContent, headline, outlined
 from bus_core.segment import Segmenter
 from bus_core.study import DEFAULT_RULE, RULES, combine_predictions
@@ -246,11 +247,18 @@ def read_study(predictor: Predictor, images: Sequence[np.ndarray], *,
             mask_note=SUGGESTED_NOTE if drawn is not image else "",
             flag=prediction.flag_sentence()))
         predictions.append(prediction)
-    card = predictor.card
+    return assemble(predictor.card, contents, predictions, rule=rule, name=name)
+
+
+def assemble(card: ModelCard, contents: Sequence[ReportContent],
+             predictions: Sequence[Prediction], *, rule: str = DEFAULT_RULE, name: str = ""
+             ) -> StudyReport:
+    """The report of a study whose images' `contents` show `predictions` of the model of
+    `card` (same order), their readings combined by `rule` when there are two or more."""
     combined = (combine_predictions(predictions, rule, card.uncertain_below)
                 if len(predictions) > 1 else None)
     return StudyReport(
-        images=contents, model=card.name, name=name, version=card.code_version,
+        images=list(contents), model=card.name, name=name, version=card.code_version,
         figures=published_figures(card.metrics),
         combined=combined.probabilities if combined else None,
         combined_label=combined.label if combined else "",
