@@ -138,18 +138,18 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
     png = memo("report", memo_key, lambda: render_report(content), max_entries=8)
     pdf = memo("report_pdf", memo_key, lambda: study_pdf(predictor, [(content, prediction)]),
                max_entries=8)
-    png_col, pdf_col = column.columns(2)
-    png_col.download_button("Report (PNG)", data=png,
-                            file_name=report_filename(content.filename, content.created),
-                            mime="image/png", icon=":material/download:",
-                            help="Download the reading, its map and the image as one picture.",
-                            key=f"report_{upload.key}", on_click="ignore")
-    pdf_col.download_button("Report (PDF)", data=pdf,
-                            file_name=report_filename(content.filename, content.created, "pdf"),
-                            mime="application/pdf", icon=":material/picture_as_pdf:",
-                            help="Download the reading as a PDF for the record, with a "
-                                 "signature block.",
-                            key=f"report_pdf_{upload.key}", on_click="ignore")
+    # stacked, not side by side: a narrow column would cut the labels
+    column.download_button("Report (PNG)", data=png,
+                           file_name=report_filename(content.filename, content.created),
+                           mime="image/png", icon=":material/download:",
+                           help="Download the reading, its map and the image as one picture.",
+                           key=f"report_{upload.key}", on_click="ignore")
+    column.download_button("Report (PDF)", data=pdf,
+                           file_name=report_filename(content.filename, content.created, "pdf"),
+                           mime="application/pdf", icon=":material/picture_as_pdf:",
+                           help="Download the reading as a PDF for the record, with a "
+                                "signature block.",
+                           key=f"report_pdf_{upload.key}", on_click="ignore")
     with column:
         masks = [] if choice.mask is None else [choice.mask]
         save_case_button(upload.image, upload.name, masks,
