@@ -168,7 +168,7 @@ def render_study_pdf(report: StudyReport) -> bytes:
     pdf.add_page()
     pdf.write_text("Breast ultrasound: model reading", 16, gap=2)
     version = f" (version {report.version})" if report.version else ""
-    details = [f"Study {report.name}" if report.name else "",
+    details = [report.name,
                f"{len(report.images)} image{'s' if len(report.images) > 1 else ''}",
                f"created {report.created:%Y-%m-%d %H:%M %Z}".strip(),
                f"model {report.model}{version}"]

@@ -10,7 +10,13 @@ import streamlit as st
 from bus_core.errors import BusError
 from bus_core.pdf_report import assemble, render_study_pdf
 from bus_core.predict import Prediction, Predictor
-from bus_core.report import ReportContent, headline, render_report, report_filename
+from bus_core.report import (
+    ReportContent,
+    headline,
+    mask_note,
+    render_report,
+    report_filename,
+)
 from bus_core.segment import Segmenter
 from bus_core.store import shown_name
 from bus_core.study import DEFAULT_RULE, RULES, combine_predictions
@@ -73,22 +79,6 @@ def input_note(predictor: Predictor, choice: MaskChoice) -> str:
     return "This model looks at the whole image; a lesion mask is optional."
 
 
-def mask_note(choice: MaskChoice, predictor: Predictor) -> str:
-    """For the report: who made the lesion mask and whether the model read it ('' = none)."""
-    if choice.mask is None:
-        return ""
-    made = {"suggested": "suggested automatically by the outline model",
-            "suggested, edited": "suggested automatically, then edited by the user"}.get(
-        choice.origin or "", choice.origin or "given")
-    use = ("the model read the lesion and its surroundings, and the whole image for normal "
-           "vs lesion" if predictor.two_stage
-           else "the model read the lesion and its surroundings"
-           if predictor.spec.mode == "lesion-context"
-           else "the model read the masked lesion" if predictor.spec.uses_masks
-           else "shown for reference; the model read the whole image")
-    return f"{made} ({use})"
-
-
 def report_content(upload: Upload, choice: MaskChoice, predictor: Predictor,
                    prediction: Prediction, shown: Explanation) -> ReportContent:
     """What the reports show of one image, which they name by the name the case store gives
@@ -99,7 +89,9 @@ def report_content(upload: Upload, choice: MaskChoice, predictor: Predictor,
                          model=prediction.model, explained=shown.target, method=shown.method,
                          filename=shown_name(upload.image, upload.name),
                          uncertain=prediction.uncertain, warnings=prediction.warnings,
-                         mask_note=mask_note(choice, predictor), flag=prediction.flag_sentence())
+                         mask_note=mask_note(predictor, None if choice.mask is None
+                                             else choice.origin or "given"),
+                         flag=prediction.flag_sentence())
 
 
 def study_pdf(predictor: Predictor, read: list[tuple[ReportContent, Prediction]]) -> bytes:
