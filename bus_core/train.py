@@ -224,7 +224,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--balance", default="augment", choices=BALANCE_MODES,
                    help="augment: extra augmented copies of minority classes; weights: class-"
-                        "weighted loss; sampler: weighted sampling; none")
+                        "weighted loss; sampler: weighted sampling; source-class: weighted "
+                        "sampling that draws every (source, class) cell of several --data as "
+                        "often; none")
     p.add_argument("--monitor", default="macro_f1",
                    help="validation metric for best-checkpoint keeping and early stopping "
                         "(loss, accuracy, macro_f1, balanced_accuracy, malignant_sensitivity, "
@@ -566,7 +568,8 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
     while state["epoch"] < config.epochs:
         epoch = state["epoch"]
         plan = epoch_plan(train_ds.labels, config.balance, epoch, config.seed,
-                          tissue_pool=pool, tissue_share=config.tissue_share)
+                          tissue_pool=pool, tissue_share=config.tissue_share,
+                          sources=train_ds.source_ids)
         mine = distributed.shard(plan, ranks)
         steps = math.ceil(len(mine) / config.batch_size)
         net.train()

@@ -1,5 +1,6 @@
 """What training does for scanners it has not seen: scanner-style and ultrasound augmentation,
-weight averaging, the training-time limit, and scoring a left-out source (val+test)."""
+sampling balanced over sources and classes, weight averaging, the training-time
+limit, and scoring a left-out source (val+test)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from torch import nn
 
 from bus_core.augment import intensity, scanner_style
 from bus_core.averaging import WeightAverage
-from bus_core.dataset import load_records
+from bus_core.dataset import Record, load_records
 from bus_core.errors import DataError
 from bus_core.inputs import InputSpec
-from bus_core.loader import RecordDataset
+from bus_core.loader import RecordDataset, epoch_plan, sampling_weights
 from bus_core.progress import next_epoch_fits
 from bus_core.splits import make_split, split_records
-from bus_core.train import check_config, train
+from bus_core.train import check_config, config_from_args, get_args_parser, train
 from bus_core.transforms import InputSize
 from tests.test_train import tiny_config
 
@@ -119,3 +120,41 @@ def test_a_run_with_averaging_augmentation_and_a_time_limit(busi_dir, tmp_path):
     assert result.status == "done" and hyper["epochs_trained"] == 1  # stopped by the limit
     assert hyper["ema"] == 0.9 and hyper["style_augment"] and hyper["ultrasound_augment"] == 1
     assert np.isfinite(result.card.temperature)
+
+
+def _expected_draws(weights: np.ndarray, cells: list[tuple[int, int]]) -> dict:
+    n = len(cells)
+    return {cell: n * sum(w for w, c in zip(weights, cells) if c == cell) for cell in set(cells)}
+
+
+def test_source_class_sampling_draws_every_cell_as_often():
+    sources = [0] * 10 + [1] * 4 + [2] * 3
+    labels = [0, 1, 1, 2, 2, 2, 2, 2, 2, 2] + [1, 2, 2, 2] + [0, 1, 2]
+    draws = _expected_draws(sampling_weights(labels, sources), list(zip(sources, labels)))
+    assert len(draws) == 8 and np.allclose(list(draws.values()), len(labels) / 8)
+    by_class = _expected_draws(sampling_weights(labels), [(0, y) for y in labels])
+    assert np.allclose(list(by_class.values()), len(labels) / 3)
+
+
+def test_source_class_balance_of_one_source_is_class_balance():
+    labels = [0, 1, 1, 2, 2, 2, 2]
+    assert np.array_equal(sampling_weights(labels, [3] * 7), sampling_weights(labels))
+    plans = [epoch_plan(labels, balance, 2, 0, sources=[0] * 7)
+             for balance in ("sampler", "source-class")]
+    assert plans[0] == plans[1]
+
+
+def test_source_class_balance_is_an_option_and_numbers_the_sources(tmp_path):
+    args = get_args_parser().parse_args(["--data", "a", "--data", "b", "--out", "o",
+                                         "--balance", "source-class"])
+    assert config_from_args(args).balance == "source-class"
+    records = [Record(f"{s}/{i}.png", tmp_path / f"{i}.png", "benign", source=s)
+               for i, s in enumerate(["B", "A", "B", "C"])]
+    assert RecordDataset(records, InputSpec()).source_ids == [1, 0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_run_with_source_class_balance(busi_dir, tmp_path):
+    result = train(tiny_config(busi_dir, tmp_path / "m", balance="source-class"))
+    assert result.status == "done"
+    assert result.card.hyperparameters["balance"] == "source-class"
