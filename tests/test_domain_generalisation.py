@@ -230,10 +230,19 @@ def test_source_class_balance_is_an_option_and_numbers_the_sources(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_with_mixstyle_and_source_class_balance(busi_dir, tmp_path):
+def test_a_run_with_mixstyle_and_source_class_balance(busi_dir, tmp_path, monkeypatch):
+    seen = []  # (training, batch size, source ids given) of each call of MixStyle
+    forward = MixStyle.forward
+
+    def spy(self: MixStyle, x: torch.Tensor) -> torch.Tensor:
+        seen.append((self.training, len(x), None if self.domains is None else len(self.domains)))
+        return forward(self, x)
+
+    monkeypatch.setattr(MixStyle, "forward", spy)
     config = tiny_config(busi_dir, tmp_path / "m", mixstyle=0.5, balance="source-class")
     result = train(config)
     assert result.status == "done"
+    assert seen and all(training and n == given for training, n, given in seen)
     assert result.card.hyperparameters["mixstyle"] == 0.5
     assert result.card.hyperparameters["balance"] == "source-class"
     saved = load_file(tmp_path / "m" / "model.safetensors")
