@@ -54,6 +54,7 @@ from bus_core.io import load_image
 from bus_core.loader import class_weights
 from bus_core.masks import lesion_free_box
 from bus_core.metrics import compute_metrics, softmax
+from bus_core.mixstyle import MixStyle
 from bus_core.models import load_model
 from bus_core.progress import ProgressLog, RunFiles, next_epoch_fits
 from bus_core.segmentation import DenseNetUNet, PostProcess, dice_iou, postprocess
@@ -92,6 +93,7 @@ class SegTrainConfig:
     name: str = "densenet121-unet-lesion-v1"
     classifier_name: str = "densenet121-multitask-v1"
     style_augment: bool = False
+    mixstyle: float = 0.0
     ema: float = 0.0
     time_limit: float = 0.0
 
@@ -414,6 +416,9 @@ def main(args: argparse.Namespace) -> Path:
         pct_start=0.1)
     weights = class_weights_for(train_packed, windows, config).to(device.device)
     average = WeightAverage(model, config.ema)
+    mixing = MixStyle(config.mixstyle) if config.mixstyle > 0 else None
+    if mixing:  # after the average, whose copy of the network is never mixed
+        mixing.attach(model.features)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_seg": None, "best_cls": None,
                              "history": [], "train_time_s": 0.0}
     ckpt_path = files.checkpoint
@@ -466,6 +471,8 @@ def main(args: argparse.Namespace) -> Path:
             x, m = augment_batch(images, masks, wins, config.size, gen,
                                  style=config.style_augment)
             x = to_device(x, device)
+            if mixing:
+                mixing.domains = torch.from_numpy(train_packed.sources[index])
             optimizer.zero_grad(set_to_none=True)
             with autocast(device):
                 seg, cls = model.forward_both(x)
