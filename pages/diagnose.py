@@ -1,5 +1,6 @@
 """Diagnose: upload breast-ultrasound images, optionally mark the lesion, and read the model's
-calibrated prediction with its Grad-CAM explanation; download a PNG report."""
+calibrated prediction with its Grad-CAM explanation; several images are also read as one
+study; download PNG and PDF reports."""
 
 from __future__ import annotations
 
@@ -9,8 +10,16 @@ import streamlit as st
 from bus_core.clinic.cases import shown_name
 from bus_core.errors import BusError
 from bus_core.inference.outline import Segmenter
+from bus_core.inference.pdf_report import assemble, render_study_pdf
 from bus_core.inference.predict import Prediction, Predictor
-from bus_core.inference.report import ReportContent, render_report, report_filename
+from bus_core.inference.report import (
+    ReportContent,
+    headline,
+    mask_note,
+    render_report,
+    report_filename,
+)
+from bus_core.inference.study import DEFAULT_RULE, RULES, combine_predictions
 from ui.auth import require_page
 from ui.cases import save_case_button
 from ui.common import active_predictor, active_segmenter, md_escape, show_error
@@ -70,41 +79,32 @@ def input_note(predictor: Predictor, choice: MaskChoice) -> str:
     return "This model looks at the whole image; a lesion mask is optional."
 
 
-def mask_note(choice: MaskChoice, predictor: Predictor) -> str:
-    """For the report: who made the lesion mask and whether the model read it ('' = none)."""
-    if choice.mask is None:
-        return ""
-    made = {"suggested": "suggested automatically by the outline model",
-            "suggested, edited": "suggested automatically, then edited by the user"}.get(
-        choice.origin or "", choice.origin or "given")
-    use = ("the model read the lesion and its surroundings, and the whole image for normal "
-           "vs lesion" if predictor.two_stage
-           else "the model read the lesion and its surroundings"
-           if predictor.spec.mode == "lesion-context"
-           else "the model read the masked lesion" if predictor.spec.uses_masks
-           else "shown for reference; the model read the whole image")
-    return f"{made} ({use})"
-
-
-def report(upload: Upload, choice: MaskChoice, predictor: Predictor, prediction: Prediction,
-           shown: Explanation) -> tuple[str, bytes]:
-    """(file name, PNG bytes) of the downloadable report, which names the image by the name
-    the case store gives it (a pseudonym unless file names are kept)."""
-    name = shown_name(upload.image, upload.name)
+def report_content(upload: Upload, choice: MaskChoice, predictor: Predictor,
+                   prediction: Prediction, shown: Explanation) -> ReportContent:
+    """What the reports show of one image, which they name by the name the case store gives
+    it (a pseudonym unless file names are kept)."""
     image = upload.image if choice.mask is None else outlined(upload.image, choice.mask)
-    content = ReportContent(image=image, overlay=shown.overlay,
-                            probabilities=prediction.probabilities, label=prediction.label,
-                            model=prediction.model, explained=shown.target, method=shown.method,
-                            filename=name, uncertain=prediction.uncertain,
-                            warnings=prediction.warnings, mask_note=mask_note(choice, predictor),
-                            flag=prediction.flag_sentence())
-    return report_filename(name, content.created), render_report(content)
+    return ReportContent(image=image, overlay=shown.overlay,
+                         probabilities=prediction.probabilities, label=prediction.label,
+                         model=prediction.model, explained=shown.target, method=shown.method,
+                         filename=shown_name(upload.image, upload.name),
+                         uncertain=prediction.uncertain, warnings=prediction.warnings,
+                         mask_note=mask_note(predictor, None if choice.mask is None
+                                             else choice.origin or "given"),
+                         flag=prediction.flag_sentence())
+
+
+def study_pdf(predictor: Predictor, read: list[tuple[ReportContent, Prediction]]) -> bytes:
+    """The PDF report of these images as one study (one image: its own report)."""
+    return render_study_pdf(assemble(predictor.card, [c for c, _ in read],
+                                     [p for _, p in read]))
 
 
 def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None,
-         segmenter: Segmenter | None = None) -> Prediction | None:
-    """One image: mask panel and image on the left, the result on the right, then the CAM.
-    While the canvas is shown, the result goes below it, so the canvas has the page's width."""
+         segmenter: Segmenter | None = None) -> tuple[ReportContent, Prediction] | None:
+    """One image: mask panel and image on the left, the result on the right, then the CAM;
+    returns what its report shows and the reading (None without a reading). While the canvas
+    is shown, the result goes below it, so the canvas has the page's width."""
     if canvas_shown(upload.key):
         left, right = st.container(), st.container()
     else:
@@ -125,13 +125,23 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
         return None
     key = prediction_key(predictor, upload, choice)
     shown, column = explanation_section(predictor, prediction, upload.key, key)
-    name, data = memo("report", (key, choice.key, shown.target, digest(shown.overlay)),
-                      lambda: report(upload, choice, predictor, prediction, shown),
-                      max_entries=8)
-    column.download_button("Report (PNG)", data=data, file_name=name,
+    content = report_content(upload, choice, predictor, prediction, shown)
+    memo_key = (key, choice.key, shown.target, digest(shown.overlay))
+    png = memo("report", memo_key, lambda: render_report(content), max_entries=8)
+    pdf = memo("report_pdf", memo_key, lambda: study_pdf(predictor, [(content, prediction)]),
+               max_entries=8)
+    # stacked, not side by side: a narrow column would cut the labels
+    column.download_button("Report (PNG)", data=png,
+                           file_name=report_filename(content.filename, content.created),
                            mime="image/png", icon=":material/download:",
                            help="Download the reading, its map and the image as one picture.",
                            key=f"report_{upload.key}", on_click="ignore")
+    column.download_button("Report (PDF)", data=pdf,
+                           file_name=report_filename(content.filename, content.created, "pdf"),
+                           mime="application/pdf", icon=":material/picture_as_pdf:",
+                           help="Download the reading as a PDF for the record, with a "
+                                "signature block.",
+                           key=f"report_pdf_{upload.key}", on_click="ignore")
     with column:
         masks = [] if choice.mask is None else [choice.mask]
         save_case_button(upload.image, upload.name, masks,
@@ -140,16 +150,19 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
                           "opacity": shown.opacity}, mask_source=choice.origin,
                          pacs=pacs_source(upload.key),
                          key=f"{upload.key}_{choice.key}_{predictor.card.weights_sha256[:8]}")
-        send_to_pacs_button(who, upload.key, predictor, prediction, data)
-    return prediction
+        send_to_pacs_button(who, upload.key, predictor, prediction, png)
+    return content, prediction
 
 
-def summary(uploads: list[Upload], predictions: list[Prediction | None]) -> None:
-    """A table of the batch: one row per image."""
+def summary(uploads: list[Upload], results: list[tuple[ReportContent, Prediction] | None]
+            ) -> None:
+    """A table of the batch, one row per image, then the images read as one study: its
+    reading, the rule, and its PDF report."""
     rows = []
-    for upload, prediction in zip(uploads, predictions):
+    for upload, result in zip(uploads, results, strict=True):
         row = {"Image": upload.name, "Reading": "–"}
-        if prediction is not None:
+        if result is not None:
+            prediction = result[1]
             row["Reading"] = "uncertain" if prediction.uncertain else prediction.label
             row.update(prediction.probabilities)
         rows.append(row)
@@ -158,6 +171,26 @@ def summary(uploads: list[Upload], predictions: list[Prediction | None]) -> None
                                                     min_value=0.0, max_value=1.0)
               for name in table.columns if name not in ("Image", "Reading")}
     st.dataframe(table, hide_index=True, column_config=config, width="stretch")
+    read = [r for r in results if r is not None]
+    if len(read) < 2:
+        return
+    study = combine_predictions([p for _, p in read], DEFAULT_RULE,
+                                predictor.card.uncertain_below)
+    st.subheader("As one study")
+    st.markdown(f"**{md_escape(headline(study.label, study.probabilities, study.uncertain))}** "
+                f"from {len(read)} images of one lesion or breast.")
+    if study.flag:
+        st.error(md_escape(study.flag), icon=":material/flag:")
+    st.caption(f"The study's reading is {RULES[DEFAULT_RULE]}; it is flagged when any image is. "
+               "Read them as one study only when they show the same lesion or breast.")
+    pdf = memo("study_pdf", tuple((c.filename, digest(c.overlay), *p.probabilities.values())
+                                  for c, p in read),
+               lambda: study_pdf(predictor, read), max_entries=4)
+    st.download_button("Study report (PDF)", data=pdf, file_name=report_filename(
+        "study", read[0][0].created, "pdf"), mime="application/pdf",
+        icon=":material/picture_as_pdf:", key="study_report_pdf", on_click="ignore",
+        help="Every image with its outline, map and reading, and the study's reading, as one "
+             "PDF for the record.")
 
 
 st.title("Diagnose")

@@ -4,6 +4,7 @@ cases behind a safety gate, with the decision log and roll back."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ from bus_core.data.dataset import class_counts
 from bus_core.data.roots import default_split
 from bus_core.errors import BusError
 from bus_core.inference.cam import method_id, overlay
-from bus_core.inference.predict import Predictor
+from bus_core.inference.pdf_report import Review, assemble, render_study_pdf
+from bus_core.inference.predict import Predictor, flag_sentence
+from bus_core.inference.report import ReportContent, mask_note, report_filename
 from bus_core.metrics import fmt3
 from bus_core.models.registry import active_model_path
 from bus_core.roles import Identity
@@ -47,7 +50,8 @@ from ui.data_inputs import resolve_path, resolve_source
 from ui.decisions import ACTION_LABELS, decisions_table
 from ui.masking import outlined
 from ui.pacs import case_from_pacs
-from ui.results import cam_cached, predict_cached
+from ui.results import Explanation, cam_cached, predict_cached
+from ui.state import digest, memo
 
 who = require_page("review")
 
@@ -136,14 +140,15 @@ def show_table(cases: list[Case]) -> None:
 # --- one case ----------------------------------------------------------------------------------
 
 def cam_view(predictor: Predictor | None, why_not: str, case: Case, image: np.ndarray,
-             masks: list[np.ndarray]) -> None:
-    """The Grad-CAM overlay, recomputed when the case's model is the active one."""
+             masks: list[np.ndarray]) -> Explanation | None:
+    """The Grad-CAM overlay, recomputed when the case's model is the active one (None when
+    it is not redrawn)."""
     if predictor is None or predictor.card.weights_sha256 != case.model_hash:
         active = f"the active model is {predictor.card.name}" if predictor else why_not
         st.info(f"This prediction was made by model **{md_escape(case.model_name)}** (weights "
                 f"{case.model_hash[:8] or 'unknown'}), and {active}: its Grad-CAM is not "
                 "redrawn here.", icon=":material/info:")
-        return
+        return None
     settings = case.cam_settings or {}
     target = settings.get("target")
     target = target if target in predictor.classes else case.predicted_label
@@ -155,12 +160,31 @@ def cam_view(predictor: Predictor | None, why_not: str, case: Case, image: np.nd
         cam = cam_cached(predictor, key, prediction, target, method)
     except BusError as exc:
         show_error(exc, "The explanation cannot be redrawn")
-        return
+        return None
     seen = prediction.explained_by(target).model_view
-    st.image(overlay(seen, cam, float(settings.get("opacity", 0.45))),
-             caption=f"Grad-CAM for '{target}' (recomputed with the active model)",
+    opacity = float(settings.get("opacity", 0.45))
+    shown = Explanation(overlay(seen, cam, opacity), target, method, opacity)
+    st.image(shown.overlay, caption=f"Grad-CAM for '{target}' (recomputed with the active model)",
              alt=f"Grad-CAM heat map of case {case.id} for the class {target}",
              width="stretch")
+    return shown
+
+
+def case_report(predictor: Predictor, case: Case, image: np.ndarray, shown: Explanation
+                ) -> bytes:
+    """The case's PDF report, with its review and signature block."""
+    when = dt.datetime.fromisoformat(case.updated_at).astimezone()
+    content = ReportContent(
+        image=image, overlay=shown.overlay, probabilities=case.probabilities,
+        label=case.predicted_label, model=case.model_name, explained=shown.target,
+        method=shown.method, filename=case.display_name, uncertain=case.uncertain,
+        mask_note=mask_note(predictor, (case.mask_source or "given") if case.mask_hashes
+                            else None),
+        flag=flag_sentence(case.probabilities, predictor.card.malignant_threshold))
+    review = (Review(case.reviewer, case.confirmed_label, when, case.notes)
+              if case.confirmed_label else None)
+    report = assemble(predictor.card, [content], [])
+    return render_study_pdf(dataclasses.replace(report, name=f"Case {case.id}", review=review))
 
 
 def history_table(store: CaseStore, case: Case) -> None:
@@ -210,7 +234,7 @@ def case_detail(store: CaseStore, case: Case, who: Identity) -> None:
                + (f" ({case.mask_source})" if masks and case.mask_source else ""), width="stretch",
                alt=f"Image of case {case.id}" + (" with its lesion outlined" if masks else ""))
     with middle:
-        cam_view(predictor, why_not, case, image, masks)
+        shown = cam_view(predictor, why_not, case, image, masks)
     with right:
         st.markdown(f"**Model's reading:** {case.reading} · model {md_escape(case.model_name)}  \n"
                     f"**Status:** {AGREEMENT[case.status]}"
@@ -219,6 +243,17 @@ def case_detail(store: CaseStore, case: Case, who: Identity) -> None:
         st.plotly_chart(probability_chart(case.probabilities, case.predicted_label),
                         config={"displayModeBar": False, "staticPlot": True},
                         key=f"review_chart_{case.id}")
+        if predictor is not None and shown is not None:
+            shown_image = image if union is None or not union.any() else outlined(image, union)
+            st.download_button(
+                "Report (PDF)", data=memo("case_pdf", (case.id, case.updated_at,
+                                                       digest(shown.overlay)),
+                                          lambda: case_report(predictor, case, shown_image,
+                                                              shown), max_entries=4),
+                file_name=report_filename(f"case {case.id}", dt.datetime.now(), "pdf"),
+                mime="application/pdf", icon=":material/picture_as_pdf:", on_click="ignore",
+                key=f"review_pdf_{case.id}",
+                help="The case's reading, map and review as a PDF for the record.")
     review_form(store, case, who)
     case_from_pacs(store, case, who)
     st.markdown("##### History")

@@ -62,6 +62,7 @@ MODE_LABELS = {"full": "Full image", "mask": "Lesion mask crop (leaks the label:
                "lesion-context": "Lesion with its surroundings (box around the outline)"}
 BALANCE_LABELS = {"augment": "Augmented copies of minority classes",
                   "weights": "Class-weighted loss", "sampler": "Weighted sampling",
+                  "source-class": "Weighted sampling, each source's classes alike",
                   "none": "None"}
 INIT_LABELS = {"imagenet": "ImageNet (pretrained)", "checkpoint": "A model from the registry",
                "random": "Random"}

@@ -87,7 +87,8 @@ def test_upload_gives_a_prediction_chart_overlay_and_report(app, count_cams):
     images = app.get("image")
     assert len(images) >= 3  # the input, what the model saw, the overlay
     assert any("Grad-CAM" in c for img in images for c in img.captions)
-    assert len(app.get("download_button")) == 1
+    assert [b.proto.label for b in app.get("download_button")] == ["Report (PNG)",
+                                                                    "Report (PDF)"]
     assert not app.error
     assert count_cams == [(app.selectbox[0].value, "gradcam")]  # the predicted class
     if reading.value != "Uncertain":
@@ -134,6 +135,33 @@ def test_bad_files_get_messages_and_good_ones_still_work(app):
     table = app.dataframe[0].value
     assert list(table["Image"]) == ["good.png", "second.png"]
     assert table["Reading"].notna().all()
+
+
+def test_several_images_are_also_read_as_one_study_with_its_pdf(app, monkeypatch):
+    import pypdfium2 as pdfium
+
+    import bus_core.inference.pdf_report
+
+    made = []
+    original = bus_core.inference.pdf_report.render_study_pdf
+    monkeypatch.setattr(bus_core.inference.pdf_report, "render_study_pdf",
+                        lambda report: made.append(report) or original(report))
+    upload(app, ("Jane Doe left.png", ultrasound_png(1)[0], "image/png"),
+           ("Jane Doe right.png", ultrasound_png(2)[0], "image/png"))
+    assert "As one study" in [h.value for h in app.subheader]
+    assert "from 2 images of one lesion or breast" in messages(app.markdown)
+    assert "least likely normal" in messages(app.caption)
+    study = next(b for b in app.get("download_button") if b.proto.label == "Study report (PDF)")
+    assert "Jane" not in str(study.proto)
+    report = next(r for r in made if len(r.images) == 2)
+    assert report.combined is not None and report.rule
+    assert all("Jane" not in c.filename for c in report.images)
+    doc = pdfium.PdfDocument(original(report))
+    try:
+        text = " ".join(page.get_textpage().get_text_range() for page in doc)
+    finally:
+        doc.close()
+    assert "Study reading:" in text and "Jane" not in text
 
 
 def test_wrong_aspect_mask_file_gives_the_mask_message(app):

@@ -167,10 +167,32 @@ def test_case_saved_from_a_prediction_gets_its_cam_redrawn(monkeypatch, tmp_path
                                                     "opacity": 0.3}, who=ADMIN)
     assert (case.model_name, case.model_hash) == ("tiny-test", predictor.card.weights_sha256)
     assert case.predicted_label == prediction.label and case.cam_settings["target"] == "benign"
+    with open_store(default_db_path()) as store:
+        store.review_case(case.id, label="malignant", who=ADMIN, notes="Biopsy booked")
+    import pypdfium2 as pdfium
+
+    import bus_core.inference.pdf_report
+
+    made = []
+    original = bus_core.inference.pdf_report.render_study_pdf
+    monkeypatch.setattr(bus_core.inference.pdf_report, "render_study_pdf",
+                        lambda report: made.append(report) or original(report))
     at = open_page()
     captions = [c for image in at.get("image") for c in image.captions]
     assert any("Grad-CAM for 'benign'" in c for c in captions)
     assert "not redrawn" not in texts(at)
+    # the case's PDF report carries the review and no file name
+    button = next(b for b in at.get("download_button") if b.proto.label == "Report (PDF)")
+    assert "scan" not in str(button.proto)
+    (report,) = made
+    doc = pdfium.PdfDocument(original(report))
+    try:
+        text = " ".join(" ".join(page.get_textpage().get_text_range() for page in doc).split())
+    finally:
+        doc.close()
+    assert f"Case {case.id} |" in text and "confirmed malignant" in text
+    assert "Notes: Biopsy booked" in text and "Grad-CAM for 'benign'" in text
+    assert "scan.png" not in text
 
 
 def test_compare_from_the_page_then_activate(case_ids, tiny_model_dir, busi_dir, tmp_path):

@@ -1,7 +1,7 @@
 """Records -> tensors: a torch Dataset over records with an in-memory cache, and the epoch plans
-that balance classes (extra augmented copies, a weighted sampler, or loss weights) and, for
-`lesion-context` models, add lesion-free tissue windows of data sets without normal images as
-normal examples."""
+that balance classes (extra augmented copies, a weighted sampler, or loss weights) or
+(source, class) cells (a weighted sampler) and, for `lesion-context` models, add lesion-free
+tissue windows of data sets without normal images as normal examples."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from bus_core.data.inputs import (
 )
 from bus_core.data.presets import base_image, eval_transform, resize_shorter, train_transform
 
-BALANCE_MODES: tuple[str, ...] = ("augment", "weights", "sampler", "none")
+BALANCE_MODES: tuple[str, ...] = ("augment", "weights", "sampler", "source-class", "none")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ class _Cached:
 
 
 class RecordDataset(Dataset):
-    """Model inputs of `records` under `spec`; items are (tensor, label index).
+    """Model inputs of `records` under `spec`; items are (tensor, label index). `source_ids`
+    numbers each record's source (in the order of the sources' names).
 
     Decoded inputs are cached in memory, already resized to the preset's resize size. Records
     whose training input is random (leak-free crops of lesion-free images; every
@@ -67,6 +68,8 @@ class RecordDataset(Dataset):
         self.spec = spec
         self.train = train
         self.labels = [classes.index(r.label) for r in self.records]
+        names = sorted({r.source for r in self.records})
+        self.source_ids = [names.index(r.source) for r in self.records]
         self.normal = classes.index(NORMAL) if NORMAL in classes else None
         self._eval = eval_transform(spec.size)
         colour = _ultrasound_colour(ultrasound, style) if ultrasound > 0 else None
@@ -147,9 +150,21 @@ def _has_lesion(record: Record, image: np.ndarray) -> bool:
     return any(load_mask(p, shape=image.shape[:2]).any() for p in record.masks)
 
 
+def sampling_weights(labels: Sequence[int] | np.ndarray,
+                     sources: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """Draw probabilities of items (summing to 1) under which every class present, or every
+    (source, class) cell present when `sources` is given, has the same expected number of
+    draws."""
+    cells = np.asarray(labels) if sources is None else np.stack([sources, labels], axis=1)
+    _, cell_of, counts = np.unique(cells, axis=0, return_inverse=True, return_counts=True)
+    p = 1.0 / counts[cell_of.ravel()]
+    return p / p.sum()
+
+
 def epoch_plan(labels: Sequence[int], balance: str, epoch: int, seed: int, *,
                tissue_pool: Sequence[int] = (), tissue_share: float = 0.0,
-               normal: int = CLASSES.index(NORMAL)) -> list[Item]:
+               normal: int = CLASSES.index(NORMAL),
+               sources: Sequence[int] | None = None) -> list[Item]:
     """The shuffled draws of one training epoch, reproducible from (seed, epoch).
 
     First every image once, plus `tissue_share` times as many lesion-free windows (label
@@ -157,6 +172,9 @@ def epoch_plan(labels: Sequence[int], balance: str, epoch: int, seed: int, *,
     normal images that have such a window). Then 'augment' adds strongly augmented copies of
     minority-class draws until every class present has as many draws as the largest;
     'sampler' draws as many items with probability inversely proportional to class frequency;
+    'source-class' likewise to the frequency of the item's (source, class) cell (`sources`:
+    each record's source id; without them, or with one source, as 'sampler'), so that every
+    cell present is drawn as often, a class missing from a source having fewer draws in all;
     'weights' and 'none' keep the draws as they are.
     """
     if balance not in BALANCE_MODES:
@@ -175,10 +193,11 @@ def epoch_plan(labels: Sequence[int], balance: str, epoch: int, seed: int, *,
             pool = np.flatnonzero(item_labels == c)
             extra = rng.choice(pool, size=target - n, replace=target - n > n)
             items += [Item(items[i].index, strong=True, tissue=items[i].tissue) for i in extra]
-    elif balance == "sampler":
-        freq = np.bincount(item_labels)[item_labels]
-        p = 1.0 / freq
-        drawn = rng.choice(len(items), size=len(items), p=p / p.sum())
+    elif balance in ("sampler", "source-class"):
+        item_sources = ([sources[it.index] for it in items]
+                        if balance == "source-class" and sources is not None else None)
+        drawn = rng.choice(len(items), size=len(items),
+                           p=sampling_weights(item_labels, item_sources))
         items = [items[i] for i in drawn]
     order = rng.permutation(len(items))
     return [items[i] for i in order]

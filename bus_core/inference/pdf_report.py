@@ -20,9 +20,10 @@ from PIL import Image
 
 from bus_core.inference.cam import CAM_LABELS, colour_scale, overlay
 from bus_core.inference.outline import Segmenter
-from bus_core.inference.predict import Predictor
+from bus_core.inference.predict import Prediction, Predictor
 from bus_core.inference.report import NOTE, ReportContent, headline, outlined
 from bus_core.inference.study import DEFAULT_RULE, RULES, combine_predictions
+from bus_core.models.build import ModelCard
 
 INK, MUTED, RED, AMBER = (27, 39, 51), (96, 108, 120), (192, 57, 43), (156, 87, 0)
 PAGE_WIDTH, MARGIN = 210.0, 15.0  # A4 portrait, millimetres
@@ -167,7 +168,7 @@ def render_study_pdf(report: StudyReport) -> bytes:
     pdf.add_page()
     pdf.write_text("Breast ultrasound: model reading", 16, gap=2)
     version = f" (version {report.version})" if report.version else ""
-    details = [f"Study {report.name}" if report.name else "",
+    details = [report.name,
                f"{len(report.images)} image{'s' if len(report.images) > 1 else ''}",
                f"created {report.created:%Y-%m-%d %H:%M %Z}".strip(),
                f"model {report.model}{version}"]
@@ -246,11 +247,18 @@ def read_study(predictor: Predictor, images: Sequence[np.ndarray], *,
             mask_note=SUGGESTED_NOTE if drawn is not image else "",
             flag=prediction.flag_sentence()))
         predictions.append(prediction)
-    card = predictor.card
+    return assemble(predictor.card, contents, predictions, rule=rule, name=name)
+
+
+def assemble(card: ModelCard, contents: Sequence[ReportContent],
+             predictions: Sequence[Prediction], *, rule: str = DEFAULT_RULE, name: str = ""
+             ) -> StudyReport:
+    """The report of a study whose images' `contents` show `predictions` of the model of
+    `card` (same order), their readings combined by `rule` when there are two or more."""
     combined = (combine_predictions(predictions, rule, card.uncertain_below)
                 if len(predictions) > 1 else None)
     return StudyReport(
-        images=contents, model=card.name, name=name, version=card.code_version,
+        images=list(contents), model=card.name, name=name, version=card.code_version,
         figures=published_figures(card.metrics),
         combined=combined.probabilities if combined else None,
         combined_label=combined.label if combined else "",

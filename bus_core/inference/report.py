@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from bus_core.constants import MALIGNANT, NORMAL
 from bus_core.data.masks import draw_outline, mask_overlay
 from bus_core.inference.cam import CAM_LABELS, colour_scale
+from bus_core.inference.predict import Predictor
 
 WIDTH, MARGIN, PANEL = 1000, 40, 440
 INK, MUTED, RULE, TRACK = (27, 39, 51), (96, 108, 120), (214, 221, 228), (232, 237, 241)
@@ -143,6 +144,23 @@ def outlined(image: np.ndarray, mask: np.ndarray,
     tinted = mask_overlay(image, mask, color=colour, alpha=0.25)
     return draw_outline(tinted, mask, color=colour,
                         thickness=max(2, round(max(image.shape[:2]) / 250)))
+
+
+def mask_note(predictor: Predictor, origin: str | None) -> str:
+    """For a report: who made the lesion mask (`origin`, a `store.MASK_SOURCES` value or
+    'given'; None: no mask, '') and whether `predictor`'s model read it."""
+    if origin is None:
+        return ""
+    made = {"suggested": "suggested automatically by the outline model",
+            "suggested, edited": "suggested automatically, then edited by the user"}.get(
+        origin, origin)
+    use = ("the model read the lesion and its surroundings, and the whole image for normal "
+           "vs lesion" if predictor.two_stage
+           else "the model read the lesion and its surroundings"
+           if predictor.spec.mode == "lesion-context"
+           else "the model read the masked lesion" if predictor.spec.uses_masks
+           else "shown for reference; the model read the whole image")
+    return f"{made} ({use})"
 
 
 def headline(label: str, probabilities: Mapping[str, float], uncertain: bool) -> str:

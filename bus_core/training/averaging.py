@@ -11,13 +11,20 @@ from typing import Any
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from bus_core.training.mixstyle import mixstyle_probability
+
 
 def add_shared_training_options(p: argparse.ArgumentParser) -> None:
     """The options `train` and `train-seg` share for reading unseen scanners and for time-boxed
-    runs: scanner-style augmentation, weight averaging, a training-time limit."""
+    runs: scanner-style augmentation, MixStyle, weight averaging, a training-time limit."""
     p.add_argument("--style-augment", action="store_true",
                    help="also randomise what differs between scanners (depth gain curve, tint, "
                         "lateral gain band)")
+    p.add_argument("--mixstyle", type=mixstyle_probability, default=0.0, metavar="P",
+                   help="in this share of training batches, mix the per-image feature "
+                        "statistics of the first two dense blocks between images of different "
+                        "sources (MixStyle; training only, the saved model is unchanged; "
+                        "e.g. 0.5; 0: off)")
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="validate and keep an exponential moving average of the weights with "
                         "this decay per step (e.g. 0.998; 0: off)")

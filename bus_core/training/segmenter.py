@@ -62,6 +62,7 @@ from bus_core.runtime.device import (
     to_device,
 )
 from bus_core.training.averaging import WeightAverage, add_shared_training_options
+from bus_core.training.mixstyle import MixStyle
 from bus_core.training.runs import ProgressLog, RunFiles, next_epoch_fits
 from bus_core.training.segmenter_common import (
     Packed,
@@ -327,6 +328,9 @@ def main(args: argparse.Namespace) -> Path:
         pct_start=0.1)
     weights = class_weights_for(train_packed, windows, config).to(device.device)
     average = WeightAverage(model, config.ema)
+    mixing = MixStyle(config.mixstyle) if config.mixstyle > 0 else None
+    if mixing:  # after the average, whose copy of the network is never mixed
+        mixing.attach(model.features)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_seg": None, "best_cls": None,
                              "history": [], "train_time_s": 0.0}
     ckpt_path = files.checkpoint
@@ -379,6 +383,8 @@ def main(args: argparse.Namespace) -> Path:
             x, m = augment_batch(images, masks, wins, config.size, gen,
                                  style=config.style_augment)
             x = to_device(x, device)
+            if mixing:
+                mixing.domains = torch.from_numpy(train_packed.sources[index])
             optimizer.zero_grad(set_to_none=True)
             with autocast(device):
                 seg, cls = model.forward_both(x)

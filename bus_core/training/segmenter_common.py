@@ -47,6 +47,7 @@ class SegTrainConfig:
     name: str = "densenet121-unet-lesion-v1"
     classifier_name: str = "densenet121-multitask-v1"
     style_augment: bool = False
+    mixstyle: float = 0.0
     ema: float = 0.0
     time_limit: float = 0.0
 

@@ -106,8 +106,8 @@ def export_segmenter(config: SegTrainConfig, device: DeviceConfig, state: dict[s
         split=_provenance(config),
         hyperparameters={k: getattr(config, k) for k in (
             "size", "epochs", "epoch_size", "batch_size", "lr", "encoder_lr", "weight_decay",
-            "cls_weight", "freeze_stem", "normal_crops", "seed", "style_augment", "ema",
-            "time_limit")}
+            "cls_weight", "freeze_stem", "normal_crops", "seed", "style_augment", "mixstyle",
+            "ema", "time_limit")}
         | {"best_epoch": state["best_seg"]["epoch"], "epochs_trained": state["epoch"]},
         metrics={"val": val_figures, "val_frame": "padded square at the input size"},
         training_time_s=round(state["train_time_s"], 1),
@@ -161,7 +161,8 @@ def export_classifier(config: SegTrainConfig, device: DeviceConfig, state: dict[
     card.split = _provenance(config)
     card.hyperparameters = {"best_epoch": state["best_cls"]["epoch"],
                             "epochs_trained": state["epoch"], "trained_with":
-                            "train-seg (multi-task)", "cls_weight": config.cls_weight}
+                            "train-seg (multi-task)", "cls_weight": config.cls_weight,
+                            "mixstyle": config.mixstyle}
     card.training_time_s = round(state["train_time_s"], 1)
     card.notes = (f"Encoder shared with {config.name} (multi-task training); whole image padded "
                   f"to a square; device {device.description}.")

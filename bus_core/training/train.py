@@ -104,6 +104,7 @@ from bus_core.runtime.device import (
 )
 from bus_core.runtime.distributed import Ranks
 from bus_core.training.averaging import WeightAverage, add_shared_training_options
+from bus_core.training.mixstyle import MixStyle
 from bus_core.training.runs import (
     EtaClock,
     ProgressLog,
@@ -166,6 +167,7 @@ class TrainConfig:
     compile: str = "none"
     ultrasound_augment: float = 0.0
     style_augment: bool = False
+    mixstyle: float = 0.0
     ema: float = 0.0
     time_limit: float = 0.0
 
@@ -233,7 +235,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--balance", default="augment", choices=BALANCE_MODES,
                    help="augment: extra augmented copies of minority classes; weights: class-"
-                        "weighted loss; sampler: weighted sampling; none")
+                        "weighted loss; sampler: weighted sampling; source-class: weighted "
+                        "sampling that draws every (source, class) cell of several --data as "
+                        "often; none")
     p.add_argument("--monitor", default="macro_f1",
                    help="validation metric for best-checkpoint keeping and early stopping "
                         "(loss, accuracy, macro_f1, balanced_accuracy, malignant_sensitivity, "
@@ -359,6 +363,9 @@ def check_config(config: TrainConfig) -> None:
         raise DataError("The scanner-style augmentation of this training is applied at the "
                         "ultrasound augmentation's strength: give --ultrasound-augment too "
                         "(e.g. 1).")
+    if config.mixstyle > 0 and config.arch != "densenet121":
+        raise ModelError(f"MixStyle mixes the outputs of DenseNet121's dense blocks; "
+                         f"{config.arch} has none. Train a densenet121, or leave out --mixstyle.")
     if config.split and config.max_per_class:
         raise DataError("Using at most N images per class makes a new split from fewer images, "
                         "so it cannot be combined with a saved split file. Choose a new split, "
@@ -530,6 +537,9 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
     scheduler = make_scheduler(config, optimizer)
     scaler = torch.amp.GradScaler(device.device.type, enabled=needs_grad_scaler(device))
     average = WeightAverage(model, config.ema)
+    mixing = MixStyle(config.mixstyle) if config.mixstyle > 0 else None
+    if mixing:  # after the average, whose copy of the network is never mixed
+        mixing.attach(model.get_submodule("features"))
     weights = class_weights(train_ds.labels) if config.balance == "weights" else None
     criterion = nn.CrossEntropyLoss(weight=weights.to(device.device) if weights is not None
                                     else None, label_smoothing=config.label_smoothing)
@@ -575,7 +585,8 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
     while state["epoch"] < config.epochs:
         epoch = state["epoch"]
         plan = epoch_plan(train_ds.labels, config.balance, epoch, config.seed,
-                          tissue_pool=pool, tissue_share=config.tissue_share)
+                          tissue_pool=pool, tissue_share=config.tissue_share,
+                          sources=train_ds.source_ids)
         mine = distributed.shard(plan, ranks)
         steps = math.ceil(len(mine) / config.batch_size)
         net.train()
@@ -586,8 +597,12 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
                    disable=not (progress_bar and ranks.is_main), unit="step")
         batches = plan_batches(mine, config.batch_size, seed=config.seed, epoch=epoch,
                                rank=ranks.rank, start=state["step"])
+        items_of = {batch.step: batch.items for batch in batches}
         step_start = time.monotonic()
         for step, images, labels in pipeline.epoch(batches):
+            if mixing:
+                mixing.domains = torch.tensor([train_ds.source_ids[it.index]
+                                               for it in items_of[step]])
             images = to_device(images, device)
             labels = labels.to(device.device, non_blocking=True)
             logits, loss = train_step(net, images, labels, optimizer, scaler, criterion, device)
@@ -741,8 +756,8 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
     hyper = {k: getattr(config, k) for k in ("optimizer", "lr", "weight_decay", "batch_size",
                                              "epochs", "scheduler", "balance", "monitor",
                                              "patience", "seed", "label_smoothing",
-                                             "ultrasound_augment", "style_augment", "ema",
-                                             "time_limit")}
+                                             "ultrasound_augment", "style_augment",
+                                             "mixstyle", "ema", "time_limit")}
     hyper["epochs_trained"] = len(state["history"])
     hyper["best_epoch"] = state["best_epoch"]
     world = state["world_size"]

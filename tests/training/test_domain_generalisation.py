@@ -1,23 +1,27 @@
 """What training does for scanners it has not seen: scanner-style and ultrasound augmentation,
-weight averaging, the training-time limit, and scoring a left-out source (val+test)."""
+MixStyle, sampling balanced over sources and classes, weight averaging, the training-time
+limit, and scoring a left-out source (val+test)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from bus_core.data.augment import intensity, scanner_style
-from bus_core.data.dataset import load_records
+from bus_core.data.dataset import Record, load_records
 from bus_core.data.inputs import InputSpec
-from bus_core.data.loader import RecordDataset
+from bus_core.data.loader import RecordDataset, epoch_plan, sampling_weights
 from bus_core.data.presets import InputSize
 from bus_core.data.splits import make_split, split_records
-from bus_core.errors import DataError
+from bus_core.errors import DataError, ModelError
+from bus_core.models.build import build_model
 from bus_core.training.averaging import WeightAverage
+from bus_core.training.mixstyle import MixStyle, mixing_partners
 from bus_core.training.runs import next_epoch_fits
-from bus_core.training.train import check_config, train
+from bus_core.training.train import check_config, config_from_args, get_args_parser, train
 from tests.training.test_train import tiny_config
 
 
@@ -119,3 +123,127 @@ def test_a_run_with_averaging_augmentation_and_a_time_limit(busi_dir, tmp_path):
     assert result.status == "done" and hyper["epochs_trained"] == 1  # stopped by the limit
     assert hyper["ema"] == 0.9 and hyper["style_augment"] and hyper["ultrasound_augment"] == 1
     assert np.isfinite(result.card.temperature)
+
+
+def _styled(means: list[float], stds: list[float]) -> torch.Tensor:
+    """Feature maps (one image per mean/std) whose every channel has exactly that mean and
+    standard deviation (population), over one shared pattern."""
+    pattern = torch.randn(1, 3, 6, 6, generator=_gen(0))
+    pattern = (pattern - pattern.mean((2, 3), keepdim=True)) / pattern.std(
+        (2, 3), keepdim=True, unbiased=False)
+    return torch.cat([pattern * s + m for m, s in zip(means, stds)])
+
+
+def test_mixstyle_is_identity_in_eval_mode():
+    x = _styled([0, 0, 5, 5], [1, 1, 3, 3])
+    mixing = MixStyle(p=1.0).eval()
+    assert torch.equal(mixing(x), x)
+
+
+def test_mixstyle_mixes_the_statistics_of_images_of_other_sources():
+    x = _styled([0, 0, 5, 5], [1, 1, 3, 3])
+    mixing = MixStyle(p=1.0, alpha=1.0).train()
+    mixing.domains = torch.tensor([0, 0, 1, 1])
+    torch.manual_seed(0)
+    y = mixing(x)
+    assert y.shape == x.shape
+    mean, std = y.mean((2, 3)), y.std((2, 3), unbiased=False)
+    # the content (each map normalised) stays; the style is lam * own + (1 - lam) * partner's
+    assert torch.allclose((y - mean[..., None, None]) / std[..., None, None],
+                          (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True,
+                                                                     unbiased=False), atol=1e-4)
+    partner_share = torch.cat([mean[:2] / 5, (5 - mean[2:]) / 5])  # 1 - lam of each image
+    assert torch.allclose(partner_share, torch.cat([(std[:2] - 1) / 2, (3 - std[2:]) / 2]),
+                          atol=1e-4)  # the same lam for mean and std: the partner is (5, 3)
+    assert bool(((partner_share > 1e-3) & (partner_share < 1 - 1e-3)).all())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mixing_partners_are_of_other_sources_when_the_batch_has_several(seed):
+    torch.manual_seed(seed)
+    domains = torch.tensor([0, 0, 1, 1, 1, 2])
+    assert bool((domains[mixing_partners(domains, 6)] != domains).all())
+    assert sorted(mixing_partners(torch.zeros(6, dtype=torch.long), 6).tolist()) == \
+        list(range(6))
+    assert sorted(mixing_partners(None, 6).tolist()) == list(range(6))
+
+
+def test_mixstyle_leaves_the_network_and_its_inference_unchanged():
+    torch.manual_seed(0)
+    model = build_model("densenet121")
+    x = torch.rand(4, 3, 32, 32)
+    keys = list(model.state_dict())
+    model.train()
+    trained_plain = model(x)
+    with torch.no_grad():
+        plain = model.eval()(x)
+    handles = MixStyle(p=1.0).attach(model.features)
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), plain)
+    assert not torch.allclose(model.train()(x), trained_plain)  # training inputs are mixed
+    for handle in handles:
+        handle.remove()
+
+
+def test_mixstyle_option_is_a_share_of_batches_and_needs_a_densenet(busi_dir, tmp_path):
+    base = ["--data", "d", "--out", "o"]
+    assert config_from_args(get_args_parser().parse_args(base + ["--mixstyle", "0.5"])) \
+        .mixstyle == 0.5
+    assert config_from_args(get_args_parser().parse_args(base)).mixstyle == 0
+    for bad in ("1.5", "-0.1", "often"):
+        with pytest.raises(SystemExit):
+            get_args_parser().parse_args(base + ["--mixstyle", bad])
+    with pytest.raises(ModelError, match="densenet121"):
+        check_config(tiny_config(busi_dir, tmp_path / "m", arch="resnet50", mixstyle=0.5))
+
+
+def _expected_draws(weights: np.ndarray, cells: list[tuple[int, int]]) -> dict:
+    n = len(cells)
+    return {cell: n * sum(w for w, c in zip(weights, cells) if c == cell) for cell in set(cells)}
+
+
+def test_source_class_sampling_draws_every_cell_as_often():
+    sources = [0] * 10 + [1] * 4 + [2] * 3
+    labels = [0, 1, 1, 2, 2, 2, 2, 2, 2, 2] + [1, 2, 2, 2] + [0, 1, 2]
+    draws = _expected_draws(sampling_weights(labels, sources), list(zip(sources, labels)))
+    assert len(draws) == 8 and np.allclose(list(draws.values()), len(labels) / 8)
+    by_class = _expected_draws(sampling_weights(labels), [(0, y) for y in labels])
+    assert np.allclose(list(by_class.values()), len(labels) / 3)
+
+
+def test_source_class_balance_of_one_source_is_class_balance():
+    labels = [0, 1, 1, 2, 2, 2, 2]
+    assert np.array_equal(sampling_weights(labels, [3] * 7), sampling_weights(labels))
+    plans = [epoch_plan(labels, balance, 2, 0, sources=[0] * 7)
+             for balance in ("sampler", "source-class")]
+    assert plans[0] == plans[1]
+
+
+def test_source_class_balance_is_an_option_and_numbers_the_sources(tmp_path):
+    args = get_args_parser().parse_args(["--data", "a", "--data", "b", "--out", "o",
+                                         "--balance", "source-class"])
+    assert config_from_args(args).balance == "source-class"
+    records = [Record(f"{s}/{i}.png", tmp_path / f"{i}.png", "benign", source=s)
+               for i, s in enumerate(["B", "A", "B", "C"])]
+    assert RecordDataset(records, InputSpec()).source_ids == [1, 0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_run_with_mixstyle_and_source_class_balance(busi_dir, tmp_path, monkeypatch):
+    seen = []  # (training, batch size, source ids given) of each call of MixStyle
+    forward = MixStyle.forward
+
+    def spy(self: MixStyle, x: torch.Tensor) -> torch.Tensor:
+        seen.append((self.training, len(x), None if self.domains is None else len(self.domains)))
+        return forward(self, x)
+
+    monkeypatch.setattr(MixStyle, "forward", spy)
+    config = tiny_config(busi_dir, tmp_path / "m", mixstyle=0.5, balance="source-class")
+    result = train(config)
+    assert result.status == "done"
+    assert seen and all(training and n == given for training, n, given in seen)
+    assert result.card.hyperparameters["mixstyle"] == 0.5
+    assert result.card.hyperparameters["balance"] == "source-class"
+    saved = load_file(tmp_path / "m" / "model.safetensors")
+    assert set(saved) == set(build_model("densenet121").state_dict())

@@ -127,7 +127,7 @@ def tiny_run(tmp_path_factory):
         argv += ["--data", str(d), "--split", str(s)]
     argv += ["--out", str(root / "run"), "--size", "64", "--cache-size", "72", "--epochs", "1",
              "--epoch-size", "8", "--batch-size", "4", "--device", "cpu-fp32", "--ema", "0.5",
-             "--style-augment"]
+             "--style-augment", "--mixstyle", "0.5"]
     out = main(get_args_parser().parse_args(argv))
     return out
 
@@ -140,12 +140,14 @@ def test_tiny_run_exports_a_segmenter_and_a_classifier(tiny_run):
     assert set(seg.metrics["test"]) == {"BUSI", "OTHER"}
     assert seg.split["files"][0]["file_sha256"]
     assert seg.hyperparameters["ema"] == 0.5 and seg.hyperparameters["style_augment"]
+    assert seg.hyperparameters["mixstyle"] == 0.5
     assert seg.hyperparameters["epochs_trained"] == 1
     clf = load_model(tiny_run / "classifier")
     assert clf.card.task == "classification" and clf.card.size.fit == "pad"
     assert clf.card.malignant_threshold is not None
     assert "at_threshold" in clf.card.metrics["test"]
     assert set(clf.card.metrics["by_source"]) == {"BUSI", "OTHER"}
+    assert clf.card.hyperparameters["mixstyle"] == 0.5
 
 
 @pytest.mark.slow
