@@ -13,7 +13,14 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from bus_core.clinic.cases import ORDERABLE, STATUSES, Case, CaseStore, display_time
+from bus_core.clinic.cases import (
+    AUDIT_FIELDS,
+    ORDERABLE,
+    STATUSES,
+    Case,
+    CaseStore,
+    display_time,
+)
 from bus_core.clinic.gate import (
     GATE_FILE,
     GATE_SUBSETS,
@@ -191,7 +198,8 @@ def history_table(store: CaseStore, case: Case) -> None:
     """The audit entries of a case, oldest first."""
     entries = store.history(case.id)
     st.dataframe(pd.DataFrame([{"When": display_time(e.at), "Who": e.who or "–",
-                                "Action": e.action, "Field": e.field or "",
+                                "Action": e.action,
+                                "Field": AUDIT_FIELDS.get(e.field or "", e.field or ""),
                                 "Before": e.old_value or "", "After": e.new_value or ""}
                                for e in entries]), hide_index=True, width="stretch",
                  key=f"review_history_{case.id}")

@@ -93,6 +93,9 @@ def test_review_changes_status_and_history(case_ids):
         assert case.notes == "spiculated margin"
     history = next(d.value for d in at.dataframe if "Action" in d.value.columns)
     assert "Dr Test" in set(history["Who"]) and "corrected" in set(history["Action"])
+    # plain words for the fields, not the database's column names
+    assert {"model's reading", "confirmed class"} <= set(history["Field"])
+    assert not {"predicted_label", "confirmed_label"} & set(history["Field"])
 
 
 def test_export_zip_has_busi_layout(case_ids):

@@ -138,6 +138,12 @@ class Case:
             else self.predicted_label
 
 
+AUDIT_FIELDS: dict[str, str] = {"predicted_label": "model's reading",
+                                "confirmed_label": "confirmed class", "status": "status",
+                                "reviewer": "reviewer", "notes": "notes"}
+"""The fields a case's history records, in the words the pages show."""
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     """One line of a case's history: who did what ('created', 'confirmed', 'corrected' or
