@@ -24,6 +24,7 @@ from bus_core.models.registry import active_model_path, list_models
 from ui.auth import require_page
 from ui.cases import case_store
 from ui.common import md_escape
+from ui.state import memo
 
 require_page("monitor")
 st.title("Monitor")
@@ -75,9 +76,10 @@ if not cases:
     st.info("No cases have been saved yet: the monitor fills as clinicians save readings on "
             "the Diagnose page.")
     st.stop()
-cards = {entry.card.name: entry.card for entry in list_models()}
+entries = list_models()
+cards = {entry.card.name: entry.card for entry in entries}
 active = active_model_path()
-active_name = next((e.card.name for e in list_models() if e.path == active), None)
+active_name = next((e.card.name for e in entries if e.path == active), None)
 names = sorted({c.model_name for c in cases})
 model = st.selectbox("Model", names, index=names.index(active_name) if active_name in names
                      else 0, help="The model that made the saved readings.")
@@ -89,7 +91,9 @@ mine = [c for c in cases if c.model_name == model]
 windows = monitor(mine, WINDOW_DAYS[period],
                   threshold=card.malignant_threshold if card else None,
                   card_metrics=card.metrics if card else {},
-                  widths=image_widths(mine, store.image_path))
+                  # stored images never change (named by content): their widths are kept
+                  widths=memo("monitor_widths", tuple((c.id, c.image_hash) for c in mine),
+                              lambda: image_widths(mine, store.image_path), max_entries=4))
 line = card_line(card)
 if line:
     st.markdown(line)  # figures only: no user text

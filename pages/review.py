@@ -4,7 +4,6 @@ cases behind a safety gate, with the decision log and roll back."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from pathlib import Path
 from typing import Any
@@ -190,8 +189,8 @@ def case_report(predictor: Predictor, case: Case, image: np.ndarray, shown: Expl
         flag=flag_sentence(case.probabilities, predictor.card.malignant_threshold))
     review = (Review(case.reviewer, case.confirmed_label, when, case.notes)
               if case.confirmed_label else None)
-    report = assemble(predictor.card, [content], [])
-    return render_study_pdf(dataclasses.replace(report, name=f"Case {case.id}", review=review))
+    return render_study_pdf(assemble(predictor.card, [content], [], name=f"Case {case.id}",
+                                     review=review))
 
 
 def history_table(store: CaseStore, case: Case) -> None:

@@ -21,7 +21,7 @@ from PIL import Image
 from bus_core.inference.cam import CAM_LABELS, colour_scale, overlay
 from bus_core.inference.outline import Segmenter
 from bus_core.inference.predict import Prediction, Predictor
-from bus_core.inference.report import NOTE, ReportContent, headline, outlined
+from bus_core.inference.report import NOTE, ReportContent, headline, mask_note, outlined
 from bus_core.inference.study import DEFAULT_RULE, RULES, combine_predictions
 from bus_core.models.build import ModelCard
 
@@ -216,9 +216,6 @@ def render_study_pdf(report: StudyReport) -> bytes:
     return bytes(pdf.output())
 
 
-SUGGESTED_NOTE = "suggested automatically by the outline model"
-
-
 def read_study(predictor: Predictor, images: Sequence[np.ndarray], *,
                names: Sequence[str] = (), name: str = "", rule: str = DEFAULT_RULE,
                segmenter: Segmenter | None = None) -> StudyReport:
@@ -244,17 +241,18 @@ def read_study(predictor: Predictor, images: Sequence[np.ndarray], *,
             probabilities=prediction.probabilities, label=target, model=prediction.model,
             explained=target, filename=names[number] if number < len(names) else "",
             uncertain=prediction.uncertain, warnings=prediction.warnings,
-            mask_note=SUGGESTED_NOTE if drawn is not image else "",
+            mask_note=mask_note(predictor, "suggested" if drawn is not image else None),
             flag=prediction.flag_sentence()))
         predictions.append(prediction)
     return assemble(predictor.card, contents, predictions, rule=rule, name=name)
 
 
 def assemble(card: ModelCard, contents: Sequence[ReportContent],
-             predictions: Sequence[Prediction], *, rule: str = DEFAULT_RULE, name: str = ""
-             ) -> StudyReport:
+             predictions: Sequence[Prediction], *, rule: str = DEFAULT_RULE, name: str = "",
+             review: Review | None = None) -> StudyReport:
     """The report of a study whose images' `contents` show `predictions` of the model of
-    `card` (same order), their readings combined by `rule` when there are two or more."""
+    `card` (same order), their readings combined by `rule` when there are two or more, with
+    its `review` when it has one."""
     combined = (combine_predictions(predictions, rule, card.uncertain_below)
                 if len(predictions) > 1 else None)
     return StudyReport(
@@ -263,4 +261,5 @@ def assemble(card: ModelCard, contents: Sequence[ReportContent],
         combined=combined.probabilities if combined else None,
         combined_label=combined.label if combined else "",
         combined_uncertain=combined.uncertain if combined else False,
-        combined_flag=combined.flag if combined else "", rule=RULES[rule] if combined else "")
+        combined_flag=combined.flag if combined else "", rule=RULES[rule] if combined else "",
+        review=review)
