@@ -116,9 +116,8 @@ def test_export_zip_has_busi_layout(case_ids):
             f"bus-cases/malignant/case-{case_ids[1]}.png"} <= names
 
 
-@pytest.fixture
-def failed_candidate(case_ids, tiny_model_dir) -> tuple[Path, Path]:
-    """An active model and a finished retrained candidate whose gate result failed."""
+def candidate(case_ids, tiny_model_dir, result) -> tuple[Path, Path]:
+    """An active model and a finished retrained candidate with the gate `result`."""
     old, new = user_models_dir() / "old", user_models_dir() / "new"
     for folder in (old, new):
         shutil.copytree(tiny_model_dir, folder)
@@ -127,11 +126,17 @@ def failed_candidate(case_ids, tiny_model_dir) -> tuple[Path, Path]:
                 cases_dir="", train_manifest="", heldout_manifest="", heldout_file="",
                 base_data=["busi"], base_split="split.json", train_cases=[case_ids[2]],
                 heldout_cases=[]).save()
-    result = compare({"fixed_test": {"malignant_sensitivity": 0.2, "accuracy": 0.7}},
-                     {"fixed_test": {"malignant_sensitivity": 0.8, "accuracy": 0.7}})
     result.active_path = str(old.resolve())
     result.save(new / GATE_FILE)
     return old, new
+
+
+@pytest.fixture
+def failed_candidate(case_ids, tiny_model_dir) -> tuple[Path, Path]:
+    """An active model and a finished retrained candidate whose gate result failed."""
+    return candidate(case_ids, tiny_model_dir, compare(
+        {"fixed_test": {"malignant_sensitivity": 0.2, "accuracy": 0.7}},
+        {"fixed_test": {"malignant_sensitivity": 0.8, "accuracy": 0.7}}))
 
 
 def test_failed_gate_needs_a_reason_then_roll_back(failed_candidate):
@@ -306,20 +311,11 @@ def test_saving_the_same_image_again_asks_first(monkeypatch, tmp_path, tiny_mode
 
 
 def test_the_gate_states_each_difference_with_its_interval(case_ids, tiny_model_dir):
-    old, new = user_models_dir() / "old", user_models_dir() / "new"
-    for folder in (old, new):
-        shutil.copytree(tiny_model_dir, folder)
-    set_active_model(old, who=ADMIN)
-    RetrainPlan(config=TrainConfig(data=["busi"], out=str(new)), active_model=str(old),
-                cases_dir="", train_manifest="", heldout_manifest="", heldout_file="",
-                base_data=["busi"], base_split="split.json", train_cases=[case_ids[2]],
-                heldout_cases=[]).save()
-    result = compare({"fixed_test": {"malignant_sensitivity": 0.8, "accuracy": 0.85}},
-                     {"fixed_test": {"malignant_sensitivity": 0.8, "accuracy": 0.86}},
-                     differences={"fixed_test": {"accuracy": [-0.04, 0.02],
-                                                 "malignant_sensitivity": [-0.01, 0.01]}})
-    result.active_path = str(old.resolve())
-    result.save(new / GATE_FILE)
+    candidate(case_ids, tiny_model_dir, compare(
+        {"fixed_test": {"malignant_sensitivity": 0.8, "accuracy": 0.85}},
+        {"fixed_test": {"malignant_sensitivity": 0.8, "accuracy": 0.86}},
+        differences={"fixed_test": {"accuracy": [-0.04, 0.02],
+                                    "malignant_sensitivity": [-0.01, 0.01]}}))
     at = open_page()
     assert "On the fixed test split: accuracy difference \u22120.01 [\u22120.04, +0.02]." in \
         texts(at)
