@@ -246,7 +246,10 @@ def draw(page, canvas, points: list[tuple[float, float]]) -> None:
     page.mouse.up()
 
 
-def test_paint_a_mask_in_a_browser(page, server, tmp_path):
+def open_canvas(page, server, tmp_path):
+    """Sign in, read an uploaded image, and open the painting canvas; its locator, once the
+    canvas has the page's width (the first one drawn is the small one, replaced as soon as the
+    browser has told the page its width)."""
     sign_in(page, server)
     page.locator("input[type=file]").first.set_input_files(str(upload_image(tmp_path)))
     page.get_by_text("Model's reading").wait_for()
@@ -254,6 +257,12 @@ def test_paint_a_mask_in_a_browser(page, server, tmp_path):
     page.get_by_text("Brush size").wait_for()
     canvas = page.locator("canvas").last
     canvas.wait_for()
+    sync_api.expect(canvas).not_to_have_attribute("width", "440", timeout=60_000)
+    return canvas
+
+
+def test_paint_a_mask_in_a_browser(page, server, tmp_path):
+    canvas = open_canvas(page, server, tmp_path)
     page.wait_for_timeout(1000)
     ring = [(0.5 + 0.12 * np.cos(a), 0.55 + 0.15 * np.sin(a)) for a in np.linspace(0, 6.3, 24)]
     draw(page, canvas, ring)
@@ -318,15 +327,7 @@ def test_the_canvas_fits_the_window(browser, server, tmp_path, width):
     page = context.new_page()
     page.set_default_timeout(60_000)
     try:
-        sign_in(page, server)
-        page.locator("input[type=file]").first.set_input_files(str(upload_image(tmp_path)))
-        page.get_by_text("Model's reading").wait_for()
-        page.get_by_text("Paint", exact=True).click()
-        page.get_by_text("Brush size").wait_for()
-        canvas = page.locator("canvas").last
-        canvas.wait_for()
-        # the first canvas is the small one, until the browser has told the page's width
-        sync_api.expect(canvas).not_to_have_attribute("width", "440", timeout=60_000)
+        canvas = open_canvas(page, server, tmp_path)
         settle(page)
         canvas = canvas.bounding_box()
         main = page.locator("[data-testid=stMainBlockContainer]").bounding_box()
