@@ -34,11 +34,30 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    and_,
+    func,
+    insert,
+    or_,
+    select,
+    true,
+    update,
+)
 
 from bus_core import atomic
-from bus_core.clinic.schema import audit_log, cases, migrate, model_decisions, read_version, utc_now
-from bus_core.constants import CLASSES
+from bus_core.clinic.schema import (
+    audit_log,
+    cases,
+    migrate,
+    model_decisions,
+    read_version,
+    studies,
+    utc_now,
+)
+from bus_core.constants import CLASSES, MALIGNANT
 from bus_core.data.images import image_to_png_bytes
 from bus_core.db import (
     ensure_writable,
@@ -50,6 +69,7 @@ from bus_core.db import (
     where,
 )
 from bus_core.errors import InvalidImageError, MaskError, StoreError, plain_storage_message
+from bus_core.inference.study import RULES
 from bus_core.roles import Identity, require
 from bus_core.settings import data_dir, keep_file_names
 
@@ -62,8 +82,8 @@ CaseStatus = Literal["unreviewed", "confirmed", "corrected", "labelled"]
 'labelled': the model was uncertain (no answer), so the label is the reviewer's alone."""
 STATUSES: tuple[str, ...] = get_args(CaseStatus)
 ORDERABLE: tuple[str, ...] = ("created_at", "updated_at", "id", "status", "predicted_label",
-                              "confirmed_label", "reviewer", "model_name")
-"""Columns `list_cases` can sort by."""
+                              "confirmed_label", "reviewer", "model_name", "p_malignant")
+"""Columns `list_cases` can sort by ('p_malignant': the model's probability of malignancy)."""
 
 MaskSource = Literal["painted", "uploaded", "dataset", "suggested", "suggested, edited"]
 MASK_SOURCES: tuple[str, ...] = get_args(MaskSource)
@@ -118,6 +138,8 @@ class Case:
     uncertain: bool = False
     owner: str | None = None
     pacs: PacsSource | None = None
+    flagged: bool | None = None
+    study_id: int | None = None
 
     @property
     def display_name(self) -> str:
@@ -136,6 +158,71 @@ class Case:
         """The model's reading as shown: its class, or 'uncertain (leans <class>)'."""
         return f"uncertain (leans {self.predicted_label})" if self.uncertain \
             else self.predicted_label
+
+
+@dataclass(frozen=True)
+class NewCase:
+    """One reading to store as a case (`CaseStore.save_case` describes each field)."""
+
+    image: np.ndarray
+    image_name: str
+    model_name: str
+    model_hash: str
+    probabilities: Mapping[str, float]
+    predicted_label: str
+    masks: Sequence[np.ndarray] = ()
+    combine_mode: str | None = None
+    cam_settings: Mapping[str, Any] | None = None
+    mask_source: str | None = None
+    uncertain: bool = False
+    pacs: PacsSource | None = None
+    flagged: bool | None = None
+
+
+@dataclass(frozen=True)
+class StudyReadingRecord:
+    """A study's combined reading as stored: the rule that combined its images' probabilities
+    (`bus_core.inference.study.RULES`), the result, its top class, whether it is uncertain and
+    whether the malignant flag was raised."""
+
+    rule: str
+    probabilities: Mapping[str, float]
+    predicted_label: str
+    uncertain: bool
+    flagged: bool
+
+
+@dataclass(frozen=True)
+class Study:
+    """Several cases read together as one examination (times are UTC ISO-8601 strings):
+    who saved it, with which model, its combined reading, the PACS study it came from (when
+    all its images came from one) and its cases' ids in the order they were saved."""
+
+    id: int
+    created_at: str
+    owner: str
+    model_name: str
+    model_hash: str
+    rule: str
+    probabilities: dict[str, float]
+    predicted_label: str
+    uncertain: bool
+    flagged: bool
+    pacs_endpoint: str | None
+    study_uid: str | None
+    case_ids: tuple[int, ...]
+
+    @property
+    def reading(self) -> str:
+        """The study's reading as shown: its class, or 'uncertain (leans <class>)'."""
+        return f"uncertain (leans {self.predicted_label})" if self.uncertain \
+            else self.predicted_label
+
+
+WORKLIST_COUNTS: dict[str, str] = {
+    "to_review": "to review", "flagged": "flagged malignant, to review",
+    "uncertain": "uncertain, to review", "disagreements": "reviewer disagreed"}
+"""The counts `CaseStore.worklist_counts` gives, in the words the pages show."""
 
 
 AUDIT_FIELDS: dict[str, str] = {"predicted_label": "model's reading",
@@ -243,47 +330,109 @@ class CaseStore:
                   probabilities: Mapping[str, float], predicted_label: str,
                   cam_settings: Mapping[str, Any] | None = None, who: Identity,
                   mask_source: str | None = None, uncertain: bool = False,
-                  pacs: PacsSource | None = None) -> Case:
+                  pacs: PacsSource | None = None, flagged: bool | None = None) -> Case:
         """Store a prediction as a new unreviewed case (image and masks first, then the case
         and its 'created' audit entry in one transaction), owned by `who` (role clinician).
         `image_name` is kept only as a pseudonym unless the administrator keeps file names.
         `mask_source` says who made the masks (one of `MASK_SOURCES`; None without masks);
         `uncertain`, that the model's top class was below its certainty threshold (the reading
-        is then no answer); `pacs`, where in the hospital archive the image came from."""
+        is then no answer); `pacs`, where in the hospital archive the image came from;
+        `flagged`, whether the malignant flag was raised (None: not known)."""
+        item = NewCase(image=image, image_name=image_name, masks=masks,
+                       combine_mode=combine_mode, model_name=model_name, model_hash=model_hash,
+                       probabilities=probabilities, predicted_label=predicted_label,
+                       cam_settings=cam_settings, mask_source=mask_source, uncertain=uncertain,
+                       pacs=pacs, flagged=flagged)
+        return self.add_case(item, who=who)
+
+    def add_case(self, item: NewCase, *, who: Identity) -> Case:
+        """Store a reading as a new unreviewed case of `who` (`save_case` with its arguments
+        in a `NewCase`)."""
+        return self._save([item], who, None)[0]
+
+    def save_study(self, items: Sequence[NewCase], reading: StudyReadingRecord, *,
+                   who: Identity) -> Study:
+        """Store several readings of one examination as a study: each image a new unreviewed
+        case (as `save_case`), the study with its combined `reading`, all in one transaction
+        (a study is saved whole or not at all). The study keeps the PACS study UID when all its
+        images came from the same PACS study. Every image must have been read by one model."""
         require(who, "save_case")
-        _check_pacs_source(pacs)
-        if mask_source is not None and mask_source not in MASK_SOURCES:
-            raise InvalidCaseError(f"Unknown mask source {mask_source!r}; choose one of "
+        if not items:
+            raise InvalidCaseError("A study needs at least one image.")
+        if len({(item.model_name, item.model_hash) for item in items}) > 1:
+            raise InvalidCaseError("The images of a study must have been read by one model.")
+        sources = {(item.pacs.endpoint, item.pacs.study_uid) if item.pacs else (None, None)
+                   for item in items}
+        endpoint, study_uid = sources.pop() if len(sources) == 1 else (None, None)
+        row = dict(created_at=utc_now(), owner=who.name, model_name=items[0].model_name,
+                   model_hash=items[0].model_hash, rule=_check_rule(reading.rule),
+                   probabilities=json.dumps(_check_probabilities(reading.probabilities)),
+                   predicted_label=_check_label(reading.predicted_label),
+                   uncertain=bool(reading.uncertain), flagged=bool(reading.flagged),
+                   pacs_endpoint=endpoint, study_uid=study_uid)
+        saved = self._save(items, who, row)
+        return self.get_study(_known(saved[0].study_id))
+
+    def _save(self, items: Sequence[NewCase], who: Identity,
+              study: dict[str, Any] | None) -> list[Case]:
+        """Store `items` as new cases of `who` (and first the `study` row they belong to, when
+        given) in one transaction; image files are written last, just before the commit."""
+        require(who, "save_case")
+        rows, new_files = [], {}
+        now = utc_now()
+        for item in items:
+            row, files = self._case_row(item, who, now)
+            rows.append(row)
+            new_files.update(files)
+        with self.transaction(write=True) as conn:
+            study_id = None
+            if study is not None:
+                key = conn.execute(insert(studies).values(study)).inserted_primary_key
+                assert key is not None
+                study_id = key[0]
+            saved = []
+            for row in rows:
+                key = conn.execute(insert(cases).values({**row, "study_id": study_id})
+                                   ).inserted_primary_key
+                assert key is not None
+                _audit(conn, key[0], who.name, "created", "predicted_label", None,
+                       row["predicted_label"], at=now)
+                saved.append(_fetch(conn, key[0]))
+            self._write_images(new_files)  # last, so a kill before the commit leaves none
+            return saved
+
+    def _case_row(self, item: NewCase, who: Identity, now: str
+                  ) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """The checked database row of a new case, and the PNG bytes of its image and mask
+        files not stored yet (by content hash)."""
+        _check_pacs_source(item.pacs)
+        if item.mask_source is not None and item.mask_source not in MASK_SOURCES:
+            raise InvalidCaseError(f"Unknown mask source {item.mask_source!r}; choose one of "
                                    f"{', '.join(MASK_SOURCES)}.")
-        predicted_label = _check_label(predicted_label)
-        probabilities = _check_probabilities(probabilities)
-        pixels = _check_image(image)
-        lesions = [_check_mask(m, pixels.shape[:2], i) for i, m in enumerate(masks, start=1)]
+        predicted_label = _check_label(item.predicted_label)
+        probabilities = _check_probabilities(item.probabilities)
+        pixels = _check_image(item.image)
+        lesions = [_check_mask(m, pixels.shape[:2], i) for i, m in enumerate(item.masks, start=1)]
         image_hash, *mask_hashes = [_array_hash(a) for a in (pixels, *lesions)]
         new_files = {content_hash: image_to_png_bytes(array) for content_hash, array
                      in zip((image_hash, *mask_hashes), (pixels, *lesions))
                      if not self.image_path(content_hash).exists()}
-        now = utc_now()
-        if not keep_file_names():
-            image_name = pseudonym(image_hash, image_name)
+        image_name = item.image_name if keep_file_names() else pseudonym(image_hash,
+                                                                           item.image_name)
+        pacs = item.pacs
         row = dict(created_at=now, updated_at=now, image_hash=image_hash,
                    image_name=image_name, mask_hashes=json.dumps(mask_hashes),
-                   combine_mode=combine_mode, model_name=model_name, model_hash=model_hash,
-                   probabilities=json.dumps(probabilities), predicted_label=predicted_label,
-                   confirmed_label=None,
-                   cam_settings=None if cam_settings is None else json.dumps(dict(cam_settings)),
+                   combine_mode=item.combine_mode, model_name=item.model_name,
+                   model_hash=item.model_hash, probabilities=json.dumps(probabilities),
+                   predicted_label=predicted_label, confirmed_label=None,
+                   cam_settings=(None if item.cam_settings is None
+                                 else json.dumps(dict(item.cam_settings))),
                    reviewer="", notes="", status="unreviewed", owner=who.name,
-                   mask_source=mask_source if masks else None, uncertain=bool(uncertain),
+                   mask_source=item.mask_source if lesions else None,
+                   uncertain=bool(item.uncertain), p_malignant=probabilities.get(MALIGNANT),
+                   flagged=None if item.flagged is None else bool(item.flagged),
                    **dict(zip(_PACS_COLUMNS, astuple(pacs) if pacs else (None,) * 4)))
-        with self.transaction(write=True) as conn:
-            key = conn.execute(insert(cases).values(row)).inserted_primary_key
-            assert key is not None
-            case_id = key[0]
-            _audit(conn, case_id, who.name, "created", "predicted_label", None,
-                   predicted_label, at=now)
-            case = _fetch(conn, case_id)
-            self._write_images(new_files)  # last, so a kill before the commit leaves none
-            return case
+        return row, new_files
 
     def review_case(self, case_id: int, *, label: str, who: Identity,
                     notes: str | None = None) -> Case:
@@ -346,30 +495,73 @@ class CaseStore:
 
     def list_cases(self, *, status: str | None = None, predicted: str | None = None,
                    confirmed: str | None = None, reviewer: str | None = None,
-                   owner: str | None = None,
+                   owner: str | None = None, flagged: bool | None = None,
+                   uncertain: bool | None = None, study_id: int | None = None,
                    since: datetime | str | None = None, until: datetime | str | None = None,
                    order_by: str = "created_at", descending: bool = True,
-                   limit: int | None = None) -> list[Case]:
-        """Cases matching every given filter. `since` (inclusive) and `until` (exclusive)
-        bound the creation time; naive datetimes are taken as UTC."""
+                   limit: int | None = None, offset: int = 0) -> list[Case]:
+        """Cases matching every given filter, sorted by `order_by` (cases without a value
+        last), `limit` of them after skipping `offset` (a page of a worklist). `flagged`: the
+        malignant flag was raised (True) or not raised or not known (False); `since`
+        (inclusive) and `until` (exclusive) bound the creation time; naive datetimes are taken
+        as UTC."""
         if order_by not in ORDERABLE:
             raise ValueError(f"order_by must be one of {', '.join(ORDERABLE)}, not {order_by!r}.")
-        if status is not None and status not in STATUSES:
-            raise InvalidCaseError(f"Unknown status {status!r}: use one of {', '.join(STATUSES)}.")
-        query = select(cases)
-        for column, value in ((cases.c.status, status), (cases.c.predicted_label, predicted),
-                              (cases.c.confirmed_label, confirmed),
-                              (cases.c.reviewer, reviewer), (cases.c.owner, owner)):
-            if value is not None:
-                query = query.where(column == value)
-        if since is not None:
-            query = query.where(cases.c.created_at >= _iso(since))
-        if until is not None:
-            query = query.where(cases.c.created_at < _iso(until))
-        keys = (cases.c[order_by], cases.c.id)
-        query = query.order_by(*(k.desc() if descending else k.asc() for k in keys)).limit(limit)
+        query = _filtered(select(cases), status=status, predicted=predicted,
+                          confirmed=confirmed, reviewer=reviewer, owner=owner, flagged=flagged,
+                          uncertain=uncertain, study_id=study_id, since=since, until=until)
+        column = cases.c[order_by]
+        keys = ((column.desc() if descending else column.asc()).nulls_last(),
+                cases.c.id.desc() if descending else cases.c.id.asc())
+        query = query.order_by(*keys).limit(limit).offset(max(0, int(offset)) or None)
         with self.transaction() as conn:
             return [_case(row) for row in conn.execute(query).mappings()]
+
+    def count_cases(self, **filters: Any) -> int:
+        """How many cases match the filters of `list_cases` (its sorting and paging
+        arguments aside)."""
+        query = _filtered(select(func.count()).select_from(cases), **filters)
+        with self.transaction() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def worklist_counts(self, **filters: Any) -> dict[str, int]:
+        """The counts a worklist shows at its top (`WORKLIST_COUNTS`), among the cases
+        matching the filters of `list_cases` (none: all cases), plus 'all'."""
+        to_review = cases.c.status == "unreviewed"
+        counted = {"all": true(), "to_review": to_review,
+                   "flagged": and_(to_review, cases.c.flagged.is_(True)),
+                   "uncertain": and_(to_review, cases.c.uncertain.is_(True)),
+                   "disagreements": cases.c.status == "corrected"}
+        query = _filtered(select(*(func.count().filter(condition).label(name)
+                                   for name, condition in counted.items())
+                                   ).select_from(cases), **filters)
+        with self.transaction() as conn:
+            row = conn.execute(query).mappings().one()
+        return {name: int(row[name] or 0) for name in counted}
+
+    def distinct_people(self) -> dict[str, list[str]]:
+        """The names that saved cases ('owner') and that reviewed them ('reviewer'), sorted:
+        the choices of a worklist's filters."""
+        with self.transaction() as conn:
+            return {name: sorted(v for v in conn.execute(
+                        select(cases.c[name]).distinct()).scalars() if v)
+                    for name in ("owner", "reviewer")}
+
+    def get_study(self, study_id: int) -> Study:
+        """The study with this id and its cases' ids; raises `CaseNotFoundError`."""
+        with self.transaction() as conn:
+            row = conn.execute(select(studies).where(studies.c.id == study_id)
+                               ).mappings().first()
+            if row is None:
+                raise CaseNotFoundError(f"There is no study number {study_id} in the case "
+                                        "database.")
+            ids = conn.execute(select(cases.c.id).where(cases.c.study_id == study_id)
+                               .order_by(cases.c.id)).scalars()
+            values = dict(row)
+            values["probabilities"] = json.loads(values["probabilities"])
+            values["uncertain"] = bool(values["uncertain"])
+            values["flagged"] = bool(values["flagged"])
+            return Study(**values, case_ids=tuple(ids))
 
     def cases_of_image(self, image: np.ndarray) -> list[Case]:
         """The cases saved with exactly these pixels, oldest first (empty when none)."""
@@ -460,6 +652,43 @@ class CaseStore:
 
 
 
+def _filtered(query: Select, *, status: str | None = None, predicted: str | None = None,
+              confirmed: str | None = None, reviewer: str | None = None,
+              owner: str | None = None, flagged: bool | None = None,
+              uncertain: bool | None = None, study_id: int | None = None,
+              since: datetime | str | None = None, until: datetime | str | None = None
+              ) -> Select:
+    """`query` restricted to the cases matching every given filter (`CaseStore.list_cases`)."""
+    if status is not None and status not in STATUSES:
+        raise InvalidCaseError(f"Unknown status {status!r}: use one of {', '.join(STATUSES)}.")
+    for column, value in ((cases.c.status, status), (cases.c.predicted_label, predicted),
+                          (cases.c.confirmed_label, confirmed), (cases.c.reviewer, reviewer),
+                          (cases.c.owner, owner), (cases.c.study_id, study_id)):
+        if value is not None:
+            query = query.where(column == value)
+    for column, wanted in ((cases.c.flagged, flagged), (cases.c.uncertain, uncertain)):
+        if wanted is not None:
+            query = query.where(column.is_(True) if wanted else or_(column.is_(False),
+                                                                     column.is_(None)))
+    if since is not None:
+        query = query.where(cases.c.created_at >= _iso(since))
+    if until is not None:
+        query = query.where(cases.c.created_at < _iso(until))
+    return query
+
+
+def _known(value: int | None) -> int:
+    """`value`, which the caller knows is set."""
+    assert value is not None
+    return value
+
+
+def _check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise InvalidCaseError(f"Unknown study rule {rule!r}: use one of {', '.join(RULES)}.")
+    return rule
+
+
 def _fetch(conn: Connection, case_id: int) -> Case:
     row = conn.execute(select(cases).where(cases.c.id == case_id)).mappings().first()
     if row is None:
@@ -474,6 +703,8 @@ def _case(row: Any) -> Case:
     values["cam_settings"] = (json.loads(values["cam_settings"])
                               if values["cam_settings"] is not None else None)
     values["uncertain"] = bool(values["uncertain"])
+    values.pop("p_malignant")
+    values["flagged"] = None if values["flagged"] is None else bool(values["flagged"])
     source = [values.pop(key) for key in _PACS_COLUMNS]
     values["pacs"] = PacsSource(*source) if all(source) else None
     return Case(**values)

@@ -1,8 +1,9 @@
-"""The tables of the database (cases and their audit log, accounts and their log, model
-decisions) and the migrations that bring an older database up to the current schema."""
+"""The tables of the database (cases, studies and the cases' audit log, accounts and their log,
+model decisions) and the migrations that bring an older database up to the current schema."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -11,6 +12,7 @@ from sqlalchemy import (
     Column,
     Connection,
     Engine,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -18,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     insert,
     inspect,
     select,
@@ -25,6 +28,7 @@ from sqlalchemy import (
     update,
 )
 
+from bus_core.constants import MALIGNANT
 from bus_core.db import transaction, where
 from bus_core.errors import StoreError
 
@@ -57,8 +61,29 @@ cases = Table(
     Column("study_uid", String(64)),
     Column("series_uid", String(64)),
     Column("sop_uid", String(64)),
+    Column("p_malignant", Float),
+    Column("flagged", Boolean),
+    Column("study_id", Integer, ForeignKey("studies.id")),
 )
 """The cases table of the current schema (created by the migrations, never by create_all)."""
+
+studies = Table(
+    "studies", _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", String(40), nullable=False),
+    Column("owner", Text, nullable=False),
+    Column("model_name", Text, nullable=False),
+    Column("model_hash", String(64), nullable=False),
+    Column("rule", String(32), nullable=False),
+    Column("probabilities", Text, nullable=False),
+    Column("predicted_label", String(32), nullable=False),
+    Column("uncertain", Boolean, nullable=False),
+    Column("flagged", Boolean, nullable=False),
+    Column("pacs_endpoint", Text),
+    Column("study_uid", String(64)),
+)
+"""Studies (bus_core.clinic.cases.Study): several cases read together as one examination, with
+their combined reading and, when they came from the PACS, its study UID."""
 
 users = Table(
     "users", _metadata,
@@ -112,6 +137,9 @@ audit_log = Table(
 
 _V2_CASE_INDEXES = (Index("ix_cases_created_at", cases.c.created_at),
                     Index("ix_cases_status", cases.c.status))
+_V8_CASE_INDEXES = (Index("ix_cases_p_malignant", cases.c.p_malignant),
+                    Index("ix_cases_owner", cases.c.owner),
+                    Index("ix_cases_study_id", cases.c.study_id))
 
 
 def _create_v1(conn: Connection) -> None:
@@ -199,6 +227,24 @@ def _upgrade_v6_to_v7(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE cases ADD COLUMN {column}"))
 
 
+def _upgrade_v7_to_v8(conn: Connection) -> None:
+    """Schema 8: studies, each case's study (NULL for a case read alone), its probability of
+    malignancy as a column (to sort a worklist by suspicion; filled in from the stored
+    probabilities) and whether its malignant flag was raised (NULL for older cases: not known),
+    with the indexes a worklist filters and sorts by."""
+    studies.create(conn)
+    for column in ("p_malignant FLOAT", "flagged BOOLEAN",
+                   "study_id INTEGER REFERENCES studies (id)"):
+        conn.execute(text(f"ALTER TABLE cases ADD COLUMN {column}"))
+    rows = conn.execute(select(cases.c.id, cases.c.probabilities)).all()
+    filled = [dict(key=r.id, p=json.loads(r.probabilities).get(MALIGNANT)) for r in rows]
+    if filled:
+        conn.execute(update(cases).where(cases.c.id == bindparam("key"))
+                     .values(p_malignant=bindparam("p")), filled)
+    for index in _V8_CASE_INDEXES:
+        index.create(conn)
+
+
 def _append_only(conn: Connection, table: str) -> None:
     """Triggers that refuse UPDATE and DELETE (and, on PostgreSQL, TRUNCATE) on `table`."""
     message = f"the {table.replace('_', ' ')} is append-only"
@@ -221,7 +267,7 @@ def _append_only(conn: Connection, table: str) -> None:
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_create_v1, _upgrade_v1_to_v2,
                                                         _upgrade_v2_to_v3, _upgrade_v3_to_v4,
                                                         _upgrade_v4_to_v5, _upgrade_v5_to_v6,
-                                                        _upgrade_v6_to_v7)
+                                                        _upgrade_v6_to_v7, _upgrade_v7_to_v8)
 """Step i upgrades a database from schema version i to i + 1."""
 
 CURRENT_SCHEMA_VERSION = len(MIGRATIONS)

@@ -15,7 +15,8 @@ from bus_core.models.build import CARD_FILE, read_card
 
 def main() -> None:
     """Copy EVALUATION.json[JSON_KEY] to the card's CARD_KEY."""
-    folder, card_key, evaluation, json_key = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    folder, card_key = Path(sys.argv[1]), sys.argv[2]
+    evaluation, json_key = sys.argv[3], sys.argv[4]
     value = json.loads(Path(evaluation).read_text())[json_key]
     card_path = folder / CARD_FILE
     card = json.loads(card_path.read_text())

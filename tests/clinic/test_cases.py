@@ -27,7 +27,9 @@ from bus_core.clinic.cases import (
     CaseNotFoundError,
     CaseStore,
     InvalidCaseError,
+    NewCase,
     PacsSource,
+    StudyReadingRecord,
     open_store,
 )
 from bus_core.clinic.export import export_busi
@@ -570,9 +572,9 @@ def test_empty_database_is_migrated_to_current(tmp_path: Path) -> None:
     db = tmp_path / "empty.sqlite"
     sqlite3.connect(db).close()
     with open_store(db) as s:
-        assert s.schema_version() == CURRENT_SCHEMA_VERSION == 7
-        assert s.migrate() == 7
-    assert {"schema_version", "cases", "audit_log", "audit_log_no_update",
+        assert s.schema_version() == CURRENT_SCHEMA_VERSION == 8
+        assert s.migrate() == 8
+    assert {"schema_version", "cases", "studies", "audit_log", "audit_log_no_update",
             "audit_log_no_delete", "users", "account_log", "account_log_no_update",
             "account_log_no_delete", "model_decisions", "model_decisions_no_update",
             "model_decisions_no_delete"} <= table_names(db)
@@ -587,10 +589,14 @@ def test_version_1_database_is_upgraded_keeping_rows(store_url: str) -> None:
         assert "audit_log" not in table_names(Path(db))
 
     with open_store(db) as s:
-        assert s.schema_version() == 7
+        assert s.schema_version() == 8
         one, two = s.get_case(1), s.get_case(2)
         assert one.mask_source is None and one.uncertain is False and one.owner is None
         assert one.pacs is None and two.pacs is None
+        assert (one.flagged, one.study_id) == (None, None)
+        # the probability of malignancy became a column, so the worklist sorts by suspicion
+        assert [c.id for c in s.list_cases(order_by="p_malignant")] == [2, 1]
+        assert s.list_cases(flagged=True) == [] and s.count_cases(flagged=False) == 2
         assert (one.status, one.reviewer, one.notes, one.cam_settings) == (
             "unreviewed", "", "", None)
         assert one.updated_at == one.created_at == "2024-01-02T10:00:00.000000+00:00"
@@ -684,3 +690,116 @@ def test_the_export_has_one_percent_column_per_class_and_local_minutes(store, tm
         "10.0", "70.0", "20.0"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", row["created_at"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", row["updated_at"])
+
+
+# --- worklist and studies -----------------------------------------------------------------------
+
+def test_worklist_filters_counts_suspicion_and_paging(store: CaseStore) -> None:
+    def probs(p_malignant: float) -> dict[str, float]:
+        return {"normal": 0.1, "benign": 0.9 - p_malignant, "malignant": p_malignant}
+
+    a = store.save_case(make_image(1), image_name="a.png", model_name="m", model_hash="h",
+                        probabilities=probs(0.8), predicted_label="malignant", flagged=True,
+                        who=person("ann"))
+    b = store.save_case(make_image(2), image_name="b.png", model_name="m", model_hash="h",
+                        probabilities=probs(0.3), predicted_label="benign", flagged=True,
+                        uncertain=True, who=person("bob"))
+    c = store.save_case(make_image(3), image_name="c.png", model_name="m", model_hash="h",
+                        probabilities=probs(0.05), predicted_label="benign", flagged=False,
+                        who=person("ann"))
+    d = save(store, 4)  # flag not known (saved without it)
+    store.review_case(c.id, label="normal", who=person("cid"))
+    assert (a.flagged, b.flagged, c.flagged, d.flagged) == (True, True, False, None)
+
+    def ids(**filters) -> list[int]:
+        return [case.id for case in store.list_cases(**filters)]
+
+    assert ids(order_by="p_malignant") == [a.id, b.id, d.id, c.id]
+    assert ids(order_by="p_malignant", descending=False) == [c.id, d.id, b.id, a.id]
+    assert ids(flagged=True) == [b.id, a.id] and ids(flagged=False) == [d.id, c.id]
+    assert ids(uncertain=True) == [b.id] and ids(uncertain=False) == [d.id, c.id, a.id]
+    assert ids(status="unreviewed", flagged=True, order_by="p_malignant") == [a.id, b.id]
+    assert ids(order_by="created_at", descending=False, limit=2, offset=1) == [b.id, c.id]
+    assert ids(order_by="created_at", descending=False, limit=2, offset=3) == [d.id]
+    assert store.count_cases() == 4 and store.count_cases(owner="ann") == 2
+    assert store.count_cases(status="unreviewed", flagged=True) == 2
+    assert store.worklist_counts() == {"all": 4, "to_review": 3, "flagged": 2, "uncertain": 1,
+                                       "disagreements": 1}
+    assert store.worklist_counts(owner="ann") == {"all": 2, "to_review": 1, "flagged": 1,
+                                                  "uncertain": 0, "disagreements": 1}
+    assert store.distinct_people() == {"owner": ["Dr Test", "ann", "bob"], "reviewer": ["cid"]}
+
+
+def test_five_thousand_cases_are_paged_and_counted(store: CaseStore) -> None:
+    """A worklist of 5,000 cases: counts, one page by suspicion, the last page."""
+    from sqlalchemy import insert
+
+    from bus_core.clinic.schema import cases as cases_table
+
+    first = save(store, 1)
+    base = {k: v for k, v in store.engine.connect().execute(
+        cases_table.select().where(cases_table.c.id == first.id)).mappings().one().items()
+        if k != "id"}
+    rows = [dict(base, p_malignant=i / 5000, flagged=i % 3 == 0,
+                 status="unreviewed" if i % 2 else "confirmed") for i in range(4999)]
+    with store.transaction(write=True) as conn:
+        conn.execute(insert(cases_table), rows)
+    assert store.count_cases() == 5000
+    counts = store.worklist_counts()
+    assert counts["all"] == 5000 and counts["to_review"] == 1 + 2499
+    assert counts["flagged"] == sum(1 for i in range(4999) if i % 2 and i % 3 == 0)
+    page = store.list_cases(status="unreviewed", order_by="p_malignant", limit=50)
+    assert len(page) == 50 and page[0].probabilities == PROBS  # every row is a copy of the first
+    last = store.list_cases(order_by="id", descending=False, limit=50, offset=4980)
+    assert [c.id for c in last][-1] == max(c.id for c in store.list_cases(limit=1)) \
+        and len(last) == 20
+
+
+def new_case(seed: int, **kwargs) -> NewCase:
+    kwargs.setdefault("model_name", "densenet-test")
+    kwargs.setdefault("model_hash", "ab" * 32)
+    return NewCase(image=make_image(seed), image_name=f"img{seed}.png", probabilities=PROBS,
+                   predicted_label="benign", **kwargs)
+
+
+READING = StudyReadingRecord(rule="least-normal", probabilities=PROBS, predicted_label="benign",
+                             uncertain=False, flagged=True)
+
+
+def test_a_study_keeps_its_images_reading_and_pacs_study(store: CaseStore) -> None:
+    one = PacsSource("Main PACS", "1.2.3", "1.2.3.4", "1.2.3.4.1")
+    two = PacsSource("Main PACS", "1.2.3", "1.2.3.5", "1.2.3.5.1")
+    study = store.save_study([new_case(1, pacs=one, flagged=True), new_case(2, pacs=two)],
+                             READING, who=person("ann"))
+    assert (study.owner, study.rule, study.predicted_label, study.flagged, study.reading) == (
+        "ann", "least-normal", "benign", True, "benign")
+    assert (study.pacs_endpoint, study.study_uid) == ("Main PACS", "1.2.3")
+    assert study.probabilities == PROBS and len(study.case_ids) == 2
+    members = [store.get_case(i) for i in study.case_ids]
+    assert [c.study_id for c in members] == [study.id, study.id]
+    assert [c.pacs for c in members] == [one, two]
+    assert [c.flagged for c in members] == [True, None]
+    assert [c.id for c in store.list_cases(study_id=study.id)] == list(study.case_ids)[::-1]
+    assert store.get_study(study.id) == study
+    mixed = store.save_study([new_case(3, pacs=one), new_case(4)], READING, who=person())
+    assert (mixed.pacs_endpoint, mixed.study_uid) == (None, None)
+    assert save(store, 5).study_id is None
+    with pytest.raises(CaseNotFoundError, match="no study number 99"):
+        store.get_study(99)
+
+
+def test_a_study_is_saved_whole_or_not_at_all(store: CaseStore) -> None:
+    bad_mask = np.zeros((3, 3), bool)  # not the image's size
+    with pytest.raises(MaskError):
+        store.save_study([new_case(1), new_case(2, masks=[bad_mask])], READING, who=person())
+    with pytest.raises(InvalidCaseError, match="one model"):
+        store.save_study([new_case(1), new_case(2, model_hash="cd" * 32)], READING,
+                         who=person())
+    with pytest.raises(InvalidCaseError, match="study rule"):
+        store.save_study([new_case(1)], StudyReadingRecord("vote", PROBS, "benign", False,
+                                                           False), who=person())
+    with pytest.raises(InvalidCaseError, match="at least one image"):
+        store.save_study([], READING, who=person())
+    with pytest.raises(BusError):
+        store.save_study([new_case(1)], READING, who=person("teacher", "teacher"))
+    assert store.count_cases() == 0 and png_files(store) == []
