@@ -28,6 +28,7 @@ PAGES = {
                ("review", "Review cases", ":material/fact_check:")],
     "Learn": [("teach", "Teaching", ":material/school:")],
     "Models": [("train", "Train", ":material/model_training:"),
+               ("retrain", "Retrain", ":material/published_with_changes:"),
                ("evaluate", "Evaluate", ":material/analytics:"),
                ("models", "Model registry", ":material/inventory_2:"),
                ("monitor", "Monitor", ":material/monitoring:")],

@@ -4,10 +4,12 @@ study; download PNG and PDF reports."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pandas as pd
 import streamlit as st
 
-from bus_core.clinic.cases import shown_name
+from bus_core.clinic.cases import NewCase, shown_name
 from bus_core.errors import BusError
 from bus_core.inference.outline import Segmenter
 from bus_core.inference.pdf_report import assemble, render_study_pdf
@@ -21,7 +23,7 @@ from bus_core.inference.report import (
 )
 from bus_core.inference.study import DEFAULT_RULE, RULES, combine_predictions
 from ui.auth import require_page
-from ui.cases import save_case_button
+from ui.cases import reading_as_case, save_case_button, save_study_button
 from ui.common import active_predictor, active_segmenter, md_escape, show_error
 from ui.masking import MaskChoice, canvas_shown, mask_panel, outlined, show_crop_preview
 from ui.pacs import open_from_pacs, pacs_source, send_to_pacs_button
@@ -79,6 +81,21 @@ def input_note(predictor: Predictor, choice: MaskChoice) -> str:
     return "This model looks at the whole image; a lesion mask is optional."
 
 
+class Read(NamedTuple):
+    """One image read on this page: what its reports show, the reading, the case it would be
+    saved as, and the key that identifies that reading (image, mask, model)."""
+
+    content: ReportContent
+    prediction: Prediction
+    item: NewCase
+    key: str
+
+
+def case_key(predictor: Predictor, upload: Upload, choice: MaskChoice) -> str:
+    """Identifies a reading to save: the image, its mask and the model."""
+    return f"{upload.key}_{choice.key}_{predictor.card.weights_sha256[:8]}"
+
+
 def report_content(upload: Upload, choice: MaskChoice, predictor: Predictor,
                    prediction: Prediction, shown: Explanation) -> ReportContent:
     """What the reports show of one image, which they name by the name the case store gives
@@ -101,10 +118,11 @@ def study_pdf(predictor: Predictor, read: list[tuple[ReportContent, Prediction]]
 
 
 def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None,
-         segmenter: Segmenter | None = None) -> tuple[ReportContent, Prediction] | None:
+         segmenter: Segmenter | None = None) -> Read | None:
     """One image: mask panel and image on the left, the result on the right, then the CAM;
-    returns what its report shows and the reading (None without a reading). While the canvas
-    is shown, the result goes below it, so the canvas has the page's width."""
+    returns what its report shows, the reading and the case it would be saved as (None
+    without a reading). While the canvas is shown, the result goes below it, so the canvas has
+    the page's width."""
     if canvas_shown(upload.key):
         left, right = st.container(), st.container()
     else:
@@ -142,27 +160,26 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
                            help="Download the reading as a PDF for the record, with a "
                                 "signature block.",
                            key=f"report_pdf_{upload.key}", on_click="ignore")
+    masks = [] if choice.mask is None else [choice.mask]
+    item = reading_as_case(upload.image, upload.name, masks,
+                           predictor.spec.combine if masks else None, predictor, prediction,
+                           {"target": shown.target, "method": shown.method,
+                            "opacity": shown.opacity}, mask_source=choice.origin,
+                           pacs=pacs_source(upload.key))
     with column:
-        masks = [] if choice.mask is None else [choice.mask]
-        save_case_button(upload.image, upload.name, masks,
-                         predictor.spec.combine if masks else None, predictor, prediction,
-                         {"target": shown.target, "method": shown.method,
-                          "opacity": shown.opacity}, mask_source=choice.origin,
-                         pacs=pacs_source(upload.key),
-                         key=f"{upload.key}_{choice.key}_{predictor.card.weights_sha256[:8]}")
+        save_case_button(item, key=case_key(predictor, upload, choice))
         send_to_pacs_button(who, upload.key, predictor, prediction, png)
-    return content, prediction
+    return Read(content, prediction, item, case_key(predictor, upload, choice))
 
 
-def summary(uploads: list[Upload], results: list[tuple[ReportContent, Prediction] | None]
-            ) -> None:
+def summary(uploads: list[Upload], results: list[Read | None]) -> None:
     """A table of the batch, one row per image, then the images read as one study: its
-    reading, the rule, and its PDF report."""
+    reading, the rule, its PDF report, and saving it as one study."""
     rows = []
     for upload, result in zip(uploads, results, strict=True):
         row = {"Image": upload.name, "Reading": "–"}
         if result is not None:
-            prediction = result[1]
+            prediction = result.prediction
             row["Reading"] = "uncertain" if prediction.uncertain else prediction.label
             row.update(prediction.probabilities)
         rows.append(row)
@@ -174,7 +191,7 @@ def summary(uploads: list[Upload], results: list[tuple[ReportContent, Prediction
     read = [r for r in results if r is not None]
     if len(read) < 2:
         return
-    study = combine_predictions([p for _, p in read], DEFAULT_RULE,
+    study = combine_predictions([r.prediction for r in read], DEFAULT_RULE,
                                 predictor.card.uncertain_below)
     st.subheader("As one study")
     st.markdown(f"**{md_escape(headline(study.label, study.probabilities, study.uncertain))}** "
@@ -183,14 +200,17 @@ def summary(uploads: list[Upload], results: list[tuple[ReportContent, Prediction
         st.error(md_escape(study.flag), icon=":material/flag:")
     st.caption(f"The study's reading is {RULES[DEFAULT_RULE]}; it is flagged when any image is. "
                "Read them as one study only when they show the same lesion or breast.")
-    pdf = memo("study_pdf", tuple((c.filename, digest(c.overlay), *p.probabilities.values())
-                                  for c, p in read),
-               lambda: study_pdf(predictor, read), max_entries=4)
+    pdf = memo("study_pdf", tuple((r.content.filename, digest(r.content.overlay),
+                                   *r.prediction.probabilities.values()) for r in read),
+               lambda: study_pdf(predictor, [(r.content, r.prediction) for r in read]),
+               max_entries=4)
     st.download_button("Study report (PDF)", data=pdf, file_name=report_filename(
-        "study", read[0][0].created, "pdf"), mime="application/pdf",
+        "study", read[0].content.created, "pdf"), mime="application/pdf",
         icon=":material/picture_as_pdf:", key="study_report_pdf", on_click="ignore",
         help="Every image with its outline, map and reading, and the study's reading, as one "
              "PDF for the record.")
+    save_study_button([r.item for r in read], study,
+                      key="+".join(sorted(r.key for r in read)))
 
 
 st.title("Diagnose")

@@ -1,59 +1,31 @@
-"""Review cases: the saved predictions with filters, each case's image, Grad-CAM and history, the
-radiologist's confirmation or correction; export of the cases; and retraining on the reviewed
-cases behind a safety gate, with the decision log and roll back."""
+"""Review cases: the worklist of saved predictions (counts, filters, sorting by suspicion or age,
+pages), each case's image, Grad-CAM, study and history, the radiologist's confirmation or
+correction (one key per class); export of the cases. Retraining on the reviewed cases is the
+Retrain page."""
 
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from bus_core.clinic.cases import (
-    AUDIT_FIELDS,
-    ORDERABLE,
-    STATUSES,
-    Case,
-    CaseStore,
-    display_time,
-)
-from bus_core.clinic.gate import (
-    GATE_FILE,
-    GATE_SUBSETS,
-    GateResult,
-    activate_if_passed,
-    current_result,
-    decision_for,
-    decision_log,
-    earlier_models,
-    evaluate_candidate,
-    reject,
-    rollback,
-)
-from bus_core.clinic.retraining import RetrainPlan, find_plans, prepare_retraining
-from bus_core.constants import CLASSES
-from bus_core.data.dataset import class_counts
-from bus_core.data.roots import default_split
+from bus_core.clinic.cases import AUDIT_FIELDS, Case, CaseStore, display_time
+from bus_core.clinic.worklist import SORTS, VIEWS, Worklist, WorklistPage, next_case, read_page
+from bus_core.constants import CLASSES, MALIGNANT
 from bus_core.errors import BusError
 from bus_core.inference.cam import method_id, overlay
 from bus_core.inference.pdf_report import Review, assemble, render_study_pdf
 from bus_core.inference.predict import Predictor, flag_sentence
 from bus_core.inference.report import ReportContent, mask_note, report_filename
-from bus_core.metrics import fmt3
-from bus_core.models.registry import active_model_path
+from bus_core.inference.study import RULES
 from bus_core.roles import Identity
-from bus_core.settings import default_dataset_dir
-from bus_core.training.jobs import current_job, start_training
-from bus_core.training.runs import last_event, progress_fraction, progress_text, read_progress
 from ui.auth import require_page
 from ui.cases import as_rgb, case_store, export_cases_zip
 from ui.charts import probability_chart
-from ui.common import md_escape, optional_predictor, show_error, start_job
-from ui.data_inputs import resolve_path, resolve_source
-from ui.decisions import ACTION_LABELS, decisions_table
+from ui.common import md_escape, optional_predictor, show_error
 from ui.masking import outlined
 from ui.pacs import case_from_pacs
 from ui.results import Explanation, cam_cached, predict_cached
@@ -67,21 +39,12 @@ POLL_S = 3
 AGREEMENT = {"unreviewed": "to review", "confirmed": "agrees", "corrected": "disagrees",
              "labelled": "labelled (model uncertain)"}
 DISAGREE_STYLE = "background-color: #fdecea"
-SORT_LABELS = {"created_at": "Date saved", "updated_at": "Last change", "id": "Case number",
-               "status": "Status", "predicted_label": "Model's reading",
-               "confirmed_label": "Confirmed label", "reviewer": "Reviewer",
-               "model_name": "Model"}
 
 
-# --- the case table ----------------------------------------------------------------------------
-
-def choice(value: str) -> str | None:
-    """A filter's value, None for 'All'."""
-    return None if value == ALL else value
-
+# --- the worklist ------------------------------------------------------------------------------
 
 def date_bounds(dates: tuple[dt.date, ...]) -> dict[str, dt.datetime]:
-    """`since` / `until` of `list_cases` for local calendar days (the end day included)."""
+    """`since` / `until` of a worklist for local calendar days (the end day included)."""
     bounds = {}
     if len(dates) >= 1:
         bounds["since"] = dt.datetime.combine(dates[0], dt.time.min).astimezone()
@@ -91,35 +54,64 @@ def date_bounds(dates: tuple[dt.date, ...]) -> dict[str, dt.datetime]:
     return bounds
 
 
-def filters(everyone: list[Case]) -> dict[str, Any]:
-    """Filter and sort widgets; returns the keyword arguments of `CaseStore.list_cases`."""
-    c1, c2, c3, c4 = st.columns(4)
-    status = c1.selectbox("Status", [ALL, *STATUSES], key="review_f_status")
+def further_filters(store: CaseStore) -> dict[str, Any]:
+    """The worklist's sort and further filters (reading, who saved, who reviewed, dates)."""
+    people = store.distinct_people()
+    c1, c2, c3, c4, c5 = st.columns([3, 2, 2, 2, 3])
+    sort = c1.selectbox("Order", list(SORTS), format_func=lambda k: SORTS[k][0],
+                        key="review_f_sort")
     predicted = c2.selectbox("Model's reading", [ALL, *CLASSES], key="review_f_predicted")
-    confirmed = c3.selectbox("Confirmed label", [ALL, *CLASSES], key="review_f_confirmed")
-    reviewers = sorted({c.reviewer for c in everyone if c.reviewer})
-    reviewer = c4.selectbox("Reviewer", [ALL, *reviewers], key="review_f_reviewer")
-    c5, c6, c7 = st.columns([2, 1, 1], vertical_alignment="bottom")
-    today = dt.date.today()
-    first = min(dt.datetime.fromisoformat(c.created_at).astimezone().date() for c in everyone)
-    dates = c5.date_input("Saved between", value=(min(first, today), today),
-                       key="review_f_dates")
-    order_by = c6.selectbox("Sort by", ORDERABLE, format_func=SORT_LABELS.get,
-                            key="review_f_order")
-    descending = c7.toggle("Descending", value=True, key="review_f_desc")
-    return dict(status=choice(status), predicted=choice(predicted),
-                confirmed=choice(confirmed), reviewer=choice(reviewer),
-                order_by=order_by, descending=descending, **date_bounds(tuple(dates)))
+    owner = c3.selectbox("Saved by", [ALL, *people["owner"]], key="review_f_owner")
+    reviewer = c4.selectbox("Reviewed by", [ALL, *people["reviewer"]], key="review_f_reviewer")
+    dates = c5.date_input("Saved between", value=(), key="review_f_dates", format="YYYY-MM-DD",
+                          help="Leave empty for any date.")
+    return dict(sort=sort, predicted=choice(predicted), owner=choice(owner),
+                reviewer=choice(reviewer), **date_bounds(tuple(dates)))
+
+
+def choice(value: str) -> str | None:
+    """A filter's value, None for 'All'."""
+    return None if value == ALL else value
+
+
+def worklist(store: CaseStore) -> tuple[Worklist, str]:
+    """The worklist the reviewer asks for (quick views with their counts at the top, then the
+    order and further filters, and the page) and the key of its page number."""
+    counts_place = st.container()
+    further = further_filters(store)
+    study = st.session_state.get("review_study")
+    counts = store.worklist_counts(**Worklist(**further, study_id=study).base_filters())
+    with counts_place:
+        # the counts as metrics, not in the views' labels: a label that changes after each
+        # review would lose the view chosen
+        for column, (name, (words, _)) in zip(st.columns(len(VIEWS)), VIEWS.items()):
+            column.metric(words, counts[name])
+        view = st.segmented_control("Show", list(VIEWS), default="to_review", key="review_view",
+                                    format_func=lambda k: VIEWS[k][0], width="stretch",
+                                    help="The counts above are among the cases matching the "
+                                         "filters below.") or "all"
+        if study is not None:
+            left, right = st.columns([4, 1], vertical_alignment="center")
+            left.info(f"Only the cases of study {study}.", icon=":material/filter_alt:")
+            if right.button("Show every case", key="review_study_clear",
+                            icon=":material/filter_alt_off:"):
+                del st.session_state["review_study"]
+                st.rerun()
+    # a new page number widget (back to page 1) whenever the filters change
+    key = f"review_page_{digest(repr((view, sorted(further.items()), study)).encode())}"
+    return Worklist(view=view, **further, study_id=study,
+                    page=int(st.session_state.get(key, 1))), key
 
 
 def case_table(cases: list[Case]) -> pd.DataFrame:
-    """One row per case, newest or as sorted; what a reviewer needs first on the left (a
-    narrow window shows those)."""
+    """One row per case, as sorted; what a reviewer needs first on the left (a narrow window
+    shows those)."""
     return pd.DataFrame([{
         "Case": c.id, "Agreement": AGREEMENT[c.status], "Model's reading": c.reading,
+        "Flag": "flagged" if c.flagged else "", "Malignant": c.probabilities.get(MALIGNANT),
         "Confirmed": c.confirmed_label or "", "Notes": c.notes,
-        "Probability": c.probabilities.get(c.predicted_label),
-        "Saved": display_time(c.created_at), "Image": c.display_name, "Reviewer": c.reviewer,
+        "Saved": display_time(c.created_at), "Saved by": c.owner or "",
+        "Study": str(c.study_id or ""), "Image": c.display_name, "Reviewer": c.reviewer,
         "Model": c.model_name} for c in cases])
 
 
@@ -129,18 +121,32 @@ def highlight_disagreements(row: pd.Series) -> list[str]:
 
 
 def show_table(cases: list[Case]) -> None:
-    """The cases as a table; clicking a row selects that case below."""
+    """The page's cases as a table; clicking a row selects that case below."""
     table = case_table(cases)
     event = st.dataframe(
         table.style.apply(highlight_disagreements, axis=1), hide_index=True, width="stretch",
         on_select="rerun", selection_mode="single-row", key="review_table",
-        column_config={"Probability": st.column_config.ProgressColumn(
-            format="percent", min_value=0.0, max_value=1.0)})
+        column_config={"Malignant": st.column_config.ProgressColumn(
+            "Malignant", format="percent", min_value=0.0, max_value=1.0,
+            help="The model's probability of malignancy.")})
     rows = event.selection.rows if event else []
     picked = int(table["Case"].iloc[rows[0]]) if rows else None
     if picked is not None and st.session_state.get("_review_last_pick") != picked:
         st.session_state["_review_last_pick"] = picked
         st.session_state["review_case"] = picked
+
+
+def pager(shown: WorklistPage, key: str) -> None:
+    """Where this page is in the worklist, and the pages to go to."""
+    left, right = st.columns([3, 2], vertical_alignment="center")
+    left.caption(f"Cases {shown.first}–{shown.last} of {shown.total} · page {shown.page} of "
+                 f"{shown.pages} · {shown.counts['disagreements']} where the reviewer "
+                 "disagreed with the model (highlighted)")
+    if shown.pages > 1:
+        if st.session_state.get(key, 1) > shown.pages:  # reviews emptied the last page
+            st.session_state[key] = shown.pages
+        with right:
+            st.pagination(shown.pages, default=shown.page, key=key, width="stretch")
 
 
 # --- one case ----------------------------------------------------------------------------------
@@ -204,29 +210,98 @@ def history_table(store: CaseStore, case: Case) -> None:
                  key=f"review_history_{case.id}")
 
 
-def review_form(store: CaseStore, case: Case, who: Identity) -> None:
-    """Confirm or correct the label, with notes; signed by the signed-in user."""
+# the key that labels the case shown with each class (and opens the next one)
+QUICK_KEYS = {"normal": "1", "benign": "2", "malignant": "3"}
+
+
+def save_review(store: CaseStore, case_id: int, label: str | None, who: Identity,
+                following: int | None, notes: str | None = None) -> None:
+    """Button callback: save the review of `case_id` (`label`, else the label chosen in its
+    form with its notes; `notes` None keeps them) and show `following` (when there is one)."""
+    if label is None:
+        label = st.session_state[f"review_label_{case_id}"]
+        notes = st.session_state[f"review_notes_{case_id}"]
+    try:
+        saved = store.review_case(case_id, label=label, who=who, notes=notes)
+    except BusError as exc:
+        st.session_state["review_error"] = exc
+        return
+    st.session_state["review_flash"] = (
+        f"Case {saved.id} {saved.status} as {saved.label}."
+        + (f" Now case {following}." if following is not None else " That was the last case "
+           "of this page."))
+    if following is not None:
+        st.session_state["review_case"] = following
+
+
+def open_case(case_id: int | None) -> None:
+    """Button callback: show another case."""
+    if case_id is not None:
+        st.session_state["review_case"] = case_id
+
+
+def review(store: CaseStore, case: Case, who: Identity, ids: list[int]) -> None:
+    """Confirm or correct the label (signed by the signed-in user): one key per class saves it
+    and opens the next case, N and P move through the list without saving; or the form, with
+    notes."""
+    following, before = next_case(ids, case.id), next_case(ids, case.id, -1)
+    st.caption("Keyboard: **1** normal · **2** benign · **3** malignant saves that label and "
+               "opens the next case · **N** / **P** the next / previous case.")
+    columns = st.columns(5)
+    for column, label in zip(columns, CLASSES):
+        column.button(label.capitalize(), key=f"review_quick_{label}", width="stretch",
+                      shortcut=QUICK_KEYS[label],
+                      type="primary" if label == case.predicted_label else "secondary",
+                      on_click=save_review, args=(store, case.id, label, who, following),
+                      help=f"Save '{label}' as this case's label and open the next case.")
+    columns[3].button("Previous", key="review_previous", shortcut="P", width="stretch",
+                      icon=":material/arrow_back:", disabled=before is None,
+                      on_click=open_case, args=(before,))
+    columns[4].button("Next", key="review_next", shortcut="N", width="stretch",
+                      icon=":material/arrow_forward:", disabled=following is None,
+                      on_click=open_case, args=(following,))
     with st.form(f"review_form_{case.id}"):
-        label = st.radio("Label", CLASSES, index=CLASSES.index(case.label), horizontal=True,
-                         format_func=str.capitalize, key=f"review_label_{case.id}",
-                         help="Choose the model's reading to confirm it, another class to "
-                              "correct it.")
-        notes = st.text_area("Notes", value=case.notes, key=f"review_notes_{case.id}")
-        submitted = st.form_submit_button("Save review", type="primary",
-                                          icon=":material/fact_check:")
-    if not submitted:
+        st.radio("Label", CLASSES, index=CLASSES.index(case.label), horizontal=True,
+                 format_func=str.capitalize, key=f"review_label_{case.id}",
+                 help="Choose the model's reading to confirm it, another class to correct it.")
+        st.text_area("Notes", value=case.notes, key=f"review_notes_{case.id}")
+        st.form_submit_button("Save review", type="primary", icon=":material/fact_check:",
+                              on_click=save_review,
+                              args=(store, case.id, None, who, following))
+
+
+def study_section(store: CaseStore, case: Case) -> None:
+    """The study a case belongs to: its combined reading, and a way to list its cases."""
+    if case.study_id is None:
         return
     try:
-        saved = store.review_case(case.id, label=label, who=who, notes=notes)
+        study = store.get_study(case.study_id)
     except BusError as exc:
-        show_error(exc, "The review was not saved")
+        show_error(exc)
         return
-    st.session_state["review_flash"] = f"Case {saved.id} {saved.status} as {saved.label}."
-    st.rerun()
+    with st.container(border=True):
+        left, right = st.columns([4, 1], vertical_alignment="center")
+        left.markdown(f"**Study {study.id}** · {len(study.case_ids)} images "
+                      f"(cases {', '.join(str(i) for i in study.case_ids)}) · study reading "
+                      f"**{study.reading}**" + (" · **flagged malignant**" if study.flagged
+                                                else ""))
+        left.caption(f"The study's reading is {RULES.get(study.rule, study.rule)}; it is "
+                     "flagged when any of its images is."
+                     + (f" From the PACS study `{study.study_uid}`." if study.study_uid else ""))
+        if st.session_state.get("review_study") != study.id:
+            right.button("List its cases", key=f"review_study_{study.id}",
+                         icon=":material/filter_alt:", on_click=show_study, args=(study.id,))
 
 
-def case_detail(store: CaseStore, case: Case, who: Identity) -> None:
-    """Image with its lesion outline, the model's reading and Grad-CAM, history, review."""
+def show_study(study_id: int) -> None:
+    """Button callback: the worklist shows only the cases of one study, whatever their status."""
+    st.session_state["review_study"] = study_id
+    st.session_state["review_view"] = "all"
+
+
+def case_detail(store: CaseStore, case: Case, who: Identity, ids: list[int]) -> None:
+    """Image with its lesion outline, the model's reading and Grad-CAM, its study, the review
+    (one key per class, or the form with notes), history."""
     try:
         image = as_rgb(store.load_image(case))
         masks = store.load_masks(case)
@@ -261,36 +336,40 @@ def case_detail(store: CaseStore, case: Case, who: Identity) -> None:
                 mime="application/pdf", icon=":material/picture_as_pdf:", on_click="ignore",
                 key=f"review_pdf_{case.id}",
                 help="The case's reading, map and review as a PDF for the record.")
-    review_form(store, case, who)
+    study_section(store, case)
+    review(store, case, who, ids)
     case_from_pacs(store, case, who)
     st.markdown("##### History")
     history_table(store, case)
 
 
 def cases_tab(store: CaseStore, who: Identity) -> None:
-    """Filters, the table, and the selected case."""
-    everyone = store.list_cases()
-    if not everyone:
+    """The worklist (counts, filters, a page of cases) and the selected case."""
+    if not store.count_cases():
         st.info("No cases saved yet: save a prediction as a case on the Diagnose page.",
                 icon=":material/info:")
         return
-    cases = store.list_cases(**filters(everyone))
-    st.caption(f"{len(cases)} of {len(everyone)} cases · "
-               f"{sum(c.status == 'corrected' for c in cases)} where the reviewer disagreed "
-               "with the model (highlighted)")
-    if not cases:
+    asked, key = worklist(store)
+    shown = read_page(store, asked)
+    if not shown.cases:
         st.info("No case matches these filters.", icon=":material/filter_alt_off:")
         return
-    show_table(cases)
-    ids = [c.id for c in cases]
-    if st.session_state.get("review_case") not in ids:
-        st.session_state["review_case"] = ids[0]
-    by_id = {c.id: c for c in cases}
+    show_table(shown.cases)
+    pager(shown, key)
+    ids = [c.id for c in shown.cases]
+    current = st.session_state.get("review_case")
+    by_id = {c.id: c for c in shown.cases}
+    if current not in ids:
+        try:  # a case opened from outside this page of the list (e.g. the next of a study)
+            by_id[current] = store.get_case(int(current))
+            ids.append(int(current))
+        except (TypeError, ValueError, BusError):
+            st.session_state["review_case"] = ids[0]
     # no status in an option's text: a browser keeps showing the text it was chosen with, so a
     # review would leave "to review" on screen (the status is shown with the case below)
     picked = st.selectbox("Case", ids, key="review_case",
                           format_func=lambda i: f"Case {i} · {by_id[i].display_name}")
-    case_detail(store, by_id[picked], who)
+    case_detail(store, by_id[picked], who, ids)
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -320,240 +399,11 @@ def export_tab(store: CaseStore, who: Identity) -> None:
                            on_click="ignore")
 
 
-# --- retraining --------------------------------------------------------------------------------
-
-def start(plan: RetrainPlan, who: Identity, resume: bool = False) -> None:
-    """Start (or resume) the plan's training in the background."""
-    if start_job(lambda: start_training(plan.config, who=who, resume=resume),
-                 "The training could not start"):
-        st.rerun()
-
-
-def running_view(plan: RetrainPlan) -> None:
-    """Progress of the fine-tuning, refreshed every few seconds."""
-    @st.fragment(run_every=POLL_S)
-    def refresh() -> None:
-        if plan.status() != "running":
-            st.rerun()
-        events = read_progress(plan.files.progress)
-        st.progress(progress_fraction(events), text=progress_text(events))
-
-    refresh()
-
-
-def _signed(value: float) -> str:
-    """A difference with its sign, two decimals, a true minus sign: '−0.01', '+0.02'."""
-    return f"{value:+.2f}".replace("-", "\u2212")
-
-
-def difference_text(row: dict[str, Any]) -> str:
-    """A gate row's difference (new model minus active) with its 95% interval where one was
-    computed: '−0.01 [−0.04, +0.02]'; '' when not compared."""
-    if row["difference"] is None:
-        return ""
-    spread = row.get("difference_ci95")
-    interval = f" [{_signed(spread[0])}, {_signed(spread[1])}]" if spread else ""
-    return f"{_signed(row['difference'])}{interval}"
-
-
-def gate_rows(result: GateResult) -> pd.DataFrame:
-    """The comparison table of a gate result."""
-    verdict = {True: "ok", False: "worse", None: "not compared"}
-    return pd.DataFrame([{"Data": GATE_SUBSETS[r["subset"]].removeprefix("the "),
-                          "n": (result.candidate[r["subset"]].get("n") or 0),
-                          "Metric": r["metric"].replace("_", " "),
-                          "New model": fmt3(r["candidate"]), "Active model": fmt3(r["active"]),
-                          "Difference [95% interval]": difference_text(r) or "–",
-                          "Verdict": verdict[r["ok"]]}
-                         for r in result.rows()])
-
-
-def gate_differences(result: GateResult) -> None:
-    """Each compared difference in a sentence, and what 'not worse' means."""
-    for row in result.rows():
-        if text := difference_text(row):
-            st.caption(f"On {GATE_SUBSETS[row['subset']]}: "
-                       f"{row['metric'].replace('_', ' ')} difference {text}.")
-    st.caption(f"Difference: the new model's figure minus the active one's; in brackets, the "
-               f"range it lies in with 95% confidence (both models scored on the same "
-               f"resampled images). The new model counts as not worse when that whole range "
-               f"stays within {result.tolerance:.2f} of no difference.")
-
-
-def run_gate(plan: RetrainPlan) -> None:
-    """Evaluate the new and the active model on the fixed test split and held-out cases."""
-    try:
-        with st.spinner("Evaluating both models on the fixed test split and the held-out "
-                        "cases…"):
-            result = evaluate_candidate(plan.model_dir, active_model_path(),
-                                        plan.fixed_test_records(), plan.heldout_records())
-        result.save(plan.model_dir / GATE_FILE)
-    except BusError as exc:
-        show_error(exc, "The comparison failed")
-        return
-    st.rerun()
-
-
-def decide(action: Any, **kwargs: Any) -> None:
-    """Run a gate decision; a missing name or a refused model is shown."""
-    try:
-        action(**kwargs)
-    except BusError as exc:
-        show_error(exc)
-        return
-    st.rerun()
-
-
-def decision_buttons(plan: RetrainPlan, result: GateResult, who: Identity) -> None:
-    """Activate (passed), or override with a reason (failed): administrators only; or keep
-    the current model."""
-    left, right = st.columns(2)
-    if not who.can("manage_models"):
-        left.caption("An administrator activates the new model, or overrides the gate.")
-    elif result.passed:
-        if left.button("Activate the new model", type="primary", icon=":material/star:",
-                       key="review_gate_activate"):
-            decide(activate_if_passed, result=result, candidate_path=plan.model_dir,
-                   who=who)
-    else:
-        reason = left.text_input("Reason for overriding the gate (required)",
-                                 key="review_gate_reason")
-        if left.button("Override and activate", icon=":material/gpp_maybe:",
-                       disabled=not reason.strip(), key="review_gate_override"):
-            decide(activate_if_passed, result=result, candidate_path=plan.model_dir,
-                   override_reason=reason, who=who)
-    if right.button("Keep the current model", icon=":material/block:", key="review_gate_reject"):
-        decide(reject, result=result, candidate_path=plan.model_dir, who=who)
-
-
-def gate_view(plan: RetrainPlan, who: Identity, log: list[dict[str, Any]]) -> None:
-    """The comparison of a finished model with the active one, and the decision."""
-    done = decision_for(plan.model_dir, log)
-    result = GateResult.load(plan.model_dir / GATE_FILE) if done else current_result(plan.model_dir)
-    if result is None:
-        st.info("Fine-tuning finished. Compare the new model with the active one before it "
-                "can be used.", icon=":material/check_circle:")
-        if st.button("Compare with the active model", type="primary",
-                     icon=":material/balance:", key="review_gate_run"):
-            run_gate(plan)
-        return
-    st.dataframe(gate_rows(result), hide_index=True, width="stretch", key="review_gate_table")
-    gate_differences(result)
-    for reason in result.reasons:
-        st.caption(f"• {reason}")
-    if done is not None:
-        st.success(f"Decision: {ACTION_LABELS[done['action']]} by {md_escape(done['who'])} on "
-                   f"{display_time(done['time'])}.", icon=":material/gavel:")
-    elif result.passed:
-        st.success(f"The new model is not worse than the active one (tolerance "
-                   f"{result.tolerance:.2f}).", icon=":material/verified:")
-        decision_buttons(plan, result, who)
-    else:
-        st.error("The new model is worse than the active one: it is not activated unless you "
-                 "override the gate with a reason.", icon=":material/gpp_bad:")
-        decision_buttons(plan, result, who)
-
-
-def plan_view(plan: RetrainPlan, who: Identity, log: list[dict[str, Any]]) -> None:
-    """The latest retraining: its data, its progress, then the gate."""
-    status = plan.status()
-    st.markdown(f"**{md_escape(plan.model_dir.name)}**: fine-tunes "
-                f"{md_escape(Path(plan.active_model).name)} with "
-                f"{len(plan.train_cases)} reviewed cases added to training; "
-                f"{len(plan.heldout_cases)} held out for the comparison"
-                + (f", {len(plan.excluded_cases)} left out (repeat evaluation images)"
-                   if plan.excluded_cases else "") + ".")
-    if status == "running":
-        running_view(plan)
-    elif status == "done":
-        gate_view(plan, who, log)
-    elif status == "failed":
-        error = last_event(read_progress(plan.files.progress), "error")
-        why = md_escape(error["message"]) if error else "see the Train page's log."
-        st.error(f"The fine-tuning failed: {why}", icon=":material/error:")
-    elif st.button("Resume the fine-tuning" if status != "not started" else "Start it",
-                   icon=":material/play_arrow:", key="review_retrain_resume"):
-        start(plan, who, resume=status != "not started")
-
-
-def retrain_settings(store: CaseStore, who: Identity) -> None:
-    """Base data, split and a few settings; Start."""
-    dataset = default_dataset_dir()
-    c1, c2 = st.columns(2)
-    base_data = c1.text_input("Original training data", str(dataset or ""),
-                              key="review_rt_data", help="The folder or CSV manifest the active "
-                                                         "model was trained on.")
-    base_split = c2.text_input("Its split file (the fixed test subset is taken from it)",
-                               str(default_split()), key="review_rt_split")
-    c3, c4, c5 = st.columns(3)
-    epochs = c3.number_input("Epochs", 1, 100, 5, key="review_rt_epochs")
-    share = c4.slider("Held-out share of new cases", 0.1, 0.5, 0.2, 0.05, key="review_rt_share")
-    name = c5.text_input("New model name", dt.datetime.now().strftime("retrain-%Y%m%d-%H%M"),
-                         key="review_rt_name")
-    ready = bool(base_data.strip() and base_split.strip() and active_model_path())
-    if st.button("Start fine-tuning on the reviewed cases", type="primary",
-                 icon=":material/model_training:", disabled=not ready, key="review_rt_start"):
-        try:
-            with st.spinner("Exporting and splitting the reviewed cases…"):
-                plan = prepare_retraining(store, who=who,
-                                          base_data=[resolve_source(base_data)],
-                                          base_split=resolve_path(base_split),
-                                          heldout_share=share, name=name,
-                                          settings={"epochs": int(epochs)})
-        except BusError as exc:
-            show_error(exc, "The retraining could not be prepared")
-            return
-        start(plan, who)
-
-
-def decision_history(who: Identity, log: list[dict[str, Any]]) -> None:
-    """Every model decision, newest first, and roll back to an earlier model."""
-    st.markdown("##### Model decisions")
-    decisions_table(log, "review_decisions")
-    targets = earlier_models(log)
-    if not targets:
-        return
-    left, right = st.columns([3, 1], vertical_alignment="bottom")
-    target = left.selectbox("Roll back to an earlier model", targets, format_func=lambda p: p.name,
-                            key="review_rollback_target")
-    if right.button("Roll back", icon=":material/undo:", key="review_rollback",
-                    disabled=not who.can("manage_models"),
-                    help=None if who.can("manage_models") else "Administrators only."):
-        decide(rollback, to_path=target, who=who)
-
-
-def retrain_tab(store: CaseStore, who: Identity) -> None:
-    """Fine-tune the active model on the reviewed cases, gate it, decide; decision log."""
-    confirmed = store.confirmed_cases()
-    counts = class_counts(confirmed)
-    st.markdown(f"**{len(confirmed)} reviewed cases** can be used: "
-                + ", ".join(f"{n} {label}" for label, n in counts.items()) + ".")
-    st.caption("The active model is fine-tuned on its original training data plus the reviewed "
-               "cases (a share of them is held out). The new model is then compared with the "
-               "active one on the fixed test split and on the held-out cases; it is activated "
-               "only if it is not worse.")
-    plans = find_plans()
-    log = decision_log()
-    if plans:
-        with st.container(border=True):
-            plan_view(plans[0], who, log)
-    running = current_job()
-    if running is not None:
-        st.info("A training job is running; a new fine-tuning can start when it ends.",
-                icon=":material/hourglass_top:")
-    elif confirmed:
-        with st.expander("New fine-tuning", expanded=not plans):
-            retrain_settings(store, who)
-    decision_history(who, log)
-
-
 # --- the page ----------------------------------------------------------------------------------
 
 st.title("Review cases")
-st.caption(" ".join(part for part, shown in (
-    ("Confirm or correct the model's readings.", who.can("review")),
-    ("Reviewed cases become training data; a retrained model replaces the active one only after "
-     "a safety check.", True)) if shown))
+st.caption("Confirm or correct the model's readings. Reviewed cases become training data; a "
+           "model retrained on them replaces the active one only after a safety check.")
 
 store = case_store()
 if store is None:
@@ -561,13 +411,11 @@ if store is None:
 flash = st.session_state.pop("review_flash", None)
 if flash:
     st.success(flash, icon=":material/check_circle:")
-tabs = [name for name, allowed in (("Cases", who.can("review")), ("Export", who.can("review")),
-                                   ("Retrain", who.can("train"))) if allowed]
-for name, tab in zip(tabs, st.tabs(tabs)):
-    with tab:
-        if name == "Cases":
-            cases_tab(store, who)
-        elif name == "Export":
-            export_tab(store, who)
-        else:
-            retrain_tab(store, who)
+failed = st.session_state.pop("review_error", None)
+if failed is not None:
+    show_error(failed, "The review was not saved")
+cases, export = st.tabs(["Cases", "Export"])
+with cases:
+    cases_tab(store, who)
+with export:
+    export_tab(store, who)

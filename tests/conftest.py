@@ -78,6 +78,36 @@ def synthetic_image(label: str, rng: np.random.Generator, size: tuple[int, int] 
     return np.stack([gray] * 3, axis=-1), mask
 
 
+def texts(at: AppTest) -> str:
+    """Every text an AppTest page shows (markdown, captions, messages, code, titles)."""
+    return " ".join(str(e.value) for kind in ("markdown", "caption", "error", "success",
+                                              "warning", "info", "code", "title", "subheader")
+                    for e in at.get(kind))
+
+
+@pytest.fixture
+def case_ids(monkeypatch, tmp_path) -> list[int]:
+    """Three saved cases in a fresh data folder; the third was corrected (normal -> benign) by
+    Dr Old."""
+    from bus_core.clinic.cases import open_store
+    from bus_core.db import default_db_path
+
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.delenv("BUS_MODEL", raising=False)
+    rng = np.random.default_rng(0)
+    ids = []
+    with open_store(default_db_path()) as store:
+        for label in ("benign", "malignant", "normal"):
+            image, mask = synthetic_image(label, rng)
+            case = store.save_case(image, image_name=f"{label}.png",
+                                   masks=[mask] if mask.any() else [], model_name="tiny",
+                                   model_hash="0" * 64, probabilities={label: 0.9},
+                                   predicted_label=label, who=person("Dr New"))
+            ids.append(case.id)
+        store.review_case(ids[2], label="benign", who=person("Dr Old"))
+    return ids
+
+
 def write_busi(root: Path, per_class: int = 6, seed: int = 0) -> Path:
     """A BUSI-layout folder under root/BUSI with `per_class` images per class."""
     rng = np.random.default_rng(seed)

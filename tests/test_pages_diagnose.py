@@ -243,6 +243,31 @@ def test_save_as_case_stores_the_prediction_once(app, tmp_path):
     assert cases[0].predicted_label in ("normal", "benign", "malignant")
 
 
+def test_several_images_are_saved_as_one_study(app, tmp_path):
+    from bus_core.clinic.cases import open_store
+
+    upload(app, ("left.png", ultrasound_png(1)[0], "image/png"),
+           ("right.png", ultrasound_png(2)[0], "image/png"),
+           ("third.png", ultrasound_png(3)[0], "image/png"))
+    save = next(b for b in app.button if b.label == "Save as one study (3 cases)")
+    save.click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert "Saved as study 1 (cases 1, 2, 3)" in messages(app.success)
+    app.run()
+    assert not [b for b in app.button if b.label.startswith("Save as one study")]
+    with open_store(tmp_path / "userdata") as store:
+        study = store.get_study(1)
+        members = [store.get_case(i) for i in study.case_ids]
+    assert study.rule == "least-normal" and study.owner == "Dr Test"
+    assert [c.study_id for c in members] == [1, 1, 1]
+    # the study's reading is its images' combined by the rule the page states
+    from bus_core.inference.study import combine_readings
+
+    again = combine_readings([c.probabilities for c in members], study.rule)
+    assert study.predicted_label == again.label
+    assert study.probabilities == pytest.approx(again.probabilities)
+
+
 def test_case_opened_from_evaluate_page_uses_its_dataset_masks(monkeypatch, tmp_path,
                                                               tiny_model_dir, busi_dir):
     monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))

@@ -25,7 +25,7 @@ from bus_core.integrations.pacs.endpoints import (
     USER_ENV,
 )
 from bus_core.settings import data_dir
-from tests.conftest import free_port, person, signed_in_app, synthetic_image
+from tests.conftest import free_port, person, signed_in_app, synthetic_image, texts
 from tests.orthanc import USER, orthanc_fixture, us_study  # noqa: F401 - the fixture
 from ui.pacs import OPENED, Opened
 from ui.uploads import decode_bytes
@@ -40,10 +40,6 @@ def userdata(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path / "userdata"
 
 
-def texts(at: AppTest) -> str:
-    return " ".join(str(e.value) for kind in ("markdown", "caption", "error", "success",
-                                              "warning", "info")
-                    for e in at.get(kind))
 
 
 def button(at: AppTest, label: str):

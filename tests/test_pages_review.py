@@ -1,52 +1,25 @@
-"""The Review cases page through the whole app (AppTest): listing, reviewing, exporting, and the
-gate's decisions with roll back."""
+"""The Review cases page through the whole app (AppTest): the worklist, reviewing (also one key
+per class), studies, exporting, saving cases."""
 
 from __future__ import annotations
 
 import io
-import shutil
 import zipfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from streamlit.testing.v1 import AppTest
 
 from bus_core.clinic.accounts import new_session
 from bus_core.clinic.cases import open_store
-from bus_core.clinic.gate import GATE_FILE, compare, decision_log
-from bus_core.clinic.retraining import RetrainPlan
-from bus_core.data.dataset import load_records
-from bus_core.data.splits import make_split, save_split
 from bus_core.db import default_db_path
 from bus_core.inference.predict import Predictor
-from bus_core.models.registry import active_model_path, set_active_model
-from bus_core.settings import user_models_dir
-from bus_core.training.train import TrainConfig
-from tests.conftest import ADMIN, person, signed_in_app, synthetic_image
-from ui.cases import save_prediction_as_case
+from bus_core.models.registry import set_active_model
+from tests.conftest import ADMIN, person, signed_in_app, synthetic_image, texts
+from ui.cases import reading_as_case
 from ui.common import SESSION_KEY
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
-
-
-@pytest.fixture
-def case_ids(monkeypatch, tmp_path) -> list[int]:
-    """Three saved cases; the third was corrected (normal -> benign) by Dr Old."""
-    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
-    monkeypatch.delenv("BUS_MODEL", raising=False)
-    rng = np.random.default_rng(0)
-    ids = []
-    with open_store(default_db_path()) as store:
-        for label in ("benign", "malignant", "normal"):
-            image, mask = synthetic_image(label, rng)
-            case = store.save_case(image, image_name=f"{label}.png",
-                                   masks=[mask] if mask.any() else [], model_name="tiny",
-                                   model_hash="0" * 64, probabilities={label: 0.9},
-                                   predicted_label=label, who=person("Dr New"))
-            ids.append(case.id)
-        store.review_case(ids[2], label="benign", who=person("Dr Old"))
-    return ids
 
 
 def open_page() -> AppTest:
@@ -57,23 +30,101 @@ def open_page() -> AppTest:
     return at
 
 
-def texts(at: AppTest) -> str:
-    return " ".join(str(e.value) for kind in ("markdown", "caption", "error", "success",
-                                              "warning", "info") for e in at.get(kind))
-
-
-def test_lists_cases_and_highlights_disagreement(case_ids):
+def test_the_worklist_counts_filters_and_sorts(case_ids):
     at = open_page()
+    views = at.segmented_control(key="review_view")
+    assert views.value == "to_review"
+    # the counts at the top
+    assert {m.label: m.value for m in at.metric} == {
+        "To review": "2", "Flagged malignant, to review": "0", "Uncertain, to review": "0",
+        "Reviewer disagreed": "1", "All cases": "3"}
     table = at.dataframe[0].value
-    assert sorted(table["Case"]) == sorted(case_ids)
-    assert list(table.columns)[:5] == ["Case", "Agreement", "Model's reading", "Confirmed",
-                                       "Notes"]  # what a narrow window still shows
-    row = table[table["Case"] == case_ids[2]].iloc[0]
-    assert row["Agreement"] == "disagrees" and row["Reviewer"] == "Dr Old"
-    assert "1 where the reviewer disagreed" in texts(at)
-    at.selectbox(key="review_f_status").set_value("unreviewed").run()
-    assert sorted(at.dataframe[0].value["Case"]) == sorted(case_ids[:2])
+    assert list(table["Case"]) == [case_ids[1], case_ids[0]]  # most suspicious first
+    assert list(table.columns)[:5] == ["Case", "Agreement", "Model's reading", "Flag",
+                                       "Malignant"]  # what a narrow window still shows
+    assert "Cases 1–2 of 2" in texts(at)
     assert "not redrawn here" in texts(at)  # no active model: the CAM is not recomputed
+    views.set_value("disagreements").run()
+    row = at.dataframe[0].value.iloc[0]
+    assert (row["Case"], row["Agreement"], row["Reviewer"]) == (case_ids[2], "disagrees",
+                                                                "Dr Old")
+    views.set_value("all").run()
+    at.selectbox(key="review_f_sort").set_value("oldest").run()
+    assert list(at.dataframe[0].value["Case"]) == case_ids
+    at.selectbox(key="review_f_owner").set_value("Dr New").run()
+    assert len(at.dataframe[0].value) == 3
+    at.selectbox(key="review_f_reviewer").set_value("Dr Old").run()
+    assert list(at.dataframe[0].value["Case"]) == [case_ids[2]]
+    assert at.metric[-1].value == "1"  # the counts follow the filters below them
+
+
+def test_one_key_labels_the_case_and_opens_the_next(case_ids):
+    at = open_page()
+    first, second = case_ids[1], case_ids[0]
+    assert at.selectbox(key="review_case").value == first
+    buttons = {b.key: b for b in at.button}
+    assert buttons["review_quick_benign"].proto.shortcut == "2"
+    assert buttons["review_next"].proto.shortcut.upper() == "N"
+    assert buttons["review_previous"].disabled
+    at.button(key="review_quick_malignant").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert f"Case {first} confirmed as malignant. Now case {second}." in texts(at)
+    assert at.selectbox(key="review_case").value == second
+    with open_store(default_db_path()) as store:
+        assert store.get_case(first).reviewer == "Dr Test"
+    # a reviewed case leaves the list of cases to review
+    assert at.button(key="review_previous").disabled and at.button(key="review_next").disabled
+    assert list(at.dataframe[0].value["Case"]) == [second]
+    at.button(key="review_quick_normal").click().run()
+    assert f"Case {second} corrected as normal. That was the last case" in texts(at)
+    # both reviewed: the worklist of cases to review is empty
+    assert "No case matches these filters." in texts(at)
+
+
+def test_a_case_of_a_study_shows_the_study_and_lists_its_cases(case_ids):
+    from bus_core.clinic.cases import NewCase, StudyReadingRecord
+
+    rng = np.random.default_rng(5)
+    probabilities = {"normal": 0.1, "benign": 0.3, "malignant": 0.6}
+    items = [NewCase(image=synthetic_image("malignant", rng)[0], image_name=f"view{i}.png",
+                     model_name="tiny", model_hash="0" * 64, probabilities=probabilities,
+                     predicted_label="malignant", flagged=True) for i in range(2)]
+    with open_store(default_db_path()) as store:
+        study = store.save_study(items, StudyReadingRecord(
+            "least-normal", probabilities, "malignant", False, True), who=person("Dr New"))
+    at = open_page()
+    at.selectbox(key="review_case").set_value(study.case_ids[0]).run()
+    assert (f"Study {study.id} · 2 images (cases {study.case_ids[0]}, {study.case_ids[1]}) · "
+            "study reading malignant · flagged malignant") in texts(at).replace("*", "")
+    at.button(key=f"review_study_{study.id}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert sorted(at.dataframe[0].value["Case"]) == sorted(study.case_ids)
+    assert f"Only the cases of study {study.id}." in texts(at)
+    at.button(key="review_study_clear").click().run()
+    assert len(at.dataframe[0].value) == 5  # every case again (the view stays 'All cases')
+
+
+def test_five_thousand_cases_open_one_page_at_a_time(case_ids):
+    """The worklist reads one page (50 cases) of 5,000, with the counts of all of them."""
+    from sqlalchemy import insert
+
+    from bus_core.clinic.schema import cases
+
+    with open_store(default_db_path()) as store:
+        row = {k: v for k, v in store.engine.connect().execute(
+            cases.select().where(cases.c.id == case_ids[0])).mappings().one().items()
+            if k != "id"}
+        with store.transaction(write=True) as conn:
+            conn.execute(insert(cases), [dict(row, p_malignant=i / 5000) for i in range(4997)])
+    at = open_page()
+    assert len(at.dataframe[0].value) == 50
+    assert "Cases 1–50 of 4999 · page 1 of 100" in texts(at)
+    assert at.dataframe[0].value["Case"].iloc[0] == 3 + 4997  # the most suspicious copy
+    key = next(w.key for w in at.get("pagination"))
+    at.session_state[key] = 100
+    at.run()
+    assert "Cases 4951–4999 of 4999 · page 100 of 100" in texts(at)
+    assert len(at.dataframe[0].value) == 49
 
 
 def test_review_changes_status_and_history(case_ids):
@@ -116,51 +167,6 @@ def test_export_zip_has_busi_layout(case_ids):
             f"bus-cases/malignant/case-{case_ids[1]}.png"} <= names
 
 
-def candidate(case_ids, tiny_model_dir, result) -> tuple[Path, Path]:
-    """An active model and a finished retrained candidate with the gate `result`."""
-    old, new = user_models_dir() / "old", user_models_dir() / "new"
-    for folder in (old, new):
-        shutil.copytree(tiny_model_dir, folder)
-    set_active_model(old, who=ADMIN)
-    RetrainPlan(config=TrainConfig(data=["busi"], out=str(new)), active_model=str(old),
-                cases_dir="", train_manifest="", heldout_manifest="", heldout_file="",
-                base_data=["busi"], base_split="split.json", train_cases=[case_ids[2]],
-                heldout_cases=[]).save()
-    result.active_path = str(old.resolve())
-    result.save(new / GATE_FILE)
-    return old, new
-
-
-@pytest.fixture
-def failed_candidate(case_ids, tiny_model_dir) -> tuple[Path, Path]:
-    """An active model and a finished retrained candidate whose gate result failed."""
-    return candidate(case_ids, tiny_model_dir, compare(
-        {"fixed_test": {"malignant_sensitivity": 0.2, "accuracy": 0.7}},
-        {"fixed_test": {"malignant_sensitivity": 0.8, "accuracy": 0.7}}))
-
-
-def test_failed_gate_needs_a_reason_then_roll_back(failed_candidate):
-    old, new = failed_candidate
-    at = open_page()
-    assert "worse than the active one" in texts(at)
-    override = at.button(key="review_gate_override")
-    assert override.disabled
-    at.text_input(key="review_gate_reason").input("urgent: new probe").run()
-    at.button(key="review_gate_override").click().run()
-    assert not at.exception
-    assert active_model_path() == new.resolve()
-    entry = decision_log()[-1]
-    assert (entry["action"], entry["who"], entry["override_reason"]) == (
-        "overridden", "Dr Test", "urgent: new probe")
-    assert "activated by override" in texts(at)
-
-    assert at.selectbox(key="review_rollback_target").value == old.resolve()
-    at.button(key="review_rollback").click().run()
-    assert active_model_path() == old.resolve()
-    assert decision_log()[-1]["action"] == "rolled back"
-    assert new.is_dir()
-
-
 def test_case_saved_from_a_prediction_gets_its_cam_redrawn(monkeypatch, tmp_path,
                                                            tiny_model_dir):
     monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
@@ -170,11 +176,12 @@ def test_case_saved_from_a_prediction_gets_its_cam_redrawn(monkeypatch, tmp_path
     image, mask = synthetic_image("malignant", np.random.default_rng(1), size=(140, 160))
     prediction = predictor.predict(image)
     with open_store(default_db_path()) as store:
-        case = save_prediction_as_case(store, image, "scan.png", [mask], "weighted", predictor,
-                                       prediction, {"target": "benign", "method": "Grad-CAM",
-                                                    "opacity": 0.3}, who=ADMIN)
+        case = store.add_case(reading_as_case(
+            image, "scan.png", [mask], "weighted", predictor, prediction,
+            {"target": "benign", "method": "Grad-CAM", "opacity": 0.3}), who=ADMIN)
     assert (case.model_name, case.model_hash) == ("tiny-test", predictor.card.weights_sha256)
     assert case.predicted_label == prediction.label and case.cam_settings["target"] == "benign"
+    assert case.flagged == prediction.malignant_flag
     with open_store(default_db_path()) as store:
         store.review_case(case.id, label="malignant", who=ADMIN, notes="Biopsy booked")
     import pypdfium2 as pdfium
@@ -186,6 +193,8 @@ def test_case_saved_from_a_prediction_gets_its_cam_redrawn(monkeypatch, tmp_path
     monkeypatch.setattr(bus_core.inference.pdf_report, "render_study_pdf",
                         lambda report: made.append(report) or original(report))
     at = open_page()
+    assert "No case matches" in texts(at)  # reviewed: not among the cases to review
+    at.segmented_control(key="review_view").set_value("all").run()
     captions = [c for image in at.get("image") for c in image.captions]
     assert any("Grad-CAM for 'benign'" in c for c in captions)
     assert "not redrawn" not in texts(at)
@@ -201,47 +210,6 @@ def test_case_saved_from_a_prediction_gets_its_cam_redrawn(monkeypatch, tmp_path
     assert f"Case {case.id} |" in text and "confirmed malignant" in text
     assert "Notes: Biopsy booked" in text and "Grad-CAM for 'benign'" in text
     assert "scan.png" not in text
-
-
-def test_compare_from_the_page_then_activate(case_ids, tiny_model_dir, busi_dir, tmp_path):
-    old, new = user_models_dir() / "old", user_models_dir() / "new"
-    for folder in (old, new):
-        shutil.copytree(tiny_model_dir, folder)
-    set_active_model(old, who=ADMIN)
-    records = load_records(busi_dir)
-    split = save_split(make_split(records, seed=0, groups={r.id: r.id for r in records}),
-                       tmp_path / "split.json")
-    heldout = tmp_path / "heldout.csv"
-    heldout.write_text("path,label,mask\n")
-    RetrainPlan(config=TrainConfig(data=[str(busi_dir)], out=str(new)), active_model=str(old),
-                cases_dir="", train_manifest="", heldout_manifest=str(heldout), heldout_file="",
-                base_data=[str(busi_dir)], base_split=str(split), train_cases=[case_ids[2]],
-                heldout_cases=[]).save()
-    at = open_page()
-    at.button(key="review_gate_run").click().run()
-    assert not at.exception, [e.value for e in at.exception]
-    table = next(d.value for d in at.dataframe if "Verdict" in d.value.columns)
-    assert set(table["Verdict"]) <= {"ok", "not compared"}  # the same weights: not worse
-    assert "no held-out new cases" in texts(at)
-    at.button(key="review_gate_activate").click().run()
-    assert active_model_path() == new.resolve()
-    assert decision_log()[-1]["action"] == "activated"
-    assert "Decision: activated by Dr Test" in texts(at)
-
-
-def test_retraining_refuses_data_outside_the_allowed_folders(case_ids, busi_dir, monkeypatch,
-                                                             tiny_model_dir):
-    monkeypatch.setenv("BUS_MODEL", str(tiny_model_dir))
-    at = open_page()
-    at.text_input(key="review_rt_data").set_value("/etc").run()
-    at.button(key="review_rt_start").click().run()
-    assert not at.exception, [e.value for e in at.exception]
-    assert "outside the folders the administrator allows" in " ".join(e.value for e in at.error)
-    at.text_input(key="review_rt_data").set_value(str(busi_dir))
-    at.text_input(key="review_rt_split").set_value("/etc/split.json")
-    at.button(key="review_rt_start").click().run()
-    assert "outside the folders the administrator allows" in " ".join(e.value for e in at.error)
-    assert not any(user_models_dir().glob("retrain-*"))
 
 
 def test_unusable_data_folder_is_explained(monkeypatch, tmp_path):
@@ -260,12 +228,12 @@ def _save_button_script() -> None:
     import numpy as np
 
     from bus_core.inference.predict import Predictor
-    from ui.cases import save_case_button
+    from ui.cases import reading_as_case, save_case_button
 
     predictor = Predictor.from_path(os.environ["TINY_MODEL"], device="cpu-fp32")
     image = np.full((140, 160, 3), 90, np.uint8)
-    save_case_button(image, "scan.png", [], None, predictor, predictor.predict(image),
-                     {"target": "normal"}, key="k1")
+    save_case_button(reading_as_case(image, "scan.png", [], None, predictor,
+                                     predictor.predict(image), {"target": "normal"}), key="k1")
 
 
 def test_save_case_button_saves_once(monkeypatch, tmp_path, tiny_model_dir):
@@ -308,17 +276,3 @@ def test_saving_the_same_image_again_asks_first(monkeypatch, tmp_path, tiny_mode
     assert "Saved as case 2" in at.success[0].value
     with open_store(default_db_path()) as store:
         assert [c.id for c in store.list_cases(order_by="id", descending=False)] == [1, 2]
-
-
-def test_the_gate_states_each_difference_with_its_interval(case_ids, tiny_model_dir):
-    candidate(case_ids, tiny_model_dir, compare(
-        {"fixed_test": {"malignant_sensitivity": 0.8, "accuracy": 0.85}},
-        {"fixed_test": {"malignant_sensitivity": 0.8, "accuracy": 0.86}},
-        differences={"fixed_test": {"accuracy": [-0.04, 0.02],
-                                    "malignant_sensitivity": [-0.01, 0.01]}}))
-    at = open_page()
-    assert "On the fixed test split: accuracy difference \u22120.01 [\u22120.04, +0.02]." in \
-        texts(at)
-    table = next(d.value for d in at.dataframe if "Verdict" in d.value.columns)
-    assert "\u22120.01 [\u22120.04, +0.02]" in set(table["Difference [95% interval]"])
-    assert "+0.00 [\u22120.01, +0.01]" in set(table["Difference [95% interval]"])

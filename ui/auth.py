@@ -29,7 +29,8 @@ from ui.common import (
 
 PAGE_ACTIONS: dict[str, tuple[str, ...]] = {
     "diagnose": ("diagnose",),
-    "review": ("review", "train"),
+    "review": ("review",),
+    "retrain": ("train",),
     "teach": ("teach",),
     "train": ("train",),
     "evaluate": ("evaluate",),
@@ -38,7 +39,7 @@ PAGE_ACTIONS: dict[str, tuple[str, ...]] = {
     "account": (),
 }
 """Page (file stem in pages/) -> the actions that open it (any one; none: every signed-in user
-but the demo). Review cases: reviewing for clinicians, retraining for researchers."""
+but the demo)."""
 
 
 def may_open(who: Identity, page: str) -> bool:

@@ -13,11 +13,20 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from bus_core.clinic.cases import Case, CaseStore, PacsSource, open_store
+from bus_core.clinic.cases import (
+    Case,
+    CaseStore,
+    NewCase,
+    PacsSource,
+    Study,
+    StudyReadingRecord,
+    open_store,
+)
 from bus_core.clinic.export import export_busi
 from bus_core.db import default_database
 from bus_core.errors import BusError, StoreError
 from bus_core.inference.predict import Prediction, Predictor
+from bus_core.inference.study import StudyReading
 from bus_core.roles import Identity
 from ui.common import identity, show_error
 
@@ -41,37 +50,66 @@ def case_store() -> CaseStore | None:
         return None
 
 
-def save_prediction_as_case(store: CaseStore, image: np.ndarray, image_name: str,
-                            masks: Sequence[np.ndarray], combine_mode: str | None,
-                            predictor: Predictor, prediction: Prediction,
-                            cam_settings: Mapping[str, Any] | None,
-                            who: Identity, mask_source: str | None = None,
-                            pacs: PacsSource | None = None) -> Case:
-    """Store a prediction as a new unreviewed case of `who` with the model that made it.
+def reading_as_case(image: np.ndarray, image_name: str, masks: Sequence[np.ndarray],
+                    combine_mode: str | None, predictor: Predictor, prediction: Prediction,
+                    cam_settings: Mapping[str, Any] | None, mask_source: str | None = None,
+                    pacs: PacsSource | None = None) -> NewCase:
+    """A prediction as a case to store, with the model that made it and its malignant flag.
 
     `cam_settings` describes the explanation shown, e.g. {"target": "benign", "method":
     "gradcam", "opacity": 0.45}; the Review page uses it to redraw the same overlay.
     `mask_source` says who made the masks (`bus_core.clinic.cases.MASK_SOURCES`); `pacs`, where in
-    the hospital archive the image came from.
-    Raises StoreError, InvalidImageError or MaskError (all BusError)."""
-    return store.save_case(image, image_name=image_name, masks=list(masks),
-                           combine_mode=combine_mode, model_name=predictor.card.name,
-                           model_hash=predictor.card.weights_sha256,
-                           probabilities=prediction.probabilities,
-                           predicted_label=prediction.label, cam_settings=cam_settings,
-                           who=who, mask_source=mask_source,
-                           uncertain=prediction.uncertain, pacs=pacs)
+    the hospital archive the image came from."""
+    return NewCase(image=image, image_name=image_name, masks=list(masks),
+                   combine_mode=combine_mode, model_name=predictor.card.name,
+                   model_hash=predictor.card.weights_sha256,
+                   probabilities=prediction.probabilities, predicted_label=prediction.label,
+                   cam_settings=cam_settings, mask_source=mask_source,
+                   uncertain=prediction.uncertain, pacs=pacs, flagged=prediction.malignant_flag)
 
 
-def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndarray],
-                     combine_mode: str | None, predictor: Predictor, prediction: Prediction,
-                     cam_settings: Mapping[str, Any] | None, *, key: str,
-                     mask_source: str | None = None,
-                     pacs: PacsSource | None = None) -> Case | None:
-    """A 'Save as case' button for one prediction (`key` identifies it, e.g. image + mask +
-    model; `pacs`: where in the hospital archive the image came from); after saving, the case
-    number is shown instead, so a case is saved once. Returns the case on the run that saved
-    it. Nothing is shown to a user who may not save cases (demo mode saves nothing)."""
+def save_study_button(items: Sequence[NewCase], reading: StudyReading, *, key: str
+                      ) -> Study | None:
+    """A 'Save as one study' button for the readings of several images of one examination
+    (`key` identifies them); after saving, the study's number is shown instead, so a study is
+    saved once. Nothing is shown to a user who may not save cases."""
+    who = identity()
+    if who is None or not who.can("save_case"):
+        return None
+    saved: dict[str, int] = st.session_state.setdefault("_saved_studies", {})
+    if key in saved:
+        st.success(f"Saved as study {saved[key]}: review its cases on the Review cases page.",
+                   icon=":material/check_circle:")
+        return None
+    store = case_store()
+    if store is None:
+        return None
+    place = st.empty()
+    if not place.button(f"Save as one study ({len(items)} cases)", key=f"save_study_{key}",
+                        icon=":material/save:",
+                        help="Each image becomes a case to review, kept together with the "
+                             "study's reading (and the PACS study it came from)."):
+        return None
+    record = StudyReadingRecord(rule=reading.rule, probabilities=reading.probabilities,
+                                predicted_label=reading.label, uncertain=reading.uncertain,
+                                flagged=bool(reading.flag))
+    try:
+        study = store.save_study(items, record, who=who)
+    except BusError as exc:
+        show_error(exc, "The study could not be saved")
+        return None
+    saved[key] = study.id
+    place.success(f"Saved as study {study.id} (cases "
+                  f"{', '.join(str(i) for i in study.case_ids)}): review them on the Review "
+                  "cases page.", icon=":material/check_circle:")
+    return study
+
+
+def save_case_button(item: NewCase, *, key: str) -> Case | None:
+    """A 'Save as case' button for one reading (`key` identifies it, e.g. image + mask +
+    model); after saving, the case number is shown instead, so a case is saved once. Returns
+    the case on the run that saved it. Nothing is shown to a user who may not save cases (demo
+    mode saves nothing)."""
     who = identity()
     if who is None or not who.can("save_case"):
         return None
@@ -84,7 +122,7 @@ def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndar
     if store is None:
         return None
     try:
-        earlier = store.cases_of_image(image)
+        earlier = store.cases_of_image(item.image)
     except BusError as exc:
         show_error(exc, "The case database cannot be read")
         return None
@@ -99,9 +137,7 @@ def save_case_button(image: np.ndarray, image_name: str, masks: Sequence[np.ndar
     if not place.button(label, key=f"save_case_{key}", icon=":material/save:"):
         return None
     try:
-        case = save_prediction_as_case(store, image, image_name, masks, combine_mode, predictor,
-                                       prediction, cam_settings, who=who,
-                                       mask_source=mask_source, pacs=pacs)
+        case = store.add_case(item, who=who)
     except BusError as exc:
         show_error(exc, "The case could not be saved")
         return None

@@ -27,11 +27,11 @@ from tests.e2e.test_browser import (
 )
 
 WALK = REPO / "test-artifacts" / "walk"
-PAGES = {"admin": ["Diagnose", "Review cases", "Teaching", "Train", "Evaluate",
+PAGES = {"admin": ["Diagnose", "Review cases", "Teaching", "Train", "Retrain", "Evaluate",
                    "Model registry", "Monitor", "Account"],
          "clinician": ["Diagnose", "Review cases", "Account"],
          "educator": ["Teaching", "Account"],
-         "researcher": ["Review cases", "Train", "Evaluate", "Model registry", "Monitor",
+         "researcher": ["Train", "Retrain", "Evaluate", "Model registry", "Monitor",
                         "Account"]}
 
 
@@ -89,17 +89,20 @@ def test_every_page_of_each_role_renders_without_an_error(walk_server, role, wid
     assert not elsewhere, f"requests to other hosts: {sorted(set(elsewhere))[:5]}"
 
 
-def test_the_case_selector_follows_a_review(walk_server, walk_data):
+def test_a_key_press_reviews_the_case_and_opens_the_next(walk_server, walk_data):
     import numpy as np
 
     from bus_core.clinic.cases import open_store
     from tests.conftest import person, synthetic_image
 
     with open_store(walk_data) as store:
-        image, _ = synthetic_image("benign", np.random.default_rng(9))
-        case = store.save_case(image, image_name="scan.png", masks=[], model_name="tiny",
-                               model_hash="0" * 64, probabilities={"benign": 0.9},
-                               predicted_label="benign", who=person("clinician"))
+        saved = [store.save_case(synthetic_image("benign", np.random.default_rng(seed))[0],
+                                 image_name="scan.png", masks=[], model_name="tiny",
+                                 model_hash="0" * 64,
+                                 probabilities={"benign": 0.9 - p, "malignant": p},
+                                 predicted_label="benign", who=person("clinician"))
+                 for seed, p in ((9, 0.3), (10, 0.1))]
+    first, second = saved  # the first is the more suspicious: listed first
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -114,20 +117,25 @@ def test_the_case_selector_follows_a_review(walk_server, walk_data):
                                                                exact=True).click()
             page.get_by_role("heading", name="Review cases").first.wait_for()
             settle(page)
-            full_screenshot(page, WALK / "review-before-correction.png")
-            selector = page.locator("[data-testid=stSelectbox]").last
+            full_screenshot(page, WALK / "review-worklist.png")
+            selector = page.locator(".st-key-review_case")
             shown = ("e => e.textContent + ' ' + [...e.querySelectorAll('input')]"
                      ".map(i => i.value + ' ' + (i.placeholder || '')).join(' ')")
-            assert f"Case {case.id}" in selector.evaluate(shown), selector.evaluate(shown)
+            assert f"Case {first.id}" in selector.evaluate(shown), selector.evaluate(shown)
             page.get_by_text("Status: to review").wait_for()
-            page.get_by_text("Malignant", exact=True).first.click()
-            page.get_by_role("button", name="Save review").click()
-            page.get_by_text(f"Case {case.id} corrected as malignant").wait_for()
+            page.get_by_role("heading", name="Review cases").first.click()  # off any field
+            page.keyboard.press("3")  # malignant
+            page.get_by_text(f"Case {first.id} corrected as malignant. Now case "
+                             f"{second.id}.").wait_for()
             settle(page)
-            full_screenshot(page, WALK / "review-after-correction.png")
-            text = selector.evaluate(shown)
-            assert f"Case {case.id}" in text and "to review" not in text, text
-            page.get_by_text("Status: disagrees").wait_for()
+            full_screenshot(page, WALK / "review-after-a-key.png")
+            assert f"Case {second.id}" in selector.evaluate(shown), selector.evaluate(shown)
+            # typing in the notes does not label the case
+            page.get_by_label("Notes").fill("1 small cyst, 2 views")
+            settle(page)
+            with open_store(walk_data) as store:
+                assert store.get_case(second.id).status == "unreviewed"
+                assert store.get_case(first.id).reviewer == "clinician"
         finally:
             browser.close()
 
