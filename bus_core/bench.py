@@ -65,6 +65,8 @@ import torch
 from PIL import Image
 
 from bus_core import atomic
+from bus_core.clinic.cases import NewCase, open_store
+from bus_core.clinic.worklist import PAGE_SIZE, Worklist, read_page
 from bus_core.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from bus_core.data.dataset import Record, load_records
 from bus_core.data.images import load_image
@@ -83,9 +85,11 @@ from bus_core.errors import BusError
 from bus_core.inference.batch import DEFAULT_BATCH_SIZE, default_workers, predict_to_csv
 from bus_core.inference.outline import Segmenter
 from bus_core.inference.predict import Predictor
+from bus_core.inference.warm import tidy_cache
 from bus_core.metrics import softmax
 from bus_core.models.build import LoadedModel, build_model, load_model
 from bus_core.models.registry import active_model_path, active_segmenter_path, two_stage_folders
+from bus_core.roles import Identity
 from bus_core.runtime.backends import (
     PRECISIONS,
     OpenVinoForward,
@@ -230,6 +234,44 @@ def training_step(arch: str, config: DeviceConfig, batch: int, crop: int) -> Cal
     return step
 
 
+WORKLIST_CASES = 5000
+"""Cases in the store the `worklist` figure reads its pages from."""
+
+
+def worklist_latency(database: str | None, folder: Path, n: int) -> dict[str, Any]:
+    """Seconds to read the first page of the review worklist (its counts, the page of the
+    most suspicious cases to review, the names for its filters) from a store of
+    `WORKLIST_CASES` cases, and the last page of every case oldest first: `database`, an empty
+    database to fill (default: a new SQLite file in `folder`)."""
+    store = open_store(database or folder / "worklist.sqlite", images_dir=folder / "images")
+    try:
+        if store.count_cases():
+            raise BusError("The worklist figure needs an empty database: it adds "
+                           f"{WORKLIST_CASES} made-up cases.")
+        rng = np.random.default_rng(0)
+        image = np.zeros((8, 8), np.uint8)
+        items = []
+        for i in range(WORKLIST_CASES):
+            p = rng.dirichlet(np.ones(len(CLASSES)))
+            probabilities = dict(zip(CLASSES, p.tolist(), strict=True))
+            items.append(NewCase(image=image, image_name=f"case{i}.png", model_name="bench",
+                                 model_hash="0" * 64, probabilities=probabilities,
+                                 predicted_label=CLASSES[int(np.argmax(p))],
+                                 flagged=bool(p[CLASSES.index("malignant")] > 0.3)))
+        store.add_cases(items, who=Identity("bench", frozenset({"clinician"})))
+
+        def first_page() -> None:
+            read_page(store, Worklist())
+            store.distinct_people()
+
+        last = Worklist(view="all", sort="oldest", page=WORKLIST_CASES // PAGE_SIZE)
+        return {"cases": WORKLIST_CASES, "database": store.engine.dialect.name,
+                "first_page": percentiles(timed(first_page, n)),
+                "last_page": percentiles(timed(lambda: read_page(store, last), n))}
+    finally:
+        store.close()
+
+
 def cold_start(model: Path, image: bytes, folder: Path, *, quick: bool) -> dict[str, Any]:
     """Seconds of `python -m bus_core predict IMAGE --json` in a new process on an empty data
     folder (so an empty OpenVINO cache): `first_reading_s`; then of `python -m bus_core warm`
@@ -346,6 +388,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"{TABLE_START} and {TABLE_END}, else at its end)")
     parser.add_argument("--force", action="store_true",
                         help="write the --table even when the machine is busy")
+    parser.add_argument("--worklist-database", metavar="URL",
+                        help="an empty database (SQLAlchemy URL) for the worklist figure, "
+                             "which fills it with made-up cases (default: a temporary SQLite "
+                             "file)")
     args = parser.parse_args(argv)
     if args.int8 and not nncf_available():
         emit("error", message=NNCF_MISSING)
@@ -515,8 +561,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=default_workers(),
         one_by_one_images_per_s=round(one_by_one, 2), batch_images_per_s=round(batched, 2),
         ratio=round(batched / one_by_one, 2)))
+    with tempfile.TemporaryDirectory() as temp:
+        try:
+            figures.append(emit("worklist", **worklist_latency(
+                args.worklist_database, Path(temp), 5 if args.quick else 20)))
+        except BusError as exc:
+            emit("worklist", skipped=str(exc))
+    tidied = tidy_cache()  # as the app does when it starts: what no installed model needs goes
     figures.append(emit("openvino_cache", folder=str(cache_dir()),
-                        mb=round(folder_bytes(cache_dir()) / 1e6, 1)))
+                        mb=round(tidied.size_bytes / 1e6, 1),
+                        pruned_mb=round(tidied.freed_bytes / 1e6, 1),
+                        pruned_entries=len(tidied.removed)))
     if args.table:
         write_table(Path(args.table), speed_table(figures))
         emit("table", written=args.table)
@@ -565,13 +620,29 @@ def speed_table(figures: Sequence[dict[str, Any]]) -> str:
         if "side_by_side_ratio" in two:
             rows.append(("two-stage one model at a time / side by side, per pair",
                          ratio(two["side_by_side_ratio"])))
+    if "segmentation_latency" in by_name:
+        outline = by_name["segmentation_latency"]
+        rows.append(("outline model alone p50 / p95",
+                     f"{outline['p50_ms']} / {outline['p95_ms']} ms ({outline['backend']})"))
+    if "agreement_with_fp32" in by_name:
+        agree = by_name["agreement_with_fp32"]
+        rows.append((f"agreement with fp32 ({agree['subset']}, n={agree['n']})",
+                     f"{agree['label_agreement']:.0%} of labels, largest probability "
+                     f"difference {agree['max_probability_diff']}"))
+    if "worklist" in by_name:
+        work = by_name["worklist"]
+        rows.append((f"review worklist, {work['cases']} cases ({work['database']}): first page "
+                     "/ last page p50", f"{work['first_page']['p50_ms']} / "
+                     f"{work['last_page']['p50_ms']} ms"))
     if "training_throughput" in by_name:
         train = by_name["training_throughput"]
         rows.append(("training images/s: naive / chosen device",
                      f"{train['naive_images_per_s']} / {train['optimised_images_per_s']}, "
                      f"ratio {ratio(train['ratio'])}"))
     if "openvino_cache" in by_name:
-        rows.append(("OpenVINO cache", f"{by_name['openvino_cache']['mb']} MB"))
+        cache = by_name["openvino_cache"]
+        rows.append(("OpenVINO cache (after removing what no installed model needs)",
+                     f"{cache['mb']} MB ({cache.get('pruned_mb', 0)} MB removed)"))
     lines += [f"| {name} | {value} |" for name, value in rows]
     return "\n".join(lines) + "\n"
 

@@ -38,14 +38,15 @@ def person(name: str = "Dr Test", *roles: str) -> Identity:
 
 def signed_in_app(*roles: str, name: str = "Dr Test", timeout: float = 60) -> AppTest:
     """app.py as an AppTest whose session is signed in as the local user `name` with `roles`
-    (default: every role), created without a password in the current data folder's store."""
+    (default: every role), created without a password in the app's database ($BUS_DATABASE_URL,
+    else the data folder's)."""
     from bus_core.clinic.accounts import Accounts, new_session
     from bus_core.clinic.cases import open_store
-    from bus_core.db import default_db_path
+    from bus_core.db import default_database
     from bus_core.roles import ROLES, operator
     from ui.common import SESSION_KEY
 
-    with open_store(default_db_path()) as store:
+    with open_store(default_database()) as store:
         accounts = Accounts(store)
         user = accounts.get(name) or accounts.add(operator(), name, roles or ROLES, None)
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=timeout)

@@ -24,7 +24,11 @@ def test_quick_bench_prints_every_figure_as_json(tiny_model_dir, tiny_segmenter_
                              "latency_single_image", "gradcam_latency",
                              "training_throughput", "training_pipeline", "agreement_with_fp32",
                              "segmentation_latency", "batch_prediction_throughput",
-                             "openvino_cache"]
+                             "worklist", "openvino_cache"]
+    worklist = figures["worklist"]
+    assert (worklist["cases"], worklist["database"]) == (5000, "sqlite")
+    assert worklist["first_page"]["p50_ms"] > 0 and worklist["last_page"]["p50_ms"] > 0
+    assert figures["openvino_cache"]["pruned_mb"] >= 0
     cold = figures["cold_start"]
     assert cold["first_reading_s"] > 0 and cold["after_warmup_s"] > 0 and cold["warm_s"] > 0
     assert len(figures["machine"]["load_average"]) == 3
@@ -114,7 +118,9 @@ FIGURES = [
      "stages_p50_ms": {"whole": 50.0, "outline": 60.0, "lesion": 20.0},
      "ratio": {"median": 2.0, "iqr": [1.8, 2.2], "pairs": 10},
      "side_by_side_ratio": {"median": 1.1, "iqr": [1.0, 1.2], "pairs": 10}},
-    {"figure": "openvino_cache", "mb": 120.5},
+    {"figure": "worklist", "cases": 5000, "database": "sqlite", "first_page": {"p50_ms": 6.1},
+     "last_page": {"p50_ms": 3.2}},
+    {"figure": "openvino_cache", "mb": 120.5, "pruned_mb": 3.0},
 ]
 
 
@@ -126,7 +132,9 @@ def test_the_speed_table_names_machine_flags_and_date_and_replaces_the_last(tmp_
         [{**FIGURES[0], "busy": True, "load_average": [5.0, 5.0, 5.0]}])
     assert "| 50.1 s / 8.7 s (`warm` 1.0 s) |" in table
     assert "whole 50.0 ms, outline 60.0 ms, lesion 20.0 ms" in table
-    assert "2.00 (IQR 1.80-2.20, 10 pairs)" in table and "120.5 MB" in table
+    assert "2.00 (IQR 1.80-2.20, 10 pairs)" in table and "120.5 MB (3.0 MB removed)" in table
+    assert "| review worklist, 5000 cases (sqlite): first page / last page p50 | 6.1 / 3.2 ms |" \
+        in table
     assert "| two-stage one model at a time / side by side, per pair | 1.10 (IQR" in table
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Speed\n\n<!-- speed-table -->\nstale figures\n<!-- /speed-table -->\n"

@@ -350,6 +350,11 @@ class CaseStore:
         in a `NewCase`)."""
         return self._save([item], who, None)[0]
 
+    def add_cases(self, items: Sequence[NewCase], *, who: Identity) -> list[Case]:
+        """Store several readings as new unreviewed cases of `who` in one transaction (all or
+        none), each on its own (not a study)."""
+        return self._save(items, who, None)
+
     def save_study(self, items: Sequence[NewCase], reading: StudyReadingRecord, *,
                    who: Identity) -> Study:
         """Store several readings of one examination as a study: each image a new unreviewed
