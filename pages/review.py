@@ -12,15 +12,15 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from bus_core.clinic.cases import AUDIT_FIELDS, Case, CaseStore, display_time
+from bus_core.clinic.cases import AUDIT_FIELDS, Case, CaseStore, Study, display_time
 from bus_core.clinic.worklist import SORTS, VIEWS, Worklist, WorklistPage, next_case, read_page
 from bus_core.constants import CLASSES, MALIGNANT
 from bus_core.errors import BusError
 from bus_core.inference.cam import method_id, overlay
 from bus_core.inference.pdf_report import Review, assemble, render_study_pdf
-from bus_core.inference.predict import Predictor, flag_sentence
+from bus_core.inference.predict import Prediction, Predictor, flag_sentence
 from bus_core.inference.report import ReportContent, mask_note, report_filename
-from bus_core.inference.study import RULES
+from bus_core.inference.study import RULES, most_severe
 from bus_core.roles import Identity
 from ui.auth import require_page
 from ui.cases import as_rgb, case_store, export_cases_zip
@@ -151,52 +151,100 @@ def pager(shown: WorklistPage, key: str) -> None:
 
 # --- one case ----------------------------------------------------------------------------------
 
-def cam_view(predictor: Predictor | None, why_not: str, case: Case, image: np.ndarray,
-             masks: list[np.ndarray]) -> Explanation | None:
-    """The Grad-CAM overlay, recomputed when the case's model is the active one (None when
-    it is not redrawn)."""
-    if predictor is None or predictor.card.weights_sha256 != case.model_hash:
-        active = f"the active model is {predictor.card.name}" if predictor else why_not
-        st.info(f"This prediction was made by model **{md_escape(case.model_name)}** (weights "
-                f"{case.model_hash[:8] or 'unknown'}), and {active}: its Grad-CAM is not "
-                "redrawn here.", icon=":material/info:")
-        return None
+def redraw(predictor: Predictor, case: Case, image: np.ndarray, masks: list[np.ndarray]
+           ) -> tuple[Prediction, Explanation]:
+    """The case's reading and Grad-CAM overlay recomputed with `predictor` (the model that
+    made it), as they were shown when it was saved. Raises BusError."""
     settings = case.cam_settings or {}
     target = settings.get("target")
     target = target if target in predictor.classes else case.predicted_label
     method = method_id(settings.get("method"))
     key = ("case", case.id, case.image_hash)
     used = masks if predictor.spec.uses_masks else []
+    prediction = predict_cached(predictor, key, image, used)
+    cam = cam_cached(predictor, key, prediction, target, method)
+    seen = prediction.explained_by(target).model_view
+    opacity = float(settings.get("opacity", 0.45))
+    return prediction, Explanation(overlay(seen, cam, opacity), target, method, opacity)
+
+
+def made_by(predictor: Predictor | None, model_hash: str) -> bool:
+    """Whether `predictor` is the model whose weights have this hash."""
+    return predictor is not None and predictor.card.weights_sha256 == model_hash
+
+
+def cam_view(predictor: Predictor | None, why_not: str, case: Case, image: np.ndarray,
+             masks: list[np.ndarray]) -> Explanation | None:
+    """The Grad-CAM overlay, recomputed when the case's model is the active one (None when
+    it is not redrawn)."""
+    if predictor is None or not made_by(predictor, case.model_hash):
+        active = f"the active model is {predictor.card.name}" if predictor else why_not
+        st.info(f"This prediction was made by model **{md_escape(case.model_name)}** (weights "
+                f"{case.model_hash[:8] or 'unknown'}), and {active}: its Grad-CAM is not "
+                "redrawn here.", icon=":material/info:")
+        return None
     try:
-        prediction = predict_cached(predictor, key, image, used)
-        cam = cam_cached(predictor, key, prediction, target, method)
+        _, shown = redraw(predictor, case, image, masks)
     except BusError as exc:
         show_error(exc, "The explanation cannot be redrawn")
         return None
-    seen = prediction.explained_by(target).model_view
-    opacity = float(settings.get("opacity", 0.45))
-    shown = Explanation(overlay(seen, cam, opacity), target, method, opacity)
-    st.image(shown.overlay, caption=f"Grad-CAM for '{target}' (recomputed with the active model)",
-             alt=f"Grad-CAM heat map of case {case.id} for the class {target}",
+    st.image(shown.overlay, caption=f"Grad-CAM for '{shown.target}' (recomputed with the active "
+             "model)", alt=f"Grad-CAM heat map of case {case.id} for the class {shown.target}",
              width="stretch")
     return shown
 
 
-def case_report(predictor: Predictor, case: Case, image: np.ndarray, shown: Explanation
-                ) -> bytes:
-    """The case's PDF report, with its review and signature block."""
-    when = dt.datetime.fromisoformat(case.updated_at).astimezone()
-    content = ReportContent(
+def with_outline(image: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
+    """The image with its lesion outlined (as it is when it has no mask)."""
+    union = np.logical_or.reduce(masks) if masks else None
+    return image if union is None or not union.any() else outlined(image, union)
+
+
+def case_content(predictor: Predictor, case: Case, image: np.ndarray, shown: Explanation
+                 ) -> ReportContent:
+    """What a report shows of a case (`image` with its outline)."""
+    return ReportContent(
         image=image, overlay=shown.overlay, probabilities=case.probabilities,
         label=case.predicted_label, model=case.model_name, explained=shown.target,
         method=shown.method, filename=case.display_name, uncertain=case.uncertain,
         mask_note=mask_note(predictor, (case.mask_source or "given") if case.mask_hashes
                             else None),
         flag=flag_sentence(case.probabilities, predictor.card.malignant_threshold))
-    review = (Review(case.reviewer, case.confirmed_label, when, case.notes)
-              if case.confirmed_label else None)
-    return render_study_pdf(assemble(predictor.card, [content], [], name=f"Case {case.id}",
-                                     review=review))
+
+
+def review_of(cases: list[Case]) -> Review | None:
+    """The signature block of a report of `cases`: when one reviewer reviewed them all, their
+    name, the most severe class they confirmed (a study's class), the last review's time and
+    the notes; else None."""
+    if not cases or any(c.confirmed_label is None for c in cases) or len(
+            {c.reviewer for c in cases}) > 1:
+        return None
+    label = CLASSES[most_severe([CLASSES.index(str(c.confirmed_label)) for c in cases])]
+    when = max(dt.datetime.fromisoformat(c.updated_at) for c in cases).astimezone()
+    notes = "\n".join(c.notes for c in cases if c.notes)
+    return Review(cases[0].reviewer, label, when, notes)
+
+
+def case_report(predictor: Predictor, case: Case, image: np.ndarray, shown: Explanation
+                ) -> bytes:
+    """The case's PDF report, with its review and signature block."""
+    return render_study_pdf(assemble(predictor.card, [case_content(predictor, case, image, shown)],
+                                     [], name=f"Case {case.id}", review=review_of([case])))
+
+
+def study_report(store: CaseStore, predictor: Predictor, study: Study) -> bytes:
+    """The study's PDF report: each of its images with outline, map and reading, the study's
+    reading by its rule, and the review when one reviewer reviewed every image. Raises
+    BusError."""
+    members = [store.get_case(i) for i in study.case_ids]
+    contents, predictions = [], []
+    for case in members:
+        image, masks = as_rgb(store.load_image(case)), store.load_masks(case)
+        prediction, shown = redraw(predictor, case, image, masks)
+        contents.append(case_content(predictor, case, with_outline(image, masks), shown))
+        predictions.append(prediction)
+    return render_study_pdf(assemble(predictor.card, contents, predictions, rule=study.rule,
+                                     name=f"Study {study.id}", review=review_of(members)))
 
 
 def history_table(store: CaseStore, case: Case) -> None:
@@ -270,8 +318,9 @@ def review(store: CaseStore, case: Case, who: Identity, ids: list[int]) -> None:
                               args=(store, case.id, None, who, following))
 
 
-def study_section(store: CaseStore, case: Case) -> None:
-    """The study a case belongs to: its combined reading, and a way to list its cases."""
+def study_section(store: CaseStore, case: Case, predictor: Predictor | None) -> None:
+    """The study a case belongs to: its combined reading, a way to list its cases, and its
+    PDF report (when the active model read it)."""
     if case.study_id is None:
         return
     try:
@@ -289,8 +338,23 @@ def study_section(store: CaseStore, case: Case) -> None:
                      "flagged when any of its images is."
                      + (f" From the PACS study `{study.study_uid}`." if study.study_uid else ""))
         if st.session_state.get("review_study") != study.id:
-            right.button("List its cases", key=f"review_study_{study.id}",
+            right.button("List its cases", key=f"review_study_{study.id}", width="stretch",
                          icon=":material/filter_alt:", on_click=show_study, args=(study.id,))
+        if predictor is not None and made_by(predictor, study.model_hash):
+            try:
+                pdf = memo("study_pdf", (study.id, tuple(store.get_case(i).updated_at
+                                                         for i in study.case_ids)),
+                           lambda: study_report(store, predictor, study), max_entries=2)
+            except BusError as exc:
+                show_error(exc, "The study's report cannot be made")
+                return
+            right.download_button(
+                "Study report (PDF)", data=pdf, mime="application/pdf", width="stretch",
+                file_name=report_filename(f"study {study.id}", dt.datetime.now(), "pdf"),
+                icon=":material/picture_as_pdf:", on_click="ignore",
+                key=f"review_study_pdf_{study.id}",
+                help="Every image of the study with its outline, map and reading, the study's "
+                     "reading, and the review when one reviewer reviewed every image.")
 
 
 def show_study(study_id: int) -> None:
@@ -310,8 +374,7 @@ def case_detail(store: CaseStore, case: Case, who: Identity, ids: list[int]) -> 
         return
     predictor, why_not = optional_predictor()
     left, middle, right = st.columns(3, gap="medium")
-    union = np.logical_or.reduce(masks) if masks else None
-    left.image(image if union is None or not union.any() else outlined(image, union),
+    left.image(with_outline(image, masks),
                caption=f"{md_escape(case.display_name)} · {len(masks)} mask(s)"
                + (f" ({case.mask_source})" if masks and case.mask_source else ""), width="stretch",
                alt=f"Image of case {case.id}" + (" with its lesion outlined" if masks else ""))
@@ -326,7 +389,7 @@ def case_detail(store: CaseStore, case: Case, who: Identity, ids: list[int]) -> 
                         config={"displayModeBar": False, "staticPlot": True},
                         key=f"review_chart_{case.id}")
         if predictor is not None and shown is not None:
-            shown_image = image if union is None or not union.any() else outlined(image, union)
+            shown_image = with_outline(image, masks)
             st.download_button(
                 "Report (PDF)", data=memo("case_pdf", (case.id, case.updated_at,
                                                        digest(shown.overlay)),
@@ -336,7 +399,7 @@ def case_detail(store: CaseStore, case: Case, who: Identity, ids: list[int]) -> 
                 mime="application/pdf", icon=":material/picture_as_pdf:", on_click="ignore",
                 key=f"review_pdf_{case.id}",
                 help="The case's reading, map and review as a PDF for the record.")
-    study_section(store, case)
+    study_section(store, case, predictor)
     review(store, case, who, ids)
     case_from_pacs(store, case, who)
     st.markdown("##### History")
@@ -359,12 +422,14 @@ def cases_tab(store: CaseStore, who: Identity) -> None:
     ids = [c.id for c in shown.cases]
     current = st.session_state.get("review_case")
     by_id = {c.id: c for c in shown.cases}
+    if isinstance(current, int) and current not in ids:
+        try:  # the case just reviewed, which left this view: kept on screen until moving on
+            by_id[current] = store.get_case(current)
+            ids.append(current)
+        except BusError:
+            current = None
     if current not in ids:
-        try:  # a case opened from outside this page of the list (e.g. the next of a study)
-            by_id[current] = store.get_case(int(current))
-            ids.append(int(current))
-        except (TypeError, ValueError, BusError):
-            st.session_state["review_case"] = ids[0]
+        st.session_state["review_case"] = ids[0]
     # no status in an option's text: a browser keeps showing the text it was chosen with, so a
     # review would leave "to review" on screen (the status is shown with the case below)
     picked = st.selectbox("Case", ids, key="review_case",

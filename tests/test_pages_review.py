@@ -104,6 +104,51 @@ def test_a_case_of_a_study_shows_the_study_and_lists_its_cases(case_ids):
     assert len(at.dataframe[0].value) == 5  # every case again (the view stays 'All cases')
 
 
+def test_a_study_read_by_the_active_model_has_its_pdf_report(monkeypatch, tmp_path,
+                                                             tiny_model_dir):
+    import pypdfium2 as pdfium
+
+    import bus_core.inference.pdf_report
+    from bus_core.inference.study import combine_predictions
+
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.delenv("BUS_MODEL", raising=False)
+    set_active_model(tiny_model_dir, who=ADMIN)
+    predictor = Predictor.from_path(tiny_model_dir, device="cpu-fp32")
+    rng = np.random.default_rng(3)
+    images = [synthetic_image("benign", rng, size=(140, 160))[0] for _ in range(2)]
+    predictions = [predictor.predict(image) for image in images]
+    items = [reading_as_case(image, f"Jane Doe {i}.png", [], None, predictor, prediction,
+                             {"target": prediction.label})
+             for i, (image, prediction) in enumerate(zip(images, predictions))]
+    combined = combine_predictions(predictions)
+    from bus_core.clinic.cases import StudyReadingRecord
+
+    with open_store(default_db_path()) as store:
+        study = store.save_study(items, StudyReadingRecord(
+            combined.rule, combined.probabilities, combined.label, combined.uncertain,
+            bool(combined.flag)), who=person("Dr New"))
+        for case_id in study.case_ids:
+            store.review_case(case_id, label="benign", who=person("Dr Rev"))
+    made = []
+    original = bus_core.inference.pdf_report.render_study_pdf
+    monkeypatch.setattr(bus_core.inference.pdf_report, "render_study_pdf",
+                        lambda report: made.append(report) or original(report))
+    at = open_page()
+    at.segmented_control(key="review_view").set_value("all").run()
+    assert any(b.proto.label == "Study report (PDF)" for b in at.get("download_button"))
+    report = next(r for r in made if len(r.images) == 2)
+    assert report.name == f"Study {study.id}" and report.combined is not None
+    assert report.review is not None and report.review.reviewer == "Dr Rev"
+    doc = pdfium.PdfDocument(original(report))
+    try:
+        text = " ".join(" ".join(page.get_textpage().get_text_range() for page in doc).split())
+    finally:
+        doc.close()
+    assert f"Study {study.id}" in text and "Study reading:" in text and "Jane" not in text
+    assert "Dr Rev" in text
+
+
 def test_five_thousand_cases_open_one_page_at_a_time(case_ids):
     """The worklist reads one page (50 cases) of 5,000, with the counts of all of them."""
     from sqlalchemy import insert
