@@ -236,6 +236,7 @@ def test_a_page_the_role_does_not_open_is_said_to_be_unavailable():
     assert "Train is not available for your role" in " ".join(w.value for w in at.warning)
 
 
+@pytest.mark.slow
 def test_every_button_of_every_page_runs_without_a_crash_for_each_role(tiny_model_dir,
                                                                         monkeypatch):
     """Click each button each role sees on each page it opens: no exception anywhere."""

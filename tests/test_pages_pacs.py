@@ -79,9 +79,11 @@ def saved_case(pacs: PacsSource | None, reviewed: bool = True) -> int:
 
 
 def review_page(*roles: str, name: str = "Dr Test") -> AppTest:
+    """The Review page listing every case (reviewed ones too)."""
     at = signed_in_app(*roles, name=name)
     at.run()
     at.switch_page("pages/review.py").run()
+    at.segmented_control(key="review_view").set_value("all").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 
