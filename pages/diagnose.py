@@ -35,14 +35,14 @@ who = require_page("diagnose")
 
 
 def prediction_key(predictor: Predictor, upload: Upload, choice: MaskChoice) -> tuple[str, str]:
-    """Identifies a prediction: the image, and the mask when the model uses it."""
-    return upload.key, choice.key if predictor.spec.uses_masks else ""
+    """Identifies a prediction: the image, and the mask when it changes the reading."""
+    return upload.key, choice.key if predictor.reads_masks else ""
 
 
 def predict(predictor: Predictor, upload: Upload, choice: MaskChoice) -> Prediction | None:
-    """The prediction for an upload (masks only for mask-mode models), or None after showing
-    why there is none."""
-    masks = [choice.mask] if predictor.spec.uses_masks and choice.mask is not None else []
+    """The prediction for an upload with its mask, or None after showing why there is
+    none."""
+    masks = [] if choice.mask is None else [choice.mask]
     try:
         return predict_cached(predictor, prediction_key(predictor, upload, choice),
                               upload.image, masks)

@@ -166,9 +166,8 @@ def cam_view(predictor: Predictor | None, why_not: str, case: Case, image: np.nd
     target = target if target in predictor.classes else case.predicted_label
     method = method_id(settings.get("method"))
     key = ("case", case.id, case.image_hash)
-    used = masks if predictor.spec.uses_masks else []
     try:
-        prediction = predict_cached(predictor, key, image, used)
+        prediction = predict_cached(predictor, key, image, masks)
         cam = cam_cached(predictor, key, prediction, target, method)
     except BusError as exc:
         show_error(exc, "The explanation cannot be redrawn")

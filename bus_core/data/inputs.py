@@ -99,7 +99,8 @@ class InputSpec:
 
 
 def model_input(image: np.ndarray, masks: Sequence[np.ndarray], spec: InputSpec) -> np.ndarray:
-    """The image a model gets at prediction time; mask modes need a non-empty mask."""
+    """The image a model gets at prediction time from an image and the masks there are: the
+    image itself in `full` mode (the masks are ignored); mask modes need a non-empty mask."""
     if not spec.uses_masks:
         return image
     if not masks:

@@ -95,6 +95,7 @@ def test_outlined_image_takes_normal_from_the_whole_image_and_the_rest_from_the_
         models, blobs):
     two, alone, whole = (_predictor(models / n) for n in ("lesion", "alone", "whole"))
     assert two.two_stage and not alone.two_stage
+    assert two.reads_masks and alone.reads_masks and not whole.reads_masks
     image = _image()
     prediction = two.predict(image)
     assert prediction.outline is not None and prediction.outline.any()
