@@ -45,13 +45,8 @@ from bus_core.metrics import (
     percent_pair,
     softmax,
 )
-from bus_core.models.build import (
-    LoadedModel,
-    ModelCard,
-    gradcam_layer,
-    load_model,
-    pools_into_linear,
-)
+from bus_core.models.build import LoadedModel, gradcam_layer, load_model, pools_into_linear
+from bus_core.models.card import ModelCard
 from bus_core.models.registry import active_model_path, no_model_message, two_stage_folders
 from bus_core.runtime.backends import choose_forward
 from bus_core.runtime.device import DeviceConfig, choose_device, physical_cores, prepare_model

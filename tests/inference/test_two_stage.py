@@ -21,7 +21,8 @@ from bus_core.inference.batch import predict_to_csv
 from bus_core.inference.outline import Segmenter
 from bus_core.inference.predict import Predictor
 from bus_core.metrics import NORMAL_ODDS_GRID, fit_normal_odds, normal_from_whole
-from bus_core.models.build import ModelCard, load_model
+from bus_core.models.build import load_model
+from bus_core.models.card import ModelCard
 from tests.conftest import blob_probabilities, copy_model, synthetic_image
 
 PAIR = {"whole_image_model": "whole", "outline_model": "outline"}
