@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from bus_core.clinic.cases import NewCase, shown_name
+from bus_core.data.inputs import describe_input
 from bus_core.errors import BusError
 from bus_core.inference.outline import Segmenter
 from bus_core.inference.pdf_report import assemble, render_study_pdf
@@ -35,14 +36,14 @@ who = require_page("diagnose")
 
 
 def prediction_key(predictor: Predictor, upload: Upload, choice: MaskChoice) -> tuple[str, str]:
-    """Identifies a prediction: the image, and the mask when the model uses it."""
-    return upload.key, choice.key if predictor.spec.uses_masks else ""
+    """Identifies a prediction: the image, and the mask when it changes the reading."""
+    return upload.key, choice.key if predictor.reads_masks else ""
 
 
 def predict(predictor: Predictor, upload: Upload, choice: MaskChoice) -> Prediction | None:
-    """The prediction for an upload (masks only for mask-mode models), or None after showing
-    why there is none."""
-    masks = [choice.mask] if predictor.spec.uses_masks and choice.mask is not None else []
+    """The prediction for an upload with its mask, or None after showing why there is
+    none."""
+    masks = [] if choice.mask is None else [choice.mask]
     try:
         return predict_cached(predictor, prediction_key(predictor, upload, choice),
                               upload.image, masks)
@@ -58,27 +59,6 @@ def model_details(predictor: Predictor, prediction: Prediction) -> None:
         st.caption(md_escape(f"Model {' with '.join(names)}"
                              + (f". {prediction.reading}" if prediction.reading else ".")))
         st.caption(f"Read in {prediction.elapsed_ms:.0f} ms ({md_escape(predictor.description)}).")
-
-
-def input_note(predictor: Predictor, choice: MaskChoice) -> str:
-    """What the model looks at, in one line."""
-    if predictor.whole is not None:
-        if choice.mask is None:
-            return ("No lesion outline, so the whole-image model reads the whole image. Accept "
-                    "the suggested outline or paint one to read the lesion itself.")
-        made = ", outlined automatically" if choice.origin == "suggested" else ""
-        return ("Two-stage reading: the whole image tells normal from lesion; the lesion and "
-                f"the tissue around it (the box around the outline{made}) tell benign from "
-                "malignant.")
-    if predictor.spec.uses_masks:
-        automatic = " (outlined automatically)" if choice.origin == "suggested" else ""
-        if predictor.spec.mode == "lesion-context":
-            return ("This model looks at the lesion and the tissue around it: the box around "
-                    f"the outline{automatic}.")
-        return f"This model looks only at the masked lesion crop{automatic}."
-    if choice.mask is not None:
-        return "This model looks at the whole image; the mask is for reference only."
-    return "This model looks at the whole image; a lesion mask is optional."
 
 
 class Read(NamedTuple):
@@ -136,7 +116,9 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
         prediction = predict(predictor, upload, choice)
         if prediction is not None:
             show_prediction(prediction, predictor.card.uncertain_below, upload.key)
-        st.caption(input_note(predictor, choice))
+        st.caption(describe_input(predictor.spec, two_stage=predictor.two_stage,
+                                  has_mask=choice.mask is not None,
+                                  outlined_automatically=choice.origin == "suggested"))
         if prediction is not None:
             model_details(predictor, prediction)
     if prediction is None:

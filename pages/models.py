@@ -14,7 +14,7 @@ from bus_core.clinic.gate import activation_warnings, decision_log, make_active
 from bus_core.data.dataset import source_name
 from bus_core.errors import BusError
 from bus_core.metrics import METRIC_LABELS, fmt3
-from bus_core.models.build import CARD_FILE, WEIGHTS_FILE, ModelCard, read_card
+from bus_core.models.card import CARD_FILE, WEIGHTS_FILE, ModelCard, read_card
 from bus_core.models.registry import (
     ModelEntry,
     active_model_path,

@@ -19,7 +19,7 @@ from bus_core.clinic.monitoring import (
     to_csv,
 )
 from bus_core.constants import CLASSES
-from bus_core.models.build import ModelCard
+from bus_core.models.card import ModelCard
 from bus_core.models.registry import active_model_path, list_models
 from ui.auth import require_page
 from ui.cases import case_store

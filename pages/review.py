@@ -160,8 +160,7 @@ def redraw(predictor: Predictor, case: Case, image: np.ndarray, masks: list[np.n
     target = target if target in predictor.classes else case.predicted_label
     method = method_id(settings.get("method"))
     key = ("case", case.id, case.image_hash)
-    used = masks if predictor.spec.uses_masks else []
-    prediction = predict_cached(predictor, key, image, used)
+    prediction = predict_cached(predictor, key, image, masks)
     cam = cam_cached(predictor, key, prediction, target, method)
     seen = prediction.explained_by(target).model_view
     opacity = float(settings.get("opacity", 0.45))

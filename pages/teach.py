@@ -100,13 +100,16 @@ def lesion(record: Record, shape: tuple[int, int]) -> np.ndarray | None:
     return combine_masks(masks, mode="union") if masks else None
 
 
+def case_lesion(record: Record, image: np.ndarray) -> np.ndarray | None:
+    """The case's lesion outline (`lesion`), read from its mask files once per case."""
+    return memo("teach_lesion", record.id, lambda: lesion(record, image.shape[:2]),
+                max_entries=8)
+
+
 def model_reading(predictor: Predictor, record: Record, image: np.ndarray) -> Prediction:
-    """The model's prediction for a case (mask models get the case's lesion masks)."""
-    masks = []
-    if predictor.spec.uses_masks:
-        mask = lesion(record, image.shape[:2])
-        masks = [] if mask is None else [mask]
-    return predict_cached(predictor, ("teach", record.id), image, masks)
+    """The model's prediction for a case, given the case's lesion outline."""
+    mask = case_lesion(record, image)
+    return predict_cached(predictor, ("teach", record.id), image, [] if mask is None else [mask])
 
 
 def check(session: TeachingSession, record: Record, image: np.ndarray,
@@ -190,8 +193,7 @@ def show_case(session: TeachingSession, record: Record, predictor: Predictor | N
     """The case, the answer controls, and after checking the truth and the model."""
     try:
         image = memo("teach_image", record.id, lambda: load_image(record.path), max_entries=8)
-        mask = memo("teach_lesion", record.id, lambda: lesion(record, image.shape[:2]),
-                    max_entries=8) if session.revealed else None
+        mask = case_lesion(record, image) if session.revealed else None
     except BusError as exc:
         show_error(exc, "This case cannot be shown")
         st.button("Next case", on_click=session.next_case, key="teach_skip")

@@ -16,7 +16,8 @@ from bus_core.data.loader import BALANCE_MODES
 from bus_core.data.presets import input_size_for
 from bus_core.errors import BusError, ModelError
 from bus_core.metrics import METRIC_LABELS, fmt3
-from bus_core.models.build import ARCHS, CARD_FILE, MIN_INPUT_SIZE, WEIGHTS_FILE, imagenet_cached
+from bus_core.models.build import MIN_INPUT_SIZE, imagenet_cached
+from bus_core.models.card import ARCHS, CARD_FILE, WEIGHTS_FILE
 from bus_core.models.registry import (
     active_model_path,
     check_model_name,

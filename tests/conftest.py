@@ -134,7 +134,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained DenseNet121 model folder with a 32-px input size (fast on CPU)."""
     import torch
 
-    from bus_core.models.build import build_model, new_card, save_model
+    from bus_core.models.build import build_model, save_model
+    from bus_core.models.card import new_card
 
     torch.manual_seed(0)
     card = new_card("tiny-test", "densenet121", input_size={"resize": 40, "crop": 32})
@@ -146,7 +147,8 @@ def tiny_segmenter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained segmentation model folder (DenseNet121 U-Net) with a 64-px input."""
     import torch
 
-    from bus_core.models.build import ModelCard, save_model
+    from bus_core.models.build import save_model
+    from bus_core.models.card import ModelCard
     from bus_core.models.unet import SEG_ARCH, DenseNetUNet
 
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from bus_core.inference.outline import Segmenter
 from bus_core.inference.predict import Predictor
 from bus_core.inference.warm import Prepared, Warmup, warm_active
 from bus_core.metrics import TARGET_SENSITIVITY, fmt3
-from bus_core.models.build import ModelCard, read_card
+from bus_core.models.card import ModelCard, read_card
 from bus_core.models.registry import active_model_path, active_segmenter_path, no_model_message
 from bus_core.roles import DEMO, Identity
 from bus_core.runtime.device import choose_device

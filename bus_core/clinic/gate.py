@@ -32,7 +32,8 @@ from bus_core.errors import BusError, storage
 from bus_core.evaluation.evaluate import Evaluation, evaluate
 from bus_core.evaluation.intervals import paired_difference
 from bus_core.metrics import HEADLINE_KEYS, LOWER_IS_BETTER, METRIC_LABELS
-from bus_core.models.build import CARD_FILE, ModelCard, load_model, read_card
+from bus_core.models.build import load_model
+from bus_core.models.card import CARD_FILE, ModelCard, read_card
 from bus_core.models.registry import active_model_path, set_active_model
 from bus_core.roles import Identity, require
 from bus_core.settings import data_dir

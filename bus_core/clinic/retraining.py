@@ -30,7 +30,7 @@ from bus_core.clinic.export import write_busi
 from bus_core.data.dataset import Record, load_many, load_records
 from bus_core.data.splits import find_groups, load_split, make_split, split_records
 from bus_core.errors import DataError, ModelError, storage
-from bus_core.models.build import CARD_FILE, read_card
+from bus_core.models.card import CARD_FILE, read_card
 from bus_core.models.registry import active_model_path, check_model_name, no_model_message
 from bus_core.roles import Identity, require
 from bus_core.settings import data_dir, user_models_dir

@@ -99,7 +99,8 @@ class InputSpec:
 
 
 def model_input(image: np.ndarray, masks: Sequence[np.ndarray], spec: InputSpec) -> np.ndarray:
-    """The image a model gets at prediction time; mask modes need a non-empty mask."""
+    """The image a model gets at prediction time from an image and the masks there are: the
+    image itself in `full` mode (the masks are ignored); mask modes need a non-empty mask."""
     if not spec.uses_masks:
         return image
     if not masks:
@@ -109,6 +110,30 @@ def model_input(image: np.ndarray, masks: Sequence[np.ndarray], spec: InputSpec)
         return context_crop(image, box_of(lesion_mask(masks, spec)), spec.margin)
     return masked_input(image, masks, mode=spec.combine, threshold=spec.threshold,
                         margin=spec.margin)
+
+
+def describe_input(spec: InputSpec, *, two_stage: bool, has_mask: bool,
+                   outlined_automatically: bool) -> str:
+    """What a model with input `spec` looks at, in one sentence for the clinician: `two_stage`
+    for a lesion model read with a whole-image model, `has_mask` when the image has a lesion
+    mask, `outlined_automatically` when the outline model made that mask."""
+    if two_stage:
+        if not has_mask:
+            return ("No lesion outline, so the whole-image model reads the whole image. Accept "
+                    "the suggested outline or paint one to read the lesion itself.")
+        made = ", outlined automatically" if outlined_automatically else ""
+        return ("Two-stage reading: the whole image tells normal from lesion; the lesion and "
+                f"the tissue around it (the box around the outline{made}) tell benign from "
+                "malignant.")
+    if spec.uses_masks:
+        automatic = " (outlined automatically)" if outlined_automatically else ""
+        if spec.mode == "lesion-context":
+            return ("This model looks at the lesion and the tissue around it: the box around "
+                    f"the outline{automatic}.")
+        return f"This model looks only at the masked lesion crop{automatic}."
+    if has_mask:
+        return "This model looks at the whole image; the mask is for reference only."
+    return "This model looks at the whole image; a lesion mask is optional."
 
 
 def lesion_mask(masks: Sequence[np.ndarray], spec: InputSpec) -> np.ndarray:

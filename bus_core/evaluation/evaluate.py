@@ -21,7 +21,8 @@ from bus_core.data.loader import RecordDataset, eval_batches
 from bus_core.evaluation.intervals import score
 from bus_core.inference.outline import Segmenter, with_automatic_masks
 from bus_core.metrics import softmax
-from bus_core.models.build import LoadedModel, ModelCard, load_model
+from bus_core.models.build import LoadedModel, load_model
+from bus_core.models.card import ModelCard
 from bus_core.models.registry import two_stage_folders
 from bus_core.models.unet import dice_iou
 from bus_core.runtime.backends import Forward, TorchForward, choose_forward

@@ -23,7 +23,7 @@ from bus_core.inference.outline import Segmenter
 from bus_core.inference.predict import Prediction, Predictor
 from bus_core.inference.report import NOTE, ReportContent, headline, mask_note, outlined
 from bus_core.inference.study import DEFAULT_RULE, RULES, combine_predictions
-from bus_core.models.build import ModelCard
+from bus_core.models.card import ModelCard
 
 INK, MUTED, RED, AMBER = (27, 39, 51), (96, 108, 120), (192, 57, 43), (156, 87, 0)
 PAGE_WIDTH, MARGIN = 210.0, 15.0  # A4 portrait, millimetres

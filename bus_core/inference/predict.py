@@ -45,13 +45,8 @@ from bus_core.metrics import (
     percent_pair,
     softmax,
 )
-from bus_core.models.build import (
-    LoadedModel,
-    ModelCard,
-    gradcam_layer,
-    load_model,
-    pools_into_linear,
-)
+from bus_core.models.build import LoadedModel, gradcam_layer, load_model, pools_into_linear
+from bus_core.models.card import ModelCard
 from bus_core.models.registry import active_model_path, no_model_message, two_stage_folders
 from bus_core.runtime.backends import choose_forward
 from bus_core.runtime.device import DeviceConfig, choose_device, physical_cores, prepare_model
@@ -213,7 +208,7 @@ class Predictor:
             whole_dir, outline_dir = two_stage_folders(loaded.path, self.card)
             self.whole = Predictor(load_model(whole_dir), self.device, backend,
                                    on_network=on_network)
-            if self.whole.spec.uses_masks or self.whole.classes != self.classes or \
+            if self.whole.reads_masks or self.whole.classes != self.classes or \
                     self.whole.card.name == self.card.name:
                 raise ModelError(f"{self.card.name} names {self.whole.card.name} as its "
                                  "whole-image model, but that model does not read the whole "
@@ -260,23 +255,31 @@ class Predictor:
         return self._side_by_side is not None
 
     @property
+    def reads_masks(self) -> bool:
+        """True when lesion masks change this predictor's reading: its model reads the lesion
+        (for a two-stage reading, its lesion model does). A whole-image model ignores the masks
+        it is given."""
+        return self.spec.uses_masks
+
+    @property
     def two_stage(self) -> bool:
         """True when this predictor reads in two stages (see the module docstring)."""
         return self.whole is not None
 
     def predict(self, image: np.ndarray, masks: Sequence[np.ndarray] = (), *,
                 suggest: bool = True) -> Prediction:
-        """Calibrated probabilities for one RGB uint8 image (and its lesion masks); an image
-        with a side under `images.MIN_SIDE` raises `InvalidImageError`. A two-stage predictor
-        given no mask outlines the lesion itself when `suggest`, and reads with its
-        whole-image model when there is no outline."""
+        """Calibrated probabilities for one RGB uint8 image and the lesion masks there are (a
+        model that reads the whole image ignores them: see `reads_masks`); an image with a
+        side under `images.MIN_SIDE` raises `InvalidImageError`. A two-stage predictor given no
+        mask outlines the lesion itself when `suggest`, and reads with its whole-image model
+        when there is no outline."""
         start = time.perf_counter()
         if self.whole is not None:
             prediction = self._two_stage(image, [m for m in masks if m.any()], suggest)
         else:
             tensor, warnings = self.prepare(image, masks)
             prediction = self.predict_batch(tensor.unsqueeze(0), [warnings])[0]
-        outlined = self.spec.uses_masks and (prediction.outline is not None or any(
+        outlined = self.reads_masks and (prediction.outline is not None or any(
             m.any() for m in masks)) and prediction.read_by == ""
         probs = np.array([[prediction.probabilities[c] for c in self.classes]])
         if outlined_but_normal([outlined], probs, self.classes)[0]:

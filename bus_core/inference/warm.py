@@ -25,7 +25,8 @@ from typing import Literal
 from bus_core.errors import ModelError
 from bus_core.inference.outline import Segmenter
 from bus_core.inference.predict import Predictor, network_count
-from bus_core.models.build import WEIGHTS_FILE, file_sha256, load_model, read_card
+from bus_core.models.build import file_sha256, load_model
+from bus_core.models.card import WEIGHTS_FILE, read_card
 from bus_core.models.registry import (
     active_model_path,
     active_segmenter_path,

@@ -29,14 +29,8 @@ from pathlib import Path, PurePosixPath
 from bus_core import atomic
 from bus_core.db import shared_lock
 from bus_core.errors import ModelError, storage
-from bus_core.models.build import (
-    CARD_FILE,
-    TWO_STAGE_KEYS,
-    WEIGHTS_FILE,
-    ModelCard,
-    load_model,
-    read_card,
-)
+from bus_core.models.build import load_model
+from bus_core.models.card import CARD_FILE, TWO_STAGE_KEYS, WEIGHTS_FILE, ModelCard, read_card
 from bus_core.roles import Identity, require
 from bus_core.settings import BUNDLED_WEIGHTS_DIR, data_dir, user_models_dir
 

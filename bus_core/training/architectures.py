@@ -55,7 +55,8 @@ from bus_core.metrics import (
     roc_curves,
     threshold_metrics,
 )
-from bus_core.models.build import ARCHS, CARD_FILE, imagenet_cached, load_model
+from bus_core.models.build import imagenet_cached, load_model
+from bus_core.models.card import ARCHS, CARD_FILE
 from bus_core.runtime.backends import TorchForward
 from bus_core.runtime.device import DEVICE_CHOICES, DeviceConfig, choose_device, prepare_model
 from bus_core.settings import PROJECT_ROOT, data_dir

@@ -25,14 +25,8 @@ from bus_core.data.splits import load_split
 from bus_core.evaluation.evaluate import evaluate, evaluate_segmentation
 from bus_core.inference.outline import Segmenter
 from bus_core.metrics import fit_malignant_threshold, fit_temperature, softmax
-from bus_core.models.build import (
-    LoadedModel,
-    ModelCard,
-    build_model,
-    file_sha256,
-    new_card,
-    save_model,
-)
+from bus_core.models.build import LoadedModel, build_model, file_sha256, save_model
+from bus_core.models.card import ModelCard, new_card
 from bus_core.models.unet import SEG_ARCH, DenseNetUNet, PostProcess
 from bus_core.runtime.device import DeviceConfig, prepare_model
 from bus_core.training.runs import ProgressLog

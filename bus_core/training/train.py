@@ -79,18 +79,8 @@ from bus_core.metrics import (
     softmax,
     threshold_metrics,
 )
-from bus_core.models.build import (
-    ARCHS,
-    CARD_FILE,
-    MIN_INPUT_SIZE,
-    LoadedModel,
-    ModelCard,
-    build_model,
-    file_sha256,
-    new_card,
-    read_card,
-    save_model,
-)
+from bus_core.models.build import MIN_INPUT_SIZE, LoadedModel, build_model, file_sha256, save_model
+from bus_core.models.card import ARCHS, CARD_FILE, ModelCard, new_card, read_card
 from bus_core.models.registry import two_stage_folders
 from bus_core.runtime import distributed
 from bus_core.runtime.device import (

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from bus_core.models.build import CARD_FILE, TWO_STAGE_KEYS, read_card
+from bus_core.models.card import CARD_FILE, TWO_STAGE_KEYS, read_card
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bus_core.models.build import CARD_FILE, read_card
+from bus_core.models.card import CARD_FILE, read_card
 
 TRAINING_DATA = {
     "sources": ["$DATA/BUSI", "$DATA/BUSBRA/labels.csv", "$DATA/BUSUCLM/labels.csv"],

@@ -241,7 +241,7 @@ def test_rollback_restores_an_earlier_model_and_is_logged(data_dir, tiny_model_d
 def test_a_model_made_active_by_hand_needs_a_reason_and_is_logged_with_its_warnings(
         data_dir, tiny_model_dir, tmp_path):
     from bus_core.clinic.gate import make_active
-    from bus_core.models.build import read_card
+    from bus_core.models.card import read_card
     from tests.conftest import copy_model as copy_with_card
 
     data = {"data_hash": "abc"}

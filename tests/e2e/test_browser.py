@@ -92,7 +92,8 @@ def everywhere_segmenter(tmp_path_factory) -> Path:
     everywhere), so the page always has a suggestion to edit."""
     import torch
 
-    from bus_core.models.build import ModelCard, save_model
+    from bus_core.models.build import save_model
+    from bus_core.models.card import ModelCard
     from bus_core.models.unet import SEG_ARCH, DenseNetUNet
 
     net = DenseNetUNet()

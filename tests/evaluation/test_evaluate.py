@@ -33,7 +33,8 @@ def test_evaluate_records_whether_tta_was_used(tiny_model_dir, busi_dir):
 
 def test_input_mode_override_shows_a_mask_model_leak_free_normals(tiny_model_dir, busi_dir,
                                                                   tmp_path):
-    from bus_core.models.build import new_card, save_model
+    from bus_core.models.build import save_model
+    from bus_core.models.card import new_card
 
     loaded = load_model(tiny_model_dir)
     card = new_card("tiny-mask", "densenet121", input_size={"resize": 40, "crop": 32},

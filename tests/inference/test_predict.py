@@ -34,10 +34,19 @@ def test_temperature_flattens_probabilities(tiny_model_dir):
     assert flat.predict(image).uncertain
 
 
+def test_a_whole_image_model_ignores_the_masks_it_is_given(predictor):
+    image, mask = synthetic_image("benign", np.random.default_rng(4), size=(200, 240))
+    assert not predictor.reads_masks
+    alone, given = predictor.predict(image), predictor.predict(image, [mask])
+    assert given.probabilities == alone.probabilities and given.warnings == alone.warnings
+    assert given.model_view.shape == alone.model_view.shape
+
+
 def test_mask_model_needs_a_mask(tiny_model_dir):
     predictor = Predictor(load_model(tiny_model_dir), device="cpu-fp32")
     predictor.spec = predictor.spec.__class__(mode="mask", size=predictor.spec.size)
     image, mask = synthetic_image("benign", np.random.default_rng(3), size=(200, 240))
+    assert predictor.reads_masks
     with pytest.raises(MaskError, match="lesion mask"):
         predictor.predict(image)
     with pytest.raises(MaskError):

@@ -21,7 +21,8 @@ from bus_core.inference.batch import predict_to_csv
 from bus_core.inference.outline import Segmenter
 from bus_core.inference.predict import Predictor
 from bus_core.metrics import NORMAL_ODDS_GRID, fit_normal_odds, normal_from_whole
-from bus_core.models.build import ModelCard, load_model
+from bus_core.models.build import load_model
+from bus_core.models.card import ModelCard
 from tests.conftest import blob_probabilities, copy_model, synthetic_image
 
 PAIR = {"whole_image_model": "whole", "outline_model": "outline"}
@@ -95,6 +96,7 @@ def test_outlined_image_takes_normal_from_the_whole_image_and_the_rest_from_the_
         models, blobs):
     two, alone, whole = (_predictor(models / n) for n in ("lesion", "alone", "whole"))
     assert two.two_stage and not alone.two_stage
+    assert two.reads_masks and alone.reads_masks and not whole.reads_masks
     image = _image()
     prediction = two.predict(image)
     assert prediction.outline is not None and prediction.outline.any()

@@ -10,7 +10,8 @@ import pytest
 
 from bus_core.errors import ModelError, StorageError
 from bus_core.models import registry
-from bus_core.models.build import CARD_FILE, WEIGHTS_FILE, load_model, read_card
+from bus_core.models.build import load_model
+from bus_core.models.card import CARD_FILE, WEIGHTS_FILE, read_card
 from bus_core.models.registry import (
     MAX_CARD_BYTES,
     active_model_path,

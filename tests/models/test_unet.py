@@ -10,7 +10,8 @@ from PIL import Image
 from bus_core.data.presets import fit_square, unfit_square
 from bus_core.errors import ModelError
 from bus_core.inference.outline import Segmenter, list_inputs, segment_inputs
-from bus_core.models.build import build_model, load_model, read_card
+from bus_core.models.build import build_model, load_model
+from bus_core.models.card import read_card
 from bus_core.models.unet import DenseNetUNet, PostProcess, dice_iou, postprocess
 from tests.conftest import ADMIN, blob_probabilities, copy_model, synthetic_image
 

@@ -14,7 +14,8 @@ from PIL import Image
 from bus_core.data.augment import FULL, Window, augment_batch
 from bus_core.data.dataset import load_records
 from bus_core.data.splits import make_split, save_split
-from bus_core.models.build import load_model, read_card
+from bus_core.models.build import load_model
+from bus_core.models.card import read_card
 from bus_core.training.segmenter import (
     epoch_plan,
     get_args_parser,
