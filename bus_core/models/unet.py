@@ -118,13 +118,27 @@ def postprocess(prob: np.ndarray, params: PostProcess = PostProcess()) -> np.nda
     """HxW probabilities in [0, 1] -> HxW bool lesion mask (all False: no lesion found)."""
     mask = prob >= params.threshold
     if params.fill_holes and mask.any():
-        mask = ndimage.binary_fill_holes(mask)
+        mask = fill_holes(mask)
     if params.min_area > 0 and mask.any():
-        labels, n = ndimage.label(mask)
-        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-        keep = np.flatnonzero(sizes >= params.min_area * mask.size) + 1
-        mask = np.isin(labels, keep)
+        labels, _ = ndimage.label(mask)
+        sizes = np.bincount(labels.ravel())
+        keep = sizes >= params.min_area * mask.size
+        keep[0] = False  # the background
+        mask = keep[labels]
     return mask
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`mask` with its holes filled: the background regions (4-connected) that do not touch the
+    image's border. The same result as `scipy.ndimage.binary_fill_holes`, in one labelling
+    pass instead of repeated dilations (a few times faster on a whole image)."""
+    background, _ = ndimage.label(~mask)
+    outside = np.unique(np.concatenate([background[0], background[-1], background[:, 0],
+                                        background[:, -1]]))
+    reaches_border = np.zeros(int(background.max()) + 1, dtype=bool)
+    reaches_border[outside] = True
+    reaches_border[0] = True  # label 0 is the mask itself
+    return mask | ~reaches_border[background]
 
 
 def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:

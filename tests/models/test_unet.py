@@ -12,7 +12,7 @@ from bus_core.errors import ModelError
 from bus_core.inference.outline import Segmenter, list_inputs, segment_inputs
 from bus_core.models.build import build_model, load_model
 from bus_core.models.card import read_card
-from bus_core.models.unet import DenseNetUNet, PostProcess, dice_iou, postprocess
+from bus_core.models.unet import DenseNetUNet, PostProcess, dice_iou, fill_holes, postprocess
 from tests.conftest import ADMIN, blob_probabilities, copy_model, synthetic_image
 
 
@@ -46,6 +46,26 @@ def test_postprocess_threshold_small_components_and_holes():
     assert not postprocess(prob, PostProcess(threshold=0.95)).any()
     kept = postprocess(prob, PostProcess(threshold=0.5, min_area=0.0, fill_holes=False))
     assert kept[91, 91] and not kept[40, 40]
+
+
+def test_fill_holes_matches_scipy_on_random_masks():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = rng.integers(3, 90, 2)
+        noise = ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(0.5, 4))
+        mask = noise > rng.uniform(0.45, 0.55)
+        np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    assert fill_holes(np.ones((4, 4), bool)).all() and not fill_holes(np.zeros((4, 4), bool)).any()
+    ring = np.zeros((7, 7), bool)
+    ring[1:6, 1:6] = True
+    ring[3, 3] = False
+    assert fill_holes(ring)[3, 3]
+    ring[3, 1] = False  # a notch in the ring that does not reach the hole: still a hole
+    assert fill_holes(ring)[3, 3]
+    ring[3, 1:3] = False  # a gap from the hole to the outside: no longer a hole
+    assert not fill_holes(ring)[3, 3]
 
 
 def test_dice_and_iou():
