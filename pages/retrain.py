@@ -252,8 +252,13 @@ def retrain_tab(store: CaseStore, who: Identity) -> None:
     """Fine-tune the active model on the reviewed cases, gate it, decide; decision log."""
     confirmed = store.confirmed_cases()
     counts = class_counts(confirmed)
-    st.markdown(f"**{len(confirmed)} reviewed cases** can be used: "
-                + ", ".join(f"{n} {label}" for label, n in counts.items()) + ".")
+    if confirmed:
+        st.markdown(f"**{len(confirmed)} reviewed cases** can be used: "
+                    + ", ".join(f"{n} {label}" for label, n in counts.items()) + ".")
+    else:
+        st.info("No reviewed cases yet: once clinicians confirm or correct cases on the Review "
+                "cases page, the active model can be fine-tuned on them here.",
+                icon=":material/info:")
     st.caption("The active model is fine-tuned on its original training data plus the reviewed "
                "cases (a share of them is held out). The new model is then compared with the "
                "active one on the fixed test split and on the held-out cases; it is activated "

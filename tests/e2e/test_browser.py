@@ -1,8 +1,7 @@
 """The app in a real browser: `streamlit run app.py` driven by Playwright and Debian's Chromium.
 
-Screenshots go to test-artifacts/ (git-ignored). With SAVE_README_SCREENSHOT=1 the Diagnose
-screenshot is also saved as docs/diagnose.png, using a real BUSI image when ../shared/data/BUSI
-exists and the model in $BUS_MODEL (else the active model, else the tiny test model).
+Screenshots go to test-artifacts/ (git-ignored); the README's picture is made by
+scripts/readme_screenshot.py, not by a test.
 Every test signs in with a user it creates through the command line (`users add`).
 Skipped when Chromium or Playwright is missing.
 """
@@ -22,15 +21,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import BUSI, free_port, stop_process, synthetic_image
+from tests.conftest import free_port, stop_process, synthetic_image
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-README_RUN = os.environ.get("SAVE_README_SCREENSHOT") == "1"
-README_IMAGE = BUSI / "malignant" / "malignant (107).png"  # a held-out test-split image
 
 if not CHROMIUM.exists():
     pytest.skip("Chromium is not installed at /usr/bin/chromium", allow_module_level=True)
@@ -69,16 +66,6 @@ def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float = 90) 
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"streamlit did not answer at {url} within {timeout} s")
-
-
-def screenshot_model(tiny_model_dir: Path) -> Path:
-    if README_RUN:
-        from bus_core.models.registry import active_model_path
-
-        chosen = os.environ.get("BUS_MODEL") or active_model_path()
-        if chosen:
-            return Path(chosen)
-    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +116,7 @@ def running_app(env: dict[str, str], log_path: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, busi_dir, userdata, everywhere_segmenter) -> Iterator[str]:
-    env = {**os.environ, "BUS_MODEL": str(screenshot_model(tiny_model_dir)),
+    env = {**os.environ, "BUS_MODEL": str(tiny_model_dir),
            "BUS_DATA_DIR": str(userdata), "BUS_DATASET": str(busi_dir),
            "BUS_SEGMENTER": str(everywhere_segmenter)}
     add_user(userdata)
@@ -158,8 +145,6 @@ def page(browser):
 
 
 def upload_image(tmp_path: Path) -> Path:
-    if README_RUN and README_IMAGE.is_file():
-        return README_IMAGE
     image, _ = synthetic_image("malignant", np.random.default_rng(3), size=(360, 480))
     path = tmp_path / "ultrasound.png"
     Image.fromarray(image).save(path)
@@ -205,9 +190,6 @@ def test_diagnose_in_a_browser(page, server, tmp_path):
     settle(page)
     ARTIFACTS.mkdir(exist_ok=True)
     full_screenshot(page, ARTIFACTS / "diagnose.png")
-    if README_RUN:
-        (REPO / "docs").mkdir(exist_ok=True)
-        full_screenshot(page, REPO / "docs" / "diagnose.png")
 
 
 def test_corrupt_file_gets_a_message_in_a_browser(page, server, tmp_path):
