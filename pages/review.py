@@ -57,14 +57,16 @@ def date_bounds(dates: tuple[dt.date, ...]) -> dict[str, dt.datetime]:
 def further_filters(store: CaseStore) -> dict[str, Any]:
     """The worklist's sort and further filters (reading, who saved, who reviewed, dates)."""
     people = store.distinct_people()
-    c1, c2, c3, c4, c5 = st.columns([3, 2, 2, 2, 3])
-    sort = c1.selectbox("Order", list(SORTS), format_func=lambda k: SORTS[k][0],
+    sort = st.selectbox("Order", list(SORTS), format_func=lambda k: SORTS[k][0],
                         key="review_f_sort")
-    predicted = c2.selectbox("Model's reading", [ALL, *CLASSES], key="review_f_predicted")
-    owner = c3.selectbox("Saved by", [ALL, *people["owner"]], key="review_f_owner")
-    reviewer = c4.selectbox("Reviewed by", [ALL, *people["reviewer"]], key="review_f_reviewer")
-    dates = c5.date_input("Saved between", value=(), key="review_f_dates", format="YYYY-MM-DD",
-                          help="Leave empty for any date.")
+    with st.expander("Filters", icon=":material/filter_list:"):
+        c1, c2 = st.columns(2)
+        predicted = c1.selectbox("Model's reading", [ALL, *CLASSES], key="review_f_predicted")
+        owner = c2.selectbox("Saved by", [ALL, *people["owner"]], key="review_f_owner")
+        reviewer = c1.selectbox("Reviewed by", [ALL, *people["reviewer"]],
+                                key="review_f_reviewer")
+        dates = c2.date_input("Saved between", value=(), key="review_f_dates",
+                              format="YYYY-MM-DD", help="Leave empty for any date.")
     return dict(sort=sort, predicted=choice(predicted), owner=choice(owner),
                 reviewer=choice(reviewer), **date_bounds(tuple(dates)))
 
@@ -84,8 +86,8 @@ def worklist(store: CaseStore) -> tuple[Worklist, str]:
     with counts_place:
         # the counts as metrics, not in the views' labels: a label that changes after each
         # review would lose the view chosen
-        for column, (name, (words, _)) in zip(st.columns(len(VIEWS)), VIEWS.items()):
-            column.metric(words, counts[name])
+        for column, (name, (words, what, _)) in zip(st.columns(len(VIEWS)), VIEWS.items()):
+            column.metric(words, counts[name], help=what)
         view = st.segmented_control("Show", list(VIEWS), default="to_review", key="review_view",
                                     format_func=lambda k: VIEWS[k][0], width="stretch",
                                     help="The counts above are among the cases matching the "
@@ -294,19 +296,19 @@ def review(store: CaseStore, case: Case, who: Identity, ids: list[int]) -> None:
     following, before = next_case(ids, case.id), next_case(ids, case.id, -1)
     st.caption("Keyboard: **1** normal · **2** benign · **3** malignant saves that label and "
                "opens the next case · **N** / **P** the next / previous case.")
-    columns = st.columns(5)
-    for column, label in zip(columns, CLASSES):
+    for column, label in zip(st.columns(len(CLASSES)), CLASSES):
         column.button(label.capitalize(), key=f"review_quick_{label}", width="stretch",
                       shortcut=QUICK_KEYS[label],
                       type="primary" if label == case.predicted_label else "secondary",
                       on_click=save_review, args=(store, case.id, label, who, following),
                       help=f"Save '{label}' as this case's label and open the next case.")
-    columns[3].button("Previous", key="review_previous", shortcut="P", width="stretch",
-                      icon=":material/arrow_back:", disabled=before is None,
-                      on_click=open_case, args=(before,))
-    columns[4].button("Next", key="review_next", shortcut="N", width="stretch",
-                      icon=":material/arrow_forward:", disabled=following is None,
-                      on_click=open_case, args=(following,))
+    back, forward = st.columns(2)  # a row of their own: no label cut short in a narrow window
+    back.button("Previous", key="review_previous", shortcut="P", width="stretch",
+                icon=":material/arrow_back:", disabled=before is None,
+                on_click=open_case, args=(before,))
+    forward.button("Next", key="review_next", shortcut="N", width="stretch",
+                   icon=":material/arrow_forward:", disabled=following is None,
+                   on_click=open_case, args=(following,))
     with st.form(f"review_form_{case.id}"):
         st.radio("Label", CLASSES, index=CLASSES.index(case.label), horizontal=True,
                  format_func=str.capitalize, key=f"review_label_{case.id}",

@@ -36,8 +36,7 @@ def test_the_worklist_counts_filters_and_sorts(case_ids):
     assert views.value == "to_review"
     # the counts at the top
     assert {m.label: m.value for m in at.metric} == {
-        "To review": "2", "Flagged malignant, to review": "0", "Uncertain, to review": "0",
-        "Reviewer disagreed": "1", "All cases": "3"}
+        "To review": "2", "Flagged": "0", "Uncertain": "0", "Disagreed": "1", "All": "3"}
     table = at.dataframe[0].value
     assert list(table["Case"]) == [case_ids[1], case_ids[0]]  # most suspicious first
     assert list(table.columns)[:5] == ["Case", "Agreement", "Model's reading", "Flag",
@@ -101,7 +100,7 @@ def test_a_case_of_a_study_shows_the_study_and_lists_its_cases(case_ids):
     assert sorted(at.dataframe[0].value["Case"]) == sorted(study.case_ids)
     assert f"Only the cases of study {study.id}." in texts(at)
     at.button(key="review_study_clear").click().run()
-    assert len(at.dataframe[0].value) == 5  # every case again (the view stays 'All cases')
+    assert len(at.dataframe[0].value) == 5  # every case again (the view stays 'All')
 
 
 def test_a_study_read_by_the_active_model_has_its_pdf_report(monkeypatch, tmp_path,

@@ -25,15 +25,18 @@ SORTS: dict[str, tuple[str, str, bool]] = {
 }
 """Worklist orders: name -> (words, the store's column, descending)."""
 
-VIEWS: dict[str, tuple[str, dict[str, Any]]] = {
-    "to_review": ("To review", {"status": "unreviewed"}),
-    "flagged": ("Flagged malignant, to review", {"status": "unreviewed", "flagged": True}),
-    "uncertain": ("Uncertain, to review", {"status": "unreviewed", "uncertain": True}),
-    "disagreements": ("Reviewer disagreed", {"status": "corrected"}),
-    "all": ("All cases", {}),
+VIEWS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "to_review": ("To review", "Cases nobody has reviewed yet.", {"status": "unreviewed"}),
+    "flagged": ("Flagged", "Cases to review that the model flagged as possibly malignant.",
+                {"status": "unreviewed", "flagged": True}),
+    "uncertain": ("Uncertain", "Cases to review where the model was unsure.",
+                  {"status": "unreviewed", "uncertain": True}),
+    "disagreements": ("Disagreed", "Reviewed cases whose label differs from the model's "
+                      "reading.", {"status": "corrected"}),
+    "all": ("All", "Every case.", {}),
 }
-"""The quick views of a worklist (name -> words, filters); each name but 'all' is also a count
-of `CaseStore.worklist_counts`."""
+"""The quick views of a worklist (name -> short words, what it holds, filters); each name but
+'all' is also a count of `CaseStore.worklist_counts`."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class Worklist:
         further ones; no sorting or paging)."""
         further = {"predicted": self.predicted, "owner": self.owner, "reviewer": self.reviewer,
                    "since": self.since, "until": self.until, "study_id": self.study_id}
-        return {**VIEWS[self.view][1], **{k: v for k, v in further.items() if v is not None}}
+        return {**VIEWS[self.view][2], **{k: v for k, v in further.items() if v is not None}}
 
     def base_filters(self) -> dict[str, Any]:
         """The further filters without the view's: what the counts of every view are taken
