@@ -54,6 +54,16 @@ def signed_in_app(*roles: str, name: str = "Dr Test", timeout: float = 60) -> Ap
     return at
 
 
+def opened_page(page: str) -> AppTest:
+    """app.py signed in with every role (`signed_in_app`), on `pages/<page>.py`, without an
+    exception."""
+    at = signed_in_app()
+    at.run()
+    at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
 def synthetic_image(label: str, rng: np.random.Generator, size: tuple[int, int] = (72, 88)
                     ) -> tuple[np.ndarray, np.ndarray]:
     """A speckled grayscale 'ultrasound' (RGB uint8) and its lesion mask (bool).

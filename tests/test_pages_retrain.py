@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from bus_core.clinic.gate import GATE_FILE, compare, decision_log
 from bus_core.clinic.retraining import RetrainPlan
@@ -16,18 +15,7 @@ from bus_core.data.splits import make_split, save_split
 from bus_core.models.registry import active_model_path, set_active_model
 from bus_core.settings import user_models_dir
 from bus_core.training.train import TrainConfig
-from tests.conftest import ADMIN, signed_in_app, texts
-
-
-def open_page() -> AppTest:
-    at = signed_in_app(timeout=60)
-    at.run()
-    at.switch_page("pages/retrain.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-
+from tests.conftest import ADMIN, opened_page, texts
 
 
 def candidate(case_ids, tiny_model_dir, result) -> tuple[Path, Path]:
@@ -55,7 +43,7 @@ def failed_candidate(case_ids, tiny_model_dir) -> tuple[Path, Path]:
 
 def test_failed_gate_needs_a_reason_then_roll_back(failed_candidate):
     old, new = failed_candidate
-    at = open_page()
+    at = opened_page("retrain")
     assert "worse than the active one" in texts(at)
     override = at.button(key="retrain_gate_override")
     assert override.disabled
@@ -89,7 +77,7 @@ def test_compare_from_the_page_then_activate(case_ids, tiny_model_dir, busi_dir,
                 cases_dir="", train_manifest="", heldout_manifest=str(heldout), heldout_file="",
                 base_data=[str(busi_dir)], base_split=str(split), train_cases=[case_ids[2]],
                 heldout_cases=[]).save()
-    at = open_page()
+    at = opened_page("retrain")
     at.button(key="retrain_gate_run").click().run()
     assert not at.exception, [e.value for e in at.exception]
     table = next(d.value for d in at.dataframe if "Verdict" in d.value.columns)
@@ -104,7 +92,7 @@ def test_compare_from_the_page_then_activate(case_ids, tiny_model_dir, busi_dir,
 def test_retraining_refuses_data_outside_the_allowed_folders(case_ids, busi_dir, monkeypatch,
                                                              tiny_model_dir):
     monkeypatch.setenv("BUS_MODEL", str(tiny_model_dir))
-    at = open_page()
+    at = opened_page("retrain")
     at.text_input(key="retrain_data").set_value("/etc").run()
     at.button(key="retrain_start").click().run()
     assert not at.exception, [e.value for e in at.exception]
@@ -122,7 +110,7 @@ def test_the_gate_states_each_difference_with_its_interval(case_ids, tiny_model_
         {"fixed_test": {"malignant_sensitivity": 0.8, "accuracy": 0.86}},
         differences={"fixed_test": {"accuracy": [-0.04, 0.02],
                                     "malignant_sensitivity": [-0.01, 0.01]}}))
-    at = open_page()
+    at = opened_page("retrain")
     assert "On the fixed test split: accuracy difference \u22120.01 [\u22120.04, +0.02]." in \
         texts(at)
     table = next(d.value for d in at.dataframe if "Verdict" in d.value.columns)

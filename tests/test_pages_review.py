@@ -15,23 +15,15 @@ from bus_core.clinic.cases import open_store
 from bus_core.db import default_db_path
 from bus_core.inference.predict import Predictor
 from bus_core.models.registry import set_active_model
-from tests.conftest import ADMIN, person, signed_in_app, synthetic_image, texts
+from tests.conftest import ADMIN, opened_page, person, synthetic_image, texts
 from ui.cases import reading_as_case
 from ui.common import SESSION_KEY
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
-def open_page() -> AppTest:
-    at = signed_in_app(timeout=60)
-    at.run()
-    at.switch_page("pages/review.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
 def test_the_worklist_counts_filters_and_sorts(case_ids):
-    at = open_page()
+    at = opened_page("review")
     views = at.segmented_control(key="review_view")
     assert views.value == "to_review"
     # the counts at the top
@@ -58,7 +50,7 @@ def test_the_worklist_counts_filters_and_sorts(case_ids):
 
 
 def test_one_key_labels_the_case_and_opens_the_next(case_ids):
-    at = open_page()
+    at = opened_page("review")
     first, second = case_ids[1], case_ids[0]
     assert at.selectbox(key="review_case").value == first
     buttons = {b.key: b for b in at.button}
@@ -91,7 +83,7 @@ def test_a_case_of_a_study_shows_the_study_and_lists_its_cases(case_ids):
     with open_store(default_db_path()) as store:
         study = store.save_study(items, StudyReadingRecord(
             "least-normal", probabilities, "malignant", False, True), who=person("Dr New"))
-    at = open_page()
+    at = opened_page("review")
     at.selectbox(key="review_case").set_value(study.case_ids[0]).run()
     assert (f"Study {study.id} · 2 images (cases {study.case_ids[0]}, {study.case_ids[1]}) · "
             "study reading malignant · flagged malignant") in texts(at).replace("*", "")
@@ -133,7 +125,7 @@ def test_a_study_read_by_the_active_model_has_its_pdf_report(monkeypatch, tmp_pa
     original = bus_core.inference.pdf_report.render_study_pdf
     monkeypatch.setattr(bus_core.inference.pdf_report, "render_study_pdf",
                         lambda report: made.append(report) or original(report))
-    at = open_page()
+    at = opened_page("review")
     at.segmented_control(key="review_view").set_value("all").run()
     assert any(b.proto.label == "Study report (PDF)" for b in at.get("download_button"))
     report = next(r for r in made if len(r.images) == 2)
@@ -160,7 +152,7 @@ def test_five_thousand_cases_open_one_page_at_a_time(case_ids):
             if k != "id"}
         with store.transaction(write=True) as conn:
             conn.execute(insert(cases), [dict(row, p_malignant=i / 5000) for i in range(4997)])
-    at = open_page()
+    at = opened_page("review")
     assert len(at.dataframe[0].value) == 50
     assert "Cases 1–50 of 4999 · page 1 of 100" in texts(at)
     assert at.dataframe[0].value["Case"].iloc[0] == 3 + 4997  # the most suspicious copy
@@ -172,7 +164,7 @@ def test_five_thousand_cases_open_one_page_at_a_time(case_ids):
 
 
 def test_review_changes_status_and_history(case_ids):
-    at = open_page()
+    at = opened_page("review")
     target = case_ids[0]
     at.selectbox(key="review_case").set_value(target).run()
     assert not [t for t in at.text_input if "Your name" in t.label]  # the signed-in user signs
@@ -194,7 +186,7 @@ def test_review_changes_status_and_history(case_ids):
 
 
 def test_export_zip_has_busi_layout(case_ids):
-    at = open_page()
+    at = opened_page("review")
     at.button(key="review_export_build").click().run()
     with zipfile.ZipFile(io.BytesIO(at.session_state["review_export"])) as archive:
         names = set(archive.namelist())
@@ -236,7 +228,7 @@ def test_case_saved_from_a_prediction_gets_its_cam_redrawn(monkeypatch, tmp_path
     original = bus_core.inference.pdf_report.render_study_pdf
     monkeypatch.setattr(bus_core.inference.pdf_report, "render_study_pdf",
                         lambda report: made.append(report) or original(report))
-    at = open_page()
+    at = opened_page("review")
     assert "No case matches" in texts(at)  # reviewed: not among the cases to review
     at.segmented_control(key="review_view").set_value("all").run()
     captions = [c for image in at.get("image") for c in image.captions]
