@@ -12,7 +12,7 @@ from bus_core.training.architectures import find_comparisons, read_results
 from ui.common import md_escape, show_error
 from ui.evaluation import comparison_run_table, roc_comparison_figure
 
-COMMAND = ("python -m bus_core compare --data ../shared/data/BUSI --split splits/busi.json "
+COMMAND = ("python -m bus_core compare --data $DATA/BUSI --split splits/busi.json "
            "--out runs/compare")
 
 
