@@ -192,6 +192,33 @@ def test_diagnose_in_a_browser(page, server, tmp_path):
     full_screenshot(page, ARTIFACTS / "diagnose.png")
 
 
+@pytest.mark.parametrize("width", [1440, 800])
+def test_three_images_read_as_one_study_in_a_browser(browser, server, tmp_path, width):
+    """Three images of one lesion: one study reading, its PDF, saved as one study."""
+    rng = np.random.default_rng(width)
+    paths = []
+    for i in range(3):
+        image, _ = synthetic_image("malignant", rng, size=(360, 480))
+        paths.append(tmp_path / f"view-{i + 1}.png")
+        Image.fromarray(image).save(paths[-1])
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        sign_in(page, server)
+        page.locator("input[type=file]").first.set_input_files([str(p) for p in paths])
+        page.get_by_role("heading", name="As one study").wait_for()
+        page.get_by_role("button", name="Study report (PDF)").wait_for()
+        page.get_by_role("button", name="Save as one study (3 cases)").click()
+        page.get_by_text("Saved as study").first.wait_for()
+        settle(page)
+        assert not page.locator("[data-testid=stException]").count()
+        ARTIFACTS.mkdir(exist_ok=True)
+        full_screenshot(page, ARTIFACTS / f"study-{width}.png")
+    finally:
+        context.close()
+
+
 def test_corrupt_file_gets_a_message_in_a_browser(page, server, tmp_path):
     bad = tmp_path / "x.png"
     bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())

@@ -40,6 +40,32 @@ def walk_data(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("walk-data")
 
 
+def seed_cases(data_dir: Path) -> None:
+    """Cases for the pages to show: a study of two images to review (barely suspicious, so
+    listed after any case a test adds) and a case a reviewer corrected."""
+    import numpy as np
+
+    from bus_core.clinic.cases import NewCase, StudyReadingRecord, open_store
+    from tests.conftest import person, synthetic_image
+
+    rng = np.random.default_rng(0)
+
+    def reading(label: str, p_malignant: float) -> NewCase:
+        image, mask = synthetic_image(label, rng)
+        return NewCase(image=image, image_name=f"{label}.png", model_name="tiny",
+                       model_hash="0" * 64, masks=[mask],
+                       probabilities={"normal": 0.1, "benign": 0.9 - p_malignant,
+                                      "malignant": p_malignant},
+                       predicted_label="benign" if p_malignant < 0.5 else "malignant",
+                       flagged=p_malignant >= 0.5)
+    with open_store(data_dir) as store:
+        store.save_study([reading("benign", 0.02), reading("benign", 0.01)], StudyReadingRecord(
+            "least-normal", {"normal": 0.1, "benign": 0.88, "malignant": 0.02}, "benign", False,
+            False), who=person("clinician"))
+        corrected = store.add_case(reading("malignant", 0.6), who=person("clinician"))
+        store.review_case(corrected.id, label="benign", who=person("admin"))
+
+
 @pytest.fixture(scope="module")
 def walk_server(tiny_model_dir, busi_dir, walk_data) -> Iterator[str]:
     userdata = walk_data
@@ -47,6 +73,7 @@ def walk_server(tiny_model_dir, busi_dir, walk_data) -> Iterator[str]:
         subprocess.run([sys.executable, "-m", "bus_core", "users", "add", role, "--role", role,
                         "--password-stdin"], input=PASSWORD + "\n", text=True, check=True,
                        cwd=REPO, env={**os.environ, "BUS_DATA_DIR": str(userdata)}, timeout=120)
+    seed_cases(userdata)
     env = {**os.environ, "BUS_MODEL": str(tiny_model_dir), "BUS_DATA_DIR": str(userdata),
            "BUS_DATASET": str(busi_dir)}
     with running_app(env, userdata / "streamlit.log") as url:
