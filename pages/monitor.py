@@ -14,6 +14,7 @@ from bus_core.clinic.monitoring import (
     SIZE_DRIFT,
     WINDOW_DAYS,
     WindowFigures,
+    agreement_unchecked,
     image_widths,
     monitor,
     to_csv,
@@ -112,9 +113,14 @@ warned = [(w, text) for w in reversed(windows) for text in w.warnings]
 for window, text in warned:
     st.warning(f"{window.start:%Y-%m-%d} to {window.end:%Y-%m-%d}: {md_escape(text)}",
                icon=":material/warning:")
+unchecked = agreement_unchecked(latest, card.metrics if card else {})
 if not warned:
-    st.success("No warnings: agreement within the card's figures and no change in the images "
-               "seen.", icon=":material/check_circle:")
+    st.success("No warnings: " + ("no change in the images seen." if unchecked else
+                                  "agreement within the card's figures and no change in the "
+                                  "images seen."), icon=":material/check_circle:")
+if unchecked:
+    st.info(f"Agreement is not compared with the card's figures: {unchecked}.",
+            icon=":material/info:")
 st.dataframe(windows_table(windows), hide_index=True, width="stretch")
 st.download_button("Download the table (CSV)", to_csv(windows),
                    file_name=f"monitor-{period}.csv", mime="text/csv",

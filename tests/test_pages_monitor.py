@@ -54,6 +54,7 @@ def test_saved_and_reviewed_cases_fill_the_windows_and_the_csv(data_dir):
     assert not at.exception, [e.value for e in at.exception]
     text = _texts(at)
     assert "The model card's test figures (490 images)" in text
+    assert "Agreement is not compared with the card's figures: 3 reviewed cases" in text
     assert "Patient Name" not in text
     table = at.dataframe[0].value
     newest = table.iloc[0]

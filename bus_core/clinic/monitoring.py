@@ -79,6 +79,14 @@ def window_bounds(cases: Sequence[Case], days: int, now: dt.datetime | None = No
     return bounds[::-1]
 
 
+def flag_of(case: Case, threshold: float | None) -> bool | None:
+    """Whether the malignant flag was raised for `case`: as saved with it, else P(malignant) at
+    `threshold` (None when neither is known)."""
+    if case.flagged is not None:
+        return case.flagged
+    return None if threshold is None else case.probabilities.get(MALIGNANT, 0.0) >= threshold
+
+
 def window_figures(cases: Sequence[Case], start: dt.datetime, end: dt.datetime, *,
                    threshold: float | None, widths: Mapping[int, int] | None = None,
                    classes: Sequence[str] = CLASSES) -> WindowFigures:
@@ -101,8 +109,7 @@ def window_figures(cases: Sequence[Case], start: dt.datetime, end: dt.datetime, 
         start=start, end=end, readings=len(inside),
         class_mix={k: float(np.mean([c.predicted_label == k for c in inside])) if inside
                    else 0.0 for k in classes},
-        flagged=(_share([c.probabilities.get(MALIGNANT, 0.0) >= threshold for c in inside])
-                 if threshold is not None else None),
+        flagged=_share([f for f in (flag_of(c, threshold) for c in inside) if f is not None]),
         uncertain=_share([c.uncertain for c in inside]),
         without_outline=_share([not c.mask_hashes for c in inside]),
         median_width=float(np.median(sized)) if sized else None,
@@ -145,6 +152,18 @@ def warnings_for(window: WindowFigures, earlier: Sequence[WindowFigures],
             found.append(f"More images read without a lesion outline ({window.without_outline:.0%}"
                          f" against {before:.0%} before): images unlike those it was made for?")
     return found
+
+
+def agreement_unchecked(window: WindowFigures, card_metrics: Mapping[str, Any]) -> str | None:
+    """Why `window`'s agreement is not compared with the model card's test figures (None when
+    it is)."""
+    at = (card_metrics.get("test") or {}).get("at_threshold") or {}
+    if not any(at.get(f"{key}_ci95") for key in ("sensitivity", "specificity")):
+        return "the model's card has no test figures to compare with"
+    if window.reviewed < MIN_REVIEWED:
+        return (f"{window.reviewed} reviewed case{'' if window.reviewed == 1 else 's'} in the "
+                f"latest window, fewer than the {MIN_REVIEWED} needed")
+    return None
 
 
 def monitor(cases: Sequence[Case], days: int, *, threshold: float | None,

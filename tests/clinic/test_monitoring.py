@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from bus_core.clinic.cases import Case
-from bus_core.clinic.monitoring import MIN_REVIEWED, monitor, to_csv, window_bounds, window_figures
+from bus_core.clinic.monitoring import (
+    MIN_REVIEWED,
+    agreement_unchecked,
+    monitor,
+    to_csv,
+    window_bounds,
+    window_figures,
+)
 
 NOW = dt.datetime(2026, 6, 30, 12, 0, tzinfo=dt.timezone.utc)
 CARD = {"test": {"at_threshold": {"sensitivity": 0.9, "sensitivity_ci95": [0.8, 0.97],
@@ -18,7 +25,8 @@ CARD = {"test": {"at_threshold": {"sensitivity": 0.9, "sensitivity_ci95": [0.8, 
 
 
 def _case(i: int, days_ago: float, predicted: str, p_malignant: float,
-          confirmed: str | None = None, outline: bool = True, uncertain: bool = False) -> Case:
+          confirmed: str | None = None, outline: bool = True, uncertain: bool = False,
+          flagged: bool | None = None) -> Case:
     rest = (1 - p_malignant) / 2
     probs = {"normal": rest, "benign": rest, "malignant": p_malignant}
     when = (NOW - dt.timedelta(days=days_ago)).isoformat()
@@ -27,7 +35,7 @@ def _case(i: int, days_ago: float, predicted: str, p_malignant: float,
                 combine_mode=None, model_name="m", model_hash="h", probabilities=probs,
                 predicted_label=predicted, cam_settings=None, reviewer="",
                 confirmed_label=confirmed, notes="", status="reviewed" if confirmed else "new",
-                uncertain=uncertain)
+                uncertain=uncertain, flagged=flagged)
 
 
 def test_windows_reach_back_to_the_oldest_case_oldest_first() -> None:
@@ -91,3 +99,25 @@ def test_csv_has_one_row_per_window_in_percent() -> None:
     assert rows[-1]["read malignant %"] == "100.0" and rows[-1]["reviewed"] == "1"
     assert rows[0]["agreement %"] == "" and rows[0]["flagged %"] == "0.0"
     assert np.isclose(float(rows[-1]["sensitivity %"]), 100.0)
+
+
+def test_the_flag_saved_with_a_case_counts_before_the_threshold() -> None:
+    # saved flags (a study's, or another threshold's) win; the threshold fills in the rest
+    cases = [_case(1, 1, "benign", 0.1, flagged=True), _case(2, 1, "benign", 0.9, flagged=False),
+             _case(3, 1, "benign", 0.9), _case(4, 1, "benign", 0.1)]
+    w = window_figures(cases, NOW - dt.timedelta(days=7), NOW, threshold=0.25)
+    assert w.flagged == pytest.approx(0.5)
+    # without a threshold only the saved flags count
+    w = window_figures(cases, NOW - dt.timedelta(days=7), NOW, threshold=None)
+    assert w.flagged == pytest.approx(0.5)
+    assert window_figures(cases[2:], NOW - dt.timedelta(days=7), NOW, threshold=None).flagged is None
+
+
+def test_agreement_is_compared_only_with_test_figures_and_enough_reviews() -> None:
+    reviewed = [_case(i, 1, "benign", 0.1, "benign") for i in range(MIN_REVIEWED)]
+    [enough] = monitor(reviewed, 7, threshold=0.25, card_metrics=CARD, now=NOW)
+    assert agreement_unchecked(enough, CARD) is None
+    assert "no test figures" in agreement_unchecked(enough, {})
+    [few] = monitor(reviewed[:1], 7, threshold=0.25, card_metrics=CARD, now=NOW)
+    assert agreement_unchecked(few, CARD) == (
+        f"1 reviewed case in the latest window, fewer than the {MIN_REVIEWED} needed")
