@@ -72,6 +72,10 @@ class WarmProgress:
                 f"network{'s' if self.total != 1 else ''}")
 
 
+class Abandoned(Exception):
+    """A preparation stopped because its program ended."""
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A model ready to read: its predictor and the outline model that suggests outlines
@@ -99,7 +103,10 @@ class Warmup:
         self._result: Prepared | None = None
         self._cache: CacheReport | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True,
+        # never a daemon, even when started from one (the app's script threads are): a process
+        # ending while a daemon thread is inside torch or OpenVINO aborts; `_ready` stops the
+        # preparation at the next network instead
+        self._thread = threading.Thread(target=self._run, daemon=False,
                                         name=f"warm-{card.name}")
 
     def start(self) -> Warmup:
@@ -108,7 +115,10 @@ class Warmup:
         return self
 
     def _ready(self, network: str) -> None:
-        """One more network is ready."""
+        """One more network is ready; stops the preparation (`Abandoned`) once the program's
+        main thread has ended."""
+        if not threading.main_thread().is_alive():
+            raise Abandoned("The program ended before the model was prepared.")
         with self._changed:
             self._progress = WarmProgress(self._progress.model, self._progress.done + 1,
                                           self._progress.total, last=network)

@@ -4,6 +4,9 @@ the OpenVINO cache's pruning (`backends.prune_cache`)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -16,7 +19,7 @@ from bus_core.inference import outline as segment
 from bus_core.inference import predict, warm
 from bus_core.runtime import backends
 from bus_core.runtime.backends import TorchForward
-from tests.conftest import copy_model
+from tests.conftest import REPO, copy_model
 
 WAIT_S = 120
 """Only a guard against a test hanging: no assertion depends on it."""
@@ -180,3 +183,23 @@ def test_a_ready_model_keeps_its_cache_entry_and_drops_stale_ones(gated, tiny_mo
     report = warmup.cache_report()
     assert ours.is_dir() and not stale.exists()
     assert report is not None and report.removed == [stale.name]
+
+
+def test_a_program_that_ends_while_its_model_is_prepared_exits_cleanly(tiny_model_dir, tmp_path):
+    """Started from a daemon thread (as the app's scripts run) and left running when the program
+    ends: the preparation stops at its next network and the exit status is 0, not an abort."""
+    script = (
+        "import sys, threading\n"
+        "from bus_core.inference import warm\n"
+        "entered, real = threading.Event(), warm.Predictor\n"
+        "def predictor(*args, **kwargs):\n"
+        "    entered.set()\n"
+        "    return real(*args, **kwargs)\n"
+        "warm.Predictor = predictor\n"
+        "threading.Thread(target=lambda: warm.warm(sys.argv[1], backend='torch'),"
+        " daemon=True).start()\n"
+        "entered.wait()\n")  # the program ends while the network is being built
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir)], cwd=REPO,
+                          env={**os.environ, "BUS_DATA_DIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
