@@ -243,8 +243,11 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
 
 
 def _read_job(path: Path) -> Job | None:
+    """The job in `path`; None when there is none (no file) or it cannot be read (logged)."""
     try:
         return Job(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
     except (OSError, json.JSONDecodeError, TypeError) as exc:
         log.warning("Ignoring the unreadable job file %s: %s", path, exc)
         return None
@@ -253,7 +256,7 @@ def _read_job(path: Path) -> Job | None:
 def current_job() -> Job | None:
     """The running job, or None (a job file whose process is dead is removed)."""
     path = jobs_dir() / CURRENT_FILE
-    job = _read_job(path) if path.is_file() else None
+    job = _read_job(path)
     if job is not None and job.is_alive():
         return job
     if path.is_file() and _read_job(path) == job:  # not replaced by a new job meanwhile
