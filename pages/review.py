@@ -330,16 +330,17 @@ def study_section(store: CaseStore, case: Case, predictor: Predictor | None) -> 
         show_error(exc)
         return
     with st.container(border=True):
-        left, right = st.columns([4, 1], vertical_alignment="center")
-        left.markdown(f"**Study {study.id}** · {len(study.case_ids)} images "
-                      f"(cases {', '.join(str(i) for i in study.case_ids)}) · study reading "
-                      f"**{study.reading}**" + (" · **flagged malignant**" if study.flagged
-                                                else ""))
-        left.caption(f"The study's reading is {RULES.get(study.rule, study.rule)}; it is "
-                     "flagged when any of its images is."
-                     + (f" From the PACS study `{study.study_uid}`." if study.study_uid else ""))
+        st.markdown(f"**Study {study.id}** · {len(study.case_ids)} images "
+                    f"(cases {', '.join(str(i) for i in study.case_ids)}) · study reading "
+                    f"**{study.reading}**" + (" · **flagged malignant**" if study.flagged
+                                              else ""))
+        st.caption(f"The study's reading is {RULES.get(study.rule, study.rule)}; it is "
+                   "flagged when any of its images is."
+                   + (f" From the PACS study `{study.study_uid}`." if study.study_uid else ""))
+        # the buttons on a row under the text: they keep their words in a narrow window
+        buttons = st.container(horizontal=True)
         if st.session_state.get("review_study") != study.id:
-            right.button("List its cases", key=f"review_study_{study.id}", width="stretch",
+            buttons.button("List its cases", key=f"review_study_{study.id}",
                          icon=":material/filter_alt:", on_click=show_study, args=(study.id,))
         if predictor is not None and made_by(predictor, study.model_hash):
             try:
@@ -349,8 +350,8 @@ def study_section(store: CaseStore, case: Case, predictor: Predictor | None) -> 
             except BusError as exc:
                 show_error(exc, "The study's report cannot be made")
                 return
-            right.download_button(
-                "Study report (PDF)", data=pdf, mime="application/pdf", width="stretch",
+            buttons.download_button(
+                "Study report (PDF)", data=pdf, mime="application/pdf",
                 file_name=report_filename(f"study {study.id}", dt.datetime.now(), "pdf"),
                 icon=":material/picture_as_pdf:", on_click="ignore",
                 key=f"review_study_pdf_{study.id}",
