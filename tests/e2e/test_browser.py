@@ -247,7 +247,9 @@ def test_teaching_in_a_browser(page, server):
 
 def draw(page, canvas, points: list[tuple[float, float]]) -> None:
     """Drag the mouse through `points` (fractions of the canvas size)."""
+    canvas.wait_for(state="visible")
     box = canvas.bounding_box()
+    assert box is not None, "the canvas went away before it could be drawn on"
     xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
     page.mouse.move(*xy[0])
     page.mouse.down()
@@ -286,6 +288,26 @@ def draw_until_read(page, points: list[tuple[float, float]], tries: int = 3) -> 
     raise AssertionError(f"no masked crop after drawing {tries} times")
 
 
+def edit_suggestion(page, points: list[tuple[float, float]], tries: int = 3) -> None:
+    """Erase `points` from the suggested outline (Edit, Eraser) and accept it, until the page
+    says the outline has the edits: a stroke on a canvas that is being replaced is lost, so it
+    is drawn again, at most `tries` times."""
+    for _ in range(tries):
+        page.get_by_text("Edit", exact=True).click()
+        page.get_by_text("Brush size").wait_for()
+        page.get_by_text("Eraser", exact=True).click()
+        settle(page)
+        draw(page, page.locator("canvas").last, points)
+        settle(page)
+        page.get_by_text("Accept", exact=True).click()
+        try:
+            page.get_by_text("with your edits", exact=False).wait_for(timeout=20_000)
+            return
+        except sync_api.TimeoutError:
+            continue
+    raise AssertionError(f"the outline has no edits after drawing {tries} times")
+
+
 def test_paint_a_mask_in_a_browser(page, server, tmp_path):
     open_canvas(page, server, tmp_path)
     ring = [(0.5 + 0.12 * np.cos(a), 0.55 + 0.15 * np.sin(a)) for a in np.linspace(0, 6.3, 24)]
@@ -305,14 +327,8 @@ def test_suggest_edit_and_predict_in_a_browser(page, server, tmp_path, userdata)
     page.get_by_text("Model's reading").wait_for()
     page.get_by_text("Suggest outline", exact=True).click()
     page.get_by_text("Automatic outline by everywhere-seg", exact=False).wait_for()
-    page.get_by_text("Edit", exact=True).click()
-    page.get_by_text("Brush size").wait_for()
-    page.get_by_text("Eraser", exact=True).click()
-    canvas = page.locator("canvas").last
-    canvas.wait_for()
-    page.wait_for_timeout(1000)
-    draw(page, canvas, [(0.05, 0.1 + 0.04 * i) for i in range(3)] + [(0.95, 0.2), (0.95, 0.3)])
-    page.get_by_text("Masked crop").wait_for()
+    edit_suggestion(page, [(0.05, 0.1 + 0.04 * i) for i in range(3)] + [(0.95, 0.2), (0.95, 0.3)])
+    page.get_by_text("Masked crop").first.wait_for()
     page.get_by_text("Model's reading").first.wait_for()
     settle(page)
     full_screenshot(page, ARTIFACTS / "diagnose-suggest-edit.png")
