@@ -110,7 +110,8 @@ def test_the_flag_saved_with_a_case_counts_before_the_threshold() -> None:
     # without a threshold only the saved flags count
     w = window_figures(cases, NOW - dt.timedelta(days=7), NOW, threshold=None)
     assert w.flagged == pytest.approx(0.5)
-    assert window_figures(cases[2:], NOW - dt.timedelta(days=7), NOW, threshold=None).flagged is None
+    unsaved = window_figures(cases[2:], NOW - dt.timedelta(days=7), NOW, threshold=None)
+    assert unsaved.flagged is None
 
 
 def test_agreement_is_compared_only_with_test_figures_and_enough_reviews() -> None:
