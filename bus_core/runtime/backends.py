@@ -62,7 +62,12 @@ BACKEND_ENV = "BUS_BACKEND"
 """Environment variable choosing the backend of the app and the CLI (default 'auto')."""
 PRECISION_FILE = "precision.json"
 """In the OpenVINO cache folder: {"<IR entry> | <CPU model>": "bf16" or "f32"}, the measured
-faster precision of each model on each CPU (a data folder may be shared by several servers)."""
+faster precision of each model on each CPU (a data folder may be shared by several servers),
+and {"every network | <CPU model> | <OpenVINO version>": ...} once one was clearly faster."""
+CLEAR_MARGIN = 1.3
+"""A precision this many times faster than the other on one network is taken for every other
+network on the same CPU and OpenVINO version without timing them (each costs a second compile
+and the timing, about 0.7 s on 2 cores)."""
 TIMED_CALLS = 7
 """Forward passes at batch 1 (after one warm-up) timed per precision; the median decides."""
 PRECISIONS: tuple[str, ...] = ("bf16", "f32")
@@ -243,31 +248,37 @@ def interleaved_p50(forwards: Mapping[str, Callable[[np.ndarray], np.ndarray]],
 
 def choose_precision(compile_for: Callable[[str], Any], entry: str, input_hw: tuple[int, int],
                      cache_root: Path) -> tuple[str, Any]:
-    """(precision, compiled model) for the IR entry `entry`: fp32 on CPUs without native bf16;
-    otherwise the precision remembered for this entry and CPU in `PRECISION_FILE`, or, the
-    first time, the faster of bf16 and fp32 timed in turns by `interleaved_p50` (then
-    remembered; an unwritable
-    cache only costs the timing again next start)."""
+    """(precision, compiled model) for the IR entry `entry` (its name ends with its OpenVINO
+    version, "-ov<version>"): fp32 on CPUs without native bf16; otherwise the precision
+    remembered for this entry and CPU in `PRECISION_FILE`, or the one found clearly faster
+    (`CLEAR_MARGIN`) on another network of this CPU and OpenVINO version, or else the faster of
+    bf16 and fp32 timed in turns by `interleaved_p50` (then remembered; an unwritable cache only
+    costs the timing again next start)."""
     if not cpu_supports_bf16():
         return "f32", compile_for("f32")
     path = cache_root / PRECISION_FILE
     key = f"{entry} | {cpu_name()}"
+    every = f"every network | {cpu_name()} | {entry.rpartition('-ov')[2] if '-ov' in entry else ''}"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
     if not isinstance(known, dict):
         known = {}
-    if known.get(key) in PRECISIONS:
-        return known[key], compile_for(known[key])
+    for remembered in (key, every):
+        if known.get(remembered) in PRECISIONS:
+            return known[remembered], compile_for(known[remembered])
     compiled = {p: compile_for(p) for p in PRECISIONS}
     image = np.zeros((1, 3, *input_hw), dtype=np.float32)
     timings = interleaved_p50(compiled, image, TIMED_CALLS, warmup=1)
     fastest = min(timings, key=lambda p: timings[p])
     log.info("OpenVINO forward pass of %s: %s; using %s.", entry,
              ", ".join(f"{p} {ms:.1f} ms" for p, ms in timings.items()), fastest)
+    learned = {key: fastest}
+    if max(timings.values()) >= CLEAR_MARGIN * timings[fastest]:
+        learned[every] = fastest
     try:
-        write_text(path, json.dumps({**known, key: fastest}, indent=1))
+        write_text(path, json.dumps({**known, **learned}, indent=1))
     except OSError as exc:
         log.warning("Could not remember the precision choice in %s (%s).", path, exc)
     return fastest, compiled[fastest]

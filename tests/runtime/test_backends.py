@@ -136,7 +136,7 @@ def test_openvino_returns_the_cam_activations_in_the_same_pass(tiny_model_dir, m
 
 def test_the_faster_precision_is_measured_once_and_remembered(tmp_path, monkeypatch):
     compiled: list[str] = []
-    speed = {"bf16": 9.0, "f32": 4.0}
+    speed = {"bf16": 5.0, "f32": 4.0}  # close: each network is timed
 
     def compile_for(precision: str):
         compiled.append(precision)
@@ -158,6 +158,28 @@ def test_the_faster_precision_is_measured_once_and_remembered(tmp_path, monkeypa
     compiled.clear()
     assert backends.choose_precision(compile_for, "entry-b", (32, 32), tmp_path)[0] == "f32"
     assert compiled == ["f32"]
+
+
+def test_a_clearly_faster_precision_is_taken_for_the_other_networks(tmp_path, monkeypatch):
+    compiled: list[str] = []
+
+    def compile_for(precision: str):
+        compiled.append(precision)
+        return precision
+
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(backends, "interleaved_p50",
+                        lambda models, image, n, warmup: {"bf16": 10.0, "f32": 17.0})
+    assert backends.choose_precision(compile_for, "a-ov1.0", (32, 32), tmp_path)[0] == "bf16"
+    compiled.clear()
+    monkeypatch.setattr(backends, "interleaved_p50", lambda *args, **kwargs: pytest.fail(
+        "timed again"))
+    assert backends.choose_precision(compile_for, "b-ov1.0", (32, 32), tmp_path)[0] == "bf16"
+    assert compiled == ["bf16"]  # one compile, no timing
+    # another OpenVINO version is timed again
+    monkeypatch.setattr(backends, "interleaved_p50",
+                        lambda models, image, n, warmup: {"bf16": 10.0, "f32": 9.0})
+    assert backends.choose_precision(compile_for, "b-ov2.0", (32, 32), tmp_path)[0] == "f32"
 
 
 def test_a_broken_or_unwritable_precision_file_only_costs_a_timing(tmp_path, monkeypatch):
