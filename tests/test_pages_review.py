@@ -307,8 +307,27 @@ def test_saving_the_same_image_again_asks_first(monkeypatch, tmp_path, tiny_mode
     at.session_state["_saved_cases"] = {}  # a new session sees the same image
     at.run()
     assert "already saved as case 1" in at.warning[0].value
-    assert at.button(key="save_case_k1").label == "Save again as a new case"
-    at.button(key="save_case_k1").click().run()
+    assert at.button(key="save_case_again_k1").label == "Save again as a new case"
+    at.button(key="save_case_again_k1").click().run()
     assert "Saved as case 2" in at.success[0].value
     with open_store(default_db_path()) as store:
         assert [c.id for c in store.list_cases(order_by="id", descending=False)] == [1, 2]
+
+
+def test_a_save_button_drawn_before_the_image_was_saved_elsewhere_does_not_save_it_twice(
+        monkeypatch, tmp_path, tiny_model_dir):
+    monkeypatch.setenv("BUS_DATA_DIR", str(tmp_path / "userdata"))
+    monkeypatch.setenv("TINY_MODEL", str(tiny_model_dir))
+    at = AppTest.from_function(_save_button_script, default_timeout=60)
+    at.session_state[SESSION_KEY] = new_session(person("Dr D"))
+    at.run()
+    stale = at.button(key="save_case_k1")
+    with open_store(default_db_path()) as store:  # meanwhile saved as part of a study
+        store.save_case(np.full((140, 160, 3), 90, np.uint8), image_name="scan.png", masks=[],
+                        model_name="tiny", model_hash="0" * 64, probabilities={"normal": 1.0},
+                        predicted_label="normal", who=person("Dr D"))
+    stale.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "already saved as case 1" in at.warning[0].value
+    with open_store(default_db_path()) as store:
+        assert store.count_cases() == 1

@@ -126,15 +126,17 @@ def save_case_button(item: NewCase, *, key: str) -> Case | None:
     except BusError as exc:
         show_error(exc, "The case database cannot be read")
         return None
-    label = "Save as case"
+    label, button_key = "Save as case", f"save_case_{key}"
     if earlier:
         numbers = ", ".join(str(c.id) for c in earlier)
         st.warning(f"This image is already saved as case {numbers}. Save it again only for a "
                    "new reading (another model or mask); otherwise review the saved case.",
                    icon=":material/content_copy:")
-        label = "Save again as a new case"
+        # another key: a click on "Save as case" drawn before the image was saved elsewhere
+        # (a study, another session) does not save it twice
+        label, button_key = "Save again as a new case", f"save_case_again_{key}"
     place = st.empty()  # the button, replaced by the message once saved
-    if not place.button(label, key=f"save_case_{key}", icon=":material/save:"):
+    if not place.button(label, key=button_key, icon=":material/save:"):
         return None
     try:
         case = store.add_case(item, who=who)
