@@ -13,14 +13,15 @@ import pandas as pd
 import streamlit as st
 
 from bus_core.clinic.cases import AUDIT_FIELDS, Case, CaseStore, Study, display_time
+from bus_core.clinic.reports import review_of
 from bus_core.clinic.worklist import SORTS, VIEWS, Worklist, WorklistPage, next_case, read_page
 from bus_core.constants import CLASSES, MALIGNANT
 from bus_core.errors import BusError
 from bus_core.inference.cam import method_id, overlay
-from bus_core.inference.pdf_report import Review, assemble, render_study_pdf
+from bus_core.inference.pdf_report import assemble, render_study_pdf
 from bus_core.inference.predict import Prediction, Predictor, flag_sentence
 from bus_core.inference.report import ReportContent, mask_note, report_filename
-from bus_core.inference.study import RULES, most_severe
+from bus_core.inference.study import RULES
 from bus_core.roles import Identity
 from ui.auth import require_page
 from ui.cases import as_rgb, case_store, export_cases_zip
@@ -76,18 +77,14 @@ def choice(value: str) -> str | None:
     return None if value == ALL else value
 
 
-def worklist(store: CaseStore) -> tuple[Worklist, str]:
-    """The worklist the reviewer asks for (quick views with their counts at the top, then the
-    order and further filters, and the page) and the key of its page number."""
+def worklist(store: CaseStore) -> tuple[WorklistPage, str]:
+    """The page of the worklist the reviewer asks for (quick views with their counts at the
+    top, then the order and further filters, and the page) and the key of its page number."""
     counts_place = st.container()
     further = further_filters(store)
     study = st.session_state.get("review_study")
-    counts = store.worklist_counts(**Worklist(**further, study_id=study).base_filters())
     with counts_place:
-        # the counts as metrics, not in the views' labels: a label that changes after each
-        # review would lose the view chosen
-        for column, (name, (words, what, _)) in zip(st.columns(len(VIEWS)), VIEWS.items()):
-            column.metric(words, counts[name], help=what)
+        metrics = st.empty()  # filled once the page (with the counts) is read
         view = st.segmented_control("Show", list(VIEWS), default="to_review", key="review_view",
                                     format_func=lambda k: VIEWS[k][0], width="stretch",
                                     help="The counts above are among the cases matching the "
@@ -101,8 +98,14 @@ def worklist(store: CaseStore) -> tuple[Worklist, str]:
                 st.rerun()
     # a new page number widget (back to page 1) whenever the filters change
     key = f"review_page_{digest(repr((view, sorted(further.items()), study)).encode())}"
-    return Worklist(view=view, **further, study_id=study,
-                    page=int(st.session_state.get(key, 1))), key
+    shown = read_page(store, Worklist(view=view, **further, study_id=study,
+                                      page=int(st.session_state.get(key, 1))))
+    # the counts as metrics, not in the views' labels: a label that changes after each review
+    # would lose the view chosen
+    with metrics.container():
+        for column, (name, (words, what, _)) in zip(st.columns(len(VIEWS)), VIEWS.items()):
+            column.metric(words, shown.counts[name], help=what)
+    return shown, key
 
 
 def case_table(cases: list[Case]) -> pd.DataFrame:
@@ -211,19 +214,6 @@ def case_content(predictor: Predictor, case: Case, image: np.ndarray, shown: Exp
         mask_note=mask_note(predictor, (case.mask_source or "given") if case.mask_hashes
                             else None),
         flag=flag_sentence(case.probabilities, predictor.card.malignant_threshold))
-
-
-def review_of(cases: list[Case]) -> Review | None:
-    """The signature block of a report of `cases`: when one reviewer reviewed them all, their
-    name, the most severe class they confirmed (a study's class), the last review's time and
-    the notes; else None."""
-    if not cases or any(c.confirmed_label is None for c in cases) or len(
-            {c.reviewer for c in cases}) > 1:
-        return None
-    label = CLASSES[most_severe([CLASSES.index(str(c.confirmed_label)) for c in cases])]
-    when = max(dt.datetime.fromisoformat(c.updated_at) for c in cases).astimezone()
-    notes = "\n".join(c.notes for c in cases if c.notes)
-    return Review(cases[0].reviewer, label, when, notes)
 
 
 def case_report(predictor: Predictor, case: Case, image: np.ndarray, shown: Explanation
@@ -414,8 +404,7 @@ def cases_tab(store: CaseStore, who: Identity) -> None:
         st.info("No cases saved yet: save a prediction as a case on the Diagnose page.",
                 icon=":material/info:")
         return
-    asked, key = worklist(store)
-    shown = read_page(store, asked)
+    shown, key = worklist(store)
     if not shown.cases:
         st.info("No case matches these filters.", icon=":material/filter_alt_off:")
         return

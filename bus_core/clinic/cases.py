@@ -219,12 +219,6 @@ class Study:
             else self.predicted_label
 
 
-WORKLIST_COUNTS: dict[str, str] = {
-    "to_review": "to review", "flagged": "flagged malignant, to review",
-    "uncertain": "uncertain, to review", "disagreements": "reviewer disagreed"}
-"""The counts `CaseStore.worklist_counts` gives, in the words the pages show."""
-
-
 AUDIT_FIELDS: dict[str, str] = {"predicted_label": "model's reading",
                                 "confirmed_label": "confirmed class", "status": "status",
                                 "reviewer": "reviewer", "notes": "notes"}
@@ -530,8 +524,9 @@ class CaseStore:
             return int(conn.execute(query).scalar_one())
 
     def worklist_counts(self, **filters: Any) -> dict[str, int]:
-        """The counts a worklist shows at its top (`WORKLIST_COUNTS`), among the cases
-        matching the filters of `list_cases` (none: all cases), plus 'all'."""
+        """The counts a worklist shows at its top (cases to review, flagged and uncertain ones
+        among them, disagreements, and 'all'), among the cases matching the filters of
+        `list_cases` (none: all cases)."""
         to_review = cases.c.status == "unreviewed"
         counted = {"all": true(), "to_review": to_review,
                    "flagged": and_(to_review, cases.c.flagged.is_(True)),
