@@ -148,10 +148,11 @@ def case(predictor: Predictor, upload: Upload, dataset_masks: list | None = None
                            {"target": shown.target, "method": shown.method,
                             "opacity": shown.opacity}, mask_source=choice.origin,
                            pacs=pacs_source(upload.key))
+    key = case_key(predictor, upload, choice)
     with column:
-        save_case_button(item, key=case_key(predictor, upload, choice))
+        save_case_button(item, key=key)
         send_to_pacs_button(who, upload.key, predictor, prediction, png)
-    return Read(content, prediction, item, case_key(predictor, upload, choice))
+    return Read(content, prediction, item, key)
 
 
 def summary(uploads: list[Upload], results: list[Read | None]) -> None:

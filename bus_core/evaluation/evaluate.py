@@ -244,6 +244,13 @@ def outline_agreement(results: Mapping[str, Evaluation]) -> dict[str, Any]:
             "all_agree": float(every.mean()) if n else None}
 
 
+def segmentation_row(pred: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """One image's outline figures: whether it has a lesion, Dice and IoU of the outline
+    `pred` against the expert mask `truth`, and whether the outline is empty."""
+    dice, iou = dice_iou(pred, truth)
+    return {"lesion": bool(truth.any()), "dice": dice, "iou": iou, "empty": not pred.any()}
+
+
 def segmentation_summary(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Mean Dice / IoU over lesion images, the share of lesion images predicted empty and the
     share of lesion-free images predicted empty, from `evaluate_segmentation`'s per-image rows."""
@@ -270,10 +277,8 @@ def evaluate_segmentation(segmenter: Any, records: Sequence[Record], *, batch_si
         chunk = records[start:start + batch_size]
         images = [load_image(r.path) for r in chunk]
         for record, image, pred in zip(chunk, images, segmenter.segment_many(images)):
-            truth = record_lesion_mask(record, image.shape[:2])
-            dice, iou = dice_iou(pred, truth)
-            rows.append({"id": record.id, "lesion": bool(truth.any()), "dice": dice, "iou": iou,
-                         "empty": not pred.any()})
+            rows.append({"id": record.id,
+                         **segmentation_row(pred, record_lesion_mask(record, image.shape[:2]))})
         bar.update(len(chunk))
     bar.close()
     return {**segmentation_summary(rows), "model": segmenter.card.name, "data": data or {},

@@ -20,10 +20,10 @@ from itertools import product
 from bus_core.data.images import load_image
 from bus_core.data.inputs import record_lesion_mask
 from bus_core.data.splits import select_records
-from bus_core.evaluation.evaluate import segmentation_summary
+from bus_core.evaluation.evaluate import segmentation_row, segmentation_summary
 from bus_core.inference.outline import Segmenter
 from bus_core.models.build import load_model
-from bus_core.models.unet import PostProcess, dice_iou, postprocess
+from bus_core.models.unet import PostProcess, postprocess
 from bus_core.training.segmenter_release import MIN_AREAS, THRESHOLDS
 
 
@@ -47,12 +47,8 @@ def main() -> None:
     rows = []
     for threshold, min_area in product(THRESHOLDS, MIN_AREAS):
         params = PostProcess(threshold, min_area, own.fill_holes)
-        per_image = []
-        for prob, truth in zip(maps, truths):
-            pred = postprocess(prob, params)
-            dice, iou = dice_iou(pred, truth)
-            per_image.append({"lesion": bool(truth.any()), "dice": dice, "iou": iou,
-                              "empty": not pred.any()})
+        per_image = [segmentation_row(postprocess(prob, params), truth)
+                     for prob, truth in zip(maps, truths)]
         rows.append({**dataclasses.asdict(params), **segmentation_summary(per_image),
                      "own": params == own})
     first = rows[0]
