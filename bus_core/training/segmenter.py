@@ -99,6 +99,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--train-stem", dest="freeze_stem", action="store_false",
                    help="also train the encoder's stem (conv0 .. transition1; frozen by default)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train the decoder alone: the whole encoder keeps the weights of --init, "
+                        "so the outline model and that classifier share one encoder pass "
+                        "(needs --init FOLDER and --cls-weight 0)")
     add_shared_training_options(p)
     p.add_argument("--name", default="densenet121-unet-lesion-v1")
     p.add_argument("--classifier-name", default="densenet121-multitask-v1")
@@ -260,6 +264,9 @@ def config_from_args(args: argparse.Namespace) -> SegTrainConfig:
         return SegTrainConfig(**json.loads(path.read_text()))
     if not args.data or len(args.data) != len(args.split):
         raise DataError("Give each --data its --split (the same number of each, at least one).")
+    if args.freeze_encoder and (args.init == "random" or args.cls_weight > 0):
+        raise DataError("--freeze-encoder keeps the encoder of a trained classifier: give it "
+                        "with --init FOLDER and --cls-weight 0.")
     names = {f.name for f in dataclasses.fields(SegTrainConfig)}
     return SegTrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
@@ -273,10 +280,11 @@ STEM = ("conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1")
 """The encoder's first layers, frozen by default: they are generic and cost most backward time."""
 
 
-def freeze_stem(model: DenseNetUNet) -> None:
-    """Stop training the stem: no gradients, batch-norm statistics kept (eval mode)."""
+def freeze_encoder(model: DenseNetUNet, config: SegTrainConfig) -> None:
+    """Stop training the stem (`config.freeze_stem`) or the whole encoder
+    (`config.freeze_encoder`): no gradients, batch-norm statistics kept (eval mode)."""
     for name, layer in model.features.named_children():
-        if name in STEM:
+        if config.freeze_encoder or (config.freeze_stem and name in STEM):
             layer.eval()
             layer.requires_grad_(False)
 
@@ -314,8 +322,7 @@ def main(args: argparse.Namespace) -> Path:
                if (w := lesion_free_window(train_packed.masks[i], train_packed.content[i]))}
     model = init_network(config)
     prepare_model(model, device)
-    if config.freeze_stem:
-        freeze_stem(model)
+    freeze_encoder(model, config)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     encoder = [p for n, p in trainable if n.startswith("features.")]
     rest = [p for n, p in trainable if not n.startswith("features.")]
@@ -358,8 +365,7 @@ def main(args: argparse.Namespace) -> Path:
         plan = epoch_plan(train_packed, windows, config.epoch_size, config.normal_crops,
                           config.seed, epoch)
         model.train()
-        if config.freeze_stem:
-            freeze_stem(model)
+        freeze_encoder(model, config)
         mark = time.monotonic()
         bar = tqdm(total=steps, initial=state["step"], desc=f"epoch {epoch + 1}/{config.epochs}",
                    unit="step")

@@ -38,6 +38,7 @@ class SegTrainConfig:
     weight_decay: float = 1e-4
     cls_weight: float = 1.0
     freeze_stem: bool = True
+    freeze_encoder: bool = False
     normal_crops: float = 0.2
     label_smoothing: float = 0.05
     seed: int = 0

@@ -158,3 +158,34 @@ def test_resume_takes_every_setting_from_the_run(tiny_run):
     from bus_core.training.segmenter import config_from_args
 
     assert config_from_args(args).epochs == config["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_frozen_encoder_run_keeps_the_classifiers_encoder(tiny_run, tmp_path):
+    data, splits = _two_sources(tmp_path)
+    argv = []
+    for d, s in zip(data, splits):
+        argv += ["--data", str(d), "--split", str(s)]
+    argv += ["--out", str(tmp_path / "run"), "--size", "64", "--cache-size", "72", "--epochs",
+             "1", "--epoch-size", "8", "--batch-size", "4", "--device", "cpu-fp32",
+             "--init", str(tiny_run / "classifier"), "--freeze-encoder", "--cls-weight", "0",
+             "--lr", "0.1"]
+    out = main(get_args_parser().parse_args(argv))
+    classifier = load_model(tiny_run / "classifier").model.state_dict()
+    segmenter = load_model(out / "segmenter")
+    assert segmenter.card.hyperparameters["freeze_encoder"]
+    for name, tensor in segmenter.model.state_dict().items():
+        if name.startswith("features."):
+            assert torch.equal(tensor, classifier[name]), name
+    assert not (out / "classifier").exists()
+
+
+def test_freeze_encoder_needs_a_classifier_to_start_from(tmp_path):
+    from bus_core.errors import DataError
+    from bus_core.training.segmenter import config_from_args
+
+    base = ["--data", "d", "--split", "s", "--out", str(tmp_path), "--freeze-encoder"]
+    for extra in ([], ["--init", "x"], ["--cls-weight", "0"]):
+        args = get_args_parser().parse_args(base + extra)
+        with pytest.raises(DataError, match="--freeze-encoder"):
+            config_from_args(args)
