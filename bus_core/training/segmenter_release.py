@@ -100,8 +100,8 @@ def export_segmenter(config: SegTrainConfig, device: DeviceConfig, state: dict[s
         split=_provenance(config),
         hyperparameters={k: getattr(config, k) for k in (
             "size", "epochs", "epoch_size", "batch_size", "lr", "encoder_lr", "weight_decay",
-            "cls_weight", "freeze_stem", "freeze_encoder", "normal_crops", "seed", "style_augment", "mixstyle",
-            "ema", "time_limit")}
+            "cls_weight", "freeze_stem", "freeze_encoder", "normal_crops", "seed",
+            "style_augment", "mixstyle", "ema", "time_limit")}
         | {"best_epoch": state["best_seg"]["epoch"], "epochs_trained": state["epoch"]},
         metrics={"val": val_figures, "val_frame": "padded square at the input size"},
         training_time_s=round(state["train_time_s"], 1),
