@@ -36,7 +36,7 @@ from bus_core.errors import BusError, DataError, ModelError, storage
 from bus_core.models.build import LoadedModel, load_model
 from bus_core.models.registry import active_segmenter_path
 from bus_core.models.unet import PostProcess, postprocess
-from bus_core.runtime.backends import choose_forward
+from bus_core.runtime.backends import Forward, choose_forward
 from bus_core.runtime.device import DeviceConfig, choose_device, prepare_model
 
 
@@ -44,8 +44,9 @@ class Segmenter:
     """A loaded segmentation model ready to outline lesions; safe to share between threads."""
 
     def __init__(self, loaded: LoadedModel, device: str | DeviceConfig = "cpu-fp32",
-                 backend: str | None = None) -> None:
-        """`backend`: see `backends.choose_forward` (OpenVINO on CPUs where installed)."""
+                 backend: str | None = None, forward: Forward | None = None) -> None:
+        """`backend`: see `backends.choose_forward` (OpenVINO on CPUs where installed);
+        `forward`: a forward pass already prepared for this model (a shared first stage's)."""
         if loaded.card.task != "segmentation":
             raise ModelError(f"{loaded.card.name} is a {loaded.card.task} model, not a "
                              "segmentation model.")
@@ -55,8 +56,8 @@ class Segmenter:
         self.model = prepare_model(loaded.model, self.device)
         self.size = self.card.size.crop
         self.params = PostProcess(**self.card.postprocess)
-        self.forward = choose_forward(self.model, self.device, loaded.weights_id,
-                                      (self.size, self.size), backend)
+        self.forward = forward or choose_forward(self.model, self.device, loaded.weights_id,
+                                                 (self.size, self.size), backend)
         self._lock = threading.Lock()
 
     @classmethod
@@ -81,8 +82,20 @@ class Segmenter:
         `augment.eval_batch`): `fits` and `shapes` (H, W) say where each came from."""
         with self._lock:
             logits = self.forward(batch)
+        return self.logits_to_probabilities(logits, fits, shapes)
+
+    @staticmethod
+    def logits_to_probabilities(logits: np.ndarray, fits: Sequence[SquareFit],
+                                shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """`square_probabilities` from the model's lesion logits (N x 1 x S x S)."""
         probs = (1 / (1 + np.exp(-logits[:, 0].astype(np.float64)))).astype(np.float32)
         return [unfit_square(p, fit, shape) for p, fit, shape in zip(probs, fits, shapes)]
+
+    def logits_to_masks(self, logits: np.ndarray, fits: Sequence[SquareFit],
+                        shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """`segment_squares` from the model's lesion logits (N x 1 x S x S)."""
+        return [postprocess(p, self.params)
+                for p in self.logits_to_probabilities(logits, fits, shapes)]
 
     def segment(self, image: np.ndarray) -> np.ndarray:
         """The suggested lesion mask of one RGB uint8 image (HxW bool; all False: none found)."""

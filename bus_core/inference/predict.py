@@ -9,9 +9,12 @@ the CLI, the app and the benchmark alike:
 A lesion model whose card names a `two_stage` pair reads in two stages: its outline model
 suggests the lesion outline when none is given; the whole-image model gives P(normal) and reads
 images without an outline; this model splits the rest between benign and malignant from the
-crop around the outline (`metrics.normal_from_whole`). Where the CPU has at least two physical
-cores the outline model and the whole-image model run at the same time; where the whole-image
-model takes the same padded square as the outline model, the image is fitted to it once.
+crop around the outline (`metrics.normal_from_whole`). Where the outline model was trained on
+the whole-image model's encoder, frozen (`shares_first_stage`), the two run as one network
+(`unet.SharedFirstStage`): one encoder pass gives the outline and P(normal), and a reading
+runs two networks in all. Otherwise, where the CPU has at least two physical cores the outline
+model and the whole-image model run at the same time; where the whole-image model takes the
+same padded square as the outline model, the image is fitted to it once.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import torch
@@ -46,9 +49,10 @@ from bus_core.metrics import (
     softmax,
 )
 from bus_core.models.build import LoadedModel, gradcam_layer, load_model, pools_into_linear
-from bus_core.models.card import ModelCard
+from bus_core.models.card import ModelCard, read_card
 from bus_core.models.registry import active_model_path, no_model_message, two_stage_folders
-from bus_core.runtime.backends import choose_forward
+from bus_core.models.unet import DenseNetUNet, SharedFirstStage, shares_encoder
+from bus_core.runtime.backends import Forward, OneOutput, OpenVinoForward, choose_forward
 from bus_core.runtime.device import DeviceConfig, choose_device, physical_cores, prepare_model
 
 SIDE_BY_SIDE_CORES = 4
@@ -96,7 +100,8 @@ class Prediction:
         return self.whole if self.whole is not None and target == NORMAL else self
     stages_ms: dict[str, float] = field(default_factory=dict)
     """A two-stage reading's time in each of its networks ('whole', 'outline', 'lesion'; the
-    first two may overlap); empty for a single model."""
+    first two may overlap; 'first_stage' for the two as one network); empty for a single
+    model."""
 
     @property
     def malignant_flag(self) -> bool | None:
@@ -168,10 +173,24 @@ class Prepare:
         return tensor, scope_warnings(image)
 
 
-def network_count(card: ModelCard) -> int:
-    """How many networks a `Predictor` of `card` prepares: three for a two-stage card (its
-    own, its whole-image model's and its outline model's), else one."""
-    return 3 if card.two_stage else 1
+def shares_first_stage(whole: ModelCard, outline: ModelCard) -> bool:
+    """True when a two-stage reading's whole-image model and outline model run as one network:
+    the outline model says it was trained on the whole-image model's encoder, frozen
+    (`train-seg --freeze-encoder --init` that model), and both take the same padded square.
+    `Predictor` checks the encoders are the same, tensor for tensor."""
+    return bool(outline.hyperparameters.get("freeze_encoder")) and \
+        Path(outline.init).name == whole.name and whole.input_mode == "full" and \
+        whole.size.fit == "pad" and whole.size.crop == outline.size.crop
+
+
+def network_count(folder: str | Path, card: ModelCard) -> int:
+    """How many networks a `Predictor` of the model in `folder` (card `card`) prepares: for a
+    two-stage card its own and its first stage (the whole-image model and the outline model:
+    one network when `shares_first_stage`, else two), else one."""
+    if not card.two_stage:
+        return 1
+    whole_dir, outline_dir = two_stage_folders(Path(folder), card)
+    return 2 if shares_first_stage(read_card(whole_dir), read_card(outline_dir)) else 3
 
 
 class Predictor:
@@ -180,11 +199,12 @@ class Predictor:
     def __init__(self, loaded: LoadedModel, device: str | DeviceConfig = "auto",
                  backend: str | None = None, *,
                  on_network: Callable[[str], None] | None = None,
-                 side_by_side: bool | None = None) -> None:
+                 side_by_side: bool | None = None, forward: Forward | None = None) -> None:
         """`on_network` is called with each network's model name once it is ready to run
         (`network_count` calls in all). `side_by_side`: whether a two-stage reading runs its
         outline and whole-image models at the same time (default: where the CPU has at least
-        `SIDE_BY_SIDE_CORES` physical cores)."""
+        `SIDE_BY_SIDE_CORES` physical cores). `forward`: a forward pass already prepared for
+        this model (a shared first stage's)."""
         self.loaded = loaded
         self.card = loaded.card
         self.device = device if isinstance(device, DeviceConfig) else choose_device(device)
@@ -192,8 +212,8 @@ class Predictor:
         self.spec = InputSpec.from_card(self.card)
         self._lock = threading.Lock()
         side = self.spec.size.crop  # both fits ('crop', 'pad') give a crop x crop tensor
-        self.forward = choose_forward(self.model, self.device, loaded.weights_id, (side, side),
-                                      backend)
+        self.forward = forward or choose_forward(self.model, self.device, loaded.weights_id,
+                                                 (side, side), backend)
         if on_network is not None:
             on_network(self.card.name)
         self.whole: Predictor | None = None
@@ -204,25 +224,50 @@ class Predictor:
         self.shared_square = False
         """True when the whole-image model takes the outline model's padded square (a
         two-stage reading then fits the image once for both)."""
+        self.first_stage: Forward | None = None
+        """The whole-image model and the outline model as one network, when they share their
+        encoder (`shares_first_stage`): outputs (lesion logits, class logits, activations)."""
         if self.card.two_stage:
-            whole_dir, outline_dir = two_stage_folders(loaded.path, self.card)
-            self.whole = Predictor(load_model(whole_dir), self.device, backend,
-                                   on_network=on_network)
-            if self.whole.reads_masks or self.whole.classes != self.classes or \
-                    self.whole.card.name == self.card.name:
-                raise ModelError(f"{self.card.name} names {self.whole.card.name} as its "
-                                 "whole-image model, but that model does not read the whole "
-                                 "image with the same classes.")
-            self.outliner = Segmenter(load_model(outline_dir), "cpu-fp32"
-                                      if self.device.device.type == "cpu" else self.device,
-                                      backend)
-            if on_network is not None:
-                on_network(self.outliner.card.name)
-            if physical_cores() >= SIDE_BY_SIDE_CORES if side_by_side is None else side_by_side:
-                self._side_by_side = ThreadPoolExecutor(1, thread_name_prefix="outline")
-            whole_spec = self.whole.spec
-            self.shared_square = whole_spec.mode == "full" and \
-                whole_spec.size.fit == "pad" and whole_spec.size.crop == self.outliner.size
+            self._load_first_stage(backend, on_network, side_by_side)
+
+    def _load_first_stage(self, backend: str | None, on_network: Callable[[str], None] | None,
+                          side_by_side: bool | None) -> None:
+        """Prepare the whole-image model and the outline model of a two-stage card."""
+        whole_dir, outline_dir = two_stage_folders(self.loaded.path, self.card)
+        whole, outline = load_model(whole_dir), load_model(outline_dir)
+        outline_device = choose_device("cpu-fp32") if self.device.device.type == "cpu" \
+            else self.device
+        whole_forward = outline_forward = None
+        if shares_first_stage(whole.card, outline.card):
+            if not shares_encoder(outline.model, whole.model):
+                raise ModelError(f"{outline.card.name} says it was trained on the encoder of "
+                                 f"{whole.card.name}, but their encoders differ: one of the two "
+                                 "was changed. Install the pair as it was released.")
+            network = prepare_model(SharedFirstStage(cast(DenseNetUNet, outline.model),
+                                                     whole.model), outline_device)
+            side = outline.card.size.crop
+            self.first_stage = choose_forward(network, outline_device, outline.weights_id,
+                                              (side, side), backend,
+                                              variant=f"with-{whole.weights_id[:16]}")
+            exact = isinstance(self.first_stage, OpenVinoForward)  # see TorchForward.run
+            whole_forward = OneOutput(self.first_stage, 1, 2 if exact else None)
+            outline_forward = OneOutput(self.first_stage, 0)
+        self.whole = Predictor(whole, self.device, backend, on_network=on_network,
+                               forward=whole_forward)
+        if self.whole.reads_masks or self.whole.classes != self.classes or \
+                self.whole.card.name == self.card.name:
+            raise ModelError(f"{self.card.name} names {self.whole.card.name} as its "
+                             "whole-image model, but that model does not read the whole "
+                             "image with the same classes.")
+        self.outliner = Segmenter(outline, outline_device, backend, forward=outline_forward)
+        if on_network is not None and self.first_stage is None:
+            on_network(self.outliner.card.name)
+        if self.first_stage is None and (
+                physical_cores() >= SIDE_BY_SIDE_CORES if side_by_side is None else side_by_side):
+            self._side_by_side = ThreadPoolExecutor(1, thread_name_prefix="outline")
+        whole_spec = self.whole.spec
+        self.shared_square = whole_spec.mode == "full" and \
+            whole_spec.size.fit == "pad" and whole_spec.size.crop == self.outliner.size
 
     @classmethod
     def from_path(cls, path: str | Path | None = None, device: str = "auto",
@@ -326,6 +371,8 @@ class Predictor:
         """(the whole-image model's reading, the outline model's suggestion when `outline`
         else None, each one's ms), side by side where the CPU has the cores."""
         assert self.whole is not None and self.outliner is not None
+        if self.first_stage is not None:
+            return self._first_stage_reading(image, outline)
         whole_model, outliner = self.whole, self.outliner
         stages: dict[str, float] = {}
         if self.shared_square:
@@ -359,6 +406,23 @@ class Predictor:
         whole = timed("whole", read_whole)
         return whole, suggestion.result(), stages
 
+    def _first_stage_reading(self, image: np.ndarray, outline: bool
+                             ) -> tuple[Prediction, np.ndarray | None, dict[str, float]]:
+        """`_whole_and_outline` from one pass of the shared first stage."""
+        assert self.first_stage is not None and self.whole is not None and \
+            self.outliner is not None
+        check_min_side(image)
+        start = time.perf_counter()
+        square, fit = fit_square(image, self.outliner.size)
+        batch = eval_batch(torch.from_numpy(square[None]))
+        outputs = self.first_stage.outputs(batch)
+        assert isinstance(self.whole.forward, OneOutput)
+        logits, activations = self.whole.forward.pick(outputs)
+        whole = self.whole.from_logits(logits, activations, batch, [scope_warnings(image)])[0]
+        found = self.outliner.logits_to_masks(outputs[0], [fit], [image.shape[:2]])[0] \
+            if outline else None
+        return whole, found, {"first_stage": (time.perf_counter() - start) * 1000}
+
     def predict_batch(self, batch: torch.Tensor,
                       warnings: Sequence[list[str]] | None = None) -> list[Prediction]:
         """Calibrated predictions for a batch (N x 3 x H x W) of tensors made by `prepare`,
@@ -369,6 +433,12 @@ class Predictor:
                              "one with Predictor.predict.")
         with self._lock:
             logits, activations = self.forward.run(batch)
+        return self.from_logits(logits, activations, batch, warnings)
+
+    def from_logits(self, logits: np.ndarray, activations: np.ndarray | None,
+                    batch: torch.Tensor, warnings: Sequence[list[str]] | None = None
+                    ) -> list[Prediction]:
+        """`predict_batch` from this model's logits (and Grad-CAM activations) of `batch`."""
         probs = softmax(logits, self.card.temperature)
         return [self._prediction(probs[i], batch[i], list(warnings[i]) if warnings else [],
                                  None if activations is None else activations[i])

@@ -97,7 +97,8 @@ class Warmup:
         card = read_card(model_dir)
         self._shares_outliner = bool(card.two_stage) and segmenter_dir is not None and \
             two_stage_folders(model_dir, card)[1].resolve() == segmenter_dir.resolve()
-        total = network_count(card) + (segmenter_dir is not None and not self._shares_outliner)
+        total = network_count(model_dir, card) + (segmenter_dir is not None
+                                                  and not self._shares_outliner)
         self._progress = WarmProgress(card.name, 0, total)
         self._changed = threading.Condition()
         self._result: Prepared | None = None

@@ -7,7 +7,8 @@ an encoder trained here and a classifier share weights), skip connections after
 decoder of upsample + two conv-BN-ReLU blocks per level down to 1/4 scale, one output channel
 of lesion logits, upsampled bilinearly to the input resolution. With `num_classes > 0` it also
 has the classifier head of `build.DenseNetClassifier` (`classifier`, on the pooled final
-ReLU): one encoder, two tasks.
+ReLU): one encoder, two tasks. `SharedFirstStage` runs an outline model and a classifier that
+share their encoder (one trained on the other's, frozen) as one such network.
 
 Geometry: the model sees the whole image, padded to a square and resized (`presets.fit_square`);
 `Segmenter.segment` maps the probability map back to the input image's pixels.
@@ -102,6 +103,34 @@ class DenseNetUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_both(x)[0]
+
+
+class SharedFirstStage(nn.Module):
+    """An outline model and a whole-image DenseNet121 classifier that share their encoder, run
+    as one network: `forward` returns (lesion logits at the input size, class logits, the
+    classifier's Grad-CAM activations), from one encoder pass. Holds the two models' own
+    modules (no copy)."""
+
+    def __init__(self, outline: DenseNetUNet, classifier: nn.Module) -> None:
+        super().__init__()
+        self.outline = outline
+        self.head = classifier.get_submodule("classifier")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bottom, skips = self.outline._encode(x)
+        seg = F.interpolate(self.outline.decoder(bottom, skips), size=x.shape[-2:],
+                            mode="bilinear", align_corners=False)
+        return seg, self.head(torch.flatten(F.adaptive_avg_pool2d(bottom, 1), 1)), bottom
+
+
+def shares_encoder(outline: nn.Module, classifier: nn.Module) -> bool:
+    """True when an outline model (`DenseNetUNet`) and a DenseNet121 classifier have the same
+    encoder, tensor for tensor (an outline model trained with `train-seg --freeze-encoder` on
+    that classifier)."""
+    mine = {k: v for k, v in outline.state_dict().items() if k.startswith("features.")}
+    theirs = classifier.state_dict()
+    return bool(mine) and all(k in theirs and theirs[k].shape == v.shape
+                              and torch.equal(theirs[k], v) for k, v in mine.items())
 
 
 @dataclass(frozen=True)

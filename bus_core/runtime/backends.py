@@ -133,6 +133,11 @@ class Forward(Protocol):
         them in the same pass, else None)."""
         ...
 
+    def outputs(self, batch: torch.Tensor) -> list[np.ndarray]:
+        """Every output of the network, in order, as float32 (a network returning a tuple
+        has several)."""
+        ...
+
 
 class TorchForward:
     """The PyTorch model on its device, under the device's autocast."""
@@ -150,6 +155,13 @@ class TorchForward:
         """(logits, None): autocast activations are not exact enough for the CAM."""
         return self(batch), None
 
+    def outputs(self, batch: torch.Tensor) -> list[np.ndarray]:
+        """Every output of the model (see `Forward.outputs`)."""
+        with torch.inference_mode(), autocast(self.device):
+            result = self.model(to_device(batch, self.device))
+        return [t.float().cpu().numpy()
+                for t in (result if isinstance(result, tuple) else (result,))]
+
 
 class _LogitsAndActivations(nn.Module):
     """What OpenVINO converts for a DenseNetClassifier: its `forward_with_activations`."""
@@ -166,14 +178,15 @@ class OpenVinoForward:
     """The model converted to OpenVINO and compiled for the CPU (one call at a time)."""
 
     def __init__(self, model: nn.Module, weights_sha256: str, input_hw: tuple[int, int],
-                 cache_root: Path) -> None:
-        """Compiled at the faster precision for this CPU (`choose_precision`)."""
+                 cache_root: Path, variant: str = "") -> None:
+        """Compiled at the faster precision for this CPU (`choose_precision`); `variant`: see
+        `choose_forward`."""
         import openvino as ov  # optional (OpenVINO): imported where used
 
         self.returns_activations = pools_into_linear(model)
         with cache_lock(cache_root):
             xml = _cached_ir(model, weights_sha256, input_hw, self.returns_activations,
-                             cache_root, ov)
+                             cache_root, ov, variant)
 
             def compile_for(chosen: str) -> Any:
                 return compile_on_cpu(str(xml), chosen, xml.parent / COMPILED)
@@ -189,12 +202,42 @@ class OpenVinoForward:
 
     def run(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits, the final activations of a DenseNet, else None), from one pass."""
+        result = self.outputs(batch)
+        return result[0], result[1] if self.returns_activations else None
+
+    def outputs(self, batch: torch.Tensor) -> list[np.ndarray]:
+        """Every output of the converted model (see `Forward.outputs`)."""
         with self._lock:
             result = self._compiled(np.ascontiguousarray(batch.float().cpu().numpy()))
-        logits = np.asarray(result[0], dtype=np.float32)
-        if not self.returns_activations:
-            return logits, None
-        return logits, np.asarray(result[1], dtype=np.float32)
+            return [np.asarray(result[i], dtype=np.float32)
+                    for i in range(len(self._compiled.outputs))]
+
+
+class OneOutput:
+    """The forward pass of one model whose outputs a larger network computes in the same
+    pass as another model's (a shared first stage, `unet.SharedFirstStage`): its logits are
+    output `index` of that network's forward, its Grad-CAM activations output `activations`
+    (None: none)."""
+
+    def __init__(self, forward: Forward, index: int, activations: int | None = None) -> None:
+        self.forward, self.index, self.activations = forward, index, activations
+        self.description = forward.description
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        return self.run(batch)[0]
+
+    def run(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(this model's logits, its activations when the network returns them)."""
+        return self.pick(self.forward.outputs(batch))
+
+    def pick(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """`run`'s answer from the network's outputs of one pass."""
+        return outputs[self.index], None if self.activations is None else \
+            outputs[self.activations]
+
+    def outputs(self, batch: torch.Tensor) -> list[np.ndarray]:
+        """This model's outputs: its logits (and activations)."""
+        return [a for a in self.run(batch) if a is not None]
 
 
 @contextlib.contextmanager
@@ -298,12 +341,13 @@ def openvino_ir(model: nn.Module, weights_sha256: str, input_hw: tuple[int, int]
 
 
 def _cached_ir(model: nn.Module, weights_sha256: str, input_hw: tuple[int, int],
-               with_activations: bool, cache_root: Path, ov) -> Path:
+               with_activations: bool, cache_root: Path, ov, variant: str = "") -> Path:
     """The IR (.xml + .bin) of `model` (returning the Grad-CAM activations too when
-    `with_activations`), converted once per weights, input size, outputs and version."""
+    `with_activations`), converted once per weights, variant, input size, outputs and
+    version."""
     h, w = input_hw
     version = ov.get_version().split("-")[0]
-    extra = "-act" if with_activations else ""
+    extra = ("-act" if with_activations else "") + (f"-{variant}" if variant else "")
     folder = cache_root / f"{weights_sha256[:16]}-{h}x{w}{extra}-ov{version}"
     xml = folder / "model.xml"
     if xml.is_file() and xml.with_suffix(".bin").is_file():
@@ -416,10 +460,12 @@ def openvino_available() -> bool:
 
 
 def choose_forward(model: nn.Module, device: DeviceConfig, weights_sha256: str,
-                   input_hw: tuple[int, int], backend: str | None = None) -> Forward:
+                   input_hw: tuple[int, int], backend: str | None = None,
+                   variant: str = "") -> Forward:
     """The forward pass for `model` on `device`: OpenVINO for 'openvino', or for 'auto' on a
     CPU with openvino installed; PyTorch otherwise and whenever OpenVINO fails. `backend`
-    defaults to $BUS_BACKEND, else 'auto'."""
+    defaults to $BUS_BACKEND, else 'auto'. `variant` names another network built on the
+    weights `weights_sha256` (its own cache entry, kept as long as those weights are)."""
     backend = backend or os.environ.get(BACKEND_ENV) or "auto"
     if backend not in BACKENDS:
         log.warning("Unknown backend %r (choose one of %s): using PyTorch.", backend,
@@ -428,7 +474,7 @@ def choose_forward(model: nn.Module, device: DeviceConfig, weights_sha256: str,
     wants_openvino = backend == "openvino" or (backend == "auto" and device.device.type == "cpu")
     if wants_openvino and openvino_available():
         try:
-            return OpenVinoForward(model, weights_sha256, input_hw, cache_dir())
+            return OpenVinoForward(model, weights_sha256, input_hw, cache_dir(), variant)
         except Exception as exc:  # conversion / compilation problems: PyTorch still works
             log.warning("OpenVINO could not run this model (%s); using PyTorch.", exc)
     elif wants_openvino and backend == "openvino":

@@ -357,3 +357,78 @@ def test_side_by_side_and_the_shared_square_read_as_one_at_a_time(models, tmp_pa
         np.testing.assert_allclose(probs, first[0], atol=1e-6)
         np.testing.assert_array_equal(outline, first[1])
         assert reading == first[2]
+
+
+@pytest.fixture(scope="module")
+def shared(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights folder whose lesion model ('lesion') pairs a whole-image model ('whole', the
+    64 px padded square) with an outline model trained on its encoder, frozen ('outline'), and
+    'claims': an outline model that says so but has an encoder of its own."""
+    import torch
+
+    from bus_core.models.build import save_model
+    from bus_core.models.unet import DenseNetUNet
+
+    root = tmp_path_factory.mktemp("shared")
+    whole = copy_model(models / "whole", root / "whole",
+                       input_size={"resize": 64, "crop": 64, "fit": "pad"})
+    copy_model(models / "lesion", root / "lesion")
+    outline = load_model(models / "outline")
+    torch.manual_seed(1)
+    net = DenseNetUNet()
+    net.decoder.load_state_dict(outline.model.decoder.state_dict())
+    card = outline.card
+    card.init, card.hyperparameters = str(root / "tiny-whole"), {"freeze_encoder": True}
+    save_model(net, card, root / "claims")
+    net.features.load_state_dict(load_model(whole).model.features.state_dict())
+    save_model(net, card, root / "outline")
+    return root
+
+
+def test_an_outline_model_on_the_whole_image_models_encoder_reads_in_one_pass(shared, tmp_path):
+    from bus_core.inference.predict import network_count
+
+    lesion = load_model(shared / "lesion")
+    assert network_count(lesion.path, lesion.card) == 2
+    ready: list[str] = []
+    one_pass = Predictor(lesion, "cpu-fp32", backend="torch", on_network=ready.append)
+    assert one_pass.first_stage is not None and ready == ["tiny-lesion", "tiny-whole"]
+    # the same pair read as two networks: the outline model without the claim
+    folder = tmp_path / "apart"
+    for name in ("whole", "lesion"):
+        copy_model(shared / name, folder / name)
+    copy_model(shared / "outline", folder / "outline", hyperparameters={})
+    apart = _predictor(folder / "lesion")
+    assert apart.first_stage is None and network_count(folder / "lesion", apart.card) == 3
+    image = _image()
+    for masks in ([], [np.ones(image.shape[:2], bool)]):
+        a, b = one_pass.predict(image, masks), apart.predict(image, masks)
+        np.testing.assert_allclose(_probs(a), _probs(b), atol=1e-6)
+        assert (a.outline is None) == (b.outline is None) and a.reading == b.reading
+        if a.outline is not None:
+            np.testing.assert_array_equal(a.outline, b.outline)
+        assert set(a.stages_ms) <= {"first_stage", "lesion"}
+    np.testing.assert_array_equal(one_pass.outliner.segment(image), apart.outliner.segment(image))
+
+
+def test_an_outline_model_whose_encoder_is_not_the_one_it_names_is_refused(shared, tmp_path):
+    folder = tmp_path / "pair"
+    for name in ("whole", "lesion"):
+        copy_model(shared / name, folder / name)
+    copy_model(shared / "claims", folder / "outline")
+    with pytest.raises(ModelError, match="encoders differ"):
+        _predictor(folder / "lesion")
+
+
+@pytest.mark.slow
+def test_the_shared_first_stage_on_openvino_agrees_with_pytorch(shared):
+    pytest.importorskip("openvino")
+    image = _image()
+    lesion = load_model(shared / "lesion")
+    converted = Predictor(lesion, "cpu-fp32", backend="openvino")
+    assert converted.first_stage is not None
+    assert converted.first_stage.description.startswith("OpenVINO")
+    torch_reading = _predictor(shared / "lesion").predict(image)
+    reading = converted.predict(image)
+    np.testing.assert_allclose(_probs(reading), _probs(torch_reading), atol=0.02)
+    assert (reading.whole or reading).activations is not None  # the CAM from the same pass

@@ -12,7 +12,14 @@ from bus_core.errors import ModelError
 from bus_core.inference.outline import Segmenter, list_inputs, segment_inputs
 from bus_core.models.build import build_model, load_model
 from bus_core.models.card import read_card
-from bus_core.models.unet import DenseNetUNet, PostProcess, dice_iou, fill_holes, postprocess
+from bus_core.models.unet import (
+    DenseNetUNet,
+    PostProcess,
+    dice_iou,
+    fill_holes,
+    postprocess,
+    shares_encoder,
+)
 from tests.conftest import ADMIN, blob_probabilities, copy_model, synthetic_image
 
 
@@ -226,3 +233,13 @@ def test_no_automatic_outline_is_a_clear_error(mask_model_dir, tiny_segmenter_di
     assert main(["predict", str(path), "--model", str(mask_model_dir), "--segmenter",
                  str(tiny_segmenter_dir)]) == 2
     assert "finds no lesion" in capsys.readouterr().err
+
+
+def test_shares_encoder_compares_every_encoder_tensor():
+    torch.manual_seed(0)
+    classifier, outline = build_model("densenet121"), DenseNetUNet()
+    assert not shares_encoder(outline, classifier)
+    outline.features.load_state_dict(classifier.features.state_dict())
+    assert shares_encoder(outline, classifier)
+    outline.features.norm5.running_mean += 1e-3  # batch-norm statistics count too
+    assert not shares_encoder(outline, classifier)
