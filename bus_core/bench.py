@@ -22,9 +22,10 @@ into FILE, and refuses when the machine is busy (1-minute load above the CPU cou
 For a two-stage model (`ModelCard.two_stage`, see `predict`), these figures are its
 whole-image model's, which reads every image; `two_stage_latency` times the whole reading
 (outline model, whole-image model, lesion model) with PyTorch and with the chosen backends, with
-each stage's p50 (the outline and whole-image models may run side by side; `one_at_a_time`
-and `side_by_side_ratio` compare with them run one after the other), and batch
-prediction serves the two-stage model.
+each stage's p50 (a first stage that shares its encoder runs as one network, and `apart` /
+`apart_ratio` compare with its two models run apart; otherwise the outline and whole-image
+models may run side by side, and `one_at_a_time` / `one_at_a_time_ratio` compare with them
+run one after the other), and batch prediction serves the two-stage model.
 On a CPU with native bf16, `openvino_precisions` times the OpenVINO forward pass at batch 1 in
 fp32 and bf16 in turns (the choice `backends.choose_precision` makes at first compile).
 
@@ -479,22 +480,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if served is not None:
         pytorch_served = Predictor(load_model(served.loaded.path), fast, backend="torch")
-        in_turn = Predictor(load_model(served.loaded.path), fast, side_by_side=False)
+        # the other way of running the first stage: its two models apart (when it is one
+        # network), else one model after the other (when they run side by side)
+        other, other_name = (Predictor(load_model(served.loaded.path), fast, share=False),
+                             "apart") if served.first_stage is not None else \
+            (Predictor(load_model(served.loaded.path), fast, side_by_side=False),
+             "one_at_a_time")
         stages: list[dict[str, float]] = []
         times = interleaved_times({
             "pytorch": lambda: pytorch_served.predict(load_image(data)),
             "optimised": lambda: stages.append(served.predict(load_image(data)).stages_ms),
-            "one_at_a_time": lambda: in_turn.predict(load_image(data))}, n_latency, warmup=2)
+            other_name: lambda: other.predict(load_image(data))}, n_latency, warmup=2)
         timed_stages = stages[-n_latency:]
         figures.append(emit(
             "two_stage_latency", **{name: ms_percentiles(ms) for name, ms in times.items()},
             stages_p50_ms={name: round(statistics.median(s[name] for s in timed_stages), 2)
                            for name in timed_stages[0]},
             side_by_side=served.side_by_side, shared_square=served.shared_square,
+            one_network_first_stage=served.first_stage is not None,
             backend=served.description,
             outline_backend=served.outliner.forward.description if served.outliner else None,
             ratio=ratio_stats(times["pytorch"], times["optimised"]),
-            side_by_side_ratio=ratio_stats(times["one_at_a_time"], times["optimised"]),
+            **{f"{other_name}_ratio": ratio_stats(times[other_name], times["optimised"])},
             image=image_name))
 
     prediction = predictor.predict(load_image(data))
@@ -617,9 +624,12 @@ def speed_table(figures: Sequence[dict[str, Any]]) -> str:
         rows.append(("two-stage reading p50: PyTorch / chosen",
                      f"{two['pytorch']['p50_ms']} / {two['optimised']['p50_ms']} ms ({stages})"))
         rows.append(("two-stage PyTorch / chosen, per pair", ratio(two["ratio"])))
-        if "side_by_side_ratio" in two:
+        if "one_at_a_time_ratio" in two:
             rows.append(("two-stage one model at a time / side by side, per pair",
-                         ratio(two["side_by_side_ratio"])))
+                         ratio(two["one_at_a_time_ratio"])))
+        if "apart_ratio" in two:
+            rows.append(("two-stage first stage as two networks / as one, per pair",
+                         ratio(two["apart_ratio"])))
     if "segmentation_latency" in by_name:
         outline = by_name["segmentation_latency"]
         rows.append(("outline model alone p50 / p95",

@@ -117,7 +117,7 @@ FIGURES = [
     {"figure": "two_stage_latency", "pytorch": {"p50_ms": 200.0}, "optimised": {"p50_ms": 100.0},
      "stages_p50_ms": {"whole": 50.0, "outline": 60.0, "lesion": 20.0},
      "ratio": {"median": 2.0, "iqr": [1.8, 2.2], "pairs": 10},
-     "side_by_side_ratio": {"median": 1.1, "iqr": [1.0, 1.2], "pairs": 10}},
+     "one_at_a_time_ratio": {"median": 1.1, "iqr": [1.0, 1.2], "pairs": 10}},
     {"figure": "worklist", "cases": 5000, "database": "sqlite", "first_page": {"p50_ms": 6.1},
      "last_page": {"p50_ms": 3.2}},
     {"figure": "openvino_cache", "mb": 120.5, "pruned_mb": 3.0},
@@ -136,6 +136,11 @@ def test_the_speed_table_names_machine_flags_and_date_and_replaces_the_last(tmp_
     assert "| review worklist, 5000 cases (sqlite): first page / last page p50 | 6.1 / 3.2 ms |" \
         in table
     assert "| two-stage one model at a time / side by side, per pair | 1.10 (IQR" in table
+    figures = [dict(f) for f in FIGURES]
+    figures[2]["apart_ratio"] = figures[2].pop("one_at_a_time_ratio")
+    shared = speed_table(figures)
+    assert "| two-stage first stage as two networks / as one, per pair | 1.10 (IQR" in shared
+    assert "one model at a time" not in shared
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Speed\n\n<!-- speed-table -->\nstale figures\n<!-- /speed-table -->\n"
                    "\nAfter.\n")

@@ -199,12 +199,15 @@ class Predictor:
     def __init__(self, loaded: LoadedModel, device: str | DeviceConfig = "auto",
                  backend: str | None = None, *,
                  on_network: Callable[[str], None] | None = None,
-                 side_by_side: bool | None = None, forward: Forward | None = None) -> None:
+                 side_by_side: bool | None = None, share: bool = True,
+                 forward: Forward | None = None) -> None:
         """`on_network` is called with each network's model name once it is ready to run
         (`network_count` calls in all). `side_by_side`: whether a two-stage reading runs its
         outline and whole-image models at the same time (default: where the CPU has at least
-        `SIDE_BY_SIDE_CORES` physical cores). `forward`: a forward pass already prepared for
-        this model (a shared first stage's)."""
+        `SIDE_BY_SIDE_CORES` physical cores). `share`: whether a first stage that can run as
+        one network does (`shares_first_stage`; False runs its two models apart, for
+        comparison). `forward`: a forward pass already prepared for this model (a shared first
+        stage's)."""
         self.loaded = loaded
         self.card = loaded.card
         self.device = device if isinstance(device, DeviceConfig) else choose_device(device)
@@ -228,17 +231,17 @@ class Predictor:
         """The whole-image model and the outline model as one network, when they share their
         encoder (`shares_first_stage`): outputs (lesion logits, class logits, activations)."""
         if self.card.two_stage:
-            self._load_first_stage(backend, on_network, side_by_side)
+            self._load_first_stage(backend, on_network, side_by_side, share)
 
     def _load_first_stage(self, backend: str | None, on_network: Callable[[str], None] | None,
-                          side_by_side: bool | None) -> None:
+                          side_by_side: bool | None, share: bool) -> None:
         """Prepare the whole-image model and the outline model of a two-stage card."""
         whole_dir, outline_dir = two_stage_folders(self.loaded.path, self.card)
         whole, outline = load_model(whole_dir), load_model(outline_dir)
         outline_device = choose_device("cpu-fp32") if self.device.device.type == "cpu" \
             else self.device
         whole_forward = outline_forward = None
-        if shares_first_stage(whole.card, outline.card):
+        if share and shares_first_stage(whole.card, outline.card):
             if not shares_encoder(outline.model, whole.model):
                 raise ModelError(f"{outline.card.name} says it was trained on the encoder of "
                                  f"{whole.card.name}, but their encoders differ: one of the two "

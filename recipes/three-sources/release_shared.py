@@ -1,0 +1,69 @@
+"""Release the one-network first stage of `shared-first-stage.sh`: its outline model and the
+lesion model paired with it go into weights/ (the whole-image model is already there), the
+lesion model's card with the figures of the two-stage reading on the pooled validation and test
+subsets (full-size images).
+
+    python recipes/three-sources/release_shared.py CANDIDATE SCORES WEIGHTS
+
+CANDIDATE: the folder holding the whole-image model, the outline model and the paired lesion
+model (`$OUT/candidate`); SCORES: the folder with `pooled-val.json` and `pooled-test.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from bus_core.models.card import CARD_FILE, read_card
+
+RECIPE = ("Recipe: recipes/three-sources/shared-first-stage.sh (training, pairing and "
+          "fitting) and release_shared.py. Trained on BUSI, BUS-BRA and BUS-UCLM; BUS-UCLM is "
+          "licensed CC BY-NC 4.0, so this model is for non-commercial research use.")
+LICENCES = ("BUSI: see its Kaggle page; BUS-BRA: see its LICENSE.txt; BUS-UCLM: CC BY-NC 4.0 "
+            "(non-commercial research use; cite Vallez et al., Scientific Data 2025)")
+
+
+def _card(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / CARD_FILE).read_text())
+
+
+def _release(source: Path, target: Path, card: dict[str, Any]) -> None:
+    """Copy the model folder `source` to `target` with `card` (checked to read back)."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("train"))
+    (target / CARD_FILE).write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
+    read_card(target)
+
+
+def main() -> None:
+    """Copy the outline model and the lesion model, and write their cards."""
+    candidate, scores, weights = (Path(a) for a in sys.argv[1:4])
+    lesion = next(p for p in candidate.iterdir() if _card(p).get("two_stage"))
+    card = _card(lesion)
+    outline_name = card["two_stage"]["outline_model"]
+    outline = _card(candidate / outline_name)
+    outline["training_data"] |= {"sources": ["$DATA/BUSI", "$DATA/BUSBRA/labels.csv",
+                                             "$DATA/BUSUCLM/labels.csv"],
+                                 "licences": LICENCES}
+    whole = card["two_stage"]["whole_image_model"]
+    outline["notes"] = (f"Decoder trained on the encoder of {whole}, frozen: the two read as "
+                        f"one network. {outline['notes']} {RECIPE}")
+    _release(candidate / outline_name, weights / outline_name, outline)
+    val, test = (json.loads((scores / f"pooled-{s}.json").read_text()) for s in ("val", "test"))
+    previous = card["metrics"]
+    card["metrics"] = previous | {"val": val, "test": test}
+    card["notes"] = (f"The weights of densenet121-context-v2, read with {outline_name} (one "
+                     "network with the whole-image model) instead of densenet121-unet-lesion-v1;"
+                     " factor on P(normal)'s odds and threshold fitted again on the pooled "
+                     f"validation subsets. Lesion model trained on NVIDIA H200 (140 GiB), bf16. "
+                     f"{RECIPE}")
+    _release(lesion, weights / card["name"], card)
+    print(f"Released {card['name']} (with {outline_name}) into {weights}")
+
+
+if __name__ == "__main__":
+    main()
