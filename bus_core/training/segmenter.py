@@ -17,6 +17,7 @@ A run writes into `--out`:
 
     <out>/segmenter/        the segmentation model (safetensors + card, task "segmentation")
     <out>/classifier/       the classifier sharing its encoder (with --cls-weight > 0)
+    <out>/segmenter-last/   with --export-last: the segmenter of the last epoch
     <out>/train/            config.json, progress.jsonl, checkpoint.pt, best-*.safetensors,
                             packed-*.npz (the decoded images, reused on resume)
 
@@ -108,6 +109,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--classifier-name", default="densenet121-multitask-v1")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out with the settings it was started with")
+    p.add_argument("--export-last", action="store_true",
+                   help="also export the segmenter of the last epoch, as <out>/segmenter-last "
+                        "(to compare with the best epoch by validation score in a reading; "
+                        "with --resume, also of a finished run)")
     return p
 
 
@@ -436,7 +441,9 @@ def main(args: argparse.Namespace) -> Path:
                 config.time_limit, state["train_time_s"], state["epoch"]):
             log.write("time_limit", epoch=state["epoch"])
             break
-    export_run(config, device, state, val_packed, log)
+    if args.export_last:
+        save_weights(average.module, run_dir / "last-seg.safetensors")
+    export_run(config, device, state, val_packed, log, last=args.export_last)
     return Path(config.out)
 
 

@@ -3,6 +3,8 @@
 - `<out>/segmenter/`: the encoder + decoder of the epoch with the best validation segmentation
   score; the post-processing (threshold, smallest component) chosen on validation; test figures
   of every source at the images' own pixels (the test subsets are read here, once).
+- `<out>/segmenter-last/` (`--export-last`): the same from the last epoch's weights, to compare
+  with the best epoch by validation score where the outline serves a reading.
 - `<out>/classifier/`: the encoder + class head of the epoch with the best validation
   classification score, as a plain DenseNet121 classifier (fit 'pad'); the temperature and the
   sensitivity-first malignant threshold fitted on the pooled validation subsets; test figures.
@@ -84,11 +86,12 @@ def _provenance(config: SegTrainConfig) -> dict[str, Any]:
 
 
 def export_segmenter(config: SegTrainConfig, device: DeviceConfig, state: dict[str, Any],
-                     val_packed: Packed, log: ProgressLog) -> ModelCard:
-    """Write `<out>/segmenter` (see module docstring)."""
+                     val_packed: Packed, log: ProgressLog, last: bool = False) -> ModelCard:
+    """Write `<out>/segmenter` (see module docstring), or with `last` `<out>/segmenter-last`
+    from the last epoch's weights."""
     dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
     net = DenseNetUNet(num_classes=0)
-    _load_part(net, config.run_dir / "best-seg.safetensors", dtype)
+    _load_part(net, config.run_dir / f"{'last' if last else 'best'}-seg.safetensors", dtype)
     prepare_model(net, device)
     probs, _ = forward_packed(net, val_packed, device)
     params, val_figures = choose_postprocess(probs, val_packed)
@@ -102,12 +105,13 @@ def export_segmenter(config: SegTrainConfig, device: DeviceConfig, state: dict[s
             "size", "epochs", "epoch_size", "batch_size", "lr", "encoder_lr", "weight_decay",
             "cls_weight", "freeze_stem", "freeze_encoder", "normal_crops", "seed",
             "style_augment", "mixstyle", "ema", "time_limit")}
-        | {"best_epoch": state["best_seg"]["epoch"], "epochs_trained": state["epoch"]},
+        | {"best_epoch": state["best_seg"]["epoch"], "epochs_trained": state["epoch"],
+           "exported_epoch": state["epoch"] if last else state["best_seg"]["epoch"]},
         metrics={"val": val_figures, "val_frame": "padded square at the input size"},
         training_time_s=round(state["train_time_s"], 1),
         notes=f"Multi-task run ({config.cls_weight} x classification loss); device "
               f"{device.description}.")
-    out = Path(config.out) / "segmenter"
+    out = Path(config.out) / ("segmenter-last" if last else "segmenter")
     save_model(net, card, out, dtype=dtype)
     segmenter = Segmenter(LoadedModel(net, card, out), device)
     test: dict[str, Any] = {}
@@ -166,10 +170,12 @@ def export_classifier(config: SegTrainConfig, device: DeviceConfig, state: dict[
 
 
 def export_run(config: SegTrainConfig, device: DeviceConfig, state: dict[str, Any],
-               val_packed: Packed, log: ProgressLog) -> None:
+               val_packed: Packed, log: ProgressLog, last: bool = False) -> None:
     """Export the segmenter and (for a multi-task run) the classifier from the best epochs
-    saved on disk; log 'done'."""
+    saved on disk, and with `last` the segmenter of the last epoch too; log 'done'."""
     export_segmenter(config, device, state, val_packed, log)
+    if last:
+        export_segmenter(config, device, state, val_packed, log, last=True)
     if state.get("best_cls"):
         export_classifier(config, device, state, log)
     log.write("done", out=str(config.out))

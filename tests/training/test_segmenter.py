@@ -167,16 +167,19 @@ def test_frozen_encoder_run_keeps_the_classifiers_encoder(tiny_run, tmp_path):
     for d, s in zip(data, splits):
         argv += ["--data", str(d), "--split", str(s)]
     argv += ["--out", str(tmp_path / "run"), "--size", "64", "--cache-size", "72", "--epochs",
-             "1", "--epoch-size", "8", "--batch-size", "4", "--device", "cpu-fp32",
+             "2", "--epoch-size", "8", "--batch-size", "4", "--device", "cpu-fp32",
              "--init", str(tiny_run / "classifier"), "--freeze-encoder", "--cls-weight", "0",
-             "--lr", "0.1"]
+             "--lr", "0.1", "--export-last"]
     out = main(get_args_parser().parse_args(argv))
     classifier = load_model(tiny_run / "classifier").model.state_dict()
-    segmenter = load_model(out / "segmenter")
-    assert segmenter.card.hyperparameters["freeze_encoder"]
-    for name, tensor in segmenter.model.state_dict().items():
-        if name.startswith("features."):
-            assert torch.equal(tensor, classifier[name]), name
+    for folder in ("segmenter", "segmenter-last"):
+        segmenter = load_model(out / folder)
+        hyper = segmenter.card.hyperparameters
+        assert hyper["freeze_encoder"] and hyper["epochs_trained"] == 2
+        assert hyper["exported_epoch"] == (2 if folder == "segmenter-last" else hyper["best_epoch"])
+        for name, tensor in segmenter.model.state_dict().items():
+            if name.startswith("features."):
+                assert torch.equal(tensor, classifier[name]), name
     assert not (out / "classifier").exists()
 
 
