@@ -109,8 +109,10 @@ def export_segmenter(config: SegTrainConfig, device: DeviceConfig, state: dict[s
            "exported_epoch": state["epoch"] if last else state["best_seg"]["epoch"]},
         metrics={"val": val_figures, "val_frame": "padded square at the input size"},
         training_time_s=round(state["train_time_s"], 1),
-        notes=f"Multi-task run ({config.cls_weight} x classification loss); device "
-              f"{device.description}.")
+        notes=(f"Decoder trained alone on the encoder of {config.init}, frozen"
+               if config.freeze_encoder else
+               f"Multi-task run ({config.cls_weight} x classification loss)")
+        + f"; device {device.description}.")
     out = Path(config.out) / ("segmenter-last" if last else "segmenter")
     save_model(net, card, out, dtype=dtype)
     segmenter = Segmenter(LoadedModel(net, card, out), device)

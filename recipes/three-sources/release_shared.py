@@ -26,6 +26,13 @@ LICENCES = ("BUSI: see its Kaggle page; BUS-BRA: see its LICENSE.txt; BUS-UCLM: 
             "(non-commercial research use; cite Vallez et al., Scientific Data 2025)")
 
 
+def _as_data(path: str) -> str:
+    """A data path as the cards write it: from the data set's folder on, under $DATA."""
+    parts = Path(path).parts
+    start = next(i for i, part in enumerate(parts) if part in ("BUSI", "BUSBRA", "BUSUCLM"))
+    return "/".join(("$DATA", *parts[start:]))
+
+
 def _card(folder: Path) -> dict[str, Any]:
     return json.loads((folder / CARD_FILE).read_text())
 
@@ -46,12 +53,14 @@ def main() -> None:
     card = _card(lesion)
     outline_name = card["two_stage"]["outline_model"]
     outline = _card(candidate / outline_name)
-    outline["training_data"] |= {"sources": ["$DATA/BUSI", "$DATA/BUSBRA/labels.csv",
-                                             "$DATA/BUSUCLM/labels.csv"],
+    outline["training_data"] |= {"sources": [_as_data(p) for p in
+                                             outline["training_data"]["sources"]],
                                  "licences": LICENCES}
+    for entry in outline["split"]["files"]:
+        entry["data"] = _as_data(entry["data"])
     whole = card["two_stage"]["whole_image_model"]
-    outline["notes"] = (f"Decoder trained on the encoder of {whole}, frozen: the two read as "
-                        f"one network. {outline['notes']} {RECIPE}")
+    outline["notes"] = (f"{outline['notes']} With {whole} it reads as one network: one encoder "
+                        f"pass gives the outline and P(normal). {RECIPE}")
     _release(candidate / outline_name, weights / outline_name, outline)
     val, test = (json.loads((scores / f"pooled-{s}.json").read_text()) for s in ("val", "test"))
     previous = card["metrics"]
