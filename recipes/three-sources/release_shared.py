@@ -38,10 +38,11 @@ def _card(folder: Path) -> dict[str, Any]:
 
 
 def _release(source: Path, target: Path, card: dict[str, Any]) -> None:
-    """Copy the model folder `source` to `target` with `card` (checked to read back)."""
+    """Copy the model folder `source` to `target` with `card` (checked to read back); its
+    README (the model card in words) is written by hand for each release."""
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("train"))
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("train", "README.md"))
     (target / CARD_FILE).write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
     read_card(target)
 
