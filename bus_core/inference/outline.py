@@ -94,8 +94,11 @@ class Segmenter:
     def logits_to_masks(self, logits: np.ndarray, fits: Sequence[SquareFit],
                         shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """`segment_squares` from the model's lesion logits (N x 1 x S x S)."""
-        return [postprocess(p, self.params)
-                for p in self.logits_to_probabilities(logits, fits, shapes)]
+        return self._masks(self.logits_to_probabilities(logits, fits, shapes))
+
+    def _masks(self, probabilities: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Each probability map through this model's post-processing."""
+        return [postprocess(p, self.params) for p in probabilities]
 
     def segment(self, image: np.ndarray) -> np.ndarray:
         """The suggested lesion mask of one RGB uint8 image (HxW bool; all False: none found)."""
@@ -104,12 +107,11 @@ class Segmenter:
     def segment_squares(self, batch: torch.Tensor, fits: Sequence[SquareFit],
                         shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """`segment` of images already fitted to the model's square (`square_probabilities`)."""
-        return [postprocess(p, self.params)
-                for p in self.square_probabilities(batch, fits, shapes)]
+        return self._masks(self.square_probabilities(batch, fits, shapes))
 
     def segment_many(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """`segment` for several images in one batch."""
-        return [postprocess(p, self.params) for p in self.probabilities(images)]
+        return self._masks(self.probabilities(images))
 
 
 @dataclass

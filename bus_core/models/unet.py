@@ -91,15 +91,16 @@ class DenseNetUNet(nn.Module):
                 skips.append(x)
         return self.final_relu(x), skips
 
+    def segment_with_bottom(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lesion logits at the input size, the encoder's final activations), one pass."""
+        bottom, skips = self._encode(x)
+        return F.interpolate(self.decoder(bottom, skips), size=x.shape[-2:], mode="bilinear",
+                             align_corners=False), bottom
+
     def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Lesion logits at the input size, and class logits (None without a class head)."""
-        bottom, skips = self._encode(x)
-        seg = F.interpolate(self.decoder(bottom, skips), size=x.shape[-2:], mode="bilinear",
-                            align_corners=False)
-        if self.classifier is None:
-            return seg, None
-        pooled = torch.flatten(F.adaptive_avg_pool2d(bottom, 1), 1)
-        return seg, self.classifier(pooled)
+        seg, bottom = self.segment_with_bottom(x)
+        return seg, None if self.classifier is None else self.classifier(pooled(bottom))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_both(x)[0]
@@ -117,10 +118,13 @@ class SharedFirstStage(nn.Module):
         self.head = classifier.get_submodule("classifier")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        bottom, skips = self.outline._encode(x)
-        seg = F.interpolate(self.outline.decoder(bottom, skips), size=x.shape[-2:],
-                            mode="bilinear", align_corners=False)
-        return seg, self.head(torch.flatten(F.adaptive_avg_pool2d(bottom, 1), 1)), bottom
+        seg, bottom = self.outline.segment_with_bottom(x)
+        return seg, self.head(pooled(bottom)), bottom
+
+
+def pooled(activations: torch.Tensor) -> torch.Tensor:
+    """N x C x H x W activations averaged to the N x C input of a class head."""
+    return torch.flatten(F.adaptive_avg_pool2d(activations, 1), 1)
 
 
 def shares_encoder(outline: nn.Module, classifier: nn.Module) -> bool:

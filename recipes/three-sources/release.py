@@ -21,13 +21,14 @@ from typing import Any
 
 from bus_core.models.card import CARD_FILE, read_card
 
+LICENCES = ("BUSI: see its Kaggle page; BUS-BRA: see its LICENSE.txt; BUS-UCLM: CC BY-NC 4.0 "
+            "(non-commercial research use; cite Vallez et al., Scientific Data 2025)")
 TRAINING_DATA = {
     "sources": ["$DATA/BUSI", "$DATA/BUSBRA/labels.csv", "$DATA/BUSUCLM/labels.csv"],
     "subset": "train",
     "copy": "trained on the compact copy of recipes/compact_copy.py (longest side 320 px, "
             "JPEG quality 80)",
-    "licences": "BUSI: see its Kaggle page; BUS-BRA: see its LICENSE.txt; BUS-UCLM: CC BY-NC "
-                "4.0 (non-commercial research use; cite Vallez et al., Scientific Data 2025)",
+    "licences": LICENCES,
 }
 RECIPE = ("Recipe: recipes/three-sources/ (compact copy, first-stage.sh, lesion.sh, score.sh, "
           "release.py). Trained on BUSI, BUS-BRA and BUS-UCLM; BUS-UCLM is licensed CC BY-NC "
@@ -36,35 +37,39 @@ NAMES = {"segmenter": "densenet121-unet-lesion-v2", "classifier": "densenet121-m
          "lesion": "densenet121-context-v2"}
 
 
-def _card(folder: Path) -> dict[str, Any]:
+def card_of(folder: Path) -> dict[str, Any]:
+    """The card of the model folder `folder`, as JSON."""
     return json.loads((folder / CARD_FILE).read_text())
 
 
-def _write(folder: Path, card: dict[str, Any]) -> None:
+def write_card(folder: Path, card: dict[str, Any]) -> None:
+    """Write `card` into `folder`, checked to read back as a valid card."""
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
-    read_card(folder)  # still a valid card
+    read_card(folder)
 
 
-def _copy(source: Path, target: Path) -> dict[str, Any]:
+def copy_model(source: Path, target: Path) -> dict[str, Any]:
+    """Copy the model folder `source` to `target` (replacing it), without a run's `train/` or
+    a README (a model's card in words is written by hand for each release); its card."""
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("train"))
-    return _card(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("train", "README.md"))
+    return card_of(target)
 
 
 def _release_first_stage(run: Path, part: str, weights: Path) -> str:
     """Copy the run's `part` (classifier or segmenter) into weights/ under its name."""
-    card = _copy(run / part, weights / NAMES[part])
+    card = copy_model(run / part, weights / NAMES[part])
     card.update(training_data=TRAINING_DATA, notes=f"{card['notes']} {RECIPE}")
     card["metrics"]["computed_on"] = "the compact copy (see training_data.copy)"
-    _write(weights / NAMES[part], card)
+    write_card(weights / NAMES[part], card)
     return NAMES[part]
 
 
 def main() -> None:
     """Copy, pair and write the cards."""
     candidate, scores, weights = (Path(a) for a in sys.argv[1:4])
-    card = _card(candidate)
+    card = card_of(candidate)
     pair = {key: _release_first_stage(candidate.parent, name, weights)
             if name in ("classifier", "segmenter") else name
             for key, name in card["two_stage"].items()}
@@ -89,7 +94,7 @@ def main() -> None:
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(candidate, target)
-    _write(target, card)
+    write_card(target, card)
     print(f"Released {NAMES['lesion']} (with {', '.join(pair.values())}) into {weights}")
 
 

@@ -12,18 +12,14 @@ model (`$OUT/candidate`); SCORES: the folder with `pooled-val.json` and `pooled-
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
-from bus_core.models.card import CARD_FILE, read_card
+from release import LICENCES, card_of, copy_model, write_card
 
 RECIPE = ("Recipe: recipes/three-sources/shared-first-stage.sh (training, pairing and "
           "fitting) and release_shared.py. Trained on BUSI, BUS-BRA and BUS-UCLM; BUS-UCLM is "
           "licensed CC BY-NC 4.0, so this model is for non-commercial research use.")
-LICENCES = ("BUSI: see its Kaggle page; BUS-BRA: see its LICENSE.txt; BUS-UCLM: CC BY-NC 4.0 "
-            "(non-commercial research use; cite Vallez et al., Scientific Data 2025)")
 
 
 def _as_data(path: str) -> str:
@@ -33,27 +29,13 @@ def _as_data(path: str) -> str:
     return "/".join(("$DATA", *parts[start:]))
 
 
-def _card(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / CARD_FILE).read_text())
-
-
-def _release(source: Path, target: Path, card: dict[str, Any]) -> None:
-    """Copy the model folder `source` to `target` with `card` (checked to read back); its
-    README (the model card in words) is written by hand for each release."""
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("train", "README.md"))
-    (target / CARD_FILE).write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
-    read_card(target)
-
-
 def main() -> None:
     """Copy the outline model and the lesion model, and write their cards."""
     candidate, scores, weights = (Path(a) for a in sys.argv[1:4])
-    lesion = next(p for p in candidate.iterdir() if _card(p).get("two_stage"))
-    card = _card(lesion)
+    lesion = next(p for p in candidate.iterdir() if card_of(p).get("two_stage"))
+    card = card_of(lesion)
     outline_name = card["two_stage"]["outline_model"]
-    outline = _card(candidate / outline_name)
+    outline = card_of(candidate / outline_name)
     outline["training_data"] |= {"sources": [_as_data(p) for p in
                                              outline["training_data"]["sources"]],
                                  "licences": LICENCES}
@@ -62,7 +44,8 @@ def main() -> None:
     whole = card["two_stage"]["whole_image_model"]
     outline["notes"] = (f"{outline['notes']} With {whole} it reads as one network: one encoder "
                         f"pass gives the outline and P(normal). {RECIPE}")
-    _release(candidate / outline_name, weights / outline_name, outline)
+    copy_model(candidate / outline_name, weights / outline_name)
+    write_card(weights / outline_name, outline)
     val, test = (json.loads((scores / f"pooled-{s}.json").read_text()) for s in ("val", "test"))
     previous = card["metrics"]
     card["metrics"] = previous | {"val": val, "test": test}
@@ -71,7 +54,8 @@ def main() -> None:
                      " factor on P(normal)'s odds and threshold fitted again on the pooled "
                      f"validation subsets. Lesion model trained on NVIDIA H200 (140 GiB), bf16. "
                      f"{RECIPE}")
-    _release(lesion, weights / card["name"], card)
+    copy_model(lesion, weights / card["name"])
+    write_card(weights / card["name"], card)
     print(f"Released {card['name']} (with {outline_name}) into {weights}")
 
 
