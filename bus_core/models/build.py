@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -30,7 +29,7 @@ from bus_core.models.card import (
     resolve_model_dir,
     write_card,
 )
-from bus_core.models.unet import SEG_ARCH, DenseNetUNet
+from bus_core.models.unet import SEG_ARCH, DenseNetUNet, pooled
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +60,7 @@ class DenseNetClassifier(nn.Module):
         """(logits, the `final_relu` activations, the Grad-CAM layer's) from one pass. They
         reach the logits only through global average pooling and the linear classifier."""
         activations = self.final_relu(self.features(x))
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(activations, 1), 1)), \
-            activations
+        return self.classifier(pooled(activations)), activations
 
 
 def _imagenet_weights(arch: str) -> Any:
