@@ -62,7 +62,11 @@ from bus_core.runtime.device import (
     prepare_model,
     to_device,
 )
-from bus_core.training.averaging import WeightAverage, add_shared_training_options
+from bus_core.training.averaging import (
+    WeightAverage,
+    add_shared_training_options,
+    check_average_options,
+)
 from bus_core.training.mixstyle import MixStyle
 from bus_core.training.runs import ProgressLog, RunFiles, next_epoch_fits
 from bus_core.training.segmenter_common import (
@@ -272,6 +276,7 @@ def config_from_args(args: argparse.Namespace) -> SegTrainConfig:
     if args.freeze_encoder and (args.init == "random" or args.cls_weight > 0):
         raise DataError("--freeze-encoder keeps the encoder of a trained classifier: give it "
                         "with --init FOLDER and --cls-weight 0.")
+    check_average_options(args.ema, args.ema_warmup)
     names = {f.name for f in dataclasses.fields(SegTrainConfig)}
     return SegTrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
@@ -339,7 +344,7 @@ def main(args: argparse.Namespace) -> Path:
         optimizer, max_lr=[config.encoder_lr, config.lr], total_steps=config.epochs * steps,
         pct_start=0.1)
     weights = class_weights_for(train_packed, windows, config).to(device.device)
-    average = WeightAverage(model, config.ema)
+    average = WeightAverage(model, config.ema, config.ema_warmup)
     mixing = MixStyle(config.mixstyle) if config.mixstyle > 0 else None
     if mixing:  # after the average, whose copy of the network is never mixed
         mixing.attach(model.features)

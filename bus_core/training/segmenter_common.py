@@ -50,6 +50,7 @@ class SegTrainConfig:
     style_augment: bool = False
     mixstyle: float = 0.0
     ema: float = 0.0
+    ema_warmup: bool = False
     time_limit: float = 0.0
 
     @property

@@ -104,7 +104,7 @@ def export_segmenter(config: SegTrainConfig, device: DeviceConfig, state: dict[s
         hyperparameters={k: getattr(config, k) for k in (
             "size", "epochs", "epoch_size", "batch_size", "lr", "encoder_lr", "weight_decay",
             "cls_weight", "freeze_stem", "freeze_encoder", "normal_crops", "seed",
-            "style_augment", "mixstyle", "ema", "time_limit")}
+            "style_augment", "mixstyle", "ema", "ema_warmup", "time_limit")}
         | {"best_epoch": state["best_seg"]["epoch"], "epochs_trained": state["epoch"],
            "exported_epoch": state["epoch"] if last else state["best_seg"]["epoch"]},
         metrics={"val": val_figures, "val_frame": "padded square at the input size"},

@@ -93,7 +93,11 @@ from bus_core.runtime.device import (
     to_device,
 )
 from bus_core.runtime.distributed import Ranks
-from bus_core.training.averaging import WeightAverage, add_shared_training_options
+from bus_core.training.averaging import (
+    WeightAverage,
+    add_shared_training_options,
+    check_average_options,
+)
 from bus_core.training.mixstyle import MixStyle
 from bus_core.training.runs import (
     EtaClock,
@@ -159,6 +163,7 @@ class TrainConfig:
     style_augment: bool = False
     mixstyle: float = 0.0
     ema: float = 0.0
+    ema_warmup: bool = False
     time_limit: float = 0.0
 
     @property
@@ -353,6 +358,7 @@ def check_config(config: TrainConfig) -> None:
         raise DataError("The scanner-style augmentation of this training is applied at the "
                         "ultrasound augmentation's strength: give --ultrasound-augment too "
                         "(e.g. 1).")
+    check_average_options(config.ema, config.ema_warmup)
     if config.mixstyle > 0 and config.arch != "densenet121":
         raise ModelError(f"MixStyle mixes the outputs of DenseNet121's dense blocks; "
                          f"{config.arch} has none. Train a densenet121, or leave out --mixstyle.")
@@ -526,7 +532,7 @@ def _train(config: TrainConfig, device: DeviceConfig, ranks: Ranks, resume: bool
     optimizer = make_optimizer(config, model.parameters())
     scheduler = make_scheduler(config, optimizer)
     scaler = torch.amp.GradScaler(device.device.type, enabled=needs_grad_scaler(device))
-    average = WeightAverage(model, config.ema)
+    average = WeightAverage(model, config.ema, config.ema_warmup)
     mixing = MixStyle(config.mixstyle) if config.mixstyle > 0 else None
     if mixing:  # after the average, whose copy of the network is never mixed
         mixing.attach(model.get_submodule("features"))
@@ -747,7 +753,8 @@ def _finish(config: TrainConfig, model: nn.Module, device: DeviceConfig,
                                              "epochs", "scheduler", "balance", "monitor",
                                              "patience", "seed", "label_smoothing",
                                              "ultrasound_augment", "style_augment",
-                                             "mixstyle", "ema", "time_limit")}
+                                             "mixstyle", "ema", "ema_warmup",
+                                             "time_limit")}
     hyper["epochs_trained"] = len(state["history"])
     hyper["best_epoch"] = state["best_epoch"]
     world = state["world_size"]

@@ -30,6 +30,29 @@ declare -A HELD_OUT=(
     [without-busuclm]="$BUSUCLM"
 )
 RUN_NAMES="all without-busi without-busbra without-busuclm"
+# The lesion-model variants (train options beyond the common ones), each one method or all:
+#   plain     the earlier recipe's light augmentation, class-balanced sampling
+#   ema       plain + weight averaging (warmed up, so that short runs average their own steps)
+#   mixstyle  plain + MixStyle (feature statistics mixed between sources) in half the batches
+#   balanced  plain, sampling every (source, class) cell alike instead of every class
+#   dg        plain + ultrasound and scanner-style augmentation + weight averaging
+declare -A VARIANT=(
+    [plain]="--balance sampler"
+    [ema]="--balance sampler --ema 0.995 --ema-warmup"
+    [mixstyle]="--balance sampler --mixstyle 0.5"
+    [balanced]="--balance source-class"
+    [dg]="--balance sampler --ultrasound-augment 1 --style-augment --ema 0.995 --ema-warmup"
+)
+# Refuse an unknown variant among those given (exit 2).
+check_variants() {
+    local variant
+    for variant in "$@"; do
+        if [[ -z ${VARIANT[$variant]+set} ]]; then
+            echo "Unknown lesion-model variant '$variant'; choose from: ${!VARIANT[*]}" >&2
+            exit 2
+        fi
+    done
+}
 mkdir -p "$RUNS"
 # Wait for every background job; fail when any of them failed (plain `wait` reports success).
 wait_all() {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The domain-generalisation ablation at a size two CPU cores can run: the lesion model alone,
-# each variant of VARIANTS (see lesion.sh) trained from random weights on the sources of one
+# each variant of VARIANTS (see common.sh) trained from random weights on the sources of one
 # leave-one-source-out run (FOLD, default without-busbra: trained on BUSI and BUS-UCLM), then
 # scored on the left-out source's validation subset with the experts' outlines, which no
 # variant saw. No first stage is trained, so the variants differ by their own training alone;
@@ -16,33 +16,17 @@ EPOCHS=${EPOCHS:-12}
 SIZE=${SIZE:-160}
 OUT="$RUNS/cpu-ablation"
 mkdir -p "$OUT"
-declare -A VARIANT=(
-    [plain]="--balance sampler"
-    [ema]="--balance sampler --ema 0.995"
-    [mixstyle]="--balance sampler --mixstyle 0.5"
-    [balanced]="--balance source-class"
-    [dg]="--balance sampler --ultrasound-augment 1 --style-augment --ema 0.995"
-)
-for variant in ${VARIANTS:-plain ema mixstyle balanced dg}; do
-    if [[ -z ${VARIANT[$variant]+set} ]]; then
-        echo "Unknown lesion-model variant '$variant'; choose from: ${!VARIANT[*]}" >&2
-        exit 2
-    fi
-done
+check_variants ${VARIANTS:-plain ema mixstyle balanced dg}
 for variant in ${VARIANTS:-plain ema mixstyle balanced dg}; do
     model="$OUT/$FOLD-$variant"
-    if [[ ! -f "$model/card.json" ]]; then
-        resume=()
-        [[ -d "$model" ]] && resume=(--resume)
-        if [[ ${#resume[@]} -gt 0 ]]; then
-            $PY -m bus_core train --out "$model" --resume >> "$model.log" 2>&1
-        else
-            $PY -m bus_core train ${MERGED[$FOLD]} --out "$model" --init random \
-                --input-mode lesion-context --fit pad --resize "$SIZE" --crop "$SIZE" \
-                --tissue-share 0.1 --monitor auc_malignant --epochs "$EPOCHS" \
-                --batch-size 64 --lr 2e-4 --scheduler cosine ${VARIANT[$variant]} \
-                --workers "${WORKERS:-1}" --device "$DEVICE" --seed 0 > "$model.log" 2>&1
-        fi
+    if [[ -d "$model/train" && ! -f "$model/card.json" ]]; then  # a killed run goes on
+        $PY -m bus_core train --out "$model" --resume >> "$model.log" 2>&1
+    elif [[ ! -f "$model/card.json" ]]; then
+        $PY -m bus_core train ${MERGED[$FOLD]} --out "$model" --init random \
+            --input-mode lesion-context --fit pad --resize "$SIZE" --crop "$SIZE" \
+            --tissue-share 0.1 --monitor auc_malignant --epochs "$EPOCHS" \
+            --batch-size 64 --lr 2e-4 --scheduler cosine ${VARIANT[$variant]} \
+            --workers "${WORKERS:-1}" --device "$DEVICE" --seed 0 > "$model.log" 2>&1
     fi
     $PY -m bus_core evaluate --model "$model" ${HELD_OUT[$FOLD]} --subset val \
         --input-mode lesion-context --device "$DEVICE" --json "$model-val.json" \

@@ -18,7 +18,7 @@ from bus_core.data.presets import InputSize
 from bus_core.data.splits import make_split, split_records
 from bus_core.errors import DataError, ModelError
 from bus_core.models.build import build_model
-from bus_core.training.averaging import WeightAverage
+from bus_core.training.averaging import WeightAverage, warmed_decay
 from bus_core.training.mixstyle import MixStyle, mixing_partners
 from bus_core.training.runs import next_epoch_fits
 from bus_core.training.train import check_config, config_from_args, get_args_parser, train
@@ -93,6 +93,43 @@ def test_weight_average_follows_the_closed_form():
     assert WeightAverage(model, decay=0).module is model
     with pytest.raises(ValueError):
         WeightAverage(model, decay=1.0)
+
+
+def test_weight_average_with_warm_up_follows_its_own_steps_early():
+    model = nn.Linear(2, 1, bias=False)
+    average = WeightAverage(model, decay=0.9, warmup=True)
+    fixed = WeightAverage(model, decay=0.9)
+    expected = 0.0
+    for step, value in enumerate((0.0, 1.0, 2.0)):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update()
+        fixed.update()
+        # the first update copies; update n (n earlier ones) keeps min(0.9, (1+n)/(10+n))
+        decay = warmed_decay(0.9, step)
+        expected = value if step == 0 else decay * expected + (1 - decay) * value
+        assert torch.allclose(average.module.weight, torch.full((1, 2), expected))
+    assert warmed_decay(0.9, 1) == pytest.approx(2 / 11)
+    assert warmed_decay(0.9, 10_000) == 0.9
+    # without warm-up the starting weights (0) still weigh 0.9 ** 2 of the average
+    assert float(average.module.weight[0, 0]) > float(fixed.module.weight[0, 0])
+    assert torch.allclose(fixed.module.weight, torch.full((1, 2), 0.9 * 0.1 * 1 + 0.1 * 2))
+    restored = WeightAverage(model, decay=0.9, warmup=True)
+    restored.load_state_dict(average.state_dict())
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    restored.update()
+    average.update()  # the count of updates comes back with the checkpoint
+    assert torch.allclose(restored.module.weight, average.module.weight)
+
+
+def test_ema_warm_up_needs_an_average(busi_dir, tmp_path):
+    base = ["--data", str(busi_dir), "--out", str(tmp_path / "m")]
+    assert config_from_args(get_args_parser().parse_args(
+        base + ["--ema", "0.99", "--ema-warmup"])).ema_warmup
+    with pytest.raises(DataError, match="--ema"):
+        check_config(tiny_config(busi_dir, tmp_path / "m", ema_warmup=True))
+    check_config(tiny_config(busi_dir, tmp_path / "m", ema=0.99, ema_warmup=True))
 
 
 @pytest.mark.parametrize("limit,done,spent,fits", [
