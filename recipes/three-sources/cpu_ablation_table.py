@@ -25,7 +25,14 @@ from score_table import called_normal_text, fmt3, with_ci  # noqa: E402  (this f
 HELD_OUT = {"without-busi": ("BUSI", ["BUSI"], "splits/busi.json"),
             "without-busbra": ("BUS-BRA", ["BUSBRA/labels.csv"], "splits/busbra.json"),
             "without-busuclm": ("BUS-UCLM", ["BUSUCLM/labels.csv"], "splits/busuclm.json")}
-VARIANTS = ["plain", "ema", "mixstyle", "balanced", "dg"]
+ORDER = ["plain", "ema", "mixstyle", "balanced", "dg"]
+
+
+def variants(folder: Path, fold: str) -> list[str]:
+    """The finished variants of `fold` in `folder`: those of common.sh in its order, then any
+    other (a copy kept under another name) by name."""
+    found = {p.parent.name[len(fold) + 1:] for p in folder.glob(f"{fold}-*/card.json")}
+    return sorted(found, key=lambda v: (ORDER.index(v) if v in ORDER else len(ORDER), v))
 
 
 def main() -> None:
@@ -35,11 +42,9 @@ def main() -> None:
     name, sources, split = HELD_OUT[fold]
     records, _ = select_records([str(data / s) for s in sources], split, "val")
     results: dict[str, Evaluation] = {}
-    for variant in VARIANTS:
-        model = folder / f"{fold}-{variant}"
-        if (model / "card.json").is_file():
-            results[variant] = evaluate(load_model(model), records, device="cpu",
-                                        input_mode="lesion-context")
+    for variant in variants(folder, fold):
+        results[variant] = evaluate(load_model(folder / f"{fold}-{variant}"), records,
+                                    device="cpu", input_mode="lesion-context")
     print(f"| variant ({name} val, {len(records)} images, experts' outlines) | epochs (best) | "
           "AUC malignant | difference from plain | accuracy | lesion images called normal |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source recipes/three-sources/common.sh
 OUT=${OUT:-runs/outline-setting}
-SETTINGS=${SETTINGS:-0.5:0.003 0.7:0.003 0.5:0 0.3:0}
+SETTINGS=${SETTINGS:-0.7:0.003 0.5:0.003 0.3:0}
 mkdir -p "$OUT"
 evaluate() {  # evaluate MODEL JSON_NAME ARGS...: one evaluation, its JSON in $OUT
     local model=$1 name=$2
