@@ -246,10 +246,15 @@ def test_teaching_in_a_browser(page, server):
 
 
 def draw(page, canvas, points: list[tuple[float, float]]) -> None:
-    """Drag the mouse through `points` (fractions of the canvas size)."""
-    canvas.wait_for(state="visible")
-    box = canvas.bounding_box()
-    assert box is not None, "the canvas went away before it could be drawn on"
+    """Drag the mouse through `points` (fractions of the canvas size). A rerun may replace the
+    canvas between finding it and measuring it: the locator then finds the new one."""
+    box = None
+    for _ in range(5):
+        canvas.wait_for(state="visible")
+        box = canvas.bounding_box()
+        if box is not None:
+            break
+    assert box is not None, "the canvas kept going away before it could be drawn on"
     xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
     page.mouse.move(*xy[0])
     page.mouse.down()

@@ -112,7 +112,7 @@ def test_weight_average_with_warm_up_follows_its_own_steps_early():
     assert warmed_decay(0.9, 1) == pytest.approx(2 / 11)
     assert warmed_decay(0.9, 10_000) == 0.9
     # without warm-up the starting weights (0) still weigh 0.9 ** 2 of the average
-    assert float(average.module.weight[0, 0]) > float(fixed.module.weight[0, 0])
+    assert float(average.module.weight.detach()[0, 0]) > float(fixed.module.weight.detach()[0, 0])
     assert torch.allclose(fixed.module.weight, torch.full((1, 2), 0.9 * 0.1 * 1 + 0.1 * 2))
     restored = WeightAverage(model, decay=0.9, warmup=True)
     restored.load_state_dict(average.state_dict())
