@@ -10,7 +10,6 @@ and the paired-bootstrap interval of its difference from `plain` (the same resam
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -42,15 +41,15 @@ def main() -> None:
     name, sources, split = HELD_OUT[fold]
     records, _ = select_records([str(data / s) for s in sources], split, "val")
     results: dict[str, Evaluation] = {}
+    hyper: dict[str, dict] = {}
     for variant in variants(folder, fold):
-        results[variant] = evaluate(load_model(folder / f"{fold}-{variant}"), records,
-                                    device="cpu", input_mode="lesion-context")
+        loaded = load_model(folder / f"{fold}-{variant}")
+        hyper[variant] = loaded.card.hyperparameters
+        results[variant] = evaluate(loaded, records, device="cpu", input_mode="lesion-context")
     print(f"| variant ({name} val, {len(records)} images, experts' outlines) | epochs (best) | "
           "AUC malignant | difference from plain | accuracy | lesion images called normal |")
     print("| --- | --- | --- | --- | --- | --- |")
     for variant, result in results.items():
-        hyper = json.loads((folder / f"{fold}-{variant}" / "card.json").read_text())[
-            "hyperparameters"]
         if variant == "plain" or "plain" not in results:
             diff = "-"
         else:
@@ -60,8 +59,9 @@ def main() -> None:
             delta = result.metrics["auc_malignant"] - plain.metrics["auc_malignant"]
             diff = f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]"
         m = result.metrics
-        print(f"| {variant} | {hyper.get('epochs_trained', hyper.get('epochs'))} "
-              f"({hyper.get('best_epoch')}) | {with_ci(m, 'auc_malignant')} | {diff} | "
+        h = hyper[variant]
+        print(f"| {variant} | {h.get('epochs_trained', h.get('epochs'))} "
+              f"({h.get('best_epoch')}) | {with_ci(m, 'auc_malignant')} | {diff} | "
               f"{fmt3(m['accuracy'])} | {called_normal_text(m)} |")
 
 

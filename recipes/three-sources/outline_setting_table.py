@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from score_table import called_normal_text, fmt3, lesions_called_normal, with_ci  # noqa: E402
+from score_table import called_normal_text, fmt3, selection_figures, with_ci  # noqa: E402
 
 SOURCES = {"BUSI": "BUSI", "BUSBRA": "BUS-BRA", "BUSUCLM": "BUS-UCLM"}
 
@@ -40,10 +40,7 @@ def _row_start(setting: str, m: dict[str, Any]) -> str:
 
 def selection_score(pooled: dict[str, Any]) -> float:
     """The mean over sources of malignant AUC, macro-F1 and lesion images not called normal."""
-    figures = []
-    for part in pooled["by_source"].values():
-        k, n = lesions_called_normal(part)
-        figures += [part["auc_malignant"], part["macro_f1"], 1 - k / n]
+    figures = [f for part in pooled["by_source"].values() for f in selection_figures(part)]
     return sum(figures) / len(figures)
 
 

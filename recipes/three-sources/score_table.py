@@ -34,6 +34,13 @@ def called_normal_text(metrics: dict) -> str:
     return f"{k} / {n} ({k / n:.1%})" if n else "-"
 
 
+def selection_figures(metrics: dict) -> list[float]:
+    """One source's part of the selection score: malignant AUC, macro-F1 and the share of
+    lesion images not called normal (the score is the mean of these over sources)."""
+    k, n = lesions_called_normal(metrics)
+    return [metrics["auc_malignant"], metrics["macro_f1"], 1 - k / n]
+
+
 def fmt3(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -77,7 +84,7 @@ def main() -> None:
               f"{fmt3(m['macro_f1'])} | {fmt3(m['auc_malignant'])} | {k} / {n} | "
               f"{fmt3(at.get('sensitivity'))} / {fmt3(at.get('specificity'))} "
               f"({fmt3(at.get('threshold'))}) |")
-        scores[model] += [m["auc_malignant"], m["macro_f1"], 1 - k / n]
+        scores[model] += selection_figures(m)
     for model, parts in scores.items():
         print(f"\n{model}: selection score {np.mean(parts):.3f} ({len(parts) // 3} sources)")
 
