@@ -35,12 +35,15 @@ RUN_NAMES="all without-busi without-busbra without-busuclm"
 #   ema       plain + weight averaging (warmed up, so that short runs average their own steps)
 #   mixstyle  plain + MixStyle (feature statistics mixed between sources) in half the batches
 #   balanced  plain, sampling every (source, class) cell alike instead of every class
+#   style     plain + ultrasound and scanner-style augmentation (gain, speckle, tint,
+#             resolution, time-gain bands)
 #   dg        plain + ultrasound and scanner-style augmentation + weight averaging
 declare -A VARIANT=(
     [plain]="--balance sampler"
     [ema]="--balance sampler --ema 0.995 --ema-warmup"
     [mixstyle]="--balance sampler --mixstyle 0.5"
     [balanced]="--balance source-class"
+    [style]="--balance sampler --ultrasound-augment 1 --style-augment"
     [dg]="--balance sampler --ultrasound-augment 1 --style-augment --ema 0.995 --ema-warmup"
 )
 # Refuse an unknown variant among those given (exit 2).
