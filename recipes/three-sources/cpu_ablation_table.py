@@ -24,7 +24,7 @@ from score_table import called_normal_text, fmt3, with_ci  # noqa: E402  (this f
 HELD_OUT = {"without-busi": ("BUSI", ["BUSI"], "splits/busi.json"),
             "without-busbra": ("BUS-BRA", ["BUSBRA/labels.csv"], "splits/busbra.json"),
             "without-busuclm": ("BUS-UCLM", ["BUSUCLM/labels.csv"], "splits/busuclm.json")}
-ORDER = ["plain", "ema", "mixstyle", "balanced", "dg"]
+ORDER = ["plain", "ema", "mixstyle", "style", "balanced", "dg"]
 
 
 def variants(folder: Path, fold: str) -> list[str]:
