@@ -15,13 +15,17 @@ SIZE=${SIZE:-128}
 OUT="$RUNS/cpu-first-stage"
 # The variants (train-seg options beyond the common ones):
 #   plain  no scanner-style augmentation, no weight averaging
-#   style  plain + scanner-style augmentation (as the released first stage)
+#   style     plain + scanner-style augmentation (as the released first stage)
+#   mixstyle  plain + MixStyle (feature statistics mixed between sources) in half the batches
+#   ema       plain + weight averaging at the released first stage's decay, warmed up
 declare -A FIRST_STAGE_VARIANTS=(
     [plain]=""
     [style]="--style-augment"
+    [mixstyle]="--mixstyle 0.5"
+    [ema]="--ema 0.998 --ema-warmup"
 )
 mkdir -p "$OUT"
-for variant in ${VARIANTS:-plain style}; do
+for variant in ${VARIANTS:-plain style mixstyle ema}; do
     if [[ -z ${FIRST_STAGE_VARIANTS[$variant]+set} ]]; then
         echo "Unknown first-stage variant '$variant'; choose from: ${!FIRST_STAGE_VARIANTS[*]}" >&2
         exit 2
