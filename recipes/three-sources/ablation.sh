@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 source recipes/three-sources/common.sh
 export RUNS_TO_TRAIN=${RUNS_TO_TRAIN:-without-busi without-busbra without-busuclm}
 export LOSO_RUNS=${LOSO_RUNS:-$RUNS_TO_TRAIN}
-export VARIANTS=${VARIANTS:-plain ema mixstyle balanced dg}
+export VARIANTS=${VARIANTS:-$ALL_VARIANTS}
 EPOCHS=${FIRST_EPOCHS:-30} TIME_LIMIT=${FIRST_TIME_LIMIT:-0} \
     bash recipes/three-sources/first-stage.sh
 bash recipes/three-sources/lesion.sh

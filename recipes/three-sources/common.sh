@@ -46,6 +46,8 @@ declare -A VARIANT=(
     [style]="--balance sampler --ultrasound-augment 1 --style-augment"
     [dg]="--balance sampler --ultrasound-augment 1 --style-augment --ema 0.995 --ema-warmup"
 )
+# Every variant, in the order the tables list them.
+ALL_VARIANTS="plain ema mixstyle style balanced dg"
 # Refuse an unknown variant among those given (exit 2).
 check_variants() {
     local variant

@@ -16,8 +16,9 @@ EPOCHS=${EPOCHS:-12}
 SIZE=${SIZE:-160}
 OUT="$RUNS/cpu-ablation"
 mkdir -p "$OUT"
-check_variants ${VARIANTS:-plain ema mixstyle balanced dg}
-for variant in ${VARIANTS:-plain ema mixstyle balanced dg}; do
+VARIANTS=${VARIANTS:-$ALL_VARIANTS}
+check_variants $VARIANTS
+for variant in $VARIANTS; do
     model="$OUT/$FOLD-$variant"
     if [[ -d "$model/train" && ! -f "$model/card.json" ]]; then  # a killed run goes on
         $PY -m bus_core train --out "$model" --resume >> "$model.log" 2>&1
