@@ -4,7 +4,7 @@ train images (AdaBN): per row, the lesion-vs-normal AUC of the whole-image model
 and of the outline model's highest pixel probability, the images the whole-image model calls
 normal (its most probable class), and the share of normal images still called normal by the
 better of the two scores at the cut that keeps 95% of the lesion images (markdown, on the
-validation subset).
+validation subset; AUCs with their 95% intervals, stratified bootstrap).
 
     PYTHONPATH=. python recipes/three-sources/first_stage_probe.py --adabn \
         weights/densenet121-multitask-v2 weights/densenet121-unet-lesion-v1 \
@@ -32,6 +32,7 @@ from bus_core.data.loader import RecordDataset, eval_batches
 from bus_core.data.presets import fit_square
 from bus_core.data.splits import select_records
 from bus_core.evaluation.evaluate import evaluate
+from bus_core.evaluation.intervals import bootstrap_weights, interval
 from bus_core.inference.outline import Segmenter
 from bus_core.models.build import LoadedModel, load_model
 
@@ -90,13 +91,20 @@ def normals_kept(is_lesion: np.ndarray, score: np.ndarray) -> float:
     return float((score[~is_lesion] < cut).mean())
 
 
+def auc_text(is_lesion: np.ndarray, score: np.ndarray) -> str:
+    """The lesion-vs-normal AUC of `score` with its 95% interval (stratified bootstrap)."""
+    weights = bootstrap_weights(is_lesion.astype(int))
+    samples = [roc_auc_score(is_lesion, score, sample_weight=w) for w in weights]
+    low, high = interval(np.array(samples))
+    return f"{roc_auc_score(is_lesion, score):.3f} [{low:.3f}, {high:.3f}]"
+
+
 def row(name: str, is_lesion: np.ndarray, p_normal: np.ndarray, called: np.ndarray,
         highest: np.ndarray) -> str:
     """One markdown row (`called`: the whole-image model's reading is 'normal')."""
-    auc_whole = roc_auc_score(is_lesion, 1 - p_normal)
-    auc_outline = roc_auc_score(is_lesion, highest)
-    best = 1 - p_normal if auc_whole >= auc_outline else highest
-    return (f"| {name} | {auc_whole:.3f} | {auc_outline:.3f} | "
+    better_whole = roc_auc_score(is_lesion, 1 - p_normal) >= roc_auc_score(is_lesion, highest)
+    best = 1 - p_normal if better_whole else highest
+    return (f"| {name} | {auc_text(is_lesion, 1 - p_normal)} | {auc_text(is_lesion, highest)} | "
             f"{int(called[is_lesion].sum())} / {int(is_lesion.sum())} | "
             f"{int(called[~is_lesion].sum())} / {int((~is_lesion).sum())} | "
             f"{normals_kept(is_lesion, best):.2f} |")
