@@ -34,26 +34,39 @@ RUN_NAMES="all without-busi without-busbra without-busuclm"
 #   plain     the earlier recipe's light augmentation, class-balanced sampling
 #   ema       plain + weight averaging (warmed up, so that short runs average their own steps)
 #   mixstyle  plain + MixStyle (feature statistics mixed between sources) in half the batches
-#   balanced  plain, sampling every (source, class) cell alike instead of every class
 #   style     plain + ultrasound and scanner-style augmentation (gain, speckle, tint,
 #             resolution, time-gain bands)
+#   balanced  plain, sampling every (source, class) cell alike instead of every class
 #   dg        plain + ultrasound and scanner-style augmentation + weight averaging
 declare -A VARIANT=(
     [plain]="--balance sampler"
     [ema]="--balance sampler --ema 0.995 --ema-warmup"
     [mixstyle]="--balance sampler --mixstyle 0.5"
-    [balanced]="--balance source-class"
     [style]="--balance sampler --ultrasound-augment 1 --style-augment"
+    [balanced]="--balance source-class"
     [dg]="--balance sampler --ultrasound-augment 1 --style-augment --ema 0.995 --ema-warmup"
 )
-# Every variant, in the order the tables list them.
+# Every lesion-model variant, in the order the tables list them.
 ALL_VARIANTS="plain ema mixstyle style balanced dg"
-# Refuse an unknown variant among those given (exit 2).
+# The first-stage variants of cpu-first-stage.sh (train-seg options beyond the common ones):
+#   plain     no scanner-style augmentation, no weight averaging
+#   style     plain + scanner-style augmentation (as the released first stage)
+#   mixstyle  plain + MixStyle (feature statistics mixed between sources) in half the batches
+#   ema       plain + weight averaging at the released first stage's decay, warmed up
+declare -A FIRST_STAGE_VARIANT=(
+    [plain]=""
+    [style]="--style-augment"
+    [mixstyle]="--mixstyle 0.5"
+    [ema]="--ema 0.998 --ema-warmup"
+)
+# check_variants TABLE NAME...: refuse a NAME that is not a key of the array TABLE (exit 2).
 check_variants() {
+    local -n known=$1
+    shift
     local variant
     for variant in "$@"; do
-        if [[ -z ${VARIANT[$variant]+set} ]]; then
-            echo "Unknown lesion-model variant '$variant'; choose from: ${!VARIANT[*]}" >&2
+        if [[ -z ${known[$variant]+set} ]]; then
+            echo "Unknown variant '$variant'; choose from: ${!known[*]}" >&2
             exit 2
         fi
     done

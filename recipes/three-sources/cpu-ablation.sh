@@ -17,7 +17,7 @@ SIZE=${SIZE:-160}
 OUT="$RUNS/cpu-ablation"
 mkdir -p "$OUT"
 VARIANTS=${VARIANTS:-$ALL_VARIANTS}
-check_variants $VARIANTS
+check_variants VARIANT $VARIANTS
 for variant in $VARIANTS; do
     model="$OUT/$FOLD-$variant"
     if [[ -d "$model/train" && ! -f "$model/card.json" ]]; then  # a killed run goes on

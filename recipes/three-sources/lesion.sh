@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 source recipes/three-sources/common.sh
 EPOCHS=${EPOCHS:-20}
 SIZE=${SIZE:-160}
-check_variants ${VARIANTS:-dg plain}
+check_variants VARIANT ${VARIANTS:-dg plain}
 for run in ${RUNS_TO_TRAIN:-$RUN_NAMES}; do
     for variant in ${VARIANTS:-dg plain}; do
         $PY -m bus_core train ${MERGED[$run]} --out "$RUNS/$run/lesion-$variant" \
