@@ -78,3 +78,42 @@ wait_all() {
     for pid in $(jobs -p); do wait "$pid" || failed=1; done
     return $failed
 }
+# The reading experiments' steps (outline-setting.sh, shared-held-out.sh); each writes into $OUT.
+# evaluate_into MODEL JSON_NAME ARGS...: one evaluation, its JSON and log in $OUT
+evaluate_into() {
+    local model=$1 name=$2
+    shift 2
+    $PY -m bus_core evaluate --model "$model" "$@" --device "$DEVICE" --json "$OUT/$name.json" \
+        > "$OUT/$name.log" 2>&1
+}
+# fit_pooled LESION_MODEL NAME POOLED_ARGS...: factor on P(normal)'s odds, then threshold, fitted
+# on the pooled validation subsets and written into the card, as for a release
+fit_pooled() {
+    local model=$1 name=$2
+    shift 2
+    evaluate_into "$model" "$name-pooled-val-odds" "$@" --subset val
+    $PY recipes/three-sources/card_value.py "$model" normal_odds_with_outline \
+        "$OUT/$name-pooled-val-odds.json" fitted_normal_odds
+    evaluate_into "$model" "$name-pooled-val-threshold" "$@" --subset val
+    $PY recipes/three-sources/card_value.py "$model" malignant_threshold \
+        "$OUT/$name-pooled-val-threshold.json" fitted_threshold
+}
+# pair_reading FOLDER LESION_DIR WHOLE_DIR OUTLINE_DIR THRESHOLD MIN_AREA: copies of the three
+# models in FOLDER, the outline model's post-processing set, the lesion model paired with both
+pair_reading() {
+    local c=$1 outline
+    outline=$(basename "$4")
+    rm -rf "$c" && mkdir -p "$c"
+    cp -r "$2" "$3" "$4" "$c/"
+    $PY - "$c/$outline" "$5" "$6" <<'PYTHON'
+import json, sys
+from pathlib import Path
+from bus_core.models.card import CARD_FILE, read_card
+folder, threshold, min_area = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+card = json.loads((folder / CARD_FILE).read_text())
+card["postprocess"] |= {"threshold": threshold, "min_area": min_area}
+(folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+read_card(folder)
+PYTHON
+    $PY recipes/three-sources/pair.py "$c/$(basename "$2")" "$(basename "$3")" "$outline"
+}
