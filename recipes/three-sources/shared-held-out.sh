@@ -6,7 +6,8 @@
 # whole-image model's encoder, frozen, on BUSI and BUS-BRA (one network; the last epoch's
 # decoder, as released). Both at the default's outline setting (0.7, 0.003); each reading's
 # factor and threshold fitted on BUSI + BUS-BRA validation; both scored on BUS-UCLM's validation
-# subset, and each outline model alone there.
+# subset, and each outline model alone there. Last, as a bound rather than a choice, the
+# one-network reading with the factor that BUS-UCLM's validation subset itself would give.
 #     bash recipes/three-sources/shared-held-out.sh            # training (about 20 min on two
 #                                                              # CPU cores), then the scores
 #     STEP=score bash recipes/three-sources/shared-held-out.sh # the scores again
@@ -37,3 +38,9 @@ for reading in two-networks one-network; do
     evaluate_into "$OUT/$reading/$(basename "${OUTLINE[$reading]}")" \
         "$reading-outline-busuclm-val" $BUSUCLM --subset val
 done
+# The bound: the one-network reading, factor fitted on BUS-UCLM val itself (threshold kept)
+rm -rf "$OUT/one-network-fitted-there" && cp -r "$OUT/one-network" "$OUT/one-network-fitted-there"
+$PY recipes/three-sources/card_value.py "$OUT/one-network-fitted-there/densenet121-context-v1" \
+    normal_odds_with_outline "$OUT/one-network-busuclm-val.json" fitted_normal_odds
+evaluate_into "$OUT/one-network-fitted-there/densenet121-context-v1" \
+    one-network-fitted-there-busuclm-val $BUSUCLM --subset val
