@@ -78,6 +78,20 @@ wait_all() {
     for pid in $(jobs -p); do wait "$pid" || failed=1; done
     return $failed
 }
+# train_once COMMAND OUT DONE LOG ARGS...: `bus_core COMMAND --out OUT ARGS...` (train or
+# train-seg) into LOG, unless the file DONE shows it finished; a killed run (OUT/train) goes on
+# with --resume instead, appending to LOG
+train_once() {
+    local command=$1 out=$2 done=$3 log=$4
+    shift 4
+    if [[ -f "$done" ]]; then
+        return 0
+    elif [[ -d "$out/train" ]]; then
+        $PY -m bus_core "$command" --out "$out" --resume >> "$log" 2>&1
+    else
+        $PY -m bus_core "$command" --out "$out" "$@" > "$log" 2>&1
+    fi
+}
 # The reading experiments' steps (outline-setting.sh, shared-held-out.sh); each writes into $OUT.
 # evaluate_into MODEL JSON_NAME ARGS...: one evaluation, its JSON and log in $OUT
 evaluate_into() {

@@ -20,15 +20,11 @@ VARIANTS=${VARIANTS:-$ALL_VARIANTS}
 check_variants VARIANT $VARIANTS
 for variant in $VARIANTS; do
     model="$OUT/$FOLD-$variant"
-    if [[ -d "$model/train" && ! -f "$model/card.json" ]]; then  # a killed run goes on
-        $PY -m bus_core train --out "$model" --resume >> "$model.log" 2>&1
-    elif [[ ! -f "$model/card.json" ]]; then
-        $PY -m bus_core train ${MERGED[$FOLD]} --out "$model" --init random \
-            --input-mode lesion-context --fit pad --resize "$SIZE" --crop "$SIZE" \
-            --tissue-share 0.1 --monitor auc_malignant --epochs "$EPOCHS" \
-            --batch-size 64 --lr 2e-4 --scheduler cosine ${VARIANT[$variant]} \
-            --workers "${WORKERS:-1}" --device "$DEVICE" --seed 0 > "$model.log" 2>&1
-    fi
+    train_once train "$model" "$model/card.json" "$model.log" ${MERGED[$FOLD]} --init random \
+        --input-mode lesion-context --fit pad --resize "$SIZE" --crop "$SIZE" \
+        --tissue-share 0.1 --monitor auc_malignant --epochs "$EPOCHS" \
+        --batch-size 64 --lr 2e-4 --scheduler cosine ${VARIANT[$variant]} \
+        --workers "${WORKERS:-1}" --device "$DEVICE" --seed 0
     $PY -m bus_core evaluate --model "$model" ${HELD_OUT[$FOLD]} --subset val \
         --input-mode lesion-context --device "$DEVICE" --json "$model-val.json" \
         > "$model-val.log" 2>&1

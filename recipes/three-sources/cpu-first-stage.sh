@@ -18,15 +18,11 @@ VARIANTS=${VARIANTS:-plain style mixstyle ema}
 check_variants FIRST_STAGE_VARIANT $VARIANTS
 for variant in $VARIANTS; do
     run="$OUT/$variant"
-    if [[ -d "$run" && ! -f "$run/classifier/card.json" ]]; then  # a killed run goes on
-        $PY -m bus_core train-seg --out "$run" --resume >> "$run.log" 2>&1
-    elif [[ ! -f "$run/classifier/card.json" ]]; then
-        $PY -m bus_core train-seg ${TRAIN_ON[without-busuclm]} --out "$run" --init random \
-            --train-stem --size "$SIZE" --cache-size $((SIZE * 8 / 7)) --epochs "$EPOCHS" \
-            --epoch-size "$EPOCH_SIZE" --batch-size 32 --lr 1e-3 --encoder-lr 1e-3 \
-            --cls-weight 2 --normal-crops 0.2 ${FIRST_STAGE_VARIANT[$variant]} \
-            --device "$DEVICE" --seed 0 > "$run.log" 2>&1
-    fi
+    train_once train-seg "$run" "$run/classifier/card.json" "$run.log" \
+        ${TRAIN_ON[without-busuclm]} --init random --train-stem --size "$SIZE" \
+        --cache-size $((SIZE * 8 / 7)) --epochs "$EPOCHS" --epoch-size "$EPOCH_SIZE" \
+        --batch-size 32 --lr 1e-3 --encoder-lr 1e-3 --cls-weight 2 --normal-crops 0.2 \
+        ${FIRST_STAGE_VARIANT[$variant]} --device "$DEVICE" --seed 0
     $PY recipes/three-sources/first_stage_probe.py "$run/classifier" "$run/segmenter" \
         "$DATA/BUSUCLM/labels.csv" splits/busuclm.json --name "$variant" > "$run-probe.md"
 done

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
-from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from bus_core.data.augment import eval_batch
 from bus_core.data.dataset import Record
@@ -38,20 +38,6 @@ from bus_core.models.build import LoadedModel, load_model
 
 LESION_KEPT = 0.95
 """The share of lesion images the cut on a score must keep."""
-
-
-def adapt_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
-    """Replace every BatchNorm layer's running statistics by the plain average over
-    `batches` (AdaBN); the weights are unchanged."""
-    for layer in model.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            layer.reset_running_stats()
-            layer.momentum = None
-    model.train()
-    with torch.inference_mode():
-        for batch in batches:
-            model(batch)
-    model.eval()
 
 
 def whole_batches(loaded: LoadedModel, records: Sequence[Record]) -> list[torch.Tensor]:
@@ -76,8 +62,8 @@ def scores(whole_dir: str, outline_dir: str, records: Sequence[Record],
     whole, outline = load_model(whole_dir), load_model(outline_dir)
     segmenter = Segmenter(outline, "cpu-fp32", backend="torch")
     if adapt_on:
-        adapt_batchnorm(whole.model, whole_batches(whole, adapt_on))
-        adapt_batchnorm(segmenter.model, outline_batches(segmenter.size, adapt_on))
+        update_bn(whole_batches(whole, adapt_on), whole.model)  # AdaBN
+        update_bn(outline_batches(segmenter.size, adapt_on), segmenter.model)
     probs = evaluate(whole, records, device="cpu-fp32", backend="torch").probs
     normal = list(whole.card.classes).index("normal")
     highest = np.array([segmenter.probabilities([load_image(r.path)])[0].max() for r in records])
